@@ -1,0 +1,137 @@
+"""Save, find, load and prune checkpoints.
+
+A checkpoint ``output_dir/checkpoint-NNNNN/`` is a complete diffusers pipeline folder (loadable by
+the pipeline's from_pretrained) plus ``training_state.pt`` (optimizer, LR schedule, RNG states,
+counters) for an exact resume, and the samples drawn at that step. It is written under a temporary
+name and renamed when complete, so a crash or a full disk never leaves a half checkpoint where the
+last good one was.
+
+The parts that do not train (VAE, text encoder, tokenizer, scheduler) are saved once into
+``output_dir/.frozen-components`` and hard-linked into each checkpoint: no copy per checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE_FILE = "training_state.pt"
+FROZEN_DIR_NAME = ".frozen-components"
+TRAINED_COMPONENT = "unet"
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step:05d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of output_dir, oldest first."""
+    found = []
+    if Path(output_dir).is_dir():
+        for entry in Path(output_dir).iterdir():
+            match = CHECKPOINT_PATTERN.match(entry.name)
+            if match and entry.is_dir() and (entry / TRAINING_STATE_FILE).exists():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (keep <= 0 keeps all)."""
+    if keep <= 0:
+        return []
+    doomed = [path for _, path in list_checkpoints(output_dir)[:-keep]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def save_frozen_components(pipeline, frozen_dir: Path) -> None:
+    """Save the pipeline once (atomically) and drop its trained part: the template of every checkpoint."""
+    if (frozen_dir / "model_index.json").exists():
+        return
+    staging = frozen_dir.with_name(frozen_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging)
+    shutil.rmtree(staging / TRAINED_COMPONENT, ignore_errors=True)
+    shutil.rmtree(frozen_dir, ignore_errors=True)
+    os.replace(staging, frozen_dir)
+
+
+def link_tree(source: Path, destination: Path) -> None:
+    """Hard-link every file of ``source`` into ``destination`` (copy where links are not possible)."""
+    for folder, _subfolders, files in os.walk(source):
+        target_folder = destination / Path(folder).relative_to(source)
+        target_folder.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            try:
+                os.link(Path(folder) / name, target_folder / name)
+            except OSError:
+                shutil.copy2(Path(folder) / name, target_folder / name)
+
+
+def write_model_folder(destination: Path, unet, frozen_dir: Path) -> None:
+    """A loadable pipeline folder: the frozen parts linked in, the trained UNet saved."""
+    link_tree(frozen_dir, destination)
+    unet.save_pretrained(destination / TRAINED_COMPONENT, safe_serialization=True)
+
+
+def rng_states(noise_generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG the run draws from, in a form torch.load(weights_only=True) accepts."""
+    numpy_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "noise": noise_generator.get_state(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], noise_generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    noise_generator.set_state(states["noise"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate((states["python_version"], tuple(states["python"]), None))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: dict[str, Any]) -> Path:
+    """Write a complete checkpoint atomically; on failure the previous checkpoints are untouched."""
+    staging = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_model_folder(staging, unet, frozen_dir)
+        torch.save(training_state, staging / TRAINING_STATE_FILE)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """The resume state of a checkpoint; loaded without unpickling arbitrary objects."""
+    path = Path(checkpoint) / TRAINING_STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint} is not a resumable checkpoint (no {TRAINING_STATE_FILE})")
+    return torch.load(path, map_location="cpu", weights_only=True)

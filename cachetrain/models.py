@@ -1,0 +1,131 @@
+"""Loading models and their parts from a hub id or a local diffusers folder.
+
+Every loader takes the same ``model`` string a user passes (``runwayml/stable-diffusion-v1-5`` or
+``/path/to/folder``) and loads only the component asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .sidecar import config_fingerprint
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(set(DTYPES))}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _kwargs(**extra: Any) -> dict[str, Any]:
+    """Pass remote-code trust only when asked: custom folders carry their own pipeline code."""
+    return {k: v for k, v in extra.items() if v is not None}
+
+
+def load_vae(model: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(model, **_kwargs(subfolder=subfolder), torch_dtype=dtype)
+
+
+def load_clip_text_encoder(model: str, dtype: torch.dtype = torch.float32):
+    """The CLIP tokenizer and text encoder of an SD1.5 folder or hub id."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
+    return tokenizer, text_encoder
+
+
+def load_unet(model: str, dtype: torch.dtype = torch.float32):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
+
+
+def load_training_scheduler(model: str):
+    """The DDPM training schedule from the model's own scheduler config (whatever class it names)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+
+
+def load_frozen_sd_components(model: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Everything of an SD1.5 pipeline but the UNet: needed only to draw samples and save checkpoints."""
+    tokenizer, text_encoder = load_clip_text_encoder(model, dtype)
+    scheduler_class = _sampling_scheduler_class(model)
+    return {
+        "vae": load_vae(model, dtype=dtype),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler_class.from_pretrained(model, subfolder="scheduler"),
+    }
+
+
+def _sampling_scheduler_class(model: str):
+    """The scheduler class named in the model's scheduler config (PNDM for SD1.5), DDIM if unknown."""
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    config = DDIMScheduler.load_config(model, subfolder="scheduler")
+    return getattr(diffusers, config.get("_class_name", ""), None) or DDIMScheduler
+
+
+def encoder_identity(module: torch.nn.Module) -> tuple[str, str]:
+    """(class name, fingerprint) of an encoder; the fingerprint covers its config and its weights.
+
+    The SD1.5 and SDXL VAEs share a class but differ in config (scaling factor, fp16 fix), and a
+    fine-tuned encoder differs only in weights, so both go into the fingerprint. Weights are
+    summarised by the L2 norm of each tensor to 4 significant digits: enough to tell checkpoints
+    apart, and stable whether the encoder was loaded in fp32 or bf16, on CPU or GPU.
+    """
+    config = module.config
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    with torch.no_grad():
+        tensors = [p.detach().float() for p in module.parameters()]
+        norms = torch.stack(torch._foreach_norm(tensors)).cpu().tolist() if tensors else []
+    weights = ",".join(f"{v:.3e}" for v in norms)
+    return type(module).__name__, config_fingerprint({"config": config_dict, "weights": weights})
+
+
+def model_name(model: str) -> str:
+    """A readable identity for a model argument: the folder's absolute path or the hub id."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
+
+
+def read_vae_scaling_factor(model: str) -> float:
+    from diffusers import AutoencoderKL
+
+    return float(AutoencoderKL.load_config(model, subfolder="vae").get("scaling_factor", 0.18215))
+
+
+def load_pipeline_around(model: str, unet: torch.nn.Module, is_custom: bool = False):
+    """The model's own pipeline with ``unet`` in place of its UNet; the other parts loaded (on CPU).
+
+    Passing the UNet in means from_pretrained does not load a second copy of it. The safety
+    checker, if the folder names one, is left out: samples are for the researcher's eyes.
+    """
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(model)
+    extra: dict[str, Any] = {}
+    if "safety_checker" in index:
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if is_custom:
+        extra["trust_remote_code"] = True
+    return DiffusionPipeline.from_pretrained(model, unet=unet, **extra)

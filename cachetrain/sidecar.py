@@ -1,0 +1,172 @@
+"""The sidecar contract: naming, file format, metadata, atomic write, read + validate, freshness.
+
+A sidecar of ``dir/name.ext`` is ``dir/name<suffix>``: one safetensors file holding one tensor
+(``latent`` [C, H/f, W/f] for images, ``emb`` [T, D] for captions) and, in its header, metadata
+saying what made it and from what. Sidecars written by the original scripts carry no metadata;
+they are still read ("legacy").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = "1"
+
+IMAGE_LATENT_KEY = "latent"
+TEXT_EMBEDDING_KEY = "emb"
+
+SD_VAE_SUFFIX = ".img_sdvae"
+SDXL_VAE_SUFFIX = ".img_sdxl"
+CLIP_L_SUFFIX = ".txt_clipl"
+T5_SUFFIX = ".txt_t5cache"
+
+CAPTION_EXTENSION = ".txt"
+TEMP_MARKER = ".partial-"
+
+
+def _file_mode() -> int:
+    """The permissions a plain open() would give a new file (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+# Metadata keys that describe the source file; the rest describe the encoder and settings.
+SOURCE_KEYS = ("source_size", "source_mtime_ns", "caption_sha256")
+
+
+class SidecarError(ValueError):
+    """A sidecar that cannot be used, with the file and the reason in the message."""
+
+    def __init__(self, path: os.PathLike | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def sidecar_path(source: os.PathLike | str, suffix: str) -> Path:
+    """``dir/name.ext`` -> ``dir/name<suffix>``."""
+    stem, _ext = os.path.splitext(os.fspath(source))
+    return Path(stem + suffix)
+
+
+def caption_path(image: os.PathLike | str) -> Path:
+    """The caption of ``dir/name.ext`` is ``dir/name.txt``."""
+    return sidecar_path(image, CAPTION_EXTENSION)
+
+
+def is_temporary(name: str) -> bool:
+    """True for the temporary names atomic_write uses (left behind only by a killed writer)."""
+    return TEMP_MARKER in name
+
+
+def write_sidecar(path: os.PathLike | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` with ``metadata`` to ``path`` atomically.
+
+    The file is written under a temporary name in the same folder and renamed over ``path``, so a
+    reader (or a rerun after SIGKILL) sees either the old file, the new one, or none: never half.
+    """
+    path = Path(path)
+    metadata = {"cachetrain_format": FORMAT_VERSION, **{k: str(v) for k, v in metadata.items()}}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    temporary = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.chmod(temporary, FILE_MODE)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path: os.PathLike | str) -> dict[str, str]:
+    """The header metadata of a sidecar ({} for a legacy one). Raises SidecarError if unreadable."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+
+
+def read_sidecar(path: os.PathLike | str, key: str, ndim: int = 0) -> torch.Tensor:
+    """Read the tensor ``key`` of a sidecar, checking that it is there and has ``ndim`` dims."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            if key not in keys:
+                raise SidecarError(path, f"has no tensor {key!r} (found {keys})")
+            tensor = handle.get_tensor(key)
+    except SidecarError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+    if ndim and tensor.ndim != ndim:
+        raise SidecarError(path, f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {ndim} dims")
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Source identity and freshness
+
+
+def image_source_identity(image: os.PathLike | str) -> dict[str, str]:
+    """What identifies an image's content cheaply: its size and modification time."""
+    stat = os.stat(image)
+    return {"source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
+
+
+def caption_source_identity(text: str) -> dict[str, str]:
+    """A caption is identified by the sha256 of its (stripped) text."""
+    return {"caption_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def config_fingerprint(config: dict) -> str:
+    """A short hash of an encoder's config, ignoring bookkeeping keys (paths, library versions)."""
+    relevant = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    blob = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Freshness:
+    status: str  # "fresh", "stale", "legacy", "missing" or "unreadable"
+    reason: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.status in ("fresh", "legacy")
+
+
+def check_freshness(path: os.PathLike | str, expected: dict[str, str]) -> Freshness:
+    """Compare a sidecar's metadata with what the current source and encoder would write.
+
+    ``expected`` holds every metadata key that must match (encoder identity and fingerprint,
+    settings, source identity).
+    """
+    try:
+        metadata = read_metadata(path)
+    except FileNotFoundError:
+        return Freshness("missing")
+    except SidecarError as error:
+        return Freshness("unreadable", error.reason)
+    if "cachetrain_format" not in metadata:
+        return Freshness("legacy", "written without metadata")
+    for key, value in expected.items():
+        if metadata.get(key) != str(value):
+            return Freshness("stale", f"{key} is {metadata.get(key)!r}, now {value!r}")
+    return Freshness("fresh")

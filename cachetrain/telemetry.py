@@ -1,0 +1,77 @@
+"""Tensorboard scalars and the progress bar.
+
+Per-step metrics stay on the device as running sums; they are read back to the host once per
+logging interval, in one transfer, so the training step never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+
+def qk_weight_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """The attention query and key projection weights (self- and cross-attention) that train."""
+    return [p for name, p in unet.named_parameters()
+            if p.requires_grad and (name.endswith("to_q.weight") or name.endswith("to_k.weight"))]
+
+
+def mean_abs_grad(parameters: list[nn.Parameter]) -> torch.Tensor:
+    """Mean |grad| over all elements of ``parameters``, as a device scalar (batched, no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.stack(torch._foreach_norm(grads, ord=1)).sum()
+    return total / sum(g.numel() for g in grads)
+
+
+class Telemetry:
+    def __init__(self, log_dir: str | None, device: torch.device):
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=os.fspath(log_dir))
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.raw_loss_sum = torch.zeros((), device=self.device)
+        self.micro_steps = 0
+        self.images = 0
+        self.window_start = time.perf_counter()
+
+    def add_micro_step(self, loss: torch.Tensor, raw_loss: torch.Tensor, images: int) -> None:
+        self.loss_sum += loss.detach().float()
+        self.raw_loss_sum += raw_loss.detach().float()
+        self.micro_steps += 1
+        self.images += images
+
+    def flush(self, step: int, learning_rate: float, device_scalars: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Read the window's metrics back (one transfer), write them, start a new window."""
+        names = ["train/loss", "train/loss_raw", *device_scalars]
+        count = max(self.micro_steps, 1)
+        stacked = torch.stack([self.loss_sum / count, self.raw_loss_sum / count,
+                               *[v.detach().float().to(self.device) for v in device_scalars.values()]])
+        values = dict(zip(names, stacked.cpu().tolist()))
+        elapsed = time.perf_counter() - self.window_start
+        values["train/learning_rate"] = learning_rate
+        values["train/images_per_sec"] = self.images / elapsed if elapsed > 0 else 0.0
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+        self._reset()
+        return values
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,171 @@
+"""Tiny offline models and a synthetic dataset, for the demo and the tests.
+
+``build_tiny_sd(folder)`` writes an ordinary SD1.5-shaped diffusers folder (UNet, VAE, CLIP text
+encoder + tokenizer, PNDM scheduler) built deterministically from configs: every script loads it
+through the same code path as a real SD1.5 folder or hub id.
+
+``make_shapes_dataset(root, n)`` draws coloured shapes on coloured backgrounds with captions that
+say which ("a red circle on a blue background"), enough structure for a model to learn from.
+
+    python -m cachetrain.tiny model OUT_DIR
+    python -m cachetrain.tiny data OUT_DIR --count 512 --size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
+    "white": (245, 245, 245), "black": (20, 20, 20), "purple": (140, 50, 170), "orange": (240, 140, 30),
+}
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    norm_num_groups=16, sample_size=64,
+)
+SD15_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon",
+)
+TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples 4x, so latents are 16x16 like TINY_UNET's sample_size
+
+
+def caption_words() -> list[str]:
+    return sorted({"a", "on", "background", *SHAPES, *COLOURS})
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """A byte-level BPE vocabulary where every caption word is one token (as in real CLIP)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in caption_words():
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merge = f"{pieces[0]} {pieces[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged] + pieces[2:]
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def load_clip_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(os.fspath(folder), model_max_length=77, pad_token="<|endoftext|>")
+
+
+def build_tiny_sd(folder: os.PathLike | str, seed: int = 0) -> Path:
+    """Write a tiny SD1.5-shaped pipeline folder; the same seed gives the same weights."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    tokenizer_folder = folder / "_tokenizer_source"
+    write_clip_tokenizer(tokenizer_folder)
+    tokenizer = load_clip_tokenizer(tokenizer_folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    for leftover in tokenizer_folder.iterdir():
+        leftover.unlink()
+    tokenizer_folder.rmdir()
+    return folder
+
+
+def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
+    else:  # cross
+        w = (x1 - x0) // 3
+        draw.rectangle((x0 + w, y0, x1 - w, y1), fill=colour)
+        draw.rectangle((x0, y0 + w, x1, y1 - w), fill=colour)
+
+
+def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = TINY_RESOLUTION,
+                        seed: int = 0, folders: int = 4) -> list[Path]:
+    """Write ``count`` JPEG images with captions under ``root`` (spread over ``folders`` subfolders)."""
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    rng = random.Random(seed)
+    colour_names = sorted(COLOURS)
+    images = []
+    for i in range(count):
+        shape = rng.choice(SHAPES)
+        colour, background = rng.sample(colour_names, 2)
+        image = Image.new("RGB", (size, size), COLOURS[background])
+        extent = rng.randint(size * 2 // 5, size * 4 // 5)
+        x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
+        _draw_shape(ImageDraw.Draw(image), shape, (x0, y0, x0 + extent, y0 + extent), COLOURS[colour])
+        folder = root / f"part{i % folders}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img{i:05d}.jpg"
+        image.save(path, quality=95)
+        path.with_suffix(".txt").write_text(f"a {colour} {shape} on a {background} background\n", encoding="utf-8")
+        images.append(path)
+    return images
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny offline model or the synthetic dataset.")
+    sub = parser.add_subparsers(dest="what", required=True)
+    model = sub.add_parser("model", help="write a tiny SD1.5-shaped diffusers folder")
+    model.add_argument("out_dir")
+    model.add_argument("--seed", type=int, default=0)
+    data = sub.add_parser("data", help="write the synthetic shapes dataset (images + captions)")
+    data.add_argument("out_dir")
+    data.add_argument("--count", type=int, default=512)
+    data.add_argument("--size", type=int, default=TINY_RESOLUTION)
+    data.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.what == "model":
+        print(build_tiny_sd(args.out_dir, seed=args.seed))
+    else:
+        print(f"{len(make_shapes_dataset(args.out_dir, args.count, args.size, args.seed))} images in {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+#!/usr/bin/env python3
+"""Write x.img_sdvae beside each image x.jpg: its SD1.5 VAE latent (posterior mean, unscaled)."""
+
+import sys
+
+from cachetrain.image_cache import ImageScriptDefaults, main
+
+DEFAULTS = ImageScriptDefaults(
+    model="runwayml/stable-diffusion-v1-5",
+    out_suffix=".img_sdvae",
+    description="Cache SD1.5 VAE latents of every image under the data roots.",
+)
+
+if __name__ == "__main__":
+    sys.exit(main(None, DEFAULTS))

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs cachetrain's requirements into it.
+# Where no NVIDIA GPU is visible, torch is pinned to the CPU build first, so that the
+# open-ended requirement below does not pull a multi-GB CUDA build onto a CPU-only machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${CACHETRAIN_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.cachetrain-installed"
+WANT="$(cat requirements.txt requirements-test.txt scripts/setup_env.sh | sha256sum | cut -c1-16)"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+    exit 0
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating virtual environment in $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+pip_install() {
+    # this machine's pip config names local mirrors that may be absent; their warnings are noise
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-warn-script-location "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] no NVIDIA GPU found: installing the CPU build of torch"
+    pip_install "torch==2.13.0" || pip_install --index-url https://download.pytorch.org/whl/cpu torch
+fi
+echo "[setup] installing requirements"
+pip_install -r requirements.txt -r requirements-test.txt
+echo "$WANT" > "$STAMP"

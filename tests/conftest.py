@@ -1,0 +1,80 @@
+"""Shared fixtures: the tiny SD1.5-shaped model and the synthetic dataset, built once per session.
+
+Everything is offline: HF_HUB_OFFLINE is set and the hub cache points into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_HF_HOME = tempfile.mkdtemp(prefix="cachetrain-hf-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # 2 shared cores: torch's default of 2 threads collapses under contention
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_model(tmp_path_factory) -> Path:
+    from cachetrain.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def _shapes_template(tmp_path_factory) -> Path:
+    from cachetrain.tiny import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes-template") / "data"
+    make_shapes_dataset(root, count=48, seed=1)
+    return root
+
+
+@pytest.fixture
+def shapes_dataset(_shapes_template, tmp_path) -> Path:
+    """A fresh copy of 48 synthetic images + captions (4 subfolders) that a test may change."""
+    root = tmp_path / "data"
+    shutil.copytree(_shapes_template, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def _cached_template(tiny_sd_model, _shapes_template, tmp_path_factory) -> Path:
+    from cachetrain.image_cache import main as image_main
+    from cachetrain.text_cache import main_clip
+    from create_img_sdvae import DEFAULTS
+
+    root = tmp_path_factory.mktemp("cached-template") / "data"
+    shutil.copytree(_shapes_template, root)
+    common = ["--model", str(tiny_sd_model), "--data_root", str(root), "--num_workers", "0", "--no_progress",
+              "--save_dtype", "float32"]
+    assert image_main(common + ["--resolution", "64"], DEFAULTS) == 0
+    assert main_clip(common) == 0
+    return root
+
+
+@pytest.fixture
+def cached_dataset(_cached_template, tmp_path) -> Path:
+    """The synthetic dataset with .img_sdvae and .txt_clipl sidecars from the tiny model (a fresh copy)."""
+    root = tmp_path / "cached"
+    shutil.copytree(_cached_template, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

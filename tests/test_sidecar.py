@@ -1,0 +1,87 @@
+"""The sidecar contract: naming, format + metadata round trip, atomic write, freshness."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cachetrain import sidecar
+
+
+def test_sidecar_and_caption_names_replace_the_extension():
+    assert sidecar.sidecar_path("/d/x.jpg", ".img_sdvae") == Path("/d/x.img_sdvae")
+    assert sidecar.sidecar_path("/d/a.b.PNG", ".txt_clipl") == Path("/d/a.b.txt_clipl")
+    assert sidecar.caption_path("/d/x.jpeg") == Path("/d/x.txt")
+
+
+def test_tensor_and_metadata_round_trip(tmp_path):
+    path = tmp_path / "x.img_sdvae"
+    latent = torch.randn(4, 8, 8)
+    sidecar.write_sidecar(path, {"latent": latent}, {"kind": "image_latent", "resolution": 64})
+    assert torch.equal(sidecar.read_sidecar(path, "latent", ndim=3), latent)
+    metadata = sidecar.read_metadata(path)
+    assert metadata["kind"] == "image_latent"
+    assert metadata["resolution"] == "64"
+    assert metadata["cachetrain_format"] == sidecar.FORMAT_VERSION
+    assert oct(os.stat(path).st_mode & 0o777) == oct(sidecar.FILE_MODE)
+
+
+def test_read_names_the_file_and_the_problem(tmp_path):
+    wrong_key = tmp_path / "a.img_sdvae"
+    sidecar.write_sidecar(wrong_key, {"emb": torch.zeros(2, 3)}, {})
+    with pytest.raises(sidecar.SidecarError, match="a.img_sdvae: has no tensor 'latent'"):
+        sidecar.read_sidecar(wrong_key, "latent")
+    with pytest.raises(sidecar.SidecarError, match="expected 3 dims"):
+        sidecar.read_sidecar(wrong_key, "emb", ndim=3)
+    garbage = tmp_path / "b.img_sdvae"
+    garbage.write_bytes(b"\x00\x01 not safetensors")
+    with pytest.raises(sidecar.SidecarError, match="b.img_sdvae: not a readable safetensors file"):
+        sidecar.read_sidecar(garbage, "latent")
+
+
+def test_a_write_that_fails_midway_leaves_neither_sidecar_nor_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "x.img_sdvae"
+
+    def fail_after_partial_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sidecar, "save_file", fail_after_partial_write)
+    with pytest.raises(OSError, match="disk full"):
+        sidecar.write_sidecar(path, {"latent": torch.zeros(4, 2, 2)}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_rewrite_keeps_the_previous_sidecar(tmp_path, monkeypatch):
+    path = tmp_path / "x.img_sdvae"
+    sidecar.write_sidecar(path, {"latent": torch.ones(4, 2, 2)}, {})
+    monkeypatch.setattr(sidecar, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        sidecar.write_sidecar(path, {"latent": torch.zeros(4, 2, 2)}, {})
+    assert torch.equal(sidecar.read_sidecar(path, "latent"), torch.ones(4, 2, 2))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.img_sdvae"]
+
+
+def test_freshness_compares_metadata_with_the_current_source_and_encoder(tmp_path):
+    path = tmp_path / "x.img_sdvae"
+    expected = {"encoder_fingerprint": "abc", "source_size": "10"}
+    assert sidecar.check_freshness(path, expected).status == "missing"
+    sidecar.write_sidecar(path, {"latent": torch.zeros(1, 1, 1)}, expected)
+    assert sidecar.check_freshness(path, expected).status == "fresh"
+    stale = sidecar.check_freshness(path, {**expected, "encoder_fingerprint": "def"})
+    assert stale.status == "stale" and "encoder_fingerprint" in stale.reason
+    legacy = tmp_path / "old.img_sdvae"
+    save_file({"latent": torch.zeros(1, 1, 1)}, legacy)  # the original scripts wrote no metadata
+    assert sidecar.check_freshness(legacy, expected).status == "legacy"
+    broken = tmp_path / "broken.img_sdvae"
+    broken.write_bytes(b"")
+    assert sidecar.check_freshness(broken, expected).status == "unreadable"
+
+
+def test_caption_identity_is_the_hash_of_the_text():
+    assert sidecar.caption_source_identity("a cat") == sidecar.caption_source_identity("a cat")
+    assert sidecar.caption_source_identity("a cat") != sidecar.caption_source_identity("a dog")
