@@ -26,6 +26,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_FILE = "training_state.pt"
 FROZEN_DIR_NAME = ".frozen-components"
 TRAINED_COMPONENT = "unet"
+EMA_COMPONENT = "unet_ema"  # not part of the pipeline: load with UNet2DConditionModel(..., subfolder="unet_ema")
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -88,12 +89,15 @@ def write_model_folder(destination: Path, unet, frozen_dir: Path) -> None:
     unet.save_pretrained(destination / TRAINED_COMPONENT, safe_serialization=True)
 
 
-def rng_states(noise_generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG the run draws from, in a form torch.load(weights_only=True) accepts."""
+def rng_states() -> dict[str, Any]:
+    """The global RNGs, in a form torch.load(weights_only=True) accepts.
+
+    The training noise itself is drawn per sample from (seed, epoch, sample) and needs no state;
+    these cover anything else that draws (dropout layers, user hooks).
+    """
     numpy_state = np.random.get_state()
     states = {
         "torch": torch.get_rng_state(),
-        "noise": noise_generator.get_state(),
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],
@@ -103,9 +107,8 @@ def rng_states(noise_generator: torch.Generator) -> dict[str, Any]:
     return states
 
 
-def restore_rng_states(states: dict[str, Any], noise_generator: torch.Generator) -> None:
+def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    noise_generator.set_state(states["noise"])
     kind, keys, *rest = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     random.setstate((states["python_version"], tuple(states["python"]), None))
@@ -113,12 +116,18 @@ def restore_rng_states(states: dict[str, Any], noise_generator: torch.Generator)
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: dict[str, Any]) -> Path:
-    """Write a complete checkpoint atomically; on failure the previous checkpoints are untouched."""
+def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: dict[str, Any],
+                    ema_weights=None) -> Path:
+    """Write a complete checkpoint atomically; on failure the previous checkpoints are untouched.
+
+    ``ema_weights``, if given, is called with the folder where the EMA UNet goes (``unet_ema/``).
+    """
     staging = destination.with_name(destination.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         write_model_folder(staging, unet, frozen_dir)
+        if ema_weights is not None:
+            ema_weights(staging / EMA_COMPONENT)
         torch.save(training_state, staging / TRAINING_STATE_FILE)
         if destination.exists():
             shutil.rmtree(destination)

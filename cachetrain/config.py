@@ -45,6 +45,7 @@ class TrainConfig:
     max_steps: str = _flag("1000", "optimizer steps to train, or Ne for N epochs (e.g. 3e)")
     learning_rate: float = _flag(1e-5, "peak learning rate")
     min_learning_rate: float = _flag(0.1, "final LR as a ratio of the peak, for cosine_with_min_lr")
+    learning_rate_decay: float = _flag(0.0, "with --scheduler constant: subtracted from the LR after each epoch")
     scheduler: str = _flag("constant", "LR schedule: " + "|".join(SCHEDULERS), choices=SCHEDULERS)
     warmup_steps: int = _flag(0, "optimizer steps of linear LR warm-up")
     optimizer: str = _flag("adamw", "adamw | adamw8 (bitsandbytes, CUDA) | lion", choices=OPTIMIZERS)
@@ -56,12 +57,27 @@ class TrainConfig:
     use_snr: bool = _flag(False, "min-SNR loss weighting (with --noise_gamma)")
     noise_gamma: float = _flag(5.0, "gamma of min-SNR weighting")
     noise_offset: float = _flag(0.0, "offset noise strength (0 disables)")
+    caption_dropout: float = _flag(0.0, "probability of training a sample on the empty prompt (needs the data root's .empty_prompt sidecar)")
+    ema_decay: float = _flag(0.0, "keep an EMA of the UNet with this decay, e.g. 0.9999 (0 disables); samples use it")
     vae_scaling_factor: float | None = _flag(None, "latent scale; default: the model's VAE config value", type=float)
     text_scaling_factor: float = _flag(1.0, "multiplier applied to cached text embeddings")
     # precision and speed
     gradient_checkpointing: bool = _flag(False, "recompute activations in backward to save memory")
     fp32: bool = _flag(False, "no bf16 autocast on CUDA (full fp32)")
+    bf16_weights: bool = _flag(False, "weights, grads and optimizer state in bf16, stochastic rounding on the update")
     allow_tf32: bool = _flag(False, "allow TF32 matmuls on CUDA")
+    compile: bool = _flag(False, "torch.compile the UNet (slow first steps, faster after)")
+    channels_last: bool = _flag(False, "UNet and latents in channels-last memory format (faster convolutions on GPU)")
+    # layer selections
+    reinit_unet: bool = _flag(False, "re-initialise the whole UNet (train from scratch, seeded)")
+    reinit_qk: bool = _flag(False, "re-initialise the query and key weights of every attention layer")
+    reinit_crossattn: bool = _flag(False, "re-initialise the cross-attention layers (attn2: q, k, v, out)")
+    reinit_attention: bool = _flag(False, "re-initialise all attention layers (attn1 and attn2)")
+    unfreeze_attention: bool = _flag(False, "with --targetted_training: train the attention layers")
+    unfreeze_up_blocks: list[int] = _flag([], "with --targetted_training: train these up_blocks (e.g. 2 3)", nargs="+", type=int, action="extend")
+    unfreeze_down_blocks: list[int] = _flag([], "with --targetted_training: train these down_blocks", nargs="+", type=int, action="extend")
+    unfreeze_mid_block: bool = _flag(False, "with --targetted_training: train the mid block")
+    targetted_training: bool = _flag(False, "train only the unfrozen and re-initialised layers; freeze the rest")
     # checkpoints and samples
     save_steps: int = _flag(500, "save a checkpoint every N optimizer steps (0: only at the end)")
     save_on_epoch: bool = _flag(False, "save a checkpoint at the end of every epoch")
@@ -74,8 +90,13 @@ class TrainConfig:
     sample_seed: int = _flag(1234, "seed of the sample images (fixed, so checkpoints compare)")
     guidance_scale: float = _flag(7.5, "classifier-free guidance of samples")
     cpu_offload: bool = _flag(False, "keep sampling-only models on the CPU between uses (saves GPU memory)")
-    # telemetry
+    # validation
+    validation_dir: list[str] = _flag([], "folder(s) of held-out sidecar pairs for val/loss", nargs="+", action="extend")
+    validation_split: float = _flag(0.0, "hold out this fraction of the training pairs for val/loss instead")
+    validation_steps: int = _flag(0, "compute val/loss every N optimizer steps (0: at each checkpoint)")
+    # telemetry and safety
     log_every: int = _flag(10, "read metrics back from the device and log them every N optimizer steps")
+    max_bad_steps: int = _flag(10, "stop after this many optimizer steps in a row had NaN/Inf gradients")
     no_progress: bool = _flag(False, "no progress bar")
 
     @property
@@ -125,10 +146,11 @@ def validate(config: TrainConfig) -> TrainConfig:
                 problems.append("--max_steps must be >= 1")
         except ValueError:
             problems.append(f"--max_steps wants a number of steps or Ne for N epochs, got {config.max_steps!r}")
-    for name in ("batch_size", "gradient_accum", "log_every", "sampler_steps"):
+    for name in ("batch_size", "gradient_accum", "log_every", "sampler_steps", "max_bad_steps"):
         if getattr(config, name) < 1:
             problems.append(f"--{name} must be >= 1")
-    for name in ("save_steps", "save_start", "keep_checkpoints", "warmup_steps", "num_workers", "sample_steps"):
+    for name in ("save_steps", "save_start", "keep_checkpoints", "warmup_steps", "num_workers", "sample_steps",
+                 "validation_steps"):
         if getattr(config, name) < 0:
             problems.append(f"--{name} must be >= 0")
     if config.learning_rate <= 0:
@@ -139,6 +161,34 @@ def validate(config: TrainConfig) -> TrainConfig:
         problems.append("--noise_gamma must be > 0 with --use_snr")
     if config.imgcache_suffix == config.txtcache_suffix:
         problems.append("--imgcache_suffix and --txtcache_suffix must differ")
+    if config.learning_rate_decay and config.scheduler != "constant":
+        problems.append("--learning_rate_decay applies to --scheduler constant only")
+    if config.learning_rate_decay < 0:
+        problems.append("--learning_rate_decay must be >= 0")
+    if not 0 <= config.caption_dropout < 1:
+        problems.append("--caption_dropout is a probability in [0, 1)")
+    if not 0 <= config.ema_decay < 1:
+        problems.append("--ema_decay must be in [0, 1), e.g. 0.9999")
+    if config.bf16_weights and config.fp32:
+        problems.append("--bf16_weights and --fp32 contradict each other")
+    if config.bf16_weights and config.optimizer == "adamw8":
+        problems.append("--bf16_weights needs --optimizer adamw or lion (stochastic rounding); adamw8 rounds to nearest")
+    if config.validation_dir and config.validation_split:
+        problems.append("give --validation_dir or --validation_split, not both")
+    if not 0 <= config.validation_split < 1:
+        problems.append("--validation_split is a fraction in [0, 1)")
+    selected = (config.unfreeze_attention or config.unfreeze_up_blocks or config.unfreeze_down_blocks
+                or config.unfreeze_mid_block)
+    if selected and not config.targetted_training:
+        problems.append("--unfreeze_* selects layers for --targetted_training; add it (without it everything trains)")
+    reinit = config.reinit_qk or config.reinit_crossattn or config.reinit_attention or config.reinit_unet
+    if config.targetted_training and not (selected or reinit):
+        problems.append("--targetted_training needs a selection: --unfreeze_* or --reinit_*")
+    if config.targetted_training and config.reinit_unet:
+        problems.append("--reinit_unet re-initialises everything; --targetted_training would then train everything")
+    for name in ("unfreeze_up_blocks", "unfreeze_down_blocks"):
+        if any(block < 0 for block in getattr(config, name)):
+            problems.append(f"--{name} takes block numbers >= 0")
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     return config

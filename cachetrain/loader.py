@@ -1,26 +1,44 @@
 """Sidecar pairs -> batches: the Dataset, the resumable epoch order, and the DataLoader.
 
 The order of an epoch depends only on (seed, epoch), and each process takes a disjoint, equal
-share of it; so a resumed run can rebuild the exact order and start at the batch it stopped at.
+share of it; so a resumed run rebuilds the exact order and starts at the batch it stopped at.
+Each sample's noise, timestep and caption dropout are drawn in the worker from (seed, epoch,
+sample) alone (objective.sample_key), so they too survive a resume, and do not change with batch
+size, gradient accumulation or the number of processes.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .objective import draw_sample_noise, sample_key
 from .sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, read_sidecar
 from .tree import PairIndex
 
 
-class CachedPairDataset(Dataset):
-    """Reads one (latent, embedding) pair per item; a bad pair yields its reason instead of raising."""
+@dataclass
+class NoisePlan:
+    """How the worker draws each sample's noise and timestep, and drops captions."""
 
-    def __init__(self, index: PairIndex):
+    seed: int
+    num_train_timesteps: int
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    empty_embeddings: list[torch.Tensor] = field(default_factory=list)  # one per data root
+    fixed_timesteps: bool = False  # validation: timesteps evenly spread over the samples, not random
+
+
+class CachedPairDataset(Dataset):
+    """Reads one (latent, embedding) pair per item and draws its noise; a bad pair yields its reason."""
+
+    def __init__(self, index: PairIndex, plan: NoisePlan | None = None):
         self.index = index
+        self.plan = plan
+        self.epoch = 0  # set before each epoch's loader is made (workers copy it)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -31,35 +49,51 @@ class CachedPairDataset(Dataset):
             latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
             emb = read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
         except (SidecarError, OSError) as error:
-            return None, None, str(error)
-        return latent, emb, ""
+            return None, None, None, None, str(error)
+        if self.plan is None:
+            return latent, emb, None, None, ""
+        plan = self.plan
+        noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.num_train_timesteps,
+                                                     plan.noise_offset, sample_key(plan.seed, self.epoch, i))
+        if plan.fixed_timesteps:
+            timestep = torch.tensor(int((i + 0.5) * plan.num_train_timesteps / len(self.index)))
+        if plan.caption_dropout and uniform < plan.caption_dropout:
+            emb = plan.empty_embeddings[self.index.root_id(i)].to(emb.dtype)
+        return latent, emb, noise, timestep, ""
 
 
 @dataclass
 class Batch:
     latents: torch.Tensor  # [B, C, h, w], as stored (often fp16)
     embeddings: torch.Tensor  # [B, T, D]
+    noise: torch.Tensor | None  # [B, C, h, w] float32
+    timesteps: torch.Tensor | None  # [B] int64
     skipped: int  # unreadable pairs dropped from this batch
 
     def pin_memory(self) -> Batch:
-        return Batch(self.latents.pin_memory(), self.embeddings.pin_memory(), self.skipped)
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.latents), pin(self.embeddings), pin(self.noise), pin(self.timesteps), self.skipped)
 
 
 def collate_pairs(items) -> Batch | None:
-    good = [(latent, emb) for latent, emb, _ in items if latent is not None]
-    for _, _, reason in items:
+    good = [item for item in items if item[0] is not None]
+    for *_, reason in items:
         if reason:
             print(f"[loader] skipped sample: {reason}", file=sys.stderr)
     if not good:
         return None
-    latents = [latent for latent, _ in good]
-    embeddings = [emb for _, emb in good]
+    latents = [item[0] for item in good]
+    embeddings = [item[1] for item in good]
     for tensors, what in ((latents, "latent"), (embeddings, "text embedding")):
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise SidecarError("batch", f"{what} shapes differ within a batch: {sorted(shapes)}; "
                                         "caches of one run must share resolution and token length")
-    return Batch(torch.stack(latents), torch.stack(embeddings), skipped=len(items) - len(good))
+    has_noise = good[0][2] is not None
+    return Batch(torch.stack(latents), torch.stack(embeddings),
+                 torch.stack([item[2] for item in good]) if has_noise else None,
+                 torch.stack([item[3] for item in good]) if has_noise else None,
+                 skipped=len(items) - len(good))
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -80,4 +114,4 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
 def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_pairs, num_workers=num_workers,
                       pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator())

@@ -6,34 +6,50 @@ cumulative alphas, the number of training timesteps and the prediction type.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
 
+def sample_key(seed: int, epoch: int, sample: int) -> int:
+    """A 63-bit RNG seed for one sample's draws in one epoch.
+
+    Noise, timestep and caption dropout are functions of (seed, epoch, sample) alone, so they do not
+    depend on batch size, accumulation, process count, worker scheduling or where a run resumed.
+    """
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def draw_sample_noise(shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float,
+                      key: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(noise, timestep, uniform) for one sample, drawn on the CPU from ``key``.
+
+    The uniform number in [0, 1) decides caption dropout. Offset noise adds one shared value per
+    channel, scaled by ``noise_offset``.
+    """
+    generator = torch.Generator().manual_seed(key)
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise += noise_offset * torch.randn((shape[0],) + (1,) * (len(shape) - 1), generator=generator)
+    timestep = torch.randint(0, num_train_timesteps, (), generator=generator)
+    uniform = torch.rand((), generator=generator).item()
+    return noise, timestep, uniform
+
+
 class DiffusionObjective:
-    def __init__(self, scheduler, snr_gamma: float | None = None, noise_offset: float = 0.0):
+    def __init__(self, scheduler, snr_gamma: float | None = None):
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(torch.float32)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
         self.snr_gamma = snr_gamma
-        self.noise_offset = noise_offset
 
     def to(self, device: torch.device) -> DiffusionObjective:
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
-
-    def draw_noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator | None = None):
-        """Gaussian noise (plus offset noise if set) and uniform timesteps, drawn on the latents' device."""
-        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
-        if self.noise_offset:
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device,
-                                 dtype=latents.dtype, generator=generator)
-            noise = noise + self.noise_offset * offset
-        timesteps = torch.randint(0, self.num_train_timesteps, (latents.shape[0],), device=latents.device,
-                                  generator=generator)
-        return noise, timesteps
 
     def _coefficients(self, timesteps: torch.Tensor, ndim: int):
         alpha_bar = self.alphas_cumprod[timesteps].view(-1, *([1] * (ndim - 1)))

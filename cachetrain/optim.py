@@ -1,30 +1,146 @@
-"""Optimizers and learning-rate schedules."""
+"""Optimizers, LR schedules, and stochastic rounding for bf16 weights.
+
+Every optimizer here can skip a step on the device: set ``optimizer.found_inf`` to a 0-dim tensor
+(1.0 = the gradients hold NaN/Inf) before ``step()`` and the step leaves weights and state as they
+were, without the host ever reading the flag. torch's fused AdamW honours the same attribute.
+
+``--bf16_weights`` keeps weights, gradients and optimizer state in bf16. bf16 has 8 bits of
+mantissa, so an update smaller than 1/256 of a weight rounds to nothing; rounding stochastically
+(up with probability equal to the discarded fraction) keeps the expected value of every update.
+"""
 
 from __future__ import annotations
 
 import torch
 
+INT32_LOW_16_BITS_CLEARED = -65536  # 0xFFFF0000 as a signed int32
+
+
+def stochastic_round_to_bf16_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Write fp32 ``value`` into bf16 ``target``, rounding up or down at random in proportion.
+
+    A bf16 number is the top 16 bits of an fp32 one: adding uniform noise in [0, 2^16) to the
+    bit pattern and clearing the low 16 bits rounds up exactly with probability (low bits)/2^16.
+    """
+    bits = value.contiguous().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    rounded = ((bits + noise) & INT32_LOW_16_BITS_CLEARED).view(torch.float32)
+    target.copy_(rounded.view_as(target))
+
+
+def _write_back(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    if parameter.dtype == torch.bfloat16:
+        stochastic_round_to_bf16_(parameter, value)
+    else:
+        parameter.copy_(value)
+
+
+class _SkippableOptimizer(torch.optim.Optimizer):
+    """Shared step scaffolding: fp32 math per tensor, device-side skip, bf16 stochastic write-back."""
+
+    def _keep(self) -> torch.Tensor | None:
+        """1.0 where the step proceeds, 0.0 where found_inf says skip (None: always proceed)."""
+        found_inf = getattr(self, "found_inf", None)
+        return None if found_inf is None else (1.0 - found_inf.float().clamp(0, 1))
+
+    @staticmethod
+    def _blend(keep: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        # where, not lerp: a skipped step's values may be NaN, and NaN * 0 is still NaN
+        return new if keep is None else torch.where(keep.to(new.device) > 0, new, old)
+
+
+class StochasticAdamW(_SkippableOptimizer):
+    """AdamW whose state lives in the parameters' dtype; bf16 parameters get stochastic rounding."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        keep = self._keep()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                step = state["step"] + (1.0 if keep is None else keep.to(p.device))
+                grad = p.grad.float()
+                old_param = p.float()
+                # out of place: for fp32 parameters .float() is the state tensor itself
+                exp_avg = torch.lerp(state["exp_avg"].float(), grad, 1 - beta1)
+                exp_avg_sq = torch.addcmul(state["exp_avg_sq"].float() * beta2, grad, grad, value=1 - beta2)
+                bias1 = 1 - beta1 ** step.clamp(min=1)
+                bias2 = 1 - beta2 ** step.clamp(min=1)
+                denominator = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
+                new_param = old_param * (1 - group["lr"] * group["weight_decay"])
+                new_param.addcdiv_(exp_avg / bias1, denominator, value=-group["lr"])
+                _write_back(p, self._blend(keep, new_param, old_param))
+                state["exp_avg"].copy_(self._blend(keep, exp_avg, state["exp_avg"].float()))
+                state["exp_avg_sq"].copy_(self._blend(keep, exp_avg_sq, state["exp_avg_sq"].float()))
+                state["step"] = step
+        return None
+
+
+class StochasticLion(_SkippableOptimizer):
+    """Lion (sign of an interpolated momentum); bf16 parameters get stochastic rounding."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        keep = self._keep()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                grad = p.grad.float()
+                old_param = p.float()
+                momentum = state["exp_avg"].float()
+                update = torch.lerp(momentum, grad, 1 - beta1).sign_()
+                new_param = old_param * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * update
+                _write_back(p, self._blend(keep, new_param, old_param))
+                state["exp_avg"].copy_(self._blend(keep, torch.lerp(momentum, grad, 1 - beta2), momentum))
+        return None
+
 
 def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[float, float],
-                    weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+                    weight_decay: float, device: torch.device, bf16_weights: bool = False) -> torch.optim.Optimizer:
     parameters = [p for p in parameters if p.requires_grad]
     if name == "adamw":
-        # fused on CUDA: one kernel for all parameters instead of a launch per tensor
-        return torch.optim.AdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay,
-                                 fused=device.type == "cuda")
+        if bf16_weights:
+            return StochasticAdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
+        # fused: one kernel for all tensors, and it skips on device when found_inf is set
+        return torch.optim.AdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, fused=True)
     if name == "lion":
-        from lion_pytorch import Lion
-
-        return Lion(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
+        return StochasticLion(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
     if name == "adamw8":
         if device.type != "cuda":
             raise RuntimeError("--optimizer adamw8 needs CUDA (bitsandbytes 8-bit optimizers); use adamw on CPU")
+        if bf16_weights:
+            raise RuntimeError("--optimizer adamw8 rounds bf16 weights to nearest, so small updates vanish; "
+                               "with --bf16_weights use adamw or lion (stochastic rounding)")
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise RuntimeError("--optimizer adamw8 needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether setting ``found_inf`` makes ``step()`` skip on the device."""
+    return isinstance(optimizer, _SkippableOptimizer) or (
+        isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused")))
 
 
 def build_lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

@@ -63,7 +63,8 @@ class Telemetry:
         values["train/images_per_sec"] = self.images / elapsed if elapsed > 0 else 0.0
         if self.writer is not None:
             for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+                if not name.startswith("_"):  # "_name": read back for the loop's own use, not logged
+                    self.writer.add_scalar(name, value, step)
         self._reset()
         return values
 

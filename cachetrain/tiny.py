@@ -92,6 +92,9 @@ def build_tiny_sd(folder: os.PathLike | str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET)
     vae = AutoencoderKL(**TINY_VAE)
+    # A random VAE's latents have a std far from SD's; set the scaling factor as one would for a
+    # real VAE (1/std over sample images), so scaled latents are unit-sized against the noise.
+    vae.register_to_config(scaling_factor=round(1.0 / _latent_std(vae, seed), 5))
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
@@ -110,6 +113,15 @@ def build_tiny_sd(folder: os.PathLike | str, seed: int = 0) -> Path:
     return folder
 
 
+def _latent_std(vae, seed: int, count: int = 32) -> float:
+    import numpy as np
+
+    images = [np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in _shape_images(count, TINY_RESOLUTION, seed)]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return vae.encode(pixels).latent_dist.mean.std().item()
+
+
 def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> None:
     x0, y0, x1, y1 = box
     if shape == "circle":
@@ -124,27 +136,34 @@ def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], colour: tuple[
         draw.rectangle((x0, y0 + w, x1, y1 - w), fill=colour)
 
 
-def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = TINY_RESOLUTION,
-                        seed: int = 0, folders: int = 4) -> list[Path]:
-    """Write ``count`` JPEG images with captions under ``root`` (spread over ``folders`` subfolders)."""
+def _shape_images(count: int, size: int, seed: int):
+    """Yield (PIL image, caption) pairs: a random shape and colour on a random background colour."""
     from PIL import Image, ImageDraw
 
-    root = Path(root)
     rng = random.Random(seed)
     colour_names = sorted(COLOURS)
-    images = []
-    for i in range(count):
+    for _ in range(count):
         shape = rng.choice(SHAPES)
         colour, background = rng.sample(colour_names, 2)
         image = Image.new("RGB", (size, size), COLOURS[background])
         extent = rng.randint(size * 2 // 5, size * 4 // 5)
         x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
         _draw_shape(ImageDraw.Draw(image), shape, (x0, y0, x0 + extent, y0 + extent), COLOURS[colour])
+        image.info["caption"] = f"a {colour} {shape} on a {background} background"
+        yield image
+
+
+def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = TINY_RESOLUTION,
+                        seed: int = 0, folders: int = 4) -> list[Path]:
+    """Write ``count`` JPEG images with captions under ``root`` (spread over ``folders`` subfolders)."""
+    root = Path(root)
+    images = []
+    for i, image in enumerate(_shape_images(count, size, seed)):
         folder = root / f"part{i % folders}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img{i:05d}.jpg"
         image.save(path, quality=95)
-        path.with_suffix(".txt").write_text(f"a {colour} {shape} on a {background} background\n", encoding="utf-8")
+        path.with_suffix(".txt").write_text(image.info["caption"] + "\n", encoding="utf-8")
         images.append(path)
     return images
 

@@ -1,13 +1,18 @@
-"""The training loop: sidecar pairs -> UNet steps, with checkpoints, samples, logs and exact resume."""
+"""The training loop: sidecar pairs -> UNet steps, with checkpoints, samples, logs and exact resume.
+
+One optimizer step = ``gradient_accum`` micro-batches (accelerate's accumulate). Per-step metrics
+stay on the device and are read back once per ``log_every`` steps; NaN/Inf gradients make the
+optimizer skip its step on the device, with no host sync.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +22,19 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import models
 from .config import TrainConfig, config_to_dict
-from .loader import CachedPairDataset, epoch_batches, make_loader
+from .layers import LayerSelection, apply_layer_selection
+from .loader import CachedPairDataset, NoisePlan, epoch_batches, make_loader
 from .objective import DiffusionObjective
-from .optim import build_lr_schedule, build_optimizer
+from .optim import build_lr_schedule, build_optimizer, supports_device_skip
 from .sampling import draw_samples
+from .sidecar import TEXT_EMBEDDING_KEY, read_sidecar
 from .telemetry import Telemetry, mean_abs_grad, qk_weight_parameters
-from .tree import index_training_pairs
+from .text_cache import empty_prompt_path
+from .tree import PairIndex, index_training_pairs
 
 TRIGGER_FILE = "trigger.checkpoint"
+SUMMARY_FILE = "train_summary.json"
+VALIDATION_EPOCH = -1  # the noise key of held-out pairs: the same draws at every evaluation
 
 
 class TrainingError(RuntimeError):
@@ -38,11 +48,10 @@ class Progress:
     step: int = 0  # optimizer steps taken
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
-    skipped_samples: int = 0
+    skipped_samples: int = 0  # unreadable pairs left out
 
     def as_dict(self) -> dict[str, int]:
-        return dict(step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
-                    skipped_samples=self.skipped_samples)
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -62,7 +71,7 @@ class StopSignal:
         self._previous = {}
 
     def _handle(self, signum, _frame):
-        if self.requested:  # second signal: the user really wants out
+        if self.requested:  # a second signal: the user really wants out
             raise KeyboardInterrupt
         self.requested = True
         tqdm.write(f"[train] {signal.Signals(signum).name} received: saving a checkpoint after this step")
@@ -71,7 +80,7 @@ class StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test runner thread)
+            except ValueError:  # not the main thread
                 pass
         return self
 
@@ -80,17 +89,23 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def check_process_count(launched_world: int, accelerator_world: int) -> None:
+    """A launch that asked for N processes must train as N, not as N independent copies."""
+    if launched_world > 1 and accelerator_world != launched_world:
+        raise TrainingError(f"launched as {launched_world} processes but training sees {accelerator_world}: "
+                            "each would train alone on all the data. On CPU, torchrun needs the accelerator "
+                            "in CPU mode (this trainer does that when no GPU is visible); check the launcher.")
+
+
 def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
     use_cuda = torch.cuda.is_available()
-    mixed_precision = "bf16" if use_cuda and not config.fp32 else "no"  # bf16 on CPU is 6-7x slower
+    # bf16 autocast on CUDA; on CPU bf16 has no fast kernels (6-7x slower), so fp32 there
+    mixed_precision = "bf16" if use_cuda and not config.fp32 and not config.bf16_weights else "no"
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=config.gradient_accum,
                               cpu=not use_cuda)
-    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched_world > 1 and accelerator.num_processes != launched_world:
-        raise TrainingError(f"launched as {launched_world} processes but the accelerator sees "
-                            f"{accelerator.num_processes}: each would train alone on all the data")
+    check_process_count(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     if use_cuda and config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -102,7 +117,9 @@ def _archive_settings(config: TrainConfig, output_dir: Path) -> None:
     args = {"argv": sys.argv, "config": config_to_dict(config)}
     (output_dir / "train_args.json").write_text(json.dumps(args, indent=2), encoding="utf-8")
     if config.copy_config:
-        shutil.copy2(config.copy_config, output_dir / Path(config.copy_config).name)
+        target = output_dir / Path(config.copy_config).name
+        if Path(config.copy_config).resolve() != target.resolve():
+            shutil.copy2(config.copy_config, target)
 
 
 def _resolve_resume(config: TrainConfig, output_dir: Path) -> Path | None:
@@ -115,170 +132,383 @@ def _resolve_resume(config: TrainConfig, output_dir: Path) -> Path | None:
         return found
     path = Path(config.resume)
     if not (path / ckpt.TRAINING_STATE_FILE).exists():
-        raise TrainingError(f"--resume {path}: not a resumable checkpoint folder")
+        raise TrainingError(f"--resume {path}: not a resumable checkpoint folder (no {ckpt.TRAINING_STATE_FILE})")
     return path
 
 
-def train(config: TrainConfig) -> TrainResult:
-    accelerator = _make_accelerator(config)
-    device = accelerator.device
-    is_main = accelerator.is_main_process
-    output_dir = Path(config.output_dir)
-    if is_main:
-        _archive_settings(config, output_dir)
+def _split_validation(index: PairIndex, fraction: float, seed: int) -> tuple[PairIndex, PairIndex | None]:
+    """Hold out a seeded, fixed fraction of the pairs (the same pairs on every run with this seed)."""
+    if not fraction:
+        return index, None
+    order = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    held_out = max(1, round(fraction * len(index)))
+    return index.subset(sorted(order[held_out:])), index.subset(sorted(order[:held_out]))
 
-    index, unpaired = index_training_pairs(config.train_data_dir, config.imgcache_suffix, config.txtcache_suffix)
-    if len(index) == 0:
-        raise TrainingError(f"no sample has both a {config.imgcache_suffix} and a {config.txtcache_suffix} "
-                            f"sidecar under {config.train_data_dir}; run the cache scripts first")
-    if is_main and (unpaired["image_only"] or unpaired["text_only"]):
-        print(f"[train] left out {unpaired['image_only']} latents without text and "
-              f"{unpaired['text_only']} texts without latents", file=sys.stderr)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    batches_per_epoch = len(index) // world // config.batch_size
-    if batches_per_epoch == 0:
-        raise TrainingError(f"{len(index)} samples are fewer than one batch of {config.batch_size} per process")
-    total_steps = config.max_optimizer_steps(batches_per_epoch)
 
-    unet = models.load_unet(config.pretrained_model)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    if is_main:
-        print(f"[train] {len(index)} samples, {batches_per_epoch} batches/epoch/process, {total_steps} steps, "
-              f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters", file=sys.stderr)
-    objective = DiffusionObjective(models.load_training_scheduler(config.pretrained_model),
-                                   snr_gamma=config.noise_gamma if config.use_snr else None,
-                                   noise_offset=config.noise_offset).to(device)
-    vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model)
-    optimizer = build_optimizer(config.optimizer, trainable, config.learning_rate, tuple(config.betas),
-                                config.weight_decay, device)
-    # The schedule is stepped by hand once per optimizer step (accelerate would step it per process).
-    lr_schedule = build_lr_schedule(config.scheduler, optimizer, config.warmup_steps, total_steps,
-                                    config.min_learning_rate)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    qk_params = qk_weight_parameters(accelerator.unwrap_model(unet))
-    noise_generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + rank)
+def _empty_prompt_embeddings(config: TrainConfig) -> list[torch.Tensor]:
+    embeddings = []
+    for root in config.train_data_dir:
+        path = empty_prompt_path(root, config.txtcache_suffix)
+        if not os.path.exists(path):
+            raise TrainingError(f"--caption_dropout needs the empty prompt's embedding {path}; "
+                                "run the text cache script on that data root again to write it")
+        embeddings.append(read_sidecar(path, TEXT_EMBEDDING_KEY, ndim=2))
+    return embeddings
 
-    progress = Progress()
-    resume_from = _resolve_resume(config, output_dir)
-    if resume_from is not None:
-        state = ckpt.load_training_state(resume_from)
+
+def _layer_selection(config: TrainConfig) -> LayerSelection:
+    return LayerSelection(**{f.name: getattr(config, f.name) for f in dataclasses.fields(LayerSelection)})
+
+
+def _weights_checksum(unet: torch.nn.Module) -> torch.Tensor:
+    """One float64 number per process that differs if the processes' weights differ."""
+    with torch.no_grad():
+        tensors = [p.detach().double() for p in unet.parameters()]
+        norms = torch.stack(torch._foreach_norm(tensors))
+        weights = torch.arange(1, len(tensors) + 1, dtype=torch.float64, device=norms.device)
+        return (norms * weights).sum()
+
+
+class TrainingRun:
+    """The state of one run and the loop over it; ``train()`` is the entry point."""
+
+    def __init__(self, config: TrainConfig, interrupt_at_step: int | None = None):
+        self.config = config
+        self.interrupt_at_step = interrupt_at_step
+        self.accelerator = _make_accelerator(config)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.output_dir = Path(config.output_dir)
+        if self.is_main:
+            _archive_settings(config, self.output_dir)
+        self.resume_from = _resolve_resume(config, self.output_dir)
+        self._load_data()
+        self._load_model()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _load_data(self) -> None:
+        config = self.config
+        index, unpaired = index_training_pairs(config.train_data_dir, config.imgcache_suffix, config.txtcache_suffix)
+        if len(index) == 0:
+            raise TrainingError(f"no sample has both a {config.imgcache_suffix} and a {config.txtcache_suffix} "
+                                f"sidecar under {config.train_data_dir}; run the cache scripts first")
+        if self.is_main and (unpaired["image_only"] or unpaired["text_only"]):
+            print(f"[train] left out {unpaired['image_only']} latents without text and "
+                  f"{unpaired['text_only']} texts without latents", file=sys.stderr)
+        self.train_index, self.validation_index = _split_validation(index, config.validation_split, config.seed)
+        if config.validation_dir:
+            self.validation_index, _ = index_training_pairs(config.validation_dir, config.imgcache_suffix,
+                                                            config.txtcache_suffix)
+        self.batches_per_epoch = len(self.train_index) // self.world // config.batch_size
+        if self.batches_per_epoch == 0:
+            raise TrainingError(f"{len(self.train_index)} samples are fewer than one batch of "
+                                f"{config.batch_size} per process")
+        self.total_steps = config.max_optimizer_steps(self.batches_per_epoch)
+
+    def _load_model(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
+        unet = models.load_unet(config.pretrained_model, dtype=weight_dtype)
+        self.trainable = apply_layer_selection(unet, _layer_selection(config), config.seed)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        unet.train()
+        scheduler = models.load_training_scheduler(config.pretrained_model)
+        self.objective = DiffusionObjective(scheduler, snr_gamma=config.noise_gamma if config.use_snr else None)
+        self.objective.to(self.device)
+        self.plan = NoisePlan(seed=config.seed, num_train_timesteps=self.objective.num_train_timesteps,
+                              noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
+                              empty_embeddings=_empty_prompt_embeddings(config) if config.caption_dropout else [])
+        self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model)
+        self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
+                                         config.weight_decay, self.device, bf16_weights=config.bf16_weights)
+        # stepped by hand once per optimizer step (accelerate would step it once per process)
+        self.lr_schedule = build_lr_schedule(config.scheduler, self.optimizer, config.warmup_steps, self.total_steps,
+                                             config.min_learning_rate)
+        self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
+        self.bare_unet = accelerator.unwrap_model(self.unet)
+        self.forward_unet = torch.compile(self.unet) if config.compile else self.unet
+        self.ema = None
+        if config.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay, foreach=True)
+        self.qk_params = qk_weight_parameters(self.bare_unet)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        self.inner_optimizer = inner
+        self.device_skip = supports_device_skip(inner)
+        if self.is_main:
+            total = sum(p.numel() for p in self.bare_unet.parameters())
+            print(f"[train] {len(self.train_index)} training pairs"
+                  f"{f', {len(self.validation_index)} held out' if self.validation_index else ''}; "
+                  f"{self.batches_per_epoch} batches/epoch/process x {self.world} process(es); {self.total_steps} "
+                  f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
+                  f"of {total:,}", file=sys.stderr)
+
+    def _restore(self, progress: Progress) -> Progress:
+        state = ckpt.load_training_state(self.resume_from)
         from diffusers import UNet2DConditionModel
 
-        trained = UNet2DConditionModel.from_pretrained(resume_from, subfolder=ckpt.TRAINED_COMPONENT)
-        accelerator.unwrap_model(unet).load_state_dict(trained.state_dict())
+        trained = UNet2DConditionModel.from_pretrained(self.resume_from, subfolder=ckpt.TRAINED_COMPONENT)
+        self.bare_unet.load_state_dict(trained.state_dict())
         del trained
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        ckpt.restore_rng_states(state["rng"][min(rank, len(state["rng"]) - 1)] if isinstance(state["rng"], list)
-                                else state["rng"], noise_generator)
-        progress = Progress(**state["progress"])
-        if is_main:
-            print(f"[train] resumed from {resume_from} at step {progress.step}", file=sys.stderr)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        ckpt.restore_rng_states(state["rng"])
+        restored = Progress(**state["progress"])
+        if self.is_main:
+            print(f"[train] resumed from {self.resume_from} at step {restored.step}", file=sys.stderr)
+        return restored
 
-    telemetry = Telemetry(output_dir / "tensorboard" if is_main else None, device)
-    dataset = CachedPairDataset(index)
-    sampler = CheckpointSampler(config, device, accelerator) if is_main else None
-    result = TrainResult(output_dir=output_dir, steps=progress.step)
-    bar = tqdm(total=total_steps, initial=progress.step, unit="step", disable=not is_main or config.no_progress,
-               dynamic_ncols=True)
+    # -- the loop ---------------------------------------------------------------------------
 
-    def save(reason: str) -> None:
-        accelerator.wait_for_everyone()
-        if is_main:
-            state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                     "rng": ckpt.rng_states(noise_generator), "progress": progress.as_dict(),
-                     "config": json.dumps(config_to_dict(config))}
-            path = sampler.save(accelerator.unwrap_model(unet), progress.step, state, reason)
+    def run(self) -> TrainResult:
+        config, accelerator = self.config, self.accelerator
+        progress = self._restore(Progress()) if self.resume_from is not None else Progress()
+        self.progress = progress
+        self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
+        self.sampler = CheckpointSampler(config, self.device) if self.is_main else None
+        self.result = TrainResult(output_dir=self.output_dir, steps=progress.step)
+        dataset = CachedPairDataset(self.train_index, self.plan)
+        bar = tqdm(total=self.total_steps, initial=progress.step, unit="step",
+                   disable=not self.is_main or config.no_progress, dynamic_ncols=True)
+        zero = torch.zeros((), device=self.device)
+        bad_in_a_row, bad_total, grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
+        steps_in_window = 0
+
+        with StopSignal() as stop:
+            if self.validation_index is not None and progress.step == 0:
+                self._validate(0)
+            while progress.step < self.total_steps and not stop.requested:
+                dataset.epoch = progress.epoch
+                batches = epoch_batches(len(self.train_index), config.batch_size, config.seed, progress.epoch,
+                                        self.rank, self.world)
+                loader = make_loader(dataset, batches[progress.batch_in_epoch:], config.num_workers,
+                                     pin_memory=self.device.type == "cuda")
+                for batch in loader:
+                    progress.batch_in_epoch += 1
+                    if batch is None:
+                        continue
+                    progress.skipped_samples += batch.skipped
+                    with accelerator.accumulate(self.unet):
+                        loss, raw_loss = self._micro_step(batch)
+                        if accelerator.sync_gradients:
+                            grad_norm = self._grad_norm()
+                            found_inf = (~torch.isfinite(grad_norm)).float()
+                            self._arm_skip(found_inf)
+                            logging_now = (progress.step + 1) % config.log_every == 0
+                            qk_grads = mean_abs_grad(self.qk_params) if logging_now else None
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    self.telemetry.add_micro_step(loss, raw_loss, batch.latents.shape[0] * self.world)
+                    if not accelerator.sync_gradients:
+                        continue
+                    self.lr_schedule.step()
+                    if self.ema is not None:
+                        self.ema.step(self.trainable)
+                    progress.step += 1
+                    bar.update(1)
+                    bad_in_a_row = (bad_in_a_row + 1) * found_inf
+                    bad_total += found_inf
+                    grad_norm_sum += torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
+                    steps_in_window += 1
+                    if logging_now:
+                        values = self.telemetry.flush(progress.step, self.lr_schedule.get_last_lr()[0], {
+                            "train/qk_grads_av": qk_grads,
+                            "train/grad_norm": grad_norm_sum / max(steps_in_window, 1),
+                            "train/skipped_steps": bad_total,
+                            "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / len(batches)),
+                            "_bad_in_a_row": bad_in_a_row,
+                        })
+                        grad_norm_sum, steps_in_window = zero.clone(), 0
+                        self.result.logged.append({"step": progress.step, **values})
+                        bar.set_postfix(loss=f"{values['train/loss']:.4f}",
+                                        img_s=f"{values['train/images_per_sec']:.1f}")
+                        if values["_bad_in_a_row"] >= config.max_bad_steps:
+                            raise TrainingError(
+                                f"{int(values['_bad_in_a_row'])} optimizer steps in a row had NaN/Inf gradients "
+                                f"(limit --max_bad_steps {config.max_bad_steps}); stopping at step {progress.step}. "
+                                "Lower the learning rate or check the cached data (python -m cachetrain.inspect).")
+                    if self.interrupt_at_step is not None and progress.step >= self.interrupt_at_step:
+                        stop.requested = True
+                    self._after_step(stop)
+                    if progress.step >= self.total_steps or stop.requested:
+                        break
+                else:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                    self._after_epoch()
+            self.result.interrupted = stop.requested and progress.step < self.total_steps
+            if self.result.interrupted:
+                self._save("interrupted")
+                if self.is_main:
+                    print(f"[train] stopped at step {progress.step}; continue with --resume", file=sys.stderr)
+            elif not any(p.name == ckpt.checkpoint_dir(self.output_dir, progress.step).name
+                         for p in self.result.checkpoints):
+                self._save("final")
+        self._finish(bar)
+        return self.result
+
+    def _micro_step(self, batch):
+        """Forward + backward of one micro-batch; returns the (weighted, raw) loss as device scalars."""
+        device, dtype = self.device, self.bare_unet.dtype
+        latents = batch.latents.to(device, non_blocking=True).float() * self.vae_scale
+        context = (batch.embeddings.to(device, non_blocking=True).float() * self.config.text_scaling_factor).to(dtype)
+        noise = batch.noise.to(device, non_blocking=True)
+        timesteps = batch.timesteps.to(device, non_blocking=True)
+        noisy = self.objective.add_noise(latents, noise, timesteps).to(dtype)
+        if self.config.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with self.accelerator.autocast():
+            prediction = self.forward_unet(noisy, timesteps, context).sample
+        loss, raw_loss = self.objective.losses(prediction, self.objective.target(latents, noise, timesteps), timesteps)
+        self.accelerator.backward(loss)
+        return loss, raw_loss
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The total gradient norm (clipped to --gradient_clip when > 0), as a device scalar."""
+        if self.config.gradient_clip > 0:
+            return self.accelerator.clip_grad_norm_(self.trainable, self.config.gradient_clip).float()
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
+
+    def _arm_skip(self, found_inf: torch.Tensor) -> None:
+        """Make the coming optimizer step a no-op when gradients are not finite."""
+        if self.device_skip:
+            self.inner_optimizer.found_inf = found_inf
+        elif found_inf.item():  # optimizers without a device-side skip: one host sync per step
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _after_step(self, stop: StopSignal) -> None:
+        config, step = self.config, self.progress.step
+        periodic = bool(config.save_steps) and step % config.save_steps == 0 and config.save_start <= step < self.total_steps
+        if periodic or self._trigger_pulled():
+            self._save("periodic" if periodic else "requested")
+        elif config.sample_steps and step % config.sample_steps == 0 and self.is_main:
+            self._sample(self.output_dir / f"samples-{step:05d}")
+        if self.validation_index is not None and config.validation_steps and step % config.validation_steps == 0:
+            self._validate(step)
+
+    def _after_epoch(self) -> None:
+        config = self.config
+        if config.learning_rate_decay:
+            self.lr_schedule.base_lrs = [max(0.0, lr - config.learning_rate_decay) for lr in self.lr_schedule.base_lrs]
+        if config.save_on_epoch and self.progress.step < self.total_steps:
+            self._save("epoch")
+
+    def _trigger_pulled(self) -> bool:
+        """``touch output_dir/trigger.checkpoint`` asks for a checkpoint; every process must agree."""
+        pulled = torch.zeros((), device=self.device)
+        if self.is_main and (self.output_dir / TRIGGER_FILE).exists():
+            (self.output_dir / TRIGGER_FILE).unlink(missing_ok=True)
+            pulled += 1
+        if self.world > 1:
+            pulled = self.accelerator.reduce(pulled, reduction="sum")
+        return bool(pulled.item()) if self.world > 1 or self.is_main else False
+
+    # -- checkpoints, samples, validation ---------------------------------------------------
+
+    def _training_state(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+                 "rng": ckpt.rng_states(), "progress": self.progress.as_dict(),
+                 "config": json.dumps(config_to_dict(self.config))}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def _save(self, reason: str) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            path = self.sampler.save(self.bare_unet, self.progress.step, self._training_state(), self.ema,
+                                     self.trainable)
             if path is not None:
-                result.checkpoints.append(path)
-                ckpt.prune_checkpoints(output_dir, config.keep_checkpoints)
-        accelerator.wait_for_everyone()
+                self.result.checkpoints.append(path)
+                if reason != "interrupted":
+                    self._sample(path)
+                ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+                tqdm.write(f"[train] saved {path} ({reason})")
+        if self.validation_index is not None and not self.config.validation_steps and reason != "interrupted":
+            self._validate(self.progress.step)
+        self.accelerator.wait_for_everyone()
 
-    with StopSignal() as stop:
-        while progress.step < total_steps and not stop.requested:
-            batches = epoch_batches(len(index), config.batch_size, config.seed, progress.epoch, rank, world)
-            loader = make_loader(dataset, batches[progress.batch_in_epoch:], config.num_workers,
-                                 pin_memory=device.type == "cuda")
-            for batch in loader:
-                progress.batch_in_epoch += 1
-                if batch is None:
-                    continue
-                progress.skipped_samples += batch.skipped
-                with accelerator.accumulate(unet):
-                    latents = batch.latents.to(device, non_blocking=True).float() * vae_scale
-                    context = batch.embeddings.to(device, non_blocking=True).float() * config.text_scaling_factor
-                    noise, timesteps = objective.draw_noise_and_timesteps(latents, noise_generator)
-                    noisy = objective.add_noise(latents, noise, timesteps)
-                    with accelerator.autocast():
-                        prediction = unet(noisy, timesteps, context).sample
-                    loss, raw_loss = objective.losses(prediction, objective.target(latents, noise, timesteps),
-                                                      timesteps)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.gradient_clip > 0:
-                        accelerator.clip_grad_norm_(trainable, config.gradient_clip)
-                    logging_now = accelerator.sync_gradients and (progress.step + 1) % config.log_every == 0
-                    qk_grads = mean_abs_grad(qk_params) if logging_now else None
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                telemetry.add_micro_step(loss, raw_loss, latents.shape[0] * world)
-                if not accelerator.sync_gradients:
-                    continue
-                lr_schedule.step()
-                progress.step += 1
-                bar.update(1)
-                if logging_now:
-                    values = telemetry.flush(progress.step, lr_schedule.get_last_lr()[0],
-                                             {"train/qk_grads_av": qk_grads})
-                    result.logged.append({"step": progress.step, **values})
-                    bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_sec']:.1f}")
-                if _periodic_save_due(config, progress.step, total_steps) or _trigger_pulled(output_dir):
-                    save("periodic")
-                elif config.sample_steps and progress.step % config.sample_steps == 0 and is_main:
-                    sampler.sample(accelerator.unwrap_model(unet), progress.step, output_dir / f"samples-{progress.step:05d}")
-                if progress.step >= total_steps or stop.requested:
-                    break
-            else:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
-                if config.save_on_epoch and progress.step < total_steps:
-                    save("epoch")
-        result.interrupted = stop.requested and progress.step < total_steps
-        if result.interrupted:
-            save("interrupted")
-            if is_main:
-                print(f"[train] stopped at step {progress.step}; continue with --resume", file=sys.stderr)
-        elif not any(p.name == ckpt.checkpoint_dir(output_dir, progress.step).name for p in result.checkpoints):
-            save("final")
-    if is_main and not result.interrupted:
-        final = ckpt.checkpoint_dir(output_dir, progress.step)
-        sampler.publish_final(final, output_dir)
-        print(f"[train] final model in {output_dir}", file=sys.stderr)
-    bar.close()
-    telemetry.close()
-    accelerator.end_training()
-    result.steps = progress.step
-    return result
+    def _sample(self, out_dir: Path) -> None:
+        if self.ema is not None:
+            self.ema.store(self.trainable)
+            self.ema.copy_to(self.trainable)
+        try:
+            self.sampler.sample(self.bare_unet, self.progress.step, out_dir)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.trainable)
 
+    def _validate(self, step: int) -> None:
+        """val/loss: mean raw MSE over the held-out pairs at fixed noise and timesteps (main process)."""
+        if self.is_main:
+            dataset = CachedPairDataset(self.validation_index, dataclasses.replace(self.plan, fixed_timesteps=True,
+                                                                                   caption_dropout=0.0))
+            dataset.epoch = VALIDATION_EPOCH
+            order = list(range(len(dataset)))
+            batches = [order[i:i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
+            total, count = torch.zeros((), device=self.device), 0
+            unet = self.bare_unet
+            was_training = unet.training
+            unet.eval()
+            with torch.no_grad():
+                for batch in make_loader(dataset, batches, 0, pin_memory=False):
+                    if batch is None:
+                        continue
+                    latents = batch.latents.to(self.device).float() * self.vae_scale
+                    noise, timesteps = batch.noise.to(self.device), batch.timesteps.to(self.device)
+                    context = batch.embeddings.to(self.device).float() * self.config.text_scaling_factor
+                    dtype = unet.dtype
+                    with self.accelerator.autocast():
+                        prediction = unet(self.objective.add_noise(latents, noise, timesteps).to(dtype), timesteps,
+                                          context.to(dtype)).sample
+                    target = self.objective.target(latents, noise, timesteps)
+                    per_sample = (prediction.float() - target).square().flatten(1).mean(1)
+                    total += per_sample.sum()
+                    count += per_sample.numel()
+            unet.train(was_training)
+            value = (total / max(count, 1)).item()
+            self.telemetry.add_scalar("val/loss", value, step)
+            self.result.logged.append({"step": step, "val/loss": value})
+        self.accelerator.wait_for_everyone()
 
-def _periodic_save_due(config: TrainConfig, step: int, total_steps: int) -> bool:
-    return bool(config.save_steps) and step % config.save_steps == 0 and step >= config.save_start and step < total_steps
+    def _finish(self, bar) -> None:
+        checksums = self.accelerator.gather(_weights_checksum(self.bare_unet).reshape(1).to(self.device))
+        if self.is_main:
+            checksums = checksums.cpu().tolist()
+            if len(set(checksums)) > 1:
+                print(f"[train] WARNING: the processes' weights differ at the end: {checksums}", file=sys.stderr)
+            summary = {"steps": self.progress.step, "interrupted": self.result.interrupted,
+                       "processes": self.world, "process_weight_checksums": checksums,
+                       "skipped_samples": self.progress.skipped_samples,
+                       "checkpoints": [str(p) for p in self.result.checkpoints]}
+            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            if not self.result.interrupted:
+                self.sampler.publish_final(ckpt.checkpoint_dir(self.output_dir, self.progress.step), self.output_dir)
+                print(f"[train] final model in {self.output_dir}", file=sys.stderr)
+        bar.close()
+        self.telemetry.close()
+        self.accelerator.end_training()
+        self.result.steps = self.progress.step
 
 
-def _trigger_pulled(output_dir: Path) -> bool:
-    trigger = output_dir / TRIGGER_FILE
-    if trigger.exists():
-        trigger.unlink(missing_ok=True)
-        return True
-    return False
+def train(config: TrainConfig, interrupt_at_step: int | None = None) -> TrainResult:
+    """Train as ``config`` says. ``interrupt_at_step`` behaves like a SIGTERM after that step (for tests)."""
+    return TrainingRun(config, interrupt_at_step).run()
 
 
 class CheckpointSampler:
     """Owns the parts that do not train: saves checkpoints around the UNet and draws samples."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, accelerator):
+    def __init__(self, config: TrainConfig, device: torch.device):
         self.config = config
         self.device = device
         self.frozen_dir = Path(config.output_dir) / ckpt.FROZEN_DIR_NAME
@@ -301,29 +531,26 @@ class CheckpointSampler:
         for module in others:
             module.to(self.device)
         try:
-            paths = draw_samples(pipeline, self.config.sample_prompt, out_dir, step=step, seed=self.config.sample_seed,
-                                 sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
-                                 device=self.device, autocast_dtype=self.autocast_dtype)
+            return draw_samples(pipeline, self.config.sample_prompt, out_dir, step=step, seed=self.config.sample_seed,
+                                sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
+                                device=self.device, autocast_dtype=self.autocast_dtype)
         finally:
             if self.config.cpu_offload or self.device.type == "cuda":
                 for module in others:  # give the memory back to training
                     module.to("cpu")
             unet.train(was_training)
-        return paths
 
-    def save(self, unet, step: int, training_state: dict, reason: str) -> Path | None:
+    def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
         destination = ckpt.checkpoint_dir(Path(self.config.output_dir), step)
         try:
             ckpt.save_frozen_components(self._pipeline_for(unet), self.frozen_dir)
-            ckpt.save_checkpoint(destination, unet, self.frozen_dir, training_state)
+            ckpt.save_checkpoint(destination, unet, self.frozen_dir, training_state,
+                                 ema_weights=_ema_writer(ema, trainable, unet))
         except OSError as error:
             previous = ckpt.latest_checkpoint(Path(self.config.output_dir))
             tqdm.write(f"[train] could not save checkpoint at step {step} ({error}); "
                        f"the previous checkpoint {previous} is intact. Training goes on.")
             return None
-        if reason != "interrupted":
-            self.sample(unet, step, destination)
-        tqdm.write(f"[train] saved {destination} ({reason})")
         return destination
 
     def publish_final(self, final_checkpoint: Path, output_dir: Path) -> None:
@@ -340,6 +567,22 @@ class CheckpointSampler:
                 ckpt.link_tree(entry, target)
             else:
                 shutil.copy2(entry, target)
+
+
+def _ema_writer(ema, trainable, unet):
+    """A function that saves the EMA weights as a UNet folder, or None without EMA."""
+    if ema is None:
+        return None
+
+    def write(folder: Path) -> None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+        try:
+            unet.save_pretrained(folder, safe_serialization=True)
+        finally:
+            ema.restore(trainable)
+
+    return write
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,13 +56,15 @@ class PairIndex:
         self.image_suffix = image_suffix
         self.text_suffix = text_suffix
         self.folders: list[str] = []
+        self.folder_roots = array("I")  # which data root each folder came from
         self._folder_ids = array("I")
         self._stem_ends = array("Q")
         self._stems = bytearray()
 
-    def add(self, folder: str, stem: str) -> None:
+    def add(self, folder: str, stem: str, root_id: int = 0) -> None:
         if not self.folders or self.folders[-1] != folder:
             self.folders.append(folder)
+            self.folder_roots.append(root_id)
         self._folder_ids.append(len(self.folders) - 1)
         self._stems += stem.encode("utf-8", "surrogateescape")
         self._stem_ends.append(len(self._stems))
@@ -79,11 +81,17 @@ class PairIndex:
         base = self.base_path(i)
         return base + self.image_suffix, base + self.text_suffix
 
-    def root_of(self, i: int, roots: list[str]) -> str:
-        """The data root a sample came from (the longest root that contains its folder)."""
-        folder = self.folders[self._folder_ids[i]]
-        matches = [r for r in roots if folder == r or folder.startswith(r.rstrip(os.sep) + os.sep)]
-        return max(matches, key=len) if matches else folder
+    def root_id(self, i: int) -> int:
+        """Position, in the roots given to index_training_pairs, of the data root sample i came from."""
+        return self.folder_roots[self._folder_ids[i]]
+
+    def subset(self, samples: Iterable[int]) -> PairIndex:
+        """A new index holding the given samples, in that order."""
+        part = PairIndex(self.image_suffix, self.text_suffix)
+        for i in samples:
+            folder, stem = os.path.split(self.base_path(i))
+            part.add(folder, stem, self.root_id(i))
+        return part
 
     def nbytes(self) -> int:
         """Bytes held per the whole index (folders counted once)."""
@@ -91,7 +99,7 @@ class PairIndex:
             self._folder_ids.itemsize * len(self._folder_ids)
             + self._stem_ends.itemsize * len(self._stem_ends)
             + len(self._stems)
-            + sum(len(f) + 49 for f in self.folders)
+            + sum(len(f) + 53 for f in self.folders)
         )
 
 
@@ -103,7 +111,7 @@ def index_training_pairs(roots: Iterable[os.PathLike | str], image_suffix: str, 
     """
     index = PairIndex(image_suffix, text_suffix)
     counts = {"image_only": 0, "text_only": 0}
-    for root in roots:
+    for root_id, root in enumerate(roots):
         root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(root):
             raise FileNotFoundError(f"training data folder not found: {root}")
@@ -118,7 +126,7 @@ def index_training_pairs(roots: Iterable[os.PathLike | str], image_suffix: str, 
         for folder in sorted(by_folder):
             images, texts = by_folder[folder]
             for stem in sorted(images & texts):
-                index.add(folder, stem)
+                index.add(folder, stem, root_id)
             counts["image_only"] += len(images - texts)
             counts["text_only"] += len(texts - images)
     return index, counts

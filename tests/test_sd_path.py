@@ -108,7 +108,8 @@ def _fixed_batch_loss(unet_folder: Path, model: Path, data: Path) -> float:
     objective = DiffusionObjective(load_training_scheduler(str(model)))
     latents = batch.latents.float() * read_vae_scaling_factor(str(model))
     generator = torch.Generator().manual_seed(7)
-    noise, timesteps = objective.draw_noise_and_timesteps(latents, generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
     with torch.no_grad():
         prediction = unet(objective.add_noise(latents, noise, timesteps), timesteps, batch.embeddings.float()).sample
     loss, _ = objective.losses(prediction, objective.target(latents, noise, timesteps), timesteps)

@@ -1,0 +1,401 @@
+"""The trainer's numerics, accumulation, resume, precision, selections and safety, on the tiny model.
+
+Expected values are computed here directly (from the scheduler's alphas, from parameter names),
+not with the trainer's own helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cachetrain.config import ConfigError, parse_train_args
+from cachetrain.trainer import TrainingError, check_process_count, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(model, data, output, *extra) -> list[str]:
+    return ["--pretrained_model", str(model), "--train_data_dir", str(data), "--output_dir", str(output),
+            "--num_workers", "0", "--no_progress", "--learning_rate", "1e-3", "--save_steps", "0",
+            "--gradient_clip", "0", *extra]
+
+
+def _unet_weights(folder: Path, component: str = "unet") -> dict[str, torch.Tensor]:
+    return load_file(folder / component / "diffusion_pytorch_model.safetensors")
+
+
+def _logged(result, name: str) -> list[tuple[int, float]]:
+    return [(entry["step"], entry[name]) for entry in result.logged if name in entry]
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_and_min_snr_weights_equal_a_direct_computation(tiny_sd_model, prediction_type):
+    from diffusers import DDPMScheduler
+
+    from cachetrain.objective import DiffusionObjective
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd_model, subfolder="scheduler", prediction_type=prediction_type)
+    objective = DiffusionObjective(scheduler, snr_gamma=5.0)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([0, 10, 200, 500, 800, 999])
+    prediction = torch.randn(6, 4, 8, 8, generator=generator)
+
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    a, s = alpha_bar.sqrt().view(-1, 1, 1, 1), (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
+    noisy = a * latents.double() + s * noise.double()
+    target = noise.double() if prediction_type == "epsilon" else a * noise.double() - s * latents.double()
+    snr = alpha_bar / (1 - alpha_bar)
+    weights = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+    per_sample = (prediction.double() - target).square().mean(dim=(1, 2, 3))
+
+    torch.testing.assert_close(objective.add_noise(latents, noise, timesteps).double(), noisy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(objective.target(latents, noise, timesteps).double(), target, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(objective.loss_weights(timesteps).double(), weights, rtol=1e-5, atol=1e-7)
+    loss, raw = objective.losses(prediction, objective.target(latents, noise, timesteps), timesteps)
+    assert loss.item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-5)
+    assert raw.item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+
+
+def test_noise_is_a_function_of_seed_epoch_and_sample_only():
+    from cachetrain.objective import draw_sample_noise, sample_key
+
+    first = draw_sample_noise((4, 2, 2), 1000, 0.0, sample_key(3, 1, 17))
+    again = draw_sample_noise((4, 2, 2), 1000, 0.0, sample_key(3, 1, 17))
+    other_epoch = draw_sample_noise((4, 2, 2), 1000, 0.0, sample_key(3, 2, 17))
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    assert not torch.equal(first[0], other_epoch[0])
+
+
+def test_each_process_takes_a_disjoint_equal_share_of_every_epoch():
+    from cachetrain.loader import epoch_batches
+
+    shares = [epoch_batches(50, 4, seed=1, epoch=3, rank=r, world_size=2) for r in range(2)]
+    flat = [sorted(i for batch in share for i in batch) for share in shares]
+    assert len(shares[0]) == len(shares[1]) == 6  # 25 per process -> 6 full batches of 4
+    assert not set(flat[0]) & set(flat[1])
+    assert epoch_batches(50, 4, 1, 3, 0, 2) == shares[0]  # same seed and epoch -> same order
+    assert epoch_batches(50, 4, 1, 4, 0, 2) != shares[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Accumulation and resume
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tiny_sd_model, cached_dataset, tmp_path):
+    accumulated = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "acc", "--batch_size", "4",
+                                               "--gradient_accum", "2", "--max_steps", "2", "--log_every", "1")))
+    big = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "big", "--batch_size", "8",
+                                       "--gradient_accum", "1", "--max_steps", "2", "--log_every", "1")))
+    assert accumulated.steps == big.steps == 2
+    for name in ("train/loss", "train/grad_norm"):  # the gradient norm is sensitive to any scale error
+        for (_, a), (_, b) in zip(_logged(accumulated, name), _logged(big, name)):
+            assert a == pytest.approx(b, rel=1e-4), name
+    # Adam divides by sqrt(v): where a gradient is near eps, float noise in it moves the update by a
+    # fraction of the learning rate (1e-3). A wrong accumulation would move most weights by ~1e-3.
+    weights_a, weights_b = _unet_weights(tmp_path / "acc"), _unet_weights(tmp_path / "big")
+    differences = torch.cat([(weights_a[name] - weights_b[name]).abs().flatten() for name in weights_a])
+    assert differences.max().item() < 5e-5
+    assert differences.mean().item() < 1e-8
+
+
+def test_a_stopped_and_resumed_run_equals_one_that_never_stopped(tiny_sd_model, cached_dataset, tmp_path):
+    # 48 pairs, batch 4, accumulation 2: 6 optimizer steps per epoch; stop at step 4 (mid-epoch 0)
+    common = ("--batch_size", "4", "--gradient_accum", "2", "--max_steps", "9", "--log_every", "1",
+              "--scheduler", "cosine", "--warmup_steps", "2", "--ema_decay", "0.9", "--use_snr")
+    straight = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "straight", *common)))
+    stopped = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "resumed", *common)),
+                    interrupt_at_step=4)
+    assert stopped.interrupted and stopped.steps == 4
+    state = torch.load(tmp_path / "resumed" / "checkpoint-00004" / "training_state.pt", weights_only=True)
+    assert state["progress"] == {"step": 4, "epoch": 0, "batch_in_epoch": 8, "skipped_samples": 0}
+    resumed = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "resumed", *common,
+                                           "--resume")))
+    assert resumed.steps == 9
+    assert _logged(stopped, "train/loss") + _logged(resumed, "train/loss") == _logged(straight, "train/loss")
+    assert (_logged(stopped, "train/learning_rate") + _logged(resumed, "train/learning_rate")
+            == _logged(straight, "train/learning_rate"))
+    for component in ("unet", "unet_ema"):
+        a = _unet_weights(tmp_path / "straight" / "checkpoint-00009", component)
+        b = _unet_weights(tmp_path / "resumed" / "checkpoint-00009", component)
+        assert all(torch.equal(a[name], b[name]) for name in a), component
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    command = [sys.executable, str(REPO / "train_from_cached.py"),
+               *_args(tiny_sd_model, cached_dataset, output, "--batch_size", "4", "--max_steps", "100000")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (output / "tensorboard").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps in
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out
+    assert "SIGTERM received" in out and "continue with --resume" in out
+    checkpoints = list(output.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "training_state.pt").exists()
+    assert not list(output.glob("*.partial"))
+
+
+def test_trigger_file_saves_a_checkpoint_after_the_current_step(tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "trigger.checkpoint").touch()
+    train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, "--batch_size", "8", "--max_steps", "3")))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-00001", "checkpoint-00003"]
+    assert not (output / "trigger.checkpoint").exists()
+
+
+def test_keep_checkpoints_prunes_the_oldest(tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, "--batch_size", "8", "--max_steps", "5",
+                                 "--save_steps", "1", "--keep_checkpoints", "2")))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-00004", "checkpoint-00005"]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tiny_sd_model, cached_dataset, tmp_path,
+                                                                          monkeypatch):
+    from cachetrain import checkpoint
+
+    real_write = checkpoint.write_model_folder
+    calls = []
+
+    def disk_full_on_second_save(destination, *args, **kwargs):
+        calls.append(destination.name)
+        real_write(destination, *args, **kwargs)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_model_folder", disk_full_on_second_save)
+    output = tmp_path / "run"
+    result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, "--batch_size", "8",
+                                          "--max_steps", "3", "--save_steps", "1")))
+    assert result.steps == 3
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-00001", "checkpoint-00003"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, optimizers, safety
+
+
+def test_stochastic_rounding_keeps_updates_that_round_to_nearest_would_lose():
+    from cachetrain.optim import stochastic_round_to_bf16_
+
+    weights = torch.ones(200_000)
+    tiny_update = 1e-3  # below bf16's resolution at 1.0 (2^-7): round-to-nearest drops it
+    assert torch.equal((weights + tiny_update).to(torch.bfloat16).float(), weights)
+    rounded = torch.empty(200_000, dtype=torch.bfloat16)
+    stochastic_round_to_bf16_(rounded, weights + tiny_update)
+    assert rounded.float().mean().item() - 1.0 == pytest.approx(tiny_update, rel=0.05)
+    assert set(rounded.float().unique().tolist()) == {1.0, 1.0078125}
+
+
+def test_own_optimizers_match_the_reference_implementations_in_fp32():
+    from lion_pytorch import Lion
+
+    from cachetrain.optim import StochasticAdamW, StochasticLion
+
+    for reference_class, own_class in ((torch.optim.AdamW, StochasticAdamW), (Lion, StochasticLion)):
+        start = torch.randn(40, 30, generator=torch.Generator().manual_seed(1))
+        reference, own = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+        reference_opt = reference_class([reference], lr=1e-2, weight_decay=0.1)
+        own_opt = own_class([own], lr=1e-2, weight_decay=0.1)
+        for step in range(4):
+            grad = torch.randn(40, 30, generator=torch.Generator().manual_seed(10 + step))
+            reference.grad, own.grad = grad.clone(), grad.clone()
+            reference_opt.step()
+            own_opt.step()
+        torch.testing.assert_close(own.data, reference.data, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_weights_train_in_bf16_and_lower_the_loss(tiny_sd_model, cached_dataset, tmp_path):
+    result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--bf16_weights",
+                                          "--batch_size", "8", "--max_steps", "24", "--log_every", "6")))
+    losses = [value for _, value in _logged(result, "train/loss")]
+    assert losses[-1] < 0.6 * losses[0], losses
+    weights = _unet_weights(tmp_path / "run")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
+def test_nan_gradients_skip_the_step_and_are_counted(tiny_sd_model, cached_dataset, tmp_path):
+    from cachetrain.sidecar import read_metadata, write_sidecar
+
+    poisoned = sorted(cached_dataset.rglob("*.img_sdvae"))[0]
+    write_sidecar(poisoned, {"latent": torch.full((4, 16, 16), float("nan"))}, read_metadata(poisoned))
+    result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
+                                          "--max_steps", "12", "--log_every", "12")))
+    skipped = _logged(result, "train/skipped_steps")
+    assert skipped == [(12, 2.0)]  # the poisoned sample is in one batch per epoch; 2 epochs
+    weights = _unet_weights(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_run_of_bad_steps_stops_with_a_clear_message(tiny_sd_model, cached_dataset, tmp_path):
+    from cachetrain.sidecar import read_metadata, write_sidecar
+
+    for path in cached_dataset.rglob("*.img_sdvae"):
+        write_sidecar(path, {"latent": torch.full((4, 16, 16), float("inf"))}, read_metadata(path))
+    with pytest.raises(TrainingError, match=r"3 optimizer steps in a row had NaN/Inf gradients"):
+        train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
+                                     "--max_steps", "20", "--log_every", "3", "--max_bad_steps", "3")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules, validation, caption dropout
+
+
+def test_learning_rate_decay_subtracts_once_per_epoch(tiny_sd_model, cached_dataset, tmp_path):
+    result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
+                                          "--max_steps", "3e", "--log_every", "1", "--learning_rate_decay", "1e-4")))
+    rates = dict(_logged(result, "train/learning_rate"))
+    assert result.steps == 18  # 6 steps per epoch
+    assert rates[6] == pytest.approx(1e-3) and rates[7] == pytest.approx(9e-4) and rates[13] == pytest.approx(8e-4)
+
+
+def test_validation_loss_uses_fixed_noise_so_equal_weights_give_equal_values(tiny_sd_model, cached_dataset, tmp_path):
+    runs = [train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / name, "--batch_size", "8",
+                                         "--max_steps", "4", "--validation_split", "0.25",
+                                         "--validation_steps", "2", "--seed", seed)))
+            for name, seed in (("a", "0"), ("b", "0"))]
+    values = [_logged(run, "val/loss") for run in runs]
+    assert [step for step, _ in values[0]] == [0, 2, 4]
+    assert values[0] == values[1]
+    assert values[0][-1][1] < values[0][0][1]  # training lowers the held-out loss
+
+
+def test_caption_dropout_swaps_in_the_data_roots_empty_prompt(cached_dataset):
+    from cachetrain.loader import CachedPairDataset, NoisePlan
+    from cachetrain.objective import draw_sample_noise, sample_key
+    from cachetrain.sidecar import read_sidecar
+    from cachetrain.tree import index_training_pairs
+
+    index, _ = index_training_pairs([cached_dataset], ".img_sdvae", ".txt_clipl")
+    empty = read_sidecar(cached_dataset / ".empty_prompt.txt_clipl", "emb")
+    dataset = CachedPairDataset(index, NoisePlan(seed=5, num_train_timesteps=1000, caption_dropout=0.5,
+                                                 empty_embeddings=[empty]))
+    dropped = 0
+    for i in range(len(dataset)):
+        _, emb, _, _, _ = dataset[i]
+        expect_drop = draw_sample_noise((4, 16, 16), 1000, 0.0, sample_key(5, 0, i))[2] < 0.5
+        own = read_sidecar(index[i][1], "emb")
+        assert torch.equal(emb, empty if expect_drop else own)
+        dropped += expect_drop
+    assert 0 < dropped < len(dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer selections
+
+
+def _names(unet, pattern: str) -> set[str]:
+    return {name for name, _ in unet.named_parameters() if re.search(pattern, name)}
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--unfreeze_attention"], r"\.attn[12]\."),
+    (["--unfreeze_up_blocks", "1"], r"^up_blocks\.1\."),
+    (["--unfreeze_down_blocks", "0", "1"], r"^down_blocks\.[01]\."),
+    (["--unfreeze_mid_block"], r"^mid_block\."),
+    (["--reinit_qk"], r"\.to_[qk]\.weight$"),
+    (["--reinit_crossattn"], r"\.attn2\."),
+])
+def test_targetted_training_trains_exactly_the_selected_parameters(tiny_sd_model, flags, pattern):
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.layers import apply_layer_selection
+    from cachetrain.trainer import _layer_selection
+
+    config = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--targetted_training", *flags])
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+    expected = _names(unet, pattern)
+    assert expected
+    trainable = apply_layer_selection(unet, _layer_selection(config), seed=0)
+    assert {name for name, p in unet.named_parameters() if p.requires_grad} == expected
+    assert len(trainable) == len(expected)
+
+
+def test_reinit_qk_changes_only_query_and_key_weights_reproducibly(tiny_sd_model):
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.layers import LayerSelection, apply_layer_selection
+
+    original = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet").state_dict()
+    results = []
+    for _ in range(2):
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+        apply_layer_selection(unet, LayerSelection(reinit_qk=True), seed=3)
+        results.append(unet.state_dict())
+    changed = {name for name in original if not torch.equal(original[name], results[0][name])}
+    assert changed == {name for name in original if re.search(r"\.attn[12]\.to_[qk]\.weight$", name)}
+    assert all(torch.equal(results[0][name], results[1][name]) for name in original)
+
+
+def test_trainable_parameter_count_is_printed_at_start(tiny_sd_model, cached_dataset, tmp_path, capsys):
+    train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
+                                 "--max_steps", "1", "--targetted_training", "--unfreeze_mid_block")))
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+    mid = sum(p.numel() for name, p in unet.named_parameters() if name.startswith("mid_block."))
+    total = sum(p.numel() for p in unet.parameters())
+    assert f"trainable parameters: {mid:,} of {total:,}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and processes
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--unfreeze_attention"], "add it"),
+    (["--targetted_training"], "needs a selection"),
+    (["--bf16_weights", "--optimizer", "adamw8"], "stochastic rounding"),
+    (["--scheduler", "cosine", "--learning_rate_decay", "0.1"], "constant only"),
+    (["--validation_split", "0.1", "--validation_dir", "v"], "not both"),
+    (["--max_steps", "ten"], "Ne for N epochs"),
+])
+def test_invalid_combinations_fail_at_start_with_the_flag_named(flags, message, tmp_path, capsys):
+    code = main(["--pretrained_model", str(tmp_path / "no-such-model"), "--train_data_dir", str(tmp_path), *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_launch_of_two_processes_seen_as_one_fails_loudly():
+    with pytest.raises(TrainingError, match="launched as 2 processes but training sees 1"):
+        check_process_count(launched_world=2, accelerator_world=1)
+    check_process_count(launched_world=2, accelerator_world=2)
+
+
+def test_two_process_cpu_training_keeps_weights_identical(tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(REPO / "train_from_cached.py"),
+               *_args(tiny_sd_model, cached_dataset, output, "--batch_size", "4", "--max_steps", "6",
+                      "--log_every", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6
+    first, second = summary["process_weight_checksums"]
+    assert first == second and math.isfinite(first)
+    assert "6 batches/epoch/process x 2 process(es)" in done.stderr  # 48 pairs / 2 processes / batch 4
