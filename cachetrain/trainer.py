@@ -180,7 +180,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     telemetry = Telemetry(output_dir / "tensorboard" if is_main else None, device)
     dataset = CachedPairDataset(index)
-    sampler = CheckpointSampler(config, device, accelerator) if is_main else None
+    sampler = CheckpointSampler(config, device, accelerator, telemetry) if is_main else None
     result = TrainResult(output_dir=output_dir, steps=progress.step)
     bar = tqdm(total=total_steps, initial=progress.step, unit="step", disable=not is_main or config.no_progress,
                dynamic_ncols=True)
@@ -278,8 +278,9 @@ def _trigger_pulled(output_dir: Path) -> bool:
 class CheckpointSampler:
     """Owns the parts that do not train: saves checkpoints around the UNet and draws samples."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, accelerator):
+    def __init__(self, config: TrainConfig, device: torch.device, accelerator, telemetry: Telemetry | None = None):
         self.config = config
+        self.telemetry = telemetry
         self.device = device
         self.frozen_dir = Path(config.output_dir) / ckpt.FROZEN_DIR_NAME
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" and not config.fp32 else None
@@ -309,6 +310,8 @@ class CheckpointSampler:
                 for module in others:  # give the memory back to training
                     module.to("cpu")
             unet.train(was_training)
+        if self.telemetry is not None:
+            self.telemetry.add_images(step, dict(zip(self.config.sample_prompt, paths)))
         return paths
 
     def save(self, unet, step: int, training_state: dict, reason: str) -> Path | None:
