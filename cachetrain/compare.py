@@ -368,8 +368,9 @@ function show(index) {
 
 function setUp() {
   document.getElementById("title").textContent = document.title;
-  document.documentElement.style.setProperty(
-    "--tile", "min(512px, calc((100vw - 320px) / " + Math.max(1, data.runs.length) + "))");
+  // as large as fits: every run side by side, and one row of them on the screen
+  document.documentElement.style.setProperty("--tile",
+    "min(512px, calc((100vw - 320px) / " + Math.max(1, data.runs.length) + "), calc(100vh - 220px))");
   if (data.mismatches.length) {
     const box = document.getElementById("mismatches");
     box.hidden = false;
