@@ -30,7 +30,7 @@ from .sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE
                       T5_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness,
                       image_source_identity, read_metadata, read_sidecar)
 from .text_cache import read_caption
-from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
+from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions, walk_files
 
 KNOWN_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
 STATUSES = ("fresh", "stale", "legacy", "orphan", "unreadable")
@@ -189,13 +189,14 @@ class FolderListing:
         return None
 
 
-def source_of(path: str, suffix: str, key: str, listing: FolderListing) -> str | None:
+def source_of(path: str, suffix: str, key: str, listing: FolderListing,
+              image_extensions: tuple[str, ...]) -> str | None:
     """The file a sidecar was made from: the image for a latent, the caption for an embedding."""
     folder, name = os.path.split(path)
     stem = name[: -len(suffix)]
     if key == TEXT_EMBEDDING_KEY:
         return listing.find(folder, [stem + CAPTION_EXTENSION])
-    return listing.find(folder, [stem + extension for extension in DEFAULT_IMAGE_EXTENSIONS])
+    return listing.find(folder, [stem + extension for extension in image_extensions])
 
 
 def source_identity(source: str, key: str) -> dict[str, str]:
@@ -216,7 +217,8 @@ def read_any_sidecar(path: str, suffix: str) -> tuple[str, torch.Tensor]:
             raise first_error from None
 
 
-def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: FolderListing) -> None:
+def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: FolderListing,
+                    image_extensions: tuple[str, ...]) -> None:
     report.count += 1
     try:
         key, tensor = read_any_sidecar(path, suffix)
@@ -228,7 +230,7 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: Folde
     if metadata:
         report.encoders[f"{metadata.get('encoder', '?')} ({metadata.get('encoder_class', '?')}, "
                         f"fingerprint {metadata.get('encoder_fingerprint', '?')})"] += 1
-    source = source_of(path, suffix, key, listing)
+    source = source_of(path, suffix, key, listing, image_extensions)
     if source is None:
         report.add_status(path, "orphan", "its source file is gone")
         return
@@ -241,9 +243,14 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: Folde
     report.add_status(path, freshness.status, freshness.reason)
 
 
-def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_progress: bool = False) -> dict:
-    """The report of every sidecar with one of ``suffixes`` under ``roots``, as a JSON-ready dict."""
+def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_progress: bool = False,
+                  image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS) -> dict:
+    """The report of every sidecar with one of ``suffixes`` under ``roots``, as a JSON-ready dict.
+
+    ``image_extensions`` are those the latents were made from (the cache builder's --extensions).
+    """
     suffixes = list(dict.fromkeys(suffixes or KNOWN_SUFFIXES))
+    image_extensions = normalize_extensions(image_extensions)
     for root in roots:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"cache folder not found: {root}")
@@ -253,7 +260,7 @@ def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_prog
     for path in tqdm(paths, unit="file", desc="inspecting", disable=not show_progress, dynamic_ncols=True):
         # the longest matching suffix, so ".img_sdvae" is not taken for a shorter one that it ends with
         suffix = max((s for s in suffixes if path.lower().endswith(s.lower())), key=len)
-        inspect_sidecar(path, suffix, reports[suffix], listing)
+        inspect_sidecar(path, suffix, reports[suffix], listing, image_extensions)
     return {"roots": list(roots),
             "suffixes": {suffix: report.as_dict() for suffix, report in reports.items() if report.count}}
 
@@ -312,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders to walk")
     parser.add_argument("--suffix", nargs="+", action="extend", default=None,
                         help=f"sidecar suffixes to take (default: {' '.join(KNOWN_SUFFIXES)})")
+    parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_IMAGE_EXTENSIONS),
+                        help="extensions of the images the latents were made from (as given to the cache builder)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for machines)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -320,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = inspect_cache(args.dirs, args.suffix, show_progress=not args.no_progress)
+        result = inspect_cache(args.dirs, args.suffix, show_progress=not args.no_progress,
+                               image_extensions=tuple(args.extensions))
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

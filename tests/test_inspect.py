@@ -149,6 +149,16 @@ def test_suffix_flag_limits_the_report_to_those_sidecars(planted_cache):
     assert result["suffixes"][".txt_clipl"]["status"]["fresh"] == 1
 
 
+def test_latents_of_images_with_other_extensions_are_orphans_unless_those_extensions_are_named(planted_cache):
+    root, _latents, _embeddings = planted_cache
+    folder = root / "a" / "b"
+    (folder / "img6.png").rename(folder / "img6.jxl")
+    default = cache_inspect.inspect_cache([str(folder)], [".img_sdvae"])["suffixes"][".img_sdvae"]["status"]
+    assert (default["fresh"], default["orphan"]) == (0, 1)
+    named = cache_inspect.inspect_cache([str(folder)], [".img_sdvae"], image_extensions=("JXL",))
+    assert (named["suffixes"][".img_sdvae"]["status"]["fresh"], named["suffixes"][".img_sdvae"]["status"]["orphan"]) == (1, 0)
+
+
 def test_the_text_report_names_the_problems(planted_cache, capsys):
     root, _latents, _embeddings = planted_cache
     assert cache_inspect.main([str(root), "--no_progress"]) == 0
