@@ -229,8 +229,9 @@ def page_data(comparison: Comparison) -> dict:
 
 
 def render_html(comparison: Comparison) -> str:
-    # "</" inside the JSON would end the script element early; "<\/" means the same to JSON
-    data = json.dumps(page_data(comparison), ensure_ascii=False).replace("</", "<\\/")
+    # "</script>" or "<!--" in a prompt would change how the page's script element is parsed; JSON
+    # allows "<" only inside strings, where the escape \u003c means the same
+    data = json.dumps(page_data(comparison), ensure_ascii=False).replace("<", "\\u003c")
     title = "Comparing " + " vs ".join(run.name for run in comparison.runs)
     return (PAGE_TEMPLATE.replace("__TITLE__", html.escape(title))
             .replace("__DATA__", data))

@@ -18,7 +18,8 @@ from pathlib import Path
 CHROMIUM = "/usr/bin/chromium"
 QUIET_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-default-apps", "--disable-extensions", "--mute-audio")
+               "--disable-default-apps", "--disable-extensions", "--mute-audio",
+               "--disable-dev-shm-usage")  # containers often have a tiny /dev/shm
 STARTUP_TIMEOUT_S = 60  # two shared cores: a cold start can take a while
 
 

@@ -13,7 +13,7 @@ from cachetrain import compare
 from cachetrain.sampling import SampleMetadata, save_sample_png
 from tests.headless_chromium import HeadlessChromium, chromium_missing_reason
 
-PROMPTS = ["a red circle on a blue background", "a yellow </script> square <b>on black</b>"]
+PROMPTS = ["a red circle on a blue background", "a yellow </script> square <!-- <b>on black</b>"]
 SAMPLE_NAMES = ["sample-00-a-red-circle-on-a-blue-background.png", "sample-01-a-yellow-script-square-b-on-black-b.png"]
 SAMPLE_SIDE = 32
 
@@ -76,7 +76,7 @@ def test_mismatched_runs_are_reported_and_the_page_still_written(two_runs, tmp_p
     assert f"unreadable image demo_b/run: checkpoint-00200/{SAMPLE_NAMES[1]}" in report
     page = out.read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 4 + 3 + 2  # every readable sample, embedded
-    assert "</script> square" not in page  # a prompt cannot end the page's script early
+    assert "</script> square" not in page and "<!-- <b>" not in page  # a prompt cannot break the page's script
 
 
 def test_a_missing_run_folder_is_an_error_that_names_it(two_runs, tmp_path, capsys):
