@@ -313,6 +313,12 @@ function cellContent(cell, runName) {
   return image;
 }
 
+function cellFacts(cell, row) {
+  if (cell.gap) return "";
+  // the same file name in two runs may hold different prompts: then say so under the image
+  return (cell.prompt && cell.prompt !== row.prompt ? "prompt: " + cell.prompt + " \u00b7 " : "") + cell.facts;
+}
+
 function renderStep() {
   const step = data.steps[current];
   const head = document.querySelector("#step-view thead");
@@ -322,7 +328,7 @@ function renderStep() {
   body.replaceChildren(...step.rows.map(row => element("tr", {}, [
     element("td", {className: "prompt", textContent: row.prompt}),
     ...row.cells.map((cell, r) => element("td", {className: "cell"}, [cellContent(cell, data.runs[r]),
-      element("div", {className: "facts", textContent: cell.gap ? "" : cell.facts})]))])));
+      element("div", {className: "facts", textContent: cellFacts(cell, row)})]))])));
   document.getElementById("step-label").textContent =
     stepName(step) + " (" + step.folder + ") \u2014 " + (current + 1) + " of " + data.steps.length;
 }

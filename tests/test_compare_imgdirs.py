@@ -66,6 +66,22 @@ def test_images_are_paired_by_their_path_relative_to_each_run(two_runs):
     assert (run, path) == ("demo_b/run", f"checkpoint-00200/{SAMPLE_NAMES[1]}") and problem
 
 
+def test_an_image_one_run_lacks_in_a_step_both_have_is_reported(two_runs):
+    run_a, _run_b = two_runs
+    (run_a / "checkpoint-00100" / SAMPLE_NAMES[0]).unlink()
+    comparison = compare.compare_runs(list(two_runs))
+    assert comparison.mismatches == [f"checkpoint-00100/{SAMPLE_NAMES[0]}: not in demo_a/run",
+                                     "checkpoint-00300: only in demo_b/run (not in demo_a/run)"]
+    assert comparison.steps[0].prompt(SAMPLE_NAMES[0]) == PROMPTS[0]  # read from the run that has it
+
+
+def test_runs_without_any_sample_image_are_an_error(tmp_path, capsys):
+    (tmp_path / "empty_a").mkdir()
+    (tmp_path / "empty_b").mkdir()
+    assert compare.main([str(tmp_path / "empty_a"), str(tmp_path / "empty_b"), "--out", str(tmp_path / "c.html")]) == 1
+    assert "no sample images" in capsys.readouterr().err
+
+
 def test_mismatched_runs_are_reported_and_the_page_still_written(two_runs, tmp_path, capsys):
     out = tmp_path / "pages" / "compare.html"
     assert compare.main([str(two_runs[0]), str(two_runs[1]), "--out", str(out)]) == 0
@@ -134,7 +150,8 @@ Promise.all([...document.querySelectorAll("#step-view img")].map(img => img.deco
       const context = canvas.getContext("2d");
       context.drawImage(img, 0, 0);
       const [r, g, b] = context.getImageData(img.naturalWidth >> 1, img.naturalHeight >> 1, 1, 1).data;
-      return {run: img.dataset.run, width: img.naturalWidth, shownWidth: img.width, rgb: [r, g, b]};
+      return {run: img.dataset.run, width: img.naturalWidth, shownWidth: img.width, rgb: [r, g, b],
+              facts: td.querySelector(".facts").textContent};
     })})))
 """
 
@@ -143,12 +160,19 @@ def test_the_page_works_in_a_real_headless_browser(two_runs, tmp_path, artifacts
     reason = chromium_missing_reason()
     if reason:
         pytest.skip(reason)
+    run_b = two_runs[1]
+    # the same file name holding another prompt in one run: the page must say so under that image
+    save_sample_png(Image.new("RGB", (SAMPLE_SIDE, SAMPLE_SIDE), colour(1, 100, 0)),
+                    run_b / "checkpoint-00100" / SAMPLE_NAMES[0],
+                    SampleMetadata(prompt="another prompt", negative_prompt="blurry", seed=1234, step=100,
+                                   sampler_steps=20, guidance_scale=7.5))
     out = tmp_path / "compare.html"
     assert compare.main([*map(str, two_runs), "--out", str(out)]) == 0
 
-    def image(run, step, row):
+    def image(run, step, row, facts_before="", facts_after=""):
         return {"run": ["demo_a/run", "demo_b/run"][run], "width": SAMPLE_SIDE, "shownWidth": pytest.approx(480, abs=1),
-                "rgb": list(colour(run, step, row))}
+                "rgb": list(colour(run, step, row)), "facts": facts_before + f"step {step} \u00b7 seed {1234 + row} "
+                f"\u00b7 20 sampler steps \u00b7 guidance 7.5" + facts_after}
 
     with HeadlessChromium(tmp_path / "profile") as browser:
         browser.open(out.as_uri())
@@ -156,7 +180,8 @@ def test_the_page_works_in_a_real_headless_browser(two_runs, tmp_path, artifacts
         assert browser.evaluate("document.getElementById('step-label').textContent") == \
             "step 100 (checkpoint-00100) \u2014 1 of 3"
         assert browser.evaluate(CELLS_OF_SHOWN_STEP) == [
-            {"prompt": PROMPTS[0], "cells": [image(0, 100, 0), image(1, 100, 0)]},
+            {"prompt": PROMPTS[0], "cells": [image(0, 100, 0), image(1, 100, 0, "prompt: another prompt \u00b7 ",
+                                                                     " \u00b7 negative: blurry")]},
             {"prompt": PROMPTS[1], "cells": [image(0, 100, 1), image(1, 100, 1)]}]
         assert "checkpoint-00300: only in demo_b/run" in browser.evaluate(
             "document.getElementById('mismatches').textContent")
