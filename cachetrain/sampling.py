@@ -3,11 +3,57 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import re
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+
+@dataclass(frozen=True)
+class SampleMetadata:
+    """How a sample image was made; stored in the PNG's text chunks, one chunk per field."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    step: int
+    sampler_steps: int
+    guidance_scale: float
+
+    def png_info(self) -> PngInfo:
+        info = PngInfo()
+        for field in dataclasses.fields(self):
+            info.add_text(field.name, str(getattr(self, field.name)))
+        return info
+
+    @classmethod
+    def from_png_text(cls, text: dict[str, str]) -> SampleMetadata:
+        """Parse the text chunks of a sample PNG; ValueError names what is missing or malformed."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in text]
+        if missing:
+            raise ValueError(f"PNG text chunks lack {', '.join(missing)}")
+        try:
+            types = typing.get_type_hints(cls)  # str, int or float: each parses its own text
+            return cls(**{f.name: types[f.name](text[f.name]) for f in fields})
+        except ValueError as error:
+            raise ValueError(f"malformed PNG text chunk ({error})") from None
+
+
+def save_sample_png(image: Image.Image, path: os.PathLike | str, metadata: SampleMetadata) -> None:
+    image.save(path, format="PNG", pnginfo=metadata.png_info())
+
+
+def read_sample_metadata(path: os.PathLike | str) -> SampleMetadata:
+    """The metadata a sample PNG carries. ValueError if it carries none (or not all of it)."""
+    with Image.open(path) as image:
+        return SampleMetadata.from_png_text(dict(getattr(image, "text", {})))
 
 
 def sample_filename(index: int, prompt: str) -> str:
@@ -29,11 +75,9 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
         with torch.no_grad(), autocast:
             image = pipeline(prompt, negative_prompt=negative_prompt or None, num_inference_steps=sampler_steps,
                              guidance_scale=guidance_scale, generator=generator).images[0]
-        info = PngInfo()
-        for key, value in (("prompt", prompt), ("negative_prompt", negative_prompt), ("seed", seed + index),
-                           ("step", step), ("sampler_steps", sampler_steps), ("guidance_scale", guidance_scale)):
-            info.add_text(key, str(value))
+        metadata = SampleMetadata(prompt=prompt, negative_prompt=negative_prompt, seed=seed + index, step=step,
+                                  sampler_steps=sampler_steps, guidance_scale=guidance_scale)
         path = out_dir / sample_filename(index, prompt)
-        image.save(path, pnginfo=info)
+        save_sample_png(image, path, metadata)
         paths.append(path)
     return paths

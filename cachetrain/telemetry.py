@@ -1,4 +1,4 @@
-"""Tensorboard scalars and the progress bar.
+"""Tensorboard scalars, sample images and the progress bar.
 
 Per-step metrics stay on the device as running sums; they are read back to the host once per
 logging interval, in one transfer, so the training step never waits for the GPU.
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 
@@ -71,6 +74,19 @@ class Telemetry:
     def add_scalar(self, name: str, value: float, step: int) -> None:
         if self.writer is not None:
             self.writer.add_scalar(name, value, step)
+
+    def add_images(self, step: int, images_by_prompt: Mapping[str, Image.Image | os.PathLike | str]) -> None:
+        """Log sample images under ``samples/<prompt>``, so tensorboard shows each prompt's series over steps."""
+        if self.writer is None:
+            return
+        for prompt, image in images_by_prompt.items():
+            if isinstance(image, Image.Image):
+                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            else:
+                with Image.open(image) as opened:
+                    pixels = np.asarray(opened.convert("RGB"), dtype=np.uint8)
+            self.writer.add_image(f"samples/{prompt}", pixels, step, dataformats="HWC")
+        self.writer.flush()  # samples are rare and worth seeing at once, not at the next periodic flush
 
     def close(self) -> None:
         if self.writer is not None:

@@ -273,7 +273,7 @@ class TrainingRun:
         progress = self._restore(Progress()) if self.resume_from is not None else Progress()
         self.progress = progress
         self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
-        self.sampler = CheckpointSampler(config, self.device) if self.is_main else None
+        self.sampler = CheckpointSampler(config, self.device, self.telemetry) if self.is_main else None
         self.result = TrainResult(output_dir=self.output_dir, steps=progress.step)
         dataset = CachedPairDataset(self.train_index, self.plan)
         bar = tqdm(total=self.total_steps, initial=progress.step, unit="step",
@@ -508,8 +508,9 @@ def train(config: TrainConfig, interrupt_at_step: int | None = None) -> TrainRes
 class CheckpointSampler:
     """Owns the parts that do not train: saves checkpoints around the UNet and draws samples."""
 
-    def __init__(self, config: TrainConfig, device: torch.device):
+    def __init__(self, config: TrainConfig, device: torch.device, telemetry: Telemetry | None = None):
         self.config = config
+        self.telemetry = telemetry
         self.device = device
         self.frozen_dir = Path(config.output_dir) / ckpt.FROZEN_DIR_NAME
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" and not config.fp32 else None
@@ -531,14 +532,17 @@ class CheckpointSampler:
         for module in others:
             module.to(self.device)
         try:
-            return draw_samples(pipeline, self.config.sample_prompt, out_dir, step=step, seed=self.config.sample_seed,
-                                sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
-                                device=self.device, autocast_dtype=self.autocast_dtype)
+            paths = draw_samples(pipeline, self.config.sample_prompt, out_dir, step=step, seed=self.config.sample_seed,
+                                 sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
+                                 device=self.device, autocast_dtype=self.autocast_dtype)
         finally:
             if self.config.cpu_offload or self.device.type == "cuda":
                 for module in others:  # give the memory back to training
                     module.to("cpu")
             unet.train(was_training)
+        if self.telemetry is not None:
+            self.telemetry.add_images(step, dict(zip(self.config.sample_prompt, paths)))
+        return paths
 
     def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
         destination = ckpt.checkpoint_dir(Path(self.config.output_dir), step)

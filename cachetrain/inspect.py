@@ -1,0 +1,342 @@
+"""What is in a cache: sidecar counts, freshness, shapes, broken values and the statistics that set scales.
+
+    python -m cachetrain.inspect DIR... [--suffix .img_sdvae ...] [--json]
+
+Freshness is judged without loading any encoder: each sidecar's recorded source identity (size and
+mtime of its image, sha256 of its caption) is compared with the source file as it is now. A sidecar
+whose source is gone is an orphan. Whether the encoder has changed cannot be judged this way, so the
+encoders that made the sidecars are listed instead.
+
+Latent statistics are per channel over every finite latent with the usual channel count; the
+suggested VAE scaling factor is 1 / (std of all those values), the rule SD's 0.18215 came from.
+
+(This module is ``cachetrain.inspect``; inside the package ``import inspect`` still means the standard
+library, because imports are absolute.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from .sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX,
+                      T5_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness,
+                      image_source_identity, read_metadata, read_sidecar)
+from .text_cache import read_caption
+from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions, walk_files
+
+KNOWN_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
+STATUSES = ("fresh", "stale", "legacy", "orphan", "unreadable")
+FILES_KEPT = 1000  # per list: counts stay exact on huge caches, the lists of file names do not grow without end
+FILES_SHOWN = 5  # per list, in the text report
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+class RunningMoments:
+    """Count, mean and sum of squared deviations per column, merged file by file in float64.
+
+    Merging per-file moments (rather than summing x and x^2) keeps the std exact even when the mean
+    is large compared with the spread.
+    """
+
+    def __init__(self, columns: int):
+        self.count = 0
+        self.mean = torch.zeros(columns, dtype=torch.float64)
+        self.squared_deviations = torch.zeros(columns, dtype=torch.float64)
+
+    def add(self, values: torch.Tensor) -> None:
+        """``values`` is [columns, n]: n new observations of each column."""
+        values = values.to(torch.float64)
+        n = values.shape[1]
+        if n == 0:
+            return
+        batch_mean = values.mean(dim=1)
+        batch_deviations = ((values - batch_mean[:, None]) ** 2).sum(dim=1)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * (n / total)
+        self.squared_deviations += batch_deviations + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def std(self) -> torch.Tensor:
+        return (self.squared_deviations / max(self.count, 1)).sqrt()
+
+    def pooled(self) -> tuple[float, float]:
+        """Mean and std of all columns taken together (each column has the same count)."""
+        mean = self.mean.mean()
+        deviations = self.squared_deviations.sum() + self.count * ((self.mean - mean) ** 2).sum()
+        return float(mean), float((deviations / max(self.count * len(self.mean), 1)).sqrt())
+
+
+@dataclass
+class SuffixReport:
+    """Everything found about the sidecars of one suffix."""
+
+    suffix: str
+    count: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    not_fresh: list[dict] = field(default_factory=list)
+    kinds: Counter = field(default_factory=Counter)
+    dtypes: Counter = field(default_factory=Counter)
+    shapes: Counter = field(default_factory=Counter)
+    files_by_shape: dict[tuple[int, ...], list[str]] = field(default_factory=dict)
+    non_finite: list[dict] = field(default_factory=list)
+    non_finite_count: int = 0
+    encoders: Counter = field(default_factory=Counter)
+    latent_moments: dict[int, RunningMoments] = field(default_factory=dict)  # by channel count
+    latent_files: Counter = field(default_factory=Counter)  # by channel count
+    token_norms: RunningMoments = field(default_factory=lambda: RunningMoments(1))
+    token_norm_min: float = float("inf")
+    token_norm_max: float = float("-inf")
+    embedding_files: int = 0
+
+    @property
+    def usual_shape(self) -> tuple[int, ...] | None:
+        return self.shapes.most_common(1)[0][0] if self.shapes else None
+
+    def add_status(self, path: str, status: str, reason: str = "") -> None:
+        self.statuses[status] += 1
+        if status != "fresh" and len(self.not_fresh) < FILES_KEPT:
+            self.not_fresh.append({"path": path, "status": status, "reason": reason})
+
+    def add_tensor(self, path: str, key: str, tensor: torch.Tensor) -> None:
+        shape = tuple(tensor.shape)
+        self.kinds["image_latent" if key == IMAGE_LATENT_KEY else "text_embedding"] += 1
+        self.dtypes[str(tensor.dtype).removeprefix("torch.")] += 1
+        self.shapes[shape] += 1
+        kept = self.files_by_shape.setdefault(shape, [])
+        if len(kept) < FILES_KEPT:
+            kept.append(path)
+        values = tensor.to(torch.float64)
+        nan, inf = int(values.isnan().sum()), int(values.isinf().sum())
+        if nan or inf:
+            self.non_finite_count += 1
+            if len(self.non_finite) < FILES_KEPT:
+                self.non_finite.append({"path": path, "nan": nan, "inf": inf})
+            return  # one NaN would turn every statistic below into NaN
+        if key == IMAGE_LATENT_KEY and values.ndim >= 1:
+            channels = values.shape[0]
+            self.latent_moments.setdefault(channels, RunningMoments(channels)).add(values.reshape(channels, -1))
+            self.latent_files[channels] += 1
+        elif key == TEXT_EMBEDDING_KEY and values.ndim >= 1 and values.numel():
+            norms = values.reshape(-1, values.shape[-1]).norm(dim=-1)
+            self.token_norms.add(norms[None, :])
+            self.token_norm_min = min(self.token_norm_min, float(norms.min()))
+            self.token_norm_max = max(self.token_norm_max, float(norms.max()))
+            self.embedding_files += 1
+
+    def as_dict(self) -> dict:
+        usual = self.usual_shape
+        report = {
+            "count": self.count,
+            "kinds": dict(self.kinds),
+            "status": {status: self.statuses[status] for status in STATUSES},
+            "not_fresh": self.not_fresh,
+            "dtypes": dict(self.dtypes.most_common()),
+            "shapes": {shape_text(shape): n for shape, n in self.shapes.most_common()},
+            "usual_shape": list(usual) if usual is not None else None,
+            "odd_shape_files": [{"path": path, "shape": list(shape)} for shape, paths in self.files_by_shape.items()
+                                if shape != usual for path in paths],
+            "non_finite_count": self.non_finite_count,
+            "non_finite_files": self.non_finite,
+            "encoders": dict(self.encoders.most_common()),
+        }
+        if self.latent_files:
+            # the statistics of the channel count most files have (an odd one would not mix with them)
+            channels = usual[0] if usual is not None and usual[0] in self.latent_moments \
+                else self.latent_files.most_common(1)[0][0]
+            moments = self.latent_moments[channels]
+            mean, std = moments.pooled()
+            report["latent"] = {"channels": channels, "files": self.latent_files[channels],
+                                "channel_mean": moments.mean.tolist(), "channel_std": moments.std().tolist(),
+                                "mean": mean, "std": std,
+                                "suggested_scaling_factor": 1.0 / std if std > 0 else None}
+        if self.embedding_files:
+            report["embedding_token_norms"] = {
+                "files": self.embedding_files, "tokens": self.token_norms.count,
+                "mean": float(self.token_norms.mean[0]), "std": float(self.token_norms.std()[0]),
+                "min": self.token_norm_min, "max": self.token_norm_max}
+        return report
+
+
+class FolderListing:
+    """Names in one folder, looked up case-insensitively; the walk visits a folder's files together."""
+
+    def __init__(self):
+        self.folder = None
+        self.names: dict[str, str] = {}
+
+    def find(self, folder: str, candidates: list[str]) -> str | None:
+        if folder != self.folder:
+            try:
+                self.names = {name.lower(): name for name in os.listdir(folder)}
+            except OSError:
+                self.names = {}
+            self.folder = folder
+        for candidate in candidates:
+            if candidate.lower() in self.names:
+                return os.path.join(folder, self.names[candidate.lower()])
+        return None
+
+
+def source_of(path: str, suffix: str, key: str, listing: FolderListing,
+              image_extensions: tuple[str, ...]) -> str | None:
+    """The file a sidecar was made from: the image for a latent, the caption for an embedding."""
+    folder, name = os.path.split(path)
+    stem = name[: -len(suffix)]
+    if key == TEXT_EMBEDDING_KEY:
+        return listing.find(folder, [stem + CAPTION_EXTENSION])
+    return listing.find(folder, [stem + extension for extension in image_extensions])
+
+
+def source_identity(source: str, key: str) -> dict[str, str]:
+    if key == TEXT_EMBEDDING_KEY:
+        return caption_source_identity(read_caption(source))
+    return image_source_identity(source)
+
+
+def read_any_sidecar(path: str, suffix: str) -> tuple[str, torch.Tensor]:
+    """(key, tensor) of a latent or text sidecar; the suffix says which to try first."""
+    keys = (TEXT_EMBEDDING_KEY, IMAGE_LATENT_KEY) if suffix.startswith(".txt") else (IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY)
+    try:
+        return keys[0], read_sidecar(path, keys[0])
+    except SidecarError as first_error:
+        try:
+            return keys[1], read_sidecar(path, keys[1])
+        except SidecarError:
+            raise first_error from None
+
+
+def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: FolderListing,
+                    image_extensions: tuple[str, ...]) -> None:
+    report.count += 1
+    try:
+        key, tensor = read_any_sidecar(path, suffix)
+        metadata = read_metadata(path)
+    except SidecarError as error:
+        report.add_status(path, "unreadable", error.reason)
+        return
+    report.add_tensor(path, key, tensor)
+    if metadata:
+        report.encoders[f"{metadata.get('encoder', '?')} ({metadata.get('encoder_class', '?')}, "
+                        f"fingerprint {metadata.get('encoder_fingerprint', '?')})"] += 1
+    source = source_of(path, suffix, key, listing, image_extensions)
+    if source is None:
+        report.add_status(path, "orphan", "its source file is gone")
+        return
+    try:
+        expected = source_identity(source, key)
+    except (OSError, ValueError) as error:  # a caption that is no longer UTF-8, a file that vanished
+        report.add_status(path, "stale", str(error))
+        return
+    freshness = check_freshness(path, expected)
+    report.add_status(path, freshness.status, freshness.reason)
+
+
+def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_progress: bool = False,
+                  image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS) -> dict:
+    """The report of every sidecar with one of ``suffixes`` under ``roots``, as a JSON-ready dict.
+
+    ``image_extensions`` are those the latents were made from (the cache builder's --extensions).
+    """
+    suffixes = list(dict.fromkeys(suffixes or KNOWN_SUFFIXES))
+    image_extensions = normalize_extensions(image_extensions)
+    for root in roots:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"cache folder not found: {root}")
+    paths = [path for root in roots for path in walk_files(root, suffixes)]
+    reports = {suffix: SuffixReport(suffix) for suffix in suffixes}
+    listing = FolderListing()
+    for path in tqdm(paths, unit="file", desc="inspecting", disable=not show_progress, dynamic_ncols=True):
+        # the longest matching suffix, so ".img_sdvae" is not taken for a shorter one that it ends with
+        suffix = max((s for s in suffixes if path.lower().endswith(s.lower())), key=len)
+        inspect_sidecar(path, suffix, reports[suffix], listing, image_extensions)
+    return {"roots": list(roots),
+            "suffixes": {suffix: report.as_dict() for suffix, report in reports.items() if report.count}}
+
+
+def _numbers(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def _listed(items: list[str], total: int) -> list[str]:
+    lines = [f"    {item}" for item in items[:FILES_SHOWN]]
+    if total > FILES_SHOWN:
+        lines.append(f"    ... and {total - FILES_SHOWN} more")
+    return lines
+
+
+def render_text(result: dict) -> str:
+    if not result["suffixes"]:
+        return "no sidecars found under " + ", ".join(result["roots"])
+    lines = []
+    for suffix, report in result["suffixes"].items():
+        kinds = ", ".join(f"{n} {kind.replace('_', ' ')}s" for kind, n in report["kinds"].items())
+        lines.append(f"{suffix}: {report['count']} sidecars" + (f" ({kinds})" if kinds else ""))
+        lines.append("  " + ", ".join(f"{status} {n}" for status, n in report["status"].items()))
+        lines += _listed([f"{f['status']}: {f['path']}: {f['reason']}" for f in report["not_fresh"]],
+                         len(report["not_fresh"]))
+        lines.append("  dtypes: " + ", ".join(f"{dtype} {n}" for dtype, n in report["dtypes"].items()))
+        lines.append("  shapes: " + ", ".join(f"{shape} {n}" for shape, n in report["shapes"].items()))
+        odd = report["odd_shape_files"]
+        if odd:
+            lines.append(f"  {len(odd)} files differ from the usual shape {shape_text(report['usual_shape'])}:")
+            lines += _listed([f"{f['path']}: {shape_text(f['shape'])}" for f in odd], len(odd))
+        if report["non_finite_count"]:
+            lines.append(f"  {report['non_finite_count']} files hold NaN/Inf (left out of the statistics):")
+            lines += _listed([f"{f['path']}: {f['nan']} NaN, {f['inf']} Inf" for f in report["non_finite_files"]],
+                             report["non_finite_count"])
+        for encoder, n in report["encoders"].items():
+            lines.append(f"  made by {encoder}: {n}")
+        latent = report.get("latent")
+        if latent:
+            lines.append(f"  latent channels over {latent['files']} files: mean {_numbers(latent['channel_mean'])}, "
+                         f"std {_numbers(latent['channel_std'])}")
+            factor = latent["suggested_scaling_factor"]
+            lines.append(f"  all values: mean {latent['mean']:.4f}, std {latent['std']:.4f} -> suggested VAE "
+                         f"scaling factor {factor:.5f}" if factor else "  all values are equal: no scaling factor")
+        norms = report.get("embedding_token_norms")
+        if norms:
+            lines.append(f"  token embedding norms over {norms['tokens']} tokens in {norms['files']} files: "
+                         f"mean {norms['mean']:.4f}, std {norms['std']:.4f}, min {norms['min']:.4f}, "
+                         f"max {norms['max']:.4f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cachetrain.inspect",
+                                     description="Report what a cache of sidecars holds, without loading encoders.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders to walk")
+    parser.add_argument("--suffix", nargs="+", action="extend", default=None,
+                        help=f"sidecar suffixes to take (default: {' '.join(KNOWN_SUFFIXES)})")
+    parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_IMAGE_EXTENSIONS),
+                        help="extensions of the images the latents were made from (as given to the cache builder)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (for machines)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = inspect_cache(args.dirs, args.suffix, show_progress=not args.no_progress,
+                               image_extensions=tuple(args.extensions))
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else render_text(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

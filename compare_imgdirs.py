@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Compare the sample images of training runs side by side in one self-contained HTML page (see --help)."""
+
+import sys
+
+from cachetrain.compare import main
+
+if __name__ == "__main__":
+    sys.exit(main())
