@@ -30,7 +30,8 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
 )
 TINY_VAE = dict(
@@ -136,15 +137,19 @@ def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], colour: tuple[
         draw.rectangle((x0, y0 + w, x1, y1 - w), fill=colour)
 
 
-def _shape_images(count: int, size: int, seed: int):
-    """Yield (PIL image, caption) pairs: a random shape and colour on a random background colour."""
+def _shape_images(count: int, size: int, seed: int, colours: tuple[str, ...] | None = None,
+                  backgrounds: tuple[str, ...] | None = None):
+    """Yield PIL images (caption in .info): a random shape and colour on a random background colour."""
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
-    colour_names = sorted(COLOURS)
+    colour_names = sorted(colours or COLOURS)
     for _ in range(count):
         shape = rng.choice(SHAPES)
-        colour, background = rng.sample(colour_names, 2)
+        if backgrounds:
+            colour, background = rng.choice(colour_names), rng.choice(sorted(backgrounds))
+        else:
+            colour, background = rng.sample(colour_names, 2)
         image = Image.new("RGB", (size, size), COLOURS[background])
         extent = rng.randint(size * 2 // 5, size * 4 // 5)
         x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
@@ -154,11 +159,17 @@ def _shape_images(count: int, size: int, seed: int):
 
 
 def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = TINY_RESOLUTION,
-                        seed: int = 0, folders: int = 4) -> list[Path]:
-    """Write ``count`` JPEG images with captions under ``root`` (spread over ``folders`` subfolders)."""
+                        seed: int = 0, folders: int = 4, colours: tuple[str, ...] | None = None,
+                        backgrounds: tuple[str, ...] | None = None) -> list[Path]:
+    """Write ``count`` JPEG images with captions under ``root`` (spread over ``folders`` subfolders).
+
+    ``colours`` limits the palette (names of COLOURS); ``backgrounds``, if given, is a separate
+    palette for the background. Disjoint palettes make the background - most of the image - follow
+    from one word of the caption, so a model learns to use its text sooner.
+    """
     root = Path(root)
     images = []
-    for i, image in enumerate(_shape_images(count, size, seed)):
+    for i, image in enumerate(_shape_images(count, size, seed, colours, backgrounds)):
         folder = root / f"part{i % folders}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img{i:05d}.jpg"

@@ -25,10 +25,11 @@ from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, epoch_batches, make_loader
 from .objective import DiffusionObjective
-from .optim import build_lr_schedule, build_optimizer, supports_device_skip
+from .optim import build_lr_schedule, build_optimizer
 from .sampling import draw_samples
 from .sidecar import TEXT_EMBEDDING_KEY, read_sidecar
-from .telemetry import Telemetry, mean_abs_grad, qk_weight_parameters
+from .step import TrainStep
+from .telemetry import Telemetry, qk_weight_parameters
 from .text_cache import empty_prompt_path
 from .tree import PairIndex, index_training_pairs
 
@@ -231,16 +232,15 @@ class TrainingRun:
                                              config.min_learning_rate)
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         self.bare_unet = accelerator.unwrap_model(self.unet)
-        self.forward_unet = torch.compile(self.unet) if config.compile else self.unet
+        self.step = TrainStep(accelerator, self.unet, self.optimizer, self.objective, self.trainable,
+                              qk_weight_parameters(self.bare_unet), vae_scale=self.vae_scale,
+                              text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
+                              channels_last=config.channels_last, compile_unet=config.compile)
         self.ema = None
         if config.ema_decay:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.trainable, decay=config.ema_decay, foreach=True)
-        self.qk_params = qk_weight_parameters(self.bare_unet)
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        self.inner_optimizer = inner
-        self.device_skip = supports_device_skip(inner)
         if self.is_main:
             total = sum(p.numel() for p in self.bare_unet.parameters())
             print(f"[train] {len(self.train_index)} training pairs"
@@ -297,15 +297,11 @@ class TrainingRun:
                         continue
                     progress.skipped_samples += batch.skipped
                     with accelerator.accumulate(self.unet):
-                        loss, raw_loss = self._micro_step(batch)
+                        loss, raw_loss = self.step.forward_backward(batch)
                         if accelerator.sync_gradients:
-                            grad_norm = self._grad_norm()
-                            found_inf = (~torch.isfinite(grad_norm)).float()
-                            self._arm_skip(found_inf)
                             logging_now = (progress.step + 1) % config.log_every == 0
-                            qk_grads = mean_abs_grad(self.qk_params) if logging_now else None
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                            check = self.step.prepare_update(want_qk_grads=logging_now)
+                        self.step.update()
                     self.telemetry.add_micro_step(loss, raw_loss, batch.latents.shape[0] * self.world)
                     if not accelerator.sync_gradients:
                         continue
@@ -314,13 +310,13 @@ class TrainingRun:
                         self.ema.step(self.trainable)
                     progress.step += 1
                     bar.update(1)
-                    bad_in_a_row = (bad_in_a_row + 1) * found_inf
-                    bad_total += found_inf
-                    grad_norm_sum += torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
+                    bad_in_a_row = (bad_in_a_row + 1) * check.found_inf
+                    bad_total += check.found_inf
+                    grad_norm_sum += torch.nan_to_num(check.grad_norm, nan=0.0, posinf=0.0)
                     steps_in_window += 1
                     if logging_now:
                         values = self.telemetry.flush(progress.step, self.lr_schedule.get_last_lr()[0], {
-                            "train/qk_grads_av": qk_grads,
+                            "train/qk_grads_av": check.qk_grads,
                             "train/grad_norm": grad_norm_sum / max(steps_in_window, 1),
                             "train/skipped_steps": bad_total,
                             "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / len(batches)),
@@ -354,36 +350,6 @@ class TrainingRun:
                 self._save("final")
         self._finish(bar)
         return self.result
-
-    def _micro_step(self, batch):
-        """Forward + backward of one micro-batch; returns the (weighted, raw) loss as device scalars."""
-        device, dtype = self.device, self.bare_unet.dtype
-        latents = batch.latents.to(device, non_blocking=True).float() * self.vae_scale
-        context = (batch.embeddings.to(device, non_blocking=True).float() * self.config.text_scaling_factor).to(dtype)
-        noise = batch.noise.to(device, non_blocking=True)
-        timesteps = batch.timesteps.to(device, non_blocking=True)
-        noisy = self.objective.add_noise(latents, noise, timesteps).to(dtype)
-        if self.config.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        with self.accelerator.autocast():
-            prediction = self.forward_unet(noisy, timesteps, context).sample
-        loss, raw_loss = self.objective.losses(prediction, self.objective.target(latents, noise, timesteps), timesteps)
-        self.accelerator.backward(loss)
-        return loss, raw_loss
-
-    def _grad_norm(self) -> torch.Tensor:
-        """The total gradient norm (clipped to --gradient_clip when > 0), as a device scalar."""
-        if self.config.gradient_clip > 0:
-            return self.accelerator.clip_grad_norm_(self.trainable, self.config.gradient_clip).float()
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
-
-    def _arm_skip(self, found_inf: torch.Tensor) -> None:
-        """Make the coming optimizer step a no-op when gradients are not finite."""
-        if self.device_skip:
-            self.inner_optimizer.found_inf = found_inf
-        elif found_inf.item():  # optimizers without a device-side skip: one host sync per step
-            self.optimizer.zero_grad(set_to_none=True)
 
     def _after_step(self, stop: StopSignal) -> None:
         config, step = self.config, self.progress.step

@@ -1,0 +1,81 @@
+"""One training step's device work, shared by the trainer and the GPU benchmark.
+
+A step is ``gradient_accum`` calls of ``forward_backward`` inside ``accelerator.accumulate``, then,
+on the micro-step where accelerate syncs gradients, ``prepare_update`` (norm, clip, NaN/Inf check)
+and every micro-step ``update`` (accelerate's optimizer wrapper only steps when gradients synced).
+Nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .loader import Batch
+from .objective import DiffusionObjective
+from .optim import supports_device_skip
+from .telemetry import mean_abs_grad
+
+
+@dataclass
+class UpdateCheck:
+    grad_norm: torch.Tensor  # total gradient norm before clipping (device scalar)
+    found_inf: torch.Tensor  # 1.0 when the gradients hold NaN/Inf and the update is skipped
+    qk_grads: torch.Tensor | None  # mean |grad| of attention q/k weights, when asked for
+
+
+class TrainStep:
+    def __init__(self, accelerator, unet, optimizer, objective: DiffusionObjective, trainable: list,
+                 qk_params: list, *, vae_scale: float, text_scale: float = 1.0, gradient_clip: float = 0.0,
+                 channels_last: bool = False, compile_unet: bool = False):
+        self.accelerator = accelerator
+        self.unet = unet  # as prepared by accelerate (DDP-wrapped when distributed)
+        self.forward_unet = torch.compile(unet) if compile_unet else unet
+        self.optimizer = optimizer
+        self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.device_skip = supports_device_skip(self.inner_optimizer)
+        self.objective = objective
+        self.trainable = trainable
+        self.qk_params = qk_params
+        self.vae_scale = vae_scale
+        self.text_scale = text_scale
+        self.gradient_clip = gradient_clip
+        self.channels_last = channels_last
+        self.dtype = accelerator.unwrap_model(unet).dtype
+
+    def forward_backward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward of one micro-batch; returns the (weighted, raw) loss as device scalars."""
+        device = self.accelerator.device
+        latents = batch.latents.to(device, non_blocking=True).float() * self.vae_scale
+        context = (batch.embeddings.to(device, non_blocking=True).float() * self.text_scale).to(self.dtype)
+        noise = batch.noise.to(device, non_blocking=True)
+        timesteps = batch.timesteps.to(device, non_blocking=True)
+        noisy = self.objective.add_noise(latents, noise, timesteps).to(self.dtype)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with self.accelerator.autocast():
+            prediction = self.forward_unet(noisy, timesteps, context).sample
+        loss, raw_loss = self.objective.losses(prediction, self.objective.target(latents, noise, timesteps), timesteps)
+        self.accelerator.backward(loss)
+        return loss, raw_loss
+
+    def prepare_update(self, want_qk_grads: bool) -> UpdateCheck:
+        """At the synced micro-step: gradient norm (clipped when --gradient_clip > 0) and the NaN/Inf skip."""
+        qk_grads = mean_abs_grad(self.qk_params) if want_qk_grads else None
+        if self.gradient_clip > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.gradient_clip).float()
+        else:
+            grads = [p.grad for p in self.trainable if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
+        found_inf = (~torch.isfinite(grad_norm)).float()
+        if self.device_skip:
+            self.inner_optimizer.found_inf = found_inf
+        elif found_inf.item():  # an optimizer without a device-side skip: one host sync per step
+            for p in self.trainable:
+                p.grad = None
+        return UpdateCheck(grad_norm, found_inf, qk_grads)
+
+    def update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
