@@ -201,7 +201,7 @@ def train(config: TrainConfig) -> TrainResult:
         while progress.step < total_steps and not stop.requested:
             batches = epoch_batches(len(index), config.batch_size, config.seed, progress.epoch, rank, world)
             loader = make_loader(dataset, batches[progress.batch_in_epoch:], config.num_workers,
-                                 pin_memory=device.type == "cuda")
+                                 pin_memory=device.type == "cuda", token_length=config.force_toklen)
             for batch in loader:
                 progress.batch_in_epoch += 1
                 if batch is None:
@@ -212,8 +212,11 @@ def train(config: TrainConfig) -> TrainResult:
                     context = batch.embeddings.to(device, non_blocking=True).float() * config.text_scaling_factor
                     noise, timesteps = objective.draw_noise_and_timesteps(latents, noise_generator)
                     noisy = objective.add_noise(latents, noise, timesteps)
+                    mask = batch.attention_mask  # None unless some captions were padded (T5)
+                    if mask is not None:
+                        mask = mask.to(device, non_blocking=True)
                     with accelerator.autocast():
-                        prediction = unet(noisy, timesteps, context).sample
+                        prediction = unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
                     loss, raw_loss = objective.losses(prediction, objective.target(latents, noise, timesteps),
                                                       timesteps)
                     accelerator.backward(loss)
