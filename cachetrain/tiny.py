@@ -47,7 +47,6 @@ SD15_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon",
 )
-SD15_DDIM_SCHEDULER = {k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"}
 # The T5 variant: its own VAE config (SDXL's scaling factor and fp16 upcast) and a cross-attention
 # width of 24, unlike the SD1.5 tiny model's 32, so mixing parts of the two is caught by the shape checks.
 TINY_T5_ENCODER = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
@@ -156,6 +155,7 @@ def build_tiny_t5(folder: os.PathLike | str, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
 
+    from .assemble import SD15_DDIM_SCHEDULE
     from .t5 import StableDiffusionT5Pipeline, T5Projection
 
     folder = Path(folder)
@@ -168,7 +168,7 @@ def build_tiny_t5(folder: os.PathLike | str, seed: int = 0) -> Path:
     pipeline = StableDiffusionT5Pipeline(
         vae=AutoencoderKL(**TINY_SDXL_VAE), text_encoder=text_encoder, tokenizer=tokenizer,
         t5_projection=T5Projection.initialised(TINY_T5_ENCODER["d_model"], TINY_T5_PROJECTION_DIM, seed=seed),
-        unet=UNet2DConditionModel(**TINY_T5_UNET), scheduler=DDIMScheduler(**SD15_DDIM_SCHEDULER),
+        unet=UNet2DConditionModel(**TINY_T5_UNET), scheduler=DDIMScheduler(**SD15_DDIM_SCHEDULE),
     )
     pipeline.save_pretrained(folder)
     shutil.rmtree(tokenizer_folder)
