@@ -91,6 +91,21 @@ def _read_t5_config(model: str, subfolder: str | None) -> dict:
     return config.to_dict()
 
 
+def _load_t5_tokenizer(t5_part: Part, subfolder: str | None):
+    from transformers import AutoTokenizer
+
+    from .t5 import check_tokenizer_vocabulary
+
+    place = f"{t5_part.model}/{subfolder}" if subfolder else t5_part.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(t5_part.model, **({"subfolder": subfolder} if subfolder else {}))
+        check_tokenizer_vocabulary(tokenizer, place)
+    except (OSError, ValueError, TypeError) as error:
+        raise AssemblyError(f"no usable T5 tokenizer beside the encoder ({t5_part.where}): {place}: "
+                            f"{str(error).splitlines()[0]}") from None
+    return tokenizer
+
+
 def _single_width(value) -> int:
     """cross_attention_dim may be given per block; the T5 projection feeds one width to all."""
     if isinstance(value, (list, tuple)):
@@ -107,7 +122,7 @@ class AssemblyPlan:
     unet: Part
     vae: Part
     t5: Part
-    tokenizer_subfolder: str | None
+    tokenizer: object  # loaded while planning: it is small, and a missing one is caught before any weights load
     projection: Part | None  # None: a new projection
     scheduler: Part | None  # None: SD1.5's DDIM schedule
     projection_in: int
@@ -124,7 +139,7 @@ def plan_assembly(unet: str, vae: str, t5: str, projection: str | None = None,
     unet_part = _find_part("SD1.5 UNet", unet, ("unet", None), _diffusers_config(UNet2DConditionModel))
     vae_part = _find_part("VAE", vae, ("vae", None), _diffusers_config(AutoencoderKL))
     t5_part = _find_part("T5 encoder", t5, tuple(enc for enc, _ in T5_LOCATIONS), _read_t5_config)
-    tokenizer_subfolder = dict(T5_LOCATIONS)[t5_part.subfolder]
+    tokenizer = _load_t5_tokenizer(t5_part, dict(T5_LOCATIONS)[t5_part.subfolder])
     projection_part = None
     if projection:
         projection_part = _find_part("T5 projection", projection, (PROJECTION_SUBFOLDER, None),
@@ -169,7 +184,7 @@ def plan_assembly(unet: str, vae: str, t5: str, projection: str | None = None,
         projection_in, projection_out = t5_width, cross_width or 0
     if problems:
         raise AssemblyError("the parts do not fit together:\n  - " + "\n  - ".join(problems))
-    return AssemblyPlan(unet_part, vae_part, t5_part, tokenizer_subfolder, projection_part, scheduler_part,
+    return AssemblyPlan(unet_part, vae_part, t5_part, tokenizer, projection_part, scheduler_part,
                         projection_in, projection_out)
 
 
@@ -178,15 +193,13 @@ def build_pipeline(plan: AssemblyPlan, dtype: torch.dtype = torch.float32, proje
     """Load the planned parts and put them into a StableDiffusionT5Pipeline."""
     import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import T5EncoderModel
 
     from .t5 import StableDiffusionT5Pipeline, T5Projection
 
     unet = UNet2DConditionModel.from_pretrained(plan.unet.model, torch_dtype=dtype, **plan.unet.kwargs())
     vae = AutoencoderKL.from_pretrained(plan.vae.model, torch_dtype=dtype, **plan.vae.kwargs())
     text_encoder = T5EncoderModel.from_pretrained(plan.t5.model, dtype=dtype, **plan.t5.kwargs())
-    tokenizer = AutoTokenizer.from_pretrained(plan.t5.model, **({"subfolder": plan.tokenizer_subfolder}
-                                                                if plan.tokenizer_subfolder else {}))
     if plan.projection is not None:
         projection = T5Projection.from_pretrained(plan.projection.model, torch_dtype=dtype, **plan.projection.kwargs())
     else:
@@ -197,7 +210,7 @@ def build_pipeline(plan: AssemblyPlan, dtype: torch.dtype = torch.float32, proje
         scheduler = scheduler_class.from_pretrained(plan.scheduler.model, **plan.scheduler.kwargs())
     else:
         scheduler = DDIMScheduler(**SD15_DDIM_SCHEDULE)
-    return StableDiffusionT5Pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    return StableDiffusionT5Pipeline(vae=vae, text_encoder=text_encoder, tokenizer=plan.tokenizer,
                                      t5_projection=projection, unet=unet, scheduler=scheduler)
 
 

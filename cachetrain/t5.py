@@ -179,6 +179,15 @@ def _load_part(cls, model: str, subfolder: str, **kwargs):
     return cls.from_pretrained(model, subfolder=subfolder, **kwargs)
 
 
+def check_tokenizer_vocabulary(tokenizer, where: str) -> None:
+    """Raise if ``tokenizer`` maps ordinary words to <unk>: what a T5 tokenizer built without its
+    vocabulary file does, silently (e.g. AutoTokenizer on a folder holding only the encoder)."""
+    ids = tokenizer("a photo of a cat on a table", add_special_tokens=False).input_ids
+    if not ids or all(i == tokenizer.unk_token_id for i in ids if i != tokenizer.convert_tokens_to_ids("▁")):
+        raise ValueError(f"the tokenizer of {where} maps every word to <unk>: its vocabulary "
+                         "(spiece.model or tokenizer.json) is missing")
+
+
 def load_t5_text_parts(model: str, dtype: torch.dtype = torch.float32):
     """(tokenizer, text encoder, projection) of a T5 pipeline folder or hub id; nothing else is loaded."""
     from transformers import AutoTokenizer, T5EncoderModel
@@ -189,6 +198,7 @@ def load_t5_text_parts(model: str, dtype: torch.dtype = torch.float32):
             raise FileNotFoundError(f"{model} is not a T5 pipeline folder: no {', '.join(missing)} subfolder "
                                     "(build one with assemble_t5_pipeline.py)")
     tokenizer = _load_part(AutoTokenizer, model, "tokenizer")
+    check_tokenizer_vocabulary(tokenizer, f"{model}/tokenizer")
     text_encoder = _load_part(T5EncoderModel, model, "text_encoder", dtype=dtype)
     projection = _load_part(T5Projection, model, PROJECTION_SUBFOLDER, torch_dtype=dtype)
     return tokenizer, text_encoder, projection
