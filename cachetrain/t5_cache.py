@@ -22,7 +22,7 @@ from .cache_build import CacheSummary, EncodedItem
 from .sidecar import TEXT_EMBEDDING_KEY, T5_SUFFIX, caption_source_identity
 from .t5 import load_t5_text_parts
 from .text_cache import TextEmbeddingBuilder, build_parser, read_caption, run_text_cache
-from .text_encoding import encode_t5_prompts, t5_overlong
+from .text_encoding import encode_t5_prompts, pad_text_embeddings, t5_overlong
 
 # Captions are sorted by token length within windows of this many batches: batches of similar
 # length waste little compute on padding, and a window keeps memory flat on huge datasets.
@@ -86,16 +86,17 @@ class T5EmbeddingBuilder(TextEmbeddingBuilder):
 
     def _encode_batch(self, batch: list[tuple[str, str]], summary: CacheSummary) -> Iterator[EncodedItem]:
         embeddings = self.embed([caption for _, caption in batch])
-        # one host sync per batch: which captions came out finite
-        finite = torch.stack([torch.isfinite(emb).all() for emb in embeddings]).cpu().tolist()
-        for (source, caption), emb, ok in zip(batch, embeddings, finite):
+        lengths = [emb.shape[0] for emb in embeddings]
+        # one transfer to the host per batch (the zero padding is finite and sliced off again)
+        padded = pad_text_embeddings(embeddings)[0].to(self.save_dtype).cpu()
+        finite = torch.isfinite(padded).flatten(1).all(dim=1).tolist()
+        for (source, caption), emb, length, ok in zip(batch, padded, lengths, finite):
             if not ok:
                 summary.fail(source, "the text encoder produced NaN/Inf for this caption; nothing written")
                 continue
             metadata = {**self.settings_metadata(), **caption_source_identity(caption),
                         "encoder": self.model_name, "dtype": models.dtype_name(self.save_dtype)}
-            yield EncodedItem(source, {TEXT_EMBEDDING_KEY: emb.to(self.save_dtype).cpu().clone()}, metadata)
-
+            yield EncodedItem(source, {TEXT_EMBEDDING_KEY: emb[:length].clone()}, metadata)
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(None, T5_SUFFIX, "Cache T5 + projection embeddings of the captions beside "
