@@ -123,10 +123,14 @@ def build_tiny_sd(folder: os.PathLike | str, seed: int = 0) -> Path:
     return folder
 
 
+def shape_caption(shape: str, colour: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
 def shape_captions() -> list[str]:
     """Every caption make_shapes_dataset can write (the tiny T5 tokenizer is trained on them)."""
     colours = sorted(COLOURS)
-    return [f"a {colour} {shape} on a {background} background"
+    return [shape_caption(shape, colour, background)
             for shape in SHAPES for colour in colours for background in colours if background != colour]
 
 
@@ -209,7 +213,7 @@ def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = T
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img{i:05d}.jpg"
         image.save(path, quality=95)
-        path.with_suffix(".txt").write_text(f"a {colour} {shape} on a {background} background\n", encoding="utf-8")
+        path.with_suffix(".txt").write_text(shape_caption(shape, colour, background) + "\n", encoding="utf-8")
         images.append(path)
     return images
 
