@@ -80,3 +80,23 @@ def test_t5_checkpoints_are_t5_pipeline_folders_that_load_and_draw(t5_run):
     assert np.asarray(image).std() > 0  # an image, not a blank
     final = StableDiffusionT5Pipeline.from_pretrained(t5_run)  # the final model at the top of output_dir
     assert all(torch.equal(a, b) for a, b in zip(final.unet.state_dict().values(), pipe.unet.state_dict().values()))
+
+
+def _first_losses(model: Path, data: Path, output: Path, *extra: str) -> list[float]:
+    from cachetrain.config import parse_train_args
+    from cachetrain.trainer import train
+
+    config = parse_train_args(["--pretrained_model", str(model), "--train_data_dir", str(data),
+                               "--imgcache_suffix", sidecar.SDXL_VAE_SUFFIX, "--txtcache_suffix", sidecar.T5_SUFFIX,
+                               "--output_dir", str(output), "--batch_size", "8", "--max_steps", "2", "--save_steps",
+                               "0", "--learning_rate", "1e-3", "--log_every", "1", "--num_workers", "0",
+                               "--no_progress", *extra])
+    return [entry["train/loss"] for entry in train(config).logged]
+
+
+def test_the_trainer_masks_padding_so_padding_more_does_not_change_the_loss(tiny_t5_model, t5_cached_template,
+                                                                             tmp_path):
+    padded_per_batch = _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "a")
+    padded_to_60 = _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "b", "--force_toklen", "60")
+    assert len(padded_per_batch) == 2
+    assert padded_to_60 == pytest.approx(padded_per_batch, rel=1e-4)
