@@ -57,6 +57,10 @@ class T5EmbeddingBuilder(TextEmbeddingBuilder):
     def embed(self, prompts: list[str]) -> list[torch.Tensor]:
         return encode_t5_prompts(self.tokenizer, self.text_encoder, self.projection, prompts, self.max_length)
 
+    def overlong(self, prompts: list[str]) -> list[bool]:
+        """Which prompts lose tokens to --max_length."""
+        return t5_overlong(self.tokenizer, prompts, self.max_length)
+
     def _token_lengths(self, captions: list[str]) -> list[int]:
         ids = self.tokenizer(captions, truncation=True, max_length=self.max_length).input_ids
         return [len(x) for x in ids]
@@ -73,7 +77,7 @@ class T5EmbeddingBuilder(TextEmbeddingBuilder):
             if not readable:
                 continue
             captions = [caption for _, caption in readable]
-            for caption, overlong in zip(captions, t5_overlong(self.tokenizer, captions, self.max_length)):
+            for caption, overlong in zip(captions, self.overlong(captions)):
                 if overlong:
                     summary.count("note:truncated")
                 if not caption:
