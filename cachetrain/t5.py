@@ -188,8 +188,37 @@ def check_tokenizer_vocabulary(tokenizer, where: str) -> None:
                          "(spiece.model or tokenizer.json) is missing")
 
 
-def load_t5_text_parts(model: str, dtype: torch.dtype = torch.float32):
-    """(tokenizer, text encoder, projection) of a T5 pipeline folder or hub id; nothing else is loaded."""
+def projection_class(model: str, trust_remote_code: bool = False) -> type:
+    """The class that loads ``model``'s t5_projection/: T5Projection, or the folder's own code.
+
+    A folder published with its own code names, in model_index.json, a module file beside the
+    projection's weights. That code runs only when the caller trusts the folder (``--custom``).
+    """
+    try:
+        index = DiffusionPipeline.load_config(model)
+    except (OSError, ValueError):  # no model_index.json: the parts alone, ours by default
+        return T5Projection
+    library, class_name = index.get(PROJECTION_SUBFOLDER, (__name__, T5Projection.__name__))[:2]
+    if library in (__name__, "cachetrain") and class_name == T5Projection.__name__:
+        return T5Projection
+    code = os.path.join(model, PROJECTION_SUBFOLDER, f"{library}.py")
+    if not os.path.isfile(code):
+        raise ValueError(f"{model}: its {PROJECTION_SUBFOLDER} is a {library}.{class_name}, which cachetrain "
+                         "does not know and the folder carries no code for")
+    if not trust_remote_code:
+        raise ValueError(f"{model} carries its own code for {PROJECTION_SUBFOLDER} ({PROJECTION_SUBFOLDER}/"
+                         f"{library}.py); run it only if you trust the folder, with --custom {model}")
+    from diffusers.utils.dynamic_modules_utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module(os.path.join(model, PROJECTION_SUBFOLDER), module_file=f"{library}.py",
+                                         class_name=class_name, trust_remote_code=True)
+
+
+def load_t5_text_parts(model: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """(tokenizer, text encoder, projection) of a T5 pipeline folder or hub id; nothing else is loaded.
+
+    ``trust_remote_code``: the folder may carry its own projection code, and it is run.
+    """
     from transformers import AutoTokenizer, T5EncoderModel
 
     if os.path.isdir(model):
@@ -200,7 +229,8 @@ def load_t5_text_parts(model: str, dtype: torch.dtype = torch.float32):
     tokenizer = _load_part(AutoTokenizer, model, "tokenizer")
     check_tokenizer_vocabulary(tokenizer, f"{model}/tokenizer")
     text_encoder = _load_part(T5EncoderModel, model, "text_encoder", dtype=dtype)
-    projection = _load_part(T5Projection, model, PROJECTION_SUBFOLDER, torch_dtype=dtype)
+    projection = _load_part(projection_class(model, trust_remote_code), model, PROJECTION_SUBFOLDER,
+                            torch_dtype=dtype)
     return tokenizer, text_encoder, projection
 
 

@@ -105,10 +105,14 @@ class T5EmbeddingBuilder(TextEmbeddingBuilder):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(None, T5_SUFFIX, "Cache T5 + projection embeddings of the captions beside "
                           "each image (only the tokenizer, text encoder and projection are loaded).")
+    parser.add_argument("--custom", default=None, metavar="FOLDER",
+                        help="take the text parts from this pipeline folder and run the projection code it "
+                             "carries (only for folders you trust); overrides --model")
     parser.add_argument("--max_length", type=int, default=None,
                         help="tokens kept per caption, end token included (default: the tokenizer's limit)")
     args = parser.parse_args(argv)
-    if not args.model:
+    model = args.custom or args.model
+    if not model:
         parser.error("--model is required: a T5 pipeline folder or hub id (see assemble_t5_pipeline.py)")
     if args.max_length is not None and args.max_length < 2:
         parser.error("--max_length must be >= 2 (one word and the end token)")
@@ -116,11 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     # bf16 on CUDA: T5 overflows in fp16; fp32 on CPU, where bf16 has no fast kernels
     dtype = models.parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        tokenizer, text_encoder, projection = load_t5_text_parts(args.model, dtype)
+        tokenizer, text_encoder, projection = load_t5_text_parts(model, dtype, trust_remote_code=bool(args.custom))
     except (OSError, ValueError) as error:
-        print(f"error: could not load the T5 parts of {args.model}: {error}", file=sys.stderr)
+        print(f"error: could not load the T5 parts of {model}: {error}", file=sys.stderr)
         return 2
-    builder = T5EmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder, model_name=models.model_name(args.model),
+    builder = T5EmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder, model_name=models.model_name(model),
                                  device=device, dtype=dtype, save_dtype=models.parse_dtype(args.save_dtype),
                                  batch_size=args.batch_size, projection=projection, max_length=args.max_length or 0)
     return run_text_cache(builder, args)

@@ -58,7 +58,8 @@ def encode_t5_prompts(tokenizer, text_encoder, projection, prompts: list[str], m
     device = text_encoder.device
     with torch.no_grad():
         hidden = text_encoder(ids.to(device), attention_mask=mask.to(device))[0]
-        projected = projection(hidden.to(device=projection.device, dtype=projection.dtype))
+        weight = next(projection.parameters())  # any projection module, ours or a folder's own code
+        projected = projection(hidden.to(device=weight.device, dtype=weight.dtype))
     lengths = mask.sum(dim=1).tolist()
     return [tokens[:length] for tokens, length in zip(projected, lengths)]
 

@@ -192,3 +192,59 @@ def test_force_toklen_must_be_positive():
     assert parse_train_args(base).force_toklen is None
     with pytest.raises(ConfigError, match="--force_toklen"):
         parse_train_args(base + ["--force_toklen", "0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder published with its own projection code
+
+DOUBLING_PROJECTION_CODE = '''
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+
+class DoublingProjection(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, in_dim: int = 16, out_dim: int = 24):
+        super().__init__()
+        self.proj = torch.nn.Linear(in_dim, out_dim)
+
+    def forward(self, states):
+        return 2 * self.proj(states)
+'''
+
+
+@pytest.fixture
+def custom_code_folder(tiny_t5_model, tmp_path):
+    """The tiny T5 model with its projection replaced by the folder's own code (same weights, output x2)."""
+    import json
+
+    from cachetrain.t5 import T5Projection
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_t5_model, folder)
+    shutil.rmtree(folder / "t5_projection")
+    namespace: dict = {}
+    exec(DOUBLING_PROJECTION_CODE, namespace)
+    doubling = namespace["DoublingProjection"](16, 24)
+    doubling.proj.load_state_dict(T5Projection.from_pretrained(tiny_t5_model, subfolder="t5_projection").linear.state_dict())
+    doubling.save_pretrained(folder / "t5_projection")
+    (folder / "t5_projection" / "doubling.py").write_text(DOUBLING_PROJECTION_CODE, encoding="utf-8")
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    index["t5_projection"] = ["doubling", "DoublingProjection"]
+    (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    return folder
+
+
+def test_a_folders_own_projection_code_runs_only_with_custom(custom_code_folder, t5_cached_template, tmp_path,
+                                                             capsys):
+    from cachetrain.t5_cache import main
+
+    root = tmp_path / "data"
+    shutil.copytree(t5_cached_template, root)
+    assert main(cache_args(custom_code_folder, root, "--overwrite")) == 2
+    assert "carries its own code for t5_projection (t5_projection/doubling.py)" in capsys.readouterr().err
+    assert main(cache_args(custom_code_folder, root, "--overwrite")[2:] + ["--custom", str(custom_code_folder)]) == 0
+    caption = captions_of(root)[0]
+    torch.testing.assert_close(sidecar.read_sidecar(text_sidecar(caption), "emb"),
+                               2 * sidecar.read_sidecar(text_sidecar(t5_cached_template / caption.relative_to(root)), "emb"))
