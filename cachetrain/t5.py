@@ -20,8 +20,10 @@ load such a folder offline.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
+import shutil
 
 import torch
 from diffusers import DiffusionPipeline
@@ -34,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .text_encoding import encode_t5_prompts, pad_text_embeddings
 
 PROJECTION_SUBFOLDER = "t5_projection"
+DYNAMIC_MODULES_PREFIX = "diffusers_modules."  # where diffusers imports code that a folder carries
 TEXT_PART_SUBFOLDERS = ("tokenizer", "text_encoder", PROJECTION_SUBFOLDER)
 
 
@@ -81,6 +84,28 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
                               unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as diffusers does, then put back the code of components that came with their folder.
+
+        A component loaded from code its folder carried (trusted with --is_custom / --custom) would
+        otherwise be saved under the name of a module that exists only in this process: the code file
+        goes back beside its weights and model_index.json names it, so the copy loads as the original did.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        carried = {name: type(component) for name, component in self.components.items()
+                   if type(component).__module__.startswith(DYNAMIC_MODULES_PREFIX)}
+        if not carried:
+            return
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        for name, cls in carried.items():
+            source = inspect.getsourcefile(cls)
+            shutil.copy2(source, os.path.join(save_directory, name, os.path.basename(source)))
+            index[name] = [os.path.splitext(os.path.basename(source))[0], cls.__name__]
+        with open(index_path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     @property
     def default_max_length(self) -> int:

@@ -248,3 +248,17 @@ def test_a_folders_own_projection_code_runs_only_with_custom(custom_code_folder,
     caption = captions_of(root)[0]
     torch.testing.assert_close(sidecar.read_sidecar(text_sidecar(caption), "emb"),
                                2 * sidecar.read_sidecar(text_sidecar(t5_cached_template / caption.relative_to(root)), "emb"))
+
+
+def test_a_trusted_folders_projection_code_survives_a_save_and_reload(custom_code_folder, tmp_path):
+    from cachetrain.t5 import StableDiffusionT5Pipeline
+
+    original = StableDiffusionT5Pipeline.from_pretrained(custom_code_folder, trust_remote_code=True)
+    assert type(original.t5_projection).__name__ == "DoublingProjection"
+    original.save_pretrained(tmp_path / "saved")  # what every checkpoint of such a folder goes through
+    assert (tmp_path / "saved" / "t5_projection" / "doubling.py").is_file()
+    reloaded = StableDiffusionT5Pipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert type(reloaded.t5_projection).__name__ == "DoublingProjection"
+    prompt = "a red circle on a blue background"
+    torch.testing.assert_close(reloaded.encode_prompt(prompt, device="cpu")[0],
+                               original.encode_prompt(prompt, device="cpu")[0])
