@@ -215,7 +215,7 @@ def build_pipeline(plan: AssemblyPlan, dtype: torch.dtype = torch.float32, proje
 
 
 def describe(plan: AssemblyPlan) -> str:
-    projection = (f"{plan.projection.where}" if plan.projection is not None else "new (seeded N(0, 1/in) weights, zero bias)")
+    projection = plan.projection.where if plan.projection is not None else "new (seeded N(0, 1/in) weights, zero bias)"
     scheduler = plan.scheduler.where if plan.scheduler is not None else "SD1.5 DDIM schedule"
     return "\n".join([
         f"  unet          {plan.unet.where}",

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max_length must be >= 2 (one word and the end token)")
     device = torch.device(args.device) if args.device else models.default_device()
     # bf16 on CUDA: T5 overflows in fp16; fp32 on CPU, where bf16 has no fast kernels
-    dtype = models.parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = models.parse_dtype(args.dtype) if args.dtype else \
+        (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         tokenizer, text_encoder, projection = load_t5_text_parts(model, dtype, trust_remote_code=bool(args.custom))
     except (OSError, ValueError) as error:

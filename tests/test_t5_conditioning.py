@@ -109,6 +109,22 @@ def test_a_captions_embedding_does_not_depend_on_the_batch_it_was_cached_in(tiny
         torch.testing.assert_close(alone, batched, rtol=1e-5, atol=1e-6)
 
 
+def test_captions_are_encoded_in_order_of_token_length_so_batches_carry_little_padding(tiny_t5_model,
+                                                                                       t5_cached_template):
+    from cachetrain.cache_build import CacheSummary
+    from cachetrain.t5 import load_t5_text_parts
+    from cachetrain.t5_cache import T5EmbeddingBuilder
+
+    tokenizer, text_encoder, projection = load_t5_text_parts(str(tiny_t5_model))
+    builder = T5EmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder, model_name="tiny",
+                                 device=torch.device("cpu"), dtype=torch.float32, save_dtype=torch.float32,
+                                 batch_size=8, projection=projection)
+    sources = sorted(str(p) for p in t5_cached_template.rglob("*.jpg"))
+    lengths = [item.tensors["emb"].shape[0] for item in builder.encode(sources, CacheSummary())]
+    assert len(lengths) == len(sources)
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
+
+
 def test_max_length_truncates_captions_and_a_changed_limit_makes_sidecars_stale(tiny_t5_model, t5_cached_template,
                                                                                  tmp_path):
     root = tmp_path / "data"
