@@ -1,36 +1,77 @@
 #!/usr/bin/env bash
 # The whole SD1.5 path on the embedded tiny model, offline: set up, build the tiny model and the
 # synthetic dataset, cache latents and text embeddings, train a few hundred steps, show the results.
+#   ./demo.sh        the SD1.5 model (CLIP-L text, SD VAE)
+#   ./demo.sh --t5   the SD1.5 UNet + SDXL VAE + T5 model (T5 text through a projection, SDXL VAE)
 set -euo pipefail
 cd "$(dirname "$0")"
+MODE=sd
+case "${1:-}" in
+    "") ;;
+    --t5) MODE=t5 ;;
+    *) echo "usage: $0 [--t5]" >&2; exit 2 ;;
+esac
 START=$(date +%s)
 ./scripts/setup_env.sh
 SETUP_DONE=$(date +%s)
 
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error
 PY=.venv/bin/python
-DEMO="${DEMO_DIR:-demo_out}"
 STEPS="${DEMO_STEPS:-300}"
+PROMPTS="a red circle on a blue background|a yellow square on a black background"
 
-echo "[demo] building the tiny SD1.5-shaped model and the synthetic shapes dataset in $DEMO/"
-rm -rf "$DEMO"
-$PY -m cachetrain.tiny model "$DEMO/tiny-sd"
-$PY -m cachetrain.tiny data "$DEMO/data" --count 512
+if [ "$MODE" = sd ]; then
+    DEMO="${DEMO_DIR:-demo_out}"
+    echo "[demo] building the tiny SD1.5-shaped model and the synthetic shapes dataset in $DEMO/"
+    rm -rf "$DEMO"
+    $PY -m cachetrain.tiny model "$DEMO/tiny-sd"
+    $PY -m cachetrain.tiny data "$DEMO/data" --count 512
 
-echo "[demo] caching latents and caption embeddings"
-$PY create_img_sdvae.py --model "$DEMO/tiny-sd" --data_root "$DEMO/data" --resolution 64 --num_workers 2
-$PY create_clipl.py --model "$DEMO/tiny-sd" --data_root "$DEMO/data"
+    echo "[demo] caching latents and caption embeddings"
+    $PY create_img_sdvae.py --model "$DEMO/tiny-sd" --data_root "$DEMO/data" --resolution 64 --num_workers 2
+    $PY create_clipl.py --model "$DEMO/tiny-sd" --data_root "$DEMO/data"
 
-echo "[demo] training $STEPS steps"
-MODEL="$DEMO/tiny-sd" DATA_DIRS="$DEMO/data" OUTPUT_DIR="$DEMO/run" LEARNING_RATE=1e-3 BATCH_SIZE=16 \
-GRADIENT_ACCUM=1 MAX_STEPS="$STEPS" SAVE_STEPS=100 SCHEDULER=cosine WARMUP_STEPS=20 SNR_GAMMA=5.0 \
-SAMPLER_STEPS=20 PROMPTS_OVERRIDE="a red circle on a blue background|a yellow square on a black background" \
-EXTRA_ARGS="--num_workers 1 --log_every 10" ./train_sd.sh
+    echo "[demo] training $STEPS steps"
+    MODEL="$DEMO/tiny-sd" DATA_DIRS="$DEMO/data" OUTPUT_DIR="$DEMO/run" LEARNING_RATE=1e-3 BATCH_SIZE=16 \
+    GRADIENT_ACCUM=1 MAX_STEPS="$STEPS" SAVE_STEPS=100 SCHEDULER=cosine WARMUP_STEPS=20 SNR_GAMMA=5.0 \
+    SAMPLER_STEPS=20 PROMPTS_OVERRIDE="$PROMPTS" EXTRA_ARGS="--num_workers 1 --log_every 10" ./train_sd.sh
+    PIPELINE_CLASS="a StableDiffusionPipeline folder"
+else
+    DEMO="${DEMO_DIR:-demo_out_t5}"
+    echo "[demo] building the tiny SD1.5 UNet + SDXL VAE + T5 model and the synthetic shapes dataset in $DEMO/"
+    rm -rf "$DEMO"
+    $PY -m cachetrain.tiny t5model "$DEMO/tiny-t5"
+    $PY -m cachetrain.tiny data "$DEMO/data" --count 512
+
+    echo "[demo] caching SDXL VAE latents and T5 caption embeddings"
+    if [ -f create_img_sdxl.py ]; then
+        $PY create_img_sdxl.py --model "$DEMO/tiny-t5" --data_root "$DEMO/data" --resolution 64 --num_workers 2
+    else
+        $PY -c 'import sys
+from cachetrain.image_cache import ImageScriptDefaults, main
+sys.exit(main(sys.argv[1:], ImageScriptDefaults(model="", out_suffix=".img_sdxl", description="SDXL VAE latents")))' \
+            --model "$DEMO/tiny-t5" --data_root "$DEMO/data" --resolution 64 --num_workers 2
+    fi
+    $PY create_t5cache_768.py --model "$DEMO/tiny-t5" --data_root "$DEMO/data"
+
+    echo "[demo] training $STEPS steps"
+    MODEL="$DEMO/tiny-t5" DATA_DIRS="$DEMO/data" OUTPUT_DIR="$DEMO/run" LEARNING_RATE=1e-3 BATCH_SIZE=16 \
+    GRADIENT_ACCUM=1 MAX_STEPS="$STEPS" SAVE_STEPS=100 SCHEDULER=cosine WARMUP_STEPS=20 SNR_GAMMA=5.0 \
+    SAMPLER_STEPS=20 GRADIENT_CHECKPOINTING=0 PROMPTS_OVERRIDE="$PROMPTS" \
+    EXTRA_ARGS="--num_workers 1 --log_every 10" ./train_t5.sh
+    PIPELINE_CLASS="a StableDiffusionT5Pipeline folder; import cachetrain.t5 before loading it"
+fi
 
 END=$(date +%s)
 echo
 echo "[demo] done: set-up $((SETUP_DONE - START)) s, work $((END - SETUP_DONE)) s"
+$PY -c 'import sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+events = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0}); events.Reload()
+loss = events.Scalars("train/loss")
+print(f"[demo] loss:         {loss[0].value:.4f} at step {loss[0].step} -> {loss[-1].value:.4f} at step {loss[-1].step}")' \
+    "$DEMO/run/tensorboard"
 echo "[demo] checkpoints:  $(ls -d "$DEMO"/run/checkpoint-* | tr '\n' ' ')"
 echo "[demo] samples:      $(ls "$DEMO"/run/checkpoint-*/sample-*.png | tail -2 | tr '\n' ' ')"
-echo "[demo] final model:  $DEMO/run (a StableDiffusionPipeline folder)"
+echo "[demo] final model:  $DEMO/run ($PIPELINE_CLASS)"
 echo "[demo] tensorboard:  .venv/bin/tensorboard --logdir $DEMO/run/tensorboard"

@@ -2,9 +2,10 @@
 
 Layers, lowest first (a module imports only from layers below it):
   sidecar, config, tree, images          - files and flags, no models
-  models, objective, optim, layers       - model loading and the numerics of one step
+  text_encoding                          - prompt -> UNet conditioning rules (CLIP, T5, the pad rule)
+  models, t5, objective, optim, layers   - model loading (t5: the SD1.5 + T5 pipeline) and one step's numerics
   loader, telemetry, sampling, checkpoint
-  cache_build (image_cache, text_cache)  - the cache builders
+  cache_build (image_cache, text_cache, t5_cache), assemble  - the cache builders, T5 pipeline assembly
   trainer                                - the training loop
   tiny                                   - tiny offline models and the synthetic dataset
 """

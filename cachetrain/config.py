@@ -61,6 +61,8 @@ class TrainConfig:
     ema_decay: float = _flag(0.0, "keep an EMA of the UNet with this decay, e.g. 0.9999 (0 disables); samples use it")
     vae_scaling_factor: float | None = _flag(None, "latent scale; default: the model's VAE config value", type=float)
     text_scaling_factor: float = _flag(1.0, "multiplier applied to cached text embeddings")
+    force_toklen: int | None = _flag(None, "pad or truncate every caption embedding to N tokens "
+                                           "(default: pad each batch to its longest)", type=int)
     # precision and speed
     gradient_checkpointing: bool = _flag(False, "recompute activations in backward to save memory")
     fp32: bool = _flag(False, "no bf16 autocast on CUDA (full fp32)")
@@ -159,6 +161,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         problems.append("--min_learning_rate is a ratio of the peak LR, between 0 and 1")
     if config.use_snr and config.noise_gamma <= 0:
         problems.append("--noise_gamma must be > 0 with --use_snr")
+    if config.force_toklen is not None and config.force_toklen < 1:
+        problems.append("--force_toklen must be >= 1")
     if config.imgcache_suffix == config.txtcache_suffix:
         problems.append("--imgcache_suffix and --txtcache_suffix must differ")
     if config.learning_rate_decay and config.scheduler != "constant":

@@ -9,6 +9,7 @@ size, gradient accumulation or the number of processes.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .objective import draw_sample_noise, sample_key
 from .sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, read_sidecar
+from .text_encoding import pad_text_embeddings
 from .tree import PairIndex
 
 
@@ -69,13 +71,17 @@ class Batch:
     noise: torch.Tensor | None  # [B, C, h, w] float32
     timesteps: torch.Tensor | None  # [B] int64
     skipped: int  # unreadable pairs dropped from this batch
+    attention_mask: torch.Tensor | None = None  # [B, T], 1 = real token; None when nothing is padded
 
     def pin_memory(self) -> Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return Batch(pin(self.latents), pin(self.embeddings), pin(self.noise), pin(self.timesteps), self.skipped)
+        return Batch(pin(self.latents), pin(self.embeddings), pin(self.noise), pin(self.timesteps), self.skipped,
+                     pin(self.attention_mask))
 
 
-def collate_pairs(items) -> Batch | None:
+def collate_pairs(items, token_length: int | None = None) -> Batch | None:
+    """Stack a batch. Text embeddings of different lengths (T5 sidecars keep only their real tokens)
+    are padded by the shared pad rule; ``token_length`` pads or truncates all of them to that length."""
     good = [item for item in items if item[0] is not None]
     for *_, reason in items:
         if reason:
@@ -84,16 +90,17 @@ def collate_pairs(items) -> Batch | None:
         return None
     latents = [item[0] for item in good]
     embeddings = [item[1] for item in good]
-    for tensors, what in ((latents, "latent"), (embeddings, "text embedding")):
-        shapes = {tuple(t.shape) for t in tensors}
+    for shapes, what in (({tuple(t.shape) for t in latents}, "latent shapes"),
+                         ({t.shape[-1] for t in embeddings}, "text embedding widths")):
         if len(shapes) > 1:
-            raise SidecarError("batch", f"{what} shapes differ within a batch: {sorted(shapes)}; "
-                                        "caches of one run must share resolution and token length")
+            raise SidecarError("batch", f"{what} differ within a batch: {sorted(shapes)}; "
+                                        "caches of one run must share resolution and text encoder")
+    context, mask = pad_text_embeddings(embeddings, token_length)
     has_noise = good[0][2] is not None
-    return Batch(torch.stack(latents), torch.stack(embeddings),
+    return Batch(torch.stack(latents), context,
                  torch.stack([item[2] for item in good]) if has_noise else None,
                  torch.stack([item[3] for item in good]) if has_noise else None,
-                 skipped=len(items) - len(good))
+                 skipped=len(items) - len(good), attention_mask=mask)
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -111,7 +118,9 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     return [mine[i : i + batch_size] for i in range(0, usable, batch_size)]
 
 
-def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_pairs, num_workers=num_workers,
+def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, pin_memory: bool,
+                token_length: int | None = None) -> DataLoader:
+    collate = functools.partial(collate_pairs, token_length=token_length) if token_length else collate_pairs
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
                       pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
                       persistent_workers=False, generator=torch.Generator())

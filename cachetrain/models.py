@@ -122,6 +122,8 @@ def load_pipeline_around(model: str, unet: torch.nn.Module, is_custom: bool = Fa
     """
     from diffusers import DiffusionPipeline
 
+    from . import t5  # noqa: F401  (registers the T5 pipeline and its projection with diffusers)
+
     index = DiffusionPipeline.load_config(model)
     extra: dict[str, Any] = {}
     if "safety_checker" in index:

@@ -54,8 +54,11 @@ class TrainStep:
         noisy = self.objective.add_noise(latents, noise, timesteps).to(self.dtype)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
+        mask = batch.attention_mask  # None unless some captions were padded (T5 sidecars)
+        if mask is not None:
+            mask = mask.to(device, non_blocking=True)
         with self.accelerator.autocast():
-            prediction = self.forward_unet(noisy, timesteps, context).sample
+            prediction = self.forward_unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
         loss, raw_loss = self.objective.losses(prediction, self.objective.target(latents, noise, timesteps), timesteps)
         self.accelerator.backward(loss)
         return loss, raw_loss

@@ -4,10 +4,15 @@
 encoder + tokenizer, PNDM scheduler) built deterministically from configs: every script loads it
 through the same code path as a real SD1.5 folder or hub id.
 
+``build_tiny_t5(folder)`` writes the SD1.5 + SDXL VAE + T5 model in miniature (a StableDiffusionT5Pipeline
+folder): a T5 encoder (d_model 16) with a sentencepiece tokenizer trained on the synthetic captions,
+an SDXL-shaped VAE, a UNet whose cross-attention takes the projection's output, and the projection.
+
 ``make_shapes_dataset(root, n)`` draws coloured shapes on coloured backgrounds with captions that
 say which ("a red circle on a blue background"), enough structure for a model to learn from.
 
     python -m cachetrain.tiny model OUT_DIR
+    python -m cachetrain.tiny t5model OUT_DIR
     python -m cachetrain.tiny data OUT_DIR --count 512 --size 64
 """
 
@@ -43,6 +48,14 @@ SD15_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon",
 )
+# The T5 variant: its own VAE config (SDXL's scaling factor and fp16 upcast) and a cross-attention
+# width of 24, unlike the SD1.5 tiny model's 32, so mixing parts of the two is caught by the shape checks.
+TINY_T5_ENCODER = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                       relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+TINY_T5_PROJECTION_DIM = 24
+TINY_T5_UNET = {**TINY_UNET, "cross_attention_dim": TINY_T5_PROJECTION_DIM}
+TINY_SDXL_VAE = {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}
+TINY_T5_MAX_LENGTH = 64
 TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples 4x, so latents are 16x16 like TINY_UNET's sample_size
 
 
@@ -123,6 +136,62 @@ def _latent_std(vae, seed: int, count: int = 32) -> float:
         return vae.encode(pixels).latent_dist.mean.std().item()
 
 
+def shape_caption(shape: str, colour: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
+def shape_captions() -> list[str]:
+    """Every caption make_shapes_dataset can write (the tiny T5 tokenizer is trained on them)."""
+    colours = sorted(COLOURS)
+    return [shape_caption(shape, colour, background)
+            for shape in SHAPES for colour in colours for background in colours if background != colour]
+
+
+def write_t5_tokenizer(folder: Path):
+    """A unigram sentencepiece T5 tokenizer trained on the shape captions (pad 0, end 1, unknown 2)."""
+    import io
+
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    model = io.BytesIO()
+    # hard_vocab_limit=False: a corpus this small cannot fill a fixed vocabulary
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(shape_captions()), model_writer=model, vocab_size=64, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    # from_pretrained on the folder: T5Tokenizer(vocab_file=...) would ignore the file
+    return T5Tokenizer.from_pretrained(os.fspath(folder), extra_ids=0, model_max_length=TINY_T5_MAX_LENGTH)
+
+
+def build_tiny_t5(folder: os.PathLike | str, seed: int = 0) -> Path:
+    """Write a tiny StableDiffusionT5Pipeline folder; the same seed gives the same weights."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    from .assemble import SD15_DDIM_SCHEDULE
+    from .t5 import StableDiffusionT5Pipeline, T5Projection
+
+    folder = Path(folder)
+    tokenizer_folder = folder / "_tokenizer_source"
+    tokenizer = write_t5_tokenizer(tokenizer_folder)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, is_encoder_decoder=False,
+                                           **TINY_T5_ENCODER))
+    pipeline = StableDiffusionT5Pipeline(
+        vae=AutoencoderKL(**TINY_SDXL_VAE), text_encoder=text_encoder, tokenizer=tokenizer,
+        t5_projection=T5Projection.initialised(TINY_T5_ENCODER["d_model"], TINY_T5_PROJECTION_DIM, seed=seed),
+        unet=UNet2DConditionModel(**TINY_T5_UNET), scheduler=DDIMScheduler(**SD15_DDIM_SCHEDULE),
+    )
+    pipeline.save_pretrained(folder)
+    shutil.rmtree(tokenizer_folder)
+    return folder
+
+
 def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> None:
     x0, y0, x1, y1 = box
     if shape == "circle":
@@ -154,7 +223,7 @@ def _shape_images(count: int, size: int, seed: int, colours: tuple[str, ...] | N
         extent = rng.randint(size * 2 // 5, size * 4 // 5)
         x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
         _draw_shape(ImageDraw.Draw(image), shape, (x0, y0, x0 + extent, y0 + extent), COLOURS[colour])
-        image.info["caption"] = f"a {colour} {shape} on a {background} background"
+        image.info["caption"] = shape_caption(shape, colour, background)
         yield image
 
 
@@ -185,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     model = sub.add_parser("model", help="write a tiny SD1.5-shaped diffusers folder")
     model.add_argument("out_dir")
     model.add_argument("--seed", type=int, default=0)
+    t5model = sub.add_parser("t5model", help="write a tiny SD1.5 UNet + SDXL VAE + T5 pipeline folder")
+    t5model.add_argument("out_dir")
+    t5model.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("data", help="write the synthetic shapes dataset (images + captions)")
     data.add_argument("out_dir")
     data.add_argument("--count", type=int, default=512)
@@ -193,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.what == "model":
         print(build_tiny_sd(args.out_dir, seed=args.seed))
+    elif args.what == "t5model":
+        print(build_tiny_t5(args.out_dir, seed=args.seed))
     else:
         print(f"{len(make_shapes_dataset(args.out_dir, args.count, args.size, args.seed))} images in {args.out_dir}")
 

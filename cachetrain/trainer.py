@@ -290,7 +290,7 @@ class TrainingRun:
                 batches = epoch_batches(len(self.train_index), config.batch_size, config.seed, progress.epoch,
                                         self.rank, self.world)
                 loader = make_loader(dataset, batches[progress.batch_in_epoch:], config.num_workers,
-                                     pin_memory=self.device.type == "cuda")
+                                     pin_memory=self.device.type == "cuda", token_length=config.force_toklen)
                 for batch in loader:
                     progress.batch_in_epoch += 1
                     if batch is None:
@@ -426,16 +426,17 @@ class TrainingRun:
             was_training = unet.training
             unet.eval()
             with torch.no_grad():
-                for batch in make_loader(dataset, batches, 0, pin_memory=False):
+                for batch in make_loader(dataset, batches, 0, pin_memory=False, token_length=self.config.force_toklen):
                     if batch is None:
                         continue
                     latents = batch.latents.to(self.device).float() * self.vae_scale
                     noise, timesteps = batch.noise.to(self.device), batch.timesteps.to(self.device)
                     context = batch.embeddings.to(self.device).float() * self.config.text_scaling_factor
                     dtype = unet.dtype
+                    mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
                     with self.accelerator.autocast():
                         prediction = unet(self.objective.add_noise(latents, noise, timesteps).to(dtype), timesteps,
-                                          context.to(dtype)).sample
+                                          context.to(dtype), encoder_attention_mask=mask).sample
                     target = self.objective.target(latents, noise, timesteps)
                     per_sample = (prediction.float() - target).square().flatten(1).mean(1)
                     total += per_sample.sum()

@@ -1,0 +1,102 @@
+"""A short training run of the tiny T5 model on .img_sdxl + .txt_t5cache sidecars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cachetrain import sidecar
+from tests.t5_support import t5_cached_template, tiny_t5_model  # noqa: F401
+
+STEPS = 40
+
+
+def _fixed_batch_loss(unet_folder: Path, model: Path, data: Path) -> float:
+    """Loss of a UNet on 8 pairs with fixed noise and timesteps, conditioned exactly as the trainer does."""
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.loader import CachedPairDataset, collate_pairs
+    from cachetrain.models import load_training_scheduler, read_vae_scaling_factor
+    from cachetrain.objective import DiffusionObjective
+    from cachetrain.tree import index_training_pairs
+
+    index, _ = index_training_pairs([data], sidecar.SDXL_VAE_SUFFIX, sidecar.T5_SUFFIX)
+    batch = collate_pairs([CachedPairDataset(index)[i] for i in range(8)])
+    assert batch.attention_mask is not None  # the captions differ in length: this batch is padded
+    unet = UNet2DConditionModel.from_pretrained(unet_folder, subfolder="unet").eval()
+    objective = DiffusionObjective(load_training_scheduler(str(model)))
+    latents = batch.latents.float() * read_vae_scaling_factor(str(model))
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+    with torch.no_grad():
+        prediction = unet(objective.add_noise(latents, noise, timesteps), timesteps, batch.embeddings.float(),
+                          encoder_attention_mask=batch.attention_mask).sample
+    loss, _ = objective.losses(prediction, objective.target(latents, noise, timesteps), timesteps)
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def t5_run(tiny_t5_model, t5_cached_template, tmp_path_factory) -> Path:
+    """40 optimizer steps of the tiny T5 model, checkpoints at 20 and 40 (read-only for the tests)."""
+    from cachetrain.trainer import main
+
+    output = tmp_path_factory.mktemp("t5-run") / "run"
+    code = main(["--pretrained_model", str(tiny_t5_model), "--train_data_dir", str(t5_cached_template),
+                 "--imgcache_suffix", sidecar.SDXL_VAE_SUFFIX, "--txtcache_suffix", sidecar.T5_SUFFIX,
+                 "--output_dir", str(output), "--batch_size", "8", "--max_steps", str(STEPS), "--save_steps", "20",
+                 "--learning_rate", "1e-3", "--scheduler", "cosine", "--warmup_steps", "5", "--use_snr",
+                 "--log_every", "10", "--num_workers", "0", "--no_progress",
+                 "--sample_prompt", "a red circle on a blue background", "--sampler_steps", "3"])
+    assert code == 0
+    return output
+
+
+def test_a_short_t5_run_lowers_the_loss_on_a_fixed_padded_batch(t5_run, tiny_t5_model, t5_cached_template):
+    before = _fixed_batch_loss(tiny_t5_model, tiny_t5_model, t5_cached_template)
+    after = _fixed_batch_loss(t5_run, tiny_t5_model, t5_cached_template)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_t5_checkpoints_are_t5_pipeline_folders_that_load_and_draw(t5_run):
+    from cachetrain.t5 import StableDiffusionT5Pipeline
+
+    checkpoints = sorted(t5_run.glob("checkpoint-*"))
+    assert [p.name for p in checkpoints] == ["checkpoint-00020", "checkpoint-00040"]
+    for checkpoint in checkpoints:
+        index = json.loads((checkpoint / "model_index.json").read_text(encoding="utf-8"))
+        assert index["_class_name"] == "StableDiffusionT5Pipeline"
+        assert index["t5_projection"] == ["cachetrain.t5", "T5Projection"]
+        assert len(list(checkpoint.glob("sample-*.png"))) == 1  # drawn at save time with the T5 pipeline
+    pipe = StableDiffusionT5Pipeline.from_pretrained(checkpoints[-1])
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a yellow square on a black background", num_inference_steps=3,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert np.asarray(image).std() > 0  # an image, not a blank
+    final = StableDiffusionT5Pipeline.from_pretrained(t5_run)  # the final model at the top of output_dir
+    assert all(torch.equal(a, b) for a, b in zip(final.unet.state_dict().values(), pipe.unet.state_dict().values()))
+
+
+def _first_losses(model: Path, data: Path, output: Path, *extra: str) -> list[float]:
+    from cachetrain.config import parse_train_args
+    from cachetrain.trainer import train
+
+    config = parse_train_args(["--pretrained_model", str(model), "--train_data_dir", str(data),
+                               "--imgcache_suffix", sidecar.SDXL_VAE_SUFFIX, "--txtcache_suffix", sidecar.T5_SUFFIX,
+                               "--output_dir", str(output), "--batch_size", "8", "--max_steps", "2", "--save_steps",
+                               "0", "--learning_rate", "1e-3", "--log_every", "1", "--num_workers", "0",
+                               "--no_progress", *extra])
+    return [entry["train/loss"] for entry in train(config).logged]
+
+
+def test_the_trainer_masks_padding_so_padding_more_does_not_change_the_loss(tiny_t5_model, t5_cached_template,
+                                                                             tmp_path):
+    padded_per_batch = _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "a")
+    padded_to_60 = _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "b", "--force_toklen", "60")
+    assert len(padded_per_batch) == 2
+    assert padded_to_60 == pytest.approx(padded_per_batch, rel=1e-4)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Train the SD1.5 UNet of an SD1.5 + SDXL VAE + T5 model from cached sidecars (x.img_sdxl latents,
+# x.txt_t5cache caption embeddings). The variables below are your saved settings: edit them (or
+# override any one from the environment, e.g. MAX_STEPS=2000 ./train_t5.sh). This file is copied
+# into OUTPUT_DIR at start, so every run keeps the settings it ran with.
+#
+# Before training: build the model folder (assemble_t5_pipeline.py), then cache with the same folder:
+#   create_img_sdxl.py --model MODEL ...   and   create_t5cache_768.py --model MODEL ...
+set -euo pipefail
+
+MODEL="${MODEL:-models/sd15-sdxlvae-t5}"                 # a T5 pipeline folder (or hub id)
+DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated
+OUTPUT_DIR="${OUTPUT_DIR:-output/sd15-t5}"
+IMG_SUFFIX="${IMG_SUFFIX:-.img_sdxl}"                     # SDXL VAE latents
+TXT_SUFFIX="${TXT_SUFFIX:-.txt_t5cache}"                  # T5 + projection embeddings, real tokens only
+LEARNING_RATE="${LEARNING_RATE:-1e-5}"
+BATCH_SIZE="${BATCH_SIZE:-64}"                            # per process
+GRADIENT_ACCUM="${GRADIENT_ACCUM:-1}"                     # effective batch = BATCH_SIZE x GRADIENT_ACCUM x GPUs
+MAX_STEPS="${MAX_STEPS:-10000}"                           # optimizer steps, or Ne for N epochs
+SAVE_STEPS="${SAVE_STEPS:-1000}"
+SCHEDULER="${SCHEDULER:-cosine}"
+WARMUP_STEPS="${WARMUP_STEPS:-100}"
+SNR_GAMMA="${SNR_GAMMA:-5.0}"                             # empty disables min-SNR weighting
+OPTIMIZER="${OPTIMIZER:-adamw}"
+SAMPLER_STEPS="${SAMPLER_STEPS:-30}"
+FORCE_TOKLEN="${FORCE_TOKLEN:-}"                          # N: pad/truncate every caption to N tokens; empty: pad per batch
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-1}"     # 1: recompute activations (batch 64 fits in memory)
+PROMPTS=("a photo of a cat sitting on a windowsill" "a watercolor landscape with mountains and a lake")
+[ -n "${PROMPTS_OVERRIDE:-}" ] && IFS='|' read -r -a PROMPTS <<< "$PROMPTS_OVERRIDE"
+EXTRA_ARGS="${EXTRA_ARGS:-}"                              # any other train_from_cached.py flags
+
+cd "$(dirname "$0")"
+mkdir -p "$OUTPUT_DIR"
+cp "$0" "$OUTPUT_DIR/"
+
+ARGS=(--pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR" --copy_config "$0"
+      --imgcache_suffix "$IMG_SUFFIX" --txtcache_suffix "$TXT_SUFFIX"
+      --learning_rate "$LEARNING_RATE" --batch_size "$BATCH_SIZE" --gradient_accum "$GRADIENT_ACCUM"
+      --max_steps "$MAX_STEPS" --save_steps "$SAVE_STEPS" --scheduler "$SCHEDULER"
+      --warmup_steps "$WARMUP_STEPS" --optimizer "$OPTIMIZER" --sampler_steps "$SAMPLER_STEPS"
+      --sample_prompt "${PROMPTS[@]}")
+for dir in $DATA_DIRS; do ARGS+=(--train_data_dir "$dir"); done
+[ -n "$SNR_GAMMA" ] && ARGS+=(--use_snr --noise_gamma "$SNR_GAMMA")
+[ -n "$FORCE_TOKLEN" ] && ARGS+=(--force_toklen "$FORCE_TOKLEN")
+[ "$GRADIENT_CHECKPOINTING" = 1 ] && ARGS+=(--gradient_checkpointing)
+# shellcheck disable=SC2206
+[ -n "$EXTRA_ARGS" ] && ARGS+=($EXTRA_ARGS)
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+ACCELERATE_CONFIG="${HF_HOME:-$HOME/.cache/huggingface}/accelerate/default_config.yaml"
+if [ -f "$ACCELERATE_CONFIG" ] && "$PYTHON" -c "import accelerate" 2>/dev/null; then
+    exec "$PYTHON" -m accelerate.commands.launch train_from_cached.py "${ARGS[@]}"
+else
+    exec "$PYTHON" train_from_cached.py "${ARGS[@]}"
+fi
