@@ -35,17 +35,22 @@ class NoisePlan:
 
 
 class CachedPairDataset(Dataset):
-    """Reads one (latent, embedding) pair per item and draws its noise; a bad pair yields its reason."""
+    """Reads one (latent, embedding) pair per item and draws its noise; a bad pair yields its reason.
 
-    def __init__(self, index: PairIndex, plan: NoisePlan | None = None):
+    Items are addressed as (epoch, sample): the epoch keys the noise draws. A bare sample number
+    uses ``self.epoch``.
+    """
+
+    def __init__(self, index: PairIndex, plan: NoisePlan | None = None, epoch: int = 0):
         self.index = index
         self.plan = plan
-        self.epoch = 0  # set before each epoch's loader is made (workers copy it)
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         latent_path, text_path = self.index[i]
         try:
             latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
@@ -56,7 +61,7 @@ class CachedPairDataset(Dataset):
             return latent, emb, None, None, ""
         plan = self.plan
         noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.num_train_timesteps,
-                                                     plan.noise_offset, sample_key(plan.seed, self.epoch, i))
+                                                     plan.noise_offset, sample_key(plan.seed, epoch, i))
         if plan.fixed_timesteps:
             timestep = torch.tensor(int((i + 0.5) * plan.num_train_timesteps / len(self.index)))
         if plan.caption_dropout and uniform < plan.caption_dropout:
@@ -118,7 +123,28 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     return [mine[i : i + batch_size] for i in range(0, usable, batch_size)]
 
 
-def make_loader(dataset: Dataset, batches: list[list[int]], num_workers: int, pin_memory: bool,
+class RunBatches:
+    """This process's batches from a given (epoch, batch) on, epoch after epoch, as (epoch, sample) keys.
+
+    One sampler for the whole run keeps the DataLoader's workers alive across epochs.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int,
+                 start_epoch: int = 0, start_batch: int = 0, epochs: int | None = None):
+        self.args = (num_samples, batch_size, seed)
+        self.rank, self.world_size = rank, world_size
+        self.start_epoch, self.start_batch, self.epochs = start_epoch, start_batch, epochs
+
+    def __iter__(self):
+        epoch, skip = self.start_epoch, self.start_batch
+        while self.epochs is None or epoch < self.start_epoch + self.epochs:
+            num_samples, batch_size, seed = self.args
+            for batch in epoch_batches(num_samples, batch_size, seed, epoch, self.rank, self.world_size)[skip:]:
+                yield [(epoch, i) for i in batch]
+            epoch, skip = epoch + 1, 0
+
+
+def make_loader(dataset: Dataset, batches, num_workers: int, pin_memory: bool,
                 token_length: int | None = None) -> DataLoader:
     collate = functools.partial(collate_pairs, token_length=token_length) if token_length else collate_pairs
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,

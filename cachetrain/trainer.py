@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from . import models
 from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
-from .loader import CachedPairDataset, NoisePlan, epoch_batches, make_loader
+from .loader import CachedPairDataset, NoisePlan, RunBatches, make_loader
 from .objective import DiffusionObjective
 from .optim import build_lr_schedule, build_optimizer
 from .sampling import draw_samples
@@ -170,6 +170,28 @@ def _weights_checksum(unet: torch.nn.Module) -> torch.Tensor:
         return (norms * weights).sum()
 
 
+class StepHealth:
+    """Device-side counters of gradient health, read back only when logging."""
+
+    def __init__(self, device: torch.device):
+        zero = torch.zeros((), device=device)
+        self.bad_in_a_row, self.bad_total, self.grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
+        self.steps_in_window = 0
+
+    def record(self, check) -> None:
+        self.bad_in_a_row = (self.bad_in_a_row + 1) * check.found_inf  # resets to 0 on a good step
+        self.bad_total += check.found_inf
+        self.grad_norm_sum += torch.nan_to_num(check.grad_norm, nan=0.0, posinf=0.0, neginf=0.0)
+        self.steps_in_window += 1
+
+    def window_scalars(self) -> dict[str, torch.Tensor]:
+        scalars = {"train/grad_norm": self.grad_norm_sum / max(self.steps_in_window, 1),
+                   "train/skipped_steps": self.bad_total.clone(), "_bad_in_a_row": self.bad_in_a_row.clone()}
+        self.grad_norm_sum.zero_()
+        self.steps_in_window = 0
+        return scalars
+
+
 class TrainingRun:
     """The state of one run and the loop over it; ``train()`` is the entry point."""
 
@@ -269,89 +291,87 @@ class TrainingRun:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        config, accelerator = self.config, self.accelerator
-        progress = self._restore(Progress()) if self.resume_from is not None else Progress()
-        self.progress = progress
+        config = self.config
+        self.progress = self._restore(Progress()) if self.resume_from is not None else Progress()
         self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
         self.sampler = CheckpointSampler(config, self.device, self.telemetry) if self.is_main else None
-        self.result = TrainResult(output_dir=self.output_dir, steps=progress.step)
-        dataset = CachedPairDataset(self.train_index, self.plan)
-        bar = tqdm(total=self.total_steps, initial=progress.step, unit="step",
+        self.result = TrainResult(output_dir=self.output_dir, steps=self.progress.step)
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step",
                    disable=not self.is_main or config.no_progress, dynamic_ncols=True)
-        zero = torch.zeros((), device=self.device)
-        bad_in_a_row, bad_total, grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
-        steps_in_window = 0
-
         with StopSignal() as stop:
-            if self.validation_index is not None and progress.step == 0:
+            if self.validation_index is not None and self.progress.step == 0:
                 self._validate(0)
-            while progress.step < self.total_steps and not stop.requested:
-                dataset.epoch = progress.epoch
-                batches = epoch_batches(len(self.train_index), config.batch_size, config.seed, progress.epoch,
-                                        self.rank, self.world)
-                loader = make_loader(dataset, batches[progress.batch_in_epoch:], config.num_workers,
-                                     pin_memory=self.device.type == "cuda", token_length=config.force_toklen)
-                for batch in loader:
-                    progress.batch_in_epoch += 1
-                    if batch is None:
-                        continue
-                    progress.skipped_samples += batch.skipped
-                    with accelerator.accumulate(self.unet):
-                        loss, raw_loss = self.step.forward_backward(batch)
-                        if accelerator.sync_gradients:
-                            logging_now = (progress.step + 1) % config.log_every == 0
-                            check = self.step.prepare_update(want_qk_grads=logging_now)
-                        self.step.update()
-                    self.telemetry.add_micro_step(loss, raw_loss, batch.latents.shape[0] * self.world)
-                    if not accelerator.sync_gradients:
-                        continue
-                    self.lr_schedule.step()
-                    if self.ema is not None:
-                        self.ema.step(self.trainable)
-                    progress.step += 1
-                    bar.update(1)
-                    bad_in_a_row = (bad_in_a_row + 1) * check.found_inf
-                    bad_total += check.found_inf
-                    grad_norm_sum += torch.nan_to_num(check.grad_norm, nan=0.0, posinf=0.0)
-                    steps_in_window += 1
-                    if logging_now:
-                        values = self.telemetry.flush(progress.step, self.lr_schedule.get_last_lr()[0], {
-                            "train/qk_grads_av": check.qk_grads,
-                            "train/grad_norm": grad_norm_sum / max(steps_in_window, 1),
-                            "train/skipped_steps": bad_total,
-                            "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / len(batches)),
-                            "_bad_in_a_row": bad_in_a_row,
-                        })
-                        grad_norm_sum, steps_in_window = zero.clone(), 0
-                        self.result.logged.append({"step": progress.step, **values})
-                        bar.set_postfix(loss=f"{values['train/loss']:.4f}",
-                                        img_s=f"{values['train/images_per_sec']:.1f}")
-                        if values["_bad_in_a_row"] >= config.max_bad_steps:
-                            raise TrainingError(
-                                f"{int(values['_bad_in_a_row'])} optimizer steps in a row had NaN/Inf gradients "
-                                f"(limit --max_bad_steps {config.max_bad_steps}); stopping at step {progress.step}. "
-                                "Lower the learning rate or check the cached data (python -m cachetrain.inspect).")
-                    if self.interrupt_at_step is not None and progress.step >= self.interrupt_at_step:
-                        stop.requested = True
-                    self._after_step(stop)
-                    if progress.step >= self.total_steps or stop.requested:
-                        break
-                else:
-                    progress.epoch += 1
-                    progress.batch_in_epoch = 0
-                    self._after_epoch()
-            self.result.interrupted = stop.requested and progress.step < self.total_steps
+            if self.progress.step < self.total_steps:
+                self._train(stop, bar)
+            self.result.interrupted = stop.requested and self.progress.step < self.total_steps
             if self.result.interrupted:
                 self._save("interrupted")
                 if self.is_main:
-                    print(f"[train] stopped at step {progress.step}; continue with --resume", file=sys.stderr)
-            elif not any(p.name == ckpt.checkpoint_dir(self.output_dir, progress.step).name
+                    print(f"[train] stopped at step {self.progress.step}; continue with --resume", file=sys.stderr)
+            elif not any(p.name == ckpt.checkpoint_dir(self.output_dir, self.progress.step).name
                          for p in self.result.checkpoints):
                 self._save("final")
         self._finish(bar)
         return self.result
 
-    def _after_step(self, stop: StopSignal) -> None:
+    def _train(self, stop: StopSignal, bar) -> None:
+        """Micro-batches until --max_steps optimizer steps are done or a stop is requested."""
+        config, accelerator, progress = self.config, self.accelerator, self.progress
+        dataset = CachedPairDataset(self.train_index, self.plan)
+        batches = RunBatches(len(self.train_index), config.batch_size, config.seed, self.rank, self.world,
+                             progress.epoch, progress.batch_in_epoch)
+        loader = make_loader(dataset, batches, config.num_workers, pin_memory=self.device.type == "cuda",
+                             token_length=config.force_toklen)
+        health = StepHealth(self.device)
+        for batch in loader:
+            progress.batch_in_epoch += 1
+            if batch is not None:
+                progress.skipped_samples += batch.skipped
+                with accelerator.accumulate(self.unet):
+                    loss, raw_loss = self.step.forward_backward(batch)
+                    if accelerator.sync_gradients:
+                        logging_now = (progress.step + 1) % config.log_every == 0
+                        check = self.step.prepare_update(want_qk_grads=logging_now)
+                    self.step.update()
+                self.telemetry.add_micro_step(loss, raw_loss, batch.latents.shape[0] * self.world)
+                if accelerator.sync_gradients:
+                    self.lr_schedule.step()
+                    if self.ema is not None:
+                        self.ema.step(self.trainable)
+                    progress.step += 1
+                    bar.update(1)
+                    health.record(check)
+                    if logging_now:
+                        self._log(health, check, bar)
+                    if self.interrupt_at_step is not None and progress.step >= self.interrupt_at_step:
+                        stop.requested = True
+                    self._after_step()
+            if progress.batch_in_epoch == self.batches_per_epoch:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+                self._after_epoch()
+            if progress.step >= self.total_steps or stop.requested:
+                break
+        del loader  # stops the workers
+
+    def _log(self, health: StepHealth, check, bar) -> None:
+        """Read the window's metrics back (one transfer), log them, and stop on a run of bad steps."""
+        progress, config = self.progress, self.config
+        values = self.telemetry.flush(progress.step, self.lr_schedule.get_last_lr()[0], {
+            "train/qk_grads_av": check.qk_grads,
+            **health.window_scalars(),
+            "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / self.batches_per_epoch),
+        })
+        self.result.logged.append({"step": progress.step, **values})
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_sec']:.1f}")
+        bad_in_a_row = int(values["_bad_in_a_row"])
+        if bad_in_a_row >= config.max_bad_steps:
+            raise TrainingError(
+                f"{bad_in_a_row} optimizer steps in a row had NaN/Inf gradients (limit --max_bad_steps "
+                f"{config.max_bad_steps}); stopping at step {progress.step}. Lower the learning rate or check "
+                "the cached data (python -m cachetrain.inspect).")
+
+    def _after_step(self) -> None:
         config, step = self.config, self.progress.step
         periodic = bool(config.save_steps) and step % config.save_steps == 0 and config.save_start <= step < self.total_steps
         if periodic or self._trigger_pulled():
@@ -417,8 +437,8 @@ class TrainingRun:
         """val/loss: mean raw MSE over the held-out pairs at fixed noise and timesteps (main process)."""
         if self.is_main:
             dataset = CachedPairDataset(self.validation_index, dataclasses.replace(self.plan, fixed_timesteps=True,
-                                                                                   caption_dropout=0.0))
-            dataset.epoch = VALIDATION_EPOCH
+                                                                                   caption_dropout=0.0),
+                                        epoch=VALIDATION_EPOCH)
             order = list(range(len(dataset)))
             batches = [order[i:i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
             total, count = torch.zeros((), device=self.device), 0
