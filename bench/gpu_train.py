@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Training throughput and memory of the real SD1.5 UNet through the trainer's own step code.
+
+Builds the SD1.5 UNet from its standard config (random weights, nothing downloaded), feeds it
+synthetic in-memory batches (64x64x4 latents, 77x768 text, pinned host memory as the loader gives
+them) through cachetrain.step.TrainStep - the code train_from_cached.py runs - and prints per
+configuration: images/s (median over timed windows after warm-up), MFU against 2.41 TFLOP per image
+and the device's peak, peak allocated and reserved memory, host syncs seen in the timed steps, and
+the card's name. ``--tiny`` runs the tiny UNet on CPU so the script stays tested without a GPU.
+
+    .venv/bin/python bench/gpu_train.py                       # the default set of configurations
+    .venv/bin/python bench/gpu_train.py --grid                # every combination
+    .venv/bin/python bench/gpu_train.py --only b64-ckpt-bf16w-adamw
+    .venv/bin/python bench/gpu_train.py --tiny --steps 3      # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SD15_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+TFLOP_PER_IMAGE = 2.41  # SD1.5 UNet forward + backward at 64x64 latents, 77x768 text (matmul/conv/attention)
+MEASURED_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # large bf16 matmuls measured on these cards
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    batch_size: int
+    checkpointing: bool
+    bf16_weights: bool
+    optimizer: str
+    compile: bool
+    channels_last: bool = False
+
+    @property
+    def name(self) -> str:
+        return (f"b{self.batch_size}-{'ckpt' if self.checkpointing else 'nockpt'}-"
+                f"{'bf16w' if self.bf16_weights else 'fp32m'}-{self.optimizer}"
+                f"{'-compile' if self.compile else ''}{'-cl' if self.channels_last else ''}")
+
+
+DEFAULT_CONFIGS = [
+    BenchConfig(64, False, False, "adamw", False),
+    BenchConfig(64, False, False, "adamw", True),
+    BenchConfig(64, False, True, "adamw", True),
+    BenchConfig(32, False, False, "adamw", False),
+    BenchConfig(64, True, True, "adamw", False),
+    BenchConfig(64, True, True, "lion", False),
+    BenchConfig(64, True, False, "adamw8", False),
+    BenchConfig(64, True, True, "adamw", True),
+]
+
+
+def grid() -> list[BenchConfig]:
+    configs = []
+    for batch, ckpt, bf16w, optimizer, compiled in itertools.product((32, 64), (False, True), (False, True),
+                                                                    ("adamw", "adamw8", "lion"), (False, True)):
+        if bf16w and optimizer == "adamw8":
+            continue  # refused by the trainer: 8-bit AdamW has no stochastic rounding
+        configs.append(BenchConfig(batch, ckpt, bf16w, optimizer, compiled))
+    return configs
+
+
+def device_peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return next((value for key, value in MEASURED_PEAK_TFLOPS.items() if key in name), None)
+
+
+def synthetic_batch(batch_size: int, latent_size: int, text_shape: tuple[int, int], pin: bool):
+    from cachetrain.loader import Batch
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(batch_size, 4, latent_size, latent_size, generator=generator).half(),
+               torch.randn(batch_size, *text_shape, generator=generator).half(),
+               torch.randn(batch_size, 4, latent_size, latent_size, generator=generator),
+               torch.randint(0, 1000, (batch_size,), generator=generator)]
+    batch = Batch(*tensors, skipped=0)
+    return batch.pin_memory() if pin else batch
+
+
+def run_config(config: BenchConfig, accelerator, args) -> dict:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from cachetrain.objective import DiffusionObjective
+    from cachetrain.optim import build_optimizer
+    from cachetrain.step import TrainStep
+    from cachetrain.telemetry import qk_weight_parameters
+    from cachetrain.tiny import TINY_UNET
+
+    device = accelerator.device
+    cuda = device.type == "cuda"
+    unet_config = TINY_UNET if args.tiny else SD15_UNET
+    text_shape = (77, unet_config["cross_attention_dim"])
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config)
+    if config.bf16_weights:
+        unet.to(torch.bfloat16)
+    if config.checkpointing:
+        unet.enable_gradient_checkpointing()
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    unet.train()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config.optimizer, trainable, 1e-5, (0.9, 0.999), 0.01, device,
+                                bf16_weights=config.bf16_weights)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    objective = DiffusionObjective(DDPMScheduler(**SD15_SCHEDULE)).to(device)
+    step = TrainStep(accelerator, unet, optimizer, objective, trainable,
+                     qk_weight_parameters(accelerator.unwrap_model(unet)), vae_scale=0.18215, gradient_clip=1.0,
+                     channels_last=config.channels_last, compile_unet=config.compile)
+    batch = synthetic_batch(config.batch_size, unet_config["sample_size"], text_shape, pin=cuda)
+
+    def one_step():
+        with accelerator.accumulate(unet):
+            step.forward_backward(batch)
+            step.prepare_update(want_qk_grads=False)
+            step.update()
+
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        one_step()
+    synchronize()
+    window_rates = []
+    syncs = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")  # every host sync in the step becomes a warning
+        for _ in range(args.windows):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                one_step()
+            synchronize()
+            window_rates.append(args.steps * config.batch_size / (time.perf_counter() - start))
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+    images_per_sec = statistics.median(window_rates)
+    result = {"config": config.name, "images_per_sec": round(images_per_sec, 2), "host_syncs_in_timed_steps": syncs}
+    if cuda:
+        name = torch.cuda.get_device_name(device)
+        peak = device_peak_tflops(name, args.peak_tflops)
+        result.update(card=name, peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
+        if peak and not args.tiny:
+            result["mfu"] = round(images_per_sec * TFLOP_PER_IMAGE / peak, 3)
+    else:
+        result["card"] = "cpu (tiny UNet)" if args.tiny else "cpu"
+    accelerator.free_memory()
+    del unet, optimizer, step, batch
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny UNet (for CPU)")
+    parser.add_argument("--grid", action="store_true", help="every combination instead of the default set")
+    parser.add_argument("--only", nargs="+", help="configuration names to run (see the default set)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timed window")
+    parser.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile happens here)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak, for MFU")
+    parser.add_argument("--json", default=None, help="also append one JSON line per configuration here")
+    args = parser.parse_args()
+    from accelerate import Accelerator
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # casting a fresh UNet to bf16 is intended here
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda:
+        torch.set_num_threads(1)
+    configs = grid() if args.grid else DEFAULT_CONFIGS
+    if args.only:
+        configs = [c for c in grid() + DEFAULT_CONFIGS if c.name in args.only]
+        configs = list(dict.fromkeys(configs))
+    if not cuda:  # 8-bit AdamW needs CUDA; compile on CPU is minutes of compilation for nothing
+        configs = [dataclasses.replace(c, compile=False) for c in configs if c.optimizer != "adamw8"]
+        configs = list(dict.fromkeys(configs))
+        if args.tiny:
+            configs = [dataclasses.replace(c, batch_size=min(c.batch_size, 4)) for c in configs]
+            configs = list(dict.fromkeys(configs))
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu'}; torch {torch.__version__}; "
+          f"{len(configs)} configurations", flush=True)
+    for config in configs:
+        try:
+            result = run_config(config, accelerator, args)
+        except torch.OutOfMemoryError:
+            result = {"config": config.name, "error": "out of memory"}
+            accelerator.free_memory()
+            gc.collect()
+            torch.cuda.empty_cache()
+        except RuntimeError as error:
+            result = {"config": config.name, "error": str(error).splitlines()[0][:200]}
+        print(json.dumps(result), flush=True)
+        if args.json:
+            with open(args.json, "a", encoding="utf-8") as out:
+                out.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end on CPU (their figures are measured elsewhere, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_gpu_train_bench_runs_the_trainer_step_on_the_tiny_unet():
+    out = _run("bench/gpu_train.py", "--tiny", "--steps", "1", "--windows", "1", "--warmup", "1")
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["config"] for r in results] == ["b4-nockpt-fp32m-adamw", "b4-nockpt-bf16w-adamw",
+                                             "b4-ckpt-bf16w-adamw", "b4-ckpt-bf16w-lion"]
+    assert all(r["images_per_sec"] > 0 and r["card"] == "cpu (tiny UNet)" for r in results)
