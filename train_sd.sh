@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train an SD1.5 UNet from cached sidecars. The variables below are your saved settings: edit them
 # (or override any one from the environment, e.g. MAX_STEPS=2000 ./train_sd.sh). This file is copied
-# into OUTPUT_DIR at start, so every run keeps the settings it ran with.
+# into OUTPUT_DIR at start, so every run keeps the settings it ran with. scripts/launch_training.sh
+# turns the settings into train_from_cached.py flags.
 set -euo pipefail
 
 MODEL="${MODEL:-runwayml/stable-diffusion-v1-5}"        # diffusers folder or hub id
@@ -21,28 +22,8 @@ OPTIMIZER="${OPTIMIZER:-adamw}"
 SAMPLER_STEPS="${SAMPLER_STEPS:-30}"
 PROMPTS=("a photo of a cat" "a watercolor landscape")
 [ -n "${PROMPTS_OVERRIDE:-}" ] && IFS='|' read -r -a PROMPTS <<< "$PROMPTS_OVERRIDE"
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-0}"   # 1: recompute activations to save memory
 EXTRA_ARGS="${EXTRA_ARGS:-}"                            # any other train_from_cached.py flags
 
-cd "$(dirname "$0")"
-mkdir -p "$OUTPUT_DIR"
-cp "$0" "$OUTPUT_DIR/"
-
-ARGS=(--pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR" --copy_config "$0"
-      --imgcache_suffix "$IMG_SUFFIX" --txtcache_suffix "$TXT_SUFFIX"
-      --learning_rate "$LEARNING_RATE" --batch_size "$BATCH_SIZE" --gradient_accum "$GRADIENT_ACCUM"
-      --max_steps "$MAX_STEPS" --save_steps "$SAVE_STEPS" --scheduler "$SCHEDULER"
-      --warmup_steps "$WARMUP_STEPS" --optimizer "$OPTIMIZER" --sampler_steps "$SAMPLER_STEPS"
-      --sample_prompt "${PROMPTS[@]}")
-for dir in $DATA_DIRS; do ARGS+=(--train_data_dir "$dir"); done
-[ -n "$SNR_GAMMA" ] && ARGS+=(--use_snr --noise_gamma "$SNR_GAMMA")
-# shellcheck disable=SC2206
-[ -n "$EXTRA_ARGS" ] && ARGS+=($EXTRA_ARGS)
-
-PYTHON="${PYTHON:-python3}"
-[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
-ACCELERATE_CONFIG="${HF_HOME:-$HOME/.cache/huggingface}/accelerate/default_config.yaml"
-if [ -f "$ACCELERATE_CONFIG" ] && "$PYTHON" -c "import accelerate" 2>/dev/null; then
-    exec "$PYTHON" -m accelerate.commands.launch train_from_cached.py "${ARGS[@]}"
-else
-    exec "$PYTHON" train_from_cached.py "${ARGS[@]}"
-fi
+# A copy of this file kept elsewhere finds cachetrain through CACHETRAIN_HOME.
+source "${CACHETRAIN_HOME:-$(dirname "$0")}/scripts/launch_training.sh"

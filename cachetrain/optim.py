@@ -36,7 +36,19 @@ def _write_back(parameter: torch.Tensor, value: torch.Tensor) -> None:
 
 
 class _SkippableOptimizer(torch.optim.Optimizer):
-    """Shared step scaffolding: fp32 math per tensor, device-side skip, bf16 stochastic write-back."""
+    """Shared step: fp32 math per tensor, device-side skip, bf16 stochastic write-back.
+
+    A subclass says how to start a parameter's state and computes the new parameter and new state
+    values in fp32; this class writes them back, keeping the old values where the step is skipped.
+    """
+
+    def _init_state(self, parameter: torch.Tensor, state: dict) -> None:
+        raise NotImplementedError
+
+    def _update(self, grad: torch.Tensor, param: torch.Tensor, state: dict, group: dict,
+                keep: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(new parameter, {state name: new value}) in fp32; must not modify its inputs in place."""
+        raise NotImplementedError
 
     def _keep(self) -> torch.Tensor | None:
         """1.0 where the step proceeds, 0.0 where found_inf says skip (None: always proceed)."""
@@ -48,6 +60,23 @@ class _SkippableOptimizer(torch.optim.Optimizer):
         # where, not lerp: a skipped step's values may be NaN, and NaN * 0 is still NaN
         return new if keep is None else torch.where(keep.to(new.device) > 0, new, old)
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        keep = self._keep()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                old_param = p.float()  # for fp32 parameters this is p itself: _update works out of place
+                new_param, new_state = self._update(p.grad.float(), old_param, state, group, keep)
+                _write_back(p, self._blend(keep, new_param, old_param))
+                for name, value in new_state.items():
+                    state[name].copy_(self._blend(keep, value, state[name].float()))
+        return None
+
 
 class StochasticAdamW(_SkippableOptimizer):
     """AdamW whose state lives in the parameters' dtype; bf16 parameters get stochastic rounding."""
@@ -55,35 +84,21 @@ class StochasticAdamW(_SkippableOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        keep = self._keep()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                step = state["step"] + (1.0 if keep is None else keep.to(p.device))
-                grad = p.grad.float()
-                old_param = p.float()
-                # out of place: for fp32 parameters .float() is the state tensor itself
-                exp_avg = torch.lerp(state["exp_avg"].float(), grad, 1 - beta1)
-                exp_avg_sq = torch.addcmul(state["exp_avg_sq"].float() * beta2, grad, grad, value=1 - beta2)
-                bias1 = 1 - beta1 ** step.clamp(min=1)
-                bias2 = 1 - beta2 ** step.clamp(min=1)
-                denominator = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
-                new_param = old_param * (1 - group["lr"] * group["weight_decay"])
-                new_param.addcdiv_(exp_avg / bias1, denominator, value=-group["lr"])
-                _write_back(p, self._blend(keep, new_param, old_param))
-                state["exp_avg"].copy_(self._blend(keep, exp_avg, state["exp_avg"].float()))
-                state["exp_avg_sq"].copy_(self._blend(keep, exp_avg_sq, state["exp_avg_sq"].float()))
-                state["step"] = step
-        return None
+    def _init_state(self, parameter, state):
+        state["step"] = torch.zeros((), device=parameter.device)
+        state["exp_avg"] = torch.zeros_like(parameter)
+        state["exp_avg_sq"] = torch.zeros_like(parameter)
+
+    def _update(self, grad, param, state, group, keep):
+        beta1, beta2 = group["betas"]
+        state["step"] = state["step"] + (1.0 if keep is None else keep.to(param.device))  # a skip does not count
+        exp_avg = torch.lerp(state["exp_avg"].float(), grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(state["exp_avg_sq"].float() * beta2, grad, grad, value=1 - beta2)
+        step = state["step"].clamp(min=1)
+        denominator = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+        new_param = param * (1 - group["lr"] * group["weight_decay"])
+        new_param.addcdiv_(exp_avg / (1 - beta1 ** step), denominator, value=-group["lr"])
+        return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 class StochasticLion(_SkippableOptimizer):
@@ -92,25 +107,15 @@ class StochasticLion(_SkippableOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        keep = self._keep()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                grad = p.grad.float()
-                old_param = p.float()
-                momentum = state["exp_avg"].float()
-                update = torch.lerp(momentum, grad, 1 - beta1).sign_()
-                new_param = old_param * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * update
-                _write_back(p, self._blend(keep, new_param, old_param))
-                state["exp_avg"].copy_(self._blend(keep, torch.lerp(momentum, grad, 1 - beta2), momentum))
-        return None
+    def _init_state(self, parameter, state):
+        state["exp_avg"] = torch.zeros_like(parameter)
+
+    def _update(self, grad, param, state, group, keep):
+        beta1, beta2 = group["betas"]
+        momentum = state["exp_avg"].float()
+        update = torch.lerp(momentum, grad, 1 - beta1).sign_()
+        new_param = param * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * update
+        return new_param, {"exp_avg": torch.lerp(momentum, grad, 1 - beta2)}
 
 
 def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[float, float],

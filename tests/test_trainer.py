@@ -454,3 +454,22 @@ def test_a_short_run_learns_to_use_its_text(tiny_sd_model, tmp_path):
           f"true caption better on {wins:.0%} of {len(captions)} pairs")
     assert true_loss.mean() < 0.99 * other_loss.mean()
     assert wins >= 0.75
+
+
+def test_own_optimizers_skip_on_the_device_when_found_inf_is_set():
+    from cachetrain.optim import StochasticAdamW, StochasticLion
+
+    for own_class in (StochasticAdamW, StochasticLion):
+        for dtype in (torch.float32, torch.bfloat16):
+            parameter = torch.nn.Parameter(torch.randn(8, 8).to(dtype))
+            optimizer = own_class([parameter], lr=1e-2)
+            parameter.grad = torch.randn(8, 8).to(dtype)
+            optimizer.step()  # a normal step first, so there is state to keep
+            before = parameter.detach().clone()
+            state_before = {k: v.clone() for k, v in optimizer.state[parameter].items()}
+            parameter.grad = torch.full((8, 8), float("nan")).to(dtype)
+            optimizer.found_inf = torch.tensor(1.0)
+            optimizer.step()
+            assert torch.equal(parameter.detach(), before), (own_class, dtype)
+            for name, value in optimizer.state[parameter].items():
+                assert torch.equal(value, state_before[name]), (own_class, dtype, name)
