@@ -12,6 +12,7 @@ The parts that do not train (VAE, text encoder, tokenizer, scheduler) are saved 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -59,24 +60,45 @@ def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def save_frozen_components(pipeline, frozen_dir: Path) -> None:
-    """Save the pipeline once (atomically) and drop its trained part: the template of every checkpoint."""
-    if (frozen_dir / "model_index.json").exists():
+FROZEN_SOURCE_FILE = "cachetrain_source.json"
+
+
+def save_frozen_components(pipeline, frozen_dir: Path, source: str) -> None:
+    """Save the pipeline once (atomically) without its trained part: the template of every checkpoint.
+
+    ``source`` names the model the parts came from; a template made from another model is replaced.
+    """
+    marker = frozen_dir / FROZEN_SOURCE_FILE
+    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")).get("source") == source:
         return
     staging = frozen_dir.with_name(frozen_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)
     shutil.rmtree(staging / TRAINED_COMPONENT, ignore_errors=True)
+    (staging / FROZEN_SOURCE_FILE).write_text(json.dumps({"source": source}), encoding="utf-8")
     shutil.rmtree(frozen_dir, ignore_errors=True)
     os.replace(staging, frozen_dir)
 
 
+def remove_partial_saves(output_dir: Path) -> list[Path]:
+    """Delete what a killed save left behind (``*.partial`` folders); they never hold a usable checkpoint."""
+    leftovers = sorted(Path(output_dir).glob("*.partial")) if Path(output_dir).is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
 def link_tree(source: Path, destination: Path) -> None:
-    """Hard-link every file of ``source`` into ``destination`` (copy where links are not possible)."""
+    """Hard-link every file of ``source`` into ``destination`` (copy where links are not possible).
+
+    The links share their data: write new files next to them rather than editing them in place.
+    """
     for folder, _subfolders, files in os.walk(source):
         target_folder = destination / Path(folder).relative_to(source)
         target_folder.mkdir(parents=True, exist_ok=True)
         for name in files:
+            if name == FROZEN_SOURCE_FILE:
+                continue
             try:
                 os.link(Path(folder) / name, target_folder / name)
             except OSError:
@@ -129,13 +151,31 @@ def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: d
         if ema_weights is not None:
             ema_weights(staging / EMA_COMPONENT)
         torch.save(training_state, staging / TRAINING_STATE_FILE)
-        if destination.exists():
-            shutil.rmtree(destination)
+        replaced = destination.with_name(destination.name + ".replaced.partial")
+        if destination.exists():  # moved aside, not deleted first: a crash here keeps a checkpoint
+            os.replace(destination, replaced)
         os.replace(staging, destination)
+        shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return destination
+
+
+def publish_final(final_checkpoint: Path, output_dir: Path) -> None:
+    """The final model at the top of output_dir, as a pipeline folder (hard links to the last checkpoint)."""
+    for entry in final_checkpoint.iterdir():
+        if entry.name == TRAINING_STATE_FILE or entry.suffix == ".png":
+            continue
+        target = Path(output_dir) / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        if entry.is_dir():
+            link_tree(entry, target)
+        else:
+            shutil.copy2(entry, target)
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class TrainConfig:
     sampler_steps: int = _flag(30, "denoising steps of each sample")
     sample_seed: int = _flag(1234, "seed of the sample images (fixed, so checkpoints compare)")
     guidance_scale: float = _flag(7.5, "classifier-free guidance of samples")
-    cpu_offload: bool = _flag(False, "keep sampling-only models on the CPU between uses (saves GPU memory)")
+    cpu_offload: bool = _flag(False, "move the sampling-only models (VAE, text encoder) back to the CPU after each sampling")
     # validation
     validation_dir: list[str] = _flag([], "folder(s) of held-out sidecar pairs for val/loss", nargs="+", action="extend")
     validation_split: float = _flag(0.0, "hold out this fraction of the training pairs for val/loss instead")
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(config: TrainConfig) -> TrainConfig:
     """Fail fast, with the flag's name, on values that would break the run later."""
     problems = []
+    if config.max_epochs == 0:
+        problems.append("--max_steps 0e: train at least one epoch (1e)")
     if config.max_epochs is None:
         try:
             if int(config.max_steps) < 1:

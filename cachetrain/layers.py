@@ -63,8 +63,20 @@ def _reinit_modules(unet: nn.Module, selection: LayerSelection) -> int:
     return count
 
 
+def check_selection_matches(unet: nn.Module, selection: LayerSelection) -> None:
+    """Every block a --unfreeze_* flag names must exist in this UNet."""
+    names = [name for name, _ in unet.named_parameters()]
+    for prefix, blocks in (("up_blocks", selection.unfreeze_up_blocks), ("down_blocks", selection.unfreeze_down_blocks)):
+        present = sorted({int(m.group(1)) for n in names if (m := re.match(rf"{prefix}\.(\d+)\.", n))})
+        missing = [b for b in blocks if b not in present]
+        if missing:
+            raise ValueError(f"--unfreeze_{prefix} {' '.join(map(str, missing))}: this UNet has {prefix} "
+                             f"{present[0]}-{present[-1]}")
+
+
 def apply_layer_selection(unet: nn.Module, selection: LayerSelection, seed: int) -> list[nn.Parameter]:
     """Re-initialise and freeze as selected (seeded, so reproducible); returns the trainable parameters."""
+    check_selection_matches(unet, selection)
     if selection.reinit_unet:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

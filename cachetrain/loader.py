@@ -56,9 +56,9 @@ class CachedPairDataset(Dataset):
             latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
             emb = read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
         except (SidecarError, OSError) as error:
-            return None, None, None, None, str(error)
+            return None, None, None, None, i, str(error)
         if self.plan is None:
-            return latent, emb, None, None, ""
+            return latent, emb, None, None, i, ""
         plan = self.plan
         noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.num_train_timesteps,
                                                      plan.noise_offset, sample_key(plan.seed, epoch, i))
@@ -66,7 +66,7 @@ class CachedPairDataset(Dataset):
             timestep = torch.tensor(int((i + 0.5) * plan.num_train_timesteps / len(self.index)))
         if plan.caption_dropout and uniform < plan.caption_dropout:
             emb = plan.empty_embeddings[self.index.root_id(i)].to(emb.dtype)
-        return latent, emb, noise, timestep, ""
+        return latent, emb, noise, timestep, i, ""
 
 
 @dataclass
@@ -77,11 +77,12 @@ class Batch:
     timesteps: torch.Tensor | None  # [B] int64
     skipped: int  # unreadable pairs dropped from this batch
     attention_mask: torch.Tensor | None = None  # [B, T], 1 = real token; None when nothing is padded
+    sample_ids: list[int] = field(default_factory=list)  # positions in the index, one per row
 
     def pin_memory(self) -> Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(pin(self.latents), pin(self.embeddings), pin(self.noise), pin(self.timesteps), self.skipped,
-                     pin(self.attention_mask))
+                     pin(self.attention_mask), self.sample_ids)
 
 
 def collate_pairs(items, token_length: int | None = None) -> Batch | None:
@@ -105,7 +106,7 @@ def collate_pairs(items, token_length: int | None = None) -> Batch | None:
     return Batch(torch.stack(latents), context,
                  torch.stack([item[2] for item in good]) if has_noise else None,
                  torch.stack([item[3] for item in good]) if has_noise else None,
-                 skipped=len(items) - len(good), attention_mask=mask)
+                 skipped=len(items) - len(good), attention_mask=mask, sample_ids=[item[4] for item in good])
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,

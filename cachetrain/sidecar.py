@@ -66,6 +66,14 @@ def caption_path(image: os.PathLike | str) -> Path:
     return sidecar_path(image, CAPTION_EXTENSION)
 
 
+EMPTY_PROMPT_STEM = ".empty_prompt"
+
+
+def empty_prompt_path(data_root: os.PathLike | str, suffix: str) -> Path:
+    """Where a data root's empty-prompt embedding lives (hidden, so walks never take it for a sample)."""
+    return Path(data_root) / (EMPTY_PROMPT_STEM + suffix)
+
+
 def is_temporary(name: str) -> bool:
     """True for the temporary names atomic_write uses (left behind only by a killed writer)."""
     return TEMP_MARKER in name

@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .layers import QUERY_OR_KEY
+
 
 def qk_weight_parameters(unet: nn.Module) -> list[nn.Parameter]:
     """The attention query and key projection weights (self- and cross-attention) that train."""
     return [p for name, p in unet.named_parameters()
-            if p.requires_grad and (name.endswith("to_q.weight") or name.endswith("to_k.weight"))]
+            if p.requires_grad and QUERY_OR_KEY.search(name) and name.endswith(".weight")]
 
 
 def mean_abs_grad(parameters: list[nn.Parameter]) -> torch.Tensor:

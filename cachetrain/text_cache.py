@@ -19,17 +19,9 @@ from . import models
 from .cache_build import (CacheSettings, CacheSummary, EncodedItem, add_common_cache_flags, effective_shard,
                           parse_shard, run_cache_build)
 from .sidecar import (TEXT_EMBEDDING_KEY, caption_path, caption_source_identity, check_freshness,
-                      write_sidecar)
+                      empty_prompt_path, write_sidecar)
 from .text_encoding import clip_overlong, encode_clip_prompts
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
-
-EMPTY_PROMPT_STEM = ".empty_prompt"
-
-
-def empty_prompt_path(data_root: str, suffix: str) -> str:
-    """Where a data root's empty-prompt embedding lives (hidden, so walks never take it for a sample)."""
-    return os.path.join(data_root, EMPTY_PROMPT_STEM + suffix)
-
 
 def read_caption(image_path: str) -> str:
     """The stripped text of the image's caption file; OSError/ValueError with the reason if unusable."""

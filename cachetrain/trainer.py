@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,15 +28,16 @@ from .loader import CachedPairDataset, NoisePlan, RunBatches, make_loader
 from .objective import DiffusionObjective
 from .optim import build_lr_schedule, build_optimizer
 from .sampling import draw_samples
-from .sidecar import TEXT_EMBEDDING_KEY, read_sidecar
-from .step import TrainStep
+from .sidecar import TEXT_EMBEDDING_KEY, empty_prompt_path, read_sidecar
+from .step import TrainStep, UpdateCheck
 from .telemetry import Telemetry, qk_weight_parameters
-from .text_cache import empty_prompt_path
 from .tree import PairIndex, index_training_pairs
 
 TRIGGER_FILE = "trigger.checkpoint"
 SUMMARY_FILE = "train_summary.json"
+ARGS_FILE = "train_args.json"
 VALIDATION_EPOCH = -1  # the noise key of held-out pairs: the same draws at every evaluation
+REPEATED_SIGNAL_SECONDS = 2.0  # torchrun forwards a Ctrl-C the terminal already delivered
 
 
 class TrainingError(RuntimeError):
@@ -44,12 +46,13 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Progress:
-    """Where the run is: restored exactly on resume."""
+    """Where the run is, as of the last optimizer step: restored exactly on resume."""
 
     step: int = 0  # optimizer steps taken
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
     skipped_samples: int = 0  # unreadable pairs left out
+    skipped_steps: int = 0  # optimizer steps skipped for NaN/Inf gradients
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -65,17 +68,25 @@ class TrainResult:
 
 
 class StopSignal:
-    """Turns Ctrl-C / SIGTERM into 'save a checkpoint after this step and exit'."""
+    """Turns Ctrl-C / SIGTERM into 'save a checkpoint at the next optimizer step and exit'.
+
+    The same signal again within REPEATED_SIGNAL_SECONDS is the launcher forwarding it, not the user;
+    a later one means 'out now'.
+    """
 
     def __init__(self):
         self.requested = False
+        self._first_at = 0.0
         self._previous = {}
 
     def _handle(self, signum, _frame):
-        if self.requested:  # a second signal: the user really wants out
+        now = time.monotonic()
+        if self.requested:
+            if now - self._first_at < REPEATED_SIGNAL_SECONDS:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write(f"[train] {signal.Signals(signum).name} received: saving a checkpoint after this step")
+        self.requested, self._first_at = True, now
+        tqdm.write(f"[train] {signal.Signals(signum).name} received: saving a checkpoint at the next step")
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,6 +111,7 @@ def check_process_count(launched_world: int, accelerator_world: int) -> None:
 
 def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
     use_cuda = torch.cuda.is_available()
     # bf16 autocast on CUDA; on CPU bf16 has no fast kernels (6-7x slower), so fp32 there
@@ -107,6 +119,8 @@ def _make_accelerator(config: TrainConfig):
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=config.gradient_accum,
                               cpu=not use_cuda)
     check_process_count(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
+    # the same seed on every process: stochastic rounding must draw alike so weights stay identical
+    set_seed(config.seed)
     if use_cuda and config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -114,23 +128,34 @@ def _make_accelerator(config: TrainConfig):
 
 
 def _archive_settings(config: TrainConfig, output_dir: Path) -> None:
+    """Append this start's arguments to train_args.json and keep the settings file (every version)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    args = {"argv": sys.argv, "config": config_to_dict(config)}
-    (output_dir / "train_args.json").write_text(json.dumps(args, indent=2), encoding="utf-8")
+    args_file = output_dir / ARGS_FILE
+    starts = json.loads(args_file.read_text(encoding="utf-8")) if args_file.exists() else []
+    starts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "config": config_to_dict(config)})
+    args_file.write_text(json.dumps(starts, indent=2), encoding="utf-8")
     if config.copy_config:
-        target = output_dir / Path(config.copy_config).name
-        if Path(config.copy_config).resolve() != target.resolve():
-            shutil.copy2(config.copy_config, target)
+        source = Path(config.copy_config)
+        target = output_dir / source.name
+        number = 1
+        while target.exists() and target.read_bytes() != source.read_bytes():
+            target = output_dir / f"{source.stem}.{number}{source.suffix}"
+            number += 1
+        if not target.exists():
+            shutil.copy2(source, target)
 
 
 def _resolve_resume(config: TrainConfig, output_dir: Path) -> Path | None:
+    existing = ckpt.latest_checkpoint(output_dir)
     if not config.resume:
+        if existing is not None:
+            raise TrainingError(f"{output_dir} already holds checkpoints of a run (newest: {existing.name}); "
+                                "continue it with --resume, or choose another --output_dir")
         return None
     if config.resume == "latest":
-        found = ckpt.latest_checkpoint(output_dir)
-        if found is None:
+        if existing is None:
             print(f"[train] --resume: no checkpoint in {output_dir} yet, starting fresh", file=sys.stderr)
-        return found
+        return existing
     path = Path(config.resume)
     if not (path / ckpt.TRAINING_STATE_FILE).exists():
         raise TrainingError(f"--resume {path}: not a resumable checkpoint folder (no {ckpt.TRAINING_STATE_FILE})")
@@ -150,7 +175,7 @@ def _empty_prompt_embeddings(config: TrainConfig) -> list[torch.Tensor]:
     embeddings = []
     for root in config.train_data_dir:
         path = empty_prompt_path(root, config.txtcache_suffix)
-        if not os.path.exists(path):
+        if not path.exists():
             raise TrainingError(f"--caption_dropout needs the empty prompt's embedding {path}; "
                                 "run the text cache script on that data root again to write it")
         embeddings.append(read_sidecar(path, TEXT_EMBEDDING_KEY, ndim=2))
@@ -173,21 +198,24 @@ def _weights_checksum(unet: torch.nn.Module) -> torch.Tensor:
 class StepHealth:
     """Device-side counters of gradient health, read back only when logging."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, skipped_before: int = 0):
         zero = torch.zeros((), device=device)
-        self.bad_in_a_row, self.bad_total, self.grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
+        self.bad_in_a_row, self.worst_run, self.grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
+        self.bad_total = zero + skipped_before
         self.steps_in_window = 0
 
-    def record(self, check) -> None:
-        self.bad_in_a_row = (self.bad_in_a_row + 1) * check.found_inf  # resets to 0 on a good step
+    def record(self, check: UpdateCheck) -> None:
+        self.bad_in_a_row = (self.bad_in_a_row + 1) * check.found_inf  # back to 0 on a good step
+        self.worst_run = torch.maximum(self.worst_run, self.bad_in_a_row)  # a run that ended still counts
         self.bad_total += check.found_inf
         self.grad_norm_sum += torch.nan_to_num(check.grad_norm, nan=0.0, posinf=0.0, neginf=0.0)
         self.steps_in_window += 1
 
     def window_scalars(self) -> dict[str, torch.Tensor]:
         scalars = {"train/grad_norm": self.grad_norm_sum / max(self.steps_in_window, 1),
-                   "train/skipped_steps": self.bad_total.clone(), "_bad_in_a_row": self.bad_in_a_row.clone()}
+                   "train/skipped_steps": self.bad_total.clone(), "_worst_bad_run": self.worst_run.clone()}
         self.grad_norm_sum.zero_()
+        self.worst_run = self.bad_in_a_row.clone()
         self.steps_in_window = 0
         return scalars
 
@@ -195,19 +223,29 @@ class StepHealth:
 class TrainingRun:
     """The state of one run and the loop over it; ``train()`` is the entry point."""
 
-    def __init__(self, config: TrainConfig, interrupt_at_step: int | None = None):
+    def __init__(self, config: TrainConfig, interrupt_after_batches: int | None = None):
         self.config = config
-        self.interrupt_at_step = interrupt_at_step
+        self.interrupt_after_batches = interrupt_after_batches
         self.accelerator = _make_accelerator(config)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.output_dir = Path(config.output_dir)
+        self.resume_from = _resolve_resume(config, self.output_dir)
         if self.is_main:
             _archive_settings(config, self.output_dir)
-        self.resume_from = _resolve_resume(config, self.output_dir)
+            ckpt.remove_partial_saves(self.output_dir)
         self._load_data()
         self._load_model()
+        self.progress = self._restore() if self.resume_from is not None else Progress()
+        self.health = StepHealth(self.device, self.progress.skipped_steps)
+        self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
+        self.sampler = CheckpointSampler(config, self.device, self.telemetry) if self.is_main else None
+        self.result = TrainResult(output_dir=self.output_dir, steps=self.progress.step)
+        self.stopping = False
+        self.epoch_save_pending = False
+        self.sample_id_sum = 0  # of the pairs this process trained on: proves the processes' shares differ
+        self.sample_count = 0
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -224,6 +262,8 @@ class TrainingRun:
         if config.validation_dir:
             self.validation_index, _ = index_training_pairs(config.validation_dir, config.imgcache_suffix,
                                                             config.txtcache_suffix)
+            if len(self.validation_index) == 0:
+                raise TrainingError(f"--validation_dir {config.validation_dir}: no sample has both sidecars there")
         self.batches_per_epoch = len(self.train_index) // self.world // config.batch_size
         if self.batches_per_epoch == 0:
             raise TrainingError(f"{len(self.train_index)} samples are fewer than one batch of "
@@ -234,7 +274,10 @@ class TrainingRun:
         config, accelerator = self.config, self.accelerator
         weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
         unet = models.load_unet(config.pretrained_model, dtype=weight_dtype)
-        self.trainable = apply_layer_selection(unet, _layer_selection(config), config.seed)
+        try:
+            self.trainable = apply_layer_selection(unet, _layer_selection(config), config.seed)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.channels_last:
@@ -259,10 +302,6 @@ class TrainingRun:
                               text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
                               channels_last=config.channels_last, compile_unet=config.compile)
         self.ema = None
-        if config.ema_decay:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.trainable, decay=config.ema_decay, foreach=True)
         if self.is_main:
             total = sum(p.numel() for p in self.bare_unet.parameters())
             print(f"[train] {len(self.train_index)} training pairs"
@@ -271,17 +310,38 @@ class TrainingRun:
                   f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
                   f"of {total:,}", file=sys.stderr)
 
-    def _restore(self, progress: Progress) -> Progress:
-        state = ckpt.load_training_state(self.resume_from)
-        from diffusers import UNet2DConditionModel
+    def _data_identity(self) -> dict[str, int]:
+        """What the data order depends on: a resume with other values would not continue the same order."""
+        return {"pairs": len(self.train_index), "processes": self.world, "batch_size": self.config.batch_size,
+                "seed": self.config.seed}
 
-        trained = UNet2DConditionModel.from_pretrained(self.resume_from, subfolder=ckpt.TRAINED_COMPONENT)
+    def _make_ema(self, state: dict | None = None) -> None:
+        """The EMA starts from the current (possibly resumed) weights; its shadow is fp32 even for bf16
+        weights, whose resolution would swallow (1 - decay) * difference."""
+        if not self.config.ema_decay:
+            return
+        from diffusers.training_utils import EMAModel
+
+        self.ema = EMAModel(self.trainable, decay=self.config.ema_decay, foreach=True)
+        if state is not None:
+            self.ema.load_state_dict(state)
+        self.ema.to(device=self.device, dtype=torch.float32)
+
+    def _restore(self) -> Progress:
+        state = ckpt.load_training_state(self.resume_from)
+        saved_identity = state.get("data", {})
+        changed = {k: (saved_identity[k], v) for k, v in self._data_identity().items()
+                   if k in saved_identity and saved_identity[k] != v}
+        if changed:
+            raise TrainingError(f"--resume {self.resume_from}: " + ", ".join(
+                f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
+                + "; the data order would not continue where it stopped. Resume with the same settings and data.")
+        trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
         self.bare_unet.load_state_dict(trained.state_dict())
         del trained
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
+        self._make_ema(state.get("ema"))
         ckpt.restore_rng_states(state["rng"])
         restored = Progress(**state["progress"])
         if self.is_main:
@@ -291,124 +351,155 @@ class TrainingRun:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        config = self.config
-        self.progress = self._restore(Progress()) if self.resume_from is not None else Progress()
-        self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
-        self.sampler = CheckpointSampler(config, self.device, self.telemetry) if self.is_main else None
-        self.result = TrainResult(output_dir=self.output_dir, steps=self.progress.step)
+        if self.ema is None:
+            self._make_ema()
         bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step",
-                   disable=not self.is_main or config.no_progress, dynamic_ncols=True)
+                   disable=not self.is_main or self.config.no_progress, dynamic_ncols=True)
         with StopSignal() as stop:
             if self.validation_index is not None and self.progress.step == 0:
                 self._validate(0)
             if self.progress.step < self.total_steps:
                 self._train(stop, bar)
-            self.result.interrupted = stop.requested and self.progress.step < self.total_steps
+            self.result.interrupted = self.stopping and self.progress.step < self.total_steps
             if self.result.interrupted:
                 self._save("interrupted")
                 if self.is_main:
                     print(f"[train] stopped at step {self.progress.step}; continue with --resume", file=sys.stderr)
-            elif not any(p.name == ckpt.checkpoint_dir(self.output_dir, self.progress.step).name
-                         for p in self.result.checkpoints):
+            else:
                 self._save("final")
         self._finish(bar)
         return self.result
 
     def _train(self, stop: StopSignal, bar) -> None:
-        """Micro-batches until --max_steps optimizer steps are done or a stop is requested."""
+        """Micro-batches until --max_steps optimizer steps are done or every process agreed to stop.
+
+        Stops and saves happen only right after an optimizer step, so the saved data position never
+        counts micro-batches whose gradients were not applied.
+        """
         config, accelerator, progress = self.config, self.accelerator, self.progress
         dataset = CachedPairDataset(self.train_index, self.plan)
         batches = RunBatches(len(self.train_index), config.batch_size, config.seed, self.rank, self.world,
                              progress.epoch, progress.batch_in_epoch)
         loader = make_loader(dataset, batches, config.num_workers, pin_memory=self.device.type == "cuda",
                              token_length=config.force_toklen)
-        health = StepHealth(self.device)
+        micro_batches = 0
         for batch in loader:
             progress.batch_in_epoch += 1
-            if batch is not None:
-                progress.skipped_samples += batch.skipped
-                with accelerator.accumulate(self.unet):
-                    loss, raw_loss = self.step.forward_backward(batch)
-                    if accelerator.sync_gradients:
-                        logging_now = (progress.step + 1) % config.log_every == 0
-                        check = self.step.prepare_update(want_qk_grads=logging_now)
-                    self.step.update()
-                self.telemetry.add_micro_step(loss, raw_loss, batch.latents.shape[0] * self.world)
-                if accelerator.sync_gradients:
-                    self.lr_schedule.step()
-                    if self.ema is not None:
-                        self.ema.step(self.trainable)
-                    progress.step += 1
-                    bar.update(1)
-                    health.record(check)
-                    if logging_now:
-                        self._log(health, check, bar)
-                    if self.interrupt_at_step is not None and progress.step >= self.interrupt_at_step:
-                        stop.requested = True
-                    self._after_step()
+            micro_batches += 1
+            if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
+                stop.requested = True
+            stepped = batch is not None and self._train_on(batch, bar)
+            if batch is None and self.world > 1:
+                raise TrainingError("every pair of a batch was unreadable (listed above); with several processes "
+                                    "a process without a batch would stall the others. Fix or remove those files.")
             if progress.batch_in_epoch == self.batches_per_epoch:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
                 self._after_epoch()
-            if progress.step >= self.total_steps or stop.requested:
+            if stepped and (self._after_step(stop) or progress.step >= self.total_steps):
                 break
         del loader  # stops the workers
 
-    def _log(self, health: StepHealth, check, bar) -> None:
+    def _train_on(self, batch, bar) -> bool:
+        """One micro-batch; True when it completed an optimizer step."""
+        config, accelerator, progress = self.config, self.accelerator, self.progress
+        progress.skipped_samples += batch.skipped
+        self.sample_id_sum += sum(batch.sample_ids)
+        self.sample_count += len(batch.sample_ids)
+        with accelerator.accumulate(self.unet):
+            loss, raw_loss = self.step.forward_backward(batch)
+            if accelerator.sync_gradients:
+                logging_now = (progress.step + 1) % config.log_every == 0
+                check = self.step.prepare_update(want_qk_grads=logging_now)
+            self.step.update()
+        self.telemetry.add_micro_step(loss, raw_loss, batch.latents.shape[0] * self.world)
+        if not accelerator.sync_gradients:
+            return False
+        self.lr_schedule.step()
+        if self.ema is not None:
+            self.ema.step(self.trainable)
+        progress.step += 1
+        bar.update(1)
+        self.health.record(check)
+        if logging_now:
+            self._log(check, bar)
+        return True
+
+    def _log(self, check: UpdateCheck, bar) -> None:
         """Read the window's metrics back (one transfer), log them, and stop on a run of bad steps."""
         progress, config = self.progress, self.config
         values = self.telemetry.flush(progress.step, self.lr_schedule.get_last_lr()[0], {
             "train/qk_grads_av": check.qk_grads,
-            **health.window_scalars(),
+            **self.health.window_scalars(),
             "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / self.batches_per_epoch),
         })
+        progress.skipped_steps = int(values["train/skipped_steps"])
         self.result.logged.append({"step": progress.step, **values})
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_sec']:.1f}")
-        bad_in_a_row = int(values["_bad_in_a_row"])
-        if bad_in_a_row >= config.max_bad_steps:
+        worst_run = int(values["_worst_bad_run"])
+        if worst_run >= config.max_bad_steps:
             raise TrainingError(
-                f"{bad_in_a_row} optimizer steps in a row had NaN/Inf gradients (limit --max_bad_steps "
+                f"{worst_run} optimizer steps in a row had NaN/Inf gradients (limit --max_bad_steps "
                 f"{config.max_bad_steps}); stopping at step {progress.step}. Lower the learning rate or check "
                 "the cached data (python -m cachetrain.inspect).")
 
-    def _after_step(self) -> None:
+    def _agreed_requests(self, stop: StopSignal) -> tuple[bool, bool]:
+        """(stop, save now) as every process agrees.
+
+        One process may get a signal, and only the main one looks for the trigger file; with several
+        processes they agree through one all-reduce, at logging steps only (a host sync), so that no
+        other step waits on the device.
+        """
+        trigger = self.output_dir / TRIGGER_FILE
+        wants_save = self.is_main and trigger.exists()
+        if self.world > 1:
+            if self.progress.step % self.config.log_every:
+                return False, False
+            flags = torch.tensor([float(stop.requested), float(wants_save)], device=self.device)
+            stop_now, save_now = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
+        else:
+            stop_now, save_now = stop.requested, wants_save
+        if save_now and self.is_main:
+            trigger.unlink(missing_ok=True)
+        self.stopping = self.stopping or stop_now
+        return stop_now, save_now
+
+    def _after_step(self, stop: StopSignal) -> bool:
+        """Saves, samples and validation due after this optimizer step; True when the run must stop."""
         config, step = self.config, self.progress.step
+        stop_now, save_now = self._agreed_requests(stop)
         periodic = bool(config.save_steps) and step % config.save_steps == 0 and config.save_start <= step < self.total_steps
-        if periodic or self._trigger_pulled():
-            self._save("periodic" if periodic else "requested")
+        if (periodic or save_now or self.epoch_save_pending) and not stop_now:
+            self._save("periodic" if periodic else "requested" if save_now else "epoch")
+            self.epoch_save_pending = False
         elif config.sample_steps and step % config.sample_steps == 0 and self.is_main:
             self._sample(self.output_dir / f"samples-{step:05d}")
         if self.validation_index is not None and config.validation_steps and step % config.validation_steps == 0:
             self._validate(step)
+        return stop_now
 
     def _after_epoch(self) -> None:
         config = self.config
         if config.learning_rate_decay:
             self.lr_schedule.base_lrs = [max(0.0, lr - config.learning_rate_decay) for lr in self.lr_schedule.base_lrs]
-        if config.save_on_epoch and self.progress.step < self.total_steps:
-            self._save("epoch")
-
-    def _trigger_pulled(self) -> bool:
-        """``touch output_dir/trigger.checkpoint`` asks for a checkpoint; every process must agree."""
-        pulled = torch.zeros((), device=self.device)
-        if self.is_main and (self.output_dir / TRIGGER_FILE).exists():
-            (self.output_dir / TRIGGER_FILE).unlink(missing_ok=True)
-            pulled += 1
-        if self.world > 1:
-            pulled = self.accelerator.reduce(pulled, reduction="sum")
-        return bool(pulled.item()) if self.world > 1 or self.is_main else False
+        # at the next optimizer step: an epoch may end inside an accumulation
+        self.epoch_save_pending = config.save_on_epoch and self.progress.step < self.total_steps
 
     # -- checkpoints, samples, validation ---------------------------------------------------
 
     def _training_state(self) -> dict:
+        self.progress.skipped_steps = int(self.health.bad_total.item())  # saves are rare: one read is fine
         state = {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                 "rng": ckpt.rng_states(), "progress": self.progress.as_dict(),
+                 "rng": ckpt.rng_states(), "progress": self.progress.as_dict(), "data": self._data_identity(),
                  "config": json.dumps(config_to_dict(self.config))}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
 
     def _save(self, reason: str) -> None:
+        destination = ckpt.checkpoint_dir(self.output_dir, self.progress.step)
+        if self.result.checkpoints and self.result.checkpoints[-1] == destination:
+            return  # this step is saved already
         self.accelerator.wait_for_everyone()
         if self.is_main:
             path = self.sampler.save(self.bare_unet, self.progress.step, self._training_state(), self.ema,
@@ -424,7 +515,7 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
 
     def _sample(self, out_dir: Path) -> None:
-        if self.ema is not None:
+        if self.ema is not None:  # samples show the EMA weights
             self.ema.store(self.trainable)
             self.ema.copy_to(self.trainable)
         try:
@@ -462,34 +553,48 @@ class TrainingRun:
                     total += per_sample.sum()
                     count += per_sample.numel()
             unet.train(was_training)
-            value = (total / max(count, 1)).item()
+            if count == 0:
+                raise TrainingError("no held-out pair could be read for val/loss (see the files listed above)")
+            value = (total / count).item()
             self.telemetry.add_scalar("val/loss", value, step)
             self.result.logged.append({"step": step, "val/loss": value})
         self.accelerator.wait_for_everyone()
 
     def _finish(self, bar) -> None:
-        checksums = self.accelerator.gather(_weights_checksum(self.bare_unet).reshape(1).to(self.device))
+        checksum = _weights_checksum(self.bare_unet).reshape(1).to(self.device)
+        shares = torch.tensor([float(self.sample_id_sum), float(self.sample_count)], dtype=torch.float64,
+                              device=self.device).reshape(1, 2)
+        checksums = self.accelerator.gather(checksum)
+        shares = self.accelerator.gather(shares)
         if self.is_main:
             checksums = checksums.cpu().tolist()
             if len(set(checksums)) > 1:
                 print(f"[train] WARNING: the processes' weights differ at the end: {checksums}", file=sys.stderr)
+            final = ckpt.checkpoint_dir(self.output_dir, self.progress.step)
+            saved = bool(self.result.checkpoints) and self.result.checkpoints[-1] == final
             summary = {"steps": self.progress.step, "interrupted": self.result.interrupted,
                        "processes": self.world, "process_weight_checksums": checksums,
+                       "process_sample_id_sums": shares[:, 0].cpu().tolist(),
+                       "process_sample_counts": shares[:, 1].cpu().tolist(),
                        "skipped_samples": self.progress.skipped_samples,
                        "checkpoints": [str(p) for p in self.result.checkpoints]}
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-            if not self.result.interrupted:
-                self.sampler.publish_final(ckpt.checkpoint_dir(self.output_dir, self.progress.step), self.output_dir)
+            if not self.result.interrupted and saved:
+                ckpt.publish_final(final, self.output_dir)
                 print(f"[train] final model in {self.output_dir}", file=sys.stderr)
+            elif not self.result.interrupted:
+                print(f"[train] the final checkpoint could not be saved (see above); the newest saved one is "
+                      f"{ckpt.latest_checkpoint(self.output_dir)}", file=sys.stderr)
         bar.close()
         self.telemetry.close()
         self.accelerator.end_training()
         self.result.steps = self.progress.step
 
 
-def train(config: TrainConfig, interrupt_at_step: int | None = None) -> TrainResult:
-    """Train as ``config`` says. ``interrupt_at_step`` behaves like a SIGTERM after that step (for tests)."""
-    return TrainingRun(config, interrupt_at_step).run()
+def train(config: TrainConfig, interrupt_after_batches: int | None = None) -> TrainResult:
+    """Train as ``config`` says. ``interrupt_after_batches`` acts like a SIGTERM arriving after that
+    many micro-batches of this start (tests use it to stop a run at an exact point)."""
+    return TrainingRun(config, interrupt_after_batches).run()
 
 
 class CheckpointSampler:
@@ -523,8 +628,8 @@ class CheckpointSampler:
                                  sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
                                  device=self.device, autocast_dtype=self.autocast_dtype)
         finally:
-            if self.config.cpu_offload or self.device.type == "cuda":
-                for module in others:  # give the memory back to training
+            if self.config.cpu_offload:  # give the memory back to training until the next samples
+                for module in others:
                     module.to("cpu")
             unet.train(was_training)
         if self.telemetry is not None:
@@ -534,30 +639,16 @@ class CheckpointSampler:
     def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
         destination = ckpt.checkpoint_dir(Path(self.config.output_dir), step)
         try:
-            ckpt.save_frozen_components(self._pipeline_for(unet), self.frozen_dir)
+            ckpt.save_frozen_components(self._pipeline_for(unet), self.frozen_dir,
+                                        models.model_name(self.config.pretrained_model))
             ckpt.save_checkpoint(destination, unet, self.frozen_dir, training_state,
                                  ema_weights=_ema_writer(ema, trainable, unet))
-        except OSError as error:
+        except Exception as error:  # a full disk shows as OSError, RuntimeError or safetensors' own error
             previous = ckpt.latest_checkpoint(Path(self.config.output_dir))
-            tqdm.write(f"[train] could not save checkpoint at step {step} ({error}); "
+            tqdm.write(f"[train] could not save checkpoint at step {step} ({type(error).__name__}: {error}); "
                        f"the previous checkpoint {previous} is intact. Training goes on.")
             return None
         return destination
-
-    def publish_final(self, final_checkpoint: Path, output_dir: Path) -> None:
-        """The final model at the top of output_dir, as a pipeline folder (hard links to the last checkpoint)."""
-        for entry in final_checkpoint.iterdir():
-            if entry.name == ckpt.TRAINING_STATE_FILE or entry.suffix == ".png":
-                continue
-            target = output_dir / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            if entry.is_dir():
-                ckpt.link_tree(entry, target)
-            else:
-                shutil.copy2(entry, target)
 
 
 def _ema_writer(ema, trainable, unet):

@@ -9,7 +9,8 @@ import torch
 
 from cachetrain import sidecar
 from cachetrain.image_cache import main as image_main
-from cachetrain.text_cache import empty_prompt_path, main_clip
+from cachetrain.sidecar import empty_prompt_path
+from cachetrain.text_cache import main_clip
 from create_img_sdvae import DEFAULTS as SDVAE_DEFAULTS
 
 

@@ -13,7 +13,7 @@ import torch
 
 from cachetrain import sidecar
 from cachetrain.loader import CachedPairDataset, collate_pairs
-from cachetrain.text_cache import empty_prompt_path
+from cachetrain.sidecar import empty_prompt_path
 from cachetrain.text_encoding import pad_text_embeddings
 from cachetrain.tree import index_training_pairs
 from tests.t5_support import (cache_args, cache_t5_embeddings, captions_of, t5_cached_template,  # noqa: F401

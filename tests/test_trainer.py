@@ -106,7 +106,9 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_sd_model, cached_dat
                                        "--gradient_accum", "1", "--max_steps", "2", "--log_every", "1")))
     assert accumulated.steps == big.steps == 2
     for name in ("train/loss", "train/grad_norm"):  # the gradient norm is sensitive to any scale error
-        for (_, a), (_, b) in zip(_logged(accumulated, name), _logged(big, name)):
+        logged_a, logged_b = _logged(accumulated, name), _logged(big, name)
+        assert [step for step, _ in logged_a] == [step for step, _ in logged_b] == [1, 2]
+        for (_, a), (_, b) in zip(logged_a, logged_b):
             assert a == pytest.approx(b, rel=1e-4), name
     # Adam divides by sqrt(v): where a gradient is near eps, float noise in it moves the update by a
     # fraction of the learning rate (1e-3). A wrong accumulation would move most weights by ~1e-3.
@@ -117,15 +119,17 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_sd_model, cached_dat
 
 
 def test_a_stopped_and_resumed_run_equals_one_that_never_stopped(tiny_sd_model, cached_dataset, tmp_path):
-    # 48 pairs, batch 4, accumulation 2: 6 optimizer steps per epoch; stop at step 4 (mid-epoch 0)
+    # 48 pairs, batch 4, accumulation 2: 6 optimizer steps per epoch. The stop arrives after 7
+    # micro-batches, in the middle of step 4's accumulation: the run finishes step 4, then saves.
     common = ("--batch_size", "4", "--gradient_accum", "2", "--max_steps", "9", "--log_every", "1",
               "--scheduler", "cosine", "--warmup_steps", "2", "--ema_decay", "0.9", "--use_snr")
     straight = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "straight", *common)))
     stopped = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "resumed", *common)),
-                    interrupt_at_step=4)
+                    interrupt_after_batches=7)
     assert stopped.interrupted and stopped.steps == 4
     state = torch.load(tmp_path / "resumed" / "checkpoint-00004" / "training_state.pt", weights_only=True)
-    assert state["progress"] == {"step": 4, "epoch": 0, "batch_in_epoch": 8, "skipped_samples": 0}
+    assert state["progress"] == {"step": 4, "epoch": 0, "batch_in_epoch": 8, "skipped_samples": 0,
+                                 "skipped_steps": 0}
     resumed = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "resumed", *common,
                                            "--resume")))
     assert resumed.steps == 9
@@ -136,6 +140,33 @@ def test_a_stopped_and_resumed_run_equals_one_that_never_stopped(tiny_sd_model, 
         a = _unet_weights(tmp_path / "straight" / "checkpoint-00009", component)
         b = _unet_weights(tmp_path / "resumed" / "checkpoint-00009", component)
         assert all(torch.equal(a[name], b[name]) for name in a), component
+
+
+def test_an_epoch_that_ends_inside_an_accumulation_saves_at_the_next_step_and_resumes_exactly(
+        tiny_sd_model, cached_dataset, tmp_path):
+    # 12 micro-batches per epoch, 5 per optimizer step: epoch 0 ends inside step 3 (micro-batches 11-15)
+    common = ("--batch_size", "4", "--gradient_accum", "5", "--max_steps", "5", "--log_every", "1",
+              "--save_on_epoch", "--learning_rate_decay", "1e-4")
+    straight = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "straight", *common)))
+    assert sorted(p.name for p in (tmp_path / "straight").glob("checkpoint-*")) == \
+        ["checkpoint-00003", "checkpoint-00005"]
+    state = torch.load(tmp_path / "straight" / "checkpoint-00003" / "training_state.pt", weights_only=True)
+    assert (state["progress"]["epoch"], state["progress"]["batch_in_epoch"]) == (1, 3)
+    resumed = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "resumed", *common,
+                                           "--resume", str(tmp_path / "straight" / "checkpoint-00003"))))
+    assert _logged(resumed, "train/loss") == _logged(straight, "train/loss")[3:]
+    assert _logged(resumed, "train/learning_rate") == _logged(straight, "train/learning_rate")[3:]
+    a = _unet_weights(tmp_path / "straight" / "checkpoint-00005")
+    b = _unet_weights(tmp_path / "resumed" / "checkpoint-00005")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_fresh_run_refuses_an_output_dir_that_holds_another_runs_checkpoints(tiny_sd_model, cached_dataset,
+                                                                                tmp_path, capsys):
+    args = _args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8", "--max_steps", "1")
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already holds checkpoints of a run (newest: checkpoint-00001)" in capsys.readouterr().err
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tiny_sd_model, cached_dataset, tmp_path):
@@ -174,7 +205,7 @@ def test_keep_checkpoints_prunes_the_oldest(tiny_sd_model, cached_dataset, tmp_p
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tiny_sd_model, cached_dataset, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     from cachetrain import checkpoint
 
     real_write = checkpoint.write_model_folder
@@ -183,14 +214,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tiny_s
     def disk_full_on_second_save(destination, *args, **kwargs):
         calls.append(destination.name)
         real_write(destination, *args, **kwargs)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+        if len(calls) == 2:  # what torch.save raises when the disk fills up
+            raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 6912 vs 6848")
 
     monkeypatch.setattr(checkpoint, "write_model_folder", disk_full_on_second_save)
     output = tmp_path / "run"
     result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, "--batch_size", "8",
                                           "--max_steps", "3", "--save_steps", "1")))
     assert result.steps == 3
+    assert "could not save checkpoint at step 2" in capsys.readouterr().out
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-00001", "checkpoint-00003"]
 
 
@@ -250,6 +282,18 @@ def test_nan_gradients_skip_the_step_and_are_counted(tiny_sd_model, cached_datas
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_a_run_of_bad_steps_is_seen_even_when_a_good_step_ends_it_before_logging():
+    from cachetrain.step import UpdateCheck
+    from cachetrain.trainer import StepHealth
+
+    health = StepHealth(torch.device("cpu"))
+    for bad in [0, 1, 1, 1, 1, 0, 1, 0]:
+        health.record(UpdateCheck(torch.tensor(1.0), torch.tensor(float(bad)), None))
+    scalars = health.window_scalars()
+    assert scalars["_worst_bad_run"].item() == 4
+    assert scalars["train/skipped_steps"].item() == 5
+
+
 def test_a_run_of_bad_steps_stops_with_a_clear_message(tiny_sd_model, cached_dataset, tmp_path):
     from cachetrain.sidecar import read_metadata, write_sidecar
 
@@ -295,7 +339,7 @@ def test_caption_dropout_swaps_in_the_data_roots_empty_prompt(cached_dataset):
                                                  empty_embeddings=[empty]))
     dropped = 0
     for i in range(len(dataset)):
-        _, emb, _, _, _ = dataset[i]
+        emb = dataset[i][1]
         expect_drop = draw_sample_noise((4, 16, 16), 1000, 0.0, sample_key(5, 0, i))[2] < 0.5
         own = read_sidecar(index[i][1], "emb")
         assert torch.equal(emb, empty if expect_drop else own)
@@ -318,6 +362,8 @@ def _names(unet, pattern: str) -> set[str]:
     (["--unfreeze_mid_block"], r"^mid_block\."),
     (["--reinit_qk"], r"\.to_[qk]\.weight$"),
     (["--reinit_crossattn"], r"\.attn2\."),
+    (["--reinit_attention"], r"\.attn[12]\."),
+    (["--unfreeze_up_blocks", "0", "--unfreeze_mid_block"], r"^(up_blocks\.0|mid_block)\."),
 ])
 def test_targetted_training_trains_exactly_the_selected_parameters(tiny_sd_model, flags, pattern):
     from diffusers import UNet2DConditionModel
@@ -365,6 +411,13 @@ def test_trainable_parameter_count_is_printed_at_start(tiny_sd_model, cached_dat
 # Flags and processes
 
 
+def test_an_unfreeze_selection_naming_a_missing_block_fails_clearly(tiny_sd_model, cached_dataset, tmp_path, capsys):
+    code = main(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--targetted_training",
+                      "--unfreeze_up_blocks", "7"))
+    assert code == 2
+    assert "--unfreeze_up_blocks 7: this UNet has up_blocks 0-1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--unfreeze_attention"], "add it"),
     (["--targetted_training"], "needs a selection"),
@@ -398,6 +451,10 @@ def test_two_process_cpu_training_keeps_weights_identical(tiny_sd_model, cached_
     assert summary["processes"] == 2 and summary["steps"] == 6
     first, second = summary["process_weight_checksums"]
     assert first == second and math.isfinite(first)
+    # 6 steps x batch 4 = one epoch share of 24 pairs per process; disjoint shares cover pairs 0..47
+    assert summary["process_sample_counts"] == [24, 24]
+    assert sum(summary["process_sample_id_sums"]) == sum(range(48))
+    assert summary["process_sample_id_sums"][0] != summary["process_sample_id_sums"][1]
     assert "6 batches/epoch/process x 2 process(es)" in done.stderr  # 48 pairs / 2 processes / batch 4
 
 
