@@ -17,12 +17,14 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({("." + e.lstrip(".")).lower() for e in extensions}))
 
 
-def walk_files(root: os.PathLike | str, suffixes: Iterable[str]) -> Iterator[str]:
+def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
+               temporaries: list[str] | None = None) -> Iterator[str]:
     """Yield the paths under ``root`` whose name ends with one of ``suffixes`` (case-insensitive).
 
     One os.scandir pass per folder, in sorted order so every process sees the same sequence.
     Hidden folders and files (names starting with '.') are skipped: that is where temporary
-    sidecars and tool state live.
+    sidecars and tool state live. Temporary sidecars (left by a killed writer) are appended to
+    ``temporaries`` when a list is given, so a cache builder can report and remove them.
     """
     suffixes = tuple(s.lower() for s in suffixes)
     pending = [os.fspath(root)]
@@ -36,6 +38,8 @@ def walk_files(root: os.PathLike | str, suffixes: Iterable[str]) -> Iterator[str
         subfolders = []
         for entry in entries:
             if entry.name.startswith(".") or is_temporary(entry.name):
+                if temporaries is not None and is_temporary(entry.name):
+                    temporaries.append(entry.path)
                 continue
             if entry.is_dir(follow_symlinks=True):
                 subfolders.append(entry.path)
