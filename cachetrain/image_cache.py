@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import models
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype,
                           process_device, run_cache_build, settings_from_args)
-from .images import ImageRejected, load_image
+from .images import CONVERSION_REASONS, ImageRejected, load_image
 from .sidecar import IMAGE_LATENT_KEY, image_source_identity
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
 
@@ -112,7 +112,7 @@ class ImageLatentBuilder:
                     summary.fail(sources[i], kind, reason)
                     continue
                 for note in notes:
-                    summary.note(sources[i], note)
+                    summary.note(sources[i], note, CONVERSION_REASONS.get(note, f"converted from mode {note}"))
                 good.append((i, pixels))
             if not good:
                 continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +26,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Alpha is composited on this colour rather than dropped (dropping turns transparent areas into
 # whatever colour the encoder left in them, often black).
 ALPHA_BACKGROUND = (255, 255, 255)
+
+# What each conversion note means, for reports.
+CONVERSION_REASONS = {
+    "palette": "palette image expanded to RGB",
+    "alpha": f"alpha composited on RGB {ALPHA_BACKGROUND}",
+    "16bit": "16/32-bit grey scaled to 8 bits",
+    "cmyk": "CMYK converted to RGB",
+    "grey": "grey repeated into R, G and B",
+    "upscaled": "short side under the resolution: upscaled",
+}
 
 REJECTION_KINDS = ("empty file", "not an image", "truncated", "decompression bomb", "unreadable", "too small")
 
@@ -74,9 +85,9 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     return image.convert("RGB"), notes
 
 
-def _open_checked(path: os.PathLike | str) -> Image.Image:
+def _open_checked(path: os.PathLike | str | BinaryIO) -> Image.Image:
     """Image.open with every way a file can fail to be an image turned into ImageRejected."""
-    if os.stat(path).st_size == 0:
+    if isinstance(path, (str, os.PathLike)) and os.stat(path).st_size == 0:
         raise ImageRejected("empty file", "the file has zero bytes")
     try:
         # Pillow only warns between 1x and 2x its pixel limit; a file that large is treated as a
@@ -108,7 +119,7 @@ def _decode(image: Image.Image, resolution: int) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def load_image(path: os.PathLike | str, resolution: int, min_size: int = 0) -> PreparedImage:
+def load_image(path: os.PathLike | str | BinaryIO, resolution: int, min_size: int = 0) -> PreparedImage:
     """Open, EXIF-orient, convert to RGB, resize the short side to ``resolution``, center-crop.
 
     Images whose short side is under ``min_size`` are rejected ("too small"); smaller than
