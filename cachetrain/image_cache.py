@@ -33,17 +33,18 @@ class ImageDecodeDataset(Dataset):
     uint8 is a quarter of the bytes of float32 on the way from the worker to the encoder.
     """
 
-    def __init__(self, paths: list[str], resolution: int, min_size: int = 0):
+    def __init__(self, paths: list[str], resolution: int, min_size: int = 0, jpeg_draft: bool = True):
         self.paths = paths
         self.resolution = resolution
         self.min_size = min_size
+        self.jpeg_draft = jpeg_draft
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            prepared = load_image(self.paths[i], self.resolution, self.min_size)
+            prepared = load_image(self.paths[i], self.resolution, self.min_size, self.jpeg_draft)
             return i, prepared.pixels, prepared.notes, "", ""
         except ImageRejected as error:
             return i, None, (), error.kind, error.reason
@@ -78,6 +79,7 @@ class ImageLatentBuilder:
     batch_size: int
     num_workers: int
     min_size: int = 0
+    jpeg_draft: bool = True  # see images.load_image
 
     def __post_init__(self):
         check_vae_precision(self.vae.config, self.dtype)
@@ -100,8 +102,8 @@ class ImageLatentBuilder:
         return {**self.settings_metadata(), **image_source_identity(source)}
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
-        loader = DataLoader(ImageDecodeDataset(sources, self.resolution, self.min_size), batch_size=self.batch_size,
-                            num_workers=self.num_workers, collate_fn=_keep_as_list,
+        decode = ImageDecodeDataset(sources, self.resolution, self.min_size, self.jpeg_draft)
+        loader = DataLoader(decode, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_keep_as_list,
                             pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.num_workers > 0 else None,
                             persistent_workers=False)

@@ -101,12 +101,12 @@ def _open_checked(path: os.PathLike | str | BinaryIO) -> Image.Image:
         raise ImageRejected("not an image", "Pillow does not recognise the file's content") from None
 
 
-def _decode(image: Image.Image, resolution: int) -> Image.Image:
+def _decode(image: Image.Image, resolution: int, jpeg_draft: bool) -> Image.Image:
     # JPEG can decode at 1/2, 1/4 or 1/8 scale for nearly free; ask for the smallest scale whose
     # short side still covers the resolution, so large photos are never decoded at full size.
     width, height = image.size
     scale = resolution / min(width, height)
-    if image.format == "JPEG" and scale < 0.5:
+    if jpeg_draft and image.format == "JPEG" and scale < 0.5:
         image.draft(None, (int(width * scale) + 1, int(height * scale) + 1))
     try:
         image.load()
@@ -119,8 +119,12 @@ def _decode(image: Image.Image, resolution: int) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def load_image(path: os.PathLike | str | BinaryIO, resolution: int, min_size: int = 0) -> PreparedImage:
+def load_image(path: os.PathLike | str | BinaryIO, resolution: int, min_size: int = 0,
+               jpeg_draft: bool = True) -> PreparedImage:
     """Open, EXIF-orient, convert to RGB, resize the short side to ``resolution``, center-crop.
+
+    ``jpeg_draft`` lets a large JPEG decode at a reduced scale still at least ``resolution``
+    (DCT-domain downscaling, then bicubic as usual); False decodes every pixel first.
 
     Images whose short side is under ``min_size`` are rejected ("too small"); smaller than
     ``resolution`` but at least ``min_size`` they are upscaled and noted. Raises ImageRejected
@@ -130,7 +134,7 @@ def load_image(path: os.PathLike | str | BinaryIO, resolution: int, min_size: in
         stored_size = image.size
         if min(stored_size) < min_size:
             raise ImageRejected("too small", f"{stored_size[0]}x{stored_size[1]} is under --min_size {min_size}")
-        oriented = _decode(image, resolution)
+        oriented = _decode(image, resolution, jpeg_draft)
         decoded_size = image.size  # smaller than stored_size when JPEG draft decoding kicked in
         try:
             rgb, notes = to_rgb(oriented)

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Image caching with decode in DataLoader workers against the same work in one serial loop.
+
+Both sides use the same tiny VAE (cachetrain.tiny.TINY_VAE), the same real JPEGs (photo-like
+content, 512-1024 px a side) and the same functions (images.load_image, the VAE's encode,
+sidecar.write_sidecar). The serial loop decodes, encodes and writes one batch after another in
+one process; the cache builder (run_cache_build + ImageLatentBuilder) decodes in ``--workers``
+processes and writes on background threads. Each is timed with JPEG draft decoding on (the
+default) and off (every pixel decoded), best of ``--repeats``.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_image_cache.py --images 128 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cachetrain.cache_build import CacheSettings, run_cache_build  # noqa: E402
+from cachetrain.image_cache import ImageLatentBuilder, pixels_to_vae_input  # noqa: E402
+from cachetrain.images import load_image  # noqa: E402
+from cachetrain.sidecar import IMAGE_LATENT_KEY, SD_VAE_SUFFIX, sidecar_path, write_sidecar  # noqa: E402
+from cachetrain.tiny import TINY_VAE  # noqa: E402
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Overlapping coloured ellipses, sensor-like noise and a slight blur: JPEG sizes like real photos."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), tuple(rng.integers(0, 256, 3).tolist()))
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        draw.ellipse((x0, y0, x0 + int(rng.integers(20, width // 2)), y0 + int(rng.integers(20, height // 2))),
+                     fill=tuple(rng.integers(0, 256, 3).tolist()))
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1))
+
+
+def write_jpegs(folder: Path, count: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"photo{i:04d}.jpg"
+        photo_like(int(rng.integers(512, 1025)), int(rng.integers(512, 1025)), seed=i).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def serial_loop(builder: ImageLatentBuilder, paths: list[str], jpeg_draft: bool) -> None:
+    """Decode, encode, write: one batch after the other, in this process."""
+    for start in range(0, len(paths), builder.batch_size):
+        batch = paths[start : start + builder.batch_size]
+        pixels = torch.stack([load_image(p, builder.resolution, jpeg_draft=jpeg_draft).pixels for p in batch])
+        with torch.no_grad():
+            latents = builder.vae.encode(pixels_to_vae_input(pixels, builder.dtype)).latent_dist.mean
+        latents = latents.to(builder.save_dtype)
+        for path, latent in zip(batch, latents):
+            write_sidecar(sidecar_path(path, SD_VAE_SUFFIX), {IMAGE_LATENT_KEY: latent.clone()},
+                          builder.expected_metadata(path))
+
+
+def worker_build(builder: ImageLatentBuilder, folder: Path, workers: int) -> None:
+    settings = CacheSettings(data_roots=[str(folder)], out_suffix=SD_VAE_SUFFIX, extensions=(".jpg",),
+                             batch_size=builder.batch_size, overwrite=True, num_workers=workers, show_progress=False)
+    summary = run_cache_build(builder, settings)
+    assert summary.counts["written"] == len(list(folder.glob("*.jpg"))), summary.render()
+
+
+def best_seconds(repeats: int, function) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=64, help="the tiny VAE's native resolution")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the encoder gets one core; the workers share what is left
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-image-cache-"))
+    try:
+        start = time.perf_counter()
+        paths = write_jpegs(scratch / "photos", args.images)
+        mean_kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
+        print(f"wrote {len(paths)} JPEGs (512-1024 px, mean {mean_kb:.0f} KiB) in {time.perf_counter() - start:.1f} s; "
+              f"cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}")
+        torch.manual_seed(0)
+        from diffusers import AutoencoderKL
+
+        results = {}
+        for jpeg_draft in (True, False):
+            builder = ImageLatentBuilder(vae=AutoencoderKL(**TINY_VAE), model_name="tiny", resolution=args.resolution,
+                                         device=torch.device("cpu"), dtype=torch.float32, save_dtype=torch.float16,
+                                         batch_size=args.batch_size, num_workers=args.workers, jpeg_draft=jpeg_draft)
+            serial = best_seconds(args.repeats, lambda: serial_loop(builder, paths, jpeg_draft))
+            workers = best_seconds(args.repeats, lambda: worker_build(builder, scratch / "photos", args.workers))
+            results[jpeg_draft] = (serial, workers)
+            label = "JPEG draft decode" if jpeg_draft else "full decode      "
+            print(f"{label}: serial {len(paths) / serial:6.1f} img/s, {args.workers} workers "
+                  f"{len(paths) / workers:6.1f} img/s, ratio {serial / workers:.2f}x")
+    finally:
+        shutil.rmtree(scratch)
+
+
+if __name__ == "__main__":
+    main()
