@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from .sidecar import Freshness, check_freshness, sidecar_path, write_sidecar
-from .tree import walk_files
+from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
 FAILURES_SHOWN = 5
 # A temporary sidecar this old belongs to a writer that died (a live one renames it within ms).
@@ -214,30 +214,31 @@ class TreeScan:
     sources: list[str]  # every input, in walk order (the same in every process)
     sidecars: list[str]  # existing sidecars with the run's suffix
     temporaries: list[str]  # temporary sidecars of killed writers
+    other_images: list[str]  # images with extensions this run was told to leave alone
 
 
 def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: str) -> TreeScan:
-    """One walk per root finds the sources and the existing sidecars together."""
-    scan = TreeScan([], [], [])
+    """One walk per root finds the sources and the existing sidecars together.
+
+    Images of the default extensions that ``extensions`` leaves out are found too: their sidecars
+    are not orphans just because this run does not cache them.
+    """
+    scan = TreeScan([], [], [], [])
     out_suffix_lower = out_suffix.lower()
+    wanted = tuple(e.lower() for e in extensions)
     for root in roots:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data root not found: {root}")
-        for path in walk_files(root, (*extensions, out_suffix), temporaries=scan.temporaries):
-            if path.lower().endswith(out_suffix_lower):
+        for path in walk_files(root, (*extensions, *DEFAULT_IMAGE_EXTENSIONS, out_suffix),
+                               temporaries=scan.temporaries):
+            lower = path.lower()
+            if lower.endswith(out_suffix_lower):
                 scan.sidecars.append(path)
-            else:
+            elif lower.endswith(wanted):
                 scan.sources.append(path)
+            else:
+                scan.other_images.append(path)
     return scan
-
-
-def collect_sources(roots: Iterable[str], extensions: tuple[str, ...]) -> list[str]:
-    sources: list[str] = []
-    for root in roots:
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data root not found: {root}")
-        sources.extend(walk_files(root, extensions))
-    return sources
 
 
 def drop_name_clashes(sources: list[str], summary: CacheSummary | None) -> list[str]:
@@ -359,7 +360,7 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     all_sources = drop_name_clashes(scan.sources, summary if settings.shard_index == 0 else None)
     sources = take_shard(all_sources, settings.shard_index, settings.shard_count)
     # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
-    orphans = find_orphans(scan.sidecars, scan.sources, settings.out_suffix) if settings.shard_index == 0 else []
+    orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix) if settings.shard_index == 0 else []
     todo = plan(builder, sources, settings, summary, orphans)
     handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
     writer = BackgroundWriter(summary)

@@ -186,7 +186,7 @@ def main(argv: list[str] | None, defaults: ImageScriptDefaults) -> int:
                                      device=device, dtype=dtype, save_dtype=save_dtype,
                                      batch_size=args.batch_size, num_workers=args.num_workers,
                                      min_size=args.min_size)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad flags, or no VAE where --model / --custom points
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = run_cache_build(builder, settings)

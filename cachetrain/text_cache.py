@@ -177,7 +177,11 @@ def main_clip(argv: list[str] | None = None) -> int:
 def run_text_cache(builder: TextEmbeddingBuilder, args: argparse.Namespace) -> int:
     """Cache ``builder``'s embeddings of every caption under ``args.data_root`` (the common flags), the
     empty prompt once per root, print the summary, and return the exit status."""
-    settings = settings_from_args(args, normalize_extensions(args.extensions), num_workers=0)
+    try:
+        settings = settings_from_args(args, normalize_extensions(args.extensions), num_workers=0)
+    except ValueError as error:  # a malformed --shard
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     summary = run_cache_build(builder, settings)
     if settings.shard_index == 0:
         for root in args.data_root:

@@ -270,3 +270,33 @@ def test_non_finite_text_embeddings_are_not_written(capsys, tiny_sd_model, shape
     assert counts["failed"] == len(with_purple) and counts["written"] == IMAGES_IN_DATASET - len(with_purple)
     assert f"non-finite output {len(with_purple)}" in err
     assert not any(p.with_suffix(".txt_clipl").exists() for p in with_purple)
+
+
+def test_sidecars_of_images_left_out_by_extensions_are_not_orphans(capsys, tiny_sd_model, cached_dataset):
+    png = cached_dataset / "part0" / "img00000.png"
+    (cached_dataset / "part0" / "img00000.jpg").rename(png)
+    status, counts, err = run_images(capsys, tiny_sd_model, cached_dataset, "--extensions", "JPG", "--prune")
+    assert status == 0 and counts["fresh"] == IMAGES_IN_DATASET - 1
+    assert "orphan" not in err
+    assert png.with_suffix(".img_sdvae").exists()
+
+
+def test_prune_removes_temporaries_of_killed_writers_but_not_of_live_ones(capsys, tiny_sd_model, cached_dataset):
+    folder = cached_dataset / "part2"
+    abandoned = folder / f".img00002.img_sdvae{sidecar.TEMP_MARKER}dead0001"
+    live = folder / f".img00006.img_sdvae{sidecar.TEMP_MARKER}live0001"
+    for path in (abandoned, live):
+        path.write_bytes(b"half a file")
+    old = abandoned.stat().st_mtime - 3600
+    os.utime(abandoned, (old, old))
+    status, counts, err = run_images(capsys, tiny_sd_model, cached_dataset, "--prune")
+    assert status == 0 and counts["fresh"] == IMAGES_IN_DATASET
+    assert "leftover temporaries 1, removed 1" in err
+    assert not abandoned.exists() and live.exists()
+
+
+def test_a_report_file_describes_one_run(capsys, tiny_sd_model, cached_dataset, tmp_path):
+    report = tmp_path / "report.jsonl"
+    report.write_text('{"path": "from an earlier run"}\n')
+    status, _, _ = run_images(capsys, tiny_sd_model, cached_dataset, "--report", str(report))
+    assert status == 0 and report.read_text() == ""
