@@ -300,3 +300,19 @@ def test_a_report_file_describes_one_run(capsys, tiny_sd_model, cached_dataset, 
     report.write_text('{"path": "from an earlier run"}\n')
     status, _, _ = run_images(capsys, tiny_sd_model, cached_dataset, "--report", str(report))
     assert status == 0 and report.read_text() == ""
+
+
+def test_non_finite_latents_are_not_written(capsys, shapes_dataset, tmp_path):
+    from diffusers import AutoencoderKL
+
+    broken = write_vae_folder(tmp_path / "broken", seed=0)
+    vae = AutoencoderKL.from_pretrained(broken / "vae")
+    with torch.no_grad():
+        vae.quant_conv.bias[0] = float("inf")  # channel 0 of every latent becomes Inf
+    vae.save_pretrained(broken / "vae")
+    status, counts, err = run_images(capsys, broken, shapes_dataset)
+    assert status == 1
+    assert counts["written"] == 0 and counts["failed"] == IMAGES_IN_DATASET
+    assert f"problems: non-finite output {IMAGES_IN_DATASET}" in err
+    assert "the VAE produced NaN/Inf for this image; nothing written" in err
+    assert not sidecars(shapes_dataset, ".img_sdvae")
