@@ -90,7 +90,7 @@ def best_seconds(repeats: int, function) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
     parser.add_argument("--resolution", type=int, default=64, help="the tiny VAE's native resolution")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -107,17 +107,21 @@ def main() -> None:
         torch.manual_seed(0)
         from diffusers import AutoencoderKL
 
-        results = {}
-        for jpeg_draft in (True, False):
-            builder = ImageLatentBuilder(vae=AutoencoderKL(**TINY_VAE), model_name="tiny", resolution=args.resolution,
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        vae = AutoencoderKL(**TINY_VAE)
+        for jpeg_draft in (False, True):
+            label = "JPEG draft decode" if jpeg_draft else "full decode"
+            builder = ImageLatentBuilder(vae=vae, model_name="tiny", resolution=args.resolution,
                                          device=torch.device("cpu"), dtype=torch.float32, save_dtype=torch.float16,
-                                         batch_size=args.batch_size, num_workers=args.workers, jpeg_draft=jpeg_draft)
+                                         batch_size=args.batch_size, num_workers=0, jpeg_draft=jpeg_draft)
             serial = best_seconds(args.repeats, lambda: serial_loop(builder, paths, jpeg_draft))
-            workers = best_seconds(args.repeats, lambda: worker_build(builder, scratch / "photos", args.workers))
-            results[jpeg_draft] = (serial, workers)
-            label = "JPEG draft decode" if jpeg_draft else "full decode      "
-            print(f"{label}: serial {len(paths) / serial:6.1f} img/s, {args.workers} workers "
-                  f"{len(paths) / workers:6.1f} img/s, ratio {serial / workers:.2f}x")
+            print(f"{label}: serial loop {len(paths) / serial:6.1f} img/s")
+            for workers in args.workers:
+                builder.num_workers = workers
+                took = best_seconds(args.repeats, lambda: worker_build(builder, scratch / "photos", workers))
+                print(f"{label}: {workers} decode worker(s) {len(paths) / took:6.1f} img/s, "
+                      f"ratio {serial / took:.2f}x")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(scratch)
 

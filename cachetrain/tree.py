@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 from .sidecar import is_temporary
 
