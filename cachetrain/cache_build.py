@@ -36,7 +36,8 @@ from tqdm import tqdm
 from .sidecar import Freshness, check_freshness, sidecar_path, write_sidecar
 from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
-FAILURES_SHOWN = 5
+FAILURES_SHOWN = 5  # in the summary
+FAILURES_PRINTED = 100  # as they happen; a run over millions of broken files must not flood the log
 # A temporary sidecar this old belongs to a writer that died (a live one renames it within ms).
 TEMPORARY_GRACE_SECONDS = 60.0
 # Problems that remove an input on the user's request (reported and counted, but not a failure).
@@ -69,7 +70,7 @@ class CacheSummary:
     counts: Counter = field(default_factory=Counter)
     failure_kinds: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the first FAILURES_SHOWN
     report_path: str | None = None
     started: float = field(default_factory=time.monotonic)
     progress: tqdm | None = None
@@ -83,8 +84,13 @@ class CacheSummary:
         self.counts[status] += 1
         self.failure_kinds[kind] += 1
         if status == "failed":
-            self.failures.append((path, f"{kind}: {reason}"))
-            tqdm.write(f"[cache] failed {path}: {kind}: {reason}", file=sys.stderr)
+            failed = self.counts["failed"]
+            if failed <= FAILURES_SHOWN:
+                self.failures.append((path, f"{kind}: {reason}"))
+            if failed <= FAILURES_PRINTED:
+                tqdm.write(f"[cache] failed {path}: {kind}: {reason}", file=sys.stderr)
+            elif failed == FAILURES_PRINTED + 1:
+                tqdm.write("[cache] more failures: counted and reported (--report), no longer printed", file=sys.stderr)
         self._report(path, status, kind, reason)
         if self.progress is not None:
             self.progress.update(1)
@@ -126,10 +132,10 @@ class CacheSummary:
             lines.append("problems: " + ", ".join(f"{k} {v}" for k, v in sorted(self.failure_kinds.items())))
         if self.notes:
             lines.append("conversions: " + ", ".join(f"{k} {v}" for k, v in sorted(self.notes.items())))
-        for path, reason in self.failures[:FAILURES_SHOWN]:
+        for path, reason in self.failures:
             lines.append(f"  failed: {path}: {reason}")
-        if len(self.failures) > FAILURES_SHOWN:
-            lines.append(f"  ... and {len(self.failures) - FAILURES_SHOWN} more failures"
+        if c["failed"] > len(self.failures):
+            lines.append(f"  ... and {c['failed'] - len(self.failures)} more failures"
                          + (f" (all in {self.report_path})" if self.report_path else " (--report FILE lists them all)"))
         return "\n".join(lines)
 

@@ -316,3 +316,23 @@ def test_non_finite_latents_are_not_written(capsys, shapes_dataset, tmp_path):
     assert f"problems: non-finite output {IMAGES_IN_DATASET}" in err
     assert "the VAE produced NaN/Inf for this image; nothing written" in err
     assert not sidecars(shapes_dataset, ".img_sdvae")
+
+
+def test_the_summary_shows_the_first_few_failures_and_counts_the_rest(tmp_path, capsys):
+    from cachetrain.cache_build import FAILURES_SHOWN, CacheSummary
+
+    report = tmp_path / "report.jsonl"
+    summary = CacheSummary(report_path=str(report))
+    summary.count("written", 3)
+    for i in range(FAILURES_SHOWN + 3):
+        summary.fail(f"/data/bad{i}.jpg", "not an image", "Pillow does not recognise the file's content")
+    summary.fail("/data/small.jpg", "too small", "40x40 is under --min_size 48")
+    text = summary.render()
+    assert summary.exit_status() == 1
+    assert "written 3 (rebuilt stale 0), skipped fresh 0, legacy kept 0, failed 8, skipped on request 1" in text
+    assert "problems: not an image 8, too small 1" in text
+    shown = [line for line in text.splitlines() if line.startswith("  failed: ")]
+    assert shown[0] == "  failed: /data/bad0.jpg: not an image: Pillow does not recognise the file's content"
+    assert len(shown) == FAILURES_SHOWN
+    assert f"  ... and 3 more failures (all in {report})" in text
+    assert len(report.read_text().splitlines()) == FAILURES_SHOWN + 4
