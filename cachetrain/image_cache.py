@@ -52,8 +52,30 @@ class ImageDecodeDataset(Dataset):
             return i, None, (), "unreadable", f"{type(error).__name__}: {error}"
 
 
-def _keep_as_list(batch):
-    return batch
+@dataclass
+class DecodedBatch:
+    """A batch as the workers hand it over: the good images stacked, the bad ones with their problem.
+
+    Stacking in the worker means one tensor crosses the process boundary and, on CUDA, one pinned
+    buffer is copied to the GPU without blocking.
+    """
+
+    indices: list[int]  # into the source list, one per row of ``pixels``
+    pixels: torch.Tensor | None  # [B, 3, R, R] uint8, None when every image of the batch failed
+    notes: list[tuple[str, ...]]  # conversions, one tuple per row of ``pixels``
+    rejected: list[tuple[int, str, str]]  # (index, kind, reason)
+
+    def pin_memory(self) -> DecodedBatch:
+        pinned = self.pixels.pin_memory() if self.pixels is not None else None
+        return DecodedBatch(self.indices, pinned, self.notes, self.rejected)
+
+
+def collate_decoded(items) -> DecodedBatch:
+    good = [(i, pixels, notes) for i, pixels, notes, _, _ in items if pixels is not None]
+    return DecodedBatch(indices=[i for i, _, _ in good],
+                        pixels=torch.stack([pixels for _, pixels, _ in good]) if good else None,
+                        notes=[notes for _, _, notes in good],
+                        rejected=[(i, kind, reason) for i, pixels, _, kind, reason in items if pixels is None])
 
 
 def pixels_to_vae_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -103,27 +125,24 @@ class ImageLatentBuilder:
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
         decode = ImageDecodeDataset(sources, self.resolution, self.min_size, self.jpeg_draft)
-        loader = DataLoader(decode, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_keep_as_list,
+        loader = DataLoader(decode, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_decoded,
                             pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.num_workers > 0 else None,
                             persistent_workers=False)
         for batch in loader:
-            good = []
-            for i, pixels, notes, kind, reason in batch:
-                if pixels is None:
-                    summary.fail(sources[i], kind, reason)
-                    continue
+            for i, kind, reason in batch.rejected:
+                summary.fail(sources[i], kind, reason)
+            for i, notes in zip(batch.indices, batch.notes):
                 for note in notes:
                     summary.note(sources[i], note, CONVERSION_REASONS.get(note, f"converted from mode {note}"))
-                good.append((i, pixels))
-            if not good:
+            if batch.pixels is None:
                 continue
-            pixels = torch.stack([p for _, p in good]).to(self.device, non_blocking=True)
+            pixels = batch.pixels.to(self.device, non_blocking=True)
             with torch.no_grad():
                 latents = self.vae.encode(pixels_to_vae_input(pixels, self.dtype)).latent_dist.mean
             finite = torch.isfinite(latents).flatten(1).all(dim=1).cpu()
             latents = latents.to(self.save_dtype).cpu()
-            for (i, _), latent, ok in zip(good, latents, finite.tolist()):
+            for i, latent, ok in zip(batch.indices, latents, finite.tolist()):
                 source = sources[i]
                 if not ok:
                     summary.fail(source, "non-finite output", "the VAE produced NaN/Inf for this image; nothing written")
