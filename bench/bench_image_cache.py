@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -82,10 +83,17 @@ def worker_build(builder: ImageLatentBuilder, folder: Path, workers: int) -> Non
     assert summary.counts["written"] == len(list(folder.glob("*.jpg"))), summary.render()
 
 
-def seconds(function) -> float:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the decode workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def seconds(function) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call."""
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     function()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - start_cpu
 
 
 def main() -> None:
@@ -124,22 +132,24 @@ def main() -> None:
 
             # Serial and worker runs take turns, so noise from other work on the shared cores hits
             # both alike; the best of each is kept.
-            best = {"serial": float("inf"), **{w: float("inf") for w in args.workers}}
+            best = {"serial": (float("inf"), 0.0), **{w: (float("inf"), 0.0) for w in args.workers}}
             for _ in range(args.repeats):
                 best["serial"] = min(best["serial"], seconds(lambda: serial_loop(builder, paths, jpeg_draft)))
                 for workers in args.workers:
                     best[workers] = min(best[workers], seconds(lambda: with_workers(workers)))
-            decode_ms = seconds(lambda: [load_image(p, args.resolution, jpeg_draft=jpeg_draft) for p in paths])
+            decode_ms = seconds(lambda: [load_image(p, args.resolution, jpeg_draft=jpeg_draft) for p in paths])[0]
             decode_ms *= 1000 / len(paths)
-            serial_ms = best["serial"] * 1000 / len(paths)
+            serial_ms = best["serial"][0] * 1000 / len(paths)
             # With the encoder in one process and decoding in others, the best possible speed-up
             # on 2 free cores is serial / max(decode, serial - decode).
             bound = serial_ms / max(decode_ms, serial_ms - decode_ms)
-            print(f"{label}: serial loop {len(paths) / best['serial']:6.1f} img/s ({serial_ms:.1f} ms/img, of which "
+            print(f"{label}: serial loop {len(paths) / best['serial'][0]:6.1f} img/s, "
+                  f"CPU {best['serial'][1] * 1000 / len(paths):.1f} ms/img ({serial_ms:.1f} ms/img wall, of which "
                   f"decode {decode_ms:.1f} ms: ideal ratio on 2 free cores {bound:.2f}x)")
             for workers in args.workers:
-                print(f"{label}: {workers} decode worker(s) {len(paths) / best[workers]:6.1f} img/s, "
-                      f"ratio {best['serial'] / best[workers]:.2f}x")
+                wall, cpu = best[workers]
+                print(f"{label}: {workers} decode worker(s) {len(paths) / wall:6.1f} img/s, "
+                      f"CPU {cpu * 1000 / len(paths):.1f} ms/img, ratio {best['serial'][0] / wall:.2f}x")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(scratch)
