@@ -50,7 +50,8 @@ def run_captions(capsys, model, root, *extra) -> tuple[int, dict[str, int], str]
 
 
 def sidecars(root: Path, suffix: str) -> list[Path]:
-    return sorted(root.rglob(f"*{suffix}"))
+    """The samples' sidecars (not the hidden empty-prompt one)."""
+    return sorted(p for p in root.rglob(f"*{suffix}") if not p.name.startswith("."))
 
 
 def write_vae_folder(folder: Path, seed: int, **config) -> Path:
@@ -336,3 +337,37 @@ def test_the_summary_shows_the_first_few_failures_and_counts_the_rest(tmp_path, 
     assert len(shown) == FAILURES_SHOWN
     assert f"  ... and 3 more failures (all in {report})" in text
     assert len(report.read_text().splitlines()) == FAILURES_SHOWN + 4
+
+
+def test_another_text_encoder_plugs_in_by_overriding_embed_and_may_store_trimmed_embeddings(capsys, tiny_sd_model,
+                                                                                         shapes_dataset):
+    from cachetrain.models import load_clip_text_encoder
+    from cachetrain.text_cache import TextEmbeddingBuilder, build_parser, run_text_cache
+    from cachetrain.text_encoding import encode_clip_prompts
+
+    class TrimmedBuilder(TextEmbeddingBuilder):
+        """Keeps only the real tokens of each caption (as a T5 cache may)."""
+
+        def settings_metadata(self):
+            return {**super().settings_metadata(), "trimmed": "true"}
+
+        def embed(self, prompts):
+            full = encode_clip_prompts(self.tokenizer, self.text_encoder, prompts)
+            lengths = [len(ids) for ids in self.tokenizer(prompts).input_ids]
+            return [emb[:n] for emb, n in zip(full, lengths)]
+
+    args = build_parser(str(tiny_sd_model), ".txt_trimmed", "test").parse_args(
+        ["--data_root", str(shapes_dataset), "--no_progress", "--save_dtype", "float32"])
+    tokenizer, encoder = load_clip_text_encoder(str(tiny_sd_model))
+    builder = TrimmedBuilder(tokenizer=tokenizer, text_encoder=encoder, model_name="tiny", device=torch.device("cpu"),
+                             dtype=torch.float32, save_dtype=torch.float32, batch_size=7)
+    assert run_text_cache(builder, args) == 0
+    caption = (shapes_dataset / "part0" / "img00000.txt").read_text().strip()
+    emb = sidecar.read_sidecar(shapes_dataset / "part0" / "img00000.txt_trimmed", "emb", ndim=2)
+    assert emb.shape == (len(tokenizer(caption).input_ids), 32)
+    assert sidecar.read_metadata(shapes_dataset / "part0" / "img00000.txt_trimmed")["trimmed"] == "true"
+    assert sidecar.read_sidecar(shapes_dataset / ".empty_prompt.txt_trimmed", "emb").shape == (2, 32)
+    assert len(sidecars(shapes_dataset, ".txt_trimmed")) == IMAGES_IN_DATASET
+    capsys.readouterr()
+    assert run_text_cache(builder, args) == 0
+    assert summary_counts(capsys.readouterr().err)["fresh"] == IMAGES_IN_DATASET
