@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol
 
 import torch
@@ -203,6 +204,26 @@ def effective_shard(machine_shard: tuple[int, int], process: tuple[int, int] | N
 def take_shard(items: list[str], shard_index: int, shard_count: int) -> list[str]:
     """Every N-th item from the I-th: shares are disjoint, cover the list, and differ in size by at most one."""
     return items[shard_index::shard_count]
+
+
+def agree_on_exit_status(status: int) -> int:
+    """Under torchrun / accelerate launch: wait for every process, and give all of them the worst status.
+
+    torchrun stops the other processes as soon as one exits non-zero, so a process that finished
+    its share with a few bad files would otherwise kill the others mid-run.
+    """
+    _rank, world = process_shard()
+    if world <= 1 or "MASTER_ADDR" not in os.environ:  # not started by a launcher (or by tests)
+        return status
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # Shares take hours on large trees and finish at different times: wait as long as it takes.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    worst = torch.tensor([status])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    dist.destroy_process_group()
+    return int(worst[0])
 
 
 def per_process_path(path: str | None) -> str | None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from . import models
-from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype,
-                          process_device, run_cache_build, settings_from_args)
+from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, agree_on_exit_status,
+                          default_encoder_dtype, process_device, run_cache_build, settings_from_args)
 from .sidecar import (TEXT_EMBEDDING_KEY, caption_path, caption_source_identity, check_freshness,
                       write_sidecar)
 from .text_encoding import clip_overlong, encode_clip_prompts
@@ -187,4 +187,4 @@ def run_text_cache(builder: TextEmbeddingBuilder, args: argparse.Namespace) -> i
         for root in args.data_root:
             builder.write_empty_prompt(root, args.out_suffix, args.overwrite)
     print(summary.render(), file=sys.stderr)
-    return summary.exit_status()
+    return agree_on_exit_status(summary.exit_status())
