@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from .sidecar import Freshness, check_freshness, sidecar_path, write_sidecar
+from .sidecar import CAPTION_EXTENSION, Freshness, check_freshness, sidecar_path, write_sidecar
 from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
 FAILURES_SHOWN = 5  # in the summary
@@ -440,6 +440,9 @@ def default_encoder_dtype(device: torch.device) -> torch.dtype:
 
 def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> CacheSettings:
     """The engine's settings from the common flags (the same for every cache script)."""
+    for extension in extensions:
+        if extension in (CAPTION_EXTENSION, args.out_suffix.lower()):
+            raise ValueError(f"--extensions {extension}: captions and sidecars cannot be sources")
     shard_index, shard_count = effective_shard(parse_shard(args.shard))
     return CacheSettings(data_roots=args.data_root, out_suffix=args.out_suffix, extensions=extensions,
                          batch_size=args.batch_size, overwrite=args.overwrite, num_workers=num_workers,

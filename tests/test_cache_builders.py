@@ -371,3 +371,9 @@ def test_another_text_encoder_plugs_in_by_overriding_embed_and_may_store_trimmed
     capsys.readouterr()
     assert run_text_cache(builder, args) == 0
     assert summary_counts(capsys.readouterr().err)["fresh"] == IMAGES_IN_DATASET
+
+
+def test_captions_cannot_be_taken_for_images(capsys, tiny_sd_model, shapes_dataset):
+    status, _, err = run_images(capsys, tiny_sd_model, shapes_dataset, "--extensions", "jpg", "TXT")
+    assert status == 2 and "--extensions .txt: captions and sidecars cannot be sources" in err
+    assert not sidecars(shapes_dataset, ".img_sdvae")
