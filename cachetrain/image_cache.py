@@ -44,12 +44,15 @@ class ImageDecodeDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
+            # The file's identity is taken before it is read: if it changes while being read, the
+            # sidecar records the older identity and the next run rebuilds it.
+            identity = image_source_identity(self.paths[i])
             prepared = load_image(self.paths[i], self.resolution, self.min_size, self.jpeg_draft)
-            return i, prepared.pixels, prepared.notes, "", ""
+            return i, prepared.pixels, prepared.notes, identity, "", ""
         except ImageRejected as error:
-            return i, None, (), error.kind, error.reason
+            return i, None, (), None, error.kind, error.reason
         except Exception as error:  # any other decode failure is reported per file, never fatal
-            return i, None, (), "unreadable", f"{type(error).__name__}: {error}"
+            return i, None, (), None, "unreadable", f"{type(error).__name__}: {error}"
 
 
 @dataclass
@@ -63,19 +66,21 @@ class DecodedBatch:
     indices: list[int]  # into the source list, one per row of ``pixels``
     pixels: torch.Tensor | None  # [B, 3, R, R] uint8, None when every image of the batch failed
     notes: list[tuple[str, ...]]  # conversions, one tuple per row of ``pixels``
+    identities: list[dict[str, str]]  # image_source_identity as read before decoding, one per row
     rejected: list[tuple[int, str, str]]  # (index, kind, reason)
 
     def pin_memory(self) -> DecodedBatch:
         pinned = self.pixels.pin_memory() if self.pixels is not None else None
-        return DecodedBatch(self.indices, pinned, self.notes, self.rejected)
+        return DecodedBatch(self.indices, pinned, self.notes, self.identities, self.rejected)
 
 
 def collate_decoded(items) -> DecodedBatch:
-    good = [(i, pixels, notes) for i, pixels, notes, _, _ in items if pixels is not None]
-    return DecodedBatch(indices=[i for i, _, _ in good],
-                        pixels=torch.stack([pixels for _, pixels, _ in good]) if good else None,
-                        notes=[notes for _, _, notes in good],
-                        rejected=[(i, kind, reason) for i, pixels, _, kind, reason in items if pixels is None])
+    good = [item for item in items if item[1] is not None]
+    return DecodedBatch(indices=[i for i, *_ in good],
+                        pixels=torch.stack([pixels for _, pixels, *_ in good]) if good else None,
+                        notes=[notes for _, _, notes, *_ in good],
+                        identities=[identity for _, _, _, identity, *_ in good],
+                        rejected=[(i, kind, reason) for i, pixels, _, _, kind, reason in items if pixels is None])
 
 
 def pixels_to_vae_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -142,17 +147,12 @@ class ImageLatentBuilder:
                 latents = self.vae.encode(pixels_to_vae_input(pixels, self.dtype)).latent_dist.mean
             finite = torch.isfinite(latents).flatten(1).all(dim=1).cpu()
             latents = latents.to(self.save_dtype).cpu()
-            for i, latent, ok in zip(batch.indices, latents, finite.tolist()):
-                source = sources[i]
+            settings = {**self.settings_metadata(), "encoder": self.model_name}
+            for i, identity, latent, ok in zip(batch.indices, batch.identities, latents, finite.tolist()):
                 if not ok:
-                    summary.fail(source, "non-finite output", "the VAE produced NaN/Inf for this image; nothing written")
+                    summary.fail(sources[i], "non-finite output", "the VAE produced NaN/Inf for this image; nothing written")
                     continue
-                try:
-                    metadata = {**self.expected_metadata(source), "encoder": self.model_name}
-                except OSError as error:  # the image vanished since it was decoded
-                    summary.fail(source, "unreadable", str(error))
-                    continue
-                yield EncodedItem(source, {IMAGE_LATENT_KEY: latent.clone()}, metadata)
+                yield EncodedItem(sources[i], {IMAGE_LATENT_KEY: latent.clone()}, {**settings, **identity})
 
 
 @dataclass(frozen=True)
