@@ -65,7 +65,7 @@ class CacheSummary:
     """What a run did: counts by outcome, failures by kind, conversions, and the first few reasons.
 
     Every problem with an input is also written as one JSON line to ``report_path`` (if set):
-    {"path", "status": "failed" | "skipped" | "note", "kind", "reason"}.
+    {"path", "status": "failed" | "skipped" | "note" | "orphan", "kind", "reason"}.
     """
 
     counts: Counter = field(default_factory=Counter)
@@ -100,6 +100,10 @@ class CacheSummary:
         """An input that got its sidecar after a conversion worth knowing about (upscaled, truncated, ...)."""
         self.notes[kind] += 1
         self._report(path, "note", kind, reason)
+
+    def report_orphan(self, path: str, removed: bool) -> None:
+        """A sidecar whose source is gone (written to the report; counted by handle_orphans)."""
+        self._report(path, "orphan", "source gone", "removed (--prune)" if removed else "kept; --prune removes it")
 
     def _report(self, path: str, status: str, kind: str, reason: str) -> None:
         if self.report_path:
@@ -322,6 +326,8 @@ def handle_orphans(orphans: list[str], temporaries: list[str], prune: bool, summ
     summary.count("orphans", len(orphans))
     for orphan in orphans[:FAILURES_SHOWN]:
         tqdm.write(f"[cache] orphan sidecar (source gone): {orphan}", file=sys.stderr)
+    for orphan in orphans:
+        summary.report_orphan(orphan, removed=prune)
     now = time.time()
     abandoned = []
     for temporary in temporaries:

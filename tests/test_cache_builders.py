@@ -182,7 +182,9 @@ def test_a_deleted_caption_is_reported_its_old_embedding_is_an_orphan_and_the_la
     assert not old_embedding.exists()
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert lines == [{"path": str(cached_dataset / "part1" / "img00009.jpg"), "status": "failed",
-                      "kind": "no caption", "reason": "no caption file img00009.txt"}]
+                      "kind": "no caption", "reason": "no caption file img00009.txt"},
+                     {"path": str(old_embedding), "status": "orphan", "kind": "source gone",
+                      "reason": "removed (--prune)"}]
     status, counts, _ = run_images(capsys, tiny_sd_model, cached_dataset)
     assert status == 0 and counts["fresh"] == IMAGES_IN_DATASET
 
