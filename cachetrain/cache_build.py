@@ -393,7 +393,9 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     all_sources = drop_name_clashes(scan.sources, summary if settings.shard_index == 0 else None)
     sources = take_shard(all_sources, settings.shard_index, settings.shard_count)
     # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
-    orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix) if settings.shard_index == 0 else []
+    orphans = []
+    if settings.shard_index == 0:
+        orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix)
     todo = plan(builder, sources, settings, summary, orphans)
     handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
     writer = BackgroundWriter(summary)

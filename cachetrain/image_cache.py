@@ -130,8 +130,8 @@ class ImageLatentBuilder:
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
         decode = ImageDecodeDataset(sources, self.resolution, self.min_size, self.jpeg_draft)
-        loader = DataLoader(decode, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_decoded,
-                            pin_memory=self.device.type == "cuda",
+        loader = DataLoader(decode, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=collate_decoded, pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.num_workers > 0 else None,
                             persistent_workers=False)
         for batch in loader:
@@ -150,7 +150,8 @@ class ImageLatentBuilder:
             settings = {**self.settings_metadata(), "encoder": self.model_name}
             for i, identity, latent, ok in zip(batch.indices, batch.identities, latents, finite.tolist()):
                 if not ok:
-                    summary.fail(sources[i], "non-finite output", "the VAE produced NaN/Inf for this image; nothing written")
+                    summary.fail(sources[i], "non-finite output",
+                                 "the VAE produced NaN/Inf for this image; nothing written")
                     continue
                 yield EncodedItem(sources[i], {IMAGE_LATENT_KEY: latent.clone()}, {**settings, **identity})
 
