@@ -39,6 +39,9 @@ from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
 FAILURES_SHOWN = 5  # in the summary
 FAILURES_PRINTED = 100  # as they happen; a run over millions of broken files must not flood the log
+# Freshness checks run on this many threads, this many files per task.
+PLAN_THREADS = 8
+PLAN_CHUNK = 512
 # A temporary sidecar this old belongs to a writer that died (a live one renames it within ms).
 TEMPORARY_GRACE_SECONDS = 60.0
 # Problems that remove an input on the user's request (reported and counted, but not a failure).
@@ -154,7 +157,7 @@ class EncodedItem:
 
 class CacheBuilder(Protocol):
     def expected_metadata(self, source: str) -> dict[str, str]:
-        """What a fresh sidecar of ``source`` holds in its metadata.
+        """What a fresh sidecar of ``source`` holds in its metadata (called from several threads at once).
 
         Raises OSError/ValueError for a bad source; an exception with a ``kind`` attribute names the
         problem's kind, and one with ``source_gone = True`` marks an existing sidecar as an orphan.
@@ -297,27 +300,40 @@ def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, sum
     """The sources whose sidecar must be (re)built; counts the fresh and legacy ones it skips.
 
     A source the builder cannot use is reported; if its problem means the sidecar's source is gone
-    (a deleted caption), the existing sidecar is added to ``orphans``.
+    (a deleted caption), the existing sidecar is added to ``orphans``. The checks (a stat and a
+    header read per file) run on threads: on network storage each is a round trip.
     """
-    todo = []
-    for source in sources:
-        target = sidecar_path(source, settings.out_suffix)
+
+    def check(source: str) -> tuple[str, Exception | None, Freshness | None]:
         try:
             expected = builder.expected_metadata(source)
         except (OSError, ValueError) as error:
-            summary.fail(source, getattr(error, "kind", "unreadable"), str(error))
-            if getattr(error, "source_gone", False) and orphans is not None and target.exists():
-                orphans.append(os.fspath(target))
-            continue
-        state = Freshness("missing") if settings.overwrite else check_freshness(target, expected)
-        if state.status == "fresh":
-            summary.count("fresh")
-        elif state.status == "legacy":
-            summary.count("legacy")
-        else:
-            if state.status in ("stale", "unreadable"):
-                summary.count("stale")
-            todo.append(source)
+            return source, error, None
+        target = sidecar_path(source, settings.out_suffix)
+        return source, None, Freshness("missing") if settings.overwrite else check_freshness(target, expected)
+
+    def check_chunk(chunk: list[str]) -> list[tuple[str, Exception | None, Freshness | None]]:
+        return [check(source) for source in chunk]
+
+    todo = []
+    chunks = (sources[i : i + PLAN_CHUNK] for i in range(0, len(sources), PLAN_CHUNK))
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="freshness") as pool:
+        # map() keeps the order; chunks keep the number of futures small for millions of files.
+        for results in pool.map(check_chunk, chunks):
+            for source, error, state in results:
+                if error is not None:
+                    summary.fail(source, getattr(error, "kind", "unreadable"), str(error))
+                    target = sidecar_path(source, settings.out_suffix)
+                    if getattr(error, "source_gone", False) and orphans is not None and target.exists():
+                        orphans.append(os.fspath(target))
+                elif state.status == "fresh":
+                    summary.count("fresh")
+                elif state.status == "legacy":
+                    summary.count("legacy")
+                else:
+                    if state.status in ("stale", "unreadable"):
+                        summary.count("stale")
+                    todo.append(source)
     return todo
 
 
