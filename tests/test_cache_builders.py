@@ -379,3 +379,14 @@ def test_captions_cannot_be_taken_for_images(capsys, tiny_sd_model, shapes_datas
     status, _, err = run_images(capsys, tiny_sd_model, shapes_dataset, "--extensions", "jpg", "TXT")
     assert status == 2 and "--extensions .txt: captions and sidecars cannot be sources" in err
     assert not sidecars(shapes_dataset, ".img_sdvae")
+
+
+def test_only_vaes_that_must_be_upcast_are_refused_in_float16():
+    from cachetrain.image_cache import check_vae_precision
+
+    sdxl_like, sd15_like = {"force_upcast": True}, {"force_upcast": False}
+    with pytest.raises(ValueError, match="overflows in float16"):
+        check_vae_precision(sdxl_like, torch.float16)
+    for dtype in (torch.bfloat16, torch.float32):
+        check_vae_precision(sdxl_like, dtype)
+    check_vae_precision(sd15_like, torch.float16)
