@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Write x.img_sdvae beside each image x.jpg: its SD1.5 VAE latent (posterior mean, unscaled)."""
+"""Write x.img_sdvae beside each image x.jpg: its SD1.5 VAE latent (posterior mean, unscaled).
+
+The same implementation as create_img_sdxl.py with SD1.5 defaults (cachetrain.image_cache).
+"""
 
 import sys
 

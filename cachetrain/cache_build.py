@@ -1,8 +1,21 @@
 """What the cache builders share: walk, shard, skip fresh sidecars, batch, write, summarise.
 
-A builder (image_cache.ImageLatentBuilder, text_cache.TextEmbeddingBuilder) says what its sources
-are, what a fresh sidecar's metadata must hold, and how to encode a batch. ``run_cache_build``
-does everything else the same way for all of them.
+A builder (image_cache.ImageLatentBuilder, text_cache.TextEmbeddingBuilder) says what a fresh
+sidecar's metadata must hold and how to encode a batch. ``run_cache_build`` does everything else
+the same way for all of them:
+
+1. walk the data roots once (os.scandir, case-insensitive extensions), finding the sources, the
+   existing sidecars and temporaries left by killed writers;
+2. take this process's share: ``--shard I/N`` across machines combined with the torchrun /
+   accelerate rank, so all processes together cover every source exactly once;
+3. plan: a source whose sidecar is fresh (metadata matches source and encoder) is skipped; stale
+   or unreadable ones are rebuilt; legacy ones (no metadata) are kept unless ``--overwrite``;
+4. encode in batches and write each sidecar atomically on background threads;
+5. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up.
+
+Every input that gets no sidecar is reported with its path, a kind and a reason, counted, and the
+run goes on. The exit status is 0 only when every input has a usable sidecar: fresh, or legacy
+kept on purpose. Sources skipped on request (``--min_size``) do not count against it.
 """
 
 from __future__ import annotations
@@ -15,15 +28,24 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
-from .sidecar import Freshness, check_freshness, sidecar_path, write_sidecar
-from .tree import walk_files
+from .sidecar import CAPTION_EXTENSION, Freshness, check_freshness, sidecar_path, write_sidecar
+from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
-FAILURES_SHOWN = 5
+FAILURES_SHOWN = 5  # in the summary
+FAILURES_PRINTED = 100  # as they happen; a run over millions of broken files must not flood the log
+# Freshness checks run on this many threads, this many files per task.
+PLAN_THREADS = 8
+PLAN_CHUNK = 512
+# A temporary sidecar this old belongs to a writer that died (a live one renames it within ms).
+TEMPORARY_GRACE_SECONDS = 60.0
+# Problems that remove an input on the user's request (reported and counted, but not a failure).
+REQUESTED_SKIPS = ("too small",)
 
 
 @dataclass
@@ -38,48 +60,91 @@ class CacheSettings:
     shard_count: int = 1
     report_path: str | None = None
     show_progress: bool = True
+    prune: bool = False
 
 
 @dataclass
 class CacheSummary:
-    """Counts of what a run did, and the failures with their reasons (first few kept for display)."""
+    """What a run did: counts by outcome, failures by kind, conversions, and the first few reasons.
+
+    Every problem with an input is also written as one JSON line to ``report_path`` (if set):
+    {"path", "status": "failed" | "skipped" | "note" | "orphan", "kind", "reason"}.
+    """
 
     counts: Counter = field(default_factory=Counter)
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failure_kinds: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the first FAILURES_SHOWN
     report_path: str | None = None
     started: float = field(default_factory=time.monotonic)
+    progress: tqdm | None = None
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n
 
-    def fail(self, path: str, reason: str) -> None:
-        """Report a file that got no sidecar: printed at once, counted, and written to the report."""
-        self.counts["failed"] += 1
-        self.failures.append((path, reason))
-        tqdm.write(f"[cache] skipped {path}: {reason}", file=sys.stderr)
+    def fail(self, path: str, kind: str, reason: str) -> None:
+        """An input that gets no sidecar: printed at once, counted by kind, and written to the report."""
+        status = "skipped" if kind in REQUESTED_SKIPS else "failed"
+        self.counts[status] += 1
+        self.failure_kinds[kind] += 1
+        if status == "failed":
+            failed = self.counts["failed"]
+            if failed <= FAILURES_SHOWN:
+                self.failures.append((path, f"{kind}: {reason}"))
+            if failed <= FAILURES_PRINTED:
+                tqdm.write(f"[cache] failed {path}: {kind}: {reason}", file=sys.stderr)
+            elif failed == FAILURES_PRINTED + 1:
+                tqdm.write("[cache] more failures: counted and reported (--report), no longer printed", file=sys.stderr)
+        self._report(path, status, kind, reason)
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def note(self, path: str, kind: str, reason: str = "") -> None:
+        """An input that got its sidecar after a conversion worth knowing about (upscaled, truncated, ...)."""
+        self.notes[kind] += 1
+        self._report(path, "note", kind, reason)
+
+    def report_orphan(self, path: str, removed: bool) -> None:
+        """A sidecar whose source is gone (written to the report; counted by handle_orphans)."""
+        self._report(path, "orphan", "source gone", "removed (--prune)" if removed else "kept; --prune removes it")
+
+    def _report(self, path: str, status: str, kind: str, reason: str) -> None:
         if self.report_path:
+            # One write() per line in append mode: lines from concurrent processes never interleave.
+            line = json.dumps({"path": path, "status": status, "kind": kind, "reason": reason}) + "\n"
             with open(self.report_path, "a", encoding="utf-8") as report:
-                report.write(json.dumps({"path": path, "reason": reason}) + "\n")
+                report.write(line)
 
     @property
     def ok(self) -> bool:
+        """True when every input has a usable sidecar (fresh, or legacy kept on purpose)."""
         return self.counts["failed"] == 0
+
+    def exit_status(self) -> int:
+        return 0 if self.ok else 1
 
     def render(self) -> str:
         elapsed = time.monotonic() - self.started
-        done = self.counts["written"]
+        c = self.counts
+        handled = c["written"] + c["failed"] + c["skipped"]
         lines = [
-            f"written {done}, skipped fresh {self.counts['fresh']}, rebuilt stale {self.counts['stale']}, "
-            f"legacy kept {self.counts['legacy']}, failed {self.counts['failed']}",
-            f"elapsed {elapsed:.1f} s, {done / elapsed if elapsed > 0 else 0.0:.1f} files/s written",
+            f"written {c['written']} (rebuilt stale {c['stale']}), skipped fresh {c['fresh']}, "
+            f"legacy kept {c['legacy']}, failed {c['failed']}, skipped on request {c['skipped']}",
+            f"elapsed {elapsed:.1f} s; {handled / elapsed if elapsed > 0 else 0.0:.1f} files/s encoded or rejected, "
+            f"{(handled + c['fresh'] + c['legacy']) / elapsed if elapsed > 0 else 0.0:.1f} files/s in all",
         ]
-        notes = {k: v for k, v in sorted(self.counts.items()) if k.startswith("note:")}
-        if notes:
-            lines.append("conversions: " + ", ".join(f"{k[5:]} {v}" for k, v in notes.items()))
-        for path, reason in self.failures[:FAILURES_SHOWN]:
+        if c["orphans"] or c["temporaries"]:
+            lines.append(f"orphan sidecars (source gone) {c['orphans']}, leftover temporaries {c['temporaries']}, "
+                         f"removed {c['pruned']}" + ("" if c["pruned"] else " (use --prune to remove)"))
+        if self.failure_kinds:
+            lines.append("problems: " + ", ".join(f"{k} {v}" for k, v in sorted(self.failure_kinds.items())))
+        if self.notes:
+            lines.append("conversions: " + ", ".join(f"{k} {v}" for k, v in sorted(self.notes.items())))
+        for path, reason in self.failures:
             lines.append(f"  failed: {path}: {reason}")
-        if len(self.failures) > FAILURES_SHOWN:
-            lines.append(f"  ... and {len(self.failures) - FAILURES_SHOWN} more failures")
+        if c["failed"] > len(self.failures):
+            lines.append(f"  ... and {c['failed'] - len(self.failures)} more failures"
+                         + (f" (all in {self.report_path})" if self.report_path else " (--report FILE lists them all)"))
         return "\n".join(lines)
 
 
@@ -92,10 +157,18 @@ class EncodedItem:
 
 class CacheBuilder(Protocol):
     def expected_metadata(self, source: str) -> dict[str, str]:
-        """What a fresh sidecar of ``source`` holds in its metadata. Raises OSError/ValueError for a bad source."""
+        """What a fresh sidecar of ``source`` holds in its metadata (called from several threads at once).
+
+        Raises OSError/ValueError for a bad source; an exception with a ``kind`` attribute names the
+        problem's kind, and one with ``source_gone = True`` marks an existing sidecar as an orphan.
+        """
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
         """Encode ``sources`` in batches; report the ones that fail to ``summary`` and yield the rest."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing the work between processes and machines
 
 
 def process_shard() -> tuple[int, int]:
@@ -103,6 +176,15 @@ def process_shard() -> tuple[int, int]:
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return rank, world
+
+
+def process_device(requested: str | None) -> torch.device:
+    """--device if given; else this process's own GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -119,50 +201,177 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def effective_shard(machine_shard: tuple[int, int]) -> tuple[int, int]:
+def effective_shard(machine_shard: tuple[int, int], process: tuple[int, int] | None = None) -> tuple[int, int]:
     """Combine --shard (across machines) with the process rank (within one): disjoint, covering."""
     machine_index, machine_count = machine_shard
-    rank, world = process_shard()
+    rank, world = process if process is not None else process_shard()
     return machine_index * world + rank, machine_count * world
 
 
 def take_shard(items: list[str], shard_index: int, shard_count: int) -> list[str]:
+    """Every N-th item from the I-th: shares are disjoint, cover the list, and differ in size by at most one."""
     return items[shard_index::shard_count]
 
 
-def collect_sources(roots: Iterable[str], extensions: tuple[str, ...]) -> list[str]:
-    sources: list[str] = []
+def agree_on_exit_status(status: int) -> int:
+    """Under torchrun / accelerate launch: wait for every process, and give all of them the worst status.
+
+    torchrun stops the other processes as soon as one exits non-zero, so a process that finished
+    its share with a few bad files would otherwise kill the others mid-run.
+    """
+    _rank, world = process_shard()
+    if world <= 1 or "MASTER_ADDR" not in os.environ:  # not started by a launcher (or by tests)
+        return status
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # Shares take hours on large trees and finish at different times: wait as long as it takes.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    worst = torch.tensor([status])
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    dist.destroy_process_group()
+    return int(worst[0])
+
+
+def per_process_path(path: str | None) -> str | None:
+    """Processes of one launch must not share a report file: add the rank when there are several."""
+    rank, world = process_shard()
+    return f"{path}.rank{rank}" if path and world > 1 else path
+
+
+# ---------------------------------------------------------------------------------------------
+# Walk and plan
+
+
+@dataclass
+class TreeScan:
+    sources: list[str]  # every input, in walk order (the same in every process)
+    sidecars: list[str]  # existing sidecars with the run's suffix
+    temporaries: list[str]  # temporary sidecars of killed writers
+    other_images: list[str]  # images with extensions this run was told to leave alone
+
+
+def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: str) -> TreeScan:
+    """One walk per root finds the sources and the existing sidecars together.
+
+    Images of the default extensions that ``extensions`` leaves out are found too: their sidecars
+    are not orphans just because this run does not cache them.
+    """
+    scan = TreeScan([], [], [], [])
+    out_suffix_lower = out_suffix.lower()
+    wanted = tuple(e.lower() for e in extensions)
     for root in roots:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data root not found: {root}")
-        sources.extend(walk_files(root, extensions))
-    return sources
+        for path in walk_files(root, (*extensions, *DEFAULT_IMAGE_EXTENSIONS, out_suffix),
+                               temporaries=scan.temporaries):
+            lower = path.lower()
+            if lower.endswith(out_suffix_lower):
+                scan.sidecars.append(path)
+            elif lower.endswith(wanted):
+                scan.sources.append(path)
+            else:
+                scan.other_images.append(path)
+    return scan
 
 
-def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, summary: CacheSummary) -> list[str]:
-    """The sources whose sidecar must be (re)built; counts the fresh and legacy ones it skips."""
-    todo = []
+def drop_name_clashes(sources: list[str], summary: CacheSummary | None) -> list[str]:
+    """x.jpg and x.png in one folder would share one sidecar: keep the first, report the others."""
+    owner: dict[str, str] = {}
+    kept = []
     for source in sources:
-        target = sidecar_path(source, settings.out_suffix)
+        stem = os.path.splitext(source)[0]
+        first = owner.setdefault(stem, source)
+        if first is source:
+            kept.append(source)
+        elif summary is not None:
+            summary.fail(source, "name clash", f"shares its sidecar name with {os.path.basename(first)}; rename one")
+    return kept
+
+
+def find_orphans(sidecars: list[str], sources: list[str], out_suffix: str) -> list[str]:
+    """Sidecars with no source of the same stem beside them."""
+    stems = {os.path.splitext(s)[0] for s in sources}
+    return [s for s in sidecars if s[: -len(out_suffix)] not in stems]
+
+
+def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, summary: CacheSummary,
+         orphans: list[str] | None = None) -> list[str]:
+    """The sources whose sidecar must be (re)built; counts the fresh and legacy ones it skips.
+
+    A source the builder cannot use is reported; if its problem means the sidecar's source is gone
+    (a deleted caption), the existing sidecar is added to ``orphans``. The checks (a stat and a
+    header read per file) run on threads: on network storage each is a round trip.
+    """
+
+    def check(source: str) -> tuple[str, Exception | None, Freshness | None]:
         try:
             expected = builder.expected_metadata(source)
         except (OSError, ValueError) as error:
-            summary.fail(source, str(error))
-            continue
-        state = Freshness("missing") if settings.overwrite else check_freshness(target, expected)
-        if state.status == "fresh":
-            summary.count("fresh")
-        elif state.status == "legacy":
-            summary.count("legacy")
-        else:
-            if state.status in ("stale", "unreadable"):
-                summary.count("stale")
-            todo.append(source)
+            return source, error, None
+        target = sidecar_path(source, settings.out_suffix)
+        return source, None, Freshness("missing") if settings.overwrite else check_freshness(target, expected)
+
+    def check_chunk(chunk: list[str]) -> list[tuple[str, Exception | None, Freshness | None]]:
+        return [check(source) for source in chunk]
+
+    todo = []
+    chunks = (sources[i : i + PLAN_CHUNK] for i in range(0, len(sources), PLAN_CHUNK))
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="freshness") as pool:
+        # map() keeps the order; chunks keep the number of futures small for millions of files.
+        for results in pool.map(check_chunk, chunks):
+            for source, error, state in results:
+                if error is not None:
+                    summary.fail(source, getattr(error, "kind", "unreadable"), str(error))
+                    target = sidecar_path(source, settings.out_suffix)
+                    if getattr(error, "source_gone", False) and orphans is not None and target.exists():
+                        orphans.append(os.fspath(target))
+                elif state.status == "fresh":
+                    summary.count("fresh")
+                elif state.status == "legacy":
+                    summary.count("legacy")
+                else:
+                    if state.status in ("stale", "unreadable"):
+                        summary.count("stale")
+                    todo.append(source)
     return todo
 
 
+def handle_orphans(orphans: list[str], temporaries: list[str], prune: bool, summary: CacheSummary) -> None:
+    """Report sidecars whose source is gone and temporaries of killed writers; remove them if asked."""
+    summary.count("orphans", len(orphans))
+    for orphan in orphans[:FAILURES_SHOWN]:
+        tqdm.write(f"[cache] orphan sidecar (source gone): {orphan}", file=sys.stderr)
+    for orphan in orphans:
+        summary.report_orphan(orphan, removed=prune)
+    now = time.time()
+    abandoned = []
+    for temporary in temporaries:
+        try:
+            if now - os.stat(temporary).st_mtime > TEMPORARY_GRACE_SECONDS:
+                abandoned.append(temporary)
+        except FileNotFoundError:  # a live writer renamed it meanwhile
+            pass
+    summary.count("temporaries", len(abandoned))
+    if prune:
+        for path in orphans + abandoned:
+            try:
+                os.unlink(path)
+                summary.count("pruned")
+            except FileNotFoundError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode and write
+
+
 class BackgroundWriter:
-    """Writes sidecars on a thread so the encoder does not wait for the disk."""
+    """Writes sidecars on threads so the encoder does not wait for the disk.
+
+    At most ``max_pending`` writes are in flight: a slow disk slows the run rather than filling
+    memory with encoded tensors.
+    """
 
     def __init__(self, summary: CacheSummary, max_pending: int = 64):
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sidecar-writer")
@@ -181,8 +390,10 @@ class BackgroundWriter:
             try:
                 future.result()
                 self._summary.count("written")
+                if self._summary.progress is not None:
+                    self._summary.progress.update(1)
             except OSError as error:
-                self._summary.fail(source, f"could not write sidecar: {error}")
+                self._summary.fail(source, "write failed", f"could not write sidecar: {error}")
 
     def close(self) -> None:
         self._collect(wait_for=len(self._pending))
@@ -190,21 +401,34 @@ class BackgroundWriter:
 
 
 def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSummary:
+    """Bring every source's sidecar up to date (this process's share of them) and sum up."""
     summary = CacheSummary(report_path=settings.report_path)
-    sources = collect_sources(settings.data_roots, settings.extensions)
-    sources = take_shard(sources, settings.shard_index, settings.shard_count)
-    todo = plan(builder, sources, settings, summary)
+    if settings.report_path:
+        open(settings.report_path, "w").close()  # a report describes one run
+    scan = scan_roots(settings.data_roots, settings.extensions, settings.out_suffix)
+    all_sources = drop_name_clashes(scan.sources, summary if settings.shard_index == 0 else None)
+    sources = take_shard(all_sources, settings.shard_index, settings.shard_count)
+    # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
+    orphans = []
+    if settings.shard_index == 0:
+        orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix)
+    todo = plan(builder, sources, settings, summary, orphans)
+    handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
     writer = BackgroundWriter(summary)
-    progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
-                    disable=not settings.show_progress, dynamic_ncols=True)
+    summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
+                            disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
     try:
         for item in builder.encode(todo, summary):
             writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
-            progress.update(1)
     finally:
         writer.close()
-        progress.close()
+        summary.progress.close()
+        summary.progress = None
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
 
 
 def add_common_cache_flags(parser, default_batch: int) -> None:
@@ -212,13 +436,40 @@ def add_common_cache_flags(parser, default_batch: int) -> None:
     parser.add_argument("--data_root", nargs="+", required=True, action="extend",
                         help="one or more folders to walk (repeatable)")
     parser.add_argument("--batch_size", type=int, default=default_batch, help="items encoded at once")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild every sidecar, fresh or not")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild every sidecar, fresh or legacy (by default fresh ones are skipped, "
+                             "stale and unreadable ones rebuilt, legacy ones without metadata kept)")
+    parser.add_argument("--prune", action="store_true",
+                        help="remove sidecars whose source is gone and temporaries left by killed runs")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader worker processes that read and decode the inputs")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:1 or cpu (default: this process's GPU when CUDA is available)")
     parser.add_argument("--dtype", default=None,
                         help="encoder precision: bfloat16 (default on CUDA) or float32 (default on CPU)")
     parser.add_argument("--save_dtype", default="float16", help="precision stored in the sidecars")
-    parser.add_argument("--shard", default=None, help="I/N: take the I-th of N disjoint shares of the files")
-    parser.add_argument("--report", default=None, help="write one JSON line per failed file here")
+    parser.add_argument("--shard", default=None,
+                        help="I/N: take the I-th of N disjoint shares of the files (one per machine); "
+                             "under torchrun / accelerate launch each process then takes its part of that share")
+    parser.add_argument("--report", default=None,
+                        help="write one JSON line per problem here (path, status, kind, reason); "
+                             "processes of one launch add .rankR to the name")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
+
+
+def default_encoder_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (fast, no fp16 overflow), fp32 on CPU (bf16 has no fast CPU kernels)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> CacheSettings:
+    """The engine's settings from the common flags (the same for every cache script)."""
+    for extension in extensions:
+        if extension in (CAPTION_EXTENSION, args.out_suffix.lower()):
+            raise ValueError(f"--extensions {extension}: captions and sidecars cannot be sources")
+    shard_index, shard_count = effective_shard(parse_shard(args.shard))
+    return CacheSettings(data_roots=args.data_root, out_suffix=args.out_suffix, extensions=extensions,
+                         batch_size=args.batch_size, overwrite=args.overwrite, num_workers=num_workers,
+                         shard_index=shard_index, shard_count=shard_count,
+                         report_path=per_process_path(args.report), show_progress=not args.no_progress,
+                         prune=args.prune)

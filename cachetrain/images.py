@@ -1,22 +1,57 @@
-"""Decoding and preparing images for the VAE: deterministic, and explicit about every conversion."""
+"""Decoding and preparing images for the VAE: deterministic, and explicit about every conversion.
+
+Every image becomes 8-bit RGB the same way on every run:
+  - palette images are expanded (to RGBA when they carry transparency);
+  - alpha (RGBA, LA, PA, palette transparency) is composited on ALPHA_BACKGROUND (white), never dropped;
+  - 16/32-bit grey is scaled to 8 bits (not clipped), then grey is repeated into R, G and B;
+  - CMYK and every other mode use Pillow's own conversion to RGB.
+Then the short side is resized to the resolution (bicubic) and the centre square is cropped.
+Each conversion is named in ``PreparedImage.notes`` so the cache builders can count it.
+
+Files that cannot become a training image raise ``ImageRejected`` with a ``kind`` (one of
+REJECTION_KINDS) and a reason: the builders report and count them and carry on.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Alpha is composited on this colour rather than dropped (dropping turns transparent areas into
 # whatever colour the encoder left in them, often black).
 ALPHA_BACKGROUND = (255, 255, 255)
 
+# What each conversion note means, for reports.
+CONVERSION_REASONS = {
+    "palette": "palette image expanded to RGB",
+    "alpha": f"alpha composited on RGB {ALPHA_BACKGROUND}",
+    "16bit": "16/32-bit grey scaled to 8 bits",
+    "cmyk": "CMYK converted to RGB",
+    "grey": "grey repeated into R, G and B",
+    "upscaled": "short side under the resolution: upscaled",
+}
+
+REJECTION_KINDS = ("empty file", "not an image", "truncated", "decompression bomb", "unreadable", "too small")
+
+
+class ImageRejected(ValueError):
+    """An image file that gets no latent; ``kind`` groups it in summaries, the message says why."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
 
 @dataclass
 class PreparedImage:
-    pixels: torch.Tensor  # [3, R, R], float32 in [-1, 1]
+    pixels: torch.Tensor  # [3, R, R] uint8 (image_cache.pixels_to_vae_input maps it to [-1, 1])
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
     notes: tuple[str, ...] = ()  # conversions worth counting: "upscaled", "alpha", "cmyk", ...
 
@@ -50,15 +85,63 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     return image.convert("RGB"), notes
 
 
-def load_image(path: os.PathLike | str, resolution: int) -> PreparedImage:
+def _open_checked(path: os.PathLike | str | BinaryIO) -> Image.Image:
+    """Image.open with every way a file can fail to be an image turned into ImageRejected."""
+    if isinstance(path, (str, os.PathLike)) and os.stat(path).st_size == 0:
+        raise ImageRejected("empty file", "the file has zero bytes")
+    try:
+        # Pillow only warns between 1x and 2x its pixel limit; a file that large is treated as a
+        # bomb too, so the limit means one thing (and a warning never escapes into the log).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageRejected("decompression bomb", f"{error}") from None
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image", "Pillow does not recognise the file's content") from None
+
+
+def _decode(image: Image.Image, resolution: int, jpeg_draft: bool) -> Image.Image:
+    # JPEG can decode at 1/2, 1/4 or 1/8 scale for nearly free; ask for the smallest scale whose
+    # short side still covers the resolution, so large photos are never decoded at full size.
+    width, height = image.size
+    scale = resolution / min(width, height)
+    if jpeg_draft and image.format == "JPEG" and scale < 0.5:
+        image.draft(None, (int(width * scale) + 1, int(height * scale) + 1))
+    try:
+        image.load()
+    except OSError as error:
+        if "truncated" in str(error) or "broken data stream" in str(error):
+            raise ImageRejected("truncated", f"{error}") from None
+        raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from None
+    except (ValueError, SyntaxError, EOFError, MemoryError) as error:
+        raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from None
+    return ImageOps.exif_transpose(image)
+
+
+def load_image(path: os.PathLike | str | BinaryIO, resolution: int, min_size: int = 0,
+               jpeg_draft: bool = True) -> PreparedImage:
     """Open, EXIF-orient, convert to RGB, resize the short side to ``resolution``, center-crop.
 
-    Raises OSError / ValueError (from Pillow) for unreadable files; callers report those.
+    ``jpeg_draft`` lets a large JPEG decode at a reduced scale still at least ``resolution``
+    (DCT-domain downscaling, then bicubic as usual); False decodes every pixel first.
+
+    Images whose short side is under ``min_size`` are rejected ("too small"); smaller than
+    ``resolution`` but at least ``min_size`` they are upscaled and noted. Raises ImageRejected
+    for every file that cannot be used (and OSError if the file vanished).
     """
-    with Image.open(path) as image:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        rgb, notes = to_rgb(image)
+    with _open_checked(path) as image:
+        stored_size = image.size
+        if min(stored_size) < min_size:
+            raise ImageRejected("too small", f"{stored_size[0]}x{stored_size[1]} is under --min_size {min_size}")
+        oriented = _decode(image, resolution, jpeg_draft)
+        decoded_size = image.size  # smaller than stored_size when JPEG draft decoding kicked in
+        try:
+            rgb, notes = to_rgb(oriented)
+        except (OSError, ValueError) as error:
+            raise ImageRejected("unreadable", f"cannot convert mode {oriented.mode}: {error}") from None
+    turned = oriented.size != decoded_size
+    original_size = stored_size[::-1] if turned else stored_size
     width, height = rgb.size
     if min(width, height) < resolution:
         notes.append("upscaled")
@@ -70,5 +153,5 @@ def load_image(path: os.PathLike | str, resolution: int) -> PreparedImage:
     top = (new_size[1] - resolution) // 2
     rgb = rgb.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(rgb, dtype=np.uint8)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    return PreparedImage(pixels=pixels, original_size=(width, height), notes=tuple(notes))
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return PreparedImage(pixels=pixels, original_size=original_size, notes=tuple(notes))

@@ -98,15 +98,36 @@ def write_sidecar(path: os.PathLike | str, tensors: dict[str, torch.Tensor], met
         raise
 
 
+# A header larger than this is not one of ours (ours are a few hundred bytes); refuse to read it.
+MAX_HEADER_BYTES = 1 << 20
+
+
 def read_metadata(path: os.PathLike | str) -> dict[str, str]:
-    """The header metadata of a sidecar ({} for a legacy one). Raises SidecarError if unreadable."""
+    """The header metadata of a sidecar ({} for a legacy one). Raises SidecarError if unreadable.
+
+    Reads only the safetensors header (no mmap of the data), and checks that the file is as long
+    as the header says: a truncated copy is caught here, not when training reads it. Planning a
+    cache run calls this once per file, so it must stay cheap.
+    """
+    with open(path, "rb") as handle:  # FileNotFoundError passes through: "missing", not "unreadable"
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise SidecarError(path, f"not a readable safetensors file ({len(prefix)} bytes long)")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > MAX_HEADER_BYTES:
+            raise SidecarError(path, f"not a readable safetensors file (header claims {header_size} bytes)")
+        raw_header = handle.read(header_size)
+        file_size = os.fstat(handle.fileno()).st_size
     try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+        header = json.loads(raw_header)
+        data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                       default=0)
+        metadata = header.get("__metadata__") or {}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise SidecarError(path, f"not a readable safetensors file (bad header: {error})") from None
+    if len(raw_header) < header_size or file_size < 8 + header_size + data_end:
+        raise SidecarError(path, f"truncated: {file_size} bytes, the header describes {8 + header_size + data_end}")
+    return dict(metadata)
 
 
 def read_sidecar(path: os.PathLike | str, key: str, ndim: int = 0) -> torch.Tensor:

@@ -19,10 +19,11 @@ import torch
 
 from . import models
 from .cache_build import CacheSummary, EncodedItem
-from .sidecar import TEXT_EMBEDDING_KEY, T5_SUFFIX, caption_source_identity
+from .sidecar import T5_SUFFIX
 from .t5 import load_t5_text_parts
-from .text_cache import TextEmbeddingBuilder, build_parser, read_caption, run_text_cache
-from .text_encoding import encode_t5_prompts, pad_text_embeddings, t5_overlong
+from .text_cache import (CaptionRejected, TextEmbeddingBuilder, build_parser, encoder_device_and_dtype,
+                         read_caption, run_text_cache)
+from .text_encoding import encode_t5_prompts, t5_overlong
 
 # Captions are sorted by token length within windows of this many batches: batches of similar
 # length waste little compute on padding, and a window keeps memory flat on huge datasets.
@@ -61,46 +62,25 @@ class T5EmbeddingBuilder(TextEmbeddingBuilder):
         """Which prompts lose tokens to --max_length."""
         return t5_overlong(self.tokenizer, prompts, self.max_length)
 
-    def _token_lengths(self, captions: list[str]) -> list[int]:
-        ids = self.tokenizer(captions, truncation=True, max_length=self.max_length).input_ids
-        return [len(x) for x in ids]
+    def by_token_length(self, sources: list[str]) -> list[str]:
+        """``sources`` ordered by their captions' token count, so each batch pads little.
+
+        A caption that cannot be read sorts first; the shared encode reports it."""
+        texts = []
+        for source in sources:
+            try:
+                texts.append(read_caption(source))
+            except CaptionRejected:
+                texts.append("")
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length).input_ids]
+        return [source for _, source in sorted(zip(lengths, sources), key=lambda pair: pair[0])]
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
+        """The shared caption encode, over windows of sources sorted by token length."""
         window = self.batch_size * LENGTH_SORT_WINDOW_BATCHES
         for start in range(0, len(sources), window):
-            readable = []
-            for source in sources[start : start + window]:
-                try:
-                    readable.append((source, read_caption(source)))
-                except (OSError, ValueError) as error:  # changed since planning
-                    summary.fail(source, str(error))
-            if not readable:
-                continue
-            captions = [caption for _, caption in readable]
-            for caption, overlong in zip(captions, self.overlong(captions)):
-                if overlong:
-                    summary.count("note:truncated")
-                if not caption:
-                    summary.count("note:empty caption")
-            lengths = self._token_lengths(captions)
-            by_length = sorted(range(len(readable)), key=lambda i: lengths[i])
-            for batch_start in range(0, len(by_length), self.batch_size):
-                batch = [readable[i] for i in by_length[batch_start : batch_start + self.batch_size]]
-                yield from self._encode_batch(batch, summary)
+            yield from super().encode(self.by_token_length(sources[start : start + window]), summary)
 
-    def _encode_batch(self, batch: list[tuple[str, str]], summary: CacheSummary) -> Iterator[EncodedItem]:
-        embeddings = self.embed([caption for _, caption in batch])
-        lengths = [emb.shape[0] for emb in embeddings]
-        # one transfer to the host per batch (the zero padding is finite and sliced off again)
-        padded = pad_text_embeddings(embeddings)[0].to(self.save_dtype).cpu()
-        finite = torch.isfinite(padded).flatten(1).all(dim=1).tolist()
-        for (source, caption), emb, length, ok in zip(batch, padded, lengths, finite):
-            if not ok:
-                summary.fail(source, "the text encoder produced NaN/Inf for this caption; nothing written")
-                continue
-            metadata = {**self.settings_metadata(), **caption_source_identity(caption),
-                        "encoder": self.model_name, "dtype": models.dtype_name(self.save_dtype)}
-            yield EncodedItem(source, {TEXT_EMBEDDING_KEY: emb[:length].clone()}, metadata)
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(None, T5_SUFFIX, "Cache T5 + projection embeddings of the captions beside "
@@ -116,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model is required: a T5 pipeline folder or hub id (see assemble_t5_pipeline.py)")
     if args.max_length is not None and args.max_length < 2:
         parser.error("--max_length must be >= 2 (one word and the end token)")
-    device = torch.device(args.device) if args.device else models.default_device()
-    # bf16 on CUDA: T5 overflows in fp16; fp32 on CPU, where bf16 has no fast kernels
-    dtype = models.parse_dtype(args.dtype) if args.dtype else \
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # bf16 on CUDA (T5 overflows in fp16), fp32 on CPU; each torchrun process on its own GPU
+    device, dtype = encoder_device_and_dtype(args)
     try:
         tokenizer, text_encoder, projection = load_t5_text_parts(model, dtype, trust_remote_code=bool(args.custom))
     except (OSError, ValueError) as error:

@@ -1,8 +1,19 @@
 """Caption -> text-embedding sidecars (create_clipl.py; create_t5cache_768.py shares this machinery).
 
 Sources are the images of a data root; the caption of ``x.jpg`` is ``x.txt`` and its sidecar
-``x<suffix>``. An image without a caption is reported and gets no text sidecar. Each data root also
-gets the empty prompt's embedding at ``<root>/.empty_prompt<suffix>`` (for caption dropout).
+``x<suffix>`` (tensor ``emb`` [T, D]). Captions are read as UTF-8 and stripped. Per caption:
+  - missing: the image gets no text sidecar; reported as failed ("no caption"). An old text
+    sidecar left beside it is an orphan (removed with --prune), never silently reused;
+  - not UTF-8: reported as failed, no sidecar;
+  - empty: encoded as the empty prompt, reported as a note ("empty caption");
+  - longer than the tokenizer's limit: truncated to it, reported as a note ("truncated caption").
+
+The empty prompt's embedding (for caption dropout) is written once per data root at
+``<root>/.empty_prompt<suffix>`` (``empty_prompt_path``): hidden, so no walk takes it for a sample.
+
+A builder for another text encoder plugs in by overriding ``embed`` (and ``overlong`` and
+``settings_metadata`` if its rules differ) and is run by ``run_text_cache(builder, args)``.
+``embed`` may return one [B, T, D] tensor or a list of [T_i, D] tensors (trimmed embeddings).
 """
 
 from __future__ import annotations
@@ -10,30 +21,42 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import models
-from .cache_build import (CacheSettings, CacheSummary, EncodedItem, add_common_cache_flags, effective_shard,
-                          parse_shard, run_cache_build)
+from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, agree_on_exit_status,
+                          default_encoder_dtype, process_device, run_cache_build, settings_from_args)
 from .sidecar import (TEXT_EMBEDDING_KEY, caption_path, caption_source_identity, check_freshness,
                       empty_prompt_path, write_sidecar)
 from .text_encoding import clip_overlong, encode_clip_prompts
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
 
+class CaptionRejected(ValueError):
+    """A caption that gets no embedding; ``kind`` groups it in summaries."""
+
+    def __init__(self, kind: str, reason: str, source_gone: bool = False):
+        super().__init__(reason)
+        self.kind = kind
+        self.source_gone = source_gone  # no caption at all: an old text sidecar is an orphan
+
+
 def read_caption(image_path: str) -> str:
-    """The stripped text of the image's caption file; OSError/ValueError with the reason if unusable."""
+    """The stripped text of the image's caption file; CaptionRejected with the reason if unusable."""
     path = caption_path(image_path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"no caption file {path.name}") from None
+        raise CaptionRejected("no caption", f"no caption file {path.name}", source_gone=True) from None
+    except OSError as error:
+        raise CaptionRejected("unreadable caption", f"cannot read {path.name}: {error}") from None
     try:
         return raw.decode("utf-8").strip()
     except UnicodeDecodeError as error:
-        raise ValueError(f"caption {path.name} is not UTF-8 ({error.reason} at byte {error.start})") from None
+        raise CaptionRejected("caption not UTF-8",
+                              f"caption {path.name} is not UTF-8 ({error.reason} at byte {error.start})") from None
 
 
 @dataclass
@@ -49,6 +72,8 @@ class TextEmbeddingBuilder:
     def __post_init__(self):
         self.encoder_class, self.fingerprint = models.encoder_identity(self.text_encoder)
         self.text_encoder = self.text_encoder.to(self.device).eval().requires_grad_(False)
+        if self.dtype != torch.float32:  # loaded in fp32 so the fingerprint never depends on --dtype
+            self.text_encoder = self.text_encoder.to(self.dtype)
 
     def settings_metadata(self) -> dict[str, str]:
         return {
@@ -56,13 +81,19 @@ class TextEmbeddingBuilder:
             "encoder_class": self.encoder_class,
             "encoder_fingerprint": self.fingerprint,
             "max_length": str(self.tokenizer.model_max_length),
+            "dtype": models.dtype_name(self.save_dtype),
         }
 
     def expected_metadata(self, source: str) -> dict[str, str]:
         return {**self.settings_metadata(), **caption_source_identity(read_caption(source))}
 
-    def embed(self, prompts: list[str]) -> torch.Tensor:
+    def embed(self, prompts: list[str]) -> torch.Tensor | Sequence[torch.Tensor]:
+        """[B, T, D] (or B tensors [T_i, D]) for ``prompts``: override for another text encoder."""
         return encode_clip_prompts(self.tokenizer, self.text_encoder, prompts)
+
+    def overlong(self, prompts: list[str]) -> list[bool]:
+        """Which prompts ``embed`` truncates."""
+        return clip_overlong(self.tokenizer, prompts)
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
         for start in range(0, len(sources), self.batch_size):
@@ -71,24 +102,30 @@ class TextEmbeddingBuilder:
                 try:
                     captions.append(read_caption(source))
                     batch_sources.append(source)
-                except (OSError, ValueError) as error:  # changed since planning
-                    summary.fail(source, str(error))
+                except CaptionRejected as error:  # changed since planning
+                    summary.fail(source, error.kind, str(error))
             if not captions:
                 continue
-            for caption, overlong in zip(captions, clip_overlong(self.tokenizer, captions)):
+            for source, caption, overlong in zip(batch_sources, captions, self.overlong(captions)):
                 if overlong:
-                    summary.count("note:truncated")
+                    summary.note(source, "truncated caption",
+                                 f"longer than {self.tokenizer.model_max_length} tokens; the rest is cut off")
                 if not caption:
-                    summary.count("note:empty caption")
+                    summary.note(source, "empty caption", "encoded as the empty prompt")
             embeddings = self.embed(captions)
-            finite = torch.isfinite(embeddings).flatten(1).all(dim=1).cpu().tolist()
-            embeddings = embeddings.to(self.save_dtype).cpu()
+            # One finiteness check and one device->host copy per batch, not per caption.
+            if isinstance(embeddings, torch.Tensor):
+                finite = torch.isfinite(embeddings).flatten(1).all(dim=1).cpu().tolist()
+                embeddings = list(embeddings.to(self.save_dtype).cpu())
+            else:
+                finite = torch.stack([torch.isfinite(e).all() for e in embeddings]).cpu().tolist()
+                embeddings = [e.to(self.save_dtype).cpu() for e in embeddings]
             for source, caption, emb, ok in zip(batch_sources, captions, embeddings, finite):
                 if not ok:
-                    summary.fail(source, "the text encoder produced NaN/Inf for this caption; nothing written")
+                    summary.fail(source, "non-finite output",
+                                 "the text encoder produced NaN/Inf for this caption; nothing written")
                     continue
-                metadata = {**self.settings_metadata(), **caption_source_identity(caption),
-                            "encoder": self.model_name, "dtype": models.dtype_name(self.save_dtype)}
+                metadata = {**self.settings_metadata(), **caption_source_identity(caption), "encoder": self.model_name}
                 yield EncodedItem(source, {TEXT_EMBEDDING_KEY: emb.clone()}, metadata)
 
     def write_empty_prompt(self, data_root: str, suffix: str, overwrite: bool) -> None:
@@ -97,8 +134,7 @@ class TextEmbeddingBuilder:
         if not overwrite and check_freshness(target, expected).status == "fresh":
             return
         emb = self.embed([""])[0].to(self.save_dtype)
-        write_sidecar(target, {TEXT_EMBEDDING_KEY: emb},
-                      {**expected, "encoder": self.model_name, "dtype": models.dtype_name(self.save_dtype)})
+        write_sidecar(target, {TEXT_EMBEDDING_KEY: emb}, {**expected, "encoder": self.model_name})
 
 
 def build_parser(default_model: str, default_suffix: str, description: str) -> argparse.ArgumentParser:
@@ -112,13 +148,18 @@ def build_parser(default_model: str, default_suffix: str, description: str) -> a
     return parser
 
 
+def encoder_device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device / --dtype, or this process's GPU in bf16, or the CPU in fp32."""
+    device = process_device(args.device)
+    return device, models.parse_dtype(args.dtype) if args.dtype else default_encoder_dtype(device)
+
+
 def main_clip(argv: list[str] | None = None) -> int:
     parser = build_parser("runwayml/stable-diffusion-v1-5", ".txt_clipl",
                           "Cache CLIP-L text embeddings of the captions beside each image.")
     args = parser.parse_args(argv)
-    device = torch.device(args.device) if args.device else models.default_device()
-    dtype = models.parse_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer, text_encoder = models.load_clip_text_encoder(args.model, dtype)
+    device, dtype = encoder_device_and_dtype(args)
+    tokenizer, text_encoder = models.load_clip_text_encoder(args.model, torch.float32)
     builder = TextEmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder,
                                    model_name=models.model_name(args.model), device=device, dtype=dtype,
                                    save_dtype=models.parse_dtype(args.save_dtype), batch_size=args.batch_size)
@@ -126,14 +167,16 @@ def main_clip(argv: list[str] | None = None) -> int:
 
 
 def run_text_cache(builder: TextEmbeddingBuilder, args: argparse.Namespace) -> int:
-    shard_index, shard_count = effective_shard(parse_shard(args.shard))
-    settings = CacheSettings(data_roots=args.data_root, out_suffix=args.out_suffix,
-                             extensions=normalize_extensions(args.extensions), batch_size=args.batch_size,
-                             overwrite=args.overwrite, num_workers=0, shard_index=shard_index,
-                             shard_count=shard_count, report_path=args.report, show_progress=not args.no_progress)
+    """Cache ``builder``'s embeddings of every caption under ``args.data_root`` (the common flags), the
+    empty prompt once per root, print the summary, and return the exit status."""
+    try:
+        settings = settings_from_args(args, normalize_extensions(args.extensions), num_workers=0)
+    except ValueError as error:  # a malformed --shard
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     summary = run_cache_build(builder, settings)
-    if shard_index == 0:
+    if settings.shard_index == 0:
         for root in args.data_root:
             builder.write_empty_prompt(root, args.out_suffix, args.overwrite)
     print(summary.render(), file=sys.stderr)
-    return 0 if summary.ok else 1
+    return agree_on_exit_status(summary.exit_status())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 from .sidecar import is_temporary
 
@@ -17,15 +16,20 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({("." + e.lstrip(".")).lower() for e in extensions}))
 
 
-def walk_files(root: os.PathLike | str, suffixes: Iterable[str]) -> Iterator[str]:
+def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
+               temporaries: list[str] | None = None) -> Iterator[str]:
     """Yield the paths under ``root`` whose name ends with one of ``suffixes`` (case-insensitive).
 
     One os.scandir pass per folder, in sorted order so every process sees the same sequence.
     Hidden folders and files (names starting with '.') are skipped: that is where temporary
-    sidecars and tool state live.
+    sidecars and tool state live. Temporary sidecars (left by a killed writer) are appended to
+    ``temporaries`` when a list is given, so a cache builder can report and remove them.
+    Symlinked folders are followed, each folder at most once (a link to an ancestor is no loop).
     """
     suffixes = tuple(s.lower() for s in suffixes)
     pending = [os.fspath(root)]
+    root_stat = os.stat(pending[0]) if os.path.isdir(pending[0]) else None
+    visited = {(root_stat.st_dev, root_stat.st_ino)} if root_stat else set()
     while pending:
         folder = pending.pop()
         try:
@@ -36,9 +40,18 @@ def walk_files(root: os.PathLike | str, suffixes: Iterable[str]) -> Iterator[str
         subfolders = []
         for entry in entries:
             if entry.name.startswith(".") or is_temporary(entry.name):
+                if temporaries is not None and is_temporary(entry.name):
+                    temporaries.append(entry.path)
                 continue
             if entry.is_dir(follow_symlinks=True):
-                subfolders.append(entry.path)
+                try:
+                    folder_stat = entry.stat(follow_symlinks=True)  # one stat per folder, not per file
+                except OSError:
+                    continue
+                identity = (folder_stat.st_dev, folder_stat.st_ino)
+                if identity not in visited:
+                    visited.add(identity)
+                    subfolders.append(entry.path)
             elif entry.name.lower().endswith(suffixes):
                 yield entry.path
         pending.extend(reversed(subfolders))  # depth-first, in sorted order

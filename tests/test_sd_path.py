@@ -43,12 +43,15 @@ def test_cache_scripts_write_one_valid_sidecar_per_image_and_caption(tiny_sd_mod
 def test_stored_latent_is_the_unscaled_posterior_mean_of_the_prepared_image(tiny_sd_model, cached_dataset):
     from diffusers import AutoencoderKL
 
-    from cachetrain.images import load_image
+    from PIL import Image
 
     image = sorted(cached_dataset.rglob("*.jpg"))[0]
+    with Image.open(image) as opened:  # already 64x64 RGB: nothing to resize or crop
+        pixels = torch.tensor(list(opened.convert("RGB").getdata()), dtype=torch.float32)
+    pixels = pixels.view(64, 64, 3).permute(2, 0, 1) / 127.5 - 1.0
     vae = AutoencoderKL.from_pretrained(tiny_sd_model, subfolder="vae").eval()
     with torch.no_grad():
-        expected = vae.encode(load_image(image, 64).pixels[None]).latent_dist.mean[0]
+        expected = vae.encode(pixels[None]).latent_dist.mean[0]
     stored = sidecar.read_sidecar(sidecar.sidecar_path(image, ".img_sdvae"), "latent")
     torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,52 @@
+"""A cache script killed with SIGKILL mid-run leaves only valid sidecars, and a rerun finishes the rest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from cachetrain import sidecar
+from cachetrain.tiny import make_shapes_dataset
+
+from .conftest import REPO_ROOT
+
+IMAGES = 60
+
+
+def test_sigkill_mid_run_leaves_only_valid_sidecars_and_a_rerun_completes(tmp_path, tiny_sd_model):
+    root = tmp_path / "data"
+    make_shapes_dataset(root, count=IMAGES, seed=3)
+    # Resolution 128 with batches of one: about 50 ms per image, so the kill lands mid-run.
+    command = [sys.executable, str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(tiny_sd_model),
+               "--data_root", str(root), "--resolution", "128", "--batch_size", "1", "--num_workers", "0",
+               "--no_progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(list(root.rglob("*.img_sdvae"))) < 5:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the script wrote nothing within 60 s"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+
+    survivors = sorted(root.rglob("*.img_sdvae"))
+    assert 5 <= len(survivors) < IMAGES, "the kill must land mid-run"
+    for path in survivors:
+        latent = sidecar.read_sidecar(path, "latent", ndim=3)
+        assert latent.shape == (4, 32, 32)
+        assert sidecar.read_metadata(path)["source_size"] == str(path.with_suffix(".jpg").stat().st_size)
+
+    visible = {p.suffix for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert visible == {".jpg", ".txt", ".img_sdvae"}  # a write cut short leaves at most a hidden temporary
+
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (f"written {IMAGES - len(survivors)} (rebuilt stale 0), skipped fresh {len(survivors)}, "
+            "legacy kept 0, failed 0") in rerun.stderr
+    assert len(list(root.rglob("*.img_sdvae"))) == IMAGES
