@@ -114,7 +114,8 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
     unet_config = TINY_UNET if args.tiny else SD15_UNET
     text_shape = (77, unet_config["cross_attention_dim"])
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config)
+    with device:  # built where it trains
+        unet = UNet2DConditionModel(**unet_config)
     if config.bf16_weights:
         unet.to(torch.bfloat16)
     if config.checkpointing:

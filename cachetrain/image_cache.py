@@ -128,6 +128,12 @@ class ImageLatentBuilder:
     def expected_metadata(self, source: str) -> dict[str, str]:
         return {**self.settings_metadata(), **image_source_identity(source)}
 
+    def latents_of(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, R, R] (pinned host memory or device) -> the VAE posterior mean on the device."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            return self.vae.encode(pixels_to_vae_input(pixels, self.dtype)).latent_dist.mean
+
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
         decode = ImageDecodeDataset(sources, self.resolution, self.min_size, self.jpeg_draft)
         loader = DataLoader(decode, batch_size=self.batch_size, num_workers=self.num_workers,
@@ -142,9 +148,7 @@ class ImageLatentBuilder:
                     summary.note(sources[i], note, CONVERSION_REASONS.get(note, f"converted from mode {note}"))
             if batch.pixels is None:
                 continue
-            pixels = batch.pixels.to(self.device, non_blocking=True)
-            with torch.no_grad():
-                latents = self.vae.encode(pixels_to_vae_input(pixels, self.dtype)).latent_dist.mean
+            latents = self.latents_of(batch.pixels)
             finite = torch.isfinite(latents).flatten(1).all(dim=1).cpu()
             latents = latents.to(self.save_dtype).cpu()
             settings = {**self.settings_metadata(), "encoder": self.model_name}

@@ -24,3 +24,14 @@ def test_gpu_train_bench_runs_the_trainer_step_on_the_tiny_unet():
     assert [r["config"] for r in results] == ["b4-nockpt-fp32m-adamw", "b4-nockpt-bf16w-adamw",
                                              "b4-ckpt-bf16w-adamw", "b4-ckpt-bf16w-lion"]
     assert all(r["images_per_sec"] > 0 and r["card"] == "cpu (tiny UNet)" for r in results)
+
+
+def test_gpu_encode_bench_runs_the_cache_scripts_encode_code_on_the_tiny_models():
+    out = _run("bench/gpu_encode.py", "--tiny", "--windows", "1", "--calls", "1", "--warmup", "1")
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["encoder"], r["item"]) for r in results] == [
+        ("SD1.5 VAE encoder", "64px image"), ("SDXL VAE encoder", "64px image"),
+        ("T5 encoder + projection (tiny)", "caption of 8 tokens"),
+        ("T5 encoder + projection (tiny)", "caption of 16 tokens")]
+    assert all(r["items_per_sec"] > 0 for r in results)
+    assert results[0]["gflop_per_item"] > 0
