@@ -1,11 +1,13 @@
 """cachetrain: train Stable Diffusion 1.5-architecture UNets from pre-computed caches.
 
 Layers, lowest first (a module imports only from layers below it):
-  sidecar, config, tree, images          - files and flags, no models
-  text_encoding                          - prompt -> UNet conditioning rules (CLIP, T5, the pad rule)
-  models, t5, objective, optim, layers   - model loading (t5: the SD1.5 + T5 pipeline) and one step's numerics
-  loader, telemetry, sampling, checkpoint
-  cache_build (image_cache, text_cache, t5_cache), assemble  - the cache builders, T5 pipeline assembly
+  sidecar, tree, images, config          - files, names, flags; no models
+  text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
+  layers, sampling, checkpoint             step's numerics, parameter selections, samples, checkpoints
+  t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id or folder
+  loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
+  cache_build -> image_cache, text_cache, t5_cache   - the cache builders
+  inspect, compare, assemble             - looking at caches and runs; building a T5 pipeline from parts
   trainer                                - the training loop
   tiny                                   - tiny offline models and the synthetic dataset
 """
