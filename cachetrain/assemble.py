@@ -156,6 +156,13 @@ def plan_assembly(unet: str, vae: str, t5: str, projection: str | None = None,
             scheduler_part = None
 
     problems = []
+    extra_conditioning = {key: unet_part.config.get(key) for key in
+                          ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type")
+                          if unet_part.config.get(key) is not None}
+    if extra_conditioning:
+        problems.append(f"the UNet ({unet_part.where}) is not an SD1.5-architecture UNet: it expects extra "
+                        f"conditioning ({', '.join(f'{k}={v!r}' for k, v in extra_conditioning.items())}, as "
+                        "SDXL's does), which this pipeline does not provide")
     latent_channels = int(vae_part.config.get("latent_channels", 4))
     for key in ("in_channels", "out_channels"):
         channels = int(unet_part.config.get(key, 4))

@@ -260,11 +260,12 @@ def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: st
     scan = TreeScan([], [], [], [])
     out_suffix_lower = out_suffix.lower()
     wanted = tuple(e.lower() for e in extensions)
+    walked: set = set()  # shared by the roots' walks: a folder inside two roots is scanned once
     for root in roots:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data root not found: {root}")
         for path in walk_files(root, (*extensions, *DEFAULT_IMAGE_EXTENSIONS, out_suffix),
-                               temporaries=scan.temporaries):
+                               temporaries=scan.temporaries, visited=walked):
             lower = path.lower()
             if lower.endswith(out_suffix_lower):
                 scan.sidecars.append(path)
@@ -467,6 +468,9 @@ def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> C
     for extension in extensions:
         if extension in (CAPTION_EXTENSION, args.out_suffix.lower()):
             raise ValueError(f"--extensions {extension}: captions and sidecars cannot be sources")
+    for root in args.data_root:
+        if not os.path.isdir(root):
+            raise ValueError(f"--data_root {root}: no such folder")
     shard_index, shard_count = effective_shard(parse_shard(args.shard))
     return CacheSettings(data_roots=args.data_root, out_suffix=args.out_suffix, extensions=extensions,
                          batch_size=args.batch_size, overwrite=args.overwrite, num_workers=num_workers,

@@ -28,8 +28,7 @@ from tqdm import tqdm
 
 from .sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX,
                       T5_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness,
-                      image_source_identity, read_metadata, read_sidecar)
-from .text_cache import read_caption
+                      image_source_identity, read_caption, read_metadata, read_sidecar)
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions, walk_files
 
 KNOWN_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
@@ -191,12 +190,17 @@ class FolderListing:
 
 def source_of(path: str, suffix: str, key: str, listing: FolderListing,
               image_extensions: tuple[str, ...]) -> str | None:
-    """The file a sidecar was made from: the image for a latent, the caption for an embedding."""
+    """The file a sidecar was made from: the image for a latent, the caption for an embedding.
+
+    As for the cache builders, whose text sources are images with a caption beside them, an
+    embedding whose image is gone is an orphan even while its caption is still there.
+    """
     folder, name = os.path.split(path)
     stem = name[: -len(suffix)]
+    image = listing.find(folder, [stem + extension for extension in image_extensions])
     if key == TEXT_EMBEDDING_KEY:
-        return listing.find(folder, [stem + CAPTION_EXTENSION])
-    return listing.find(folder, [stem + extension for extension in image_extensions])
+        return listing.find(folder, [stem + CAPTION_EXTENSION]) if image else None
+    return image
 
 
 def source_identity(source: str, key: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ Every loader takes the same ``model`` string a user passes (``runwayml/stable-di
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -86,21 +87,29 @@ def _sampling_scheduler_class(model: str):
     return getattr(diffusers, config.get("_class_name", ""), None) or DDIMScheduler
 
 
+WEIGHT_SAMPLES_PER_TENSOR = 4096
+
+
 def encoder_identity(module: torch.nn.Module) -> tuple[str, str]:
     """(class name, fingerprint) of an encoder; the fingerprint covers its config and its weights.
 
-    The SD1.5 and SDXL VAEs share a class but differ in config (scaling factor, fp16 fix), and a
-    fine-tuned encoder differs only in weights, so both go into the fingerprint. Weights are
-    summarised by the L2 norm of each tensor to 4 significant digits: enough to tell checkpoints
-    apart, and stable whether the encoder was loaded in fp32 or bf16, on CPU or GPU.
+    The SD1.5 and SDXL VAEs share a class but differ in config (scaling factor, upcasting), and a
+    fine-tuned encoder differs only in weights, so both go into the fingerprint. The weights enter
+    as the exact bytes of an evenly strided sample of each tensor, cast to bf16: the same whether
+    the encoder was loaded in fp32 or bf16 (the cast rounds deterministically), on CPU or GPU, with
+    no rounding edge to flip; and a few KiB per tensor, however large the encoder.
     """
     config = module.config
     config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    digest = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
-        tensors = [p.detach().float() for p in module.parameters()]
-        norms = torch.stack(torch._foreach_norm(tensors)).cpu().tolist() if tensors else []
-    weights = ",".join(f"{v:.3e}" for v in norms)
-    return type(module).__name__, config_fingerprint({"config": config_dict, "weights": weights})
+        for name, parameter in module.named_parameters():  # once per load, not a hot path
+            flat = parameter.detach().reshape(-1)
+            stride = max(1, flat.numel() // WEIGHT_SAMPLES_PER_TENSOR)
+            sample = flat[::stride][:WEIGHT_SAMPLES_PER_TENSOR].to(torch.bfloat16).cpu()
+            digest.update(name.encode("utf-8"))
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+    return type(module).__name__, config_fingerprint({"config": config_dict, "weights": digest.hexdigest()})
 
 
 def model_name(model: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ T5_SUFFIX = ".txt_t5cache"
 
 CAPTION_EXTENSION = ".txt"
 TEMP_MARKER = ".partial-"
+# exactly what write_sidecar makes: "." + the sidecar's name + ".partial-" + 8 hex digits
+TEMPORARY_NAME = re.compile(r"^\..+\.partial-[0-9a-f]{8}$")
 
 
 def _file_mode() -> int:
@@ -74,9 +77,37 @@ def empty_prompt_path(data_root: os.PathLike | str, suffix: str) -> Path:
     return Path(data_root) / (EMPTY_PROMPT_STEM + suffix)
 
 
+class CaptionRejected(ValueError):
+    """A caption that gets no embedding; ``kind`` groups it in summaries."""
+
+    def __init__(self, kind: str, reason: str, source_gone: bool = False):
+        super().__init__(reason)
+        self.kind = kind
+        self.source_gone = source_gone  # no caption at all: an old text sidecar is an orphan
+
+
+def read_caption(image_path: str) -> str:
+    """The stripped text of the image's caption file; CaptionRejected with the reason if unusable."""
+    path = caption_path(image_path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CaptionRejected("no caption", f"no caption file {path.name}", source_gone=True) from None
+    except OSError as error:
+        raise CaptionRejected("unreadable caption", f"cannot read {path.name}: {error}") from None
+    try:
+        return raw.decode("utf-8-sig").strip()  # -sig: a byte-order mark is no part of the caption
+    except UnicodeDecodeError as error:
+        raise CaptionRejected("caption not UTF-8",
+                              f"caption {path.name} is not UTF-8 ({error.reason} at byte {error.start})") from None
+
+
 def is_temporary(name: str) -> bool:
-    """True for the temporary names atomic_write uses (left behind only by a killed writer)."""
-    return TEMP_MARKER in name
+    """True for the temporary names write_sidecar uses (left behind only by a killed writer).
+
+    Matched exactly, so a user's file that merely contains ".partial-" is never taken for one.
+    """
+    return TEMPORARY_NAME.match(name) is not None
 
 
 def write_sidecar(path: os.PathLike | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

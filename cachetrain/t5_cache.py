@@ -19,10 +19,9 @@ import torch
 
 from . import models
 from .cache_build import CacheSummary, EncodedItem
-from .sidecar import T5_SUFFIX
+from .sidecar import T5_SUFFIX, CaptionRejected, read_caption
 from .t5 import load_t5_text_parts
-from .text_cache import (CaptionRejected, TextEmbeddingBuilder, build_parser, encoder_device_and_dtype,
-                         read_caption, run_text_cache)
+from .text_cache import TextEmbeddingBuilder, build_parser, encoder_device_and_dtype, run_text_cache
 from .text_encoding import encode_t5_prompts, t5_overlong
 
 # Captions are sorted by token length within windows of this many batches: batches of similar
@@ -98,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max_length must be >= 2 (one word and the end token)")
     # bf16 on CUDA (T5 overflows in fp16), fp32 on CPU; each torchrun process on its own GPU
     device, dtype = encoder_device_and_dtype(args)
+    if dtype == torch.float16:  # T5's activations overflow fp16: every caption would come out NaN
+        print("error: T5 overflows in float16; use --dtype bfloat16 or float32", file=sys.stderr)
+        return 2
     try:
         tokenizer, text_encoder, projection = load_t5_text_parts(model, dtype, trust_remote_code=bool(args.custom))
     except (OSError, ValueError) as error:

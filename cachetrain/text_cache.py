@@ -29,35 +29,10 @@ import torch
 from . import models
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, agree_on_exit_status,
                           default_encoder_dtype, process_device, run_cache_build, settings_from_args)
-from .sidecar import (TEXT_EMBEDDING_KEY, caption_path, caption_source_identity, check_freshness,
-                      empty_prompt_path, write_sidecar)
+from .sidecar import (TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
+                      empty_prompt_path, read_caption, write_sidecar)
 from .text_encoding import clip_overlong, encode_clip_prompts
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
-
-class CaptionRejected(ValueError):
-    """A caption that gets no embedding; ``kind`` groups it in summaries."""
-
-    def __init__(self, kind: str, reason: str, source_gone: bool = False):
-        super().__init__(reason)
-        self.kind = kind
-        self.source_gone = source_gone  # no caption at all: an old text sidecar is an orphan
-
-
-def read_caption(image_path: str) -> str:
-    """The stripped text of the image's caption file; CaptionRejected with the reason if unusable."""
-    path = caption_path(image_path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CaptionRejected("no caption", f"no caption file {path.name}", source_gone=True) from None
-    except OSError as error:
-        raise CaptionRejected("unreadable caption", f"cannot read {path.name}: {error}") from None
-    try:
-        return raw.decode("utf-8").strip()
-    except UnicodeDecodeError as error:
-        raise CaptionRejected("caption not UTF-8",
-                              f"caption {path.name} is not UTF-8 ({error.reason} at byte {error.start})") from None
-
 
 @dataclass
 class TextEmbeddingBuilder:
@@ -159,7 +134,11 @@ def main_clip(argv: list[str] | None = None) -> int:
                           "Cache CLIP-L text embeddings of the captions beside each image.")
     args = parser.parse_args(argv)
     device, dtype = encoder_device_and_dtype(args)
-    tokenizer, text_encoder = models.load_clip_text_encoder(args.model, torch.float32)
+    try:
+        tokenizer, text_encoder = models.load_clip_text_encoder(args.model, torch.float32)
+    except (OSError, ValueError) as error:
+        print(f"error: could not load the CLIP tokenizer and text encoder of {args.model}: {error}", file=sys.stderr)
+        return 2
     builder = TextEmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder,
                                    model_name=models.model_name(args.model), device=device, dtype=dtype,
                                    save_dtype=models.parse_dtype(args.save_dtype), batch_size=args.batch_size)

@@ -17,19 +17,25 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
 
 
 def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
-               temporaries: list[str] | None = None) -> Iterator[str]:
+               temporaries: list[str] | None = None, visited: set | None = None) -> Iterator[str]:
     """Yield the paths under ``root`` whose name ends with one of ``suffixes`` (case-insensitive).
 
     One os.scandir pass per folder, in sorted order so every process sees the same sequence.
     Hidden folders and files (names starting with '.') are skipped: that is where temporary
     sidecars and tool state live. Temporary sidecars (left by a killed writer) are appended to
     ``temporaries`` when a list is given, so a cache builder can report and remove them.
-    Symlinked folders are followed, each folder at most once (a link to an ancestor is no loop).
+    Symlinked folders are followed, each folder at most once (a link to an ancestor is no loop);
+    pass the same ``visited`` set to the walks of several roots and a folder inside two of them
+    (``--data_root D D/part0``) is walked once.
     """
     suffixes = tuple(s.lower() for s in suffixes)
     pending = [os.fspath(root)]
     root_stat = os.stat(pending[0]) if os.path.isdir(pending[0]) else None
-    visited = {(root_stat.st_dev, root_stat.st_ino)} if root_stat else set()
+    visited = set() if visited is None else visited
+    if root_stat:
+        if (root_stat.st_dev, root_stat.st_ino) in visited:
+            return
+        visited.add((root_stat.st_dev, root_stat.st_ino))
     while pending:
         folder = pending.pop()
         try:
@@ -124,12 +130,13 @@ def index_training_pairs(roots: Iterable[os.PathLike | str], image_suffix: str, 
     """
     index = PairIndex(image_suffix, text_suffix)
     counts = {"image_only": 0, "text_only": 0}
+    walked: set = set()  # shared by the roots' walks: overlapping roots give each pair once
     for root_id, root in enumerate(roots):
         root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(root):
             raise FileNotFoundError(f"training data folder not found: {root}")
         by_folder: dict[str, tuple[set[str], set[str]]] = {}
-        for path in walk_files(root, (image_suffix, text_suffix)):
+        for path in walk_files(root, (image_suffix, text_suffix), visited=walked):
             folder, name = os.path.split(path)
             images, texts = by_folder.setdefault(folder, (set(), set()))
             if name.endswith(image_suffix):

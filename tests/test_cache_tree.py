@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from cachetrain.cache_build import scan_roots
 from cachetrain.tree import normalize_extensions, walk_files
@@ -49,3 +50,27 @@ def test_one_scan_splits_sources_sidecars_and_images_left_out(tmp_path):
     assert scan.sources == [str(tmp_path / "a.jpg")]
     assert scan.other_images == [str(tmp_path / "b.PNG")]
     assert scan.sidecars == [str(tmp_path / n) for n in ("a.img_sdvae", "b.img_sdvae", "c.img_sdvae")]
+
+
+def test_a_user_file_containing_partial_in_its_name_is_an_image_not_a_temporary(tmp_path):
+    from cachetrain.sidecar import is_temporary
+    from cachetrain.tree import walk_files
+
+    (tmp_path / "holiday.partial-1.jpg").write_bytes(b"x")
+    (tmp_path / ".x.img_sdvae.partial-0123abcd").write_bytes(b"x")
+    temporaries: list[str] = []
+    found = list(walk_files(tmp_path, (".jpg",), temporaries=temporaries))
+    assert [Path(p).name for p in found] == ["holiday.partial-1.jpg"]
+    assert [Path(p).name for p in temporaries] == [".x.img_sdvae.partial-0123abcd"]
+    assert not is_temporary("holiday.partial-1.jpg")
+
+
+def test_overlapping_data_roots_give_each_file_once(tmp_path):
+    from cachetrain.tree import walk_files
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "sub" / "b.jpg").write_bytes(b"x")
+    walked: set = set()
+    found = [p for root in (tmp_path / "sub", tmp_path) for p in walk_files(root, (".jpg",), visited=walked)]
+    assert sorted(Path(p).name for p in found) == ["a.jpg", "b.jpg"]

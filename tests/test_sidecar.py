@@ -85,3 +85,22 @@ def test_freshness_compares_metadata_with_the_current_source_and_encoder(tmp_pat
 def test_caption_identity_is_the_hash_of_the_text():
     assert sidecar.caption_source_identity("a cat") == sidecar.caption_source_identity("a cat")
     assert sidecar.caption_source_identity("a cat") != sidecar.caption_source_identity("a dog")
+
+
+def test_encoder_fingerprint_is_the_same_for_fp32_and_bf16_loads_and_changes_with_the_weights(tiny_sd_model):
+    from diffusers import AutoencoderKL
+
+    from cachetrain.models import encoder_identity
+
+    fp32 = AutoencoderKL.from_pretrained(tiny_sd_model, subfolder="vae", torch_dtype=torch.float32)
+    bf16 = AutoencoderKL.from_pretrained(tiny_sd_model, subfolder="vae", torch_dtype=torch.bfloat16)
+    assert encoder_identity(fp32) == encoder_identity(bf16)
+    with torch.no_grad():
+        for parameter in fp32.parameters():
+            parameter.mul_(1.01)  # what a short fine-tune does: every weight moves a little
+    assert encoder_identity(fp32)[1] != encoder_identity(bf16)[1]
+
+
+def test_a_caption_saved_with_a_byte_order_mark_reads_without_it(tmp_path):
+    (tmp_path / "x.txt").write_bytes("\ufeffa red circle\n".encode("utf-8"))
+    assert sidecar.read_caption(str(tmp_path / "x.jpg")) == "a red circle"

@@ -104,3 +104,16 @@ def test_an_existing_output_folder_is_kept_unless_overwrite_is_given(tiny_t5_mod
     assert assemble(["--unet", str(tiny_t5_model), "--vae", str(tiny_t5_model), "--t5", str(tiny_t5_model),
                      "--out", str(out), "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / "model_index.json").exists()
+
+
+def test_an_sdxl_style_unet_that_needs_extra_conditioning_is_refused(tiny_t5_model, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(tiny_t5_model, subfolder="unet"))
+    config.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=8 * 6 + 24)
+    UNet2DConditionModel.from_config(config).save_pretrained(tmp_path / "sdxl_like_unet")
+    assert _assemble(tmp_path / "assembled", unet=tmp_path / "sdxl_like_unet", vae=tiny_t5_model,
+                     t5=tiny_t5_model) == 2
+    message = capsys.readouterr().err
+    assert "is not an SD1.5-architecture UNet" in message and "addition_embed_type='text_time'" in message
