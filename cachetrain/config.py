@@ -59,8 +59,8 @@ class TrainConfig:
     noise_offset: float = _flag(0.0, "offset noise strength (0 disables)")
     caption_dropout: float = _flag(0.0, "probability of training a sample on the empty prompt (needs the data root's .empty_prompt sidecar)")
     ema_decay: float = _flag(0.0, "keep an EMA of the UNet with this decay, e.g. 0.9999 (0 disables); samples use it")
-    vae_scaling_factor: float | None = _flag(None, "latent scale; default: the model's VAE config value", type=float)
-    text_scaling_factor: float = _flag(1.0, "multiplier applied to cached text embeddings")
+    vae_scaling_factor: float | None = _flag(None, "latent scale; default: the model's VAE config value (an override is saved in the checkpoints' VAE config)", type=float)
+    text_scaling_factor: float = _flag(1.0, "multiplier applied to cached text embeddings (T5 pipelines: saved into the checkpoints' projection scaling_factor)")
     force_toklen: int | None = _flag(None, "pad or truncate every caption embedding to N tokens "
                                            "(default: pad each batch to its longest)", type=int)
     # precision and speed

@@ -231,6 +231,7 @@ class TrainingRun:
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.output_dir = Path(config.output_dir)
+        check_scales_can_be_kept(config)
         self.resume_from = _resolve_resume(config, self.output_dir)
         if self.is_main:
             _archive_settings(config, self.output_dir)
@@ -611,6 +612,7 @@ class CheckpointSampler:
     def _pipeline_for(self, unet):
         if self._pipeline is None:
             self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet, self.config.is_custom)
+            _match_training_scales(self._pipeline, self.config)
         self._pipeline.unet = unet
         return self._pipeline
 
@@ -649,6 +651,29 @@ class CheckpointSampler:
                        f"the previous checkpoint {previous} is intact. Training goes on.")
             return None
         return destination
+
+
+def check_scales_can_be_kept(config: TrainConfig) -> None:
+    """--text_scaling_factor must be storable in the model, or samples and checkpoints would condition
+    the UNet differently from training. Only a T5 pipeline has a place for it (its projection's
+    scaling_factor); checked before any model is loaded."""
+    if config.text_scaling_factor == 1.0:
+        return
+    from diffusers import DiffusionPipeline
+
+    if "t5_projection" not in DiffusionPipeline.load_config(config.pretrained_model):
+        raise TrainingError("--text_scaling_factor: this model's pipeline has no text projection to keep the scale "
+                            "in, so its samples and checkpoints would not see what training saw; scale the "
+                            "cached embeddings instead, or train a T5 pipeline")
+
+
+def _match_training_scales(pipeline, config: TrainConfig) -> None:
+    """Store the scales training applies in the pipeline that draws samples and is saved in checkpoints."""
+    if config.vae_scaling_factor:
+        pipeline.vae.register_to_config(scaling_factor=config.vae_scaling_factor)
+    if config.text_scaling_factor != 1.0:
+        projection = pipeline.t5_projection
+        projection.register_to_config(scaling_factor=projection.config.scaling_factor * config.text_scaling_factor)
 
 
 def _ema_writer(ema, trainable, unet):

@@ -100,3 +100,13 @@ def test_the_trainer_masks_padding_so_padding_more_does_not_change_the_loss(tiny
     padded_to_60 = _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "b", "--force_toklen", "60")
     assert len(padded_per_batch) == 2
     assert padded_to_60 == pytest.approx(padded_per_batch, rel=1e-4)
+
+
+def test_a_text_scale_is_kept_in_the_checkpoints_projection_so_sampling_sees_it(tiny_t5_model, t5_cached_template,
+                                                                               tmp_path):
+    import json
+
+    _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "run", "--text_scaling_factor", "2")
+    original = json.loads((tiny_t5_model / "t5_projection" / "config.json").read_text())["scaling_factor"]
+    saved = json.loads((tmp_path / "run" / "checkpoint-00002" / "t5_projection" / "config.json").read_text())
+    assert saved["scaling_factor"] == pytest.approx(2 * original)

@@ -530,3 +530,16 @@ def test_own_optimizers_skip_on_the_device_when_found_inf_is_set():
             assert torch.equal(parameter.detach(), before), (own_class, dtype)
             for name, value in optimizer.state[parameter].items():
                 assert torch.equal(value, state_before[name]), (own_class, dtype, name)
+
+
+def test_a_text_scale_a_clip_pipeline_cannot_store_is_refused_before_loading(tiny_sd_model, cached_dataset,
+                                                                            tmp_path, capsys):
+    assert main(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--text_scaling_factor", "2")) == 2
+    assert "no text projection to keep the scale" in capsys.readouterr().err
+
+
+def test_a_vae_scale_override_is_saved_with_the_checkpoint(tiny_sd_model, cached_dataset, tmp_path):
+    train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
+                                 "--max_steps", "1", "--vae_scaling_factor", "0.5")))
+    config = json.loads((tmp_path / "run" / "checkpoint-00001" / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] == 0.5
