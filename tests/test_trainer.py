@@ -543,3 +543,23 @@ def test_a_vae_scale_override_is_saved_with_the_checkpoint(tiny_sd_model, cached
                                  "--max_steps", "1", "--vae_scaling_factor", "0.5")))
     config = json.loads((tmp_path / "run" / "checkpoint-00001" / "vae" / "config.json").read_text())
     assert config["scaling_factor"] == 0.5
+
+
+def test_offset_noise_adds_one_shared_value_per_channel():
+    from cachetrain.objective import draw_sample_noise, sample_key
+
+    key = sample_key(0, 0, 5)
+    plain, _, _ = draw_sample_noise((4, 8, 8), 1000, 0.0, key)
+    offset, _, _ = draw_sample_noise((4, 8, 8), 1000, 0.1, key)
+    shift = offset - plain  # the same key draws the same base noise; the offset comes on top
+    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift))  # constant over each channel
+    assert 0 < shift.abs().max() < 1
+
+
+def test_caption_dropout_trains_and_needs_each_roots_empty_prompt(tiny_sd_model, cached_dataset, tmp_path, capsys):
+    result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
+                                          "--max_steps", "2", "--caption_dropout", "0.5")))
+    assert result.steps == 2
+    (cached_dataset / ".empty_prompt.txt_clipl").unlink()
+    assert main(_args(tiny_sd_model, cached_dataset, tmp_path / "run2", "--caption_dropout", "0.5")) == 2
+    assert "--caption_dropout needs the empty prompt's embedding" in capsys.readouterr().err
