@@ -48,8 +48,9 @@ SD15_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon",
 )
-# The T5 variant: its own VAE config (SDXL's scaling factor and fp16 upcast) and a cross-attention
-# width of 24, unlike the SD1.5 tiny model's 32, so mixing parts of the two is caught by the shape checks.
+# The T5 variant: its own VAE config (SDXL's fp16 upcast; the scaling factor is set from its latents
+# when built, as for the SD1.5 tiny model) and a cross-attention width of 24, unlike the SD1.5 tiny
+# model's 32, so mixing parts of the two is caught by the shape checks.
 TINY_T5_ENCODER = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
                        relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
 TINY_T5_PROJECTION_DIM = 24
@@ -182,8 +183,12 @@ def build_tiny_t5(folder: os.PathLike | str, seed: int = 0) -> Path:
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                            eos_token_id=tokenizer.eos_token_id, is_encoder_decoder=False,
                                            **TINY_T5_ENCODER))
+    vae = AutoencoderKL(**TINY_SDXL_VAE)
+    # as for the SD1.5 tiny model: scaled latents unit-sized against the noise (SDXL's 0.13025 fits
+    # the real SDXL VAE, not this random one, and would leave the tiny UNet almost nothing to learn)
+    vae.register_to_config(scaling_factor=round(1.0 / _latent_std(vae, seed), 5))
     pipeline = StableDiffusionT5Pipeline(
-        vae=AutoencoderKL(**TINY_SDXL_VAE), text_encoder=text_encoder, tokenizer=tokenizer,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         t5_projection=T5Projection.initialised(TINY_T5_ENCODER["d_model"], TINY_T5_PROJECTION_DIM, seed=seed),
         unet=UNet2DConditionModel(**TINY_T5_UNET), scheduler=DDIMScheduler(**SD15_DDIM_SCHEDULE),
     )
