@@ -440,6 +440,8 @@ def test_a_launch_of_two_processes_seen_as_one_fails_loudly():
 
 def test_two_process_cpu_training_keeps_weights_identical(tiny_sd_model, cached_dataset, tmp_path):
     output = tmp_path / "ddp"
+    output.mkdir()
+    (output / "trigger.checkpoint").touch()  # seen by the main process only: both must agree to save
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                str(REPO / "train_from_cached.py"),
                *_args(tiny_sd_model, cached_dataset, output, "--batch_size", "4", "--max_steps", "6",
@@ -456,6 +458,8 @@ def test_two_process_cpu_training_keeps_weights_identical(tiny_sd_model, cached_
     assert sum(summary["process_sample_id_sums"]) == sum(range(48))
     assert summary["process_sample_id_sums"][0] != summary["process_sample_id_sums"][1]
     assert "6 batches/epoch/process x 2 process(es)" in done.stderr  # 48 pairs / 2 processes / batch 4
+    # the requested checkpoint came at the first logging step, where the processes compare requests
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-00002", "checkpoint-00006"]
 
 
 # ---------------------------------------------------------------------------------------------
