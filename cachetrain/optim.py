@@ -35,19 +35,38 @@ def _write_back(parameter: torch.Tensor, value: torch.Tensor) -> None:
         parameter.copy_(value)
 
 
-class _SkippableOptimizer(torch.optim.Optimizer):
-    """Shared step: fp32 math per tensor, device-side skip, bf16 stochastic write-back.
+CHUNK_ELEMENTS = 1 << 25  # per batch of tensors: bounds the fp32 temporaries (~128 MB each)
 
-    A subclass says how to start a parameter's state and computes the new parameter and new state
-    values in fp32; this class writes them back, keeping the old values where the step is skipped.
+
+def _chunks(parameters: list[torch.Tensor]):
+    """Consecutive groups of tensors of about CHUNK_ELEMENTS elements each."""
+    chunk, size = [], 0
+    for parameter in parameters:
+        chunk.append(parameter)
+        size += parameter.numel()
+        if size >= CHUNK_ELEMENTS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class _SkippableOptimizer(torch.optim.Optimizer):
+    """Shared step: fp32 math with foreach ops over chunks of tensors, device-side skip, bf16
+    stochastic write-back.
+
+    A subclass says how to start a parameter's state and computes, for a chunk of tensors, the new
+    parameters and new state values in fp32 (lists, out of place); this class writes them back,
+    keeping the old values where the step is skipped. The math runs as a few multi-tensor kernels
+    per chunk rather than a dozen kernels per tensor.
     """
 
     def _init_state(self, parameter: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
 
-    def _update(self, grad: torch.Tensor, param: torch.Tensor, state: dict, group: dict,
-                keep: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(new parameter, {state name: new value}) in fp32; must not modify its inputs in place."""
+    def _update(self, grads: list[torch.Tensor], params: list[torch.Tensor], states: list[dict], group: dict,
+                keep: torch.Tensor | None) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """(new parameters, {state name: new values}) in fp32; must not modify its inputs in place."""
         raise NotImplementedError
 
     def _keep(self) -> torch.Tensor | None:
@@ -56,25 +75,28 @@ class _SkippableOptimizer(torch.optim.Optimizer):
         return None if found_inf is None else (1.0 - found_inf.float().clamp(0, 1))
 
     @staticmethod
-    def _blend(keep: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    def _blend(proceed: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         # where, not lerp: a skipped step's values may be NaN, and NaN * 0 is still NaN
-        return new if keep is None else torch.where(keep.to(new.device) > 0, new, old)
+        return new if proceed is None else torch.where(proceed, new, old)
 
     @torch.no_grad()
     def step(self, closure=None):
         keep = self._keep()
+        proceed = None if keep is None else keep > 0  # computed once, used by every blend
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                old_param = p.float()  # for fp32 parameters this is p itself: _update works out of place
-                new_param, new_state = self._update(p.grad.float(), old_param, state, group, keep)
-                _write_back(p, self._blend(keep, new_param, old_param))
-                for name, value in new_state.items():
-                    state[name].copy_(self._blend(keep, value, state[name].float()))
+            parameters = [p for p in group["params"] if p.grad is not None]
+            for p in parameters:
+                if not self.state[p]:
+                    self._init_state(p, self.state[p])
+            for chunk in _chunks(parameters):
+                states = [self.state[p] for p in chunk]
+                old_params = [p.float() for p in chunk]  # for fp32 parameters: p itself (hence out of place)
+                new_params, new_states = self._update([p.grad.float() for p in chunk], old_params, states,
+                                                      group, keep)
+                for i, p in enumerate(chunk):
+                    _write_back(p, self._blend(proceed, new_params[i], old_params[i]))
+                    for name, values in new_states.items():
+                        states[i][name].copy_(self._blend(proceed, values[i], states[i][name].float()))
         return None
 
 
@@ -89,16 +111,23 @@ class StochasticAdamW(_SkippableOptimizer):
         state["exp_avg"] = torch.zeros_like(parameter)
         state["exp_avg_sq"] = torch.zeros_like(parameter)
 
-    def _update(self, grad, param, state, group, keep):
+    def _update(self, grads, params, states, group, keep):
         beta1, beta2 = group["betas"]
-        state["step"] = state["step"] + (1.0 if keep is None else keep.to(param.device))  # a skip does not count
-        exp_avg = torch.lerp(state["exp_avg"].float(), grad, 1 - beta1)
-        exp_avg_sq = torch.addcmul(state["exp_avg_sq"].float() * beta2, grad, grad, value=1 - beta2)
-        step = state["step"].clamp(min=1)
-        denominator = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-        new_param = param * (1 - group["lr"] * group["weight_decay"])
-        new_param.addcdiv_(exp_avg / (1 - beta1 ** step), denominator, value=-group["lr"])
-        return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        step = states[0]["step"] + (1.0 if keep is None else keep.to(params[0].device))  # a skip does not count
+        for state in states:  # the tensors of a group always step together
+            state["step"] = step
+        exp_avg = torch._foreach_lerp([s["exp_avg"].float() for s in states], grads, 1 - beta1)
+        exp_avg_sq = torch._foreach_mul([s["exp_avg_sq"].float() for s in states], beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        step = step.clamp(min=1)
+        denominator = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denominator, (1 - beta2 ** step).sqrt())
+        torch._foreach_add_(denominator, group["eps"])
+        update = torch._foreach_div(exp_avg, denominator)
+        torch._foreach_div_(update, 1 - beta1 ** step)
+        new_params = torch._foreach_mul(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(new_params, update, alpha=-group["lr"])
+        return new_params, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 class StochasticLion(_SkippableOptimizer):
@@ -110,12 +139,14 @@ class StochasticLion(_SkippableOptimizer):
     def _init_state(self, parameter, state):
         state["exp_avg"] = torch.zeros_like(parameter)
 
-    def _update(self, grad, param, state, group, keep):
+    def _update(self, grads, params, states, group, keep):
         beta1, beta2 = group["betas"]
-        momentum = state["exp_avg"].float()
-        update = torch.lerp(momentum, grad, 1 - beta1).sign_()
-        new_param = param * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * update
-        return new_param, {"exp_avg": torch.lerp(momentum, grad, 1 - beta2)}
+        momentum = [s["exp_avg"].float() for s in states]
+        update = torch._foreach_lerp(momentum, grads, 1 - beta1)
+        torch._foreach_sign_(update)
+        new_params = torch._foreach_mul(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(new_params, update, alpha=-group["lr"])
+        return new_params, {"exp_avg": torch._foreach_lerp(momentum, grads, 1 - beta2)}
 
 
 def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[float, float],
