@@ -19,7 +19,6 @@ A builder for another text encoder plugs in by overriding ``embed`` (and ``overl
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass

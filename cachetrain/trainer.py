@@ -377,7 +377,7 @@ class TrainingRun:
         Stops and saves happen only right after an optimizer step, so the saved data position never
         counts micro-batches whose gradients were not applied.
         """
-        config, accelerator, progress = self.config, self.accelerator, self.progress
+        config, progress = self.config, self.progress
         dataset = CachedPairDataset(self.train_index, self.plan)
         batches = RunBatches(len(self.train_index), config.batch_size, config.seed, self.rank, self.world,
                              progress.epoch, progress.batch_in_epoch)

@@ -74,6 +74,9 @@ def cached_dataset(_cached_template, tmp_path) -> Path:
     return root
 
 
+from tests.t5_support import t5_cached_template, tiny_t5_model  # noqa: E402,F401  (fixtures for the T5 tests)
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)

@@ -9,7 +9,6 @@ import torch
 
 from cachetrain.assemble import main as assemble
 from cachetrain.t5 import StableDiffusionT5Pipeline, T5Projection
-from tests.t5_support import tiny_t5_model  # noqa: F401
 
 
 @pytest.fixture(scope="module")

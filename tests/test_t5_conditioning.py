@@ -16,8 +16,7 @@ from cachetrain.loader import CachedPairDataset, collate_pairs
 from cachetrain.sidecar import empty_prompt_path
 from cachetrain.text_encoding import pad_text_embeddings
 from cachetrain.tree import index_training_pairs
-from tests.t5_support import (cache_args, cache_t5_embeddings, captions_of, t5_cached_template,  # noqa: F401
-                              text_sidecar, tiny_t5_model)
+from tests.t5_support import cache_args, cache_t5_embeddings, captions_of, text_sidecar
 
 
 def _pipeline(model):

@@ -13,7 +13,6 @@ import torch
 
 from cachetrain.t5 import StableDiffusionT5Pipeline, T5Projection, load_t5_text_parts
 from cachetrain.text_encoding import encode_t5_prompts, pad_text_embeddings
-from tests.t5_support import tiny_t5_model  # noqa: F401
 
 PROMPT = "a red circle on a blue background"
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from cachetrain import sidecar
-from tests.t5_support import t5_cached_template, tiny_t5_model  # noqa: F401
 
 STEPS = 40
 

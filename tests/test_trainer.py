@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cachetrain.config import ConfigError, parse_train_args
+from cachetrain.config import parse_train_args
 from cachetrain.trainer import TrainingError, check_process_count, main, train
 
 REPO = Path(__file__).resolve().parents[1]
