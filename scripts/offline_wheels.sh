@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Download the wheels that a GPU machine without network access needs, beyond a CUDA PyTorch image
+# with transformers, accelerate and friends, to run cachetrain's GPU benchmarks:
+#   diffusers (the version in this .venv), lion-pytorch, bitsandbytes (8-bit AdamW), importlib-metadata.
+# Usage: scripts/offline_wheels.sh [DIR] [PYTHON_VERSION]   (defaults: .whl and 3.12; x86-64 Linux)
+# Then on that machine: bench/run_gpu_benchmarks.sh installs them from DIR before it runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR="${1:-.whl}"
+PYVER="${2:-3.12}"
+DIFFUSERS_VERSION="$(.venv/bin/python -c 'import diffusers; print(diffusers.__version__)' 2>/dev/null || echo 0.42.1)"
+mkdir -p "$DIR"
+python3 -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+    --python-version "$PYVER" --implementation cp \
+    --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any \
+    -d "$DIR" "diffusers==$DIFFUSERS_VERSION" lion-pytorch bitsandbytes importlib-metadata zipp \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+ls -1 "$DIR"
