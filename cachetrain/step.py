@@ -44,8 +44,8 @@ class TrainStep:
         self.channels_last = channels_last
         self.dtype = accelerator.unwrap_model(unet).dtype
 
-    def forward_backward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward + backward of one micro-batch; returns the (weighted, raw) loss as device scalars."""
+    def _predict(self, batch: Batch, unet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prediction, target, timesteps) for a batch: the one place a batch becomes UNet inputs."""
         device = self.accelerator.device
         latents = batch.latents.to(device, non_blocking=True).float() * self.vae_scale
         context = (batch.embeddings.to(device, non_blocking=True).float() * self.text_scale).to(self.dtype)
@@ -58,10 +58,27 @@ class TrainStep:
         if mask is not None:
             mask = mask.to(device, non_blocking=True)
         with self.accelerator.autocast():
-            prediction = self.forward_unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
-        loss, raw_loss = self.objective.losses(prediction, self.objective.target(latents, noise, timesteps), timesteps)
+            prediction = unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
+        return prediction, self.objective.target(latents, noise, timesteps), timesteps
+
+    def forward_backward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward of one micro-batch; returns the (weighted, raw) loss as device scalars."""
+        prediction, target, timesteps = self._predict(batch, self.forward_unet)
+        loss, raw_loss = self.objective.losses(prediction, target, timesteps)
         self.accelerator.backward(loss)
         return loss, raw_loss
+
+    @torch.no_grad()
+    def held_out_errors(self, batch: Batch) -> torch.Tensor:
+        """Per-sample raw MSE of the (unwrapped, eval-mode) UNet on a held-out batch; no gradients."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        was_training = unet.training
+        unet.eval()
+        try:
+            prediction, target, _ = self._predict(batch, unet)
+        finally:
+            unet.train(was_training)
+        return (prediction.float() - target).square().flatten(1).mean(dim=1)
 
     def prepare_update(self, want_qk_grads: bool) -> UpdateCheck:
         """At the synced micro-step: gradient norm (clipped when --gradient_clip > 0) and the NaN/Inf skip."""

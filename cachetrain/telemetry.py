@@ -94,3 +94,29 @@ class Telemetry:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+class StepHealth:
+    """Device-side counters of gradient health, read back only when logging."""
+
+    def __init__(self, device: torch.device, skipped_before: int = 0):
+        zero = torch.zeros((), device=device)
+        self.bad_in_a_row, self.worst_run, self.grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
+        self.bad_total = zero + skipped_before
+        self.steps_in_window = 0
+
+    def record(self, found_inf: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """One optimizer step: found_inf is 1.0 when it was skipped for NaN/Inf gradients."""
+        self.bad_in_a_row = (self.bad_in_a_row + 1) * found_inf  # back to 0 on a good step
+        self.worst_run = torch.maximum(self.worst_run, self.bad_in_a_row)  # a run that ended still counts
+        self.bad_total += found_inf
+        self.grad_norm_sum += torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0, neginf=0.0)
+        self.steps_in_window += 1
+
+    def window_scalars(self) -> dict[str, torch.Tensor]:
+        scalars = {"train/grad_norm": self.grad_norm_sum / max(self.steps_in_window, 1),
+                   "train/skipped_steps": self.bad_total.clone(), "_worst_bad_run": self.worst_run.clone()}
+        self.grad_norm_sum.zero_()
+        self.worst_run = self.bad_in_a_row.clone()
+        self.steps_in_window = 0
+        return scalars

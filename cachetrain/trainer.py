@@ -27,10 +27,10 @@ from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RunBatches, make_loader
 from .objective import DiffusionObjective
 from .optim import build_lr_schedule, build_optimizer
-from .sampling import draw_samples
 from .sidecar import TEXT_EMBEDDING_KEY, empty_prompt_path, read_sidecar
+from .checkpoint_sampler import CheckpointSampler, scale_problem
 from .step import TrainStep, UpdateCheck
-from .telemetry import Telemetry, qk_weight_parameters
+from .telemetry import StepHealth, Telemetry, qk_weight_parameters
 from .tree import PairIndex, index_training_pairs
 
 TRIGGER_FILE = "trigger.checkpoint"
@@ -195,31 +195,6 @@ def _weights_checksum(unet: torch.nn.Module) -> torch.Tensor:
         return (norms * weights).sum()
 
 
-class StepHealth:
-    """Device-side counters of gradient health, read back only when logging."""
-
-    def __init__(self, device: torch.device, skipped_before: int = 0):
-        zero = torch.zeros((), device=device)
-        self.bad_in_a_row, self.worst_run, self.grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
-        self.bad_total = zero + skipped_before
-        self.steps_in_window = 0
-
-    def record(self, check: UpdateCheck) -> None:
-        self.bad_in_a_row = (self.bad_in_a_row + 1) * check.found_inf  # back to 0 on a good step
-        self.worst_run = torch.maximum(self.worst_run, self.bad_in_a_row)  # a run that ended still counts
-        self.bad_total += check.found_inf
-        self.grad_norm_sum += torch.nan_to_num(check.grad_norm, nan=0.0, posinf=0.0, neginf=0.0)
-        self.steps_in_window += 1
-
-    def window_scalars(self) -> dict[str, torch.Tensor]:
-        scalars = {"train/grad_norm": self.grad_norm_sum / max(self.steps_in_window, 1),
-                   "train/skipped_steps": self.bad_total.clone(), "_worst_bad_run": self.worst_run.clone()}
-        self.grad_norm_sum.zero_()
-        self.worst_run = self.bad_in_a_row.clone()
-        self.steps_in_window = 0
-        return scalars
-
-
 class TrainingRun:
     """The state of one run and the loop over it; ``train()`` is the entry point."""
 
@@ -231,7 +206,9 @@ class TrainingRun:
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.output_dir = Path(config.output_dir)
-        check_scales_can_be_kept(config)
+        problem = scale_problem(config)
+        if problem:
+            raise TrainingError(problem)
         self.resume_from = _resolve_resume(config, self.output_dir)
         if self.is_main:
             _archive_settings(config, self.output_dir)
@@ -421,7 +398,7 @@ class TrainingRun:
             self.ema.step(self.trainable)
         progress.step += 1
         bar.update(1)
-        self.health.record(check)
+        self.health.record(check.found_inf, check.grad_norm)
         if logging_now:
             self._log(check, bar)
         return True
@@ -534,26 +511,11 @@ class TrainingRun:
             order = list(range(len(dataset)))
             batches = [order[i:i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
             total, count = torch.zeros((), device=self.device), 0
-            unet = self.bare_unet
-            was_training = unet.training
-            unet.eval()
-            with torch.no_grad():
-                for batch in make_loader(dataset, batches, 0, pin_memory=False, token_length=self.config.force_toklen):
-                    if batch is None:
-                        continue
-                    latents = batch.latents.to(self.device).float() * self.vae_scale
-                    noise, timesteps = batch.noise.to(self.device), batch.timesteps.to(self.device)
-                    context = batch.embeddings.to(self.device).float() * self.config.text_scaling_factor
-                    dtype = unet.dtype
-                    mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
-                    with self.accelerator.autocast():
-                        prediction = unet(self.objective.add_noise(latents, noise, timesteps).to(dtype), timesteps,
-                                          context.to(dtype), encoder_attention_mask=mask).sample
-                    target = self.objective.target(latents, noise, timesteps)
-                    per_sample = (prediction.float() - target).square().flatten(1).mean(1)
-                    total += per_sample.sum()
-                    count += per_sample.numel()
-            unet.train(was_training)
+            for batch in make_loader(dataset, batches, 0, pin_memory=False, token_length=self.config.force_toklen):
+                if batch is not None:
+                    errors = self.step.held_out_errors(batch)
+                    total += errors.sum()
+                    count += errors.numel()
             if count == 0:
                 raise TrainingError("no held-out pair could be read for val/loss (see the files listed above)")
             value = (total / count).item()
@@ -596,100 +558,6 @@ def train(config: TrainConfig, interrupt_after_batches: int | None = None) -> Tr
     """Train as ``config`` says. ``interrupt_after_batches`` acts like a SIGTERM arriving after that
     many micro-batches of this start (tests use it to stop a run at an exact point)."""
     return TrainingRun(config, interrupt_after_batches).run()
-
-
-class CheckpointSampler:
-    """Owns the parts that do not train: saves checkpoints around the UNet and draws samples."""
-
-    def __init__(self, config: TrainConfig, device: torch.device, telemetry: Telemetry | None = None):
-        self.config = config
-        self.telemetry = telemetry
-        self.device = device
-        self.frozen_dir = Path(config.output_dir) / ckpt.FROZEN_DIR_NAME
-        self.autocast_dtype = torch.bfloat16 if device.type == "cuda" and not config.fp32 else None
-        self._pipeline = None
-
-    def _pipeline_for(self, unet):
-        if self._pipeline is None:
-            self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet, self.config.is_custom)
-            _match_training_scales(self._pipeline, self.config)
-        self._pipeline.unet = unet
-        return self._pipeline
-
-    def sample(self, unet, step: int, out_dir: Path) -> list[Path]:
-        if not self.config.sample_prompt:
-            return []
-        pipeline = self._pipeline_for(unet)
-        was_training = unet.training
-        unet.eval()
-        others = [m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and name != "unet"]
-        for module in others:
-            module.to(self.device)
-        try:
-            paths = draw_samples(pipeline, self.config.sample_prompt, out_dir, step=step, seed=self.config.sample_seed,
-                                 sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
-                                 device=self.device, autocast_dtype=self.autocast_dtype)
-        finally:
-            if self.config.cpu_offload:  # give the memory back to training until the next samples
-                for module in others:
-                    module.to("cpu")
-            unet.train(was_training)
-        if self.telemetry is not None:
-            self.telemetry.add_images(step, dict(zip(self.config.sample_prompt, paths)))
-        return paths
-
-    def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
-        destination = ckpt.checkpoint_dir(Path(self.config.output_dir), step)
-        try:
-            ckpt.save_frozen_components(self._pipeline_for(unet), self.frozen_dir,
-                                        models.model_name(self.config.pretrained_model))
-            ckpt.save_checkpoint(destination, unet, self.frozen_dir, training_state,
-                                 ema_weights=_ema_writer(ema, trainable, unet))
-        except Exception as error:  # a full disk shows as OSError, RuntimeError or safetensors' own error
-            previous = ckpt.latest_checkpoint(Path(self.config.output_dir))
-            tqdm.write(f"[train] could not save checkpoint at step {step} ({type(error).__name__}: {error}); "
-                       f"the previous checkpoint {previous} is intact. Training goes on.")
-            return None
-        return destination
-
-
-def check_scales_can_be_kept(config: TrainConfig) -> None:
-    """--text_scaling_factor must be storable in the model, or samples and checkpoints would condition
-    the UNet differently from training. Only a T5 pipeline has a place for it (its projection's
-    scaling_factor); checked before any model is loaded."""
-    if config.text_scaling_factor == 1.0:
-        return
-    from diffusers import DiffusionPipeline
-
-    if "t5_projection" not in DiffusionPipeline.load_config(config.pretrained_model):
-        raise TrainingError("--text_scaling_factor: this model's pipeline has no text projection to keep the scale "
-                            "in, so its samples and checkpoints would not see what training saw; scale the "
-                            "cached embeddings instead, or train a T5 pipeline")
-
-
-def _match_training_scales(pipeline, config: TrainConfig) -> None:
-    """Store the scales training applies in the pipeline that draws samples and is saved in checkpoints."""
-    if config.vae_scaling_factor:
-        pipeline.vae.register_to_config(scaling_factor=config.vae_scaling_factor)
-    if config.text_scaling_factor != 1.0:
-        projection = pipeline.t5_projection
-        projection.register_to_config(scaling_factor=projection.config.scaling_factor * config.text_scaling_factor)
-
-
-def _ema_writer(ema, trainable, unet):
-    """A function that saves the EMA weights as a UNet folder, or None without EMA."""
-    if ema is None:
-        return None
-
-    def write(folder: Path) -> None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-        try:
-            unet.save_pretrained(folder, safe_serialization=True)
-        finally:
-            ema.restore(trainable)
-
-    return write
 
 
 def main(argv: list[str] | None = None) -> int:

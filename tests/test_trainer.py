@@ -283,12 +283,11 @@ def test_nan_gradients_skip_the_step_and_are_counted(tiny_sd_model, cached_datas
 
 
 def test_a_run_of_bad_steps_is_seen_even_when_a_good_step_ends_it_before_logging():
-    from cachetrain.step import UpdateCheck
-    from cachetrain.trainer import StepHealth
+    from cachetrain.telemetry import StepHealth
 
     health = StepHealth(torch.device("cpu"))
     for bad in [0, 1, 1, 1, 1, 0, 1, 0]:
-        health.record(UpdateCheck(torch.tensor(1.0), torch.tensor(float(bad)), None))
+        health.record(found_inf=torch.tensor(float(bad)), grad_norm=torch.tensor(1.0))
     scalars = health.window_scalars()
     assert scalars["_worst_bad_run"].item() == 4
     assert scalars["train/skipped_steps"].item() == 5
