@@ -7,7 +7,7 @@ Layers, lowest first (a module imports only from layers below it):
   t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id or folder
   loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
   checkpoint_sampler                     - the parts that do not train: saved around the UNet, drawing samples
-  cache_build -> image_cache, text_cache, t5_cache   - the cache builders
+  shards, cache_build -> image_cache, text_cache, t5_cache   - the cache builders and their shares of the files
   inspect, compare, assemble             - looking at caches and runs; building a T5 pipeline from parts
   trainer                                - the training loop
   tiny                                   - tiny offline models and the synthetic dataset

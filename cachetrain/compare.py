@@ -22,6 +22,7 @@ import re
 import sys
 import webbrowser
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -32,6 +33,7 @@ from .tree import walk_files
 SAMPLE_PREFIX = "sample-"
 SAMPLE_EXTENSION = ".png"
 DEFAULT_OUT = "compare.html"
+PAGE_TEMPLATE = "compare_page.html"  # beside this module: the page's markup, style and script
 
 
 @dataclass
@@ -233,183 +235,10 @@ def render_html(comparison: Comparison) -> str:
     # allows "<" only inside strings, where the escape \u003c means the same
     data = json.dumps(page_data(comparison), ensure_ascii=False).replace("<", "\\u003c")
     title = "Comparing " + " vs ".join(run.name for run in comparison.runs)
-    return (PAGE_TEMPLATE.replace("__TITLE__", html.escape(title))
-            .replace("__DATA__", data))
+    template = resources.files(__package__).joinpath(PAGE_TEMPLATE).read_text(encoding="utf-8")
+    return template.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
 
 
-PAGE_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>__TITLE__</title>
-<style>
-  :root { --tile: 256px; }
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 0; background: #1c1c1e; color: #e8e8e8; }
-  header { position: sticky; top: 0; background: #2c2c2e; padding: 8px 16px; display: flex; gap: 16px;
-           align-items: center; flex-wrap: wrap; z-index: 1; }
-  header h1 { font-size: 16px; margin: 0; }
-  button { background: #3a3a3c; color: inherit; border: 1px solid #555; border-radius: 4px; padding: 3px 10px; }
-  .keys { color: #aaa; font-size: 12px; }
-  main { padding: 12px 16px; }
-  .mismatches { background: #3b2a12; border: 1px solid #a66b00; padding: 6px 12px; margin-bottom: 12px; }
-  .mismatches li { font-family: ui-monospace, monospace; font-size: 12px; }
-  table { border-collapse: collapse; }
-  th, td { padding: 4px 6px; vertical-align: top; text-align: left; }
-  th { font-weight: 600; }
-  .prompt { max-width: 220px; }
-  .cell img { display: block; width: var(--tile); height: auto; image-rendering: pixelated; }
-  .facts { font-size: 11px; color: #aaa; max-width: var(--tile); }
-  .gap { width: var(--tile); aspect-ratio: 1; box-sizing: border-box; border: 2px dashed #e0443e;
-         color: #ff8a80; display: flex; flex-direction: column; justify-content: center; align-items: center;
-         text-align: center; padding: 8px; font-size: 12px; overflow: hidden; word-break: break-word;
-         background: repeating-linear-gradient(45deg, #2a1515 0 10px, #1c1c1e 10px 20px); }
-  .gap strong { text-transform: uppercase; letter-spacing: 0.05em; }
-  #grid { --tile: 96px; }
-  #grid tr.step-row { cursor: pointer; }
-  #grid tr.current { outline: 2px solid #0a84ff; }
-  #grid .gap { font-size: 9px; padding: 2px; }
-  [hidden] { display: none !important; }
-</style>
-</head>
-<body data-view="step" data-step-index="0">
-<header>
-  <h1 id="title"></h1>
-  <button id="prev" title="previous step (left arrow, backspace)">&larr;</button>
-  <span id="step-label"></span>
-  <button id="next" title="next step (right arrow, space)">&rarr;</button>
-  <button id="toggle-grid" title="all steps at once (g)">grid</button>
-  <span class="keys">&larr; / &rarr; or backspace / space: step &middot; g: grid of all steps &middot; esc: back</span>
-</header>
-<main>
-  <details id="mismatches" class="mismatches" open hidden><summary></summary><ul></ul></details>
-  <section id="step-view"><table><thead></thead><tbody></tbody></table></section>
-  <section id="grid" hidden><table><thead></thead><tbody></tbody></table></section>
-</main>
-<script type="application/json" id="comparison-data">__DATA__</script>
-<script>
-"use strict";
-const data = JSON.parse(document.getElementById("comparison-data").textContent);
-let current = 0;
-
-function element(tag, props, children) {
-  const node = document.createElement(tag);
-  Object.assign(node, props || {});
-  for (const child of children || []) node.append(child);
-  return node;
-}
-
-function stepName(step) {
-  return step.step === null ? step.folder : "step " + step.step;
-}
-
-function cellContent(cell, runName) {
-  if (cell.gap) {
-    return element("div", {className: "gap " + cell.gap, title: cell.reason},
-                   [element("strong", {textContent: cell.gap}), element("span", {textContent: cell.reason})]);
-  }
-  const image = element("img", {src: cell.src, width: cell.width, height: cell.height,
-                                alt: runName + ": " + (cell.prompt || cell.path), title: cell.path});
-  image.dataset.run = runName;
-  return image;
-}
-
-function cellFacts(cell, row) {
-  if (cell.gap) return "";
-  // the same file name in two runs may hold different prompts: then say so under the image
-  return (cell.prompt && cell.prompt !== row.prompt ? "prompt: " + cell.prompt + " \u00b7 " : "") + cell.facts;
-}
-
-function renderStep() {
-  const step = data.steps[current];
-  const head = document.querySelector("#step-view thead");
-  const body = document.querySelector("#step-view tbody");
-  head.replaceChildren(element("tr", {}, [element("th", {textContent: "prompt"}),
-    ...data.runs.map(run => element("th", {textContent: run}))]));
-  body.replaceChildren(...step.rows.map(row => element("tr", {}, [
-    element("td", {className: "prompt", textContent: row.prompt}),
-    ...row.cells.map((cell, r) => element("td", {className: "cell"}, [cellContent(cell, data.runs[r]),
-      element("div", {className: "facts", textContent: cellFacts(cell, row)})]))])));
-  document.getElementById("step-label").textContent =
-    stepName(step) + " (" + step.folder + ") \u2014 " + (current + 1) + " of " + data.steps.length;
-}
-
-function renderGrid() {
-  const head = document.querySelector("#grid thead");
-  const body = document.querySelector("#grid tbody");
-  const names = [...new Set(data.steps.flatMap(step => step.rows.map(row => row.name)))].sort();
-  const prompts = names.map(name => {
-    for (const step of data.steps) for (const row of step.rows) if (row.name === name) return row.prompt;
-    return name;
-  });
-  head.replaceChildren(
-    element("tr", {}, [element("th", {textContent: "step"}),
-      ...prompts.map(prompt => element("th", {textContent: prompt, colSpan: data.runs.length}))]),
-    element("tr", {}, [element("th"), ...names.flatMap(() => data.runs.map(run => element("th", {textContent: run})))]));
-  body.replaceChildren(...data.steps.map((step, index) => {
-    const cells = names.flatMap(name => {
-      const row = step.rows.find(r => r.name === name);
-      return data.runs.map((run, r) => element("td", {className: "cell"}, [cellContent(
-        row ? row.cells[r] : {gap: "missing", reason: "no such image in this step"}, run)]));
-    });
-    const tr = element("tr", {className: "step-row" + (index === current ? " current" : "")},
-                       [element("th", {textContent: stepName(step)}), ...cells]);
-    tr.addEventListener("click", () => { show(index); setView("step"); });
-    return tr;
-  }));
-}
-
-function setView(view) {
-  document.body.dataset.view = view;
-  document.getElementById("step-view").hidden = view !== "step";
-  document.getElementById("grid").hidden = view !== "grid";
-  document.getElementById("toggle-grid").textContent = view === "grid" ? "one step" : "grid";
-  if (view === "grid") renderGrid();
-}
-
-function show(index) {
-  current = Math.max(0, Math.min(data.steps.length - 1, index));
-  document.body.dataset.stepIndex = String(current);
-  renderStep();
-  if (document.body.dataset.view === "grid") renderGrid();
-}
-
-function setUp() {
-  document.getElementById("title").textContent = document.title;
-  // as large as fits: every run side by side, and one row of them on the screen
-  document.documentElement.style.setProperty("--tile",
-    "min(512px, calc((100vw - 320px) / " + Math.max(1, data.runs.length) + "), calc(100vh - 220px))");
-  if (data.mismatches.length) {
-    const box = document.getElementById("mismatches");
-    box.hidden = false;
-    const count = data.mismatches.length;
-    box.querySelector("summary").textContent = "These runs do not have the same images (" +
-      count + (count === 1 ? " difference)" : " differences)");
-    box.querySelector("ul").replaceChildren(...data.mismatches.map(line => element("li", {textContent: line})));
-  }
-  document.getElementById("prev").addEventListener("click", () => show(current - 1));
-  document.getElementById("next").addEventListener("click", () => show(current + 1));
-  document.getElementById("toggle-grid").addEventListener("click",
-    () => setView(document.body.dataset.view === "grid" ? "step" : "grid"));
-  document.addEventListener("keydown", event => {
-    if (event.altKey || event.ctrlKey || event.metaKey) return;
-    const moves = {ArrowRight: 1, " ": 1, ArrowLeft: -1, Backspace: -1};
-    if (event.key in moves) show(current + moves[event.key]);
-    else if (event.key === "Home") show(0);
-    else if (event.key === "End") show(data.steps.length - 1);
-    else if (event.key === "g") setView(document.body.dataset.view === "grid" ? "step" : "grid");
-    else if (event.key === "Escape") setView("step");
-    else return;
-    event.preventDefault();  // space would scroll and backspace might navigate away
-  });
-  if (data.steps.length) show(0);
-  else document.getElementById("step-label").textContent = "no sample images found";
-}
-
-setUp();
-</script>
-</body>
-</html>
-"""
 
 
 def write_page(comparison: Comparison, out: Path) -> Path:

@@ -20,9 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import models
-from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, agree_on_exit_status,
-                          default_encoder_dtype, process_device, run_cache_build, settings_from_args)
+from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
+                          settings_from_args)
 from .images import CONVERSION_REASONS, ImageRejected, load_image
+from .shards import agree_on_exit_status, process_device
 from .sidecar import IMAGE_LATENT_KEY, image_source_identity
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
 

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from . import models
-from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, agree_on_exit_status,
-                          default_encoder_dtype, process_device, run_cache_build, settings_from_args)
+from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
+                          settings_from_args)
+from .shards import agree_on_exit_status, process_device
 from .sidecar import (TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
                       empty_prompt_path, read_caption, write_sidecar)
 from .text_encoding import clip_overlong, encode_clip_prompts
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
+
 
 @dataclass
 class TextEmbeddingBuilder:

@@ -22,13 +22,13 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import models
+from .checkpoint_sampler import CheckpointSampler, scale_problem
 from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RunBatches, make_loader
 from .objective import DiffusionObjective
 from .optim import build_lr_schedule, build_optimizer
 from .sidecar import TEXT_EMBEDDING_KEY, empty_prompt_path, read_sidecar
-from .checkpoint_sampler import CheckpointSampler, scale_problem
 from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
 from .tree import PairIndex, index_training_pairs

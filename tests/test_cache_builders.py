@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 import create_img_sdvae
 import create_img_sdxl
 from cachetrain import sidecar
-from cachetrain.cache_build import effective_shard, parse_shard, take_shard
 from cachetrain.image_cache import main as image_main
+from cachetrain.shards import effective_shard, parse_shard, take_shard
 from cachetrain.text_cache import empty_prompt_path, main_clip
 from cachetrain.tiny import TINY_VAE, load_clip_tokenizer
 

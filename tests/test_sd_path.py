@@ -12,6 +12,7 @@ from cachetrain.image_cache import main as image_main
 from cachetrain.sidecar import empty_prompt_path
 from cachetrain.text_cache import main_clip
 from create_img_sdvae import DEFAULTS as SDVAE_DEFAULTS
+from tests.training_support import fixed_batch_loss
 
 
 def _cache_args(model: Path, root: Path, *extra: str) -> list[str]:
@@ -42,7 +43,6 @@ def test_cache_scripts_write_one_valid_sidecar_per_image_and_caption(tiny_sd_mod
 
 def test_stored_latent_is_the_unscaled_posterior_mean_of_the_prepared_image(tiny_sd_model, cached_dataset):
     from diffusers import AutoencoderKL
-
     from PIL import Image
 
     image = sorted(cached_dataset.rglob("*.jpg"))[0]
@@ -97,29 +97,6 @@ def test_cached_caption_embedding_equals_the_pipelines_encode_prompt(tiny_sd_mod
 # Training
 
 
-def _fixed_batch_loss(unet_folder: Path, model: Path, data: Path) -> float:
-    """Loss of a UNet on the first 8 pairs with fixed noise and timesteps (same for every UNet)."""
-    from diffusers import UNet2DConditionModel
-
-    from cachetrain.loader import CachedPairDataset, collate_pairs
-    from cachetrain.models import load_training_scheduler, read_vae_scaling_factor
-    from cachetrain.objective import DiffusionObjective
-    from cachetrain.tree import index_training_pairs
-
-    index, _ = index_training_pairs([data], ".img_sdvae", ".txt_clipl")
-    batch = collate_pairs([CachedPairDataset(index)[i] for i in range(8)])
-    unet = UNet2DConditionModel.from_pretrained(unet_folder, subfolder="unet").eval()
-    objective = DiffusionObjective(load_training_scheduler(str(model)))
-    latents = batch.latents.float() * read_vae_scaling_factor(str(model))
-    generator = torch.Generator().manual_seed(7)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
-    with torch.no_grad():
-        prediction = unet(objective.add_noise(latents, noise, timesteps), timesteps, batch.embeddings.float()).sample
-    loss, _ = objective.losses(prediction, objective.target(latents, noise, timesteps), timesteps)
-    return loss.item()
-
-
 def _read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -144,8 +121,8 @@ def short_run(tiny_sd_model, _cached_template, tmp_path_factory):
 
 
 def test_short_training_run_lowers_the_loss_on_a_fixed_batch(short_run, tiny_sd_model, _cached_template):
-    before = _fixed_batch_loss(tiny_sd_model, tiny_sd_model, _cached_template)
-    after = _fixed_batch_loss(short_run, tiny_sd_model, _cached_template)
+    before = fixed_batch_loss(tiny_sd_model, tiny_sd_model, _cached_template, ".img_sdvae", ".txt_clipl")
+    after = fixed_batch_loss(short_run, tiny_sd_model, _cached_template, ".img_sdvae", ".txt_clipl")
     assert after < 0.7 * before, (before, after)
 
 

@@ -10,33 +10,9 @@ import pytest
 import torch
 
 from cachetrain import sidecar
+from tests.training_support import fixed_batch_loss
 
 STEPS = 40
-
-
-def _fixed_batch_loss(unet_folder: Path, model: Path, data: Path) -> float:
-    """Loss of a UNet on 8 pairs with fixed noise and timesteps, conditioned exactly as the trainer does."""
-    from diffusers import UNet2DConditionModel
-
-    from cachetrain.loader import CachedPairDataset, collate_pairs
-    from cachetrain.models import load_training_scheduler, read_vae_scaling_factor
-    from cachetrain.objective import DiffusionObjective
-    from cachetrain.tree import index_training_pairs
-
-    index, _ = index_training_pairs([data], sidecar.SDXL_VAE_SUFFIX, sidecar.T5_SUFFIX)
-    batch = collate_pairs([CachedPairDataset(index)[i] for i in range(8)])
-    assert batch.attention_mask is not None  # the captions differ in length: this batch is padded
-    unet = UNet2DConditionModel.from_pretrained(unet_folder, subfolder="unet").eval()
-    objective = DiffusionObjective(load_training_scheduler(str(model)))
-    latents = batch.latents.float() * read_vae_scaling_factor(str(model))
-    generator = torch.Generator().manual_seed(7)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
-    with torch.no_grad():
-        prediction = unet(objective.add_noise(latents, noise, timesteps), timesteps, batch.embeddings.float(),
-                          encoder_attention_mask=batch.attention_mask).sample
-    loss, _ = objective.losses(prediction, objective.target(latents, noise, timesteps), timesteps)
-    return loss.item()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +32,10 @@ def t5_run(tiny_t5_model, t5_cached_template, tmp_path_factory) -> Path:
 
 
 def test_a_short_t5_run_lowers_the_loss_on_a_fixed_padded_batch(t5_run, tiny_t5_model, t5_cached_template):
-    before = _fixed_batch_loss(tiny_t5_model, tiny_t5_model, t5_cached_template)
-    after = _fixed_batch_loss(t5_run, tiny_t5_model, t5_cached_template)
+    # the captions differ in length: the batch is padded and the mask reaches the UNet
+    suffixes = (sidecar.SDXL_VAE_SUFFIX, sidecar.T5_SUFFIX)
+    before = fixed_batch_loss(tiny_t5_model, tiny_t5_model, t5_cached_template, *suffixes, expect_padding=True)
+    after = fixed_batch_loss(t5_run, tiny_t5_model, t5_cached_template, *suffixes, expect_padding=True)
     assert after < 0.7 * before, (before, after)
 
 
