@@ -19,14 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+VIEW_ONLY = {torch.ops.aten.split_with_sizes, torch.ops.aten.detach}  # return views; not marked is_view
+
 
 class CountOperations(TorchDispatchMode):
+    """All dispatched operations, and those that compute (views and metadata-only ops launch no kernel)."""
+
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.computing = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        self.computing += not (func.is_view or func.overloadpacket in VIEW_ONLY)
         return func(*args, **(kwargs or {}))
 
 
@@ -50,7 +56,8 @@ def main() -> None:
         with CountOperations() as counter:
             optimizer.step()
         print(f"{optimizer_class.__name__}: {counter.count} operations per step for {len(parameters)} tensors "
-              f"({counter.count / len(parameters):.1f} per tensor)")
+              f"({counter.count / len(parameters):.1f} per tensor), {counter.computing} of them compute "
+              f"({counter.computing / len(parameters):.1f} per tensor)")
 
 
 if __name__ == "__main__":

@@ -16,32 +16,33 @@ import torch
 INT32_LOW_16_BITS_CLEARED = -65536  # 0xFFFF0000 as a signed int32
 
 
-def stochastic_round_to_bf16_(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Write fp32 ``value`` into bf16 ``target``, rounding up or down at random in proportion.
+def stochastic_rounded(value: torch.Tensor) -> torch.Tensor:
+    """fp32 ``value`` rounded to a bf16-representable fp32 value, up or down at random in proportion.
 
     A bf16 number is the top 16 bits of an fp32 one: adding uniform noise in [0, 2^16) to the
     bit pattern and clearing the low 16 bits rounds up exactly with probability (low bits)/2^16.
+    The result converts to bf16 exactly.
     """
     bits = value.contiguous().view(torch.int32)
     noise = torch.randint_like(bits, 0, 1 << 16)
-    rounded = ((bits + noise) & INT32_LOW_16_BITS_CLEARED).view(torch.float32)
-    target.copy_(rounded.view_as(target))
+    return ((bits + noise) & INT32_LOW_16_BITS_CLEARED).view(torch.float32)
 
 
-def _write_back(parameter: torch.Tensor, value: torch.Tensor) -> None:
-    if parameter.dtype == torch.bfloat16:
-        stochastic_round_to_bf16_(parameter, value)
-    else:
-        parameter.copy_(value)
+def stochastic_round_to_bf16_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Write fp32 ``value`` into bf16 ``target``, rounding up or down at random in proportion."""
+    target.copy_(stochastic_rounded(value).view_as(target))
 
 
-CHUNK_ELEMENTS = 1 << 25  # per batch of tensors: bounds the fp32 temporaries (~128 MB each)
+CHUNK_ELEMENTS = 1 << 25  # per batch of tensors: bounds the fp32 working vectors (~128 MB each)
 
 
 def _chunks(parameters: list[torch.Tensor]):
-    """Consecutive groups of tensors of about CHUNK_ELEMENTS elements each."""
+    """Consecutive groups of tensors of one dtype and device, of about CHUNK_ELEMENTS elements each."""
     chunk, size = [], 0
     for parameter in parameters:
+        if chunk and (parameter.dtype != chunk[0].dtype or parameter.device != chunk[0].device):
+            yield chunk
+            chunk, size = [], 0
         chunk.append(parameter)
         size += parameter.numel()
         if size >= CHUNK_ELEMENTS:
@@ -51,22 +52,42 @@ def _chunks(parameters: list[torch.Tensor]):
         yield chunk
 
 
+def _flat_fp32(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A new fp32 vector of the tensors' values back to back: one batched copy, not one per tensor."""
+    return torch.cat([t.reshape(-1) for t in tensors]).float()
+
+
+def _store_flat_(targets: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Write an fp32 vector back into same-dtype tensors; into bf16 with stochastic rounding."""
+    if targets[0].dtype == torch.bfloat16:
+        flat = stochastic_rounded(flat)
+    flat = flat.to(targets[0].dtype)  # exact after the rounding above
+    pieces = flat.split([t.numel() for t in targets])
+    torch._foreach_copy_(targets, [piece.view_as(t) for piece, t in zip(pieces, targets)])
+
+
 class _SkippableOptimizer(torch.optim.Optimizer):
-    """Shared step: fp32 math with foreach ops over chunks of tensors, device-side skip, bf16
+    """Shared step: the math on one flat fp32 vector per chunk of tensors, device-side skip, bf16
     stochastic write-back.
 
-    A subclass says how to start a parameter's state and computes, for a chunk of tensors, the new
-    parameters and new state values in fp32 (lists, out of place); this class writes them back,
-    keeping the old values where the step is skipped. The math runs as a few multi-tensor kernels
-    per chunk rather than a dozen kernels per tensor.
+    A subclass names its per-element state (``state_names``), says how to start a parameter's
+    state, and computes from flat fp32 vectors (gradient, parameters, each state) the new parameters
+    and new state, out of place. This class gathers and scatters the vectors, keeping the old values
+    where the step is skipped. A step costs a few dozen kernels per chunk of ~32M elements, however
+    many tensors the chunk holds.
     """
+
+    state_names: tuple[str, ...] = ()
 
     def _init_state(self, parameter: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
 
-    def _update(self, grads: list[torch.Tensor], params: list[torch.Tensor], states: list[dict], group: dict,
-                keep: torch.Tensor | None) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-        """(new parameters, {state name: new values}) in fp32; must not modify its inputs in place."""
+    def _update(self, grad: torch.Tensor, param: torch.Tensor, state: dict[str, torch.Tensor],
+                tensor_states: list[dict], group: dict, keep: torch.Tensor | None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(new parameters, {state name: new values}) as flat fp32 vectors; must not modify its inputs.
+
+        ``tensor_states`` are the chunk's per-tensor state dicts, for state that is not per element."""
         raise NotImplementedError
 
     def _keep(self) -> torch.Tensor | None:
@@ -89,19 +110,21 @@ class _SkippableOptimizer(torch.optim.Optimizer):
                 if not self.state[p]:
                     self._init_state(p, self.state[p])
             for chunk in _chunks(parameters):
-                states = [self.state[p] for p in chunk]
-                old_params = [p.float() for p in chunk]  # for fp32 parameters: p itself (hence out of place)
-                new_params, new_states = self._update([p.grad.float() for p in chunk], old_params, states,
-                                                      group, keep)
-                for i, p in enumerate(chunk):
-                    _write_back(p, self._blend(proceed, new_params[i], old_params[i]))
-                    for name, values in new_states.items():
-                        states[i][name].copy_(self._blend(proceed, values[i], states[i][name].float()))
+                tensor_states = [self.state[p] for p in chunk]
+                old_param = _flat_fp32(chunk)
+                old_state = {name: _flat_fp32([s[name] for s in tensor_states]) for name in self.state_names}
+                new_param, new_state = self._update(_flat_fp32([p.grad for p in chunk]), old_param, old_state,
+                                                    tensor_states, group, keep)
+                _store_flat_(chunk, self._blend(proceed, new_param, old_param))
+                for name, values in new_state.items():
+                    _store_flat_([s[name] for s in tensor_states], self._blend(proceed, values, old_state[name]))
         return None
 
 
 class StochasticAdamW(_SkippableOptimizer):
     """AdamW whose state lives in the parameters' dtype; bf16 parameters get stochastic rounding."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -111,27 +134,24 @@ class StochasticAdamW(_SkippableOptimizer):
         state["exp_avg"] = torch.zeros_like(parameter)
         state["exp_avg_sq"] = torch.zeros_like(parameter)
 
-    def _update(self, grads, params, states, group, keep):
+    def _update(self, grad, param, state, tensor_states, group, keep):
         beta1, beta2 = group["betas"]
-        step = states[0]["step"] + (1.0 if keep is None else keep.to(params[0].device))  # a skip does not count
-        for state in states:  # the tensors of a group always step together
-            state["step"] = step
-        exp_avg = torch._foreach_lerp([s["exp_avg"].float() for s in states], grads, 1 - beta1)
-        exp_avg_sq = torch._foreach_mul([s["exp_avg_sq"].float() for s in states], beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        step = tensor_states[0]["step"] + (1.0 if keep is None else keep.to(param.device))  # a skip does not count
+        for tensor_state in tensor_states:  # the tensors of a chunk always step together
+            tensor_state["step"] = step
+        exp_avg = torch.lerp(state["exp_avg"], grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(state["exp_avg_sq"] * beta2, grad, grad, value=1 - beta2)
         step = step.clamp(min=1)
-        denominator = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denominator, (1 - beta2 ** step).sqrt())
-        torch._foreach_add_(denominator, group["eps"])
-        update = torch._foreach_div(exp_avg, denominator)
-        torch._foreach_div_(update, 1 - beta1 ** step)
-        new_params = torch._foreach_mul(params, 1 - group["lr"] * group["weight_decay"])
-        torch._foreach_add_(new_params, update, alpha=-group["lr"])
-        return new_params, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        denominator = (exp_avg_sq.sqrt() / (1 - beta2 ** step).sqrt()).add_(group["eps"])
+        update = exp_avg / denominator / (1 - beta1 ** step)
+        new_param = torch.add(param * (1 - group["lr"] * group["weight_decay"]), update, alpha=-group["lr"])
+        return new_param, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
 class StochasticLion(_SkippableOptimizer):
     """Lion (sign of an interpolated momentum); bf16 parameters get stochastic rounding."""
+
+    state_names = ("exp_avg",)
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
@@ -139,14 +159,11 @@ class StochasticLion(_SkippableOptimizer):
     def _init_state(self, parameter, state):
         state["exp_avg"] = torch.zeros_like(parameter)
 
-    def _update(self, grads, params, states, group, keep):
+    def _update(self, grad, param, state, tensor_states, group, keep):
         beta1, beta2 = group["betas"]
-        momentum = [s["exp_avg"].float() for s in states]
-        update = torch._foreach_lerp(momentum, grads, 1 - beta1)
-        torch._foreach_sign_(update)
-        new_params = torch._foreach_mul(params, 1 - group["lr"] * group["weight_decay"])
-        torch._foreach_add_(new_params, update, alpha=-group["lr"])
-        return new_params, {"exp_avg": torch._foreach_lerp(momentum, grads, 1 - beta2)}
+        update = torch.lerp(state["exp_avg"], grad, 1 - beta1).sign_()
+        new_param = torch.add(param * (1 - group["lr"] * group["weight_decay"]), update, alpha=-group["lr"])
+        return new_param, {"exp_avg": torch.lerp(state["exp_avg"], grad, 1 - beta2)}
 
 
 def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[float, float],

@@ -242,22 +242,43 @@ def test_stochastic_rounding_keeps_updates_that_round_to_nearest_would_lose():
     assert set(rounded.float().unique().tolist()) == {1.0, 1.0078125}
 
 
-def test_own_optimizers_match_the_reference_implementations_in_fp32():
+def test_bf16_optimizer_state_keeps_changes_below_its_resolution():
+    from cachetrain.optim import StochasticAdamW
+
+    parameter = torch.nn.Parameter(torch.ones(200_000, dtype=torch.bfloat16))
+    optimizer = StochasticAdamW([parameter], lr=0.0, betas=(0.9, 0.999))
+    parameter.grad = torch.ones_like(parameter)
+    optimizer.step()  # second moment = 0.001
+    parameter.grad = torch.zeros_like(parameter)
+    for _ in range(100):  # each step shrinks it by 0.1%, under half of bf16's spacing there
+        optimizer.step()
+    second_moment = optimizer.state[parameter]["exp_avg_sq"].float().mean().item()
+    assert second_moment == pytest.approx(0.001 * 0.999 ** 100, rel=0.01)  # round-to-nearest stays at 0.001
+
+
+def test_own_optimizers_match_the_reference_implementations_in_fp32(monkeypatch):
     from lion_pytorch import Lion
 
+    from cachetrain import optim
     from cachetrain.optim import StochasticAdamW, StochasticLion
 
+    monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 1000)  # several chunks, one of them a single tensor
+    shapes = [(40, 30), (7,), (3, 5, 2, 2), (1200,), (9, 9)]
     for reference_class, own_class in ((torch.optim.AdamW, StochasticAdamW), (Lion, StochasticLion)):
-        start = torch.randn(40, 30, generator=torch.Generator().manual_seed(1))
-        reference, own = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-        reference_opt = reference_class([reference], lr=1e-2, weight_decay=0.1)
-        own_opt = own_class([own], lr=1e-2, weight_decay=0.1)
+        generator = torch.Generator().manual_seed(1)
+        starts = [torch.randn(shape, generator=generator) for shape in shapes]
+        references = [torch.nn.Parameter(start.clone()) for start in starts]
+        owns = [torch.nn.Parameter(start.clone()) for start in starts]
+        reference_opt = reference_class(references, lr=1e-2, weight_decay=0.1)
+        own_opt = own_class(owns, lr=1e-2, weight_decay=0.1)
         for step in range(4):
-            grad = torch.randn(40, 30, generator=torch.Generator().manual_seed(10 + step))
-            reference.grad, own.grad = grad.clone(), grad.clone()
+            for reference, own in zip(references, owns):
+                grad = torch.randn(reference.shape, generator=generator)
+                reference.grad, own.grad = grad.clone(), grad.clone()
             reference_opt.step()
             own_opt.step()
-        torch.testing.assert_close(own.data, reference.data, rtol=1e-5, atol=1e-6)
+        for reference, own in zip(references, owns):
+            torch.testing.assert_close(own.data, reference.data, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_weights_train_in_bf16_and_lower_the_loss(tiny_sd_model, cached_dataset, tmp_path):
@@ -521,18 +542,21 @@ def test_own_optimizers_skip_on_the_device_when_found_inf_is_set():
 
     for own_class in (StochasticAdamW, StochasticLion):
         for dtype in (torch.float32, torch.bfloat16):
-            parameter = torch.nn.Parameter(torch.randn(8, 8).to(dtype))
-            optimizer = own_class([parameter], lr=1e-2)
-            parameter.grad = torch.randn(8, 8).to(dtype)
+            parameters = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in ((8, 8), (5,))]
+            optimizer = own_class(parameters, lr=1e-2)
+            for parameter in parameters:
+                parameter.grad = torch.randn(parameter.shape).to(dtype)
             optimizer.step()  # a normal step first, so there is state to keep
-            before = parameter.detach().clone()
-            state_before = {k: v.clone() for k, v in optimizer.state[parameter].items()}
-            parameter.grad = torch.full((8, 8), float("nan")).to(dtype)
+            before = [parameter.detach().clone() for parameter in parameters]
+            state_before = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in parameters]
+            parameters[0].grad = torch.full((8, 8), float("nan")).to(dtype)
+            parameters[1].grad = torch.ones(5).to(dtype)  # finite, but the whole step is skipped
             optimizer.found_inf = torch.tensor(1.0)
             optimizer.step()
-            assert torch.equal(parameter.detach(), before), (own_class, dtype)
-            for name, value in optimizer.state[parameter].items():
-                assert torch.equal(value, state_before[name]), (own_class, dtype, name)
+            for parameter, weights, states in zip(parameters, before, state_before):
+                assert torch.equal(parameter.detach(), weights), (own_class, dtype)
+                for name, value in optimizer.state[parameter].items():
+                    assert torch.equal(value, states[name]), (own_class, dtype, name)
 
 
 def test_a_text_scale_a_clip_pipeline_cannot_store_is_refused_before_loading(tiny_sd_model, cached_dataset,
