@@ -197,8 +197,8 @@ def main() -> None:
     if args.only:
         configs = [c for c in grid() + DEFAULT_CONFIGS if c.name in args.only]
         configs = list(dict.fromkeys(configs))
-    if not cuda:  # 8-bit AdamW needs CUDA; compile on CPU is minutes of compilation for nothing
-        configs = [dataclasses.replace(c, compile=False) for c in configs if c.optimizer != "adamw8"]
+    if not cuda:  # compile on CPU is minutes of compilation for nothing
+        configs = [dataclasses.replace(c, compile=False) for c in configs]
         configs = list(dict.fromkeys(configs))
         if args.tiny:
             configs = [dataclasses.replace(c, batch_size=min(c.batch_size, 4)) for c in configs]

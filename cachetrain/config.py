@@ -48,7 +48,7 @@ class TrainConfig:
     learning_rate_decay: float = _flag(0.0, "with --scheduler constant: subtracted from the LR after each epoch")
     scheduler: str = _flag("constant", "LR schedule: " + "|".join(SCHEDULERS), choices=SCHEDULERS)
     warmup_steps: int = _flag(0, "optimizer steps of linear LR warm-up")
-    optimizer: str = _flag("adamw", "adamw | adamw8 (bitsandbytes, CUDA) | lion", choices=OPTIMIZERS)
+    optimizer: str = _flag("adamw", "adamw | adamw8 (bitsandbytes 8-bit AdamW) | lion", choices=OPTIMIZERS)
     betas: list[float] = _flag([0.9, 0.999], "optimizer betas B1 B2", nargs=2, type=float)
     weight_decay: float = _flag(0.01, "decoupled weight decay")
     gradient_clip: float = _flag(1.0, "clip the gradient norm to this; <= 0 disables")

@@ -177,8 +177,6 @@ def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[fl
     if name == "lion":
         return StochasticLion(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
     if name == "adamw8":
-        if device.type != "cuda":
-            raise RuntimeError("--optimizer adamw8 needs CUDA (bitsandbytes 8-bit optimizers); use adamw on CPU")
         if bf16_weights:
             raise RuntimeError("--optimizer adamw8 rounds bf16 weights to nearest, so small updates vanish; "
                                "with --bf16_weights use adamw or lion (stochastic rounding)")

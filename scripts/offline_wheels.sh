@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Download the wheels that a GPU machine without network access needs, beyond a CUDA PyTorch image
 # with transformers, accelerate and friends, to run cachetrain's GPU benchmarks:
-#   diffusers (the version in this .venv), lion-pytorch, bitsandbytes (8-bit AdamW), importlib-metadata.
+#   diffusers (the version in this .venv), lion-pytorch, bitsandbytes (8-bit AdamW). Their other needs
+#   (requests, filelock, regex, huggingface-hub >= 1.32, safetensors >= 0.8, Pillow, packaging) are
+#   expected there; importlib-metadata is not needed on Python >= 3.8 and its current release would not
+#   import without a further package, so it is left out.
 # Usage: scripts/offline_wheels.sh [DIR] [PYTHON_VERSION]   (defaults: .whl and 3.12; x86-64 Linux)
 # Then on that machine: bench/run_gpu_benchmarks.sh installs them from DIR before it runs.
 set -euo pipefail
@@ -14,6 +17,6 @@ python3 -m pip download --disable-pip-version-check -q --no-deps --only-binary=:
     --python-version "$PYVER" --implementation cp \
     --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any \
-    -d "$DIR" "diffusers==$DIFFUSERS_VERSION" lion-pytorch bitsandbytes importlib-metadata zipp \
+    -d "$DIR" "diffusers==$DIFFUSERS_VERSION" lion-pytorch bitsandbytes \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 ls -1 "$DIR"

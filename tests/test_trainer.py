@@ -118,11 +118,13 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_sd_model, cached_dat
     assert differences.mean().item() < 1e-8
 
 
-def test_a_stopped_and_resumed_run_equals_one_that_never_stopped(tiny_sd_model, cached_dataset, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8", "lion"])
+def test_a_stopped_and_resumed_run_equals_one_that_never_stopped(tiny_sd_model, cached_dataset, tmp_path, optimizer):
     # 48 pairs, batch 4, accumulation 2: 6 optimizer steps per epoch. The stop arrives after 7
     # micro-batches, in the middle of step 4's accumulation: the run finishes step 4, then saves.
     common = ("--batch_size", "4", "--gradient_accum", "2", "--max_steps", "9", "--log_every", "1",
-              "--scheduler", "cosine", "--warmup_steps", "2", "--ema_decay", "0.9", "--use_snr")
+              "--scheduler", "cosine", "--warmup_steps", "2", "--ema_decay", "0.9", "--use_snr",
+              "--optimizer", optimizer)
     straight = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "straight", *common)))
     stopped = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "resumed", *common)),
                     interrupt_after_batches=7)
@@ -290,13 +292,14 @@ def test_bf16_weights_train_in_bf16_and_lower_the_loss(tiny_sd_model, cached_dat
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
 
 
-def test_nan_gradients_skip_the_step_and_are_counted(tiny_sd_model, cached_dataset, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8"])  # skipped on the device / on the host
+def test_nan_gradients_skip_the_step_and_are_counted(tiny_sd_model, cached_dataset, tmp_path, optimizer):
     from cachetrain.sidecar import read_metadata, write_sidecar
 
     poisoned = sorted(cached_dataset.rglob("*.img_sdvae"))[0]
     write_sidecar(poisoned, {"latent": torch.full((4, 16, 16), float("nan"))}, read_metadata(poisoned))
     result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
-                                          "--max_steps", "12", "--log_every", "12")))
+                                          "--max_steps", "12", "--log_every", "12", "--optimizer", optimizer)))
     skipped = _logged(result, "train/skipped_steps")
     assert skipped == [(12, 2.0)]  # the poisoned sample is in one batch per epoch; 2 epochs
     weights = _unet_weights(tmp_path / "run")
