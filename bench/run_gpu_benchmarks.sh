@@ -16,9 +16,18 @@ if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT_DIR/gpu.txt"
+# the versions the figures were taken with; a package that does not import shows here, not minutes later
+"$PYTHON" -c 'import importlib.metadata as m, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "diffusers", "transformers", "huggingface-hub", "accelerate", "bitsandbytes", "lion-pytorch"):
+    try:
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        print(name, "MISSING")
+import diffusers, cachetrain.step' 2>&1 | tee "$OUT_DIR/versions.txt"
 # training first: it is the goal; each part has its own limit so one slow part cannot eat the other's time
 # shellcheck disable=SC2086
-timeout 330 "$PYTHON" bench/gpu_train.py --json "$OUT_DIR/gpu_train.jsonl" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_train.log"
+timeout 320 "$PYTHON" bench/gpu_train.py --json "$OUT_DIR/gpu_train.jsonl" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_train.log"
 # shellcheck disable=SC2086
-timeout 150 "$PYTHON" bench/gpu_encode.py ${ENCODE_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_encode.log"
+timeout 140 "$PYTHON" bench/gpu_encode.py ${ENCODE_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_encode.log"
 echo "results in $OUT_DIR/"
