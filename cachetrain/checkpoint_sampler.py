@@ -49,7 +49,8 @@ class CheckpointSampler:
         try:
             paths = draw_samples(pipeline, self.config.sample_prompt, out_dir, step=step, seed=self.config.sample_seed,
                                  sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
-                                 device=self.device, autocast_dtype=self.autocast_dtype)
+                                 device=self.device, autocast_dtype=self.autocast_dtype,
+                                 token_length=self.config.force_toklen)
         finally:
             if self.config.cpu_offload:  # give the memory back to training until the next samples
                 for module in others:

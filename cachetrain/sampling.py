@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import re
 import typing
@@ -61,10 +62,33 @@ def sample_filename(index: int, prompt: str) -> str:
     return f"sample-{index:02d}-{slug}.png"
 
 
+def prompt_arguments(pipeline, prompt: str, negative_prompt: str, guided: bool, token_length: int | None,
+                     device: torch.device) -> dict:
+    """The pipeline's text arguments for a prompt, conditioning the UNet on ``token_length`` tokens
+    when given, as training with --force_toklen does.
+
+    A pipeline that takes ``token_length`` (the T5 one) applies the pad rule itself. For another
+    (SD1.5's, 77 CLIP tokens), a shorter length truncates its encoded prompts; a longer one would
+    only add masked padding, which changes nothing.
+    """
+    arguments = {"prompt": prompt, "negative_prompt": negative_prompt or None}
+    if token_length is None:
+        return arguments
+    if "token_length" in inspect.signature(pipeline.__call__).parameters:
+        return {**arguments, "token_length": token_length}
+    positive, negative = pipeline.encode_prompt(prompt, device, 1, guided, negative_prompt or None)
+    if token_length >= positive.shape[1]:
+        return arguments
+    return {"prompt_embeds": positive[:, :token_length],
+            "negative_prompt_embeds": negative[:, :token_length] if negative is not None else None}
+
+
 def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed: int, sampler_steps: int,
                  guidance_scale: float, negative_prompt: str = "", device: torch.device,
-                 autocast_dtype: torch.dtype | None = None) -> list[Path]:
-    """One PNG per prompt in ``out_dir``; each PNG's text chunks say how it was made."""
+                 autocast_dtype: torch.dtype | None = None, token_length: int | None = None) -> list[Path]:
+    """One PNG per prompt in ``out_dir``; each PNG's text chunks say how it was made.
+
+    ``token_length``: the --force_toklen training used, so samples see the conditioning it saw."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -73,8 +97,9 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(seed + index)
         with torch.no_grad(), autocast:
-            image = pipeline(prompt, negative_prompt=negative_prompt or None, num_inference_steps=sampler_steps,
-                             guidance_scale=guidance_scale, generator=generator).images[0]
+            text = prompt_arguments(pipeline, prompt, negative_prompt, guidance_scale > 1.0, token_length, device)
+            image = pipeline(**text, num_inference_steps=sampler_steps, guidance_scale=guidance_scale,
+                             generator=generator).images[0]
         metadata = SampleMetadata(prompt=prompt, negative_prompt=negative_prompt, seed=seed + index, step=step,
                                   sampler_steps=sampler_steps, guidance_scale=guidance_scale)
         path = out_dir / sample_filename(index, prompt)

@@ -114,11 +114,13 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
     def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None,
                       num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = False,
                       negative_prompt: str | list[str] | None = None, max_sequence_length: int | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      token_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(conditioning [B, L, D], attention mask [B, L] or None) for the UNet.
 
         With classifier-free guidance the negative prompts come first, then the prompts, padded
         together by the pad rule (the trainer's collate applies the same rule to cached sidecars).
+        ``token_length`` pads or truncates every embedding to that many tokens after encoding, as
+        training with --force_toklen does to the cached ones.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -132,7 +134,7 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
             prompts = negatives + prompts
         max_length = max_sequence_length or self.default_max_length
         embeddings = encode_t5_prompts(self.tokenizer, self.text_encoder, self.t5_projection, prompts, max_length)
-        conditioning, mask = pad_text_embeddings(embeddings)
+        conditioning, mask = pad_text_embeddings(embeddings, token_length)
         device = device or self._execution_device
         return conditioning.to(device), (mask.to(device) if mask is not None else None)
 
@@ -146,8 +148,11 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 30,
                  guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
-                 max_sequence_length: int | None = None, output_type: str = "pil", return_dict: bool = True):
-        """Draw images for ``prompt``; guidance_scale <= 1 turns classifier-free guidance off."""
+                 max_sequence_length: int | None = None, token_length: int | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Draw images for ``prompt``; guidance_scale <= 1 turns classifier-free guidance off.
+
+        ``token_length``: condition on exactly that many tokens, for a UNet trained with --force_toklen."""
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
@@ -155,7 +160,7 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
         device = self._execution_device
         guided = guidance_scale > 1.0
         context, mask = self.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt,
-                                           max_sequence_length)
+                                           max_sequence_length, token_length)
         batch = context.shape[0] // 2 if guided else context.shape[0]
         context = context.to(self.unet.dtype)
 

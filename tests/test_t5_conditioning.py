@@ -1,7 +1,8 @@
 """T5 caption conditioning: the pad rule, the T5 cache, and train/sample consistency.
 
 What the trainer feeds the UNet for a caption (its sidecar read back through collate) must be what
-the pipeline's own encode_prompt feeds it when sampling that caption: embedding and mask.
+the pipeline's own encode_prompt feeds it when sampling that caption: embedding and mask, also
+under --force_toklen (for SD1.5's CLIP conditioning too).
 """
 
 from __future__ import annotations
@@ -277,3 +278,49 @@ def test_a_trusted_folders_projection_code_survives_a_save_and_reload(custom_cod
     prompt = "a red circle on a blue background"
     torch.testing.assert_close(reloaded.encode_prompt(prompt, device="cpu")[0],
                                original.encode_prompt(prompt, device="cpu")[0])
+
+
+def _unet_conditioning_while_sampling(pipeline, prompt: str, **sample_options) -> torch.Tensor:
+    """The encoder_hidden_states the UNet receives when draw_samples draws ``prompt``."""
+    import tempfile
+    from pathlib import Path
+
+    from cachetrain.sampling import draw_samples
+
+    seen = []
+    hook = pipeline.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)),
+        with_kwargs=True)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            draw_samples(pipeline, [prompt], Path(out), step=0, seed=0, sampler_steps=1, guidance_scale=1.0,
+                         device=torch.device("cpu"), **sample_options)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_force_toklen_conditions_the_unet_alike_in_training_and_sampling(tiny_t5_model, t5_cached_template):
+    pipeline = _pipeline(tiny_t5_model)
+    caption = max(captions_of(t5_cached_template),
+                  key=lambda c: sidecar.read_sidecar(text_sidecar(c), "emb").shape[0])
+    full_length = sidecar.read_sidecar(text_sidecar(caption), "emb").shape[0]
+    for length in (3, full_length + 5):  # truncated, and padded with masked zeros
+        trained_on = _collate_captions([caption], token_length=length)
+        context, mask = pipeline.encode_prompt(_texts([caption]), device="cpu", token_length=length)
+        torch.testing.assert_close(trained_on.embeddings, context, rtol=1e-5, atol=1e-6)
+        assert (mask is None) == (trained_on.attention_mask is None) == (length < full_length)
+        sampled_on = _unet_conditioning_while_sampling(pipeline, _texts([caption])[0], token_length=length)
+        torch.testing.assert_close(sampled_on, trained_on.embeddings, rtol=1e-5, atol=1e-6)
+
+
+def test_force_toklen_truncates_the_clip_conditioning_of_sd15_samples(tiny_sd_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd_model, safety_checker=None)
+    full, _ = pipeline.encode_prompt("a red circle", torch.device("cpu"), 1, False)
+    assert _unet_conditioning_while_sampling(pipeline, "a red circle").shape[1] == full.shape[1]
+    truncated = _unet_conditioning_while_sampling(pipeline, "a red circle", token_length=20)
+    torch.testing.assert_close(truncated, full[:, :20])
+    # a length beyond CLIP's 77 would only add masked padding: the prompt is encoded as usual
+    assert torch.equal(_unet_conditioning_while_sampling(pipeline, "a red circle", token_length=100), full)
