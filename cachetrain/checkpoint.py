@@ -3,8 +3,8 @@
 A checkpoint ``output_dir/checkpoint-NNNNN/`` is a complete diffusers pipeline folder (loadable by
 the pipeline's from_pretrained) plus ``training_state.pt`` (optimizer, LR schedule, RNG states,
 counters) for an exact resume, and the samples drawn at that step. It is written under a temporary
-name and renamed when complete, so a crash or a full disk never leaves a half checkpoint where the
-last good one was.
+name, flushed to disk, and renamed when complete, so a crash, a full disk or a power loss never
+leaves a half checkpoint where the last good one was.
 
 The parts that do not train (VAE, text encoder, tokenizer, scheduler) are saved once into
 ``output_dir/.frozen-components`` and hard-linked into each checkpoint: no copy per checkpoint.
@@ -63,6 +63,40 @@ def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
 FROZEN_SOURCE_FILE = "cachetrain_source.json"
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        if directory:  # some systems cannot open a folder; its entries are then as durable as they get
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        if not directory:  # a folder that cannot be synced is the file system's limit, not a failed save
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def flush_to_disk(path: Path) -> None:
+    """fsync a file, or every file and folder under a folder, and the folder that holds it.
+
+    A rename makes new data visible before it is on disk; flushing first means a power loss right
+    after a save finds the complete new checkpoint or the old one, never one of empty files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for folder, _subfolders, files in os.walk(path):
+            for name in files:
+                _fsync(Path(folder) / name)
+            _fsync(Path(folder), directory=True)
+    else:
+        _fsync(path)
+    _fsync(path.parent, directory=True)
+
+
 def save_frozen_components(pipeline, frozen_dir: Path, source: str) -> None:
     """Save the pipeline once (atomically) without its trained part: the template of every checkpoint.
 
@@ -76,8 +110,10 @@ def save_frozen_components(pipeline, frozen_dir: Path, source: str) -> None:
     pipeline.save_pretrained(staging)
     shutil.rmtree(staging / TRAINED_COMPONENT, ignore_errors=True)
     (staging / FROZEN_SOURCE_FILE).write_text(json.dumps({"source": source}), encoding="utf-8")
+    flush_to_disk(staging)
     shutil.rmtree(frozen_dir, ignore_errors=True)
     os.replace(staging, frozen_dir)
+    _fsync(frozen_dir.parent, directory=True)  # the rename itself
 
 
 def remove_partial_saves(output_dir: Path) -> list[Path]:
@@ -151,10 +187,12 @@ def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: d
         if ema_weights is not None:
             ema_weights(staging / EMA_COMPONENT)
         torch.save(training_state, staging / TRAINING_STATE_FILE)
+        flush_to_disk(staging)
         replaced = destination.with_name(destination.name + ".replaced.partial")
         if destination.exists():  # moved aside, not deleted first: a crash here keeps a checkpoint
             os.replace(destination, replaced)
         os.replace(staging, destination)
+        _fsync(destination.parent, directory=True)  # the rename itself
         shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -176,6 +214,7 @@ def publish_final(final_checkpoint: Path, output_dir: Path) -> None:
             link_tree(entry, target)
         else:
             shutil.copy2(entry, target)
+        flush_to_disk(target)
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

@@ -228,6 +228,35 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tiny_s
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-00001", "checkpoint-00003"]
 
 
+def test_every_checkpoint_file_is_on_disk_before_the_checkpoint_is_published(tiny_sd_model, cached_dataset,
+                                                                            tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def recording_replace(source, destination):
+        events.append(("rename", str(source), str(destination)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    output = tmp_path / "run"
+    train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, "--batch_size", "8", "--max_steps", "2",
+                                 "--save_steps", "1")))
+    for name in ("checkpoint-00001", "checkpoint-00002"):
+        published = events.index(("rename", str(output / f"{name}.partial"), str(output / name)))
+        synced = {event[1] for event in events[:published] if event[0] == "fsync"}
+        files = [path for path in (output / name).rglob("*") if path.is_file()]
+        assert len(files) > 5
+        unsynced = [path for path in files
+                    if str(output / f"{name}.partial" / path.relative_to(output / name)) not in synced]
+        assert not unsynced, unsynced
+        assert ("fsync", str(output)) in events[published:]  # and the rename itself
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision, optimizers, safety
 
