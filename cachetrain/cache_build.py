@@ -9,7 +9,9 @@ the same way for all of them:
 2. take this process's share: ``--shard I/N`` across machines combined with the torchrun /
    accelerate rank, so all processes together cover every source exactly once;
 3. plan: a source whose sidecar is fresh (metadata matches source and encoder) is skipped; stale
-   or unreadable ones are rebuilt; legacy ones (no metadata) are kept unless ``--overwrite``;
+   or unreadable ones are rebuilt; legacy ones (no metadata) are kept unless ``--overwrite``. An
+   image whose modification time alone changed (copied without keeping times) is read and
+   compared by content: the same bytes keep their sidecar, which then stores the new time;
 4. encode in batches and write each sidecar atomically on background threads;
 5. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up.
 
@@ -20,6 +22,7 @@ kept on purpose. Sources skipped on request (``--min_size``) do not count agains
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -34,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 from .shards import effective_shard, parse_shard, per_process_path, take_shard
-from .sidecar import CAPTION_EXTENSION, Freshness, check_freshness, sidecar_path, write_sidecar
+from .sidecar import (CAPTION_EXTENSION, Freshness, SidecarError, check_freshness, sidecar_path, update_metadata,
+                      write_sidecar)
 from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
 FAILURES_SHOWN = 5  # in the summary
@@ -133,6 +137,8 @@ class CacheSummary:
             f"elapsed {elapsed:.1f} s; {handled / elapsed if elapsed > 0 else 0.0:.1f} files/s encoded or rejected, "
             f"{(handled + c['fresh'] + c['legacy']) / elapsed if elapsed > 0 else 0.0:.1f} files/s in all",
         ]
+        if c["retimed"]:
+            lines.append(f"fresh by content {c['retimed']}: new modification time, same bytes (the new time is stored)")
         if c["orphans"] or c["temporaries"]:
             lines.append(f"orphan sidecars (source gone) {c['orphans']}, leftover temporaries {c['temporaries']}, "
                          f"removed {c['pruned']}" + ("" if c["pruned"] else " (use --prune to remove)"))
@@ -237,13 +243,23 @@ def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, sum
     header read per file) run on threads: on network storage each is a round trip.
     """
 
+    source_digest = getattr(builder, "source_digest", None)  # builders whose identity includes a file time
+
     def check(source: str) -> tuple[str, Exception | None, Freshness | None]:
         try:
             expected = builder.expected_metadata(source)
         except (OSError, ValueError) as error:
             return source, error, None
         target = sidecar_path(source, settings.out_suffix)
-        return source, None, Freshness("missing") if settings.overwrite else check_freshness(target, expected)
+        if settings.overwrite:
+            return source, None, Freshness("missing")
+        state = check_freshness(target, expected, functools.partial(source_digest, source) if source_digest else None)
+        if state.status == "retimed":  # store the new time, so the next run needs only a stat again
+            try:
+                update_metadata(target, expected)
+            except (OSError, SidecarError) as error:
+                return source, None, Freshness("stale", f"could not store the new modification time: {error}")
+        return source, None, state
 
     def check_chunk(chunk: list[str]) -> list[tuple[str, Exception | None, Freshness | None]]:
         return [check(source) for source in chunk]
@@ -259,8 +275,10 @@ def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, sum
                     target = sidecar_path(source, settings.out_suffix)
                     if getattr(error, "source_gone", False) and orphans is not None and target.exists():
                         orphans.append(os.fspath(target))
-                elif state.status == "fresh":
+                elif state.status in ("fresh", "retimed"):
                     summary.count("fresh")
+                    if state.status == "retimed":
+                        summary.count("retimed")
                 elif state.status == "legacy":
                     summary.count("legacy")
                 else:

@@ -11,6 +11,7 @@ in that precision; bfloat16 and float32 are fine.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, def
                           settings_from_args)
 from .images import CONVERSION_REASONS, ImageRejected, load_image
 from .shards import agree_on_exit_status, process_device
-from .sidecar import IMAGE_LATENT_KEY, image_source_identity
+from .sidecar import IMAGE_LATENT_KEY, content_digest, file_content_digest, image_source_identity
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
 
 
@@ -45,11 +46,14 @@ class ImageDecodeDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            # The file's identity is taken before it is read: if it changes while being read, the
-            # sidecar records the older identity and the next run rebuilds it.
+            # The file's size and time are taken before it is read: if it changes while being read,
+            # the sidecar records the older ones and the next run rebuilds it. The digest is of the
+            # very bytes decoded.
             identity = image_source_identity(self.paths[i])
-            prepared = load_image(self.paths[i], self.resolution, self.min_size, self.jpeg_draft)
-            return i, prepared.pixels, prepared.notes, identity, "", ""
+            with open(self.paths[i], "rb") as handle:
+                data = handle.read()
+            prepared = load_image(io.BytesIO(data), self.resolution, self.min_size, self.jpeg_draft)
+            return i, prepared.pixels, prepared.notes, {**identity, **content_digest(data)}, "", ""
         except ImageRejected as error:
             return i, None, (), None, error.kind, error.reason
         except Exception as error:  # any other decode failure is reported per file, never fatal
@@ -128,6 +132,9 @@ class ImageLatentBuilder:
 
     def expected_metadata(self, source: str) -> dict[str, str]:
         return {**self.settings_metadata(), **image_source_identity(source)}
+
+    def source_digest(self, source: str) -> dict[str, str]:
+        return file_content_digest(source)
 
     def latents_of(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, R, R] (pinned host memory or device) -> the VAE posterior mean on the device."""

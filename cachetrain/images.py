@@ -14,6 +14,7 @@ REJECTION_KINDS) and a reason: the builders report and count them and carry on.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -87,7 +88,9 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
 
 def _open_checked(path: os.PathLike | str | BinaryIO) -> Image.Image:
     """Image.open with every way a file can fail to be an image turned into ImageRejected."""
-    if isinstance(path, (str, os.PathLike)) and os.stat(path).st_size == 0:
+    empty = (os.stat(path).st_size == 0 if isinstance(path, (str, os.PathLike))
+             else isinstance(path, io.BytesIO) and path.getbuffer().nbytes == 0)
+    if empty:
         raise ImageRejected("empty file", "the file has zero bytes")
     try:
         # Pillow only warns between 1x and 2x its pixel limit; a file that large is treated as a

@@ -17,6 +17,7 @@ library, because imports are absolute.)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -28,11 +29,13 @@ from tqdm import tqdm
 
 from .sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX,
                       T5_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness,
-                      image_source_identity, read_caption, read_metadata, read_sidecar)
+                      file_content_digest, image_source_identity, read_caption, read_metadata, read_sidecar)
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions, walk_files
 
 KNOWN_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
-STATUSES = ("fresh", "stale", "legacy", "orphan", "unreadable")
+# "retimed": usable, the source's bytes are the same under a new modification time (a copy that did
+# not keep times); the cache scripts store the new time on their next run
+STATUSES = ("fresh", "retimed", "stale", "legacy", "orphan", "unreadable")
 FILES_KEPT = 1000  # per list: counts stay exact on huge caches, the lists of file names do not grow without end
 FILES_SHOWN = 5  # per list, in the text report
 
@@ -243,7 +246,8 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: Folde
     except (OSError, ValueError) as error:  # a caption that is no longer UTF-8, a file that vanished
         report.add_status(path, "stale", str(error))
         return
-    freshness = check_freshness(path, expected)
+    digest = functools.partial(file_content_digest, source) if key == IMAGE_LATENT_KEY else None
+    freshness = check_freshness(path, expected, digest)
     report.add_status(path, freshness.status, freshness.reason)
 
 

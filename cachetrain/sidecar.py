@@ -13,6 +13,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 # Metadata keys that describe the source file; the rest describe the encoder and settings.
-SOURCE_KEYS = ("source_size", "source_mtime_ns", "caption_sha256")
+SOURCE_KEYS = ("source_size", "source_mtime_ns", "source_sha256", "caption_sha256")
 
 
 class SidecarError(ValueError):
@@ -190,6 +191,20 @@ def image_source_identity(image: os.PathLike | str) -> dict[str, str]:
     return {"source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns)}
 
 
+def content_digest(data: bytes) -> dict[str, str]:
+    """The sha256 of a source's bytes, stored beside its size and modification time.
+
+    Size and time are what every run checks (a stat); the digest is read only when the time alone
+    differs, so a copy that did not keep modification times is recognised instead of re-encoded.
+    """
+    return {"source_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def file_content_digest(path: os.PathLike | str) -> dict[str, str]:
+    with open(path, "rb") as handle:
+        return {"source_sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+
+
 def caption_source_identity(text: str) -> dict[str, str]:
     """A caption is identified by the sha256 of its (stripped) text."""
     return {"caption_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
@@ -204,19 +219,23 @@ def config_fingerprint(config: dict) -> str:
 
 @dataclass(frozen=True)
 class Freshness:
-    status: str  # "fresh", "stale", "legacy", "missing" or "unreadable"
+    # "fresh", "retimed" (fresh, but its stored modification time is the source's old one),
+    # "stale", "legacy", "missing" or "unreadable"
+    status: str
     reason: str = ""
 
     @property
     def usable(self) -> bool:
-        return self.status in ("fresh", "legacy")
+        return self.status in ("fresh", "retimed", "legacy")
 
 
-def check_freshness(path: os.PathLike | str, expected: dict[str, str]) -> Freshness:
+def check_freshness(path: os.PathLike | str, expected: dict[str, str],
+                    source_digest: Callable[[], dict[str, str]] | None = None) -> Freshness:
     """Compare a sidecar's metadata with what the current source and encoder would write.
 
     ``expected`` holds every metadata key that must match (encoder identity and fingerprint,
-    settings, source identity).
+    settings, source identity). When only the modification time differs and the sidecar stored
+    the source's digest, ``source_digest()`` (reading the source) decides: same bytes, "retimed".
     """
     try:
         metadata = read_metadata(path)
@@ -226,7 +245,22 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str]) -> Freshn
         return Freshness("unreadable", error.reason)
     if "cachetrain_format" not in metadata:
         return Freshness("legacy", "written without metadata")
-    for key, value in expected.items():
-        if metadata.get(key) != str(value):
-            return Freshness("stale", f"{key} is {metadata.get(key)!r}, now {value!r}")
-    return Freshness("fresh")
+    differing = [key for key, value in expected.items() if metadata.get(key) != str(value)]
+    if not differing:
+        return Freshness("fresh")
+    if differing == ["source_mtime_ns"] and source_digest is not None and "source_sha256" in metadata:
+        try:
+            if source_digest() == {"source_sha256": metadata["source_sha256"]}:
+                return Freshness("retimed", "same bytes, new modification time")
+        except OSError:
+            pass  # unreadable now: stale, and the rebuild reports why
+    key = differing[0]
+    return Freshness("stale", f"{key} is {metadata.get(key)!r}, now {expected[key]!r}")
+
+
+def update_metadata(path: os.PathLike | str, changes: dict[str, str]) -> None:
+    """Rewrite a sidecar (atomically) with some metadata values changed; its tensors stay as they are."""
+    with safe_open(os.fspath(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    write_sidecar(path, tensors, {**metadata, **changes})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import create_img_sdvae
@@ -82,7 +83,7 @@ def test_a_rerun_skips_every_fresh_sidecar_and_exits_zero(capsys, tiny_sd_model,
 def test_changing_an_image_a_caption_or_the_vae_makes_exactly_those_stale(capsys, tiny_sd_model, cached_dataset,
                                                                           tmp_path):
     image = cached_dataset / "part1" / "img00005.jpg"
-    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    Image.new("RGB", (80, 72), (200, 30, 30)).save(image, quality=90)
     caption = cached_dataset / "part2" / "img00006.txt"
     caption.write_text("a green cross on a red background", encoding="utf-8")
     untouched = cached_dataset / "part0" / "img00000.img_sdvae"
@@ -101,6 +102,25 @@ def test_changing_an_image_a_caption_or_the_vae_makes_exactly_those_stale(capsys
     other_vae = write_vae_folder(tmp_path / "retrained", seed=7)
     status, counts, _ = run_images(capsys, other_vae, cached_dataset)
     assert status == 0 and counts["written"] == counts["stale"] == IMAGES_IN_DATASET and counts["fresh"] == 0
+
+
+def test_a_copy_that_did_not_keep_modification_times_keeps_its_sidecars(capsys, tiny_sd_model, cached_dataset,
+                                                                        tmp_path):
+    copy = tmp_path / "copied"
+    shutil.copytree(cached_dataset, copy, copy_function=shutil.copyfile)  # new times, as cp without -p
+    latents = {p: p.read_bytes() for p in sidecars(cached_dataset, ".img_sdvae")}
+
+    status, counts, err = run_images(capsys, tiny_sd_model, copy)
+    assert status == 0 and counts["written"] == 0 and counts["fresh"] == IMAGES_IN_DATASET
+    assert f"fresh by content {IMAGES_IN_DATASET}: new modification time, same bytes" in err
+    for original, cached in latents.items():
+        copied = copy / original.relative_to(cached_dataset)
+        assert sidecar.read_sidecar(copied, "latent").equal(sidecar.read_sidecar(original, "latent"))
+        image = copied.with_suffix(".jpg")
+        assert sidecar.read_metadata(copied)["source_mtime_ns"] == str(image.stat().st_mtime_ns)
+
+    status, counts, err = run_images(capsys, tiny_sd_model, copy)  # the new times are stored: a stat suffices
+    assert counts["fresh"] == IMAGES_IN_DATASET and "fresh by content" not in err
 
 
 def test_sd15_and_sdxl_vaes_are_never_mistaken_for_each_other(capsys, tiny_sd_model, cached_dataset,

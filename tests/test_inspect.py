@@ -92,7 +92,8 @@ def test_counts_statuses_shapes_and_broken_files_are_exact(planted_cache):
     assert list(result["suffixes"]) == [".img_sdvae", ".txt_clipl"]  # no .img_sdxl / .txt_t5cache here
     assert latent_report["count"] == 9
     assert latent_report["kinds"] == {"image_latent": 8}
-    assert latent_report["status"] == {"fresh": 5, "stale": 1, "legacy": 1, "orphan": 1, "unreadable": 1}
+    assert latent_report["status"] == {"fresh": 5, "retimed": 0, "stale": 1, "legacy": 1, "orphan": 1,
+                                       "unreadable": 1}
     by_path = {f["path"]: (f["status"], f["reason"]) for f in latent_report["not_fresh"]}
     assert sorted(by_path) == sorted(f"{a}/{name}.img_sdvae" for name in ("img1", "img2", "gone", "broken"))
     assert by_path[f"{a}/img1.img_sdvae"][0] == "stale" and "source_size" in by_path[f"{a}/img1.img_sdvae"][1]
@@ -108,7 +109,8 @@ def test_counts_statuses_shapes_and_broken_files_are_exact(planted_cache):
     assert latent_report["encoders"] == {"tiny (AutoencoderKL, fingerprint abc)": 7}
 
     assert text_report["count"] == 7
-    assert text_report["status"] == {"fresh": 5, "stale": 1, "legacy": 0, "orphan": 1, "unreadable": 0}
+    assert text_report["status"] == {"fresh": 5, "retimed": 0, "stale": 1, "legacy": 0, "orphan": 1,
+                                     "unreadable": 0}
     text_by_path = {f["path"]: f["status"] for f in text_report["not_fresh"]}
     assert text_by_path == {f"{a}/img0.txt_clipl": "stale", f"{a}/img5.txt_clipl": "orphan"}
     assert text_report["shapes"] == {"7x8": 6, "5x8": 1}
@@ -164,7 +166,7 @@ def test_the_text_report_names_the_problems(planted_cache, capsys):
     assert cache_inspect.main([str(root), "--no_progress"]) == 0
     text = capsys.readouterr().out
     assert ".img_sdvae: 9 sidecars (8 image latents)" in text
-    assert "fresh 5, stale 1, legacy 1, orphan 1, unreadable 1" in text
+    assert "fresh 5, retimed 0, stale 1, legacy 1, orphan 1, unreadable 1" in text
     assert f"1 files differ from the usual shape 4x8x8:\n    {root}/a/img4.img_sdvae: 4x8x6" in text
     assert f"{root}/a/img3.img_sdvae: 2 NaN, 1 Inf" in text
     assert "suggested VAE scaling factor" in text
@@ -189,8 +191,9 @@ def test_sidecars_written_by_the_cache_builders_are_fresh_until_their_source_cha
     images = sorted(cached_dataset.rglob("*.jpg"))
     stat = images[0].stat()
     os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: same bytes, new mtime
+    Image.new("RGB", (70, 70), (9, 9, 9)).save(images[1])  # replaced
 
     result = cache_inspect.inspect_cache([str(cached_dataset)])
-    assert result["suffixes"][".img_sdvae"]["status"] == {"fresh": 47, "stale": 1, "legacy": 0, "orphan": 0,
-                                                          "unreadable": 0}
+    assert result["suffixes"][".img_sdvae"]["status"] == {"fresh": 46, "retimed": 1, "stale": 1, "legacy": 0,
+                                                          "orphan": 0, "unreadable": 0}
     assert result["suffixes"][".txt_clipl"]["status"]["fresh"] == 48

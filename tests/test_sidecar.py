@@ -82,6 +82,34 @@ def test_freshness_compares_metadata_with_the_current_source_and_encoder(tmp_pat
     assert sidecar.check_freshness(broken, expected).status == "unreadable"
 
 
+def test_a_source_with_a_new_time_but_the_same_bytes_is_recognised_by_its_digest(tmp_path):
+    source = tmp_path / "x.jpg"
+    source.write_bytes(b"0123456789")
+    path = tmp_path / "x.img_sdvae"
+    written = {**sidecar.image_source_identity(source), **sidecar.content_digest(source.read_bytes())}
+    sidecar.write_sidecar(path, {"latent": torch.ones(1, 2, 2)}, {"encoder_fingerprint": "abc", **written})
+
+    def digest():
+        return sidecar.file_content_digest(source)
+
+    os.utime(source, ns=(0, 10**18))  # as a copy that did not keep times
+    expected = {"encoder_fingerprint": "abc", **sidecar.image_source_identity(source)}
+    assert sidecar.check_freshness(path, expected).status == "stale"  # without a way to read the source
+    retimed = sidecar.check_freshness(path, expected, digest)
+    assert retimed.status == "retimed" and retimed.usable
+    sidecar.update_metadata(path, expected)
+    assert sidecar.check_freshness(path, expected).status == "fresh"  # a stat is enough again
+    assert torch.equal(sidecar.read_sidecar(path, "latent"), torch.ones(1, 2, 2))
+
+    source.write_bytes(b"0123456780")  # same size, other bytes
+    os.utime(source, ns=(0, 2 * 10**18))
+    expected = {"encoder_fingerprint": "abc", **sidecar.image_source_identity(source)}
+    changed = sidecar.check_freshness(path, expected, digest)
+    assert changed.status == "stale" and "source_mtime_ns" in changed.reason
+    # a digest is only consulted when the time alone differs
+    assert sidecar.check_freshness(path, {**expected, "encoder_fingerprint": "def"}, digest).status == "stale"
+
+
 def test_caption_identity_is_the_hash_of_the_text():
     assert sidecar.caption_source_identity("a cat") == sidecar.caption_source_identity("a cat")
     assert sidecar.caption_source_identity("a cat") != sidecar.caption_source_identity("a dog")
