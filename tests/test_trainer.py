@@ -257,6 +257,16 @@ def test_every_checkpoint_file_is_on_disk_before_the_checkpoint_is_published(tin
         assert ("fsync", str(output)) in events[published:]  # and the rename itself
 
 
+@pytest.mark.parametrize("flag", ["--channels_last", "--compile"])  # --compile: about a minute on a CPU
+def test_speed_flags_train_the_same_model(tiny_sd_model, cached_dataset, tmp_path, flag):
+    common = ("--batch_size", "8", "--max_steps", "3", "--log_every", "1")
+    plain = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "plain", *common)))
+    fast = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "fast", *common, flag)))
+    plain_losses, fast_losses = _logged(plain, "train/loss"), _logged(fast, "train/loss")
+    assert [step for step, _ in fast_losses] == [1, 2, 3]
+    assert [value for _, value in fast_losses] == pytest.approx([value for _, value in plain_losses], rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Precision, optimizers, safety
 
