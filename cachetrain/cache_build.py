@@ -108,6 +108,11 @@ class CacheSummary:
         self.notes[kind] += 1
         self._report(path, "note", kind, reason)
 
+    def time_not_stored(self, path: str, reason: str) -> None:
+        """A sidecar found fresh by content whose new modification time could not be written into it."""
+        self.counts["time_not_stored"] += 1
+        self._report(path, "note", "modification time not stored", reason)
+
     def report_orphan(self, path: str, removed: bool) -> None:
         """A sidecar whose source is gone (written to the report; counted by handle_orphans)."""
         self._report(path, "orphan", "source gone", "removed (--prune)" if removed else "kept; --prune removes it")
@@ -138,7 +143,10 @@ class CacheSummary:
             f"{(handled + c['fresh'] + c['legacy']) / elapsed if elapsed > 0 else 0.0:.1f} files/s in all",
         ]
         if c["retimed"]:
-            lines.append(f"fresh by content {c['retimed']}: new modification time, same bytes (the new time is stored)")
+            unstored = (f"; {c['time_not_stored']} could not store it and will be read again next run"
+                        if c["time_not_stored"] else "")
+            lines.append(f"fresh by content {c['retimed']}: new modification time, same bytes (the new time is "
+                         f"stored in the sidecar{unstored})")
         if c["orphans"] or c["temporaries"]:
             lines.append(f"orphan sidecars (source gone) {c['orphans']}, leftover temporaries {c['temporaries']}, "
                          f"removed {c['pruned']}" + ("" if c["pruned"] else " (use --prune to remove)"))
@@ -171,6 +179,9 @@ class CacheBuilder(Protocol):
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
         """Encode ``sources`` in batches; report the ones that fail to ``summary`` and yield the rest."""
+
+    # Optional: ``source_digest(source) -> {"source_sha256": ...}`` for a builder whose source identity
+    # includes a modification time; when only that time differs, plan() compares content instead.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,23 +256,24 @@ def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, sum
 
     source_digest = getattr(builder, "source_digest", None)  # builders whose identity includes a file time
 
-    def check(source: str) -> tuple[str, Exception | None, Freshness | None]:
+    def check(source: str) -> tuple[str, Exception | None, Freshness | None, str]:
+        """(source, its problem, its sidecar's freshness, a note for the summary); runs on a thread."""
         try:
             expected = builder.expected_metadata(source)
         except (OSError, ValueError) as error:
-            return source, error, None
+            return source, error, None, ""
         target = sidecar_path(source, settings.out_suffix)
         if settings.overwrite:
-            return source, None, Freshness("missing")
+            return source, None, Freshness("missing"), ""
         state = check_freshness(target, expected, functools.partial(source_digest, source) if source_digest else None)
         if state.status == "retimed":  # store the new time, so the next run needs only a stat again
             try:
                 update_metadata(target, expected)
-            except (OSError, SidecarError) as error:
-                return source, None, Freshness("stale", f"could not store the new modification time: {error}")
-        return source, None, state
+            except (OSError, SidecarError) as error:  # e.g. a read-only cache: the latent is still right
+                return source, None, state, f"same bytes, but the new modification time was not stored: {error}"
+        return source, None, state, ""
 
-    def check_chunk(chunk: list[str]) -> list[tuple[str, Exception | None, Freshness | None]]:
+    def check_chunk(chunk: list[str]) -> list[tuple[str, Exception | None, Freshness | None, str]]:
         return [check(source) for source in chunk]
 
     todo = []
@@ -269,7 +281,9 @@ def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, sum
     with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="freshness") as pool:
         # map() keeps the order; chunks keep the number of futures small for millions of files.
         for results in pool.map(check_chunk, chunks):
-            for source, error, state in results:
+            for source, error, state, note in results:
+                if note:
+                    summary.time_not_stored(source, note)
                 if error is not None:
                     summary.fail(source, getattr(error, "kind", "unreadable"), str(error))
                     target = sidecar_path(source, settings.out_suffix)

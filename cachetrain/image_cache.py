@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import models
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
                           settings_from_args)
-from .images import CONVERSION_REASONS, ImageRejected, load_image
+from .images import CONVERSION_REASONS, ImageRejected, load_image, read_image_file
 from .shards import agree_on_exit_status, process_device
 from .sidecar import IMAGE_LATENT_KEY, content_digest, file_content_digest, image_source_identity
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
@@ -50,8 +50,7 @@ class ImageDecodeDataset(Dataset):
             # the sidecar records the older ones and the next run rebuilds it. The digest is of the
             # very bytes decoded.
             identity = image_source_identity(self.paths[i])
-            with open(self.paths[i], "rb") as handle:
-                data = handle.read()
+            data = read_image_file(self.paths[i])
             prepared = load_image(io.BytesIO(data), self.resolution, self.min_size, self.jpeg_draft)
             return i, prepared.pixels, prepared.notes, {**identity, **content_digest(data)}, "", ""
         except ImageRejected as error:

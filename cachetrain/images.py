@@ -14,7 +14,6 @@ REJECTION_KINDS) and a reason: the builders report and count them and carry on.
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -38,7 +37,10 @@ CONVERSION_REASONS = {
     "upscaled": "short side under the resolution: upscaled",
 }
 
-REJECTION_KINDS = ("empty file", "not an image", "truncated", "decompression bomb", "unreadable", "too small")
+REJECTION_KINDS = ("empty file", "too large", "not an image", "truncated", "decompression bomb", "unreadable",
+                   "too small")
+# Pillow refuses more than ~179M pixels as a bomb; no image file we could use comes near this size
+MAX_IMAGE_FILE_BYTES = 1 << 30
 
 
 class ImageRejected(ValueError):
@@ -88,9 +90,7 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
 
 def _open_checked(path: os.PathLike | str | BinaryIO) -> Image.Image:
     """Image.open with every way a file can fail to be an image turned into ImageRejected."""
-    empty = (os.stat(path).st_size == 0 if isinstance(path, (str, os.PathLike))
-             else isinstance(path, io.BytesIO) and path.getbuffer().nbytes == 0)
-    if empty:
+    if isinstance(path, (str, os.PathLike)) and os.stat(path).st_size == 0:
         raise ImageRejected("empty file", "the file has zero bytes")
     try:
         # Pillow only warns between 1x and 2x its pixel limit; a file that large is treated as a
@@ -120,6 +120,18 @@ def _decode(image: Image.Image, resolution: int, jpeg_draft: bool) -> Image.Imag
     except (ValueError, SyntaxError, EOFError, MemoryError) as error:
         raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from None
     return ImageOps.exif_transpose(image)
+
+
+def read_image_file(path: os.PathLike | str) -> bytes:
+    """An image file's bytes, read once (to decode and to hash the same bytes); refuses an empty file
+    and one too large to be an image before reading it."""
+    size = os.stat(path).st_size
+    if size == 0:
+        raise ImageRejected("empty file", "the file has zero bytes")
+    if size > MAX_IMAGE_FILE_BYTES:
+        raise ImageRejected("too large", f"{size} bytes, over the {MAX_IMAGE_FILE_BYTES} an image file may have")
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def load_image(path: os.PathLike | str | BinaryIO, resolution: int, min_size: int = 0,

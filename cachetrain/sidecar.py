@@ -46,10 +46,6 @@ def _file_mode() -> int:
 
 FILE_MODE = _file_mode()
 
-# Metadata keys that describe the source file; the rest describe the encoder and settings.
-SOURCE_KEYS = ("source_size", "source_mtime_ns", "source_sha256", "caption_sha256")
-
-
 class SidecarError(ValueError):
     """A sidecar that cannot be used, with the file and the reason in the message."""
 
@@ -201,8 +197,11 @@ def content_digest(data: bytes) -> dict[str, str]:
 
 
 def file_content_digest(path: os.PathLike | str) -> dict[str, str]:
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        return {"source_sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"source_sha256": digest.hexdigest()}
 
 
 def caption_source_identity(text: str) -> dict[str, str]:
@@ -259,8 +258,15 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str],
 
 
 def update_metadata(path: os.PathLike | str, changes: dict[str, str]) -> None:
-    """Rewrite a sidecar (atomically) with some metadata values changed; its tensors stay as they are."""
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    """Rewrite a sidecar (atomically) with some metadata values changed; its tensors stay as they are.
+
+    Raises SidecarError if the sidecar cannot be read back, OSError if it cannot be written."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors' own error for a header it cannot use
+        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
     write_sidecar(path, tensors, {**metadata, **changes})

@@ -123,6 +123,26 @@ def test_a_copy_that_did_not_keep_modification_times_keeps_its_sidecars(capsys, 
     assert counts["fresh"] == IMAGES_IN_DATASET and "fresh by content" not in err
 
 
+def test_a_sidecar_fresh_by_content_stays_fresh_when_its_new_time_cannot_be_stored(capsys, tiny_sd_model,
+                                                                                   cached_dataset, tmp_path,
+                                                                                   monkeypatch):
+    from cachetrain import cache_build
+
+    def read_only(path, changes):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(cache_build, "update_metadata", read_only)
+    copy = tmp_path / "copied"
+    shutil.copytree(cached_dataset, copy, copy_function=shutil.copyfile)
+    status, counts, err = run_images(capsys, tiny_sd_model, copy, "--report", str(tmp_path / "report.jsonl"))
+    assert status == 0 and counts["written"] == 0 and counts["fresh"] == IMAGES_IN_DATASET
+    assert f"{IMAGES_IN_DATASET} could not store it and will be read again next run" in err
+    notes = [json.loads(line) for line in (tmp_path / "report.jsonl").read_text().splitlines()]
+    assert len(notes) == IMAGES_IN_DATASET
+    assert {(n["status"], n["kind"]) for n in notes} == {("note", "modification time not stored")}
+    assert "Read-only file system" in notes[0]["reason"]
+
+
 def test_sd15_and_sdxl_vaes_are_never_mistaken_for_each_other(capsys, tiny_sd_model, cached_dataset,
                                                               sdxl_shaped_vae):
     # Same weights, same class: only the SDXL config (scaling factor, force_upcast) differs.

@@ -16,7 +16,7 @@ from PIL import Image
 import create_img_sdvae
 from cachetrain import sidecar
 from cachetrain.image_cache import main as image_main
-from cachetrain.images import ALPHA_BACKGROUND, ImageRejected, load_image
+from cachetrain.images import ALPHA_BACKGROUND, MAX_IMAGE_FILE_BYTES, ImageRejected, load_image
 from cachetrain.text_cache import main_clip
 
 RESOLUTION = 64
@@ -59,6 +59,8 @@ def write_corpus(root: Path) -> dict[str, set[str]]:
     (root / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     (root / "bomb.png").write_bytes(png_claiming_size(30_000, 30_000))  # over 2x Pillow's limit: error
     (root / "nearbomb.png").write_bytes(png_claiming_size(10_000, 10_000))  # 1x-2x the limit: Pillow only warns
+    with open(root / "huge.jpg", "wb") as huge:  # sparse: over the size limit without using the disk
+        huge.truncate(MAX_IMAGE_FILE_BYTES + 1)
     (root / "readme.md").write_text("not an image extension: ignored", encoding="utf-8")
     captions = {
         "good": "a red circle on a blue background", "UPPER": "a blue square", "cmyk": "a green cross",
@@ -70,7 +72,7 @@ def write_corpus(root: Path) -> dict[str, set[str]]:
     (root / "zero.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))  # not UTF-8
     return {
         "latent": {"good", "UPPER", "cmyk", "alpha", "grey", "palette", "deep", "small"},
-        "no latent": {"zero", "notes", "cut", "bomb", "nearbomb"},
+        "no latent": {"zero", "notes", "cut", "bomb", "nearbomb", "huge"},
     }
 
 
@@ -89,15 +91,15 @@ def test_a_corpus_of_every_bad_image_kind_gives_exact_counts_reasons_and_latents
     err = capsys.readouterr().err
     assert status == 1  # some inputs have no sidecar
     assert stems(root, ".img_sdvae") == expected["latent"]
-    assert "written 8 (rebuilt stale 0), skipped fresh 0, legacy kept 0, failed 5" in err
-    assert ("problems: decompression bomb 2, empty file 1, not an image 1, truncated 1" in err)
+    assert "written 8 (rebuilt stale 0), skipped fresh 0, legacy kept 0, failed 6" in err
+    assert ("problems: decompression bomb 2, empty file 1, not an image 1, too large 1, truncated 1" in err)
     assert "conversions: 16bit 1, alpha 1, cmyk 1, grey 1, palette 1, upscaled 1" in err
     for stem in ("zero.jpg", "notes.png", "cut.jpg", "bomb.png"):
         assert f"failed {root / stem}: " in err
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     failed = {Path(line["path"]).stem: line["kind"] for line in lines if line["status"] == "failed"}
     assert failed == {"zero": "empty file", "notes": "not an image", "cut": "truncated",
-                      "bomb": "decompression bomb", "nearbomb": "decompression bomb"}
+                      "bomb": "decompression bomb", "nearbomb": "decompression bomb", "huge": "too large"}
     assert all(line["reason"] for line in lines)
     notes = sorted((Path(line["path"]).stem, line["kind"]) for line in lines if line["status"] == "note")
     assert notes == [("alpha", "alpha"), ("cmyk", "cmyk"), ("deep", "16bit"), ("grey", "grey"),
@@ -128,16 +130,17 @@ def test_a_corpus_of_every_bad_caption_kind_gives_exact_counts_and_embeddings_fo
                         "--report", str(report)])
     err = capsys.readouterr().err
     assert status == 1
-    # Captions exist for the 8 good images; of the 5 bad images only zero.jpg has one (not UTF-8).
+    # Captions exist for the 8 good images; of the 6 bad images only zero.jpg has one (not UTF-8).
     assert stems(root, ".txt_clipl") == {"good", "UPPER", "cmyk", "alpha", "grey", "palette", "deep", "small"}
-    assert "written 8 (rebuilt stale 0), skipped fresh 0, legacy kept 0, failed 5" in err
-    assert "problems: caption not UTF-8 1, no caption 4" in err
+    assert "written 8 (rebuilt stale 0), skipped fresh 0, legacy kept 0, failed 6" in err
+    assert "problems: caption not UTF-8 1, no caption 5" in err
     assert "conversions: empty caption 1, truncated caption 1" in err
     lines = {Path(line["path"]).stem: (line["status"], line["kind"]) for line in
              map(json.loads, report.read_text().splitlines())}
     assert lines == {"zero": ("failed", "caption not UTF-8"), "notes": ("failed", "no caption"),
                      "cut": ("failed", "no caption"), "bomb": ("failed", "no caption"),
-                     "nearbomb": ("failed", "no caption"), "alpha": ("note", "empty caption"),
+                     "nearbomb": ("failed", "no caption"), "huge": ("failed", "no caption"),
+                     "alpha": ("note", "empty caption"),
                      "grey": ("note", "truncated caption")}
     empty = sidecar.read_sidecar(root / "alpha.txt_clipl", "emb", ndim=2)
     assert torch.equal(empty, sidecar.read_sidecar(root / ".empty_prompt.txt_clipl", "emb"))

@@ -110,6 +110,18 @@ def test_a_source_with_a_new_time_but_the_same_bytes_is_recognised_by_its_digest
     assert sidecar.check_freshness(path, {**expected, "encoder_fingerprint": "def"}, digest).status == "stale"
 
 
+def test_rewriting_the_metadata_of_a_sidecar_safetensors_cannot_read_names_the_file(tmp_path):
+    import json
+
+    header = json.dumps({"latent": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]},
+                         "__metadata__": {"cachetrain_format": "1"}}).encode()
+    path = tmp_path / "odd.img_sdvae"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    assert sidecar.read_metadata(path) == {"cachetrain_format": "1"}  # the header itself is well formed
+    with pytest.raises(sidecar.SidecarError, match="odd.img_sdvae: not a readable safetensors file"):
+        sidecar.update_metadata(path, {"source_mtime_ns": "1"})
+
+
 def test_caption_identity_is_the_hash_of_the_text():
     assert sidecar.caption_source_identity("a cat") == sidecar.caption_source_identity("a cat")
     assert sidecar.caption_source_identity("a cat") != sidecar.caption_source_identity("a dog")
