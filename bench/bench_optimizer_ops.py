@@ -46,18 +46,21 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()
     torch.set_num_threads(1)
     for optimizer_class in (StochasticAdamW, StochasticLion):
-        torch.manual_seed(0)
-        parameters = list(UNet2DConditionModel(**TINY_UNET).to(torch.bfloat16).parameters())
-        for parameter in parameters:
-            parameter.grad = torch.randn_like(parameter)
-        optimizer = optimizer_class(parameters, lr=1e-4)
-        optimizer.found_inf = torch.tensor(0.0)
-        optimizer.step()  # the first step creates the state
-        with CountOperations() as counter:
-            optimizer.step()
-        print(f"{optimizer_class.__name__}: {counter.count} operations per step for {len(parameters)} tensors "
-              f"({counter.count / len(parameters):.1f} per tensor), {counter.computing} of them compute "
-              f"({counter.computing / len(parameters):.1f} per tensor)")
+        for layout in (torch.contiguous_format, torch.channels_last):  # --channels_last makes conv weights NHWC
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(**TINY_UNET).to(torch.bfloat16).to(memory_format=layout)
+            parameters = list(unet.parameters())
+            for parameter in parameters:
+                parameter.grad = torch.randn_like(parameter)  # keeps the parameter's layout, as autograd does
+            optimizer = optimizer_class(parameters, lr=1e-4)
+            optimizer.found_inf = torch.tensor(0.0)
+            optimizer.step()  # the first step creates the state
+            with CountOperations() as counter:
+                optimizer.step()
+            name = "channels-last" if layout == torch.channels_last else "contiguous"
+            print(f"{optimizer_class.__name__} ({name}): {counter.count} operations per step for {len(parameters)} "
+                  f"tensors ({counter.count / len(parameters):.1f} per tensor), {counter.computing} of them compute "
+                  f"({counter.computing / len(parameters):.1f} per tensor)")
 
 
 if __name__ == "__main__":

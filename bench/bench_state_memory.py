@@ -32,8 +32,7 @@ def state_bytes(bf16_weights: bool, optimizer_name: str) -> tuple[int, int]:
     if bf16_weights:
         unet.to(torch.bfloat16)
     parameters = list(unet.parameters())
-    optimizer = build_optimizer(optimizer_name, parameters, 1e-4, (0.9, 0.999), 0.01, torch.device("cpu"),
-                                bf16_weights=bf16_weights)
+    optimizer = build_optimizer(optimizer_name, parameters, 1e-4, (0.9, 0.999), 0.01, bf16_weights=bf16_weights)
     for _ in range(2):
         for p in parameters:
             p.grad = torch.randn_like(p)

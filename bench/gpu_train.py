@@ -65,8 +65,8 @@ class BenchConfig:
 DEFAULT_CONFIGS = [
     BenchConfig(64, False, False, "adamw", False),
     BenchConfig(64, True, True, "adamw", False),
-    BenchConfig(64, False, False, "adamw", False, channels_last=True),
     BenchConfig(64, True, False, "adamw8", False),
+    BenchConfig(64, False, False, "adamw", False, channels_last=True),
     BenchConfig(64, False, False, "adamw", True),
     BenchConfig(32, False, False, "adamw", False),
     BenchConfig(64, True, True, "lion", False),
@@ -127,7 +127,7 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
         unet.to(memory_format=torch.channels_last)
     unet.train()
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = build_optimizer(config.optimizer, trainable, 1e-5, (0.9, 0.999), 0.01, device,
+    optimizer = build_optimizer(config.optimizer, trainable, 1e-5, (0.9, 0.999), 0.01,
                                 bf16_weights=config.bf16_weights)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     objective = DiffusionObjective(DDPMScheduler(**SD15_SCHEDULE)).to(device)

@@ -13,4 +13,10 @@ Layers, lowest first (a module imports only from layers below it):
   tiny                                   - tiny offline models and the synthetic dataset
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes, when installed (for --optimizer adamw8), warns at import on some CPUs that an optional
+# 4-bit inference kernel is missing and asks for a package we never use; diffusers imports it always
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

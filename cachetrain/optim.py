@@ -33,23 +33,41 @@ def stochastic_round_to_bf16_(target: torch.Tensor, value: torch.Tensor) -> None
     target.copy_(stochastic_rounded(value).view_as(target))
 
 
-CHUNK_ELEMENTS = 1 << 25  # per batch of tensors: bounds the fp32 working vectors (~128 MB each)
+CHUNK_ELEMENTS = 1 << 25  # per batch of tensors: bounds the fp32 working vectors (~128-190 MB each)
 
 
 def _chunks(parameters: list[torch.Tensor]):
-    """Consecutive groups of tensors of one dtype and device, of about CHUNK_ELEMENTS elements each."""
-    chunk, size = [], 0
+    """Groups of tensors of one dtype and device, in order, of at least CHUNK_ELEMENTS elements each
+    (bar the last of a kind): a chunk closes with the tensor that reaches the size."""
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for parameter in parameters:
-        if chunk and (parameter.dtype != chunk[0].dtype or parameter.device != chunk[0].device):
+        by_kind.setdefault((parameter.dtype, parameter.device), []).append(parameter)
+    for same_kind in by_kind.values():
+        chunk, size = [], 0
+        for parameter in same_kind:
+            chunk.append(parameter)
+            size += parameter.numel()
+            if size >= CHUNK_ELEMENTS:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
             yield chunk
-            chunk, size = [], 0
-        chunk.append(parameter)
-        size += parameter.numel()
-        if size >= CHUNK_ELEMENTS:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+
+
+def _memory_order(parameter: torch.Tensor) -> list[int] | None:
+    """The dims of ``parameter`` from outermost to innermost in memory; None when that is their order.
+
+    A channels-last weight permuted this way is contiguous, so it flattens and is written back as a
+    view. Its gradient and state share its layout (autograd and zeros_like keep it), so the same
+    permutation lines all of them up element for element.
+    """
+    if parameter.is_contiguous():
+        return None
+    return sorted(range(parameter.dim()), key=lambda dim: -parameter.stride(dim))
+
+
+def _in_memory_order(tensors: list[torch.Tensor], orders: list[list[int] | None]) -> list[torch.Tensor]:
+    return [t if order is None else t.permute(order) for t, order in zip(tensors, orders)]
 
 
 def _flat_fp32(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -63,7 +81,7 @@ def _store_flat_(targets: list[torch.Tensor], flat: torch.Tensor) -> None:
         flat = stochastic_rounded(flat)
     flat = flat.to(targets[0].dtype)  # exact after the rounding above
     pieces = flat.split([t.numel() for t in targets])
-    torch._foreach_copy_(targets, [piece.view_as(t) for piece, t in zip(pieces, targets)])
+    torch._foreach_copy_(targets, [piece.view(t.shape) for piece, t in zip(pieces, targets)])
 
 
 class _SkippableOptimizer(torch.optim.Optimizer):
@@ -111,13 +129,17 @@ class _SkippableOptimizer(torch.optim.Optimizer):
                     self._init_state(p, self.state[p])
             for chunk in _chunks(parameters):
                 tensor_states = [self.state[p] for p in chunk]
-                old_param = _flat_fp32(chunk)
-                old_state = {name: _flat_fp32([s[name] for s in tensor_states]) for name in self.state_names}
-                new_param, new_state = self._update(_flat_fp32([p.grad for p in chunk]), old_param, old_state,
-                                                    tensor_states, group, keep)
-                _store_flat_(chunk, self._blend(proceed, new_param, old_param))
+                orders = [_memory_order(p) for p in chunk]
+                params = _in_memory_order(chunk, orders)
+                states = {name: _in_memory_order([s[name] for s in tensor_states], orders)
+                          for name in self.state_names}
+                old_param = _flat_fp32(params)
+                old_state = {name: _flat_fp32(values) for name, values in states.items()}
+                grad = _flat_fp32(_in_memory_order([p.grad for p in chunk], orders))
+                new_param, new_state = self._update(grad, old_param, old_state, tensor_states, group, keep)
+                _store_flat_(params, self._blend(proceed, new_param, old_param))
                 for name, values in new_state.items():
-                    _store_flat_([s[name] for s in tensor_states], self._blend(proceed, values, old_state[name]))
+                    _store_flat_(states[name], self._blend(proceed, values, old_state[name]))
         return None
 
 
@@ -167,7 +189,7 @@ class StochasticLion(_SkippableOptimizer):
 
 
 def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[float, float],
-                    weight_decay: float, device: torch.device, bf16_weights: bool = False) -> torch.optim.Optimizer:
+                    weight_decay: float, bf16_weights: bool = False) -> torch.optim.Optimizer:
     parameters = [p for p in parameters if p.requires_grad]
     if name == "adamw":
         if bf16_weights:
@@ -183,7 +205,7 @@ def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[fl
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise RuntimeError("--optimizer adamw8 needs bitsandbytes: pip install bitsandbytes") from None
+            raise RuntimeError("--optimizer adamw8 needs bitsandbytes: .venv/bin/pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
 

@@ -269,7 +269,7 @@ class TrainingRun:
                               empty_embeddings=_empty_prompt_embeddings(config) if config.caption_dropout else [])
         self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model)
         self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
-                                         config.weight_decay, self.device, bf16_weights=config.bf16_weights)
+                                         config.weight_decay, bf16_weights=config.bf16_weights)
         # stepped by hand once per optimizer step (accelerate would step it once per process)
         self.lr_schedule = build_lr_schedule(config.scheduler, self.optimizer, config.warmup_steps, self.total_steps,
                                              config.min_learning_rate)

@@ -23,7 +23,7 @@ def test_gpu_train_bench_runs_the_trainer_step_on_the_tiny_unet():
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     # the default set at batch 4, without compilation (minutes on a CPU), each configuration once
     assert [r["config"] for r in results] == ["b4-nockpt-fp32m-adamw", "b4-ckpt-bf16w-adamw",
-                                             "b4-nockpt-fp32m-adamw-cl", "b4-ckpt-fp32m-adamw8",
+                                             "b4-ckpt-fp32m-adamw8", "b4-nockpt-fp32m-adamw-cl",
                                              "b4-ckpt-bf16w-lion", "b4-nockpt-bf16w-adamw"]
     assert all(r["images_per_sec"] > 0 and r["card"] == "cpu (tiny UNet)" for r in results)
 

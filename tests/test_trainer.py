@@ -304,17 +304,21 @@ def test_own_optimizers_match_the_reference_implementations_in_fp32(monkeypatch)
     from cachetrain.optim import StochasticAdamW, StochasticLion
 
     monkeypatch.setattr(optim, "CHUNK_ELEMENTS", 1000)  # several chunks, one of them a single tensor
-    shapes = [(40, 30), (7,), (3, 5, 2, 2), (1200,), (9, 9)]
+    # conv weights in channels-last, as --channels_last makes them; one gets gradients of another layout
+    shapes = [(40, 30), (7,), (3, 5, 2, 2), (1200,), (9, 9), (6, 4, 3, 3), (5, 3, 3, 3)]
+    layouts = [torch.contiguous_format] * 5 + [torch.channels_last] * 2
+    grad_layouts = layouts[:-1] + [torch.contiguous_format]
     for reference_class, own_class in ((torch.optim.AdamW, StochasticAdamW), (Lion, StochasticLion)):
         generator = torch.Generator().manual_seed(1)
-        starts = [torch.randn(shape, generator=generator) for shape in shapes]
+        starts = [torch.randn(shape, generator=generator).contiguous(memory_format=layout)
+                  for shape, layout in zip(shapes, layouts)]
         references = [torch.nn.Parameter(start.clone()) for start in starts]
         owns = [torch.nn.Parameter(start.clone()) for start in starts]
         reference_opt = reference_class(references, lr=1e-2, weight_decay=0.1)
         own_opt = own_class(owns, lr=1e-2, weight_decay=0.1)
         for step in range(4):
-            for reference, own in zip(references, owns):
-                grad = torch.randn(reference.shape, generator=generator)
+            for reference, own, layout in zip(references, owns, grad_layouts):
+                grad = torch.randn(reference.shape, generator=generator).contiguous(memory_format=layout)
                 reference.grad, own.grad = grad.clone(), grad.clone()
             reference_opt.step()
             own_opt.step()
