@@ -203,8 +203,9 @@ def _facts(metadata: SampleMetadata | None) -> str:
     if metadata is None:
         return "no sample metadata in this PNG"
     negative = f" · negative: {metadata.negative_prompt}" if metadata.negative_prompt else ""
+    tokens = f" · conditioned on {metadata.token_length} tokens" if metadata.token_length is not None else ""
     return (f"step {metadata.step} · seed {metadata.seed} · {metadata.sampler_steps} sampler steps · "
-            f"guidance {metadata.guidance_scale:g}{negative}")
+            f"guidance {metadata.guidance_scale:g}{tokens}{negative}")
 
 
 def page_data(comparison: Comparison) -> dict:

@@ -26,25 +26,32 @@ class SampleMetadata:
     step: int
     sampler_steps: int
     guidance_scale: float
+    token_length: int | None = None  # the --force_toklen its conditioning was cut or padded to, if any
 
     def png_info(self) -> PngInfo:
         info = PngInfo()
         for field in dataclasses.fields(self):
-            info.add_text(field.name, str(getattr(self, field.name)))
+            if getattr(self, field.name) is not None:  # an optional fact that does not apply has no chunk
+                info.add_text(field.name, str(getattr(self, field.name)))
         return info
 
     @classmethod
     def from_png_text(cls, text: dict[str, str]) -> SampleMetadata:
         """Parse the text chunks of a sample PNG; ValueError names what is missing or malformed."""
         fields = dataclasses.fields(cls)
-        missing = [f.name for f in fields if f.name not in text]
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in text]
         if missing:
             raise ValueError(f"PNG text chunks lack {', '.join(missing)}")
         try:
-            types = typing.get_type_hints(cls)  # str, int or float: each parses its own text
-            return cls(**{f.name: types[f.name](text[f.name]) for f in fields})
+            return cls(**{f.name: _parse_type(typing.get_type_hints(cls)[f.name])(text[f.name])
+                          for f in fields if f.name in text})
         except ValueError as error:
             raise ValueError(f"malformed PNG text chunk ({error})") from None
+
+
+def _parse_type(hint) -> type:
+    """str, int or float, also out of an optional one (int | None): each parses its own text."""
+    return next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
 
 
 def save_sample_png(image: Image.Image, path: os.PathLike | str, metadata: SampleMetadata) -> None:
@@ -101,7 +108,8 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
             image = pipeline(**text, num_inference_steps=sampler_steps, guidance_scale=guidance_scale,
                              generator=generator).images[0]
         metadata = SampleMetadata(prompt=prompt, negative_prompt=negative_prompt, seed=seed + index, step=step,
-                                  sampler_steps=sampler_steps, guidance_scale=guidance_scale)
+                                  sampler_steps=sampler_steps, guidance_scale=guidance_scale,
+                                  token_length=token_length)
         path = out_dir / sample_filename(index, prompt)
         save_sample_png(image, path, metadata)
         paths.append(path)

@@ -38,6 +38,19 @@ def test_sample_metadata_round_trips_through_png_text_chunks(tmp_path):
                               "step": "300", "sampler_steps": "20", "guidance_scale": "7.5"}
 
 
+def test_the_token_length_of_a_force_toklen_run_is_recorded_and_older_pngs_still_read(tmp_path):
+    metadata = SampleMetadata(prompt="a red circle", negative_prompt="", seed=3, step=10, sampler_steps=2,
+                              guidance_scale=1.0, token_length=60)
+    path = tmp_path / "sample.png"
+    save_sample_png(Image.new("RGB", (8, 8)), path, metadata)
+    assert read_sample_metadata(path) == metadata
+    with Image.open(path) as image:
+        assert image.text["token_length"] == "60"
+    older = {"prompt": "p", "negative_prompt": "", "seed": "1", "step": "2", "sampler_steps": "3",
+             "guidance_scale": "1.5"}  # written before the field existed, or by a run without --force_toklen
+    assert SampleMetadata.from_png_text(older).token_length is None
+
+
 def test_a_png_without_sample_metadata_is_refused_naming_what_is_missing(tmp_path):
     bare = tmp_path / "bare.png"
     Image.new("RGB", (4, 4)).save(bare)

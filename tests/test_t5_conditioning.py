@@ -285,7 +285,7 @@ def _unet_conditioning_while_sampling(pipeline, prompt: str, **sample_options) -
     import tempfile
     from pathlib import Path
 
-    from cachetrain.sampling import draw_samples
+    from cachetrain.sampling import draw_samples, read_sample_metadata
 
     seen = []
     hook = pipeline.unet.register_forward_pre_hook(
@@ -293,8 +293,9 @@ def _unet_conditioning_while_sampling(pipeline, prompt: str, **sample_options) -
         with_kwargs=True)
     try:
         with tempfile.TemporaryDirectory() as out:
-            draw_samples(pipeline, [prompt], Path(out), step=0, seed=0, sampler_steps=1, guidance_scale=1.0,
-                         device=torch.device("cpu"), **sample_options)
+            [png] = draw_samples(pipeline, [prompt], Path(out), step=0, seed=0, sampler_steps=1, guidance_scale=1.0,
+                                 device=torch.device("cpu"), **sample_options)
+            assert read_sample_metadata(png).token_length == sample_options.get("token_length")
     finally:
         hook.remove()
     return seen[0]
