@@ -118,13 +118,13 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_sd_model, cached_dat
     assert differences.mean().item() < 1e-8
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8", "lion"])
-def test_a_stopped_and_resumed_run_equals_one_that_never_stopped(tiny_sd_model, cached_dataset, tmp_path, optimizer):
+@pytest.mark.parametrize("precision", [["--optimizer", "adamw"], ["--optimizer", "adamw8"], ["--optimizer", "lion"],
+                                       ["--optimizer", "adamw", "--bf16_weights"]], ids=" ".join)
+def test_a_stopped_and_resumed_run_equals_one_that_never_stopped(tiny_sd_model, cached_dataset, tmp_path, precision):
     # 48 pairs, batch 4, accumulation 2: 6 optimizer steps per epoch. The stop arrives after 7
     # micro-batches, in the middle of step 4's accumulation: the run finishes step 4, then saves.
     common = ("--batch_size", "4", "--gradient_accum", "2", "--max_steps", "9", "--log_every", "1",
-              "--scheduler", "cosine", "--warmup_steps", "2", "--ema_decay", "0.9", "--use_snr",
-              "--optimizer", optimizer)
+              "--scheduler", "cosine", "--warmup_steps", "2", "--ema_decay", "0.9", "--use_snr", *precision)
     straight = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "straight", *common)))
     stopped = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "resumed", *common)),
                     interrupt_after_batches=7)
