@@ -257,7 +257,7 @@ def test_every_checkpoint_file_is_on_disk_before_the_checkpoint_is_published(tin
         assert ("fsync", str(output)) in events[published:]  # and the rename itself
 
 
-@pytest.mark.parametrize("flag", ["--channels_last", "--compile"])  # --compile: about a minute on a CPU
+@pytest.mark.parametrize("flag", ["--channels_last", "--compile"])  # --compile: ~90 s on a CPU, cold
 def test_speed_flags_train_the_same_model(tiny_sd_model, cached_dataset, tmp_path, flag):
     common = ("--batch_size", "8", "--max_steps", "3", "--log_every", "1")
     plain = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "plain", *common)))
