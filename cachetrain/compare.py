@@ -4,10 +4,11 @@ A run folder holds its samples at ``checkpoint-NNNNN/sample-II-<slug>.png`` (and
 for samples drawn between checkpoints). Images of different runs are paired by that path relative
 to their run; each folder is one step of the comparison. Everything the page needs (images as data
 URIs, their prompts read from the PNG text chunks) is inside the one HTML file, so it can be copied
-off a remote machine and opened anywhere. Runs that do not have the same images are reported, and a
-missing or unreadable image is shown as a marked gap rather than stopping the comparison.
+off a remote machine and opened anywhere; for long runs, ``--link`` refers to the images by relative
+path instead. Runs that do not have the same images are reported, and a missing or unreadable image
+is shown as a marked gap rather than stopping the comparison.
 
-    compare_imgdirs.py RUN_A RUN_B [RUN_C ...] [--out compare.html] [--png DIR] [--view]
+    compare_imgdirs.py RUN_A RUN_B [RUN_C ...] [--out compare.html] [--png DIR] [--link] [--view]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import sys
+import urllib.parse
 import webbrowser
 from dataclasses import dataclass, field
 from importlib import resources
@@ -208,14 +210,21 @@ def _facts(metadata: SampleMetadata | None) -> str:
             f"guidance {metadata.guidance_scale:g}{tokens}{negative}")
 
 
-def page_data(comparison: Comparison) -> dict:
-    """What the page's script renders: runs, and per step the rows of cells (image or gap)."""
+def _relative_url(path: Path, page_folder: Path) -> str:
+    return urllib.parse.quote(Path(os.path.relpath(path.resolve(), page_folder.resolve())).as_posix())
+
+
+def page_data(comparison: Comparison, link_from: Path | None = None) -> dict:
+    """What the page's script renders: runs, and per step the rows of cells (image or gap).
+
+    Images are embedded as data URIs, or, with ``link_from`` (the page's folder), referred to by
+    their path relative to it."""
     steps = []
     for step in comparison.steps:
         rows = []
         for name in step.names:
             cells = []
-            for present, images in zip(step.present, step.images):
+            for run, present, images in zip(comparison.runs, step.present, step.images):
                 image = images.get(name)
                 if image is None:
                     cells.append({"gap": "missing", "reason": "no such step in this run" if not present
@@ -223,7 +232,9 @@ def page_data(comparison: Comparison) -> dict:
                 elif not image.readable:
                     cells.append({"gap": "unreadable", "reason": image.problem})
                 else:
-                    cells.append({"src": _data_uri(image.png), "width": image.size[0], "height": image.size[1],
+                    source = (_data_uri(image.png) if link_from is None
+                              else _relative_url(run.root / image.relative_path, link_from))
+                    cells.append({"src": source, "width": image.size[0], "height": image.size[1],
                                   "prompt": image.metadata.prompt if image.metadata else "",
                                   "facts": _facts(image.metadata), "path": image.relative_path})
             rows.append({"name": name, "prompt": step.prompt(name), "cells": cells})
@@ -231,10 +242,10 @@ def page_data(comparison: Comparison) -> dict:
     return {"runs": [run.name for run in comparison.runs], "steps": steps, "mismatches": comparison.mismatches}
 
 
-def render_html(comparison: Comparison) -> str:
+def render_html(comparison: Comparison, link_from: Path | None = None) -> str:
     # "</script>" or "<!--" in a prompt would change how the page's script element is parsed; JSON
     # allows "<" only inside strings, where the escape \u003c means the same
-    data = json.dumps(page_data(comparison), ensure_ascii=False).replace("<", "\\u003c")
+    data = json.dumps(page_data(comparison, link_from), ensure_ascii=False).replace("<", "\\u003c")
     title = "Comparing " + " vs ".join(run.name for run in comparison.runs)
     template = resources.files(__package__).joinpath(PAGE_TEMPLATE).read_text(encoding="utf-8")
     return template.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
@@ -242,9 +253,13 @@ def render_html(comparison: Comparison) -> str:
 
 
 
-def write_page(comparison: Comparison, out: Path) -> Path:
+LARGE_PAGE_BYTES = 200 * 2**20  # past this, browsers open a page with every image inside slowly, if at all
+
+
+def write_page(comparison: Comparison, out: Path, link: bool = False) -> Path:
+    """The page at ``out``: self-contained, or with ``link`` referring to the images where they are."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(comparison), encoding="utf-8")
+    out.write_text(render_html(comparison, out.parent if link else None), encoding="utf-8")
     return out
 
 
@@ -357,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--png", metavar="DIR", default=None,
                         help="also write one labelled side-by-side PNG per step that every run has into DIR")
     parser.add_argument("--names", nargs="+", default=None, help="names to show for the runs (default: from paths)")
+    parser.add_argument("--link", action="store_true",
+                        help="refer to the images by relative path instead of embedding them: a small page for "
+                             "long runs, which must stay beside the run folders")
     parser.add_argument("--view", action="store_true", help="open the page in the default browser")
     return parser
 
@@ -388,8 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     if not comparison.steps:
         print("error: no sample images (checkpoint-*/sample-*.png) in any of these runs", file=sys.stderr)
         return 1
-    page = write_page(comparison, Path(args.out))
+    page = write_page(comparison, Path(args.out), link=args.link)
     print(f"[compare] wrote {page}", file=sys.stderr)
+    size = page.stat().st_size
+    if size > LARGE_PAGE_BYTES:
+        print(f"[compare] the page is {size / 2**20:.0f} MiB with every image inside; browsers may be slow to "
+              f"open it: --link writes a small one that refers to the images", file=sys.stderr)
     if args.png:
         written = write_side_by_side_pngs(comparison, Path(args.png))
         print(f"[compare] wrote {len(written)} side-by-side PNGs to {args.png}", file=sys.stderr)

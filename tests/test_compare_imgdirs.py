@@ -212,3 +212,25 @@ def test_the_page_works_in_a_real_headless_browser(two_runs, tmp_path, artifacts
 
         assert browser.console_errors() == []
         assert [url for url in browser.requested_urls() if not url.startswith("data:")] == [out.as_uri()]
+
+
+def test_a_linked_page_refers_to_the_images_where_they_are(two_runs, tmp_path):
+    reason = chromium_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "pages" / "compare.html"  # elsewhere than the runs: the paths must lead back to them
+    assert compare.main([*map(str, two_runs), "--out", str(out), "--link"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "data:image/png" not in page and "../demo_a/run/checkpoint-00100/" in page
+    readable = {run / f"checkpoint-{step:05d}" / name for run, steps in zip(two_runs, ([100, 200], [100, 200, 300]))
+                for step in steps for name in SAMPLE_NAMES} - {two_runs[1] / "checkpoint-00200" / SAMPLE_NAMES[1]}
+
+    shown = """Promise.all([...document.querySelectorAll("#grid img")].map(img => img.decode())).then(() =>
+      [...document.querySelectorAll("#grid img")].map(img => [img.src, img.naturalWidth]))"""
+    with HeadlessChromium(tmp_path / "profile") as browser:
+        browser.open(out.as_uri())
+        browser.press("g", "KeyG", 71)
+        images = browser.evaluate(shown)
+        assert sorted(src for src, _ in images) == sorted(path.as_uri() for path in readable)
+        assert {width for _, width in images} == {SAMPLE_SIDE}
+        assert browser.console_errors() == []
