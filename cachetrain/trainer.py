@@ -171,6 +171,12 @@ def _split_validation(index: PairIndex, fraction: float, seed: int) -> tuple[Pai
     return index.subset(sorted(order[held_out:])), index.subset(sorted(order[:held_out]))
 
 
+def _changes(saved: dict, now: dict) -> str:
+    """'key was A, now B' for each value a checkpoint saved that differs now ('' when none do; keys
+    a checkpoint did not save are not compared)."""
+    return ", ".join(f"{key} was {saved[key]}, now {value}" for key, value in now.items()
+                     if key in saved and saved[key] != value)
+
 def _empty_prompt_embeddings(config: TrainConfig) -> list[torch.Tensor]:
     embeddings = []
     for root in config.train_data_dir:
@@ -293,6 +299,12 @@ class TrainingRun:
         return {"pairs": len(self.train_index), "processes": self.world, "batch_size": self.config.batch_size,
                 "seed": self.config.seed}
 
+    def _optimizer_identity(self) -> dict[str, int | str]:
+        """What the saved optimizer state belongs to: another optimizer, or another set of trainable
+        tensors, cannot continue it (switching to --bf16_weights can: the state converts)."""
+        return {"optimizer": self.config.optimizer, "trainable_tensors": len(self.trainable),
+                "trainable_parameters": sum(p.numel() for p in self.trainable)}
+
     def _make_ema(self, state: dict | None = None) -> None:
         """The EMA starts from the current (possibly resumed) weights; its shadow is fp32 even for bf16
         weights, whose resolution would swallow (1 - decay) * difference."""
@@ -307,13 +319,15 @@ class TrainingRun:
 
     def _restore(self) -> Progress:
         state = ckpt.load_training_state(self.resume_from)
-        saved_identity = state.get("data", {})
-        changed = {k: (saved_identity[k], v) for k, v in self._data_identity().items()
-                   if k in saved_identity and saved_identity[k] != v}
+        changed = _changes(state.get("data", {}), self._data_identity())
         if changed:
-            raise TrainingError(f"--resume {self.resume_from}: " + ", ".join(
-                f"{k} was {old}, now {new}" for k, (old, new) in changed.items())
-                + "; the data order would not continue where it stopped. Resume with the same settings and data.")
+            raise TrainingError(f"--resume {self.resume_from}: {changed}; the data order would not continue where "
+                                f"it stopped. Resume with the same settings and data.")
+        changed = _changes(state.get("optimizer_identity", {}), self._optimizer_identity())
+        if changed:
+            raise TrainingError(f"--resume {self.resume_from}: {changed}; its optimizer state cannot continue. Resume "
+                                f"with the same --optimizer and layer selection, or start a new run from its weights "
+                                f"with --pretrained_model {self.resume_from} (fresh optimizer and schedule).")
         trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
         self.bare_unet.load_state_dict(trained.state_dict())
         del trained
@@ -469,7 +483,7 @@ class TrainingRun:
         self.progress.skipped_steps = int(self.health.bad_total.item())  # saves are rare: one read is fine
         state = {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
                  "rng": ckpt.rng_states(), "progress": self.progress.as_dict(), "data": self._data_identity(),
-                 "config": json.dumps(config_to_dict(self.config))}
+                 "optimizer_identity": self._optimizer_identity(), "config": json.dumps(config_to_dict(self.config))}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state

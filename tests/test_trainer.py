@@ -144,6 +144,26 @@ def test_a_stopped_and_resumed_run_equals_one_that_never_stopped(tiny_sd_model, 
         assert all(torch.equal(a[name], b[name]) for name in a), component
 
 
+def test_a_resume_that_cannot_continue_the_run_fails_naming_what_changed(tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    common = ("--batch_size", "8", "--save_steps", "1")
+    train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, *common, "--max_steps", "2")))
+    checkpoint = output / "checkpoint-00002"
+    with pytest.raises(TrainingError, match="batch_size was 8, now 4; the data order would not continue"):
+        train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, *common, "--max_steps", "4",
+                                     "--resume", "--batch_size", "4")))
+    for changed, message in ((["--optimizer", "lion"], "optimizer was adamw, now lion"),
+                             (["--targetted_training", "--unfreeze_attention"], "trainable_tensors was ")):
+        with pytest.raises(TrainingError, match=message) as failure:
+            train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, *common, "--max_steps", "4",
+                                         "--resume", *changed)))
+        assert f"--pretrained_model {checkpoint}" in str(failure.value)
+    # the same optimizer in bf16: its state converts, and training goes on
+    resumed = train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, *common, "--max_steps", "4",
+                                           "--resume", "--bf16_weights")))
+    assert resumed.steps == 4
+
+
 def test_an_epoch_that_ends_inside_an_accumulation_saves_at_the_next_step_and_resumes_exactly(
         tiny_sd_model, cached_dataset, tmp_path):
     # 12 micro-batches per epoch, 5 per optimizer step: epoch 0 ends inside step 3 (micro-batches 11-15)
