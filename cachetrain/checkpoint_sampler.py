@@ -93,12 +93,16 @@ def scale_problem(config: TrainConfig) -> str | None:
 
 
 def _match_training_scales(pipeline, config: TrainConfig) -> None:
-    """Store the scales training applies in the pipeline that draws samples and is saved in checkpoints."""
+    """Store the scales (and the forced token length) training applies in the pipeline that draws
+    samples and is saved in checkpoints. An SD1.5 pipeline has no place for a token length: its
+    samples get it from draw_samples, its users from the README."""
     if config.vae_scaling_factor:
         pipeline.vae.register_to_config(scaling_factor=config.vae_scaling_factor)
     if config.text_scaling_factor != 1.0:
         projection = pipeline.t5_projection
         projection.register_to_config(scaling_factor=projection.config.scaling_factor * config.text_scaling_factor)
+    if config.force_toklen is not None and hasattr(pipeline, "t5_projection"):
+        pipeline.t5_projection.register_to_config(token_length=config.force_toklen)
 
 
 def _ema_writer(ema, trainable, unet):

@@ -44,11 +44,14 @@ class T5Projection(ModelMixin, ConfigMixin):
     """Maps T5 hidden states to the UNet's cross-attention width: ``linear(states) * scaling_factor``.
 
     ``scaling_factor`` lives in the config (like a VAE's) so the range of the projected tokens can be
-    matched to what a UNet was trained on without touching the learned weights.
+    matched to what a UNet was trained on without touching the learned weights. ``token_length``,
+    when set, is the number of tokens the UNet was trained on (--force_toklen): the pipeline pads or
+    truncates every prompt's conditioning to it.
     """
 
     @register_to_config
-    def __init__(self, in_features: int = 4096, out_features: int = 768, scaling_factor: float = 1.0):
+    def __init__(self, in_features: int = 4096, out_features: int = 768, scaling_factor: float = 1.0,
+                 token_length: int | None = None):
         super().__init__()
         self.linear = torch.nn.Linear(in_features, out_features)
 
@@ -120,7 +123,8 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
         With classifier-free guidance the negative prompts come first, then the prompts, padded
         together by the pad rule (the trainer's collate applies the same rule to cached sidecars).
         ``token_length`` pads or truncates every embedding to that many tokens after encoding, as
-        training with --force_toklen does to the cached ones.
+        training with --force_toklen does to the cached ones; by default, the projection's own
+        (set when the model was trained so), else none.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -134,6 +138,8 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
             prompts = negatives + prompts
         max_length = max_sequence_length or self.default_max_length
         embeddings = encode_t5_prompts(self.tokenizer, self.text_encoder, self.t5_projection, prompts, max_length)
+        if token_length is None:
+            token_length = dict(getattr(self.t5_projection, "config", {})).get("token_length")
         conditioning, mask = pad_text_embeddings(embeddings, token_length)
         device = device or self._execution_device
         return conditioning.to(device), (mask.to(device) if mask is not None else None)

@@ -87,3 +87,23 @@ def test_a_text_scale_is_kept_in_the_checkpoints_projection_so_sampling_sees_it(
     original = json.loads((tiny_t5_model / "t5_projection" / "config.json").read_text())["scaling_factor"]
     saved = json.loads((tmp_path / "run" / "checkpoint-00002" / "t5_projection" / "config.json").read_text())
     assert saved["scaling_factor"] == pytest.approx(2 * original)
+
+
+def test_a_run_with_force_toklen_saves_a_pipeline_that_conditions_on_that_many_tokens(tiny_t5_model,
+                                                                                    t5_cached_template, tmp_path):
+    from cachetrain.config import parse_train_args
+    from cachetrain.t5 import StableDiffusionT5Pipeline
+    from cachetrain.trainer import train
+
+    output = tmp_path / "run"
+    train(parse_train_args(["--pretrained_model", str(tiny_t5_model), "--train_data_dir", str(t5_cached_template),
+                            "--imgcache_suffix", sidecar.SDXL_VAE_SUFFIX, "--txtcache_suffix", sidecar.T5_SUFFIX,
+                            "--output_dir", str(output), "--batch_size", "8", "--max_steps", "1", "--num_workers",
+                            "0", "--no_progress", "--force_toklen", "3"]))
+    final = StableDiffusionT5Pipeline.from_pretrained(output)
+    assert final.t5_projection.config.token_length == 3
+    context, mask = final.encode_prompt(["a red circle on a blue background", "a square"], device="cpu")
+    assert context.shape[1] == 3 and mask is None  # both captions have at least 3 tokens: cut, nothing padded
+    untouched = StableDiffusionT5Pipeline.from_pretrained(tiny_t5_model)  # trained without: whole prompts
+    assert untouched.t5_projection.config.token_length is None
+    assert untouched.encode_prompt(["a red circle on a blue background"], device="cpu")[0].shape[1] > 3
