@@ -12,6 +12,7 @@ The parts that do not train (VAE, text encoder, tokenizer, scheduler) are saved 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -97,19 +98,35 @@ def flush_to_disk(path: Path) -> None:
     _fsync(path.parent, directory=True)
 
 
+def frozen_parts_identity(pipeline, source: str) -> dict[str, str]:
+    """The model the parts that do not train came from, and a hash of their configs: the scales and
+    the token length a run stores in them (which a resume may change) are part of it."""
+    configs = {}
+    for name, component in sorted(pipeline.components.items()):
+        config = getattr(component, "config", None)
+        if name == TRAINED_COMPONENT or config is None:
+            continue
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers' or diffusers'
+        configs[name] = {key: value for key, value in config.items() if not key.startswith("_")}  # not paths
+    blob = json.dumps(configs, sort_keys=True, default=str).encode("utf-8")
+    return {"source": source, "configs_sha256": hashlib.sha256(blob).hexdigest()}
+
+
 def save_frozen_components(pipeline, frozen_dir: Path, source: str) -> None:
     """Save the pipeline once (atomically) without its trained part: the template of every checkpoint.
 
-    ``source`` names the model the parts came from; a template made from another model is replaced.
+    ``source`` names the model the parts came from; a template made from another model, or with
+    other configs (another --vae_scaling_factor or --force_toklen on a resume), is replaced.
     """
+    identity = frozen_parts_identity(pipeline, source)
     marker = frozen_dir / FROZEN_SOURCE_FILE
-    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")).get("source") == source:
+    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == identity:
         return
     staging = frozen_dir.with_name(frozen_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)
     shutil.rmtree(staging / TRAINED_COMPONENT, ignore_errors=True)
-    (staging / FROZEN_SOURCE_FILE).write_text(json.dumps({"source": source}), encoding="utf-8")
+    (staging / FROZEN_SOURCE_FILE).write_text(json.dumps(identity), encoding="utf-8")
     flush_to_disk(staging)
     shutil.rmtree(frozen_dir, ignore_errors=True)
     os.replace(staging, frozen_dir)

@@ -101,7 +101,7 @@ def _match_training_scales(pipeline, config: TrainConfig) -> None:
     if config.text_scaling_factor != 1.0:
         projection = pipeline.t5_projection
         projection.register_to_config(scaling_factor=projection.config.scaling_factor * config.text_scaling_factor)
-    if config.force_toklen is not None and hasattr(pipeline, "t5_projection"):
+    if hasattr(pipeline, "t5_projection"):  # None too: a model trained with a length, trained on without
         pipeline.t5_projection.register_to_config(token_length=config.force_toklen)
 
 

@@ -211,7 +211,12 @@ def _facts(metadata: SampleMetadata | None) -> str:
 
 
 def _relative_url(path: Path, page_folder: Path) -> str:
-    return urllib.parse.quote(Path(os.path.relpath(path.resolve(), page_folder.resolve())).as_posix())
+    """The image's URL from the page: relative, as the browser resolves it (so links are not
+    resolved first); absolute where no relative path exists (another drive)."""
+    try:
+        return urllib.parse.quote(Path(os.path.relpath(os.path.abspath(path), os.path.abspath(page_folder))).as_posix())
+    except ValueError:
+        return Path(os.path.abspath(path)).as_uri()
 
 
 def page_data(comparison: Comparison, link_from: Path | None = None) -> dict:
@@ -366,7 +371,8 @@ def write_side_by_side_pngs(comparison: Comparison, out_dir: Path) -> list[Path]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Compare the sample images of training runs side by side in one self-contained HTML page.")
+        description="Compare the sample images of training runs side by side in one HTML page (self-contained, "
+                    "or with --link referring to the images).")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the trainer's output_dir)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"the HTML page to write (default {DEFAULT_OUT})")
     parser.add_argument("--png", metavar="DIR", default=None,
@@ -409,12 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     page = write_page(comparison, Path(args.out), link=args.link)
     print(f"[compare] wrote {page}", file=sys.stderr)
     size = page.stat().st_size
-    if size > LARGE_PAGE_BYTES:
+    if size > LARGE_PAGE_BYTES and not args.link:
         print(f"[compare] the page is {size / 2**20:.0f} MiB with every image inside; browsers may be slow to "
               f"open it: --link writes a small one that refers to the images", file=sys.stderr)
     if args.png:
         written = write_side_by_side_pngs(comparison, Path(args.png))
         print(f"[compare] wrote {len(written)} side-by-side PNGs to {args.png}", file=sys.stderr)
     if args.view:
-        webbrowser.open(page.resolve().as_uri())
+        webbrowser.open(page.absolute().as_uri())
     return 0

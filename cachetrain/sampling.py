@@ -42,9 +42,9 @@ class SampleMetadata:
         missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in text]
         if missing:
             raise ValueError(f"PNG text chunks lack {', '.join(missing)}")
+        hints = typing.get_type_hints(cls)
         try:
-            return cls(**{f.name: _parse_type(typing.get_type_hints(cls)[f.name])(text[f.name])
-                          for f in fields if f.name in text})
+            return cls(**{f.name: _parse_type(hints[f.name])(text[f.name]) for f in fields if f.name in text})
         except ValueError as error:
             raise ValueError(f"malformed PNG text chunk ({error})") from None
 

@@ -8,6 +8,7 @@ optimizer skip its step on the device, with no host sync.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -171,11 +172,12 @@ def _split_validation(index: PairIndex, fraction: float, seed: int) -> tuple[Pai
     return index.subset(sorted(order[held_out:])), index.subset(sorted(order[:held_out]))
 
 
-def _changes(saved: dict, now: dict) -> str:
+def _describe_changes(saved: dict, now: dict) -> str:
     """'key was A, now B' for each value a checkpoint saved that differs now ('' when none do; keys
     a checkpoint did not save are not compared)."""
     return ", ".join(f"{key} was {saved[key]}, now {value}" for key, value in now.items()
                      if key in saved and saved[key] != value)
+
 
 def _empty_prompt_embeddings(config: TrainConfig) -> list[torch.Tensor]:
     embeddings = []
@@ -302,8 +304,10 @@ class TrainingRun:
     def _optimizer_identity(self) -> dict[str, int | str]:
         """What the saved optimizer state belongs to: another optimizer, or another set of trainable
         tensors, cannot continue it (switching to --bf16_weights can: the state converts)."""
+        names = "\n".join(name for name, p in self.bare_unet.named_parameters() if p.requires_grad)
         return {"optimizer": self.config.optimizer, "trainable_tensors": len(self.trainable),
-                "trainable_parameters": sum(p.numel() for p in self.trainable)}
+                "trainable_parameters": sum(p.numel() for p in self.trainable),
+                "trainable_names_sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()[:16]}
 
     def _make_ema(self, state: dict | None = None) -> None:
         """The EMA starts from the current (possibly resumed) weights; its shadow is fp32 even for bf16
@@ -319,11 +323,14 @@ class TrainingRun:
 
     def _restore(self) -> Progress:
         state = ckpt.load_training_state(self.resume_from)
-        changed = _changes(state.get("data", {}), self._data_identity())
+        changed = _describe_changes(state.get("data", {}), self._data_identity())
         if changed:
             raise TrainingError(f"--resume {self.resume_from}: {changed}; the data order would not continue where "
                                 f"it stopped. Resume with the same settings and data.")
-        changed = _changes(state.get("optimizer_identity", {}), self._optimizer_identity())
+        saved_setup = state.get("optimizer_identity")
+        if saved_setup is None and "config" in state:  # a checkpoint from before it was recorded
+            saved_setup = {"optimizer": json.loads(state["config"]).get("optimizer", "adamw")}
+        changed = _describe_changes(saved_setup or {}, self._optimizer_identity())
         if changed:
             raise TrainingError(f"--resume {self.resume_from}: {changed}; its optimizer state cannot continue. Resume "
                                 f"with the same --optimizer and layer selection, or start a new run from its weights "

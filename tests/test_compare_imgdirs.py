@@ -215,13 +215,18 @@ def test_the_page_works_in_a_real_headless_browser(two_runs, tmp_path, artifacts
 
 
 def test_a_linked_page_refers_to_the_images_where_they_are(two_runs, tmp_path):
-    reason = chromium_missing_reason()
-    if reason:
-        pytest.skip(reason)
-    out = tmp_path / "pages" / "compare.html"  # elsewhere than the runs: the paths must lead back to them
+    # elsewhere than the runs, through a link to a deeper folder: the paths must lead back from where
+    # the browser opens the page
+    pages = tmp_path / "pages"
+    (tmp_path / "deeper" / "real-pages").mkdir(parents=True)
+    pages.symlink_to(tmp_path / "deeper" / "real-pages")
+    out = pages / "compare.html"
     assert compare.main([*map(str, two_runs), "--out", str(out), "--link"]) == 0
     page = out.read_text(encoding="utf-8")
     assert "data:image/png" not in page and "../demo_a/run/checkpoint-00100/" in page
+    reason = chromium_missing_reason()
+    if reason:
+        pytest.skip(reason)
     readable = {run / f"checkpoint-{step:05d}" / name for run, steps in zip(two_runs, ([100, 200], [100, 200, 300]))
                 for step in steps for name in SAMPLE_NAMES} - {two_runs[1] / "checkpoint-00200" / SAMPLE_NAMES[1]}
 
@@ -234,3 +239,14 @@ def test_a_linked_page_refers_to_the_images_where_they_are(two_runs, tmp_path):
         assert sorted(src for src, _ in images) == sorted(path.as_uri() for path in readable)
         assert {width for _, width in images} == {SAMPLE_SIDE}
         assert browser.console_errors() == []
+
+
+def test_the_facts_under_an_image_name_a_forced_token_length(tmp_path):
+    folder = tmp_path / "run" / "checkpoint-00100"
+    folder.mkdir(parents=True)
+    save_sample_png(Image.new("RGB", (SAMPLE_SIDE, SAMPLE_SIDE)), folder / SAMPLE_NAMES[0],
+                    SampleMetadata(prompt="p", negative_prompt="", seed=1, step=100, sampler_steps=20,
+                                   guidance_scale=7.5, token_length=60))
+    [cell] = compare.page_data(compare.compare_runs([tmp_path / "run"]))["steps"][0]["rows"][0]["cells"]
+    assert cell["facts"] == ("step 100 \u00b7 seed 1 \u00b7 20 sampler steps \u00b7 guidance 7.5 "
+                             "\u00b7 conditioned on 60 tokens")

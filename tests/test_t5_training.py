@@ -89,17 +89,25 @@ def test_a_text_scale_is_kept_in_the_checkpoints_projection_so_sampling_sees_it(
     assert saved["scaling_factor"] == pytest.approx(2 * original)
 
 
-def test_a_run_with_force_toklen_saves_a_pipeline_that_conditions_on_that_many_tokens(tiny_t5_model,
-                                                                                    t5_cached_template, tmp_path):
+def _train_t5(model: Path, data: Path, output: Path, *extra: str):
     from cachetrain.config import parse_train_args
-    from cachetrain.t5 import StableDiffusionT5Pipeline
     from cachetrain.trainer import train
 
+    return train(parse_train_args(["--pretrained_model", str(model), "--train_data_dir", str(data),
+                                   "--imgcache_suffix", sidecar.SDXL_VAE_SUFFIX, "--txtcache_suffix",
+                                   sidecar.T5_SUFFIX, "--output_dir", str(output), "--batch_size", "8",
+                                   "--num_workers", "0", "--no_progress", "--save_steps", "1", *extra]))
+
+
+def test_a_run_with_force_toklen_saves_a_pipeline_that_conditions_on_that_many_tokens(tiny_t5_model,
+                                                                                    t5_cached_template, tmp_path):
+    from cachetrain.t5 import StableDiffusionT5Pipeline
+
+    def recorded(folder):
+        return StableDiffusionT5Pipeline.from_pretrained(folder).t5_projection.config.token_length
+
     output = tmp_path / "run"
-    train(parse_train_args(["--pretrained_model", str(tiny_t5_model), "--train_data_dir", str(t5_cached_template),
-                            "--imgcache_suffix", sidecar.SDXL_VAE_SUFFIX, "--txtcache_suffix", sidecar.T5_SUFFIX,
-                            "--output_dir", str(output), "--batch_size", "8", "--max_steps", "1", "--num_workers",
-                            "0", "--no_progress", "--force_toklen", "3"]))
+    _train_t5(tiny_t5_model, t5_cached_template, output, "--max_steps", "1", "--force_toklen", "3")
     final = StableDiffusionT5Pipeline.from_pretrained(output)
     assert final.t5_projection.config.token_length == 3
     context, mask = final.encode_prompt(["a red circle on a blue background", "a square"], device="cpu")
@@ -107,3 +115,12 @@ def test_a_run_with_force_toklen_saves_a_pipeline_that_conditions_on_that_many_t
     untouched = StableDiffusionT5Pipeline.from_pretrained(tiny_t5_model)  # trained without: whole prompts
     assert untouched.t5_projection.config.token_length is None
     assert untouched.encode_prompt(["a red circle on a blue background"], device="cpu")[0].shape[1] > 3
+
+    # resumed without the flag: what is saved from then on says so (the saved parts are rebuilt)
+    _train_t5(tiny_t5_model, t5_cached_template, output, "--max_steps", "2", "--resume")
+    assert recorded(output / "checkpoint-00001") == 3 and recorded(output / "checkpoint-00002") is None
+    assert recorded(output) is None
+    # trained on from a model that recorded a length, without the flag: the length is not inherited
+    onward = _train_t5(output / "checkpoint-00001", t5_cached_template, tmp_path / "onward", "--max_steps", "1",
+                       "--sample_prompt", "a red circle on a blue background", "--sampler_steps", "1")
+    assert recorded(tmp_path / "onward") is None and onward.steps == 1

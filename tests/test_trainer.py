@@ -158,6 +158,14 @@ def test_a_resume_that_cannot_continue_the_run_fails_naming_what_changed(tiny_sd
             train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, *common, "--max_steps", "4",
                                          "--resume", *changed)))
         assert f"--pretrained_model {checkpoint}" in str(failure.value)
+    # a checkpoint written before the optimizer was recorded: its saved flags tell
+    state_file = checkpoint / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["optimizer_identity"]
+    torch.save(state, state_file)
+    with pytest.raises(TrainingError, match="optimizer was adamw, now lion"):
+        train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, *common, "--max_steps", "4",
+                                     "--resume", "--optimizer", "lion")))
     # the same optimizer in bf16: its state converts, and training goes on
     resumed = train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, *common, "--max_steps", "4",
                                            "--resume", "--bf16_weights")))
