@@ -214,9 +214,10 @@ def _relative_url(path: Path, page_folder: Path) -> str:
     """The image's URL from the page: relative, as the browser resolves it (so links are not
     resolved first); absolute where no relative path exists (another drive)."""
     try:
-        return urllib.parse.quote(Path(os.path.relpath(os.path.abspath(path), os.path.abspath(page_folder))).as_posix())
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(page_folder))
     except ValueError:
         return Path(os.path.abspath(path)).as_uri()
+    return urllib.parse.quote(Path(relative).as_posix())
 
 
 def page_data(comparison: Comparison, link_from: Path | None = None) -> dict:
