@@ -3,7 +3,8 @@
 Layers, lowest first (a module imports only from layers below it):
   sidecar, tree, images, config          - files, names, flags; no models
   text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
-  layers, sampling, checkpoint             step's numerics, parameter selections, samples, checkpoints
+  layers, sampling, checkpoint, resume     step's numerics, parameter selections, samples, checkpoints,
+                                           what a checkpoint must share with a resume
   t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id or folder
   loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
   checkpoint_sampler                     - the parts that do not train: saved around the UNet, drawing samples

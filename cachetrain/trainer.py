@@ -8,7 +8,6 @@ optimizer skip its step on the device, with no host sync.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RunBatches, make_loader
 from .objective import DiffusionObjective
 from .optim import build_lr_schedule, build_optimizer
+from .resume import Progress, data_identity, optimizer_identity, resume_problem
 from .sidecar import TEXT_EMBEDDING_KEY, empty_prompt_path, read_sidecar
 from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
@@ -43,20 +43,6 @@ REPEATED_SIGNAL_SECONDS = 2.0  # torchrun forwards a Ctrl-C the terminal already
 
 class TrainingError(RuntimeError):
     """A problem with the run's inputs or setup, stated for the user."""
-
-
-@dataclass
-class Progress:
-    """Where the run is, as of the last optimizer step: restored exactly on resume."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
-    skipped_samples: int = 0  # unreadable pairs left out
-    skipped_steps: int = 0  # optimizer steps skipped for NaN/Inf gradients
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -170,13 +156,6 @@ def _split_validation(index: PairIndex, fraction: float, seed: int) -> tuple[Pai
     order = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     held_out = max(1, round(fraction * len(index)))
     return index.subset(sorted(order[held_out:])), index.subset(sorted(order[:held_out]))
-
-
-def _describe_changes(saved: dict, now: dict) -> str:
-    """'key was A, now B' for each value a checkpoint saved that differs now ('' when none do; keys
-    a checkpoint did not save are not compared)."""
-    return ", ".join(f"{key} was {saved[key]}, now {value}" for key, value in now.items()
-                     if key in saved and saved[key] != value)
 
 
 def _empty_prompt_embeddings(config: TrainConfig) -> list[torch.Tensor]:
@@ -296,18 +275,10 @@ class TrainingRun:
                   f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
                   f"of {total:,}", file=sys.stderr)
 
-    def _data_identity(self) -> dict[str, int]:
-        """What the data order depends on: a resume with other values would not continue the same order."""
-        return {"pairs": len(self.train_index), "processes": self.world, "batch_size": self.config.batch_size,
-                "seed": self.config.seed}
-
-    def _optimizer_identity(self) -> dict[str, int | str]:
-        """What the saved optimizer state belongs to: another optimizer, or another set of trainable
-        tensors, cannot continue it (switching to --bf16_weights can: the state converts)."""
-        names = "\n".join(name for name, p in self.bare_unet.named_parameters() if p.requires_grad)
-        return {"optimizer": self.config.optimizer, "trainable_tensors": len(self.trainable),
-                "trainable_parameters": sum(p.numel() for p in self.trainable),
-                "trainable_names_sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()[:16]}
+    def _identities(self) -> tuple[dict, dict]:
+        """(data, optimizer) identities of this run, as a checkpoint records them (see resume.py)."""
+        return (data_identity(len(self.train_index), self.world, self.config.batch_size, self.config.seed),
+                optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable))
 
     def _make_ema(self, state: dict | None = None) -> None:
         """The EMA starts from the current (possibly resumed) weights; its shadow is fp32 even for bf16
@@ -323,18 +294,9 @@ class TrainingRun:
 
     def _restore(self) -> Progress:
         state = ckpt.load_training_state(self.resume_from)
-        changed = _describe_changes(state.get("data", {}), self._data_identity())
-        if changed:
-            raise TrainingError(f"--resume {self.resume_from}: {changed}; the data order would not continue where "
-                                f"it stopped. Resume with the same settings and data.")
-        saved_setup = state.get("optimizer_identity")
-        if saved_setup is None and "config" in state:  # a checkpoint from before it was recorded
-            saved_setup = {"optimizer": json.loads(state["config"]).get("optimizer", "adamw")}
-        changed = _describe_changes(saved_setup or {}, self._optimizer_identity())
-        if changed:
-            raise TrainingError(f"--resume {self.resume_from}: {changed}; its optimizer state cannot continue. Resume "
-                                f"with the same --optimizer and layer selection, or start a new run from its weights "
-                                f"with --pretrained_model {self.resume_from} (fresh optimizer and schedule).")
+        problem = resume_problem(state, *self._identities(), self.resume_from)
+        if problem:
+            raise TrainingError(problem)
         trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
         self.bare_unet.load_state_dict(trained.state_dict())
         del trained
@@ -488,9 +450,10 @@ class TrainingRun:
 
     def _training_state(self) -> dict:
         self.progress.skipped_steps = int(self.health.bad_total.item())  # saves are rare: one read is fine
+        data, optimizer = self._identities()
         state = {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                 "rng": ckpt.rng_states(), "progress": self.progress.as_dict(), "data": self._data_identity(),
-                 "optimizer_identity": self._optimizer_identity(), "config": json.dumps(config_to_dict(self.config))}
+                 "rng": ckpt.rng_states(), "progress": self.progress.as_dict(), "data": data,
+                 "optimizer_identity": optimizer, "config": json.dumps(config_to_dict(self.config))}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
