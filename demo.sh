@@ -44,14 +44,7 @@ else
     $PY -m cachetrain.tiny data "$DEMO/data" --count 512
 
     echo "[demo] caching SDXL VAE latents and T5 caption embeddings"
-    if [ -f create_img_sdxl.py ]; then
-        $PY create_img_sdxl.py --model "$DEMO/tiny-t5" --data_root "$DEMO/data" --resolution 64 --num_workers 2
-    else
-        $PY -c 'import sys
-from cachetrain.image_cache import ImageScriptDefaults, main
-sys.exit(main(sys.argv[1:], ImageScriptDefaults(model="", out_suffix=".img_sdxl", description="SDXL VAE latents")))' \
-            --model "$DEMO/tiny-t5" --data_root "$DEMO/data" --resolution 64 --num_workers 2
-    fi
+    $PY create_img_sdxl.py --model "$DEMO/tiny-t5" --data_root "$DEMO/data" --resolution 64 --num_workers 2
     $PY create_t5cache_768.py --model "$DEMO/tiny-t5" --data_root "$DEMO/data"
 
     echo "[demo] training $STEPS steps"
