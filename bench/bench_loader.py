@@ -21,18 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cachetrain.loader import CachedPairDataset, NoisePlan, epoch_batches, make_loader  # noqa: E402
-from cachetrain.sidecar import write_sidecar  # noqa: E402
+from cachetrain.tiny import write_random_pairs  # noqa: E402
 from cachetrain.tree import index_training_pairs  # noqa: E402
-
-
-def write_pairs(root: Path, count: int) -> None:
-    latent = torch.randn(4, 64, 64).half()
-    emb = torch.randn(77, 768).half()
-    for i in range(count):
-        folder = root / f"part{i % 16}"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_sidecar(folder / f"s{i:06d}.img_sdvae", {"latent": latent}, {"kind": "image_latent"})
-        write_sidecar(folder / f"s{i:06d}.txt_clipl", {"emb": emb}, {"kind": "text_embedding"})
 
 
 def main() -> None:
@@ -45,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as folder:
         root = Path(folder)
-        write_pairs(root, args.pairs)
+        write_random_pairs(root, args.pairs, (4, 64, 64), (77, 768), torch.float16, folders=16)
         index, _ = index_training_pairs([root], ".img_sdvae", ".txt_clipl")
         dataset = CachedPairDataset(index, NoisePlan(seed=0, num_train_timesteps=1000))
         rates = []

@@ -25,16 +25,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from cachetrain.sidecar import write_sidecar  # noqa: E402
-
-
-def write_cached_pairs(root: Path, count: int, latent_shape=(4, 16, 16), text_shape=(77, 32)) -> None:
-    generator = torch.Generator().manual_seed(0)
-    for i in range(count):
-        folder = root / f"part{i % 8}"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_sidecar(folder / f"s{i:05d}.img_sdvae", {"latent": torch.randn(latent_shape, generator=generator)}, {})
-        write_sidecar(folder / f"s{i:05d}.txt_clipl", {"emb": torch.randn(text_shape, generator=generator)}, {})
 
 
 def trainer_steps_per_second(model: Path, data: Path, output: Path, steps: int, batch_size: int, workers: int) -> float:
@@ -90,12 +80,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="trainer and bare loop take turns this many times")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from cachetrain.tiny import build_tiny_sd
+    from cachetrain.tiny import build_tiny_sd, write_random_pairs
 
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as folder:
         root = Path(folder)
         model = build_tiny_sd(root / "model")
-        write_cached_pairs(root / "data", args.pairs)
+        write_random_pairs(root / "data", args.pairs)
         trainer_rates, bare_rates = [], []
         for round_number in range(args.rounds):  # alternate, so a busy neighbour hurts both alike
             trainer_rates.append(trainer_steps_per_second(model, root / "data", root / f"run{round_number}",

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .sidecar import CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY, write_sidecar
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
@@ -252,6 +254,21 @@ def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = T
         images.append(path)
     return images
 
+
+
+def write_random_pairs(root: os.PathLike | str, count: int, latent_shape=(4, 16, 16), text_shape=(77, 32),
+                       dtype: torch.dtype = torch.float32, folders: int = 8, seed: int = 0) -> None:
+    """``count`` pairs of random latent and CLIP-embedding sidecars (no images): data for the loader
+    and trainer benchmarks, where only the sidecars' sizes matter."""
+    root = Path(root)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        folder = root / f"part{i % folders}"
+        folder.mkdir(parents=True, exist_ok=True)
+        latent = torch.randn(latent_shape, generator=generator).to(dtype)
+        embedding = torch.randn(text_shape, generator=generator).to(dtype)
+        write_sidecar(folder / f"s{i:06d}{SD_VAE_SUFFIX}", {IMAGE_LATENT_KEY: latent}, {"kind": "image_latent"})
+        write_sidecar(folder / f"s{i:06d}{CLIP_L_SUFFIX}", {TEXT_EMBEDDING_KEY: embedding}, {"kind": "text_embedding"})
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the tiny offline model or the synthetic dataset.")
