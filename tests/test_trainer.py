@@ -286,10 +286,30 @@ def test_every_checkpoint_file_is_on_disk_before_the_checkpoint_is_published(tin
 
 
 @pytest.mark.parametrize("flag", ["--channels_last", "--compile"])  # --compile: ~90 s on a CPU, cold
-def test_speed_flags_train_the_same_model(tiny_sd_model, cached_dataset, tmp_path, flag):
+def test_speed_flags_train_the_same_model(tiny_sd_model, cached_dataset, tmp_path, flag, monkeypatch):
+    from diffusers import UNet2DConditionModel
+    from torch._dynamo.utils import counters
+
+    layouts = []  # per UNet call: are its input and first convolution's weight channels-last?
+    unet_forward = UNet2DConditionModel.forward
+
+    def recording_forward(unet, sample, *args, **kwargs):
+        layouts.append((sample.is_contiguous(memory_format=torch.channels_last),
+                        unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)))
+        return unet_forward(unet, sample, *args, **kwargs)
+
+    if flag == "--channels_last":
+        monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
     common = ("--batch_size", "8", "--max_steps", "3", "--log_every", "1")
     plain = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "plain", *common)))
+    plain_layouts, layouts[:] = list(layouts), []
+    counters.clear()
     fast = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "fast", *common, flag)))
+    # the flag did take effect
+    if flag == "--channels_last":
+        assert set(plain_layouts) == {(False, False)} and set(layouts) == {(True, True)}
+    else:
+        assert counters["stats"]["unique_graphs"] >= 1  # the UNet went through torch.compile
     plain_losses, fast_losses = _logged(plain, "train/loss"), _logged(fast, "train/loss")
     assert [step for step, _ in fast_losses] == [1, 2, 3]
     assert [value for _, value in fast_losses] == pytest.approx([value for _, value in plain_losses], rel=1e-3)
