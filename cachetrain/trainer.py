@@ -411,11 +411,11 @@ class TrainingRun:
         processes they agree through one all-reduce, at logging steps only (a host sync), so that no
         other step waits on the device.
         """
+        if self.world > 1 and self.progress.step % self.config.log_every:
+            return False, False
         trigger = self.output_dir / TRIGGER_FILE
-        wants_save = self.is_main and trigger.exists()
+        wants_save = self.is_main and trigger.exists()  # a stat: on network storage, a round trip
         if self.world > 1:
-            if self.progress.step % self.config.log_every:
-                return False, False
             flags = torch.tensor([float(stop.requested), float(wants_save)], device=self.device)
             stop_now, save_now = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
         else:
