@@ -534,6 +534,9 @@ class TrainingRun:
                       f"{ckpt.latest_checkpoint(self.output_dir)}", file=sys.stderr)
         bar.close()
         self.telemetry.close()
+        # the main process may still be writing the final model: tearing the process group down
+        # under it aborted another process now and then (~1 run in 10 with two CPU processes)
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         self.result.steps = self.progress.step
 
