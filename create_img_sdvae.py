@@ -6,10 +6,11 @@ The same implementation as create_img_sdxl.py with SD1.5 defaults (cachetrain.im
 
 import sys
 
+from cachetrain import models
 from cachetrain.image_cache import ImageScriptDefaults, main
 
 DEFAULTS = ImageScriptDefaults(
-    model="runwayml/stable-diffusion-v1-5",
+    model=models.SD15_MODEL_ID,
     out_suffix=".img_sdvae",
     description="Cache SD1.5 VAE latents of every image under the data roots.",
 )

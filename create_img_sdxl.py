@@ -7,10 +7,11 @@ from a custom pipeline folder's vae/. The SDXL VAE is refused in float16 (it ove
 
 import sys
 
+from cachetrain import models
 from cachetrain.image_cache import ImageScriptDefaults, main
 
 DEFAULTS = ImageScriptDefaults(
-    model="stabilityai/stable-diffusion-xl-base-1.0",
+    model=models.SDXL_MODEL_ID,
     out_suffix=".img_sdxl",
     description="Cache SDXL VAE latents of every image under the data roots.",
 )

@@ -5,7 +5,7 @@
 # turns the settings into train_from_cached.py flags.
 set -euo pipefail
 
-MODEL="${MODEL:-runwayml/stable-diffusion-v1-5}"        # diffusers folder or hub id
+MODEL="${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}"        # diffusers folder or hub id
 DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated
 OUTPUT_DIR="${OUTPUT_DIR:-output/sd15}"
 IMG_SUFFIX="${IMG_SUFFIX:-.img_sdvae}"

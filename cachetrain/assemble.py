@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import ArgumentParser
+
 # SD1.5's noise schedule, for a UNet that comes without its pipeline's scheduler.
 SD15_DDIM_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -234,7 +236,7 @@ def describe(plan: AssemblyPlan) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Build an SD1.5 UNet + SDXL VAE + T5 pipeline folder from parts "
+    parser = ArgumentParser(description="Build an SD1.5 UNet + SDXL VAE + T5 pipeline folder from parts "
                                                  "(each a hub id or a local folder).")
     parser.add_argument("--unet", required=True, help="SD1.5 UNet folder, or a whole SD1.5 pipeline (its unet/)")
     parser.add_argument("--vae", required=True, help="SDXL VAE folder, or an SDXL pipeline (its vae/)")

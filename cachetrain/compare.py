@@ -29,6 +29,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .cli import ArgumentParser
 from .sampling import SampleMetadata
 from .tree import walk_files
 
@@ -371,7 +372,7 @@ def write_side_by_side_pngs(comparison: Comparison, out_dir: Path) -> list[Path]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Compare the sample images of training runs side by side in one HTML page (self-contained, "
                     "or with --link referring to the images).")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (the trainer's output_dir)")

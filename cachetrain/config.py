@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cli import ArgumentParser
+
 OPTIMIZERS = ("adamw", "adamw8", "lion")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
               "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")
@@ -115,7 +117,7 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train an SD1.5-architecture UNet from cached latent and text-embedding sidecars.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

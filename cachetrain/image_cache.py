@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import models
+from .cli import ArgumentParser
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
                           settings_from_args)
 from .images import CONVERSION_REASONS, ImageRejected, load_image, read_image_file
@@ -178,7 +179,7 @@ class ImageScriptDefaults:
 
 
 def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=defaults.description)
+    parser = ArgumentParser(description=defaults.description)
     parser.add_argument("--model", default=defaults.model,
                         help=f"diffusers folder or hub id holding the VAE in vae/ (default {defaults.model})")
     parser.add_argument("--custom", default=None, metavar="FOLDER",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from .cli import ArgumentParser
 from .sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX,
                       T5_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness,
                       file_content_digest, image_source_identity, read_caption, read_metadata, read_sidecar)
@@ -322,7 +323,7 @@ def render_text(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cachetrain.inspect",
+    parser = ArgumentParser(prog="python -m cachetrain.inspect",
                                      description="Report what a cache of sidecars holds, without loading encoders.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders to walk")
     parser.add_argument("--suffix", nargs="+", action="extend", default=None,

@@ -1,6 +1,6 @@
 """Loading models and their parts from a hub id or a local diffusers folder.
 
-Every loader takes the same ``model`` string a user passes (``runwayml/stable-diffusion-v1-5`` or
+Every loader takes the same ``model`` string a user passes (``stable-diffusion-v1-5/stable-diffusion-v1-5`` or
 ``/path/to/folder``) and loads only the component asked for.
 """
 
@@ -13,6 +13,11 @@ from typing import Any
 import torch
 
 from .sidecar import config_fingerprint
+
+# The hub repositories our defaults and examples name: kept here alone, so a moved repository is one edit.
+# (runwayml/stable-diffusion-v1-5 was taken down in 2024; this is the maintained copy diffusers' docs use.)
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import models
+from .cli import ArgumentParser
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
                           settings_from_args)
 from .shards import agree_on_exit_status, process_device
@@ -114,7 +115,7 @@ class TextEmbeddingBuilder:
 
 
 def build_parser(default_model: str, default_suffix: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument("--model", default=default_model,
                         help=f"diffusers folder or hub id with tokenizer/ and text_encoder/ (default {default_model})")
     parser.add_argument("--out_suffix", default=default_suffix, help=f"sidecar suffix: x.txt -> x{default_suffix}")
@@ -131,7 +132,7 @@ def encoder_device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, to
 
 
 def main_clip(argv: list[str] | None = None) -> int:
-    parser = build_parser("runwayml/stable-diffusion-v1-5", ".txt_clipl",
+    parser = build_parser(models.SD15_MODEL_ID, ".txt_clipl",
                           "Cache CLIP-L text embeddings of the captions beside each image.")
     args = parser.parse_args(argv)
     device, dtype = encoder_device_and_dtype(args)

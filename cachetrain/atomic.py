@@ -1,0 +1,40 @@
+"""Small files written so that a crash, a kill or a full disk never leaves half of one.
+
+Each is written under a temporary name in the same folder, flushed, and renamed over the target:
+a reader sees the old file or the new one, never a truncated mix.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+TEMP_MARKER = ".partial-"
+
+
+def temporary_name(path: Path) -> Path:
+    """``dir/.name.partial-XXXXXXXX``: hidden, beside the target, unique per writer."""
+    return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
+
+
+def write_atomically(path: os.PathLike | str, data: bytes | str, mode: int | None = None, fsync: bool = True) -> None:
+    """Replace ``path`` by ``data`` in one rename; on any failure the old file (if any) is untouched."""
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    temporary = temporary_name(path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: there is no temporary to remove, and the first error is the one
+            pass
+        raise

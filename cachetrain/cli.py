@@ -1,0 +1,22 @@
+"""What every command-line entry point shares: a parser whose errors are one line, not a page of usage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad flag prints one line naming it (and where --help is), exit status 2.
+
+    Users of long runs paste the last lines of a log; 48 lines of usage before the one that matters
+    bury it.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def print_error(message: str) -> None:
+    """The one line a failed command leaves for its user."""
+    print(f"error: {message}", file=sys.stderr)
