@@ -556,7 +556,7 @@ def test_two_process_cpu_training_keeps_weights_identical(tiny_sd_model, cached_
     output = tmp_path / "ddp"
     output.mkdir()
     (output / "trigger.checkpoint").touch()  # seen by the main process only: both must agree to save
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "train_from_cached.py"),
                *_args(tiny_sd_model, cached_dataset, output, "--batch_size", "4", "--max_steps", "6",
                       "--log_every", "2")]
