@@ -398,6 +398,15 @@ def settings_from_args(args: argparse.Namespace) -> SampleSettings:
         autocast_dtype=autocast, token_length=args.force_toklen, use_ema=not args.no_ema, custom=args.custom)
 
 
+def _quiet_loading() -> None:
+    """No progress bar per component loaded: a watcher's log is one line per checkpoint."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -411,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.watch)
             if not run_dir.is_dir():
                 raise SamplerInputError(f"--watch {run_dir}: no such folder (start the training first)")
+            _quiet_loading()
             try:
                 result = watch(run_dir, settings, Path(args.out) if args.out else None, args.poll, args.once)
             except KeyboardInterrupt:
@@ -419,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             print(result.summary(), file=sys.stderr)
             return 1 if result.failed else 0
         check_model(args.model)
+        _quiet_loading()
         paths = sample_model(args.model, Path(args.out or DEFAULT_OUT), settings)
     except SamplerInputError as error:
         print_error(str(error))
