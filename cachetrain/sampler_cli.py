@@ -330,15 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         description="Draw sample images from a checkpoint or pipeline folder (SD1.5 or SD1.5 + T5), or from each "
                     "checkpoint of a running training as it appears (--watch), with the trainer's file names and "
-                    "PNG metadata and conditioned as training was.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "PNG metadata and conditioned as training was.")
     parser.add_argument("model", nargs="?", default=None,
                         help="a checkpoint folder, pipeline folder or hub id (not with --watch)")
     parser.add_argument("--watch", metavar="RUN_DIR", default=None,
                         help="sample every complete checkpoint of this training run (its --output_dir) as it is "
                              "written, until the run ends; already sampled checkpoints are skipped")
     parser.add_argument("--once", action="store_true", help="with --watch: sample the checkpoints there now and exit")
-    parser.add_argument("--poll", type=float, default=10.0, help="with --watch: seconds between looks for a new checkpoint")
+    parser.add_argument("--poll", type=float, default=10.0, help="with --watch: seconds between looks for a new checkpoint (default 10)")
     parser.add_argument("--out", default=None,
                         help=f"where the PNGs go (default: {DEFAULT_OUT}/; with --watch, into each checkpoint "
                              "folder as the trainer does, else OUT/checkpoint-NNNNN/)")
@@ -346,21 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts_file", default=None, help="prompts, one a line (blank lines and # comments skipped)")
     parser.add_argument("--negative_prompt", default="", help="the negative prompt of every image")
-    parser.add_argument("--num_images", type=int, default=1, help="images per prompt (each with its own seed)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the first image (the trainer's --sample_seed)")
+    parser.add_argument("--num_images", type=int, default=1, help="images per prompt, each with its own seed (default 1)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the first image, as the trainer's --sample_seed (default 1234)")
     parser.add_argument("--inc_seed", action=argparse.BooleanOptionalAction, default=True,
-                        help="image i gets seed + i, as the trainer's samples do; --no-inc_seed: every image --seed")
+                        help="image i gets seed + i, as the trainer's samples do (default); --no-inc_seed: every "
+                             "image gets --seed")
     parser.add_argument("--scheduler", choices=SAMPLE_SCHEDULERS, default=None,
                         help="sampler, built from the model's scheduler config (betas, prediction type, zero-SNR, "
                              "timestep spacing); default: the model's own scheduler. flow_euler for flow-matching "
                              "models only, the others for DDPM models only")
-    parser.add_argument("--steps", type=int, default=30, help="denoising steps (the trainer's --sampler_steps)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (<= 1: off)")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps, as the trainer's --sampler_steps (default 30)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance, <= 1: off (default 7.5)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the training size)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the training size)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when there is one")
     parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                        help="weights' dtype; auto: fp32, with bf16 autocast on CUDA as the trainer samples")
+                        help="weights' dtype; auto (default): fp32, with bf16 autocast on CUDA, as the trainer samples")
     parser.add_argument("--force_toklen", type=int, default=None,
                         help="condition on N tokens (default: the length the model was trained to, if any)")
     parser.add_argument("--no_ema", action="store_true", help="draw with unet/, not the checkpoint's unet_ema/")

@@ -152,22 +152,26 @@ def _prompts_file(folder: Path) -> Path:
     return path
 
 
-def test_the_sampler_redraws_the_trainer_samples_of_a_checkpoint_bit_for_bit(tiny_sd_model, tmp_path):
-    """Trained on 8x8 latents with --force_toklen 6, sampled with euler_a (which draws noise at every
-    step): the sampler must find the training size in the checkpoint and the token length in the run's
-    settings, and draw through the same code, for the pixels to match."""
+@pytest.mark.parametrize("model_kind, scheduler", [("sd", "euler_a"), ("t5", "dpmpp_2m")])
+def test_the_sampler_redraws_the_trainer_samples_of_a_checkpoint_bit_for_bit(request, tmp_path, model_kind,
+                                                                            scheduler):
+    """Trained on 8x8 latents with --force_toklen 6: the sampler must find the training size in the
+    checkpoint and the token length in the run's settings (SD1.5) or the T5 projection, and draw
+    through the same code, for the pixels to match. euler_a draws fresh noise at every step."""
     from cachetrain.config import parse_train_args
     from cachetrain.sampler_cli import main
     from cachetrain.tiny import write_random_pairs
     from cachetrain.trainer import train
 
-    write_random_pairs(tmp_path / "data", 16, latent_shape=(4, 8, 8), text_shape=(77, 32))
+    model = request.getfixturevalue("tiny_sd_model" if model_kind == "sd" else "tiny_t5_model")
+    text_shape = (77, 32) if model_kind == "sd" else (9, 24)  # CLIP-L pads to 77; T5 stores real tokens
+    write_random_pairs(tmp_path / "data", 16, latent_shape=(4, 8, 8), text_shape=text_shape)
     prompts_file = _prompts_file(tmp_path)
     run = tmp_path / "run"
     train(parse_train_args(_train_args(
-        tiny_sd_model, tmp_path / "data", run, "--max_steps", "2", "--save_steps", "1", "--force_toklen", "6",
+        model, tmp_path / "data", run, "--max_steps", "2", "--save_steps", "1", "--force_toklen", "6",
         "--sample_prompt", PROMPTS[0], "--sample_prompts_file", str(prompts_file), "--sampler_steps", "2",
-        "--sample_seed", "77", "--guidance_scale", "4.0", "--sample_scheduler", "euler_a")))
+        "--sample_seed", "77", "--guidance_scale", "4.0", "--sample_scheduler", scheduler)))
     expected_prompts = [PROMPTS[0], PROMPTS[1], "a green cross on a white background"]
     checkpoint = run / "checkpoint-00001"
     trainer_pngs = sorted(checkpoint.glob("sample-*.png"))
@@ -176,19 +180,19 @@ def test_the_sampler_redraws_the_trainer_samples_of_a_checkpoint_bit_for_bit(tin
 
     out = tmp_path / "resampled"
     assert main([str(checkpoint), "--prompt", PROMPTS[0], "--prompts_file", str(prompts_file), "--steps", "2",
-                 "--seed", "77", "--guidance", "4.0", "--scheduler", "euler_a", "--device", "cpu",
+                 "--seed", "77", "--guidance", "4.0", "--scheduler", scheduler, "--device", "cpu",
                  "--out", str(out)]) == 0
     for index, trained in enumerate(trainer_pngs):
         resampled = out / trained.name
         expected = SampleMetadata(prompt=expected_prompts[index], negative_prompt="", seed=77 + index, step=1,
-                                  sampler_steps=2, guidance_scale=4.0, token_length=6, scheduler="euler_a")
+                                  sampler_steps=2, guidance_scale=4.0, token_length=6, scheduler=scheduler)
         assert read_sample_metadata(trained) == read_sample_metadata(resampled) == expected
         assert _pixels(resampled).shape == (32, 32, 3)  # 8x8 latents, the tiny VAE's factor 4
         assert np.array_equal(_pixels(trained), _pixels(resampled)), trained.name
 
-    # conditioned on all 77 tokens instead (as a sampler that ignored the run's settings would), it differs
+    # conditioned on another token length (as a sampler that ignored the training one would), it differs
     assert main([str(checkpoint), "--prompt", PROMPTS[0], "--steps", "2", "--seed", "77", "--guidance", "4.0",
-                 "--scheduler", "euler_a", "--force_toklen", "77", "--out", str(tmp_path / "all-tokens")]) == 0
+                 "--scheduler", scheduler, "--force_toklen", "3", "--out", str(tmp_path / "all-tokens")]) == 0
     assert not np.array_equal(_pixels(tmp_path / "all-tokens" / trainer_pngs[0].name), _pixels(trainer_pngs[0]))
 
 
