@@ -29,10 +29,8 @@ from .cli import ArgumentParser, print_error
 from .config import SAMPLE_SCHEDULERS
 from .prompts import PromptsFileError, read_prompts_file
 from .sampling import SampleMetadata, draw_samples, read_sample_metadata, sample_plan, scheduler_choice_problem
+from .trainer import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
 
-# the trainer's run folder: its settings (one entry per start) and the summary it writes when it ends
-ARGS_FILE = "train_args.json"
-SUMMARY_FILE = "train_summary.json"
 DEFAULT_OUT = "samples"
 STAGING_SUFFIX = ".sampling"  # hidden folders beside the checkpoints, where a checkpoint's samples are drawn
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -86,6 +84,16 @@ def check_model(model: str) -> None:
 
 
 def _load_config(cls_name: str, model: str, subfolder: str | None = None) -> dict:
+    """A config of a folder (read as JSON: a watcher reads several per checkpoint, and needs no import
+    of diffusers to refuse a flag) or of a hub id (through diffusers, which fetches it)."""
+    file_name = "model_index.json" if cls_name == "DiffusionPipeline" else \
+        "scheduler_config.json" if cls_name == "DDIMScheduler" else "config.json"
+    if _is_local(model):
+        path = Path(model, subfolder or "", file_name)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise ValueError(f"{path}: not a JSON config ({error})") from None
     import diffusers
 
     kwargs = {"subfolder": subfolder} if subfolder else {}
@@ -172,6 +180,7 @@ def load_sampling_pipeline(model: str, settings: SampleSettings):
 
     from . import models
 
+    _quiet_loading()
     subfolder = "unet"
     if settings.use_ema and _is_local(model) and (Path(model) / ckpt.EMA_COMPONENT).is_dir():
         subfolder = ckpt.EMA_COMPONENT
@@ -187,11 +196,11 @@ def sample_model(model: str, out_dir: Path, settings: SampleSettings, step: int 
     model cannot take."""
     from .sampling import build_sampling_scheduler
 
-    step = step_of(model) if step is None else step
-    plan, token_length = plan_for(model, settings, step)
     problem = scheduler_choice_problem(settings.scheduler, scheduler_config(model)) if settings.scheduler else None
     if problem:
         raise SamplerInputError(f"--scheduler {problem}")
+    step = step_of(model) if step is None else step
+    plan, token_length = plan_for(model, settings, step)
     pipeline = load_sampling_pipeline(model, settings)
     factor = pipeline.vae_scale_factor
     for flag in ("width", "height"):
@@ -420,21 +429,19 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(args.watch)
             if not run_dir.is_dir():
                 raise SamplerInputError(f"--watch {run_dir}: no such folder (start the training first)")
-            _quiet_loading()
-            try:
-                result = watch(run_dir, settings, Path(args.out) if args.out else None, args.poll, args.once)
-            except KeyboardInterrupt:
-                print("[sample] stopped (Ctrl-C); a restart skips the checkpoints already sampled", file=sys.stderr)
-                return 130
+            result = watch(run_dir, settings, Path(args.out) if args.out else None, args.poll, args.once)
             print(result.summary(), file=sys.stderr)
             return 1 if result.failed else 0
         check_model(args.model)
-        _quiet_loading()
         paths = sample_model(args.model, Path(args.out or DEFAULT_OUT), settings)
     except SamplerInputError as error:
         print_error(str(error))
         return 2
-    except (OSError, ValueError, EnvironmentError) as error:  # the hub or a damaged folder, said in one line
+    except KeyboardInterrupt:
+        print("[sample] stopped (Ctrl-C); a restart with --watch skips the checkpoints already sampled",
+              file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as error:  # the hub or a damaged folder, said in one line
         print_error(f"{args.model}: cannot be sampled ({type(error).__name__}: {error})")
         return 1
     for path in paths:
