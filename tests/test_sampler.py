@@ -365,3 +365,40 @@ def test_bad_inputs_are_refused_in_one_line_with_status_2(tiny_sd_model, tmp_pat
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+def test_num_images_inc_seed_and_size_flags_shape_what_is_drawn(tiny_sd_model, tmp_path):
+    from cachetrain.sampler_cli import main
+
+    common = [str(tiny_sd_model), "--prompt", PROMPTS[0], "--num_images", "2", "--steps", "1", "--seed", "9",
+              "--width", "32", "--height", "48", "--guidance", "1.0"]
+    assert main([*common, "--no-inc_seed", "--out", str(tmp_path / "same")]) == 0
+    assert main([*common, "--out", str(tmp_path / "inc")]) == 0
+    names = [sample_filename(0, PROMPTS[0]), sample_filename(1, PROMPTS[0])]
+    same = [tmp_path / "same" / name for name in names]
+    inc = [tmp_path / "inc" / name for name in names]
+    assert [read_sample_metadata(p).seed for p in same] == [9, 9]
+    assert [read_sample_metadata(p).seed for p in inc] == [9, 10]
+    assert _pixels(same[0]).shape == (48, 32, 3)
+    assert np.array_equal(_pixels(same[0]), _pixels(same[1]))  # one seed, one prompt: one image
+    assert np.array_equal(_pixels(same[0]), _pixels(inc[0]))
+    assert not np.array_equal(_pixels(inc[0]), _pixels(inc[1]))
+
+
+def test_ctrl_c_stops_a_waiting_watcher_in_one_line_with_status_130(tmp_path):
+    import signal
+
+    (tmp_path / "run").mkdir()
+    watcher = subprocess.Popen([sys.executable, "sample_images.py", "--watch", str(tmp_path / "run"), "--prompt", "x",
+                                "--device", "cpu", "--poll", "0.1"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    try:
+        assert "waiting for the next checkpoint" in watcher.stderr.readline()
+        watcher.send_signal(signal.SIGINT)
+        rest = watcher.communicate(timeout=60)[1]
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    assert watcher.returncode == 130
+    assert rest.strip().splitlines() == [
+        "[sample] stopped (Ctrl-C); a restart with --watch skips the checkpoints already sampled"]
