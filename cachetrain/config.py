@@ -19,7 +19,7 @@ from .prompts import PromptsFileError, read_prompts_file
 OPTIMIZERS = ("adamw", "adamw8", "lion")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
               "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")
-# the samplers samples can be drawn with, by trainer and sample_images.py alike (built in sampling.py)
+# the samplers that draw samples, in the trainer and in sample_images.py alike (built in sampling.py)
 SAMPLE_SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "flow_euler")
 
 

@@ -83,25 +83,27 @@ def check_model(model: str) -> None:
         raise SamplerInputError(f"{model}: not a pipeline folder (no model_index.json){hint}")
 
 
-def _load_config(cls_name: str, model: str, subfolder: str | None = None) -> dict:
-    """A config of a folder (read as JSON: a watcher reads several per checkpoint, and needs no import
-    of diffusers to refuse a flag) or of a hub id (through diffusers, which fetches it)."""
-    file_name = "model_index.json" if cls_name == "DiffusionPipeline" else \
-        "scheduler_config.json" if cls_name == "DDIMScheduler" else "config.json"
+def _read_config(model: str, file_name: str, subfolder: str = "") -> dict:
+    """A JSON config of a folder (a watcher reads a few per checkpoint, and refusing a flag needs no
+    import of diffusers) or of a hub id (fetched, or read from the hub cache)."""
     if _is_local(model):
-        path = Path(model, subfolder or "", file_name)
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as error:
-            raise ValueError(f"{path}: not a JSON config ({error})") from None
-    import diffusers
+        path = Path(model, subfolder, file_name)
+    else:
+        from huggingface_hub import hf_hub_download
 
-    kwargs = {"subfolder": subfolder} if subfolder else {}
-    return dict(getattr(diffusers, cls_name).load_config(model, **kwargs))
+        path = Path(hf_hub_download(model, file_name, subfolder=subfolder or None))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{path}: not a JSON config ({error})") from None
 
 
 def model_index(model: str) -> dict:
-    return _load_config("DiffusionPipeline", model)
+    return _read_config(model, "model_index.json")
+
+
+def scheduler_config(model: str) -> dict:
+    return _read_config(model, "scheduler_config.json", "scheduler")
 
 
 def own_scheduler_name(model: str) -> str:
@@ -114,7 +116,7 @@ def recorded_token_length(model: str) -> int | None:
     """The token length the model was trained to (--force_toklen): its T5 projection keeps it; for an
     SD1.5 model, the settings of the run that wrote it (train_args.json beside or above the folder)."""
     if "t5_projection" in model_index(model):
-        value = _load_config("UNet2DConditionModel", model, "t5_projection").get("token_length")
+        value = _read_config(model, "config.json", "t5_projection").get("token_length")
         return int(value) if value is not None else None
     if not _is_local(model):
         return None
@@ -153,10 +155,6 @@ def step_of(folder: str) -> int:
     """A checkpoint's step (``checkpoint-00100`` -> 100), as the trainer records it; 0 for other folders."""
     match = ckpt.CHECKPOINT_PATTERN.match(Path(folder).name)
     return int(match.group(1)) if match else 0
-
-
-def scheduler_config(model: str) -> dict:
-    return _load_config("DDIMScheduler", model, "scheduler")
 
 
 def plan_for(model: str, settings: SampleSettings, step: int) -> tuple[list[tuple[str, SampleMetadata]], int | None]:
@@ -293,8 +291,14 @@ def _gone_or_failed(checkpoint: Path, error: Exception) -> str:
         print(f"[sample] {checkpoint.name}: removed (--keep_checkpoints) before its samples were written; "
               "skipped", file=sys.stderr)
         return "pruned"
-    print(f"[sample] {checkpoint.name}: failed ({type(error).__name__}: {error}); skipped", file=sys.stderr)
+    print(f"[sample] {checkpoint.name}: failed ({type(error).__name__}: {_first_line(error)}); skipped",
+          file=sys.stderr)
     return "failed"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def watch(run_dir: Path, settings: SampleSettings, out_root: Path | None = None, poll_seconds: float = 10.0,
@@ -441,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         print("[sample] stopped (Ctrl-C); a restart with --watch skips the checkpoints already sampled",
               file=sys.stderr)
         return 130
-    except (OSError, ValueError) as error:  # the hub or a damaged folder, said in one line
-        print_error(f"{args.model}: cannot be sampled ({type(error).__name__}: {error})")
+    except Exception as error:  # the hub, a damaged folder, out of memory: said in one line
+        print_error(f"{args.model or args.watch}: cannot be sampled ({type(error).__name__}: {_first_line(error)})")
         return 1
     for path in paths:
         print(path)

@@ -367,6 +367,16 @@ def test_bad_inputs_are_refused_in_one_line_with_status_2(tiny_sd_model, tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
 
 
+def test_a_pipeline_folder_whose_weights_are_damaged_fails_in_one_line_with_status_1(tiny_sd_model, tmp_path):
+    shutil.copytree(tiny_sd_model, tmp_path / "model")
+    (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+    result = _script(tmp_path / "model", "--prompt", "a red circle", "--steps", "1", "--out", tmp_path / "out")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'model'}: cannot be sampled ("), result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 def test_num_images_inc_seed_and_size_flags_shape_what_is_drawn(tiny_sd_model, tmp_path):
     from cachetrain.sampler_cli import main
 
