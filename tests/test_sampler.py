@@ -168,12 +168,13 @@ def test_the_sampler_redraws_the_trainer_samples_of_a_checkpoint_bit_for_bit(req
     write_random_pairs(tmp_path / "data", 16, latent_shape=(4, 8, 8), text_shape=text_shape)
     prompts_file = _prompts_file(tmp_path)
     run = tmp_path / "run"
+    ema = ["--ema_decay", "0.9"] if model_kind == "sd" else []  # the trainer's samples show the EMA weights
     train(parse_train_args(_train_args(
         model, tmp_path / "data", run, "--max_steps", "2", "--save_steps", "1", "--force_toklen", "6",
         "--sample_prompt", PROMPTS[0], "--sample_prompts_file", str(prompts_file), "--sampler_steps", "2",
-        "--sample_seed", "77", "--guidance_scale", "4.0", "--sample_scheduler", scheduler)))
+        "--sample_seed", "77", "--guidance_scale", "4.0", "--sample_scheduler", scheduler, *ema)))
     expected_prompts = [PROMPTS[0], PROMPTS[1], "a green cross on a white background"]
-    checkpoint = run / "checkpoint-00001"
+    checkpoint = run / "checkpoint-00002"  # the EMA equals the weights after one step, not after two
     trainer_pngs = sorted(checkpoint.glob("sample-*.png"))
     assert [p.name for p in trainer_pngs] == [sample_filename(i, p) for i, p in enumerate(expected_prompts)]
     assert json.loads((checkpoint / "unet" / "config.json").read_text())["sample_size"] == 8
@@ -184,16 +185,22 @@ def test_the_sampler_redraws_the_trainer_samples_of_a_checkpoint_bit_for_bit(req
                  "--out", str(out)]) == 0
     for index, trained in enumerate(trainer_pngs):
         resampled = out / trained.name
-        expected = SampleMetadata(prompt=expected_prompts[index], negative_prompt="", seed=77 + index, step=1,
+        expected = SampleMetadata(prompt=expected_prompts[index], negative_prompt="", seed=77 + index, step=2,
                                   sampler_steps=2, guidance_scale=4.0, token_length=6, scheduler=scheduler)
         assert read_sample_metadata(trained) == read_sample_metadata(resampled) == expected
         assert _pixels(resampled).shape == (32, 32, 3)  # 8x8 latents, the tiny VAE's factor 4
         assert np.array_equal(_pixels(trained), _pixels(resampled)), trained.name
 
-    # conditioned on another token length (as a sampler that ignored the training one would), it differs
-    assert main([str(checkpoint), "--prompt", PROMPTS[0], "--steps", "2", "--seed", "77", "--guidance", "4.0",
-                 "--scheduler", scheduler, "--force_toklen", "3", "--out", str(tmp_path / "all-tokens")]) == 0
-    assert not np.array_equal(_pixels(tmp_path / "all-tokens" / trainer_pngs[0].name), _pixels(trainer_pngs[0]))
+    # conditioned on another token length (as a sampler that ignored the training one would), it differs;
+    # so does the raw UNet of an EMA run
+    same = [str(checkpoint), "--prompt", PROMPTS[0], "--steps", "2", "--seed", "77", "--guidance", "4.0",
+            "--scheduler", scheduler]
+    assert main([*same, "--force_toklen", "3", "--out", str(tmp_path / "other-length")]) == 0
+    assert not np.array_equal(_pixels(tmp_path / "other-length" / trainer_pngs[0].name), _pixels(trainer_pngs[0]))
+    if ema:
+        assert (checkpoint / "unet_ema").is_dir()
+        assert main([*same, "--no_ema", "--out", str(tmp_path / "raw")]) == 0
+        assert not np.array_equal(_pixels(tmp_path / "raw" / trainer_pngs[0].name), _pixels(trainer_pngs[0]))
 
 
 # ---------------------------------------------------------------------------------------------
