@@ -1,7 +1,7 @@
 """cachetrain: train Stable Diffusion 1.5-architecture UNets from pre-computed caches.
 
 Layers, lowest first (a module imports only from layers below it):
-  sidecar, tree, images, config          - files, names, flags; no models
+  sidecar, tree, images, config, prompts - files, names, flags, prompt files; no models
   text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
   layers, sampling, checkpoint, resume     step's numerics, parameter selections, samples, checkpoints,
                                            what a checkpoint must share with a resume
@@ -11,6 +11,7 @@ Layers, lowest first (a module imports only from layers below it):
   shards, cache_build -> image_cache, text_cache, t5_cache   - the cache builders and their shares of the files
   inspect, compare, assemble             - looking at caches and runs; building a T5 pipeline from parts
   trainer                                - the training loop
+  sampler_cli                            - sample_images.py: a run's checkpoints sampled by another process
   tiny                                   - tiny offline models and the synthetic dataset
 """
 

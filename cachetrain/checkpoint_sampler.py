@@ -14,9 +14,12 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import models
-from .config import TrainConfig
-from .sampling import draw_samples
+from .config import ConfigError, TrainConfig
+from .prompts import read_prompts_file
+from .sampling import build_sampling_scheduler, draw_samples, scheduler_choice_problem
+from .sidecar import IMAGE_LATENT_KEY
 from .telemetry import Telemetry
+from .tree import walk_files
 
 
 class CheckpointSampler:
@@ -29,35 +32,43 @@ class CheckpointSampler:
         self.frozen_dir = Path(config.output_dir) / ckpt.FROZEN_DIR_NAME
         self.autocast_dtype = torch.bfloat16 if device.type == "cuda" and not config.fp32 else None
         self._pipeline = None
+        self.prompts = sample_prompts(config)
+        self.training_size = training_latent_size(config)
+        problem = sample_scheduler_problem(config) if self.prompts else None
+        if problem:  # refused before step 1, not at the first sample
+            raise ConfigError(problem)
 
     def _pipeline_for(self, unet):
         if self._pipeline is None:
             self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet, self.config.is_custom)
             _match_training_scales(self._pipeline, self.config)
+        _record_training_size(unet, self.training_size)
         self._pipeline.unet = unet
         return self._pipeline
 
     def sample(self, unet, step: int, out_dir: Path) -> list[Path]:
-        if not self.config.sample_prompt:
+        if not self.prompts:
             return []
         pipeline = self._pipeline_for(unet)
+        name = self.config.sample_scheduler
+        scheduler = build_sampling_scheduler(name, pipeline.scheduler.config) if name else None
         was_training = unet.training
         unet.eval()
         others = [m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and name != "unet"]
         for module in others:
             module.to(self.device)
         try:
-            paths = draw_samples(pipeline, self.config.sample_prompt, out_dir, step=step, seed=self.config.sample_seed,
+            paths = draw_samples(pipeline, self.prompts, out_dir, step=step, seed=self.config.sample_seed,
                                  sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
                                  device=self.device, autocast_dtype=self.autocast_dtype,
-                                 token_length=self.config.force_toklen)
+                                 token_length=self.config.force_toklen, scheduler=scheduler, scheduler_name=name)
         finally:
             if self.config.cpu_offload:  # give the memory back to training until the next samples
                 for module in others:
                     module.to("cpu")
             unet.train(was_training)
         if self.telemetry is not None:
-            self.telemetry.add_images(step, dict(zip(self.config.sample_prompt, paths)))
+            self.telemetry.add_images(step, dict(zip(self.prompts, paths)))
         return paths
 
     def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
@@ -90,6 +101,47 @@ def scale_problem(config: TrainConfig) -> str | None:
                 "samples and checkpoints would not see what training saw; scale the cached embeddings instead, "
                 "or train a T5 pipeline")
     return None
+
+
+def sample_prompts(config: TrainConfig) -> list[str]:
+    """--sample_prompt's prompts, then --sample_prompts_file's (validated when the flags were parsed)."""
+    return list(config.sample_prompt) + (read_prompts_file(config.sample_prompts_file)
+                                         if config.sample_prompts_file else [])
+
+
+def sample_scheduler_problem(config: TrainConfig) -> str | None:
+    """Why --sample_scheduler cannot draw this model, if it cannot (reads only its scheduler config)."""
+    if not config.sample_scheduler:
+        return None
+    from diffusers import DDIMScheduler
+
+    scheduler_config = DDIMScheduler.load_config(config.pretrained_model, subfolder="scheduler")
+    problem = scheduler_choice_problem(config.sample_scheduler, scheduler_config)
+    return f"--sample_scheduler {problem}" if problem else None
+
+
+def training_latent_size(config: TrainConfig) -> int | None:
+    """The side of the latents training reads (one of its sidecars tells: the loader refuses a run
+    whose caches differ in shape), or None when none is found. Caches are square crops."""
+    from safetensors import safe_open
+
+    for root in config.train_data_dir:
+        for path in walk_files(root, (config.imgcache_suffix,)):
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    shape = handle.get_slice(IMAGE_LATENT_KEY).get_shape()
+            except Exception:  # a bad sidecar is the loader's to report; look at the next one
+                continue
+            return int(shape[-1]) if len(shape) == 3 and shape[-1] == shape[-2] else None
+    return None
+
+
+def _record_training_size(unet, size: int | None) -> None:
+    """Keep the size training sees in the UNet's config (sample_size, in latent pixels): samples are
+    drawn at it, and every pipeline that loads a checkpoint (diffusers' own, sample_images.py) draws
+    at it by default, not at the base model's size."""
+    if size is not None and unet.config.sample_size != size:
+        unet.register_to_config(sample_size=size)
 
 
 def _match_training_scales(pipeline, config: TrainConfig) -> None:

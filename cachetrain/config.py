@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cli import ArgumentParser
+from .prompts import PromptsFileError, read_prompts_file
 
 OPTIMIZERS = ("adamw", "adamw8", "lion")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
               "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")
+# the samplers that draw samples, in the trainer and in sample_images.py alike (built in sampling.py)
+SAMPLE_SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm", "flow_euler")
 
 
 class ConfigError(ValueError):
@@ -94,6 +97,10 @@ class TrainConfig:
     sample_seed: int = _flag(1234, "seed of the sample images (fixed, so checkpoints compare)")
     guidance_scale: float = _flag(7.5, "classifier-free guidance of samples")
     cpu_offload: bool = _flag(False, "move the sampling-only models (VAE, text encoder) back to the CPU after each sampling")
+    sample_scheduler: str | None = _flag(None, "sampler of the samples: " + "|".join(SAMPLE_SCHEDULERS) + " (built from "
+                                         "the model's scheduler config; default: the model's own scheduler)",
+                                         choices=SAMPLE_SCHEDULERS)
+    sample_prompts_file: str | None = _flag(None, "more sample prompts, one a line (blank lines and # comments skipped)")
     # validation
     validation_dir: list[str] = _flag([], "folder(s) of held-out sidecar pairs for val/loss", nargs="+", action="extend")
     validation_split: float = _flag(0.0, "hold out this fraction of the training pairs for val/loss instead")
@@ -177,6 +184,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         problems.append("--caption_dropout is a probability in [0, 1)")
     if not 0 <= config.ema_decay < 1:
         problems.append("--ema_decay must be in [0, 1), e.g. 0.9999")
+    if config.sample_prompts_file:
+        try:
+            read_prompts_file(config.sample_prompts_file)
+        except PromptsFileError as error:
+            problems.append(f"--sample_prompts_file {error}")
     if config.bf16_weights and config.fp32:
         problems.append("--bf16_weights and --fp32 contradict each other")
     if config.bf16_weights and config.optimizer == "adamw8":

@@ -93,7 +93,8 @@ def test_checkpoint_samples_carry_their_facts_and_reach_tensorboard(tiny_sd_mode
     telemetry.close()
 
     assert [read_sample_metadata(p) for p in paths] == [
-        SampleMetadata(prompt=prompt, negative_prompt="", seed=40 + i, step=100, sampler_steps=2, guidance_scale=3.0)
+        SampleMetadata(prompt=prompt, negative_prompt="", seed=40 + i, step=100, sampler_steps=2, guidance_scale=3.0,
+                       scheduler="PNDMScheduler")  # no --sample_scheduler: the model's own, by its class
         for i, prompt in enumerate(prompts)]
     logged = _read_tensorboard_images(tmp_path / "run" / "tensorboard")
     assert sorted(logged) == [f"samples/{p}" for p in sorted(prompts)]

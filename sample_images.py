@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Draw sample images from a checkpoint or pipeline folder, or from each checkpoint of a running training (see --help)."""
+
+import sys
+
+from cachetrain.sampler_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
