@@ -63,8 +63,7 @@ class CheckpointSampler:
     def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
         destination = ckpt.checkpoint_dir(Path(self.config.output_dir), step)
         try:
-            ckpt.save_frozen_components(self._pipeline_for(unet), self.frozen_dir,
-                                        models.model_name(self.config.pretrained_model))
+            _save_frozen_parts(self._pipeline_for(unet), self.frozen_dir, self.config.pretrained_model)
             ckpt.save_checkpoint(destination, unet, self.frozen_dir, training_state,
                                  ema_weights=_ema_writer(ema, trainable, unet))
         except Exception as error:  # a full disk shows as OSError, RuntimeError or safetensors' own error
@@ -73,6 +72,13 @@ class CheckpointSampler:
                        f"the previous checkpoint {previous} is intact. Training goes on.")
             return None
         return destination
+
+
+def _save_frozen_parts(pipeline, frozen_dir: Path, model: str) -> None:
+    """The template of every checkpoint, with the code a hub-style ``model`` folder carries put back
+    (diffusers' save drops it): checkpoints then load as the source did, with custom_pipeline=checkpoint."""
+    ckpt.save_frozen_components(pipeline, frozen_dir, models.model_name(model))
+    models.put_folder_code_back(model, frozen_dir)
 
 
 def scale_problem(config: TrainConfig) -> str | None:
