@@ -107,8 +107,11 @@ def _match_training_scales(pipeline, config: TrainConfig) -> None:
     if config.text_scaling_factor != 1.0:
         projection = pipeline.t5_projection
         projection.register_to_config(scaling_factor=projection.config.scaling_factor * config.text_scaling_factor)
-    if hasattr(pipeline, "t5_projection"):  # None too: a model trained with a length, trained on without
-        pipeline.t5_projection.register_to_config(token_length=config.force_toklen)
+    projection = getattr(pipeline, "t5_projection", None)
+    # None too: a model trained with a length, trained on without (a projection of a folder's own code
+    # that never had a length is left as it is: its class may not take one)
+    if projection is not None and (config.force_toklen is not None or "token_length" in projection.config):
+        projection.register_to_config(token_length=config.force_toklen)
 
 
 def _ema_writer(ema, trainable, unet):
