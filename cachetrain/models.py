@@ -156,14 +156,17 @@ def folder_code_problem(model: str, trusted: bool, flag: str = "--is_custom") ->
     """Why ``model``'s own code cannot be loaded, or may not be run (not trusted with ``flag``), if so.
 
     Checked before any work: a hub-style folder whose pipeline.py is missing or broken, or that was not
-    trusted, would otherwise fail only when the first checkpoint is saved. Nothing is executed here.
+    trusted, would otherwise fail only when the first checkpoint is saved. Untrusted code is only read.
     """
-    if not os.path.isdir(model):
-        return None
+    if not os.path.isfile(os.path.join(model, pipeline_code.MODEL_INDEX_FILE)):
+        return None  # a hub id, or no pipeline folder: the loaders say so in their own words
     from . import t5  # noqa: F401  (names our pipeline classes on diffusers: they need no pipeline.py)
 
     try:
-        pipeline_code.require_trust(pipeline_code.read_folder_code(model), trusted, flag)
+        code = pipeline_code.read_folder_code(model)
+        pipeline_code.require_trust(code, trusted, flag)
+        for entry in code.entries:  # trusted: import each file now, so one that fails as it runs stops us here
+            pipeline_code.load_class(entry)
     except pipeline_code.FolderCodeError as error:
         return str(error)
     return None

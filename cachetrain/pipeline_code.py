@@ -173,10 +173,10 @@ def put_code_back(source: os.PathLike | str, saved: os.PathLike | str) -> bool:
     entries that name them (``_class_name`` as the source had it): what diffusers' save drops.
 
     Files are written by rename, never in place (a saved folder's files may be hard links shared with
-    checkpoints). Idempotent. False when ``source`` is not a local folder carrying code.
+    checkpoints). Idempotent. False when ``source`` is not a local pipeline folder carrying code.
     """
-    if not os.path.isdir(source):
-        return False
+    if not os.path.isfile(os.path.join(source, MODEL_INDEX_FILE)):
+        return False  # a hub id: nothing to copy from
     code = read_folder_code(source)
     if not code.carries_code:
         return False

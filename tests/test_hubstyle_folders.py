@@ -99,6 +99,7 @@ def hubstyle_runs(hubstyle_folders, tmp_path_factory):
             "plain": plain}
 
 
+@pytest.mark.slow
 def test_plain_diffusers_loads_and_draws_each_hubstyle_variant_as_built(hubstyle_runs):
     # the folders are what the original's users have: plain diffusers, none of our code imported for them
     for variant, folder in hubstyle_runs["folders"].items():
@@ -108,6 +109,7 @@ def test_plain_diffusers_loads_and_draws_each_hubstyle_variant_as_built(hubstyle
         assert loaded["cachetrain_imported"] == (variant == "our-projection"), variant  # its pipeline.py imports ours
 
 
+@pytest.mark.slow
 def test_the_t5_cache_takes_each_hubstyle_folder_with_no_flag_and_the_latents_take_its_vae(hubstyle_runs):
     for variant, root in hubstyle_runs["data"].items():
         images = sorted(root.rglob("*.jpg"))
@@ -119,6 +121,7 @@ def test_the_t5_cache_takes_each_hubstyle_folder_with_no_flag_and_the_latents_ta
         assert "written 4" in hubstyle_runs["scripts"][f"cache {variant}"].stderr, variant
 
 
+@pytest.mark.slow
 def test_the_projection_the_cache_ran_is_the_folders_own_class(hubstyle_runs):
     from safetensors import safe_open
 
@@ -129,6 +132,7 @@ def test_the_projection_the_cache_ran_is_the_folders_own_class(hubstyle_runs):
             assert handle.metadata()["projection_class"] == expected[variant], variant
 
 
+@pytest.mark.slow
 def test_every_checkpoint_and_the_final_model_load_as_their_hubstyle_source_did(hubstyle_runs):
     for variant, run in hubstyle_runs["runs"].items():
         source = hubstyle_runs["folders"][variant]
@@ -151,6 +155,7 @@ def test_every_checkpoint_and_the_final_model_load_as_their_hubstyle_source_did(
     assert (hubstyle_runs["runs"]["root-projection"] / "t5_projection" / "pipeline.py").is_file()
 
 
+@pytest.mark.slow
 def test_the_trained_unet_is_what_each_checkpoint_holds(hubstyle_runs):
     import torch
     from diffusers import UNet2DConditionModel
@@ -184,12 +189,17 @@ def refusals(hubstyle_folders, tmp_path_factory):
     (no_projection_class / "t5_projection" / "hub_projection.py").write_text("import torch\n", encoding="utf-8")
     syntax_error = broken("syntax-error", "root-projection")
     (syntax_error / "pipeline.py").write_text("import torch\nclass HubT5Pipeline(:\n    pass\n", encoding="utf-8")
+    fails_as_it_runs = broken("import-fails", "module-projection")
+    code = (fails_as_it_runs / "pipeline.py").read_text(encoding="utf-8")
+    (fails_as_it_runs / "pipeline.py").write_text("import no_such_package_here\n" + code, encoding="utf-8")
     cases = {
         "cache: no pipeline.py": (no_pipeline_code, ["create_t5cache_768.py", "--model", str(no_pipeline_code),
                                                      *cache_flags(root)]),
         "cache: no projection class": (no_projection_class, ["create_t5cache_768.py", "--model",
                                                              str(no_projection_class), *cache_flags(root)]),
         "train: syntax error": (syntax_error, [*train_flags(syntax_error, root, scratch / "run-a"), "--is_custom"]),
+        "train: import fails": (fails_as_it_runs, [*train_flags(fails_as_it_runs, root, scratch / "run-c"),
+                                                   "--is_custom"]),
         "train: not trusted": (hubstyle_folders["module-projection"],
                                train_flags(hubstyle_folders["module-projection"], root, scratch / "run-b")),
     }
@@ -204,6 +214,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_a_folder_whose_class_name_needs_a_missing_pipeline_py_is_refused_naming_it(refusals):
     folder, result, _ = refusals["cache: no pipeline.py"]
     line = _one_line_error(result)
@@ -211,12 +222,14 @@ def test_a_folder_whose_class_name_needs_a_missing_pipeline_py_is_refused_naming
     assert not list((refusals["cache: no pipeline.py"][2] / "data").rglob("*" + sidecar.T5_SUFFIX))
 
 
+@pytest.mark.slow
 def test_a_projection_module_that_does_not_define_its_class_is_refused_naming_it(refusals):
     folder, result, _ = refusals["cache: no projection class"]
     line = _one_line_error(result)
     assert f"{folder / 't5_projection' / 'hub_projection.py'} defines no class {PROJECTION_CLASS}" in line, line
 
 
+@pytest.mark.slow
 def test_a_syntax_error_in_pipeline_py_is_refused_by_the_trainer_before_any_work(refusals):
     folder, result, scratch = refusals["train: syntax error"]
     line = _one_line_error(result)
@@ -224,6 +237,15 @@ def test_a_syntax_error_in_pipeline_py_is_refused_by_the_trainer_before_any_work
     assert not (scratch / "run-a" / "checkpoint-00002").exists() and "training pairs" not in result.stderr
 
 
+@pytest.mark.slow
+def test_a_trusted_pipeline_py_that_fails_as_it_runs_is_refused_by_the_trainer_before_any_work(refusals):
+    folder, result, scratch = refusals["train: import fails"]
+    line = _one_line_error(result)
+    assert f"{folder / 'pipeline.py'}: failed while loading {PIPELINE_CLASS}" in line, line
+    assert "no_such_package_here" in line and "training pairs" not in result.stderr
+
+
+@pytest.mark.slow
 def test_a_custom_folder_trained_without_the_trust_flag_is_refused_saying_which_flag_to_add(refusals):
     folder, result, scratch = refusals["train: not trusted"]
     line = _one_line_error(result)
