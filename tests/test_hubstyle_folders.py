@@ -126,6 +126,20 @@ def test_the_t5_cache_takes_each_hubstyle_folder_with_no_flag_and_the_latents_ta
 
 
 @pytest.mark.slow
+def test_each_variant_caches_the_same_embeddings_as_the_weights_are_the_same(hubstyle_runs):
+    # one T5 and one projection in three layouts (the last one's T5 found through its pipeline.py):
+    # any layout read wrongly (another encoder, a fresh projection) would give other numbers
+    import torch
+
+    data = hubstyle_runs["data"]
+    for caption in sorted(data["module-projection"].rglob("*.txt")):
+        relative = caption.relative_to(data["module-projection"]).with_suffix(sidecar.T5_SUFFIX)
+        reference = sidecar.read_sidecar(data["module-projection"] / relative, "emb")
+        for variant in ("root-projection", "our-projection"):
+            torch.testing.assert_close(sidecar.read_sidecar(data[variant] / relative, "emb"), reference)
+
+
+@pytest.mark.slow
 def test_the_projection_the_cache_ran_is_the_folders_own_class(hubstyle_runs):
     from safetensors import safe_open
 
