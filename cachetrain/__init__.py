@@ -5,6 +5,7 @@ Layers, lowest first (a module imports only from layers below it):
   text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
   layers, sampling, checkpoint, resume     step's numerics, parameter selections, samples, checkpoints,
                                            what a checkpoint must share with a resume
+  pipeline_code                          - the code a hub-style folder carries: checked, run when trusted, put back
   t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id or folder
   loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
   checkpoint_sampler                     - the parts that do not train: saved around the UNet, drawing samples

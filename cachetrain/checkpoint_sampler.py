@@ -74,8 +74,7 @@ class CheckpointSampler:
     def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
         destination = ckpt.checkpoint_dir(Path(self.config.output_dir), step)
         try:
-            ckpt.save_frozen_components(self._pipeline_for(unet), self.frozen_dir,
-                                        models.model_name(self.config.pretrained_model))
+            _save_frozen_parts(self._pipeline_for(unet), self.frozen_dir, self.config.pretrained_model)
             ckpt.save_checkpoint(destination, unet, self.frozen_dir, training_state,
                                  ema_weights=_ema_writer(ema, trainable, unet))
         except Exception as error:  # a full disk shows as OSError, RuntimeError or safetensors' own error
@@ -84,6 +83,13 @@ class CheckpointSampler:
                        f"the previous checkpoint {previous} is intact. Training goes on.")
             return None
         return destination
+
+
+def _save_frozen_parts(pipeline, frozen_dir: Path, model: str) -> None:
+    """The template of every checkpoint, with the code a hub-style ``model`` folder carries put back
+    (diffusers' save drops it): checkpoints then load as the source did, with custom_pipeline=checkpoint."""
+    ckpt.save_frozen_components(pipeline, frozen_dir, models.model_name(model))
+    models.put_folder_code_back(model, frozen_dir)
 
 
 def scale_problem(config: TrainConfig) -> str | None:
@@ -153,8 +159,11 @@ def _match_training_scales(pipeline, config: TrainConfig) -> None:
     if config.text_scaling_factor != 1.0:
         projection = pipeline.t5_projection
         projection.register_to_config(scaling_factor=projection.config.scaling_factor * config.text_scaling_factor)
-    if hasattr(pipeline, "t5_projection"):  # None too: a model trained with a length, trained on without
-        pipeline.t5_projection.register_to_config(token_length=config.force_toklen)
+    projection = getattr(pipeline, "t5_projection", None)
+    # None too: a model trained with a length, trained on without (a projection of a folder's own code
+    # that never had a length is left as it is: its class may not take one)
+    if projection is not None and (config.force_toklen is not None or "token_length" in projection.config):
+        projection.register_to_config(token_length=config.force_toklen)
 
 
 def _ema_writer(ema, trainable, unet):

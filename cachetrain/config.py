@@ -37,7 +37,8 @@ def _flag(default: Any = None, help: str = "", **argparse_kwargs: Any):
 class TrainConfig:
     # what to train, on what, and where to write
     pretrained_model: str = _flag(None, "diffusers folder or hub id of the model to fine-tune", required=True)
-    is_custom: bool = _flag(False, "the model folder carries its own pipeline code (trust it)")
+    is_custom: bool = _flag(False, "the model folder carries its own pipeline code (trust it); also --custom",
+                            aliases=("--custom",))
     train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable", nargs="+", action="extend", required=True)
     output_dir: str = _flag("output", "where checkpoints, samples, logs and the final model go")
     copy_config: str | None = _flag(None, "a settings file (e.g. the wrapper script) archived into output_dir")
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         meta = dict(item.metadata)
         flag = "--" + item.name
         if item.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"])
+            parser.add_argument(flag, *meta.get("aliases", ()), action="store_true", help=meta["help"])
             continue
         kwargs = {"help": meta.pop("help")}
         kwargs.update(meta)

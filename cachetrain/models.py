@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import pipeline_code
 from .sidecar import config_fingerprint
 
 # The hub repositories our defaults and examples name: kept here alone, so a moved repository is one edit.
@@ -142,6 +143,36 @@ def load_pipeline_around(model: str, unet: torch.nn.Module, is_custom: bool = Fa
     extra: dict[str, Any] = {}
     if "safety_checker" in index:
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    code = pipeline_code.read_folder_code(model) if os.path.isdir(model) else None
+    if code is not None and code.carries_code:  # a hub-style folder: its classes come from its own files
+        pipeline_code.require_trust(code, is_custom, "--is_custom")
+        return pipeline_code.load_pipeline_with_its_code(code, unet=unet, **extra)
     if is_custom:
         extra["trust_remote_code"] = True
     return DiffusionPipeline.from_pretrained(model, unet=unet, **extra)
+
+
+def folder_code_problem(model: str, trusted: bool, flag: str = "--is_custom") -> str | None:
+    """Why ``model``'s own code cannot be loaded, or may not be run (not trusted with ``flag``), if so.
+
+    Checked before any work: a hub-style folder whose pipeline.py is missing or broken, or that was not
+    trusted, would otherwise fail only when the first checkpoint is saved. Untrusted code is only read.
+    """
+    if not os.path.isfile(os.path.join(model, pipeline_code.MODEL_INDEX_FILE)):
+        return None  # a hub id, or no pipeline folder: the loaders say so in their own words
+    from . import t5  # noqa: F401  (names our pipeline classes on diffusers: they need no pipeline.py)
+
+    try:
+        code = pipeline_code.read_folder_code(model)
+        pipeline_code.require_trust(code, trusted, flag)
+        for entry in code.entries:  # trusted: import each file now, so one that fails as it runs stops us here
+            pipeline_code.load_class(entry)
+    except pipeline_code.FolderCodeError as error:
+        return str(error)
+    return None
+
+
+def put_folder_code_back(source: str, saved: os.PathLike | str) -> bool:
+    """A pipeline saved from the hub-style folder ``source`` gets its code files back (diffusers' save drops
+    them), so it loads as the source did: ``from_pretrained(saved, custom_pipeline=saved, trust_remote_code=True)``."""
+    return pipeline_code.put_code_back(source, saved)

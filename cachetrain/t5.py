@@ -33,6 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import pipeline_code
 from .text_encoding import encode_t5_prompts, pad_text_embeddings
 
 PROJECTION_SUBFOLDER = "t5_projection"
@@ -224,41 +225,69 @@ def check_tokenizer_vocabulary(tokenizer, where: str) -> None:
                          "(spiece.model or tokenizer.json) is missing")
 
 
+def _folder_code(model: str, trust_remote_code: bool) -> pipeline_code.FolderCode | None:
+    """The code a local folder carries (checked, and trusted or refused); None for a hub id or a folder
+    of parts without model_index.json."""
+    if not os.path.isfile(os.path.join(model, pipeline_code.MODEL_INDEX_FILE)):
+        return None
+    code = pipeline_code.read_folder_code(model)
+    pipeline_code.require_trust(code, trust_remote_code, "--custom")
+    return code
+
+
 def projection_class(model: str, trust_remote_code: bool = False) -> type:
     """The class that loads ``model``'s t5_projection/: T5Projection, or the folder's own code.
 
     A folder published with its own code names, in model_index.json, a module file beside the
     projection's weights. That code runs only when the caller trusts the folder (``--custom``).
     """
-    try:
-        index = DiffusionPipeline.load_config(model)
-    except (OSError, ValueError):  # no model_index.json: the parts alone, ours by default
-        return T5Projection
-    library, class_name = index.get(PROJECTION_SUBFOLDER, (__name__, T5Projection.__name__))[:2]
-    if library in (__name__, "cachetrain") and class_name == T5Projection.__name__:
-        return T5Projection
-    code = os.path.join(model, PROJECTION_SUBFOLDER, f"{library}.py")
-    if not os.path.isfile(code):
-        raise ValueError(f"{model}: its {PROJECTION_SUBFOLDER} is a {library}.{class_name}, which cachetrain "
-                         "does not know and the folder carries no code for")
-    if not trust_remote_code:
-        raise ValueError(f"{model} carries its own code for {PROJECTION_SUBFOLDER} ({PROJECTION_SUBFOLDER}/"
-                         f"{library}.py); run it only if you trust the folder, with --custom {model}")
-    from diffusers.utils.dynamic_modules_utils import get_class_from_dynamic_module
+    code = _folder_code(model, trust_remote_code)
+    entry = code.component(PROJECTION_SUBFOLDER) if code is not None else None
+    if entry is not None:
+        return pipeline_code.load_class(entry)
+    if code is None:  # a hub id (ours is the only projection that loads without its files at hand), or parts
+        try:
+            index = DiffusionPipeline.load_config(model)
+        except (OSError, ValueError):  # no model_index.json: the parts alone, ours by default
+            return T5Projection
+        library, class_name = index.get(PROJECTION_SUBFOLDER, (__name__, T5Projection.__name__))[:2]
+        if library not in (__name__, "cachetrain") or class_name != T5Projection.__name__:
+            raise ValueError(f"{model}: its {PROJECTION_SUBFOLDER} is a {library}.{class_name}, which cachetrain "
+                             "does not know; download the folder and pass its path")
+    return T5Projection
 
-    return get_class_from_dynamic_module(os.path.join(model, PROJECTION_SUBFOLDER), module_file=f"{library}.py",
-                                         class_name=class_name, trust_remote_code=True)
+
+def _text_parts_of_pipeline(code: pipeline_code.FolderCode, dtype: torch.dtype):
+    """(tokenizer, text encoder, projection) of a folder that does not store its T5: its pipeline's code
+    names the encoder (a hub id or a path), so the pipeline is loaded through that code and its text
+    parts are kept."""
+    pipeline = pipeline_code.load_pipeline_with_its_code(code, torch_dtype=dtype)
+    parts = {name: getattr(pipeline, name, None) for name in TEXT_PART_SUBFOLDERS}
+    missing = [name for name, part in parts.items() if part is None]
+    if missing:
+        raise pipeline_code.FolderCodeError(f"{code.pipeline.path}: its pipeline has no {', '.join(missing)}, and "
+                                            f"{code.folder} stores none")
+    text_encoder, projection = (part if part.dtype == dtype else part.to(dtype)
+                                for part in (parts["text_encoder"], parts[PROJECTION_SUBFOLDER]))
+    return parts["tokenizer"], text_encoder, projection
 
 
 def load_t5_text_parts(model: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(tokenizer, text encoder, projection) of a T5 pipeline folder or hub id; nothing else is loaded.
+    """(tokenizer, text encoder, projection) of a T5 pipeline folder or hub id; nothing else is loaded,
+    except from a folder that stores no T5 of its own (its pipeline code names one): then the whole
+    pipeline is loaded through that code, and only its text parts kept.
 
-    ``trust_remote_code``: the folder may carry its own projection code, and it is run.
+    ``trust_remote_code``: the folder may carry its own code (pipeline.py, a projection module), and it is run.
     """
     from transformers import AutoTokenizer, T5EncoderModel
 
+    code = _folder_code(model, trust_remote_code)
     if os.path.isdir(model):
         missing = [name for name in TEXT_PART_SUBFOLDERS if not os.path.isdir(os.path.join(model, name))]
+        if missing and code is not None and code.pipeline is not None and PROJECTION_SUBFOLDER not in missing:
+            tokenizer, text_encoder, projection = _text_parts_of_pipeline(code, dtype)
+            check_tokenizer_vocabulary(tokenizer, f"the T5 tokenizer {code.pipeline.path} loads")
+            return tokenizer, text_encoder, projection
         if missing:
             raise FileNotFoundError(f"{model} is not a T5 pipeline folder: no {', '.join(missing)} subfolder "
                                     "(build one with assemble_t5_pipeline.py)")

@@ -83,14 +83,17 @@ class T5EmbeddingBuilder(TextEmbeddingBuilder):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(None, T5_SUFFIX, "Cache T5 + projection embeddings of the captions beside "
-                          "each image (only the tokenizer, text encoder and projection are loaded).")
-    parser.add_argument("--custom", default=None, metavar="FOLDER",
-                        help="take the text parts from this pipeline folder and run the projection code it "
-                             "carries (only for folders you trust); overrides --model")
+                          "each image (only the tokenizer, text encoder and projection are loaded). This script "
+                          "exists for custom pipelines: it implies --custom, so the code a --model folder "
+                          "carries (pipeline.py, its projection's module) is run; use it on folders you trust.")
+    parser.add_argument("--custom", nargs="?", const=True, default=None, metavar="FOLDER",
+                        help="implied: --model is a custom pipeline and its own code is run; a bare --custom "
+                             "(the original's spelling) changes nothing, --custom FOLDER takes the text parts "
+                             "from FOLDER instead of --model")
     parser.add_argument("--max_length", type=int, default=None,
                         help="tokens kept per caption, end token included (default: the tokenizer's limit)")
     args = parser.parse_args(argv)
-    model = args.custom or args.model
+    model = args.custom if isinstance(args.custom, str) else args.model
     if not model:
         parser.error("--model is required: a T5 pipeline folder or hub id (see assemble_t5_pipeline.py)")
     if args.max_length is not None and args.max_length < 2:
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: T5 overflows in float16; use --dtype bfloat16 or float32", file=sys.stderr)
         return 2
     try:
-        tokenizer, text_encoder, projection = load_t5_text_parts(model, dtype, trust_remote_code=bool(args.custom))
+        # trusted always: this script exists for custom pipelines (as the original, it implies --custom)
+        tokenizer, text_encoder, projection = load_t5_text_parts(model, dtype, trust_remote_code=True)
     except (OSError, ValueError) as error:
         print(f"error: could not load the T5 parts of {model}: {error}", file=sys.stderr)
         return 2

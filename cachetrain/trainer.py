@@ -193,7 +193,7 @@ class TrainingRun:
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.output_dir = Path(config.output_dir)
-        problem = scale_problem(config)
+        problem = scale_problem(config) or models.folder_code_problem(config.pretrained_model, config.is_custom)
         if problem:
             raise TrainingError(problem)
         self.resume_from = _resolve_resume(config, self.output_dir)

@@ -252,18 +252,27 @@ def custom_code_folder(tiny_t5_model, tmp_path):
     return folder
 
 
-def test_a_folders_own_projection_code_runs_only_with_custom(custom_code_folder, t5_cached_template, tmp_path,
-                                                             capsys):
+@pytest.mark.parametrize("custom_flag", [[], ["--custom"], ["--custom", "FOLDER"]],
+                         ids=["implied", "bare --custom", "--custom FOLDER"])
+def test_the_t5_cache_runs_a_folders_own_projection_code_as_custom_is_implied(custom_code_folder, t5_cached_template,
+                                                                              tmp_path, custom_flag):
     from cachetrain.t5_cache import main
 
     root = tmp_path / "data"
     shutil.copytree(t5_cached_template, root)
-    assert main(cache_args(custom_code_folder, root, "--overwrite")) == 2
-    assert "carries its own code for t5_projection (t5_projection/doubling.py)" in capsys.readouterr().err
-    assert main(cache_args(custom_code_folder, root, "--overwrite")[2:] + ["--custom", str(custom_code_folder)]) == 0
+    flags = [str(custom_code_folder) if flag == "FOLDER" else flag for flag in custom_flag]
+    model = "no/such-model" if "FOLDER" in custom_flag else custom_code_folder  # --custom FOLDER wins over --model
+    assert main(cache_args(model, root, "--overwrite", *flags)) == 0
     caption = captions_of(root)[0]
     torch.testing.assert_close(sidecar.read_sidecar(text_sidecar(caption), "emb"),
                                2 * sidecar.read_sidecar(text_sidecar(t5_cached_template / caption.relative_to(root)), "emb"))
+
+
+def test_a_folders_own_projection_code_is_not_run_by_other_loaders_without_trust(custom_code_folder):
+    from cachetrain.t5 import load_t5_text_parts
+
+    with pytest.raises(ValueError, match=r"t5_projection/doubling.py\); add --custom"):
+        load_t5_text_parts(str(custom_code_folder))
 
 
 def test_a_trusted_folders_projection_code_survives_a_save_and_reload(custom_code_folder, tmp_path):
