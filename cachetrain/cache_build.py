@@ -22,6 +22,7 @@ kept on purpose. Sources skipped on request (``--min_size``) do not count agains
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -37,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from .shards import effective_shard, parse_shard, per_process_path, take_shard
-from .sidecar import (CAPTION_EXTENSION, Freshness, SidecarError, check_freshness, sidecar_path, update_metadata,
-                      write_sidecar)
+from .sidecar import (CAPTION_EXTENSION, Freshness, SidecarError, check_freshness, holds_sidecar_start, sidecar_path,
+                      update_metadata, write_sidecar)
 from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
 FAILURES_SHOWN = 5  # in the summary
@@ -121,8 +122,13 @@ class CacheSummary:
         if self.report_path:
             # One write() per line in append mode: lines from concurrent processes never interleave.
             line = json.dumps({"path": path, "status": status, "kind": kind, "reason": reason}) + "\n"
-            with open(self.report_path, "a", encoding="utf-8") as report:
-                report.write(line)
+            try:
+                with open(self.report_path, "a", encoding="utf-8") as report:
+                    report.write(line)
+            except OSError as error:  # the report is a copy of what is counted here: the run goes on
+                if not self.counts["report_lines_lost"]:
+                    tqdm.write(f"[cache] cannot add to the report {self.report_path}: {error}", file=sys.stderr)
+                self.counts["report_lines_lost"] += 1
 
     @property
     def ok(self) -> bool:
@@ -147,9 +153,15 @@ class CacheSummary:
                         if c["time_not_stored"] else "")
             lines.append(f"fresh by content {c['retimed']}: new modification time, same bytes (the new time is "
                          f"stored in the sidecar{unstored})")
-        if c["orphans"] or c["temporaries"]:
-            lines.append(f"orphan sidecars (source gone) {c['orphans']}, leftover temporaries {c['temporaries']}, "
-                         f"removed {c['pruned']}" + ("" if c["pruned"] else " (use --prune to remove)"))
+        if c["orphans"]:
+            lines.append(f"orphan sidecars (source gone) {c['orphans']}, removed {c['pruned']}"
+                         + ("" if c["pruned"] else " (use --prune to remove)"))
+        if c["temporaries"]:
+            kept = c["temporaries"] - c["temporaries_removed"]
+            lines.append(f"leftover temporaries of killed writers {c['temporaries']}, removed "
+                         f"{c['temporaries_removed']}" + (f" ({kept} could not be removed)" if kept else ""))
+        if c["report_lines_lost"]:
+            lines.append(f"report lines that could not be written to {self.report_path}: {c['report_lines_lost']}")
         if self.failure_kinds:
             lines.append("problems: " + ", ".join(f"{k} {v}" for k, v in sorted(self.failure_kinds.items())))
         if self.notes:
@@ -303,28 +315,60 @@ def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, sum
 
 
 def handle_orphans(orphans: list[str], temporaries: list[str], prune: bool, summary: CacheSummary) -> None:
-    """Report sidecars whose source is gone and temporaries of killed writers; remove them if asked."""
+    """Report sidecars whose source is gone (removed only with --prune), and remove what killed writers left.
+
+    A temporary is taken for a killed writer's only when its name is exactly a writer's (ours or
+    safetensors' own ``.tmpXXXXXX``), it is older than a live writer ever holds one, and its bytes
+    are empty or a safetensors file's start: a user's file never matches all three. Those are removed
+    by every run (they are never anyone's data) and counted in the summary.
+    """
     summary.count("orphans", len(orphans))
     for orphan in orphans[:FAILURES_SHOWN]:
         tqdm.write(f"[cache] orphan sidecar (source gone): {orphan}", file=sys.stderr)
     for orphan in orphans:
         summary.report_orphan(orphan, removed=prune)
-    now = time.time()
-    abandoned = []
-    for temporary in temporaries:
-        try:
-            if now - os.stat(temporary).st_mtime > TEMPORARY_GRACE_SECONDS:
-                abandoned.append(temporary)
-        except FileNotFoundError:  # a live writer renamed it meanwhile
-            pass
-    summary.count("temporaries", len(abandoned))
     if prune:
-        for path in orphans + abandoned:
+        for path in orphans:
             try:
                 os.unlink(path)
                 summary.count("pruned")
             except FileNotFoundError:
                 pass
+            except OSError as error:  # a read-only cache: the orphan stays, and the summary says why
+                summary.fail(path, write_problem_kind(error), f"could not remove the orphan: {error}")
+    now = time.time()
+    for temporary in temporaries:
+        try:
+            if now - os.stat(temporary).st_mtime <= TEMPORARY_GRACE_SECONDS or not holds_sidecar_start(temporary):
+                continue
+        except FileNotFoundError:  # a live writer renamed it meanwhile
+            continue
+        summary.count("temporaries")
+        try:
+            os.unlink(temporary)
+            summary.count("temporaries_removed")
+        except FileNotFoundError:
+            summary.count("temporaries_removed")
+        except OSError as error:
+            tqdm.write(f"[cache] cannot remove the leftover temporary {temporary}: {error}", file=sys.stderr)
+
+
+def write_problem_kind(error: BaseException) -> str:
+    """The kind a failed write is counted under in the summary."""
+    if isinstance(error, OSError):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "disk full"
+        if error.errno == errno.EROFS:
+            return "read-only"
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+    return "write failed"
+
+
+def write_problem(target: str, error: BaseException) -> tuple[str, str]:
+    """(kind, reason) of a sidecar that could not be written: disk full, read-only, safetensors' own error..."""
+    detail = str(error) if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
+    return write_problem_kind(error), f"could not write {os.path.basename(target)}: {detail}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,25 +384,26 @@ class BackgroundWriter:
 
     def __init__(self, summary: CacheSummary, max_pending: int = 64):
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sidecar-writer")
-        self._pending: list[tuple[str, Future]] = []
+        self._pending: list[tuple[str, str, Future]] = []
         self._summary = summary
         self._max_pending = max_pending
 
     def submit(self, target: str, item: EncodedItem) -> None:
-        self._pending.append((item.source, self._pool.submit(write_sidecar, target, item.tensors, item.metadata)))
+        self._pending.append((item.source, target, self._pool.submit(write_sidecar, target, item.tensors, item.metadata)))
         if len(self._pending) >= self._max_pending:
             self._collect(wait_for=len(self._pending) // 2)
 
     def _collect(self, wait_for: int) -> None:
         done, self._pending = self._pending[:wait_for], self._pending[wait_for:]
-        for source, future in done:
+        for source, target, future in done:
             try:
                 future.result()
-                self._summary.count("written")
-                if self._summary.progress is not None:
-                    self._summary.progress.update(1)
-            except OSError as error:
-                self._summary.fail(source, "write failed", f"could not write sidecar: {error}")
+            except Exception as error:  # disk full, read-only, safetensors' own error: counted, never fatal
+                self._summary.fail(source, *write_problem(target, error))
+                continue
+            self._summary.count("written")
+            if self._summary.progress is not None:
+                self._summary.progress.update(1)
 
     def close(self) -> None:
         self._collect(wait_for=len(self._pending))
@@ -435,9 +480,15 @@ def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> C
     for root in args.data_root:
         if not os.path.isdir(root):
             raise ValueError(f"--data_root {root}: no such folder")
+    report_path = per_process_path(args.report)
+    if report_path:
+        try:
+            open(report_path, "a").close()
+        except OSError as error:
+            raise ValueError(f"--report {report_path}: cannot write it ({error.strerror or error})") from None
     shard_index, shard_count = effective_shard(parse_shard(args.shard))
     return CacheSettings(data_roots=args.data_root, out_suffix=args.out_suffix, extensions=extensions,
                          batch_size=args.batch_size, overwrite=args.overwrite, num_workers=num_workers,
                          shard_index=shard_index, shard_count=shard_count,
-                         report_path=per_process_path(args.report), show_progress=not args.no_progress,
+                         report_path=report_path, show_progress=not args.no_progress,
                          prune=args.prune)

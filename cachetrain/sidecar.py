@@ -12,14 +12,15 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
+
+from .atomic import TEMP_MARKER, write_atomically
 
 FORMAT_VERSION = "1"
 
@@ -32,9 +33,11 @@ CLIP_L_SUFFIX = ".txt_clipl"
 T5_SUFFIX = ".txt_t5cache"
 
 CAPTION_EXTENSION = ".txt"
-TEMP_MARKER = ".partial-"
-# exactly what write_sidecar makes: "." + the sidecar's name + ".partial-" + 8 hex digits
+# exactly what write_sidecar makes (atomic.temporary_name): "." + the sidecar's name + ".partial-" + 8 hex digits
 TEMPORARY_NAME = re.compile(r"^\..+\.partial-[0-9a-f]{8}$")
+# exactly what safetensors' own save_file makes beside its target (Rust's tempfile crate: ".tmp" and six
+# letters or digits); older writers, the original scripts among them, leave these when killed
+SAFETENSORS_TEMPORARY_NAME = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
 
 def _file_mode() -> int:
@@ -100,30 +103,48 @@ def read_caption(image_path: str) -> str:
 
 
 def is_temporary(name: str) -> bool:
-    """True for the temporary names write_sidecar uses (left behind only by a killed writer).
+    """True for a name that a sidecar writer's temporary has: ours, or safetensors' own ``.tmpXXXXXX``.
 
-    Matched exactly, so a user's file that merely contains ".partial-" is never taken for one.
+    Matched exactly, so a user's file that merely contains ".partial-" is never taken for one; a
+    safetensors-style name is short enough that a user could have chosen it, so cleanup also asks
+    ``holds_sidecar_start`` before it removes such a file.
     """
-    return TEMPORARY_NAME.match(name) is not None
+    return TEMPORARY_NAME.match(name) is not None or SAFETENSORS_TEMPORARY_NAME.match(name) is not None
+
+
+def holds_sidecar_start(path: os.PathLike | str) -> bool:
+    """True when the file is empty or begins as a safetensors file does (8-byte header length, then '{').
+
+    What a writer killed mid-write leaves; any other content under a temporary's name is a user's file.
+    """
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(9)
+    except OSError:
+        return False
+    if not start:
+        return True
+    return len(start) == 9 and start[8:9] == b"{" and int.from_bytes(start[:8], "little") <= MAX_HEADER_BYTES
 
 
 def write_sidecar(path: os.PathLike | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write ``tensors`` with ``metadata`` to ``path`` atomically.
 
-    The file is written under a temporary name in the same folder and renamed over ``path``, so a
-    reader (or a rerun after SIGKILL) sees either the old file, the new one, or none: never half.
+    Serialized to bytes here and written once, under our own temporary name, then renamed over ``path``
+    (safetensors' save_file would add a temporary and a rename of its own). A reader, or a rerun after
+    SIGKILL, sees the old file, the new one, or none: never half.
+
+    No fsync per file: a cache is millions of small files and a sync each would cost a disk round trip
+    per file. A process killed mid-write leaves only a temporary (cleaned by the next run); a machine
+    that loses power may leave a renamed file whose data never reached the disk, and the next run's
+    header and length check (``read_metadata``) finds it unreadable and rebuilds it.
+
+    Raises OSError when the file cannot be written (disk full, read-only folder) and ValueError (or
+    safetensors' own error) when the tensors cannot be serialized; the old file is untouched either way.
     """
-    path = Path(path)
     metadata = {"cachetrain_format": FORMAT_VERSION, **{k: str(v) for k, v in metadata.items()}}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    temporary = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(path, serialize(tensors, metadata=metadata), mode=FILE_MODE, fsync=False)
 
 
 # A header larger than this is not one of ours (ours are a few hundred bytes); refuse to read it.

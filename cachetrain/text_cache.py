@@ -28,7 +28,7 @@ import torch
 from . import models
 from .cli import ArgumentParser
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
-                          settings_from_args)
+                          settings_from_args, write_problem)
 from .shards import agree_on_exit_status, process_device
 from .sidecar import (TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
                       empty_prompt_path, read_caption, write_sidecar)
@@ -105,13 +105,18 @@ class TextEmbeddingBuilder:
                 metadata = {**self.settings_metadata(), **caption_source_identity(caption), "encoder": self.model_name}
                 yield EncodedItem(source, {TEXT_EMBEDDING_KEY: emb.clone()}, metadata)
 
-    def write_empty_prompt(self, data_root: str, suffix: str, overwrite: bool) -> None:
+    def write_empty_prompt(self, data_root: str, suffix: str, overwrite: bool, summary: CacheSummary) -> None:
+        """The root's empty-prompt sidecar, unless a fresh one is there; a write that fails is counted in
+        ``summary`` like any other sidecar's (the trainer then refuses caption dropout on this root)."""
         target = empty_prompt_path(data_root, suffix)
         expected = {**self.settings_metadata(), **caption_source_identity("")}
         if not overwrite and check_freshness(target, expected).status == "fresh":
             return
         emb = self.embed([""])[0].to(self.save_dtype)
-        write_sidecar(target, {TEXT_EMBEDDING_KEY: emb}, {**expected, "encoder": self.model_name})
+        try:
+            write_sidecar(target, {TEXT_EMBEDDING_KEY: emb}, {**expected, "encoder": self.model_name})
+        except Exception as error:  # disk full, read-only root, safetensors' own error
+            summary.fail(str(target), *write_problem(str(target), error))
 
 
 def build_parser(default_model: str, default_suffix: str, description: str) -> argparse.ArgumentParser:
@@ -158,6 +163,6 @@ def run_text_cache(builder: TextEmbeddingBuilder, args: argparse.Namespace) -> i
     summary = run_cache_build(builder, settings)
     if settings.shard_index == 0:
         for root in args.data_root:
-            builder.write_empty_prompt(root, args.out_suffix, args.overwrite)
+            builder.write_empty_prompt(root, args.out_suffix, args.overwrite, summary)
     print(summary.render(), file=sys.stderr)
     return agree_on_exit_status(summary.exit_status())
