@@ -2,6 +2,10 @@
 
     python -m cachetrain.inspect DIR... [--suffix .img_sdvae ...] [--json]
 
+Exit status: 0 when every sidecar found can be trained on; 1 when any is unreadable, holds NaN/Inf or
+has an odd shape (see ``broken_count``); 2 for a folder that is not there. Stale sidecars and orphans
+are reported but do not change the status: the cache scripts rebuild or prune them.
+
 Freshness is judged without loading any encoder: each sidecar's recorded source identity (size and
 mtime of its image, sha256 of its caption) is compared with the source file as it is now. A sidecar
 whose source is gone is an orphan. Whether the encoder has changed cannot be judged this way, so the
@@ -274,6 +278,12 @@ def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_prog
             "suffixes": {suffix: report.as_dict() for suffix, report in reports.items() if report.count}}
 
 
+def broken_count(result: dict) -> int:
+    """How many sidecars the report found that training cannot use: unreadable, NaN/Inf or an odd shape."""
+    return sum(report["status"]["unreadable"] + report["non_finite_count"] + len(report["odd_shape_files"])
+               for report in result["suffixes"].values())
+
+
 def _numbers(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
@@ -324,7 +334,10 @@ def render_text(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m cachetrain.inspect",
-                                     description="Report what a cache of sidecars holds, without loading encoders.")
+                            description="Report what a cache of sidecars holds, without loading encoders.",
+                            epilog="Exit status: 0 when every sidecar can be trained on; 1 when any is unreadable, "
+                                   "holds NaN/Inf or has an odd shape (stale ones and orphans are reported, not "
+                                   "counted: the cache scripts rebuild or prune them); 2 for a folder not found.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders to walk")
     parser.add_argument("--suffix", nargs="+", action="extend", default=None,
                         help=f"sidecar suffixes to take (default: {' '.join(KNOWN_SUFFIXES)})")
@@ -344,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else render_text(result))
-    return 0
+    broken = broken_count(result)
+    if broken:
+        print(f"{broken} sidecars cannot be trained on (unreadable, NaN/Inf or an odd shape)", file=sys.stderr)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":
