@@ -467,6 +467,32 @@ def add_common_cache_flags(parser, default_batch: int) -> None:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
 
 
+# What a bare --custom leaves in args.custom: "--model is itself the custom pipeline folder".
+CUSTOM_IS_MODEL = True
+
+
+def add_custom_flag(parser, parts: str) -> None:
+    """--custom as the seed's users type it: bare, ``--model`` is a custom pipeline folder; with a folder, that one."""
+    parser.add_argument("--custom", nargs="?", const=CUSTOM_IS_MODEL, default=None, metavar="FOLDER",
+                        help=f"the model is a custom pipeline folder (such as an SD1.5+T5 pipeline): take its "
+                             f"{parts} from it. Bare --custom means --model is that folder; --custom FOLDER takes "
+                             f"them from FOLDER instead of --model")
+
+
+def custom_model_source(args, needed_subfolders: tuple[str, ...]) -> str:
+    """The folder or hub id the parts come from (--custom FOLDER wins over --model); checks a local custom
+    folder holds ``needed_subfolders`` and raises ValueError naming the flag otherwise."""
+    if args.custom is None:
+        return args.model
+    folder, flag = (args.model, "--model") if args.custom is CUSTOM_IS_MODEL else (args.custom, "--custom")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder}: --custom wants a pipeline folder, and this is none")
+    for subfolder in needed_subfolders:
+        if not os.path.isdir(os.path.join(folder, subfolder)):
+            raise ValueError(f"{flag} {folder}: no {subfolder}/ folder in it")
+    return folder
+
+
 def default_encoder_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (fast, no fp16 overflow), fp32 on CPU (bf16 has no fast CPU kernels)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import models
 from .cli import ArgumentParser
-from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
-                          settings_from_args)
+from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, add_custom_flag, custom_model_source,
+                          default_encoder_dtype, run_cache_build, settings_from_args)
 from .images import CONVERSION_REASONS, ImageRejected, load_image, read_image_file
 from .shards import agree_on_exit_status, process_device
 from .sidecar import IMAGE_LATENT_KEY, content_digest, file_content_digest, image_source_identity
@@ -182,9 +182,7 @@ def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
     parser = ArgumentParser(description=defaults.description)
     parser.add_argument("--model", default=defaults.model,
                         help=f"diffusers folder or hub id holding the VAE in vae/ (default {defaults.model})")
-    parser.add_argument("--custom", default=None, metavar="FOLDER",
-                        help="take the VAE from this custom pipeline folder's vae/ (such as an SD1.5+T5 "
-                             "pipeline) instead of --model; the pipeline's own code is not loaded")
+    add_custom_flag(parser, "VAE (vae/; only the VAE is loaded, so none of the pipeline's code runs)")
     parser.add_argument("--out_suffix", default=defaults.out_suffix,
                         help=f"sidecar suffix: x.jpg -> x{defaults.out_suffix}")
     parser.add_argument("--resolution", type=int, default=512, help="square side the images are resized and cropped to")
@@ -196,15 +194,6 @@ def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
     return parser
 
 
-def vae_source(args: argparse.Namespace) -> str:
-    """The folder or hub id to load vae/ from: --custom wins over --model."""
-    if args.custom is None:
-        return args.model
-    if not os.path.isdir(os.path.join(args.custom, "vae")):
-        raise ValueError(f"--custom {args.custom}: no vae/ folder in it")
-    return args.custom
-
-
 def main(argv: list[str] | None, defaults: ImageScriptDefaults) -> int:
     args = build_parser(defaults).parse_args(argv)
     device = process_device(args.device)
@@ -212,7 +201,7 @@ def main(argv: list[str] | None, defaults: ImageScriptDefaults) -> int:
         dtype = models.parse_dtype(args.dtype) if args.dtype else default_encoder_dtype(device)
         save_dtype = models.parse_dtype(args.save_dtype)
         settings = settings_from_args(args, normalize_extensions(args.extensions), args.num_workers)
-        model = vae_source(args)
+        model = custom_model_source(args, (defaults.vae_subfolder,))
         vae = models.load_vae(model, subfolder=defaults.vae_subfolder, dtype=torch.float32)
         builder = ImageLatentBuilder(vae=vae, model_name=models.model_name(model), resolution=args.resolution,
                                      device=device, dtype=dtype, save_dtype=save_dtype,

@@ -27,8 +27,8 @@ import torch
 
 from . import models
 from .cli import ArgumentParser
-from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
-                          settings_from_args, write_problem)
+from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, add_custom_flag, custom_model_source,
+                          default_encoder_dtype, run_cache_build, settings_from_args, write_problem)
 from .shards import agree_on_exit_status, process_device
 from .sidecar import (TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
                       empty_prompt_path, read_caption, write_sidecar)
@@ -139,15 +139,21 @@ def encoder_device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, to
 def main_clip(argv: list[str] | None = None) -> int:
     parser = build_parser(models.SD15_MODEL_ID, ".txt_clipl",
                           "Cache CLIP-L text embeddings of the captions beside each image.")
+    add_custom_flag(parser, "tokenizer/ and text_encoder/ (standard CLIP parts, so none of the pipeline's code runs)")
     args = parser.parse_args(argv)
     device, dtype = encoder_device_and_dtype(args)
     try:
-        tokenizer, text_encoder = models.load_clip_text_encoder(args.model, torch.float32)
+        model = custom_model_source(args, ("tokenizer", "text_encoder"))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        tokenizer, text_encoder = models.load_clip_text_encoder(model, torch.float32)
     except (OSError, ValueError) as error:
-        print(f"error: could not load the CLIP tokenizer and text encoder of {args.model}: {error}", file=sys.stderr)
+        print(f"error: could not load the CLIP tokenizer and text encoder of {model}: {error}", file=sys.stderr)
         return 2
     builder = TextEmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder,
-                                   model_name=models.model_name(args.model), device=device, dtype=dtype,
+                                   model_name=models.model_name(model), device=device, dtype=dtype,
                                    save_dtype=models.parse_dtype(args.save_dtype), batch_size=args.batch_size)
     return run_text_cache(builder, args)
 
