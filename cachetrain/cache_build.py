@@ -38,8 +38,9 @@ import torch
 from tqdm import tqdm
 
 from .shards import effective_shard, parse_shard, per_process_path, take_shard
-from .sidecar import (CAPTION_EXTENSION, Freshness, SidecarError, check_freshness, holds_sidecar_start, sidecar_path,
-                      update_metadata, write_sidecar)
+from .atomic import write_atomically
+from .sidecar import (CAPTION_EXTENSION, FILE_MODE, Freshness, SidecarError, check_freshness, holds_sidecar_start,
+                      is_source_image, sidecar_path, update_metadata, write_sidecar)
 from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
 FAILURES_SHOWN = 5  # in the summary
@@ -179,6 +180,26 @@ class EncodedItem:
     source: str
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # written beside the sidecar (previews)
+
+
+class ExtraFileFailed(Exception):
+    """The sidecar was written; a file asked for beside it (a preview) was not."""
+
+    def __init__(self, path: str, cause: BaseException):
+        super().__init__(str(cause))
+        self.path = path
+        self.cause = cause
+
+
+def write_item(target: str, item: EncodedItem) -> None:
+    """The sidecar, then the files beside it (each written once, atomically, without fsync: see write_sidecar)."""
+    write_sidecar(target, item.tensors, item.metadata)
+    for path, data in item.extra_files.items():
+        try:
+            write_atomically(path, data, mode=FILE_MODE, fsync=False)
+        except Exception as error:
+            raise ExtraFileFailed(path, error) from error
 
 
 class CacheBuilder(Protocol):
@@ -227,13 +248,14 @@ def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: st
             raise FileNotFoundError(f"data root not found: {root}")
         for path in walk_files(root, (*extensions, *DEFAULT_IMAGE_EXTENSIONS, out_suffix),
                                temporaries=scan.temporaries, visited=walked):
-            lower = path.lower()
-            if lower.endswith(out_suffix_lower):
+            name = os.path.basename(path)
+            if name.lower().endswith(out_suffix_lower):
                 scan.sidecars.append(path)
-            elif lower.endswith(wanted):
+            elif is_source_image(name, wanted, (out_suffix,)):
                 scan.sources.append(path)
-            else:
+            elif is_source_image(name, DEFAULT_IMAGE_EXTENSIONS + wanted, (out_suffix,)):
                 scan.other_images.append(path)
+            # else a file made from a sidecar (x.img_sdvae.webp): neither a source nor an orphan's source
     return scan
 
 
@@ -389,7 +411,7 @@ class BackgroundWriter:
         self._max_pending = max_pending
 
     def submit(self, target: str, item: EncodedItem) -> None:
-        self._pending.append((item.source, target, self._pool.submit(write_sidecar, target, item.tensors, item.metadata)))
+        self._pending.append((item.source, target, self._pool.submit(write_item, target, item)))
         if len(self._pending) >= self._max_pending:
             self._collect(wait_for=len(self._pending) // 2)
 
@@ -398,6 +420,9 @@ class BackgroundWriter:
         for source, target, future in done:
             try:
                 future.result()
+            except ExtraFileFailed as error:  # the sidecar is there and counts as written
+                self._summary.fail(source, write_problem_kind(error.cause),
+                                   f"sidecar written, but {write_problem(error.path, error.cause)[1]}")
             except Exception as error:  # disk full, read-only, safetensors' own error: counted, never fatal
                 self._summary.fail(source, *write_problem(target, error))
                 continue
@@ -500,9 +525,12 @@ def default_encoder_dtype(device: torch.device) -> torch.dtype:
 
 def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> CacheSettings:
     """The engine's settings from the common flags (the same for every cache script)."""
+    caption_suffix = getattr(args, "caption_suffix", CAPTION_EXTENSION)
     for extension in extensions:
-        if extension in (CAPTION_EXTENSION, args.out_suffix.lower()):
+        if extension in (CAPTION_EXTENSION, caption_suffix.lower(), args.out_suffix.lower()):
             raise ValueError(f"--extensions {extension}: captions and sidecars cannot be sources")
+    if caption_suffix.lower() in ("", args.out_suffix.lower(), *extensions):
+        raise ValueError(f"--caption_suffix {caption_suffix!r}: would name an image or the sidecar itself")
     for root in args.data_root:
         if not os.path.isdir(root):
             raise ValueError(f"--data_root {root}: no such folder")

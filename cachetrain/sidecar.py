@@ -32,7 +32,10 @@ SDXL_VAE_SUFFIX = ".img_sdxl"
 CLIP_L_SUFFIX = ".txt_clipl"
 T5_SUFFIX = ".txt_t5cache"
 
-CAPTION_EXTENSION = ".txt"
+KNOWN_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
+
+CAPTION_EXTENSION = ".txt"  # the default --caption_suffix (the original T5 scripts' captions are .txtqs)
+PREVIEW_EXTENSION = ".webp"  # x.img_sdvae -> x.img_sdvae.webp, as the original's --writepreview names it
 # exactly what write_sidecar makes (atomic.temporary_name): "." + the sidecar's name + ".partial-" + 8 hex digits
 TEMPORARY_NAME = re.compile(r"^\..+\.partial-[0-9a-f]{8}$")
 # exactly what safetensors' own save_file makes beside its target (Rust's tempfile crate: ".tmp" and six
@@ -64,9 +67,26 @@ def sidecar_path(source: os.PathLike | str, suffix: str) -> Path:
     return Path(stem + suffix)
 
 
-def caption_path(image: os.PathLike | str) -> Path:
-    """The caption of ``dir/name.ext`` is ``dir/name.txt``."""
-    return sidecar_path(image, CAPTION_EXTENSION)
+def caption_path(image: os.PathLike | str, caption_suffix: str = CAPTION_EXTENSION) -> Path:
+    """The caption of ``dir/name.ext`` is ``dir/name.txt`` (``dir/name<caption_suffix>``)."""
+    return sidecar_path(image, caption_suffix)
+
+
+def preview_path(sidecar: os.PathLike | str) -> Path:
+    """Where a latent's decoded preview goes: ``x.img_sdvae`` -> ``x.img_sdvae.webp``."""
+    return Path(os.fspath(sidecar) + PREVIEW_EXTENSION)
+
+
+def is_source_image(name: str, extensions: tuple[str, ...], sidecar_suffixes: tuple[str, ...] = ()) -> bool:
+    """The one rule for which files sidecars are made from: an image of ``extensions`` (lower case, with
+    the dot) whose stem does not end with a sidecar suffix. ``x.img_sdvae.webp`` (a preview written
+    beside a sidecar, by us or by the original scripts) is made from a sidecar, never a source of one.
+    """
+    stem, extension = os.path.splitext(name)
+    if extension.lower() not in extensions:
+        return False
+    stem = stem.lower()
+    return not any(stem.endswith(suffix.lower()) for suffix in (*KNOWN_SUFFIXES, *sidecar_suffixes))
 
 
 EMPTY_PROMPT_STEM = ".empty_prompt"
@@ -86,9 +106,9 @@ class CaptionRejected(ValueError):
         self.source_gone = source_gone  # no caption at all: an old text sidecar is an orphan
 
 
-def read_caption(image_path: str) -> str:
+def read_caption(image_path: str, caption_suffix: str = CAPTION_EXTENSION) -> str:
     """The stripped text of the image's caption file; CaptionRejected with the reason if unusable."""
-    path = caption_path(image_path)
+    path = caption_path(image_path, caption_suffix)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
