@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as serialize
 
-from .atomic import TEMP_MARKER, write_atomically
+from .atomic import write_atomically
 
 FORMAT_VERSION = "1"
 
