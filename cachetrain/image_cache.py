@@ -11,10 +11,12 @@ in that precision; bfloat16 and float32 are fine.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +27,8 @@ from . import models
 from .cli import ArgumentParser
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, add_custom_flag, custom_model_source,
                           default_encoder_dtype, run_cache_build, settings_from_args)
-from .images import (CONVERSION_REASONS, ImageRejected, Sizing, load_image, parse_size, read_image_file, size_text,
-                     standard_buckets)
+from .images import (CONVERSION_REASONS, ORIENTATION_TAG, ImageRejected, Sizing, load_image, parse_size,
+                     read_image_file, size_text, standard_buckets)
 from .shards import agree_on_exit_status, process_device
 from .sidecar import (IMAGE_LATENT_KEY, content_digest, file_content_digest, image_source_identity, preview_path,
                       sidecar_path)
@@ -174,6 +176,8 @@ class ImageLatentBuilder:
         return files
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
+        if self.sizing.bucketed:  # one shape per batch, so the VAE runs full batches
+            sources = order_by_bucket(sources, self.sizing)
         decode = ImageDecodeDataset(sources, self.sizing, self.min_size, self.jpeg_draft)
         loader = DataLoader(decode, batch_size=self.batch_size, num_workers=self.num_workers,
                             collate_fn=collate_decoded, pin_memory=self.device.type == "cuda",
@@ -202,6 +206,30 @@ class ImageLatentBuilder:
                         if preview is not None else {}
                     yield EncodedItem(sources[i], {IMAGE_LATENT_KEY: latent.clone()}, {**settings, **size, **identity},
                                       extra_files=extra)
+
+
+# Image headers are read on this many threads when ordering by bucket (each is a round trip on network storage)
+HEADER_THREADS = 8
+
+
+def bucket_of(path: str, sizing: Sizing) -> int:
+    """The position in ``sizing.sizes`` of the image's bucket, from its header alone; -1 if unreadable
+    (the decode then reports why)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(ORIENTATION_TAG, 1) >= 5:
+                width, height = height, width
+        return sizing.sizes.index(sizing.size_for(width, height))
+    except Exception:
+        return -1
+
+
+def order_by_bucket(sources: list[str], sizing: Sizing) -> list[str]:
+    """``sources`` grouped by bucket (stable: walk order within each), so consecutive images share a size."""
+    with ThreadPoolExecutor(max_workers=HEADER_THREADS, thread_name_prefix="image-header") as pool:
+        buckets = list(pool.map(functools.partial(bucket_of, sizing=sizing), sources, chunksize=256))
+    return [source for _, source in sorted(zip(buckets, sources), key=lambda pair: pair[0])]
 
 
 def vae_downscale_factor(vae_config) -> int:

@@ -151,3 +151,20 @@ def test_aspect_buckets_use_the_standard_list_at_the_resolution(capsys, tiny_sd_
     latent = sidecar.read_sidecar(root / "wide.img_sdvae", "latent")
     assert tuple(latent.shape) == (4, 192 // TINY_VAE_FACTOR, 320 // TINY_VAE_FACTOR)
     assert torch.isfinite(latent).all()
+
+
+def test_with_buckets_each_vae_batch_holds_one_shape_and_is_full(capsys, tiny_sd_model, tmp_path, monkeypatch):
+    from cachetrain.image_cache import ImageLatentBuilder
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(12):  # wide, tall and square images interleaved in walk order
+        striped(*[(120, 60), (60, 120), (70, 70)][i % 3]).save(root / f"img{i:02d}.png")
+    shapes = []
+    real_latents_of = ImageLatentBuilder.latents_of
+    monkeypatch.setattr(ImageLatentBuilder, "latents_of",
+                        lambda self, pixels: shapes.append(tuple(pixels.shape)) or real_latents_of(self, pixels))
+    status, counts, _ = run_images(capsys, tiny_sd_model, root, "--buckets", "64x64", "64x32", "32x64",
+                                   "--batch_size", "4")
+    assert status == 0 and counts["written"] == 12
+    assert sorted(shapes) == sorted([(4, 3, 64, 64), (4, 3, 32, 64), (4, 3, 64, 32)])
