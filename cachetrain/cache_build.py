@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from .shards import effective_shard, parse_shard, per_process_path, take_shard
 from .atomic import write_atomically
-from .sidecar import (CAPTION_EXTENSION, FILE_MODE, Freshness, SidecarError, check_freshness, holds_sidecar_start,
-                      is_source_image, sidecar_path, update_metadata, write_sidecar)
+from .sidecar import (CAPTION_EXTENSION, FILE_MODE, Freshness, SidecarError, check_freshness,
+                      is_abandoned_temporary_content, is_source_image, sidecar_path, update_metadata, write_sidecar)
 from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
 FAILURES_SHOWN = 5  # in the summary
@@ -48,6 +48,8 @@ FAILURES_PRINTED = 100  # as they happen; a run over millions of broken files mu
 # Freshness checks run on this many threads, this many files per task.
 PLAN_THREADS = 8
 PLAN_CHUNK = 512
+# This many sidecar writes in a row failing for a full disk stop the run (see BackgroundWriter)
+DISK_FULL_STOP = 32
 # A temporary sidecar this old belongs to a writer that died (a live one renames it within ms).
 TEMPORARY_GRACE_SECONDS = 60.0
 # Problems that remove an input on the user's request (reported and counted, but not a failure).
@@ -82,6 +84,7 @@ class CacheSummary:
     notes: Counter = field(default_factory=Counter)
     failures: list[tuple[str, str]] = field(default_factory=list)  # the first FAILURES_SHOWN
     report_path: str | None = None
+    stop_reason: str = ""  # why the run stopped before encoding everything ("" when it did not)
     started: float = field(default_factory=time.monotonic)
     progress: tqdm | None = None
 
@@ -131,10 +134,16 @@ class CacheSummary:
                     tqdm.write(f"[cache] cannot add to the report {self.report_path}: {error}", file=sys.stderr)
                 self.counts["report_lines_lost"] += 1
 
+    def stop(self, reason: str, not_attempted: int) -> None:
+        """The run stopped before encoding everything (a full disk)."""
+        self.stop_reason = reason
+        self.counts["not_attempted"] += not_attempted
+        tqdm.write(f"[cache] stopped: {reason}; {not_attempted} files not attempted", file=sys.stderr)
+
     @property
     def ok(self) -> bool:
         """True when every input has a usable sidecar (fresh, or legacy kept on purpose)."""
-        return self.counts["failed"] == 0
+        return self.counts["failed"] == 0 and not self.stop_reason
 
     def exit_status(self) -> int:
         return 0 if self.ok else 1
@@ -163,6 +172,9 @@ class CacheSummary:
                          f"{c['temporaries_removed']}" + (f" ({kept} could not be removed)" if kept else ""))
         if c["report_lines_lost"]:
             lines.append(f"report lines that could not be written to {self.report_path}: {c['report_lines_lost']}")
+        if self.stop_reason:
+            lines.append(f"stopped early: {self.stop_reason}; {c['not_attempted']} files not attempted "
+                         "(make room and run again: what was written is kept)")
         if self.failure_kinds:
             lines.append("problems: " + ", ".join(f"{k} {v}" for k, v in sorted(self.failure_kinds.items())))
         if self.notes:
@@ -340,9 +352,10 @@ def handle_orphans(orphans: list[str], temporaries: list[str], prune: bool, summ
     """Report sidecars whose source is gone (removed only with --prune), and remove what killed writers left.
 
     A temporary is taken for a killed writer's only when its name is exactly a writer's (ours or
-    safetensors' own ``.tmpXXXXXX``), it is older than a live writer ever holds one, and its bytes
-    are empty or a safetensors file's start: a user's file never matches all three. Those are removed
-    by every run (they are never anyone's data) and counted in the summary.
+    safetensors' own ``.tmpXXXXXX``), it is older than a live writer ever holds one, and, for the
+    short safetensors-style name a user might also choose, its bytes are empty or a safetensors
+    file's start (``sidecar.is_abandoned_temporary_content``): a user's file never matches. Those are
+    removed by every run (they are never anyone's data) and counted in the summary.
     """
     summary.count("orphans", len(orphans))
     for orphan in orphans[:FAILURES_SHOWN]:
@@ -361,7 +374,8 @@ def handle_orphans(orphans: list[str], temporaries: list[str], prune: bool, summ
     now = time.time()
     for temporary in temporaries:
         try:
-            if now - os.stat(temporary).st_mtime <= TEMPORARY_GRACE_SECONDS or not holds_sidecar_start(temporary):
+            young = now - os.stat(temporary).st_mtime <= TEMPORARY_GRACE_SECONDS
+            if young or not is_abandoned_temporary_content(temporary):
                 continue
         except FileNotFoundError:  # a live writer renamed it meanwhile
             continue
@@ -401,7 +415,8 @@ class BackgroundWriter:
     """Writes sidecars on threads so the encoder does not wait for the disk.
 
     At most ``max_pending`` writes are in flight: a slow disk slows the run rather than filling
-    memory with encoded tensors.
+    memory with encoded tensors. After ``DISK_FULL_STOP`` writes in a row failed for a full disk,
+    ``stop_reason`` says so and the run stops encoding: hours of work would all be thrown away.
     """
 
     def __init__(self, summary: CacheSummary, max_pending: int = 64):
@@ -409,11 +424,18 @@ class BackgroundWriter:
         self._pending: list[tuple[str, str, Future]] = []
         self._summary = summary
         self._max_pending = max_pending
+        self._disk_full_in_a_row = 0
+        self.stop_reason = ""
 
     def submit(self, target: str, item: EncodedItem) -> None:
         self._pending.append((item.source, target, self._pool.submit(write_item, target, item)))
         if len(self._pending) >= self._max_pending:
             self._collect(wait_for=len(self._pending) // 2)
+        else:  # take what is done already, so a full disk is noticed early
+            finished = 0
+            while finished < len(self._pending) and self._pending[finished][2].done():
+                finished += 1
+            self._collect(wait_for=finished)
 
     def _collect(self, wait_for: int) -> None:
         done, self._pending = self._pending[:wait_for], self._pending[wait_for:]
@@ -421,11 +443,19 @@ class BackgroundWriter:
             try:
                 future.result()
             except ExtraFileFailed as error:  # the sidecar is there and counts as written
+                self._summary.count("written")
+                self._summary.count("extra_files_failed")
                 self._summary.fail(source, write_problem_kind(error.cause),
                                    f"sidecar written, but {write_problem(error.path, error.cause)[1]}")
-            except Exception as error:  # disk full, read-only, safetensors' own error: counted, never fatal
-                self._summary.fail(source, *write_problem(target, error))
                 continue
+            except Exception as error:  # disk full, read-only, safetensors' own error: counted, never fatal
+                kind, reason = write_problem(target, error)
+                self._summary.fail(source, kind, reason)
+                self._disk_full_in_a_row = self._disk_full_in_a_row + 1 if kind == "disk full" else 0
+                if self._disk_full_in_a_row >= DISK_FULL_STOP and not self.stop_reason:
+                    self.stop_reason = f"the disk is full ({DISK_FULL_STOP} sidecar writes in a row failed)"
+                continue
+            self._disk_full_in_a_row = 0
             self._summary.count("written")
             if self._summary.progress is not None:
                 self._summary.progress.update(1)
@@ -433,6 +463,12 @@ class BackgroundWriter:
     def close(self) -> None:
         self._collect(wait_for=len(self._pending))
         self._pool.shutdown(wait=True)
+
+
+def handled_count(summary: CacheSummary) -> int:
+    """Inputs with an outcome: written, failed or skipped (a preview that failed beside a written sidecar once)."""
+    c = summary.counts
+    return c["written"] + c["failed"] + c["skipped"] - c["extra_files_failed"]
 
 
 def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSummary:
@@ -452,13 +488,23 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     writer = BackgroundWriter(summary)
     summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
                             disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
+    handled_before = handled_count(summary)
+    encoded = builder.encode(todo, summary)
+    stopped = False
     try:
-        for item in builder.encode(todo, summary):
+        for item in encoded:
             writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
+            if writer.stop_reason:
+                stopped = True
+                break
     finally:
+        if hasattr(encoded, "close"):
+            encoded.close()  # a generator: ends its decode workers when the loop ended early
         writer.close()
         summary.progress.close()
         summary.progress = None
+    if stopped:
+        summary.stop(writer.stop_reason, len(todo) - (handled_count(summary) - handled_before))
     return summary
 
 

@@ -134,6 +134,8 @@ class ImageLatentBuilder:
 
     def __post_init__(self):
         check_vae_precision(self.vae.config, self.dtype)
+        if self.write_preview and not self.out_suffix:
+            raise ValueError("write_preview needs the sidecars' out_suffix (the preview is x<out_suffix>.webp)")
         self.sizing = self.sizing or Sizing.square(self.resolution)
         check_sizes_fit_the_vae(self.sizing, vae_downscale_factor(self.vae.config))
         self.encoder_class, self.fingerprint = models.encoder_identity(self.vae)

@@ -127,9 +127,19 @@ def is_temporary(name: str) -> bool:
 
     Matched exactly, so a user's file that merely contains ".partial-" is never taken for one; a
     safetensors-style name is short enough that a user could have chosen it, so cleanup also asks
-    ``holds_sidecar_start`` before it removes such a file.
+    ``is_abandoned_temporary_content`` before it removes such a file.
     """
     return TEMPORARY_NAME.match(name) is not None or SAFETENSORS_TEMPORARY_NAME.match(name) is not None
+
+
+def is_abandoned_temporary_content(path: os.PathLike | str) -> bool:
+    """Whether a file under a temporary's name may be removed as a killed writer's, judged by its content.
+
+    Our own names (hidden, ".partial-" and 8 hex digits) are only ever ours, whatever they hold (a
+    sidecar or a preview); a safetensors-style ``.tmpXXXXXX`` must also begin as a sidecar does.
+    """
+    name = os.path.basename(os.fspath(path))
+    return TEMPORARY_NAME.match(name) is not None or holds_sidecar_start(path)
 
 
 def holds_sidecar_start(path: os.PathLike | str) -> bool:

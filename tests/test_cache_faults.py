@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from cachetrain import sidecar
 from cachetrain.cache_build import BackgroundWriter, CacheSummary, EncodedItem
 
 from .conftest import REPO_ROOT
+from .test_cache_builders import summary_counts
 
 IMAGES = 48
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -61,6 +63,12 @@ def make_read_only(folder: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
     with pytest.raises(OSError):  # the kernel, not file modes, refuses the write (chmod does not stop root)
         (folder / "probe").write_text("x")
+
+
+def not_attempted(stderr: str) -> int:
+    """The files a run that stopped early left for the next one (0 when it did not stop)."""
+    match = re.search(r"^stopped early: .*; (\d+) files not attempted", stderr, re.M)
+    return int(match.group(1)) if match else 0
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess) -> None:
@@ -111,8 +119,11 @@ def test_a_full_disk_is_counted_the_written_sidecars_stay_and_no_temporary_is_le
         assert result.returncode == 1, result.stderr
         written = sorted((disk / "data").rglob("*.img_sdvae"))
         assert 0 < len(written) < IMAGES
-        assert f"failed {IMAGES - len(written)}," in result.stderr
-        assert f"problems: disk full {IMAGES - len(written)}" in result.stderr
+        counts = summary_counts(result.stderr)
+        failed = counts["failed"]
+        assert counts["written"] == len(written) and f"problems: disk full {failed}\n" in result.stderr
+        # after DISK_FULL_STOP failures in a row the run stops encoding; the rest is counted, not lost
+        assert len(written) + failed + not_attempted(result.stderr) == IMAGES
         assert "[Errno 28] No space left on device" in result.stderr
         for path in written:  # what was written is whole
             assert sidecar.read_sidecar(path, "latent", ndim=3).shape == (4, 16, 16)
@@ -149,3 +160,28 @@ def test_write_problems_are_named_by_their_cause():
     assert write_problem_kind(OSError(errno.EROFS, "ro")) == "read-only"
     assert write_problem_kind(PermissionError(errno.EACCES, "no")) == "permission denied"
     assert write_problem_kind(ValueError("sparse")) == "write failed"
+
+
+def test_a_run_that_keeps_meeting_a_full_disk_stops_encoding_and_says_how_many_files_are_left(
+        tmp_path, tiny_sd_model, shapes_dataset, capsys, monkeypatch):
+    from cachetrain import cache_build
+    from cachetrain.image_cache import main as image_main
+    import create_img_sdvae
+
+    monkeypatch.setattr(cache_build, "DISK_FULL_STOP", 4)  # the real threshold (32) needs a larger dataset
+    with tmpfs(tmp_path / "small", "2m") as disk:
+        shutil.copytree(shapes_dataset, disk / "data")
+        descriptor = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(descriptor, b"\0" * 4096)
+        os.close(descriptor)
+        capsys.readouterr()
+        status = image_main(["--model", str(tiny_sd_model), "--data_root", str(disk / "data"), "--resolution", "64",
+                             "--num_workers", "0", "--batch_size", "1", "--no_progress"], create_img_sdvae.DEFAULTS)
+        err = capsys.readouterr().err
+    assert status == 1
+    assert len([line for line in err.splitlines() if line.startswith("stopped early: the disk is full")]) == 1, err
+    counts = summary_counts(err)
+    assert not_attempted(err) > 0 and counts["failed"] >= 4
+    assert counts["written"] + counts["failed"] + not_attempted(err) == IMAGES

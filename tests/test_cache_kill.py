@@ -54,7 +54,7 @@ def test_sigkill_mid_run_leaves_only_valid_sidecars_and_a_rerun_completes(tmp_pa
     for path in temporaries:
         old = path.stat().st_mtime - 3600
         os.utime(path, (old, old))
-    leftovers = [p for p in temporaries if sidecar.holds_sidecar_start(p)]
+    leftovers = [p for p in temporaries if sidecar.is_abandoned_temporary_content(p)]
     assert len(leftovers) == len(temporaries) - 1
 
     rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)

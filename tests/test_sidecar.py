@@ -109,6 +109,10 @@ def test_temporaries_of_killed_writers_are_told_from_user_files_by_name_and_cont
     users.write_text("my notes")
     assert sidecar.holds_sidecar_start(started) and sidecar.holds_sidecar_start(empty)
     assert not sidecar.holds_sidecar_start(users)
+    assert not sidecar.is_abandoned_temporary_content(users)
+    ours = tmp_path / ".x.img_sdvae.webp.partial-0123abcd"  # our own name: ours whatever it holds (a preview)
+    ours.write_bytes(b"RIFF....WEBP")
+    assert sidecar.is_abandoned_temporary_content(ours) and sidecar.is_abandoned_temporary_content(started)
 
 
 def test_freshness_compares_metadata_with_the_current_source_and_encoder(tmp_path):
