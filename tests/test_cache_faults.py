@@ -59,6 +59,17 @@ def tmpfs(folder: Path, size: str):
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
+def fill(disk: Path, leave_pages: int) -> None:
+    """Fill a tmpfs to its last page, then free ``leave_pages`` pages."""
+    filler = disk / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(descriptor, b"\0" * 4096)
+    os.close(descriptor)
+    os.truncate(filler, filler.stat().st_size - leave_pages * 4096)
+
+
 def make_read_only(folder: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
     with pytest.raises(OSError):  # the kernel, not file modes, refuses the write (chmod does not stop root)
@@ -106,13 +117,7 @@ def test_a_full_disk_is_counted_the_written_sidecars_stay_and_no_temporary_is_le
                                                                                    shapes_dataset):
     with tmpfs(tmp_path / "small", "2m") as disk:
         shutil.copytree(shapes_dataset, disk / "data")
-        filler = disk / "filler"
-        descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the disk to its last page ...
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(descriptor, b"\0" * 4096)
-        os.close(descriptor)
-        os.truncate(filler, filler.stat().st_size - 5 * 4096)  # ... then free five pages: room for a few sidecars
+        fill(disk, leave_pages=5)  # room for a few sidecars
         result = run_script("create_img_sdvae.py", "--model", str(tiny_sd_model), "--data_root", str(disk / "data"),
                             "--resolution", "64", "--num_workers", "0", "--batch_size", "4")
         assert_no_traceback(result)
@@ -171,11 +176,7 @@ def test_a_run_that_keeps_meeting_a_full_disk_stops_encoding_and_says_how_many_f
     monkeypatch.setattr(cache_build, "DISK_FULL_STOP", 4)  # the real threshold (32) needs a larger dataset
     with tmpfs(tmp_path / "small", "2m") as disk:
         shutil.copytree(shapes_dataset, disk / "data")
-        descriptor = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(descriptor, b"\0" * 4096)
-        os.close(descriptor)
+        fill(disk, leave_pages=0)
         capsys.readouterr()
         status = image_main(["--model", str(tiny_sd_model), "--data_root", str(disk / "data"), "--resolution", "64",
                              "--num_workers", "0", "--batch_size", "1", "--no_progress"], create_img_sdvae.DEFAULTS)
