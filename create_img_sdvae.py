@@ -6,8 +6,12 @@ The same implementation as create_img_sdxl.py with SD1.5 defaults (cachetrain.im
 
 import sys
 
-from cachetrain import models
-from cachetrain.image_cache import ImageScriptDefaults, main
+from cachetrain.cli import require_dependencies
+
+require_dependencies()  # before torch is imported: one line, not a traceback
+
+from cachetrain import models  # noqa: E402
+from cachetrain.image_cache import ImageScriptDefaults, main  # noqa: E402
 
 DEFAULTS = ImageScriptDefaults(
     model=models.SD15_MODEL_ID,

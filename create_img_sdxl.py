@@ -7,8 +7,12 @@ from a custom pipeline folder's vae/. The SDXL VAE is refused in float16 (it ove
 
 import sys
 
-from cachetrain import models
-from cachetrain.image_cache import ImageScriptDefaults, main
+from cachetrain.cli import require_dependencies
+
+require_dependencies()  # before torch is imported: one line, not a traceback
+
+from cachetrain import models  # noqa: E402
+from cachetrain.image_cache import ImageScriptDefaults, main  # noqa: E402
 
 DEFAULTS = ImageScriptDefaults(
     model=models.SDXL_MODEL_ID,

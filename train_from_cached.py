@@ -3,7 +3,11 @@
 
 import sys
 
-from cachetrain.trainer import main
+from cachetrain.cli import require_dependencies
+
+require_dependencies()  # before torch is imported: one line, not a traceback
+
+from cachetrain.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

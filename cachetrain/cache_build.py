@@ -22,6 +22,7 @@ kept on purpose. Sources skipped on request (``--min_size``) do not count agains
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -37,8 +38,9 @@ import torch
 from tqdm import tqdm
 
 from .shards import effective_shard, parse_shard, per_process_path, take_shard
-from .sidecar import (CAPTION_EXTENSION, Freshness, SidecarError, check_freshness, sidecar_path, update_metadata,
-                      write_sidecar)
+from .atomic import write_atomically
+from .sidecar import (CAPTION_EXTENSION, FILE_MODE, Freshness, SidecarError, check_freshness,
+                      is_abandoned_temporary_content, is_source_image, sidecar_path, update_metadata, write_sidecar)
 from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
 
 FAILURES_SHOWN = 5  # in the summary
@@ -46,6 +48,8 @@ FAILURES_PRINTED = 100  # as they happen; a run over millions of broken files mu
 # Freshness checks run on this many threads, this many files per task.
 PLAN_THREADS = 8
 PLAN_CHUNK = 512
+# This many sidecar writes in a row failing for a full disk stop the run (see BackgroundWriter)
+DISK_FULL_STOP = 32
 # A temporary sidecar this old belongs to a writer that died (a live one renames it within ms).
 TEMPORARY_GRACE_SECONDS = 60.0
 # Problems that remove an input on the user's request (reported and counted, but not a failure).
@@ -80,6 +84,7 @@ class CacheSummary:
     notes: Counter = field(default_factory=Counter)
     failures: list[tuple[str, str]] = field(default_factory=list)  # the first FAILURES_SHOWN
     report_path: str | None = None
+    stop_reason: str = ""  # why the run stopped before encoding everything ("" when it did not)
     started: float = field(default_factory=time.monotonic)
     progress: tqdm | None = None
 
@@ -121,13 +126,24 @@ class CacheSummary:
         if self.report_path:
             # One write() per line in append mode: lines from concurrent processes never interleave.
             line = json.dumps({"path": path, "status": status, "kind": kind, "reason": reason}) + "\n"
-            with open(self.report_path, "a", encoding="utf-8") as report:
-                report.write(line)
+            try:
+                with open(self.report_path, "a", encoding="utf-8") as report:
+                    report.write(line)
+            except OSError as error:  # the report is a copy of what is counted here: the run goes on
+                if not self.counts["report_lines_lost"]:
+                    tqdm.write(f"[cache] cannot add to the report {self.report_path}: {error}", file=sys.stderr)
+                self.counts["report_lines_lost"] += 1
+
+    def stop(self, reason: str, not_attempted: int) -> None:
+        """The run stopped before encoding everything (a full disk)."""
+        self.stop_reason = reason
+        self.counts["not_attempted"] += not_attempted
+        tqdm.write(f"[cache] stopped: {reason}; {not_attempted} files not attempted", file=sys.stderr)
 
     @property
     def ok(self) -> bool:
         """True when every input has a usable sidecar (fresh, or legacy kept on purpose)."""
-        return self.counts["failed"] == 0
+        return self.counts["failed"] == 0 and not self.stop_reason
 
     def exit_status(self) -> int:
         return 0 if self.ok else 1
@@ -147,9 +163,18 @@ class CacheSummary:
                         if c["time_not_stored"] else "")
             lines.append(f"fresh by content {c['retimed']}: new modification time, same bytes (the new time is "
                          f"stored in the sidecar{unstored})")
-        if c["orphans"] or c["temporaries"]:
-            lines.append(f"orphan sidecars (source gone) {c['orphans']}, leftover temporaries {c['temporaries']}, "
-                         f"removed {c['pruned']}" + ("" if c["pruned"] else " (use --prune to remove)"))
+        if c["orphans"]:
+            lines.append(f"orphan sidecars (source gone) {c['orphans']}, removed {c['pruned']}"
+                         + ("" if c["pruned"] else " (use --prune to remove)"))
+        if c["temporaries"]:
+            kept = c["temporaries"] - c["temporaries_removed"]
+            lines.append(f"leftover temporaries of killed writers {c['temporaries']}, removed "
+                         f"{c['temporaries_removed']}" + (f" ({kept} could not be removed)" if kept else ""))
+        if c["report_lines_lost"]:
+            lines.append(f"report lines that could not be written to {self.report_path}: {c['report_lines_lost']}")
+        if self.stop_reason:
+            lines.append(f"stopped early: {self.stop_reason}; {c['not_attempted']} files not attempted "
+                         "(make room and run again: what was written is kept)")
         if self.failure_kinds:
             lines.append("problems: " + ", ".join(f"{k} {v}" for k, v in sorted(self.failure_kinds.items())))
         if self.notes:
@@ -167,6 +192,26 @@ class EncodedItem:
     source: str
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # written beside the sidecar (previews)
+
+
+class ExtraFileFailed(Exception):
+    """The sidecar was written; a file asked for beside it (a preview) was not."""
+
+    def __init__(self, path: str, cause: BaseException):
+        super().__init__(str(cause))
+        self.path = path
+        self.cause = cause
+
+
+def write_item(target: str, item: EncodedItem) -> None:
+    """The sidecar, then the files beside it (each written once, atomically, without fsync: see write_sidecar)."""
+    write_sidecar(target, item.tensors, item.metadata)
+    for path, data in item.extra_files.items():
+        try:
+            write_atomically(path, data, mode=FILE_MODE, fsync=False)
+        except Exception as error:
+            raise ExtraFileFailed(path, error) from error
 
 
 class CacheBuilder(Protocol):
@@ -215,13 +260,14 @@ def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: st
             raise FileNotFoundError(f"data root not found: {root}")
         for path in walk_files(root, (*extensions, *DEFAULT_IMAGE_EXTENSIONS, out_suffix),
                                temporaries=scan.temporaries, visited=walked):
-            lower = path.lower()
-            if lower.endswith(out_suffix_lower):
+            name = os.path.basename(path)
+            if name.lower().endswith(out_suffix_lower):
                 scan.sidecars.append(path)
-            elif lower.endswith(wanted):
+            elif is_source_image(name, wanted, (out_suffix,)):
                 scan.sources.append(path)
-            else:
+            elif is_source_image(name, DEFAULT_IMAGE_EXTENSIONS + wanted, (out_suffix,)):
                 scan.other_images.append(path)
+            # else a file made from a sidecar (x.img_sdvae.webp): neither a source nor an orphan's source
     return scan
 
 
@@ -303,28 +349,62 @@ def plan(builder: CacheBuilder, sources: list[str], settings: CacheSettings, sum
 
 
 def handle_orphans(orphans: list[str], temporaries: list[str], prune: bool, summary: CacheSummary) -> None:
-    """Report sidecars whose source is gone and temporaries of killed writers; remove them if asked."""
+    """Report sidecars whose source is gone (removed only with --prune), and remove what killed writers left.
+
+    A temporary is taken for a killed writer's only when its name is exactly a writer's (ours or
+    safetensors' own ``.tmpXXXXXX``), it is older than a live writer ever holds one, and, for the
+    short safetensors-style name a user might also choose, its bytes are empty or a safetensors
+    file's start (``sidecar.is_abandoned_temporary_content``): a user's file never matches. Those are
+    removed by every run (they are never anyone's data) and counted in the summary.
+    """
     summary.count("orphans", len(orphans))
     for orphan in orphans[:FAILURES_SHOWN]:
         tqdm.write(f"[cache] orphan sidecar (source gone): {orphan}", file=sys.stderr)
     for orphan in orphans:
         summary.report_orphan(orphan, removed=prune)
-    now = time.time()
-    abandoned = []
-    for temporary in temporaries:
-        try:
-            if now - os.stat(temporary).st_mtime > TEMPORARY_GRACE_SECONDS:
-                abandoned.append(temporary)
-        except FileNotFoundError:  # a live writer renamed it meanwhile
-            pass
-    summary.count("temporaries", len(abandoned))
     if prune:
-        for path in orphans + abandoned:
+        for path in orphans:
             try:
                 os.unlink(path)
                 summary.count("pruned")
             except FileNotFoundError:
                 pass
+            except OSError as error:  # a read-only cache: the orphan stays, and the summary says why
+                summary.fail(path, write_problem_kind(error), f"could not remove the orphan: {error}")
+    now = time.time()
+    for temporary in temporaries:
+        try:
+            young = now - os.stat(temporary).st_mtime <= TEMPORARY_GRACE_SECONDS
+            if young or not is_abandoned_temporary_content(temporary):
+                continue
+        except FileNotFoundError:  # a live writer renamed it meanwhile
+            continue
+        summary.count("temporaries")
+        try:
+            os.unlink(temporary)
+            summary.count("temporaries_removed")
+        except FileNotFoundError:
+            summary.count("temporaries_removed")
+        except OSError as error:
+            tqdm.write(f"[cache] cannot remove the leftover temporary {temporary}: {error}", file=sys.stderr)
+
+
+def write_problem_kind(error: BaseException) -> str:
+    """The kind a failed write is counted under in the summary."""
+    if isinstance(error, OSError):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "disk full"
+        if error.errno == errno.EROFS:
+            return "read-only"
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied"
+    return "write failed"
+
+
+def write_problem(target: str, error: BaseException) -> tuple[str, str]:
+    """(kind, reason) of a sidecar that could not be written: disk full, read-only, safetensors' own error..."""
+    detail = str(error) if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
+    return write_problem_kind(error), f"could not write {os.path.basename(target)}: {detail}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,34 +415,60 @@ class BackgroundWriter:
     """Writes sidecars on threads so the encoder does not wait for the disk.
 
     At most ``max_pending`` writes are in flight: a slow disk slows the run rather than filling
-    memory with encoded tensors.
+    memory with encoded tensors. After ``DISK_FULL_STOP`` writes in a row failed for a full disk,
+    ``stop_reason`` says so and the run stops encoding: hours of work would all be thrown away.
     """
 
     def __init__(self, summary: CacheSummary, max_pending: int = 64):
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sidecar-writer")
-        self._pending: list[tuple[str, Future]] = []
+        self._pending: list[tuple[str, str, Future]] = []
         self._summary = summary
         self._max_pending = max_pending
+        self._disk_full_in_a_row = 0
+        self.stop_reason = ""
 
     def submit(self, target: str, item: EncodedItem) -> None:
-        self._pending.append((item.source, self._pool.submit(write_sidecar, target, item.tensors, item.metadata)))
+        self._pending.append((item.source, target, self._pool.submit(write_item, target, item)))
         if len(self._pending) >= self._max_pending:
             self._collect(wait_for=len(self._pending) // 2)
+        else:  # take what is done already, so a full disk is noticed early
+            finished = 0
+            while finished < len(self._pending) and self._pending[finished][2].done():
+                finished += 1
+            self._collect(wait_for=finished)
 
     def _collect(self, wait_for: int) -> None:
         done, self._pending = self._pending[:wait_for], self._pending[wait_for:]
-        for source, future in done:
+        for source, target, future in done:
             try:
                 future.result()
+            except ExtraFileFailed as error:  # the sidecar is there and counts as written
                 self._summary.count("written")
-                if self._summary.progress is not None:
-                    self._summary.progress.update(1)
-            except OSError as error:
-                self._summary.fail(source, "write failed", f"could not write sidecar: {error}")
+                self._summary.count("extra_files_failed")
+                self._summary.fail(source, write_problem_kind(error.cause),
+                                   f"sidecar written, but {write_problem(error.path, error.cause)[1]}")
+                continue
+            except Exception as error:  # disk full, read-only, safetensors' own error: counted, never fatal
+                kind, reason = write_problem(target, error)
+                self._summary.fail(source, kind, reason)
+                self._disk_full_in_a_row = self._disk_full_in_a_row + 1 if kind == "disk full" else 0
+                if self._disk_full_in_a_row >= DISK_FULL_STOP and not self.stop_reason:
+                    self.stop_reason = f"the disk is full ({DISK_FULL_STOP} sidecar writes in a row failed)"
+                continue
+            self._disk_full_in_a_row = 0
+            self._summary.count("written")
+            if self._summary.progress is not None:
+                self._summary.progress.update(1)
 
     def close(self) -> None:
         self._collect(wait_for=len(self._pending))
         self._pool.shutdown(wait=True)
+
+
+def handled_count(summary: CacheSummary) -> int:
+    """Inputs with an outcome: written, failed or skipped (a preview that failed beside a written sidecar once)."""
+    c = summary.counts
+    return c["written"] + c["failed"] + c["skipped"] - c["extra_files_failed"]
 
 
 def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSummary:
@@ -382,13 +488,23 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     writer = BackgroundWriter(summary)
     summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
                             disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
+    handled_before = handled_count(summary)
+    encoded = builder.encode(todo, summary)
+    stopped = False
     try:
-        for item in builder.encode(todo, summary):
+        for item in encoded:
             writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
+            if writer.stop_reason:
+                stopped = True
+                break
     finally:
+        if hasattr(encoded, "close"):
+            encoded.close()  # a generator: ends its decode workers when the loop ended early
         writer.close()
         summary.progress.close()
         summary.progress = None
+    if stopped:
+        summary.stop(writer.stop_reason, len(todo) - (handled_count(summary) - handled_before))
     return summary
 
 
@@ -422,6 +538,32 @@ def add_common_cache_flags(parser, default_batch: int) -> None:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
 
 
+# What a bare --custom leaves in args.custom: "--model is itself the custom pipeline folder".
+CUSTOM_IS_MODEL = True
+
+
+def add_custom_flag(parser, parts: str) -> None:
+    """--custom as the seed's users type it: bare, ``--model`` is a custom pipeline folder; with a folder, that one."""
+    parser.add_argument("--custom", nargs="?", const=CUSTOM_IS_MODEL, default=None, metavar="FOLDER",
+                        help=f"the model is a custom pipeline folder (such as an SD1.5+T5 pipeline): take its "
+                             f"{parts} from it. Bare --custom means --model is that folder; --custom FOLDER takes "
+                             f"them from FOLDER instead of --model")
+
+
+def custom_model_source(args, needed_subfolders: tuple[str, ...]) -> str:
+    """The folder or hub id the parts come from (--custom FOLDER wins over --model); checks a local custom
+    folder holds ``needed_subfolders`` and raises ValueError naming the flag otherwise."""
+    if args.custom is None:
+        return args.model
+    folder, flag = (args.model, "--model") if args.custom is CUSTOM_IS_MODEL else (args.custom, "--custom")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder}: --custom wants a pipeline folder, and this is none")
+    for subfolder in needed_subfolders:
+        if not os.path.isdir(os.path.join(folder, subfolder)):
+            raise ValueError(f"{flag} {folder}: no {subfolder}/ folder in it")
+    return folder
+
+
 def default_encoder_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (fast, no fp16 overflow), fp32 on CPU (bf16 has no fast CPU kernels)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -429,15 +571,24 @@ def default_encoder_dtype(device: torch.device) -> torch.dtype:
 
 def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> CacheSettings:
     """The engine's settings from the common flags (the same for every cache script)."""
+    caption_suffix = getattr(args, "caption_suffix", CAPTION_EXTENSION)
     for extension in extensions:
-        if extension in (CAPTION_EXTENSION, args.out_suffix.lower()):
+        if extension in (CAPTION_EXTENSION, caption_suffix.lower(), args.out_suffix.lower()):
             raise ValueError(f"--extensions {extension}: captions and sidecars cannot be sources")
+    if caption_suffix.lower() in ("", args.out_suffix.lower(), *extensions):
+        raise ValueError(f"--caption_suffix {caption_suffix!r}: would name an image or the sidecar itself")
     for root in args.data_root:
         if not os.path.isdir(root):
             raise ValueError(f"--data_root {root}: no such folder")
+    report_path = per_process_path(args.report)
+    if report_path:
+        try:
+            open(report_path, "a").close()
+        except OSError as error:
+            raise ValueError(f"--report {report_path}: cannot write it ({error.strerror or error})") from None
     shard_index, shard_count = effective_shard(parse_shard(args.shard))
     return CacheSettings(data_roots=args.data_root, out_suffix=args.out_suffix, extensions=extensions,
                          batch_size=args.batch_size, overwrite=args.overwrite, num_workers=num_workers,
                          shard_index=shard_index, shard_count=shard_count,
-                         report_path=per_process_path(args.report), show_progress=not args.no_progress,
+                         report_path=report_path, show_progress=not args.no_progress,
                          prune=args.prune)

@@ -20,3 +20,22 @@ class ArgumentParser(argparse.ArgumentParser):
 def print_error(message: str) -> None:
     """The one line a failed command leaves for its user."""
     print(f"error: {message}", file=sys.stderr)
+
+
+# What every script needs at import time; find_spec only looks, it imports nothing.
+REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "PIL")
+SETUP_HINT = "set up the environment once with ./scripts/setup_env.sh, then run: source .venv/bin/activate"
+
+
+def require_dependencies(modules: tuple[str, ...] = REQUIRED_MODULES) -> None:
+    """Exit (status 2) with one line saying how to set up when a dependency is missing from this Python.
+
+    Called by each top-level script before it imports torch: ``./create_img_sdxl.py`` run outside the
+    environment would otherwise end in a ModuleNotFoundError traceback. Standard library only.
+    """
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: {', '.join(missing)} not installed for {sys.executable}; {SETUP_HINT}", file=sys.stderr)
+        sys.exit(2)

@@ -5,7 +5,9 @@ Every image becomes 8-bit RGB the same way on every run:
   - alpha (RGBA, LA, PA, palette transparency) is composited on ALPHA_BACKGROUND (white), never dropped;
   - 16/32-bit grey is scaled to 8 bits (not clipped), then grey is repeated into R, G and B;
   - CMYK and every other mode use Pillow's own conversion to RGB.
-Then the short side is resized to the resolution (bicubic) and the centre square is cropped.
+Then the image is scaled (bicubic) to cover its target size and the centre is cropped to exactly that
+size: a square of ``--resolution``, one fixed ``--target_width`` x ``--target_height``, or the aspect
+bucket nearest the image's shape (``Sizing``).
 Each conversion is named in ``PreparedImage.notes`` so the cache builders can count it.
 
 Files that cannot become a training image raise ``ImageRejected`` with a ``kind`` (one of
@@ -14,6 +16,7 @@ REJECTION_KINDS) and a reason: the builders report and count them and carry on.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -54,7 +57,7 @@ class ImageRejected(ValueError):
 
 @dataclass
 class PreparedImage:
-    pixels: torch.Tensor  # [3, R, R] uint8 (image_cache.pixels_to_vae_input maps it to [-1, 1])
+    pixels: torch.Tensor  # [3, H, W] uint8 (image_cache.pixels_to_vae_input maps it to [-1, 1])
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
     notes: tuple[str, ...] = ()  # conversions worth counting: "upscaled", "alpha", "cmyk", ...
 
@@ -104,11 +107,11 @@ def _open_checked(path: os.PathLike | str | BinaryIO) -> Image.Image:
         raise ImageRejected("not an image", "Pillow does not recognise the file's content") from None
 
 
-def _decode(image: Image.Image, resolution: int, jpeg_draft: bool) -> Image.Image:
-    # JPEG can decode at 1/2, 1/4 or 1/8 scale for nearly free; ask for the smallest scale whose
-    # short side still covers the resolution, so large photos are never decoded at full size.
+def _decode(image: Image.Image, stored_target: tuple[int, int], jpeg_draft: bool) -> Image.Image:
+    # JPEG can decode at 1/2, 1/4 or 1/8 scale for nearly free; ask for the smallest scale that still
+    # covers the target size (turned as the stored pixels are), so large photos are never decoded at full size.
     width, height = image.size
-    scale = resolution / min(width, height)
+    scale = cover_scale((width, height), stored_target)
     if jpeg_draft and image.format == "JPEG" and scale < 0.5:
         image.draft(None, (int(width * scale) + 1, int(height * scale) + 1))
     try:
@@ -120,6 +123,87 @@ def _decode(image: Image.Image, resolution: int, jpeg_draft: bool) -> Image.Imag
     except (ValueError, SyntaxError, EOFError, MemoryError) as error:
         raise ImageRejected("unreadable", f"{type(error).__name__}: {error}") from None
     return ImageOps.exif_transpose(image)
+
+
+ORIENTATION_TAG = 0x0112  # EXIF orientation; values 5-8 turn the image by 90 degrees
+
+
+def cover_scale(image_size: tuple[int, int], target: tuple[int, int]) -> float:
+    """The scale at which an image of ``image_size`` (w, h) just covers ``target`` (w, h)."""
+    return max(target[0] / image_size[0], target[1] / image_size[1])
+
+
+class Sizing:
+    """The size each image is cropped to: one size for every image, or the aspect bucket nearest its shape.
+
+    Sizes are (width, height). An image goes to the bucket whose aspect ratio is nearest its own in
+    log-ratio distance, |log(w/h) - log(W/H)|, so 2:1 and 1:2 are equally far from square; on a tie the
+    bucket listed first wins. The sizes are part of every sidecar's metadata (``metadata``): a change
+    makes the sidecars stale.
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]]):
+        if not sizes:
+            raise ValueError("no target size")
+        self.sizes = tuple(dict.fromkeys(sizes))  # in the order given, each once
+        self._log_ratios = [math.log(w / h) for w, h in self.sizes]
+
+    @classmethod
+    def square(cls, resolution: int) -> Sizing:
+        return cls([(resolution, resolution)])
+
+    @property
+    def bucketed(self) -> bool:
+        return len(self.sizes) > 1
+
+    def size_for(self, width: int, height: int) -> tuple[int, int]:
+        """The target (width, height) of an image of ``width`` x ``height`` (after EXIF orientation)."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
+        ratio = math.log(width / height)
+        distances = [abs(ratio - r) for r in self._log_ratios]
+        return self.sizes[distances.index(min(distances))]  # index(): the first of equals
+
+    def metadata(self) -> dict[str, str]:
+        """{"resolution": "512"} for a square (as sidecars have always said), "512x768" for one fixed
+        size, the comma-separated list of sizes for buckets."""
+        if self.sizes == ((self.sizes[0][0],) * 2,):
+            return {"resolution": str(self.sizes[0][0])}
+        return {"resolution": ",".join(size_text(size) for size in self.sizes)}
+
+
+def size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'448x576' -> (448, 576); ValueError naming the text otherwise."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not WIDTHxHEIGHT such as 448x576") from None
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{text!r}: both sides must be positive")
+    return width, height
+
+
+# The standard bucket list: sides multiples of this, and no bucket longer than this times its width
+BUCKET_STEP = 64
+MAX_BUCKET_RATIO = 2.0
+
+
+def standard_buckets(resolution: int) -> list[tuple[int, int]]:
+    """Buckets for ``--aspect_buckets``: for each width a multiple of 64, the tallest height (a multiple of 64)
+    whose area is at most resolution^2, keeping aspect ratios up to 2:1 either way. 512 gives 384x640,
+    448x576, 512x512, 576x448 and 640x384."""
+    buckets = []
+    for width in range(BUCKET_STEP, 2 * resolution + 1, BUCKET_STEP):
+        height = resolution * resolution // width // BUCKET_STEP * BUCKET_STEP
+        if height >= BUCKET_STEP and max(width, height) / min(width, height) <= MAX_BUCKET_RATIO:
+            buckets.append((width, height))
+    if not buckets:
+        raise ValueError(f"--resolution {resolution}: too small for buckets with sides multiples of {BUCKET_STEP}")
+    return buckets
 
 
 def read_image_file(path: os.PathLike | str) -> bytes:
@@ -134,22 +218,27 @@ def read_image_file(path: os.PathLike | str) -> bytes:
         return handle.read()
 
 
-def load_image(path: os.PathLike | str | BinaryIO, resolution: int, min_size: int = 0,
+def load_image(path: os.PathLike | str | BinaryIO, resolution: int | Sizing, min_size: int = 0,
                jpeg_draft: bool = True) -> PreparedImage:
-    """Open, EXIF-orient, convert to RGB, resize the short side to ``resolution``, center-crop.
+    """Open, EXIF-orient, convert to RGB, scale to cover the target size and center-crop to exactly it.
 
-    ``jpeg_draft`` lets a large JPEG decode at a reduced scale still at least ``resolution``
-    (DCT-domain downscaling, then bicubic as usual); False decodes every pixel first.
+    ``resolution`` is a square's side or a ``Sizing`` (one fixed size, or buckets: the one nearest the
+    image's aspect ratio is taken). ``jpeg_draft`` lets a large JPEG decode at a reduced scale that
+    still covers the target (DCT-domain downscaling, then bicubic as usual); False decodes every pixel.
 
-    Images whose short side is under ``min_size`` are rejected ("too small"); smaller than
-    ``resolution`` but at least ``min_size`` they are upscaled and noted. Raises ImageRejected
-    for every file that cannot be used (and OSError if the file vanished).
+    Images whose short side is under ``min_size`` are rejected ("too small"); images smaller than the
+    target are upscaled and noted. Raises ImageRejected for every file that cannot be used (and
+    OSError if the file vanished).
     """
+    sizing = resolution if isinstance(resolution, Sizing) else Sizing.square(resolution)
     with _open_checked(path) as image:
         stored_size = image.size
         if min(stored_size) < min_size:
             raise ImageRejected("too small", f"{stored_size[0]}x{stored_size[1]} is under --min_size {min_size}")
-        oriented = _decode(image, resolution, jpeg_draft)
+        turned_by_exif = image.getexif().get(ORIENTATION_TAG, 1) >= 5
+        oriented_size = stored_size[::-1] if turned_by_exif else stored_size
+        target = sizing.size_for(*oriented_size)
+        oriented = _decode(image, target[::-1] if turned_by_exif else target, jpeg_draft)
         decoded_size = image.size  # smaller than stored_size when JPEG draft decoding kicked in
         try:
             rgb, notes = to_rgb(oriented)
@@ -158,15 +247,15 @@ def load_image(path: os.PathLike | str | BinaryIO, resolution: int, min_size: in
     turned = oriented.size != decoded_size
     original_size = stored_size[::-1] if turned else stored_size
     width, height = rgb.size
-    if min(width, height) < resolution:
+    scale = cover_scale((width, height), target)
+    if cover_scale(original_size, target) > 1:
         notes.append("upscaled")
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    new_size = (max(target[0], round(width * scale)), max(target[1], round(height * scale)))
     if new_size != rgb.size:
         rgb = rgb.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left = (new_size[0] - resolution) // 2
-    top = (new_size[1] - resolution) // 2
-    rgb = rgb.crop((left, top, left + resolution, top + resolution))
+    left = (new_size[0] - target[0]) // 2
+    top = (new_size[1] - target[1]) // 2
+    rgb = rgb.crop((left, top, left + target[0], top + target[1]))
     array = np.asarray(rgb, dtype=np.uint8)
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     return PreparedImage(pixels=pixels, original_size=original_size, notes=tuple(notes))

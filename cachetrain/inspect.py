@@ -2,6 +2,10 @@
 
     python -m cachetrain.inspect DIR... [--suffix .img_sdvae ...] [--json]
 
+Exit status: 0 when every sidecar found can be trained on; 1 when any is unreadable, holds NaN/Inf or
+has an odd shape (see ``broken_count``); 2 for a folder that is not there. Stale sidecars and orphans
+are reported but do not change the status: the cache scripts rebuild or prune them.
+
 Freshness is judged without loading any encoder: each sidecar's recorded source identity (size and
 mtime of its image, sha256 of its caption) is compared with the source file as it is now. A sidecar
 whose source is gone is an orphan. Whether the encoder has changed cannot be judged this way, so the
@@ -28,12 +32,11 @@ import torch
 from tqdm import tqdm
 
 from .cli import ArgumentParser
-from .sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX,
-                      T5_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness,
-                      file_content_digest, image_source_identity, read_caption, read_metadata, read_sidecar)
+from .sidecar import (CAPTION_EXTENSION, IMAGE_LATENT_KEY, KNOWN_SUFFIXES, TEXT_EMBEDDING_KEY, SidecarError,
+                      caption_source_identity, check_freshness, file_content_digest, image_source_identity,
+                      is_source_image, read_caption, read_metadata, read_sidecar)
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions, walk_files
 
-KNOWN_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
 # "retimed": usable, the source's bytes are the same under a new modification time (a copy that did
 # not keep times); the cache scripts store the new time on their next run
 STATUSES = ("fresh", "retimed", "stale", "legacy", "orphan", "unreadable")
@@ -93,6 +96,9 @@ class SuffixReport:
     dtypes: Counter = field(default_factory=Counter)
     shapes: Counter = field(default_factory=Counter)
     files_by_shape: dict[tuple[int, ...], list[str]] = field(default_factory=dict)
+    # Latents cached with aspect buckets: shapes counted per bucket, whose usual shape each has its own
+    bucket_shapes: dict[str, Counter] = field(default_factory=dict)
+    files_by_bucket_shape: dict[tuple[str, tuple[int, ...]], list[str]] = field(default_factory=dict)
     non_finite: list[dict] = field(default_factory=list)
     non_finite_count: int = 0
     encoders: Counter = field(default_factory=Counter)
@@ -107,17 +113,36 @@ class SuffixReport:
     def usual_shape(self) -> tuple[int, ...] | None:
         return self.shapes.most_common(1)[0][0] if self.shapes else None
 
+    def odd_shape_files(self) -> list[dict]:
+        """Files whose shape differs from the usual one: of all files, or of their bucket's files."""
+        unbucketed = Counter({shape: n for shape, n in self.shapes.items()})
+        for counts in self.bucket_shapes.values():
+            unbucketed.subtract(counts)
+        unbucketed = +unbucketed
+        usual = unbucketed.most_common(1)[0][0] if unbucketed else None
+        odd = [{"path": path, "shape": list(shape)} for shape, paths in self.files_by_shape.items()
+               if shape != usual for path in paths]
+        for (bucket, shape), paths in self.files_by_bucket_shape.items():
+            if shape != self.bucket_shapes[bucket].most_common(1)[0][0]:
+                odd += [{"path": path, "shape": list(shape), "bucket": bucket} for path in paths]
+        return odd
+
     def add_status(self, path: str, status: str, reason: str = "") -> None:
         self.statuses[status] += 1
         if status != "fresh" and len(self.not_fresh) < FILES_KEPT:
             self.not_fresh.append({"path": path, "status": status, "reason": reason})
 
-    def add_tensor(self, path: str, key: str, tensor: torch.Tensor) -> None:
+    def add_tensor(self, path: str, key: str, tensor: torch.Tensor, bucket: str = "") -> None:
+        """``bucket``: the size a latent cached with aspect buckets was cropped to ("" for any other)."""
         shape = tuple(tensor.shape)
         self.kinds["image_latent" if key == IMAGE_LATENT_KEY else "text_embedding"] += 1
         self.dtypes[str(tensor.dtype).removeprefix("torch.")] += 1
         self.shapes[shape] += 1
-        kept = self.files_by_shape.setdefault(shape, [])
+        if bucket:
+            self.bucket_shapes.setdefault(bucket, Counter())[shape] += 1
+            kept = self.files_by_bucket_shape.setdefault((bucket, shape), [])
+        else:
+            kept = self.files_by_shape.setdefault(shape, [])
         if len(kept) < FILES_KEPT:
             kept.append(path)
         values = tensor.to(torch.float64)
@@ -148,8 +173,7 @@ class SuffixReport:
             "dtypes": dict(self.dtypes.most_common()),
             "shapes": {shape_text(shape): n for shape, n in self.shapes.most_common()},
             "usual_shape": list(usual) if usual is not None else None,
-            "odd_shape_files": [{"path": path, "shape": list(shape)} for shape, paths in self.files_by_shape.items()
-                                if shape != usual for path in paths],
+            "odd_shape_files": self.odd_shape_files(),
             "non_finite_count": self.non_finite_count,
             "non_finite_files": self.non_finite,
             "encoders": dict(self.encoders.most_common()),
@@ -192,25 +216,28 @@ class FolderListing:
         return None
 
 
-def source_of(path: str, suffix: str, key: str, listing: FolderListing,
-              image_extensions: tuple[str, ...]) -> str | None:
-    """The file a sidecar was made from: the image for a latent, the caption for an embedding.
+def source_of(path: str, suffix: str, key: str, listing: FolderListing, image_extensions: tuple[str, ...],
+              caption_suffix: str = CAPTION_EXTENSION) -> str | None:
+    """The image a sidecar was made from (for an embedding, only while its caption is there too), or None.
 
-    As for the cache builders, whose text sources are images with a caption beside them, an
-    embedding whose image is gone is an orphan even while its caption is still there.
+    Which files are images is sidecar.is_source_image, the rule the cache builders use: the
+    ``x.img_sdvae.webp`` preview beside a sidecar is never a source. As for the cache builders, whose
+    text sources are images with a caption beside them, an embedding whose image is gone is an orphan
+    even while its caption is still there.
     """
     folder, name = os.path.split(path)
     stem = name[: -len(suffix)]
-    image = listing.find(folder, [stem + extension for extension in image_extensions])
-    if key == TEXT_EMBEDDING_KEY:
-        return listing.find(folder, [stem + CAPTION_EXTENSION]) if image else None
+    image = listing.find(folder, [stem + extension for extension in image_extensions
+                                  if is_source_image(stem + extension, image_extensions, (suffix,))])
+    if key == TEXT_EMBEDDING_KEY and image:
+        return image if listing.find(folder, [stem + caption_suffix]) else None
     return image
 
 
-def source_identity(source: str, key: str) -> dict[str, str]:
+def source_identity(image: str, key: str, caption_suffix: str = CAPTION_EXTENSION) -> dict[str, str]:
     if key == TEXT_EMBEDDING_KEY:
-        return caption_source_identity(read_caption(source))
-    return image_source_identity(source)
+        return caption_source_identity(read_caption(image, caption_suffix))
+    return image_source_identity(image)
 
 
 def read_any_sidecar(path: str, suffix: str) -> tuple[str, torch.Tensor]:
@@ -226,7 +253,7 @@ def read_any_sidecar(path: str, suffix: str) -> tuple[str, torch.Tensor]:
 
 
 def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: FolderListing,
-                    image_extensions: tuple[str, ...]) -> None:
+                    image_extensions: tuple[str, ...], caption_suffix: str | None = None) -> None:
     report.count += 1
     try:
         key, tensor = read_any_sidecar(path, suffix)
@@ -234,16 +261,19 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: Folde
     except SidecarError as error:
         report.add_status(path, "unreadable", error.reason)
         return
-    report.add_tensor(path, key, tensor)
+    bucketed = "," in metadata.get("resolution", "")  # cached with aspect buckets: several sizes on purpose
+    report.add_tensor(path, key, tensor, metadata.get("size", "?") if bucketed else "")
     if metadata:
         report.encoders[f"{metadata.get('encoder', '?')} ({metadata.get('encoder_class', '?')}, "
                         f"fingerprint {metadata.get('encoder_fingerprint', '?')})"] += 1
-    source = source_of(path, suffix, key, listing, image_extensions)
+    # --caption_suffix if given, else the one the sidecar records, else .txt (the original T5 scripts' are .txtqs)
+    caption_suffix = caption_suffix or metadata.get("caption_suffix", CAPTION_EXTENSION)
+    source = source_of(path, suffix, key, listing, image_extensions, caption_suffix)
     if source is None:
         report.add_status(path, "orphan", "its source file is gone")
         return
     try:
-        expected = source_identity(source, key)
+        expected = source_identity(source, key, caption_suffix)
     except (OSError, ValueError) as error:  # a caption that is no longer UTF-8, a file that vanished
         report.add_status(path, "stale", str(error))
         return
@@ -253,10 +283,12 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: Folde
 
 
 def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_progress: bool = False,
-                  image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS) -> dict:
+                  image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS,
+                  caption_suffix: str | None = None) -> dict:
     """The report of every sidecar with one of ``suffixes`` under ``roots``, as a JSON-ready dict.
 
-    ``image_extensions`` are those the latents were made from (the cache builder's --extensions).
+    ``image_extensions`` are those the latents were made from (the cache builder's --extensions);
+    ``caption_suffix`` names the captions of text sidecars (default: the suffix each records, else .txt).
     """
     suffixes = list(dict.fromkeys(suffixes or KNOWN_SUFFIXES))
     image_extensions = normalize_extensions(image_extensions)
@@ -269,9 +301,15 @@ def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_prog
     for path in tqdm(paths, unit="file", desc="inspecting", disable=not show_progress, dynamic_ncols=True):
         # the longest matching suffix, so ".img_sdvae" is not taken for a shorter one that it ends with
         suffix = max((s for s in suffixes if path.lower().endswith(s.lower())), key=len)
-        inspect_sidecar(path, suffix, reports[suffix], listing, image_extensions)
+        inspect_sidecar(path, suffix, reports[suffix], listing, image_extensions, caption_suffix)
     return {"roots": list(roots),
             "suffixes": {suffix: report.as_dict() for suffix, report in reports.items() if report.count}}
+
+
+def broken_count(result: dict) -> int:
+    """How many sidecars the report found that training cannot use: unreadable, NaN/Inf or an odd shape."""
+    return sum(report["status"]["unreadable"] + report["non_finite_count"] + len(report["odd_shape_files"])
+               for report in result["suffixes"].values())
 
 
 def _numbers(values: list[float]) -> str:
@@ -324,12 +362,18 @@ def render_text(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m cachetrain.inspect",
-                                     description="Report what a cache of sidecars holds, without loading encoders.")
+                            description="Report what a cache of sidecars holds, without loading encoders.",
+                            epilog="Exit status: 0 when every sidecar can be trained on; 1 when any is unreadable, "
+                                   "holds NaN/Inf or has an odd shape (stale ones and orphans are reported, not "
+                                   "counted: the cache scripts rebuild or prune them); 2 for a folder not found.")
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders to walk")
     parser.add_argument("--suffix", nargs="+", action="extend", default=None,
                         help=f"sidecar suffixes to take (default: {' '.join(KNOWN_SUFFIXES)})")
     parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_IMAGE_EXTENSIONS),
                         help="extensions of the images the latents were made from (as given to the cache builder)")
+    parser.add_argument("--caption_suffix", "--txt_suffix", dest="caption_suffix", default=None,
+                        help="the caption of x.jpg is x<caption_suffix> (default: the suffix each text sidecar "
+                             "records, else .txt; the original T5 scripts' captions are .txtqs)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for machines)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -339,12 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = inspect_cache(args.dirs, args.suffix, show_progress=not args.no_progress,
-                               image_extensions=tuple(args.extensions))
+                               image_extensions=tuple(args.extensions), caption_suffix=args.caption_suffix)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else render_text(result))
-    return 0
+    broken = broken_count(result)
+    if broken:
+        print(f"{broken} sidecars cannot be trained on (unreadable, NaN/Inf or an odd shape)", file=sys.stderr)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

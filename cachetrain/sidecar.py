@@ -12,14 +12,15 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
+
+from .atomic import write_atomically
 
 FORMAT_VERSION = "1"
 
@@ -31,10 +32,15 @@ SDXL_VAE_SUFFIX = ".img_sdxl"
 CLIP_L_SUFFIX = ".txt_clipl"
 T5_SUFFIX = ".txt_t5cache"
 
-CAPTION_EXTENSION = ".txt"
-TEMP_MARKER = ".partial-"
-# exactly what write_sidecar makes: "." + the sidecar's name + ".partial-" + 8 hex digits
+KNOWN_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
+
+CAPTION_EXTENSION = ".txt"  # the default --caption_suffix (the original T5 scripts' captions are .txtqs)
+PREVIEW_EXTENSION = ".webp"  # x.img_sdvae -> x.img_sdvae.webp, as the original's --writepreview names it
+# exactly what write_sidecar makes (atomic.temporary_name): "." + the sidecar's name + ".partial-" + 8 hex digits
 TEMPORARY_NAME = re.compile(r"^\..+\.partial-[0-9a-f]{8}$")
+# exactly what safetensors' own save_file makes beside its target (Rust's tempfile crate: ".tmp" and six
+# letters or digits); older writers, the original scripts among them, leave these when killed
+SAFETENSORS_TEMPORARY_NAME = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
 
 def _file_mode() -> int:
@@ -61,9 +67,26 @@ def sidecar_path(source: os.PathLike | str, suffix: str) -> Path:
     return Path(stem + suffix)
 
 
-def caption_path(image: os.PathLike | str) -> Path:
-    """The caption of ``dir/name.ext`` is ``dir/name.txt``."""
-    return sidecar_path(image, CAPTION_EXTENSION)
+def caption_path(image: os.PathLike | str, caption_suffix: str = CAPTION_EXTENSION) -> Path:
+    """The caption of ``dir/name.ext`` is ``dir/name.txt`` (``dir/name<caption_suffix>``)."""
+    return sidecar_path(image, caption_suffix)
+
+
+def preview_path(sidecar: os.PathLike | str) -> Path:
+    """Where a latent's decoded preview goes: ``x.img_sdvae`` -> ``x.img_sdvae.webp``."""
+    return Path(os.fspath(sidecar) + PREVIEW_EXTENSION)
+
+
+def is_source_image(name: str, extensions: tuple[str, ...], sidecar_suffixes: tuple[str, ...] = ()) -> bool:
+    """The one rule for which files sidecars are made from: an image of ``extensions`` (lower case, with
+    the dot) whose stem does not end with a sidecar suffix. ``x.img_sdvae.webp`` (a preview written
+    beside a sidecar, by us or by the original scripts) is made from a sidecar, never a source of one.
+    """
+    stem, extension = os.path.splitext(name)
+    if extension.lower() not in extensions:
+        return False
+    stem = stem.lower()
+    return not any(stem.endswith(suffix.lower()) for suffix in (*KNOWN_SUFFIXES, *sidecar_suffixes))
 
 
 EMPTY_PROMPT_STEM = ".empty_prompt"
@@ -83,9 +106,9 @@ class CaptionRejected(ValueError):
         self.source_gone = source_gone  # no caption at all: an old text sidecar is an orphan
 
 
-def read_caption(image_path: str) -> str:
+def read_caption(image_path: str, caption_suffix: str = CAPTION_EXTENSION) -> str:
     """The stripped text of the image's caption file; CaptionRejected with the reason if unusable."""
-    path = caption_path(image_path)
+    path = caption_path(image_path, caption_suffix)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -100,30 +123,58 @@ def read_caption(image_path: str) -> str:
 
 
 def is_temporary(name: str) -> bool:
-    """True for the temporary names write_sidecar uses (left behind only by a killed writer).
+    """True for a name that a sidecar writer's temporary has: ours, or safetensors' own ``.tmpXXXXXX``.
 
-    Matched exactly, so a user's file that merely contains ".partial-" is never taken for one.
+    Matched exactly, so a user's file that merely contains ".partial-" is never taken for one; a
+    safetensors-style name is short enough that a user could have chosen it, so cleanup also asks
+    ``is_abandoned_temporary_content`` before it removes such a file.
     """
-    return TEMPORARY_NAME.match(name) is not None
+    return TEMPORARY_NAME.match(name) is not None or SAFETENSORS_TEMPORARY_NAME.match(name) is not None
+
+
+def is_abandoned_temporary_content(path: os.PathLike | str) -> bool:
+    """Whether a file under a temporary's name may be removed as a killed writer's, judged by its content.
+
+    Our own names (hidden, ".partial-" and 8 hex digits) are only ever ours, whatever they hold (a
+    sidecar or a preview); a safetensors-style ``.tmpXXXXXX`` must also begin as a sidecar does.
+    """
+    name = os.path.basename(os.fspath(path))
+    return TEMPORARY_NAME.match(name) is not None or holds_sidecar_start(path)
+
+
+def holds_sidecar_start(path: os.PathLike | str) -> bool:
+    """True when the file is empty or begins as a safetensors file does (8-byte header length, then '{').
+
+    What a writer killed mid-write leaves; any other content under a temporary's name is a user's file.
+    """
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(9)
+    except OSError:
+        return False
+    if not start:
+        return True
+    return len(start) == 9 and start[8:9] == b"{" and int.from_bytes(start[:8], "little") <= MAX_HEADER_BYTES
 
 
 def write_sidecar(path: os.PathLike | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write ``tensors`` with ``metadata`` to ``path`` atomically.
 
-    The file is written under a temporary name in the same folder and renamed over ``path``, so a
-    reader (or a rerun after SIGKILL) sees either the old file, the new one, or none: never half.
+    Serialized to bytes here and written once, under our own temporary name, then renamed over ``path``
+    (safetensors' save_file would add a temporary and a rename of its own). A reader, or a rerun after
+    SIGKILL, sees the old file, the new one, or none: never half.
+
+    No fsync per file: a cache is millions of small files and a sync each would cost a disk round trip
+    per file. A process killed mid-write leaves only a temporary (cleaned by the next run); a machine
+    that loses power may leave a renamed file whose data never reached the disk, and the next run's
+    header and length check (``read_metadata``) finds it unreadable and rebuilds it.
+
+    Raises OSError when the file cannot be written (disk full, read-only folder) and ValueError (or
+    safetensors' own error) when the tensors cannot be serialized; the old file is untouched either way.
     """
-    path = Path(path)
     metadata = {"cachetrain_format": FORMAT_VERSION, **{k: str(v) for k, v in metadata.items()}}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    temporary = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(path, serialize(tensors, metadata=metadata), mode=FILE_MODE, fsync=False)
 
 
 # A header larger than this is not one of ours (ours are a few hundred bytes); refuse to read it.

@@ -68,7 +68,7 @@ class T5EmbeddingBuilder(TextEmbeddingBuilder):
         texts = []
         for source in sources:
             try:
-                texts.append(read_caption(source))
+                texts.append(read_caption(source, self.caption_suffix))
             except CaptionRejected:
                 texts.append("")
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length).input_ids]
@@ -111,5 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     builder = T5EmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder, model_name=models.model_name(model),
                                  device=device, dtype=dtype, save_dtype=models.parse_dtype(args.save_dtype),
-                                 batch_size=args.batch_size, projection=projection, max_length=args.max_length or 0)
+                                 batch_size=args.batch_size, projection=projection, max_length=args.max_length or 0,
+                                 caption_suffix=args.caption_suffix)
     return run_text_cache(builder, args)

@@ -27,10 +27,10 @@ import torch
 
 from . import models
 from .cli import ArgumentParser
-from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
-                          settings_from_args)
+from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, add_custom_flag, custom_model_source,
+                          default_encoder_dtype, run_cache_build, settings_from_args, write_problem)
 from .shards import agree_on_exit_status, process_device
-from .sidecar import (TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
+from .sidecar import (CAPTION_EXTENSION, TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
                       empty_prompt_path, read_caption, write_sidecar)
 from .text_encoding import clip_overlong, encode_clip_prompts
 from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
@@ -45,6 +45,7 @@ class TextEmbeddingBuilder:
     dtype: torch.dtype
     save_dtype: torch.dtype
     batch_size: int
+    caption_suffix: str = CAPTION_EXTENSION  # x.jpg's caption is x<caption_suffix>
 
     def __post_init__(self):
         self.encoder_class, self.fingerprint = models.encoder_identity(self.text_encoder)
@@ -62,7 +63,7 @@ class TextEmbeddingBuilder:
         }
 
     def expected_metadata(self, source: str) -> dict[str, str]:
-        return {**self.settings_metadata(), **caption_source_identity(read_caption(source))}
+        return {**self.settings_metadata(), **caption_source_identity(read_caption(source, self.caption_suffix))}
 
     def embed(self, prompts: list[str]) -> torch.Tensor | Sequence[torch.Tensor]:
         """[B, T, D] (or B tensors [T_i, D]) for ``prompts``: override for another text encoder."""
@@ -77,7 +78,7 @@ class TextEmbeddingBuilder:
             batch_sources, captions = [], []
             for source in sources[start : start + self.batch_size]:
                 try:
-                    captions.append(read_caption(source))
+                    captions.append(read_caption(source, self.caption_suffix))
                     batch_sources.append(source)
                 except CaptionRejected as error:  # changed since planning
                     summary.fail(source, error.kind, str(error))
@@ -102,16 +103,23 @@ class TextEmbeddingBuilder:
                     summary.fail(source, "non-finite output",
                                  "the text encoder produced NaN/Inf for this caption; nothing written")
                     continue
-                metadata = {**self.settings_metadata(), **caption_source_identity(caption), "encoder": self.model_name}
+                # the caption's name is recorded (not compared: its sha256 is) so inspect finds the caption
+                metadata = {**self.settings_metadata(), **caption_source_identity(caption), "encoder": self.model_name,
+                            "caption_suffix": self.caption_suffix}
                 yield EncodedItem(source, {TEXT_EMBEDDING_KEY: emb.clone()}, metadata)
 
-    def write_empty_prompt(self, data_root: str, suffix: str, overwrite: bool) -> None:
+    def write_empty_prompt(self, data_root: str, suffix: str, overwrite: bool, summary: CacheSummary) -> None:
+        """The root's empty-prompt sidecar, unless a fresh one is there; a write that fails is counted in
+        ``summary`` like any other sidecar's (the trainer then refuses caption dropout on this root)."""
         target = empty_prompt_path(data_root, suffix)
         expected = {**self.settings_metadata(), **caption_source_identity("")}
         if not overwrite and check_freshness(target, expected).status == "fresh":
             return
         emb = self.embed([""])[0].to(self.save_dtype)
-        write_sidecar(target, {TEXT_EMBEDDING_KEY: emb}, {**expected, "encoder": self.model_name})
+        try:
+            write_sidecar(target, {TEXT_EMBEDDING_KEY: emb}, {**expected, "encoder": self.model_name})
+        except Exception as error:  # disk full, read-only root, safetensors' own error
+            summary.fail(str(target), *write_problem(str(target), error))
 
 
 def build_parser(default_model: str, default_suffix: str, description: str) -> argparse.ArgumentParser:
@@ -121,6 +129,9 @@ def build_parser(default_model: str, default_suffix: str, description: str) -> a
     parser.add_argument("--out_suffix", default=default_suffix, help=f"sidecar suffix: x.txt -> x{default_suffix}")
     parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_IMAGE_EXTENSIONS),
                         help="image extensions whose captions are cached (case-insensitive)")
+    parser.add_argument("--caption_suffix", "--txt_suffix", dest="caption_suffix", default=CAPTION_EXTENSION,
+                        help=f"the caption of x.jpg is x<caption_suffix> (default {CAPTION_EXTENSION}; the original "
+                             f"T5 scripts' captions are .txtqs). --txt_suffix is the original's name for it")
     add_common_cache_flags(parser, default_batch=64)
     return parser
 
@@ -134,16 +145,23 @@ def encoder_device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, to
 def main_clip(argv: list[str] | None = None) -> int:
     parser = build_parser(models.SD15_MODEL_ID, ".txt_clipl",
                           "Cache CLIP-L text embeddings of the captions beside each image.")
+    add_custom_flag(parser, "tokenizer/ and text_encoder/ (standard CLIP parts, so none of the pipeline's code runs)")
     args = parser.parse_args(argv)
     device, dtype = encoder_device_and_dtype(args)
     try:
-        tokenizer, text_encoder = models.load_clip_text_encoder(args.model, torch.float32)
+        model = custom_model_source(args, ("tokenizer", "text_encoder"))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        tokenizer, text_encoder = models.load_clip_text_encoder(model, torch.float32)
     except (OSError, ValueError) as error:
-        print(f"error: could not load the CLIP tokenizer and text encoder of {args.model}: {error}", file=sys.stderr)
+        print(f"error: could not load the CLIP tokenizer and text encoder of {model}: {error}", file=sys.stderr)
         return 2
     builder = TextEmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder,
-                                   model_name=models.model_name(args.model), device=device, dtype=dtype,
-                                   save_dtype=models.parse_dtype(args.save_dtype), batch_size=args.batch_size)
+                                   model_name=models.model_name(model), device=device, dtype=dtype,
+                                   save_dtype=models.parse_dtype(args.save_dtype), batch_size=args.batch_size,
+                                   caption_suffix=args.caption_suffix)
     return run_text_cache(builder, args)
 
 
@@ -158,6 +176,6 @@ def run_text_cache(builder: TextEmbeddingBuilder, args: argparse.Namespace) -> i
     summary = run_cache_build(builder, settings)
     if settings.shard_index == 0:
         for root in args.data_root:
-            builder.write_empty_prompt(root, args.out_suffix, args.overwrite)
+            builder.write_empty_prompt(root, args.out_suffix, args.overwrite, summary)
     print(summary.render(), file=sys.stderr)
     return agree_on_exit_status(summary.exit_status())

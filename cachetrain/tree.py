@@ -22,8 +22,9 @@ def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
 
     One os.scandir pass per folder, in sorted order so every process sees the same sequence.
     Hidden folders and files (names starting with '.') are skipped: that is where temporary
-    sidecars and tool state live. Temporary sidecars (left by a killed writer) are appended to
-    ``temporaries`` when a list is given, so a cache builder can report and remove them.
+    sidecars and tool state live. Names of writers' temporaries (ours, and safetensors' own
+    ``.tmpXXXXXX``; see sidecar.is_temporary) are appended to ``temporaries`` when a list is given,
+    so a cache builder can check, report and remove what killed writers left.
     Symlinked folders are followed, each folder at most once (a link to an ancestor is no loop);
     pass the same ``visited`` set to the walks of several roots and a folder inside two of them
     (``--data_root D D/part0``) is walked once.

@@ -324,18 +324,25 @@ def test_sidecars_of_images_left_out_by_extensions_are_not_orphans(capsys, tiny_
     assert png.with_suffix(".img_sdvae").exists()
 
 
-def test_prune_removes_temporaries_of_killed_writers_but_not_of_live_ones(capsys, tiny_sd_model, cached_dataset):
+def test_every_run_removes_temporaries_of_killed_writers_but_not_of_live_ones_nor_user_files(capsys, tiny_sd_model,
+                                                                                              cached_dataset):
     folder = cached_dataset / "part2"
-    abandoned = folder / f".img00002.img_sdvae{sidecar.TEMP_MARKER}dead0001"
-    live = folder / f".img00006.img_sdvae{sidecar.TEMP_MARKER}live0001"
-    for path in (abandoned, live):
-        path.write_bytes(b"half a file")
-    old = abandoned.stat().st_mtime - 3600
-    os.utime(abandoned, (old, old))
-    status, counts, err = run_images(capsys, tiny_sd_model, cached_dataset, "--prune")
+    start_of_a_sidecar = (folder / "img00002.img_sdvae").read_bytes()[:100]
+    ours = folder / ".img00002.img_sdvae.partial-dead0001"
+    safetensors_own = folder / ".tmpQ3xZ9a"  # as safetensors' save_file names its temporary
+    live = folder / ".img00006.img_sdvae.partial-0123abcd"
+    users = folder / ".tmpNotes1"  # a user's hidden file under a temporary-like name
+    for path in (ours, safetensors_own, live):
+        path.write_bytes(start_of_a_sidecar)
+    users.write_text("not a sidecar")
+    for path in (ours, safetensors_own, users):
+        old = path.stat().st_mtime - 3600
+        os.utime(path, (old, old))
+    status, counts, err = run_images(capsys, tiny_sd_model, cached_dataset)
     assert status == 0 and counts["fresh"] == IMAGES_IN_DATASET
-    assert "leftover temporaries 1, removed 1" in err
-    assert not abandoned.exists() and live.exists()
+    assert "leftover temporaries of killed writers 2, removed 2" in err
+    assert not ours.exists() and not safetensors_own.exists()
+    assert live.exists() and users.read_text() == "not a sidecar"
 
 
 def test_a_report_file_describes_one_run(capsys, tiny_sd_model, cached_dataset, tmp_path):

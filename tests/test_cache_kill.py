@@ -1,4 +1,4 @@
-"""A cache script killed with SIGKILL mid-run leaves only valid sidecars, and a rerun finishes the rest."""
+"""A cache script killed with SIGKILL mid-run leaves only valid sidecars, and a rerun removes what killed writers\nleft and finishes the rest."""
 
 from __future__ import annotations
 
@@ -45,8 +45,22 @@ def test_sigkill_mid_run_leaves_only_valid_sidecars_and_a_rerun_completes(tmp_pa
     visible = {p.suffix for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
     assert visible == {".jpg", ".txt", ".img_sdvae"}  # a write cut short leaves at most a hidden temporary
 
+    # The next run (an hour later) also finds what older writers left: safetensors' own save_file
+    # temporary, and a hidden user file whose name only looks like one.
+    sidecar_start = survivors[0].read_bytes()[:64]
+    (root / "part1" / ".tmpK9pL2x").write_bytes(sidecar_start)
+    (root / "part1" / ".tmpMyNote").write_text("a user's file")
+    temporaries = [p for p in root.rglob("*") if sidecar.is_temporary(p.name)]
+    for path in temporaries:
+        old = path.stat().st_mtime - 3600
+        os.utime(path, (old, old))
+    leftovers = [p for p in temporaries if sidecar.is_abandoned_temporary_content(p)]
+    assert len(leftovers) == len(temporaries) - 1
+
     rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
+    assert f"leftover temporaries of killed writers {len(leftovers)}, removed {len(leftovers)}" in rerun.stderr
+    assert [p.name for p in root.rglob("*") if sidecar.is_temporary(p.name)] == [".tmpMyNote"]
     assert (f"written {IMAGES - len(survivors)} (rebuilt stale 0), skipped fresh {len(survivors)}, "
             "legacy kept 0, failed 0") in rerun.stderr
     assert len(list(root.rglob("*.img_sdvae"))) == IMAGES

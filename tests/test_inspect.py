@@ -163,8 +163,12 @@ def test_latents_of_images_with_other_extensions_are_orphans_unless_those_extens
 
 def test_the_text_report_names_the_problems(planted_cache, capsys):
     root, _latents, _embeddings = planted_cache
-    assert cache_inspect.main([str(root), "--no_progress"]) == 0
-    text = capsys.readouterr().out
+    assert cache_inspect.main([str(root), "--no_progress"]) == 1  # it found broken files
+    captured = capsys.readouterr()
+    text = captured.out
+    assert captured.err.strip().splitlines()[-1] == \
+        f"{cache_inspect.broken_count(cache_inspect.inspect_cache([str(root)]))} sidecars cannot be trained on " \
+        "(unreadable, NaN/Inf or an odd shape)"
     assert ".img_sdvae: 9 sidecars (8 image latents)" in text
     assert "fresh 5, retimed 0, stale 1, legacy 1, orphan 1, unreadable 1" in text
     assert f"1 files differ from the usual shape 4x8x8:\n    {root}/a/img4.img_sdvae: 4x8x6" in text
@@ -177,7 +181,8 @@ def test_module_runs_as_a_command_with_json_and_a_progress_bar(planted_cache):
     root, _latents, _embeddings = planted_cache
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "cachetrain.inspect", str(root), "--json"], capture_output=True,
-                          text=True, env=env, timeout=120, check=True)
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 1  # an unreadable, a NaN/Inf and an odd-shaped latent are planted
     assert json.loads(done.stdout) == cache_inspect.inspect_cache([str(root)])
     assert "inspecting: 100%" in done.stderr and "16/16" in done.stderr
 
@@ -197,3 +202,33 @@ def test_sidecars_written_by_the_cache_builders_are_fresh_until_their_source_cha
     assert result["suffixes"][".img_sdvae"]["status"] == {"fresh": 46, "retimed": 1, "stale": 1, "legacy": 0,
                                                           "orphan": 0, "unreadable": 0}
     assert result["suffixes"][".txt_clipl"]["status"]["fresh"] == 48
+
+
+def test_the_exit_status_is_zero_for_a_sound_cache_and_one_for_each_kind_of_broken_file(cached_dataset):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = subprocess.run([sys.executable, "-m", "cachetrain.inspect", str(cached_dataset), "--no_progress"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert command.returncode == 0, command.stderr
+
+    def inspect_status() -> int:
+        return cache_inspect.main([str(cached_dataset), "--no_progress"])
+
+    latents = sorted(cached_dataset.rglob("*.img_sdvae"))
+    stale_image = sorted(cached_dataset.rglob("*.jpg"))[5]
+    Image.new("RGB", (70, 70), (9, 9, 9)).save(stale_image)  # stale is for the cache scripts to fix, not broken
+    assert inspect_status() == 0
+    for break_it in (lambda path: path.write_bytes(b"broken"),
+                     lambda path: save_file({"latent": torch.full((4, 16, 16), float("nan"))}, path),
+                     lambda path: save_file({"latent": torch.zeros(4, 16, 12)}, path)):
+        kept = latents[0].read_bytes()
+        break_it(latents[0])
+        assert inspect_status() == 1
+        latents[0].write_bytes(kept)
+    assert inspect_status() == 0
+
+
+def test_help_says_what_the_exit_status_means(capsys):
+    with pytest.raises(SystemExit):
+        cache_inspect.main(["--help"])
+    assert "Exit status: 0 when every sidecar can be trained on; 1 when any is unreadable" in \
+        " ".join(capsys.readouterr().out.split())

@@ -45,25 +45,74 @@ def test_read_names_the_file_and_the_problem(tmp_path):
 
 def test_a_write_that_fails_midway_leaves_neither_sidecar_nor_temporary(tmp_path, monkeypatch):
     path = tmp_path / "x.img_sdvae"
+    real_open = open
 
-    def fail_after_partial_write(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError("disk full")
+    class HalfWritten:  # the disk fills after the first bytes reached the temporary
+        def __init__(self, handle):
+            self.handle = handle
 
-    monkeypatch.setattr(sidecar, "save_file", fail_after_partial_write)
-    with pytest.raises(OSError, match="disk full"):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[:10])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda file, mode="r", *a, **k: HalfWritten(real_open(file, mode, *a, **k))
+                        if "w" in mode else real_open(file, mode, *a, **k))
+    with pytest.raises(OSError, match="No space left"):
         sidecar.write_sidecar(path, {"latent": torch.zeros(4, 2, 2)}, {})
+    monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_rewrite_keeps_the_previous_sidecar(tmp_path, monkeypatch):
     path = tmp_path / "x.img_sdvae"
     sidecar.write_sidecar(path, {"latent": torch.ones(4, 2, 2)}, {})
-    monkeypatch.setattr(sidecar, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
     with pytest.raises(OSError):
         sidecar.write_sidecar(path, {"latent": torch.zeros(4, 2, 2)}, {})
+    monkeypatch.undo()
     assert torch.equal(sidecar.read_sidecar(path, "latent"), torch.ones(4, 2, 2))
     assert [p.name for p in tmp_path.iterdir()] == ["x.img_sdvae"]
+
+
+def test_a_sidecar_is_written_once_by_us_never_through_safetensors_own_temporary(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: pytest.fail("save_file makes a .tmp of its own"))
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((Path(src).name, Path(dst).name)),
+                                                          real_replace(src, dst)))
+    path = tmp_path / "x.img_sdvae"
+    sidecar.write_sidecar(path, {"latent": torch.ones(4, 2, 2)}, {"kind": "image_latent"})
+    assert len(renames) == 1 and renames[0][1] == "x.img_sdvae"
+    assert sidecar.is_temporary(renames[0][0])
+    assert [p.name for p in tmp_path.iterdir()] == ["x.img_sdvae"]
+
+
+def test_temporaries_of_killed_writers_are_told_from_user_files_by_name_and_content(tmp_path):
+    # the names safetensors 0.8's save_file and our own writer give their temporaries
+    assert sidecar.is_temporary(".tmpAb3dE9") and sidecar.is_temporary(".x.img_sdvae.partial-0123abcd")
+    for name in (".tmpAb3dE", ".tmpAb3dE9x", ".tmp-b3dE9", "tmpAb3dE9", ".x.img_sdvae.partial-0123abcg"):
+        assert not sidecar.is_temporary(name), name
+    started = tmp_path / ".tmpAAAAAA"
+    save_file({"latent": torch.zeros(4, 8, 8)}, started)
+    started.write_bytes(started.read_bytes()[:40])  # cut off mid-write
+    empty = tmp_path / ".tmpBBBBBB"
+    empty.write_bytes(b"")
+    users = tmp_path / ".tmpCCCCCC"
+    users.write_text("my notes")
+    assert sidecar.holds_sidecar_start(started) and sidecar.holds_sidecar_start(empty)
+    assert not sidecar.holds_sidecar_start(users)
+    assert not sidecar.is_abandoned_temporary_content(users)
+    ours = tmp_path / ".x.img_sdvae.webp.partial-0123abcd"  # our own name: ours whatever it holds (a preview)
+    ours.write_bytes(b"RIFF....WEBP")
+    assert sidecar.is_abandoned_temporary_content(ours) and sidecar.is_abandoned_temporary_content(started)
 
 
 def test_freshness_compares_metadata_with_the_current_source_and_encoder(tmp_path):
