@@ -41,7 +41,7 @@ ARGS_FILE = "train_args.json"
 VALIDATION_EPOCH = -1  # the noise key of held-out pairs: the same draws at every evaluation
 REPEATED_SIGNAL_SECONDS = 2.0  # torchrun forwards a Ctrl-C the terminal already delivered
 REFERENCE_PAIRS = 16  # without buckets, the run's shapes are the commonest among the first pairs' headers
-MIN_PAIRS_FOR_BAD_FRACTION = 200  # --max_bad_fraction is judged once this many pairs were read
+MIN_PAIRS_FOR_BAD_FRACTION = 200  # --max_bad_fraction is judged over at least this many reads
 
 
 class TrainingError(RuntimeError):
@@ -309,9 +309,8 @@ class TrainingRun:
         for number in sorted(range(len(counts)), key=lambda n: -counts[n]):
             shape, count = self.train_index.shapes[number], counts[number]
             if count:
-                pixels = f" (~{shape[-1] * 8}x{shape[-2] * 8} px)" if len(shape) == 3 else ""
-                note = "" if count >= self.config.batch_size else ", fewer than a batch: not trained"
-                described.append(f"{_shape_text(shape)}{pixels}: {count}{note}")
+                note = "" if count >= self.config.batch_size else " (fewer than a batch: not trained)"
+                described.append(f"{_shape_text(shape)}: {count}{note}")
         print(f"[train] {len(described)} aspect buckets (latent shape: pairs): " + ", ".join(described),
               file=sys.stderr)
 
@@ -452,10 +451,17 @@ class TrainingRun:
             raise TrainingError(f"no pair could be read for a batch: all {batch.tried} pairs tried were bad, e.g. "
                                 f"{_examples(batch.bad)}; check the cache (python -m cachetrain.inspect)")
         limit = self.config.max_bad_fraction
-        if self.pairs_tried >= MIN_PAIRS_FOR_BAD_FRACTION and self.skipped_here > limit * self.pairs_tried:
+        # judged over at least MIN_PAIRS_FOR_BAD_FRACTION reads, so a few bad files early on are no
+        # verdict; but as many bad as that many reads may hold stops the run at once
+        if self.skipped_here > limit * max(self.pairs_tried, MIN_PAIRS_FOR_BAD_FRACTION):
             raise TrainingError(f"{self.skipped_here} of the {self.pairs_tried} pairs read were bad (more than "
                                 f"--max_bad_fraction {limit}), e.g. {_examples(self.named_bad)}; fix or remove "
-                                f"them (python -m cachetrain.inspect lists them all)")
+                                f"them (python -m cachetrain.inspect lists them all){self._buckets_hint()}")
+
+    def _buckets_hint(self) -> str:
+        if self.config.aspect_buckets or not any("the run's is" in reason for reason in self.named_bad.values()):
+            return ""
+        return "; a cache of several sizes on purpose trains with --aspect_buckets"
 
     def _skipped_samples(self) -> torch.Tensor:
         """Bad pairs passed over by the whole run so far, as a device scalar (an all-reduce with
