@@ -120,9 +120,11 @@ def test_a_bad_pair_is_replaced_from_the_rest_the_same_way_every_time(cached_dat
 def test_bad_pairs_are_named_once_counted_and_training_goes_on(tiny_sd_model, cached_dataset, tmp_path, capsys):
     bad_files = _spoil(cached_dataset)
     output = tmp_path / "run"
-    # 48 pairs, batch 4: 12 batches an epoch; 3 epochs, so every bad file is met three times or more
+    # 48 pairs, batch 4: 12 batches an epoch; 3 epochs, so every bad file is met three times or more.
+    # Two worker processes: each finds bad files on its own; the run names each once all the same.
     result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, "--max_steps", "36",
-                                          "--log_every", "12", "--max_bad_fraction", "0.3")))  # 6 of 48 bad
+                                          "--log_every", "12", "--max_bad_fraction", "0.3",  # 6 of 48 are bad
+                                          "--num_workers", "2")))
     assert result.steps == 36
     err = capsys.readouterr().err
     for path, reason in bad_files.items():
