@@ -23,7 +23,7 @@ class Progress:
     step: int = 0  # optimizer steps taken
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
-    skipped_samples: int = 0  # unreadable pairs left out
+    skipped_samples: int = 0  # bad pairs passed over (and replaced), by all processes
     skipped_steps: int = 0  # optimizer steps skipped for NaN/Inf gradients
 
     def as_dict(self) -> dict[str, int]:

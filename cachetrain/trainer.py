@@ -280,6 +280,12 @@ class TrainingRun:
                                 balance=config.data_balance)
         if self.is_main and config.aspect_buckets:
             self._print_buckets()
+        if self.is_main and config.data_balance == "equal":
+            sizes = [len(members) for members in self.order.group_members]
+            print(f"[train] --data_balance equal: {len(config.train_data_dir)} folder(s) holding "
+                  f"{', '.join(map(str, sizes))} pairs; each gives {max(sizes)} draws to every epoch"
+                  f"{'' if len(sizes) == len(config.train_data_dir) else ' (folders without pairs give none)'}",
+                  file=sys.stderr)
         self.batches_per_epoch = self.order.batches_per_epoch()
         if self.batches_per_epoch == 0:
             raise TrainingError(f"{len(self.train_index)} samples are fewer than one batch of "

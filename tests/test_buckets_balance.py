@@ -127,7 +127,7 @@ def test_aspect_buckets_train_on_several_shapes_and_print_the_bucket_counts(tiny
     assert all(torch.isfinite(t).all() for t in _weights(output).values())
 
 
-def test_buckets_with_equal_folders_and_a_bad_file_resume_exactly(tiny_sd_model, two_shapes, tmp_path):
+def test_buckets_with_equal_folders_and_a_bad_file_resume_exactly(tiny_sd_model, two_shapes, tmp_path, capsys):
     small, large = tmp_path / "small", tmp_path / "large"
     shutil.move(two_shapes / "part0", small)  # 12 pairs, 4x16x16
     large.mkdir()
@@ -140,6 +140,8 @@ def test_buckets_with_equal_folders_and_a_bad_file_resume_exactly(tiny_sd_model,
     common = ("--train_data_dir", str(small), str(large), "--aspect_buckets", "--data_balance", "equal",
               "--gradient_accum", "2", "--max_steps", "10", "--log_every", "1", "--max_bad_fraction", "0.5")
     straight = train(parse_train_args(_args(tiny_sd_model, tmp_path / "straight", *common)))
+    assert "--data_balance equal: 2 folder(s) holding 12, 36 pairs; each gives 36 draws to every epoch" in \
+        capsys.readouterr().err
     # 36 draws from each folder: (72 - 2 buckets x 3) // 4 = 16 batches, 8 optimizer steps an epoch
     assert straight.steps == 10
     stopped = train(parse_train_args(_args(tiny_sd_model, tmp_path / "resumed", *common)),
