@@ -187,3 +187,33 @@ def test_two_processes_share_bucketed_batches_and_count_bad_pairs_together(tiny_
     events = EventAccumulator(str(output / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert events.Scalars("train/skipped_samples")[-1].value == summary["skipped_samples"]
+
+
+def test_equal_balance_shares_of_two_processes_are_disjoint_draws_of_the_same_epoch():
+    groups = [0] * 6 + [1] * 18
+    whole = EpochOrder(24, 4, seed=2, groups=groups, balance="equal").epoch(1)
+    shares = [EpochOrder(24, 4, seed=2, rank=r, world_size=2, groups=groups, balance="equal").epoch(1)
+              for r in range(2)]
+    assert len(shares[0][0]) == len(shares[1][0]) == 4  # 9 batches: the odd one sits the epoch out
+    keys = [set(share[2].flatten().tolist()) for share in shares]
+    assert not keys[0] & keys[1]
+    assert keys[0] | keys[1] <= set(whole[2].flatten().tolist())
+
+
+def test_a_latent_whose_shape_left_its_bucket_after_the_start_is_bad_data(two_shapes):
+    from cachetrain.loader import CachedPairDataset, PairChecks, RefillingBatchReader, RunBatches
+    from cachetrain.sidecar import read_metadata, write_sidecar
+    from cachetrain.tree import index_training_pairs, record_latent_shapes
+
+    index, _ = index_training_pairs([two_shapes], ".img_sdvae", ".txt_clipl")
+    assert record_latent_shapes(index, "latent") == [] and sorted(index.shapes) == [(4, 16, 16), WIDE]
+    moved = index[0][0]  # recorded as 4x16x16, then rewritten by another cache run
+    write_sidecar(moved, {"latent": torch.zeros(WIDE)}, read_metadata(moved))
+    order = EpochOrder(len(index), 4, seed=0, buckets=index.shape_ids)
+    reader = RefillingBatchReader(CachedPairDataset(index, checks=PairChecks(text_width=32)), order)
+    batches = [reader[key] for key in RunBatches(order, epochs=1)]
+    bad = [entry for batch in batches for entry in batch.bad]
+    # both buckets hold 24 pairs, 6 whole batches: every pair is met, the moved one as bad data
+    assert bad == [(moved, "latent of shape [4, 16, 24], its bucket's (read at start) is [4, 16, 16]")]
+    assert sum(len(batch.sample_ids) for batch in batches) == 48
+    assert all(len({tuple(t.shape) for t in batch.latents}) == 1 for batch in batches)
