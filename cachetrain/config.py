@@ -110,6 +110,17 @@ class TrainConfig:
     log_every: int = _flag(10, "read metrics back from the device and log them every N optimizer steps")
     max_bad_steps: int = _flag(10, "stop after this many optimizer steps in a row had NaN/Inf gradients")
     no_progress: bool = _flag(False, "no progress bar")
+    # the data path: bad pairs, aspect buckets, balance of data folders
+    max_bad_fraction: float = _flag(0.05, "stop when more than this fraction of the pairs read were bad "
+                                          "(unreadable, another shape or width, NaN/Inf); bad pairs below it "
+                                          "are named once, skipped and replaced")
+    aspect_buckets: bool = _flag(False, "train on latents of several shapes (caches made with --buckets or "
+                                        "--aspect_buckets): shapes are read from the headers at start and each "
+                                        "batch holds one shape. Without it the run's shape is that of the first "
+                                        "pairs and others are skipped as bad data")
+    data_balance: str = _flag("pooled", "pooled: every pair equally likely; equal: each --train_data_dir gets "
+                                        "the same share of every epoch (an epoch is as long as the largest "
+                                        "folder, smaller ones are drawn again)", choices=("pooled", "equal"))
 
     @property
     def max_epochs(self) -> int | None:
@@ -210,6 +221,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     for name in ("unfreeze_up_blocks", "unfreeze_down_blocks"):
         if any(block < 0 for block in getattr(config, name)):
             problems.append(f"--{name} takes block numbers >= 0")
+    if not 0 <= config.max_bad_fraction <= 1:
+        problems.append("--max_bad_fraction is a fraction in [0, 1]")
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     return config

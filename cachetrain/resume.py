@@ -23,16 +23,24 @@ class Progress:
     step: int = 0  # optimizer steps taken
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
-    skipped_samples: int = 0  # unreadable pairs left out
+    skipped_samples: int = 0  # bad pairs passed over (and replaced), by all processes
     skipped_steps: int = 0  # optimizer steps skipped for NaN/Inf gradients
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
 
-def data_identity(pairs: int, processes: int, batch_size: int, seed: int) -> dict[str, int]:
-    """What the data order depends on: a resume with other values would not continue the same order."""
-    return {"pairs": pairs, "processes": processes, "batch_size": batch_size, "seed": seed}
+def data_identity(pairs: int, processes: int, batch_size: int, seed: int, pairs_sha256: str | None = None,
+                  **order: int | str | bool) -> dict[str, int | str | bool]:
+    """What the data order depends on: a resume with other values would not continue the same order.
+
+    ``pairs_sha256`` is the pair list's fingerprint (names, in order: PairIndex.fingerprint), so data
+    that changed but kept its count is told apart; ``order`` holds the settings that shape the order
+    (aspect buckets, data balance)."""
+    identity = {"pairs": pairs, "processes": processes, "batch_size": batch_size, "seed": seed}
+    if pairs_sha256 is not None:
+        identity["pairs_sha256"] = pairs_sha256
+    return {**identity, **order}
 
 
 def optimizer_identity(optimizer: str, unet: torch.nn.Module, trainable: list[torch.Tensor]) -> dict[str, int | str]:
@@ -53,7 +61,13 @@ def describe_changes(saved: dict, now: dict) -> str:
 
 def resume_problem(state: dict, data: dict, optimizer: dict, checkpoint: Path) -> str | None:
     """Why the training state of ``checkpoint`` cannot continue a run with these identities, if it cannot."""
-    changed = describe_changes(state.get("data", {}), data)
+    saved_data = state.get("data", {})
+    if saved_data.get("pairs_sha256", data.get("pairs_sha256")) != data.get("pairs_sha256"):
+        return (f"--resume {checkpoint}: the training data changed (pairs were {saved_data.get('pairs')}, now "
+                f"{data.get('pairs')}; their names or order differ: pairs_sha256 was {saved_data['pairs_sha256']}, "
+                f"now {data.get('pairs_sha256')}); the data order would not continue where it stopped. Resume on "
+                f"the same data, or start a new run from its weights with --pretrained_model {checkpoint}.")
+    changed = describe_changes(saved_data, data)
     if changed:
         return (f"--resume {checkpoint}: {changed}; the data order would not continue where it stopped. "
                 f"Resume with the same settings and data.")

@@ -25,20 +25,23 @@ from . import models
 from .checkpoint_sampler import CheckpointSampler, scale_problem
 from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
-from .loader import CachedPairDataset, NoisePlan, RunBatches, make_loader
+from .loader import (CachedPairDataset, EpochOrder, NoisePlan, PairChecks, RefillingBatchReader, RunBatches,
+                     make_loader, make_training_loader)
 from .objective import DiffusionObjective
 from .optim import build_lr_schedule, build_optimizer
 from .resume import Progress, data_identity, optimizer_identity, resume_problem
-from .sidecar import TEXT_EMBEDDING_KEY, empty_prompt_path, read_sidecar
+from .sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, empty_prompt_path, read_sidecar
 from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
-from .tree import PairIndex, index_training_pairs
+from .tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, read_tensor_shape, record_latent_shapes
 
 TRIGGER_FILE = "trigger.checkpoint"
 SUMMARY_FILE = "train_summary.json"
 ARGS_FILE = "train_args.json"
 VALIDATION_EPOCH = -1  # the noise key of held-out pairs: the same draws at every evaluation
 REPEATED_SIGNAL_SECONDS = 2.0  # torchrun forwards a Ctrl-C the terminal already delivered
+REFERENCE_PAIRS = 16  # without buckets, the run's shapes are the commonest among the first pairs' headers
+MIN_PAIRS_FOR_BAD_FRACTION = 200  # --max_bad_fraction is judged over at least this many reads
 
 
 class TrainingError(RuntimeError):
@@ -182,6 +185,37 @@ def _weights_checksum(unet: torch.nn.Module) -> torch.Tensor:
         return (norms * weights).sum()
 
 
+def _examples(bad: list[tuple[str, str]] | dict[str, str], count: int = 3) -> str:
+    items = list(bad.items() if isinstance(bad, dict) else bad)
+    return "; ".join(f"{path}: {reason}" for path, reason in items[:count])
+
+
+def _reference_shapes(index: PairIndex, with_latent: bool) -> PairChecks:
+    """What every pair of the run must be, from the headers of the first pairs alone (millions of
+    files are never all opened at start): the commonest latent shape (ties: the first) and text width."""
+    latents, widths, unreadable = {}, {}, []
+    for i in range(min(REFERENCE_PAIRS, len(index))):
+        latent_path, text_path = index[i]
+        for path, key, counts, pick in ((latent_path, IMAGE_LATENT_KEY, latents, tuple),
+                                        (text_path, TEXT_EMBEDDING_KEY, widths, lambda shape: shape[-1])):
+            if path == latent_path and not with_latent:
+                continue
+            try:
+                shape = read_tensor_shape(path, key)
+                counts[pick(shape)] = counts.get(pick(shape), 0) + 1
+            except (OSError, ValueError) as error:
+                unreadable.append((path, str(error)))
+    if (with_latent and not latents) or not widths:
+        raise TrainingError(f"none of the first {min(REFERENCE_PAIRS, len(index))} pairs could be read, e.g. "
+                            f"{_examples(unreadable)}; check the cache (python -m cachetrain.inspect)")
+    commonest = lambda counts: max(counts, key=counts.get) if counts else None  # noqa: E731  (first wins ties)
+    return PairChecks(latent_shape=commonest(latents), text_width=commonest(widths))
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
 class TrainingRun:
     """The state of one run and the loop over it; ``train()`` is the entry point."""
 
@@ -211,6 +245,10 @@ class TrainingRun:
         self.epoch_save_pending = False
         self.sample_id_sum = 0  # of the pairs this process trained on: proves the processes' shares differ
         self.sample_count = 0
+        self.skipped_before = self.progress.skipped_samples  # bad pairs passed over by earlier starts
+        self.skipped_here = 0  # ... and by this process since this start
+        self.pairs_tried = 0  # pairs this process read since this start, for --max_bad_fraction
+        self.named_bad: dict[str, str] = {}  # path -> reason of the bad files named (once each)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -223,17 +261,64 @@ class TrainingRun:
         if self.is_main and (unpaired["image_only"] or unpaired["text_only"]):
             print(f"[train] left out {unpaired['image_only']} latents without text and "
                   f"{unpaired['text_only']} texts without latents", file=sys.stderr)
+        self.left_out_at_start = 0
+        if config.aspect_buckets:
+            index = self._index_buckets(index)
+        self.checks = _reference_shapes(index, with_latent=not config.aspect_buckets)
         self.train_index, self.validation_index = _split_validation(index, config.validation_split, config.seed)
         if config.validation_dir:
             self.validation_index, _ = index_training_pairs(config.validation_dir, config.imgcache_suffix,
                                                             config.txtcache_suffix)
             if len(self.validation_index) == 0:
                 raise TrainingError(f"--validation_dir {config.validation_dir}: no sample has both sidecars there")
-        self.batches_per_epoch = len(self.train_index) // self.world // config.batch_size
+            if config.aspect_buckets:
+                record_latent_shapes(self.validation_index, IMAGE_LATENT_KEY)  # unreadable ones: named at val/loss
+        self.pairs_fingerprint = self.train_index.fingerprint()
+        self.order = EpochOrder(len(self.train_index), config.batch_size, config.seed, self.rank, self.world,
+                                buckets=self.train_index.shape_ids if config.aspect_buckets else None,
+                                groups=self.train_index.root_ids() if config.data_balance == "equal" else None,
+                                balance=config.data_balance)
+        if self.is_main and config.aspect_buckets:
+            self._print_buckets()
+        if self.is_main and config.data_balance == "equal":
+            sizes = [len(members) for members in self.order.group_members]
+            print(f"[train] --data_balance equal: {len(config.train_data_dir)} folder(s) holding "
+                  f"{', '.join(map(str, sizes))} pairs; each gives {max(sizes)} draws to every epoch"
+                  f"{'' if len(sizes) == len(config.train_data_dir) else ' (folders without pairs give none)'}",
+                  file=sys.stderr)
+        self.batches_per_epoch = self.order.batches_per_epoch()
         if self.batches_per_epoch == 0:
             raise TrainingError(f"{len(self.train_index)} samples are fewer than one batch of "
                                 f"{config.batch_size} per process")
         self.total_steps = config.max_optimizer_steps(self.batches_per_epoch)
+
+    def _index_buckets(self, index: PairIndex) -> PairIndex:
+        """Record every latent's shape from its header (a thread pool); the unreadable are named and left out."""
+        started = time.perf_counter()
+        unreadable = record_latent_shapes(index, IMAGE_LATENT_KEY)
+        if self.is_main:
+            for path, reason in unreadable:
+                print(f"[train] left out {path}: {reason}", file=sys.stderr)
+            print(f"[train] --aspect_buckets: read {len(index)} latent headers in "
+                  f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+        if len(unreadable) == len(index) or len(unreadable) > self.config.max_bad_fraction * len(index):
+            raise TrainingError(f"{len(unreadable)} of {len(index)} latents could not be read (more than "
+                                f"--max_bad_fraction {self.config.max_bad_fraction}), e.g. {_examples(unreadable)}")
+        if not unreadable:
+            return index
+        self.left_out_at_start = len(unreadable)
+        return index.subset(i for i in range(len(index)) if index.shape_ids[i] != UNREADABLE_SHAPE)
+
+    def _print_buckets(self) -> None:
+        counts = self.order.bucket_sizes.tolist()
+        described = []
+        for number in sorted(range(len(counts)), key=lambda n: -counts[n]):
+            shape, count = self.train_index.shapes[number], counts[number]
+            if count:
+                note = "" if count >= self.config.batch_size else " (fewer than a batch: not trained)"
+                described.append(f"{_shape_text(shape)}: {count}{note}")
+        print(f"[train] {len(described)} aspect buckets (latent shape: pairs): " + ", ".join(described),
+              file=sys.stderr)
 
     def _load_model(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -277,7 +362,9 @@ class TrainingRun:
 
     def _identities(self) -> tuple[dict, dict]:
         """(data, optimizer) identities of this run, as a checkpoint records them (see resume.py)."""
-        return (data_identity(len(self.train_index), self.world, self.config.batch_size, self.config.seed),
+        return (data_identity(len(self.train_index), self.world, self.config.batch_size, self.config.seed,
+                              self.pairs_fingerprint, aspect_buckets=self.config.aspect_buckets,
+                              data_balance=self.config.data_balance),
                 optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable))
 
     def _make_ema(self, state: dict | None = None) -> None:
@@ -338,21 +425,18 @@ class TrainingRun:
         counts micro-batches whose gradients were not applied.
         """
         config, progress = self.config, self.progress
-        dataset = CachedPairDataset(self.train_index, self.plan)
-        batches = RunBatches(len(self.train_index), config.batch_size, config.seed, self.rank, self.world,
-                             progress.epoch, progress.batch_in_epoch)
-        loader = make_loader(dataset, batches, config.num_workers, pin_memory=self.device.type == "cuda",
-                             token_length=config.force_toklen)
+        dataset = CachedPairDataset(self.train_index, self.plan, checks=self.checks)
+        reader = RefillingBatchReader(dataset, self.order, token_length=config.force_toklen)
+        batches = RunBatches(self.order, progress.epoch, progress.batch_in_epoch)
+        loader = make_training_loader(reader, batches, config.num_workers, pin_memory=self.device.type == "cuda")
         micro_batches = 0
         for batch in loader:
             progress.batch_in_epoch += 1
             micro_batches += 1
             if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
                 stop.requested = True
-            stepped = batch is not None and self._train_on(batch, bar)
-            if batch is None and self.world > 1:
-                raise TrainingError("every pair of a batch was unreadable (listed above); with several processes "
-                                    "a process without a batch would stall the others. Fix or remove those files.")
+            self._pass_over_bad_pairs(batch)
+            stepped = self._train_on(batch, bar)
             if progress.batch_in_epoch == self.batches_per_epoch:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
@@ -361,10 +445,41 @@ class TrainingRun:
                 break
         del loader  # stops the workers
 
+    def _pass_over_bad_pairs(self, batch) -> None:
+        """Name each bad file once and count it; stop when no batch can be filled or too many pairs are bad."""
+        self.pairs_tried += batch.tried
+        self.skipped_here += batch.skipped
+        for path, reason in batch.bad:
+            if path not in self.named_bad:
+                self.named_bad[path] = reason
+                tqdm.write(f"[train] skipped {path}: {reason}", file=sys.stderr)
+        if batch.latents is None:
+            raise TrainingError(f"no pair could be read for a batch: all {batch.tried} pairs tried were bad, e.g. "
+                                f"{_examples(batch.bad)}; check the cache (python -m cachetrain.inspect)")
+        limit = self.config.max_bad_fraction
+        # judged over at least MIN_PAIRS_FOR_BAD_FRACTION reads, so a few bad files early on are no
+        # verdict; but as many bad as that many reads may hold stops the run at once
+        if self.skipped_here > limit * max(self.pairs_tried, MIN_PAIRS_FOR_BAD_FRACTION):
+            raise TrainingError(f"{self.skipped_here} of the {self.pairs_tried} pairs read were bad (more than "
+                                f"--max_bad_fraction {limit}), e.g. {_examples(self.named_bad)}; fix or remove "
+                                f"them (python -m cachetrain.inspect lists them all){self._buckets_hint()}")
+
+    def _buckets_hint(self) -> str:
+        if self.config.aspect_buckets or not any("the run's is" in reason for reason in self.named_bad.values()):
+            return ""
+        return "; a cache of several sizes on purpose trains with --aspect_buckets"
+
+    def _skipped_samples(self) -> torch.Tensor:
+        """Bad pairs passed over by the whole run so far, as a device scalar (an all-reduce with
+        several processes, so every process must call it at the same point)."""
+        here = torch.tensor(float(self.skipped_here), device=self.device)
+        if self.world > 1:
+            here = self.accelerator.reduce(here, reduction="sum")
+        return here + self.skipped_before
+
     def _train_on(self, batch, bar) -> bool:
         """One micro-batch; True when it completed an optimizer step."""
         config, accelerator, progress = self.config, self.accelerator, self.progress
-        progress.skipped_samples += batch.skipped
         self.sample_id_sum += sum(batch.sample_ids)
         self.sample_count += len(batch.sample_ids)
         with accelerator.accumulate(self.unet):
@@ -392,9 +507,11 @@ class TrainingRun:
         values = self.telemetry.flush(progress.step, self.lr_schedule.get_last_lr()[0], {
             "train/qk_grads_av": check.qk_grads,
             **self.health.window_scalars(),
+            "train/skipped_samples": self._skipped_samples(),
             "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / self.batches_per_epoch),
         })
         progress.skipped_steps = int(values["train/skipped_steps"])
+        progress.skipped_samples = int(values["train/skipped_samples"])
         self.result.logged.append({"step": progress.step, **values})
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_sec']:.1f}")
         worst_run = int(values["_worst_bad_run"])
@@ -462,6 +579,7 @@ class TrainingRun:
         destination = ckpt.checkpoint_dir(self.output_dir, self.progress.step)
         if self.result.checkpoints and self.result.checkpoints[-1] == destination:
             return  # this step is saved already
+        self.progress.skipped_samples = int(self._skipped_samples().item())  # saves are rare: one read is fine
         self.accelerator.wait_for_everyone()
         if self.is_main:
             path = self.sampler.save(self.bare_unet, self.progress.step, self._training_state(), self.ema,
@@ -491,9 +609,16 @@ class TrainingRun:
         if self.is_main:
             dataset = CachedPairDataset(self.validation_index, dataclasses.replace(self.plan, fixed_timesteps=True,
                                                                                    caption_dropout=0.0),
-                                        epoch=VALIDATION_EPOCH)
-            order = list(range(len(dataset)))
-            batches = [order[i:i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
+                                        epoch=VALIDATION_EPOCH,
+                                        checks=dataclasses.replace(self.checks, latent_shape=None)
+                                        if self.config.aspect_buckets else self.checks)
+            shape_ids = self.validation_index.shape_ids
+            by_shape: dict[int, list[int]] = {}  # each batch one shape (one group without buckets)
+            for i in range(len(dataset)):
+                if shape_ids is None or shape_ids[i] != UNREADABLE_SHAPE:
+                    by_shape.setdefault(0 if shape_ids is None else shape_ids[i], []).append(i)
+            batches = [order[i:i + self.config.batch_size] for _, order in sorted(by_shape.items())
+                       for i in range(0, len(order), self.config.batch_size)]
             total, count = torch.zeros((), device=self.device), 0
             for batch in make_loader(dataset, batches, 0, pin_memory=False, token_length=self.config.force_toklen):
                 if batch is not None:
@@ -509,8 +634,8 @@ class TrainingRun:
 
     def _finish(self, bar) -> None:
         checksum = _weights_checksum(self.bare_unet).reshape(1).to(self.device)
-        shares = torch.tensor([float(self.sample_id_sum), float(self.sample_count)], dtype=torch.float64,
-                              device=self.device).reshape(1, 2)
+        shares = torch.tensor([float(self.sample_id_sum), float(self.sample_count), float(self.skipped_here)],
+                              dtype=torch.float64, device=self.device).reshape(1, 3)
         checksums = self.accelerator.gather(checksum)
         shares = self.accelerator.gather(shares)
         if self.is_main:
@@ -523,7 +648,8 @@ class TrainingRun:
                        "processes": self.world, "process_weight_checksums": checksums,
                        "process_sample_id_sums": shares[:, 0].cpu().tolist(),
                        "process_sample_counts": shares[:, 1].cpu().tolist(),
-                       "skipped_samples": self.progress.skipped_samples,
+                       "skipped_samples": self.skipped_before + int(shares[:, 2].sum().item()),
+                       "left_out_at_start": self.left_out_at_start,
                        "checkpoints": [str(p) for p in self.result.checkpoints]}
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
             if not self.result.interrupted and saved:

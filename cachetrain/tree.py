@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from array import array
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-from .sidecar import is_temporary
+from .sidecar import MAX_HEADER_BYTES, is_temporary
 
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -69,17 +72,21 @@ class PairIndex:
 
     Millions of samples must fit in every DataLoader worker, so paths are not kept as Python
     strings: each sample is a folder number plus a stem stored in one shared bytes blob.
-    Roughly len(stem) + 12 bytes per sample.
+    Roughly len(stem) + 12 bytes per sample; with latent shapes recorded (aspect buckets), 2 more:
+    a number into the short list of distinct shapes.
     """
 
-    def __init__(self, image_suffix: str, text_suffix: str):
+    def __init__(self, image_suffix: str, text_suffix: str, roots: list[str] | None = None):
         self.image_suffix = image_suffix
         self.text_suffix = text_suffix
+        self.roots: list[str] = list(roots or [])  # the data roots, by root id (names are relative to them)
         self.folders: list[str] = []
         self.folder_roots = array("I")  # which data root each folder came from
         self._folder_ids = array("I")
         self._stem_ends = array("Q")
         self._stems = bytearray()
+        self.shapes: list[tuple[int, ...]] = []  # distinct latent shapes, when recorded
+        self.shape_ids: array | None = None  # per sample: position in self.shapes
 
     def add(self, folder: str, stem: str, root_id: int = 0) -> None:
         if not self.folders or self.folders[-1] != folder:
@@ -105,13 +112,57 @@ class PairIndex:
         """Position, in the roots given to index_training_pairs, of the data root sample i came from."""
         return self.folder_roots[self._folder_ids[i]]
 
+    def root_ids(self) -> array:
+        """root_id of every sample, in order (one pass, for building epoch orders)."""
+        roots = self.folder_roots
+        return array("I", (roots[f] for f in self._folder_ids))
+
+    def latent_shape(self, i: int) -> tuple[int, ...] | None:
+        """The latent shape recorded for sample i (None when shapes were not recorded)."""
+        return None if self.shape_ids is None else self.shapes[self.shape_ids[i]]
+
+    def set_shapes(self, shapes: list[tuple[int, ...]], shape_ids: array) -> None:
+        if len(shape_ids) != len(self):
+            raise ValueError(f"{len(shape_ids)} shape numbers for {len(self)} samples")
+        self.shapes, self.shape_ids = list(shapes), shape_ids
+
     def subset(self, samples: Iterable[int]) -> PairIndex:
         """A new index holding the given samples, in that order."""
-        part = PairIndex(self.image_suffix, self.text_suffix)
+        part = PairIndex(self.image_suffix, self.text_suffix, self.roots)
+        kept = array("H")
         for i in samples:
             folder, stem = os.path.split(self.base_path(i))
             part.add(folder, stem, self.root_id(i))
+            if self.shape_ids is not None:
+                kept.append(self.shape_ids[i])
+        if self.shape_ids is not None:
+            part.set_shapes(self.shapes, kept)
         return part
+
+    def fingerprint(self) -> str:
+        """A digest of the pair list: each sample's root number and name relative to its root, in order.
+
+        Names, not contents: a resume on data that was renamed, reordered or replaced by other files
+        (even as many) is told apart, while the same tree mounted elsewhere is the same data. One
+        hash update per run of samples in one folder, so millions of samples take a second or so.
+        """
+        digest = hashlib.sha256()
+        count, start = len(self), 0
+        while start < count:
+            folder_id = self._folder_ids[start]
+            end = start
+            while end < count and self._folder_ids[end] == folder_id:
+                end += 1
+            root_id = self.folder_roots[folder_id]
+            folder = self.folders[folder_id]
+            if root_id < len(self.roots):
+                folder = os.path.relpath(folder, self.roots[root_id])
+            first = self._stem_ends[start - 1] if start else 0
+            digest.update(f"{root_id}\0{folder}\0{end - start}\0".encode("utf-8", "surrogateescape"))
+            digest.update(self._stems[first : self._stem_ends[end - 1]])
+            digest.update(array("Q", (e - first for e in self._stem_ends[start:end])).tobytes())
+            start = end
+        return digest.hexdigest()[:16]
 
     def nbytes(self) -> int:
         """Bytes held per the whole index (folders counted once)."""
@@ -120,7 +171,75 @@ class PairIndex:
             + self._stem_ends.itemsize * len(self._stem_ends)
             + len(self._stems)
             + sum(len(f) + 53 for f in self.folders)
+            + (0 if self.shape_ids is None else self.shape_ids.itemsize * len(self.shape_ids))
         )
+
+
+def read_tensor_shape(path: os.PathLike | str, key: str) -> tuple[int, ...]:
+    """The shape of tensor ``key`` from a safetensors header alone (a few hundred bytes read).
+
+    Raises ValueError (with the reason) for a file that is not safetensors, is cut short of what
+    its header describes, or lacks the tensor; OSError for one that cannot be opened.
+    """
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"not a readable safetensors file ({len(prefix)} bytes long)")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > MAX_HEADER_BYTES:
+            raise ValueError(f"not a readable safetensors file (header claims {header_size} bytes)")
+        raw = handle.read(header_size)
+        file_size = os.fstat(handle.fileno()).st_size
+    try:
+        header = json.loads(raw)
+        entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+        data_end = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+        shape = entries[key]["shape"] if key in entries else None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise ValueError(f"not a readable safetensors file (bad header: {error})") from None
+    if len(raw) < header_size or file_size < 8 + header_size + data_end:
+        raise ValueError(f"truncated: {file_size} bytes, the header describes {8 + header_size + data_end}")
+    if shape is None:
+        raise ValueError(f"has no tensor {key!r} (found {sorted(entries)})")
+    return tuple(int(d) for d in shape)
+
+
+UNREADABLE_SHAPE = 0xFFFF  # shape number of a sample whose latent header could not be read
+SHAPE_CHUNK = 1024  # headers read per thread-pool task
+
+
+def record_latent_shapes(index: PairIndex, key: str, threads: int = 16) -> list[tuple[str, str]]:
+    """Read every latent's shape from its header (threads: the reads wait on storage, not the CPU)
+    and record them in ``index``. Returns (path, reason) for each latent that could not be read;
+    those samples get the shape number UNREADABLE_SHAPE."""
+
+    def shapes_of(start: int) -> list:
+        found = []
+        for i in range(start, min(start + SHAPE_CHUNK, len(index))):
+            path = index[i][0]
+            try:
+                found.append(read_tensor_shape(path, key))
+            except (OSError, ValueError) as error:
+                found.append((path, str(error)))
+        return found
+
+    shapes: dict[tuple[int, ...], int] = {}
+    shape_ids = array("H")
+    unreadable = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # one task per chunk: no million futures
+        for chunk in pool.map(shapes_of, range(0, len(index), SHAPE_CHUNK)):
+            for found in chunk:
+                if isinstance(found[-1], str):
+                    unreadable.append(found)
+                    shape_ids.append(UNREADABLE_SHAPE)
+                    continue
+                if found not in shapes:
+                    if len(shapes) == UNREADABLE_SHAPE:
+                        raise ValueError(f"more than {UNREADABLE_SHAPE} distinct latent shapes")
+                    shapes[found] = len(shapes)
+                shape_ids.append(shapes[found])
+    index.set_shapes(list(shapes), shape_ids)
+    return unreadable
 
 
 def index_training_pairs(roots: Iterable[os.PathLike | str], image_suffix: str, text_suffix: str) -> tuple[PairIndex, dict[str, int]]:
@@ -129,11 +248,11 @@ def index_training_pairs(roots: Iterable[os.PathLike | str], image_suffix: str, 
     Returns the index and counts of the unpaired sidecars (``image_only``, ``text_only``) so the
     caller can say how many samples it is leaving out.
     """
-    index = PairIndex(image_suffix, text_suffix)
+    roots = [os.path.abspath(os.fspath(root)) for root in roots]
+    index = PairIndex(image_suffix, text_suffix, roots)
     counts = {"image_only": 0, "text_only": 0}
     walked: set = set()  # shared by the roots' walks: overlapping roots give each pair once
     for root_id, root in enumerate(roots):
-        root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(root):
             raise FileNotFoundError(f"training data folder not found: {root}")
         by_folder: dict[str, tuple[set[str], set[str]]] = {}

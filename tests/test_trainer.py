@@ -387,8 +387,10 @@ def test_bf16_weights_train_in_bf16_and_lower_the_loss(tiny_sd_model, cached_dat
 def test_nan_gradients_skip_the_step_and_are_counted(tiny_sd_model, cached_dataset, tmp_path, optimizer):
     from cachetrain.sidecar import read_metadata, write_sidecar
 
+    # finite but huge, so the loader lets it through (NaN/Inf latents are bad data, skipped in the
+    # worker); the UNet's activations overflow and the gradients come out NaN/Inf
     poisoned = sorted(cached_dataset.rglob("*.img_sdvae"))[0]
-    write_sidecar(poisoned, {"latent": torch.full((4, 16, 16), float("nan"))}, read_metadata(poisoned))
+    write_sidecar(poisoned, {"latent": torch.full((4, 16, 16), 3e38)}, read_metadata(poisoned))
     result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
                                           "--max_steps", "12", "--log_every", "12", "--optimizer", optimizer)))
     skipped = _logged(result, "train/skipped_steps")
@@ -412,7 +414,7 @@ def test_a_run_of_bad_steps_stops_with_a_clear_message(tiny_sd_model, cached_dat
     from cachetrain.sidecar import read_metadata, write_sidecar
 
     for path in cached_dataset.rglob("*.img_sdvae"):
-        write_sidecar(path, {"latent": torch.full((4, 16, 16), float("inf"))}, read_metadata(path))
+        write_sidecar(path, {"latent": torch.full((4, 16, 16), 3e38)}, read_metadata(path))  # finite: not bad data
     with pytest.raises(TrainingError, match=r"3 optimizer steps in a row had NaN/Inf gradients"):
         train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
                                      "--max_steps", "20", "--log_every", "3", "--max_bad_steps", "3")))
