@@ -34,6 +34,7 @@ class CheckpointSampler:
         if self._pipeline is None:
             self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet, self.config.is_custom)
             _match_training_scales(self._pipeline, self.config)
+            _match_training_objective(self._pipeline, self.config)
         self._pipeline.unet = unet
         return self._pipeline
 
@@ -103,6 +104,16 @@ def _match_training_scales(pipeline, config: TrainConfig) -> None:
         projection.register_to_config(scaling_factor=projection.config.scaling_factor * config.text_scaling_factor)
     if hasattr(pipeline, "t5_projection"):  # None too: a model trained with a length, trained on without
         pipeline.t5_projection.register_to_config(token_length=config.force_toklen)
+
+
+def _match_training_objective(pipeline, config: TrainConfig) -> None:
+    """Store the scheduler that undoes the noise this run trained with (flow matching, a prediction type,
+    zero terminal SNR) in the pipeline that draws samples and is saved in checkpoints."""
+    from .objective import objective_kind, sampling_scheduler
+
+    kind = objective_kind(pipeline.scheduler, config.objective)
+    pipeline.scheduler = sampling_scheduler(pipeline.scheduler, kind, prediction_type=config.prediction_type,
+                                            zero_terminal_snr=config.zero_terminal_snr, flow_shift=config.flow_shift)
 
 
 def _ema_writer(ema, trainable, unet):
