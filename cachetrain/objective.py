@@ -134,7 +134,7 @@ class DiffusionObjective(_Objective):
     def timesteps_from_draws(self, draws: torch.Tensor) -> torch.Tensor:
         """Uniform draws in [0, 1) -> integer timesteps, uniform over [min_timestep, max_timestep]."""
         span = self.max_timestep - self.min_timestep + 1
-        return (self.min_timestep + (draws.float() * span).long()).clamp(max=self.max_timestep)
+        return (self.min_timestep + (draws.double() * span).long()).clamp(max=self.max_timestep)  # exact floor
 
     def _coefficients(self, timesteps: torch.Tensor, ndim: int):
         alpha_bar = self.alphas_cumprod[timesteps].view(-1, *([1] * (ndim - 1)))
