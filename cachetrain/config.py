@@ -71,7 +71,9 @@ class TrainConfig:
                                             "its warm-up --warmup_steps in epochs, rounded); the LR is constant "
                                             "within an epoch")
     # objective
-    use_snr: bool = _flag(False, "min-SNR loss weighting (with --noise_gamma)")
+    use_snr: bool = _flag(False, "min-SNR loss weighting (with --noise_gamma): min(SNR,g)/SNR for epsilon, "
+                                 "min(SNR,g)/(SNR+1) for v; flow matching: min(SNR,g) s^2 with SNR=((1-s)/s)^2, "
+                                 "the same weighting of the x0 error")
     noise_gamma: float = _flag(5.0, "gamma of min-SNR weighting")
     noise_offset: float = _flag(0.0, "offset noise strength (0 disables)")
     caption_dropout: float = _flag(0.0, "probability of training a sample on the empty prompt (needs the data root's .empty_prompt sidecar)")
@@ -129,8 +131,9 @@ class TrainConfig:
     force_txtcache: str | None = _flag(None, "a text sidecar (e.g. a data root's .empty_prompt.txt_clipl) every "
                                              "sample trains on instead of its own caption: unconditional training")
     gradient_topk: float | None = _flag(None, "keep only the largest fraction F of gradient magnitudes each step "
-                                              "(0 < F <= 1), zeroing the rest, within groups of ~32M elements; "
-                                              "costs about one sort of the gradients per step (bench/bench_gradient_topk.py)",
+                                              "(0 < F <= 1), zeroing the rest (exact within groups of ~32M "
+                                              "elements); one kthvalue over the gradients per step: about 5x an "
+                                              "AdamW step on a CPU (bench/bench_gradient_topk.py)",
                                         type=float)
     # checkpoints and samples
     save_steps: int = _flag(500, "save a checkpoint every N optimizer steps (0: only at the end)")
