@@ -477,10 +477,10 @@ class TrainingRun:
 
     def _after_epoch(self) -> None:
         config = self.config
-        if config.scheduler_at_epoch:
-            self.lr_schedule.step()
         if config.learning_rate_decay:
             self.lr_schedule.base_lrs = [max(0.0, lr - config.learning_rate_decay) for lr in self.lr_schedule.base_lrs]
+        if config.scheduler_at_epoch:  # after the decay, so the next epoch's LR includes it
+            self.lr_schedule.step()
         # at the next optimizer step: an epoch may end inside an accumulation
         self.epoch_save_pending = config.save_on_epoch and self.progress.step < self.total_steps
 
