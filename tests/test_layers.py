@@ -135,7 +135,8 @@ def test_gradient_topk_moves_only_the_kept_fraction_of_weights(tiny_sd_model, ca
     before, after = _unet_weights(tiny_sd_model), _unet_weights(tmp_path / "run")
     moved = sum(int((before[name] != after[name]).sum()) for name in before)
     total = sum(t.numel() for t in before.values())
-    assert 0.045 * total < moved <= 0.05 * total
+    kept = total - int(total * 0.95)  # the fraction, rounded up
+    assert 0.95 * kept < moved <= kept  # a kept gradient may be exactly 0; none other moves
 
 
 def test_unet_l2_norm_is_logged_at_the_log_interval(tiny_sd_model, cached_dataset, tmp_path):
