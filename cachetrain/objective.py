@@ -18,10 +18,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-LOSS_TYPES = ("mse", "l1", "huber")
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+from .config import LOSS_TYPES, TIMESTEP_SAMPLINGS
 
 
 def sample_key(seed: int, epoch: int, sample: int) -> int:
