@@ -132,7 +132,7 @@ class TrainConfig:
                                              "sample trains on instead of its own caption: unconditional training")
     gradient_topk: float | None = _flag(None, "keep only the largest fraction F of gradient magnitudes each step "
                                               "(0 < F <= 1), zeroing the rest (exact within groups of ~32M "
-                                              "elements); one kthvalue over the gradients per step: about 5x an "
+                                              "elements); one kthvalue over the gradients per step: 5-6x an "
                                               "AdamW step on a CPU (bench/bench_gradient_topk.py)",
                                         type=float)
     # checkpoints and samples

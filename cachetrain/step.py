@@ -30,7 +30,7 @@ class TrainStep:
     def __init__(self, accelerator, unet, optimizer, objective, trainable: list,
                  qk_params: list, *, vae_scale: float, text_scale: float = 1.0, gradient_clip: float = 0.0,
                  channels_last: bool = False, compile_unet: bool = False, gradient_topk: float | None = None,
-                 forced_embedding: torch.Tensor | None = None):
+                 forced_embedding: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         self.accelerator = accelerator
         self.unet = unet  # as prepared by accelerate (DDP-wrapped when distributed)
         self.forward_unet = torch.compile(unet) if compile_unet else unet
@@ -46,9 +46,11 @@ class TrainStep:
         self.channels_last = channels_last
         self.dtype = accelerator.unwrap_model(unet).dtype
         self.gradient_topk = gradient_topk
-        self.forced_embedding = None  # --force_txtcache: one [1, T, D] text embedding for every sample
+        self.forced_embedding = None  # --force_txtcache: one ([1, T, D] embedding, [1, T] mask or None) for all
         if forced_embedding is not None:
-            self.forced_embedding = forced_embedding.to(accelerator.device).float().unsqueeze(0)
+            embedding, mask = forced_embedding
+            self.forced_embedding = (embedding.to(accelerator.device).float(),
+                                     None if mask is None else mask.to(accelerator.device))
 
     def _predict(self, batch: Batch, unet) -> tuple[torch.Tensor, TrainingInputs]:
         """(prediction, objective's inputs) for a batch: the one place a batch becomes UNet inputs."""
@@ -56,7 +58,9 @@ class TrainStep:
         latents = batch.latents.to(device, non_blocking=True).float() * self.vae_scale
         mask = batch.attention_mask  # None unless some captions were padded (T5 sidecars)
         if self.forced_embedding is not None:
-            embeddings, mask = self.forced_embedding.expand(latents.shape[0], -1, -1), None
+            embedding, forced_mask = self.forced_embedding
+            embeddings = embedding.expand(latents.shape[0], -1, -1)
+            mask = None if forced_mask is None else forced_mask.expand(latents.shape[0], -1)
         else:
             embeddings = batch.embeddings.to(device, non_blocking=True).float()
         context = (embeddings * self.text_scale).to(self.dtype)

@@ -32,6 +32,7 @@ from .optim import build_lr_schedule, build_optimizer
 from .resume import Progress, data_identity, optimizer_identity, resume_problem
 from .sidecar import TEXT_EMBEDDING_KEY, SidecarError, empty_prompt_path, read_sidecar
 from .step import TrainStep, UpdateCheck
+from .text_encoding import pad_text_embeddings
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
 from .tree import PairIndex, index_training_pairs
 
@@ -191,13 +192,15 @@ def _build_objective(config: TrainConfig):
         raise TrainingError(str(error)) from None
 
 
-def _forced_embedding(config: TrainConfig) -> torch.Tensor | None:
+def _forced_embedding(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """--force_txtcache's embedding as a batch of one, padded by the pad rule as the collate pads."""
     if config.force_txtcache is None:
         return None
     try:
-        return read_sidecar(config.force_txtcache, TEXT_EMBEDDING_KEY, ndim=2)
+        embedding = read_sidecar(config.force_txtcache, TEXT_EMBEDDING_KEY, ndim=2)
     except (SidecarError, OSError) as error:
         raise TrainingError(f"--force_txtcache: {error}") from None
+    return pad_text_embeddings([embedding], config.force_toklen)
 
 
 def _layer_selection(config: TrainConfig) -> LayerSelection:

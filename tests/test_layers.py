@@ -100,6 +100,20 @@ def test_force_txtcache_trains_every_sample_on_that_embedding(tiny_sd_model, cac
     assert not all(torch.equal(forced[name], own[name]) for name in forced)
 
 
+def test_force_txtcache_is_padded_by_the_pad_rule_like_every_caption(cached_dataset):
+    from cachetrain.sidecar import read_sidecar
+    from cachetrain.trainer import _forced_embedding
+
+    empty = cached_dataset / ".empty_prompt.txt_clipl"
+    stored = read_sidecar(empty, "emb")
+    config = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--force_txtcache", str(empty),
+                               "--force_toklen", str(stored.shape[0] + 3)])
+    embedding, mask = _forced_embedding(config)
+    assert embedding.shape == (1, stored.shape[0] + 3, stored.shape[1])
+    assert torch.equal(embedding[0, :stored.shape[0]], stored) and not embedding[0, stored.shape[0]:].any()
+    assert mask.tolist() == [[1] * stored.shape[0] + [0] * 3]
+
+
 def test_force_txtcache_naming_a_missing_file_fails_at_start(tiny_sd_model, cached_dataset, tmp_path):
     done = subprocess.run([sys.executable, "train_from_cached.py",
                            *_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--force_txtcache",
