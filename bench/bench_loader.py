@@ -37,7 +37,7 @@ def main() -> None:
         root = Path(folder)
         write_random_pairs(root, args.pairs, (4, 64, 64), (77, 768), torch.float16, folders=16)
         index, _ = index_training_pairs([root], ".img_sdvae", ".txt_clipl")
-        dataset = CachedPairDataset(index, NoisePlan(seed=0, num_train_timesteps=1000))
+        dataset = CachedPairDataset(index, NoisePlan(seed=0))
         rates = []
         for epoch in range(args.epochs):
             dataset.epoch = epoch

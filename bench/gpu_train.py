@@ -98,7 +98,7 @@ def synthetic_batch(batch_size: int, latent_size: int, text_shape: tuple[int, in
     tensors = [torch.randn(batch_size, 4, latent_size, latent_size, generator=generator).half(),
                torch.randn(batch_size, *text_shape, generator=generator).half(),
                torch.randn(batch_size, 4, latent_size, latent_size, generator=generator),
-               torch.randint(0, 1000, (batch_size,), generator=generator)]
+               torch.rand(batch_size, generator=generator)]  # timestep draws in [0, 1)
     batch = Batch(*tensors, skipped=0)
     return batch.pin_memory() if pin else batch
 

@@ -42,6 +42,7 @@ class CheckpointSampler:
         if self._pipeline is None:
             self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet, self.config.is_custom)
             _match_training_scales(self._pipeline, self.config)
+            _match_training_objective(self._pipeline, self.config)
         _record_training_size(unet, self.training_size)
         self._pipeline.unet = unet
         return self._pipeline
@@ -164,6 +165,16 @@ def _match_training_scales(pipeline, config: TrainConfig) -> None:
     # that never had a length is left as it is: its class may not take one)
     if projection is not None and (config.force_toklen is not None or "token_length" in projection.config):
         projection.register_to_config(token_length=config.force_toklen)
+
+
+def _match_training_objective(pipeline, config: TrainConfig) -> None:
+    """Store the scheduler that undoes the noise this run trained with (flow matching, a prediction type,
+    zero terminal SNR) in the pipeline that draws samples and is saved in checkpoints."""
+    from .objective import objective_kind, sampling_scheduler
+
+    kind = objective_kind(pipeline.scheduler, config.objective)
+    pipeline.scheduler = sampling_scheduler(pipeline.scheduler, kind, prediction_type=config.prediction_type,
+                                            zero_terminal_snr=config.zero_terminal_snr, flow_shift=config.flow_shift)
 
 
 def _ema_writer(ema, trainable, unet):

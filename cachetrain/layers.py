@@ -16,6 +16,12 @@ from torch import nn
 SELF_OR_CROSS_ATTENTION = re.compile(r"\.attn[12]\.")
 CROSS_ATTENTION = re.compile(r"\.attn2\.")
 QUERY_OR_KEY = re.compile(r"\.attn[12]\.to_[qk]\.")
+CROSS_ATTENTION_OUTPUT = re.compile(r"\.attn2\.to_out\.")
+# GroupNorm/LayerNorm parameters: resnets' norm1/norm2, transformers' norm and norm1-3, conv_norm_out
+NORMALISATION = re.compile(r"(^|\.)(norm\w*|conv_norm_out)\.(weight|bias)$")
+INPUT_CONV = re.compile(r"^conv_in\.")
+OUTPUT_CONV = re.compile(r"^conv_out\.")
+TIME_EMBEDDING = re.compile(r"^time_embedding\.")
 
 
 @dataclass
@@ -29,17 +35,35 @@ class LayerSelection:
     unfreeze_down_blocks: list[int] = field(default_factory=list)
     unfreeze_mid_block: bool = False
     targetted_training: bool = False
+    unfreeze_attn2: bool = False
+    unfreeze_norms: bool = False
+    unfreeze_in: bool = False
+    unfreeze_out: bool = False
+    unfreeze_time: bool = False
+    reinit_in: bool = False
+    reinit_out: bool = False
+    reinit_time: bool = False
+    reinit_crossattnout: bool = False
+
+    def _reinit_patterns(self) -> list[re.Pattern]:
+        chosen = ((self.reinit_attention, SELF_OR_CROSS_ATTENTION), (self.reinit_crossattn, CROSS_ATTENTION),
+                  (self.reinit_qk, QUERY_OR_KEY), (self.reinit_in, INPUT_CONV), (self.reinit_out, OUTPUT_CONV),
+                  (self.reinit_time, TIME_EMBEDDING), (self.reinit_crossattnout, CROSS_ATTENTION_OUTPUT))
+        return [pattern for wanted, pattern in chosen if wanted]
+
+    def reinitialises_some(self) -> bool:
+        return self.reinit_unet or bool(self._reinit_patterns())
 
     def reinitialised(self, name: str) -> bool:
         """Whether parameter ``name`` is re-initialised (the whole UNet counts as every name)."""
-        return (self.reinit_unet
-                or (self.reinit_attention and SELF_OR_CROSS_ATTENTION.search(name) is not None)
-                or (self.reinit_crossattn and CROSS_ATTENTION.search(name) is not None)
-                or (self.reinit_qk and QUERY_OR_KEY.search(name) is not None))
+        return self.reinit_unet or any(pattern.search(name) for pattern in self._reinit_patterns())
 
     def unfrozen(self, name: str) -> bool:
         """Whether parameter ``name`` is selected to train when --targetted_training is on."""
-        if self.unfreeze_attention and SELF_OR_CROSS_ATTENTION.search(name):
+        chosen = ((self.unfreeze_attention, SELF_OR_CROSS_ATTENTION), (self.unfreeze_attn2, CROSS_ATTENTION),
+                  (self.unfreeze_norms, NORMALISATION), (self.unfreeze_in, INPUT_CONV),
+                  (self.unfreeze_out, OUTPUT_CONV), (self.unfreeze_time, TIME_EMBEDDING))
+        if any(wanted and pattern.search(name) for wanted, pattern in chosen):
             return True
         if self.unfreeze_mid_block and name.startswith("mid_block."):
             return True
@@ -82,7 +106,7 @@ def apply_layer_selection(unet: nn.Module, selection: LayerSelection, seed: int)
             torch.manual_seed(seed)
             fresh = type(unet).from_config(unet.config)
         unet.load_state_dict(fresh.state_dict())
-    elif selection.reinit_qk or selection.reinit_crossattn or selection.reinit_attention:
+    elif selection.reinitialises_some():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             _reinit_modules(unet, selection)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .objective import draw_sample_noise, sample_key
+from .objective import draw_sample_noise, evenly_spread_draws, sample_key
 from .sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, read_sidecar
 from .text_encoding import pad_text_embeddings
 from .tree import PairIndex
@@ -27,10 +27,9 @@ from .tree import PairIndex
 
 @dataclass
 class NoisePlan:
-    """How the worker draws each sample's noise and timestep, and drops captions."""
+    """How the worker draws each sample's noise and timestep draw (a uniform the objective maps), and drops captions."""
 
     seed: int
-    num_train_timesteps: int
     noise_offset: float = 0.0
     caption_dropout: float = 0.0
     empty_embeddings: list[torch.Tensor] = field(default_factory=list)  # one per data root
@@ -95,10 +94,10 @@ class CachedPairDataset(Dataset):
         if self.plan is None:
             return latent, emb, None, None, i, ""
         plan = self.plan
-        noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.num_train_timesteps, plan.noise_offset,
+        noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.noise_offset,
                                                      sample_key(plan.seed, epoch, i if draw is None else draw))
         if plan.fixed_timesteps:
-            timestep = torch.tensor(int((i + 0.5) * plan.num_train_timesteps / len(self.index)))
+            timestep = evenly_spread_draws(i, len(self.index))
         if plan.caption_dropout and uniform < plan.caption_dropout:
             emb = plan.empty_embeddings[self.index.root_id(i)].to(emb.dtype)
         return latent, emb, noise, timestep, i, ""
@@ -116,7 +115,7 @@ class Batch:
     latents: torch.Tensor | None  # [B, C, h, w], as stored (often fp16); None when no pair could be read
     embeddings: torch.Tensor | None  # [B, T, D]
     noise: torch.Tensor | None  # [B, C, h, w] float32
-    timesteps: torch.Tensor | None  # [B] int64
+    timesteps: torch.Tensor | None  # [B] float32 timestep draws in [0, 1): the objective maps them
     skipped: int  # bad pairs passed over while filling this batch
     attention_mask: torch.Tensor | None = None  # [B, T], 1 = real token; None when nothing is padded
     sample_ids: list[int] = field(default_factory=list)  # positions in the index, one per row

@@ -65,11 +65,42 @@ def load_unet(model: str, dtype: torch.dtype = torch.float32):
     return UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
 
 
-def load_training_scheduler(model: str):
-    """The DDPM training schedule from the model's own scheduler config (whatever class it names)."""
-    from diffusers import DDPMScheduler
+# Schedulers whose config is a DDPM noise schedule (betas, timesteps, prediction type): a model
+# naming one of them trains as DDPM. FlowMatchEulerDiscreteScheduler trains flow matching.
+DDPM_FAMILY_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                          "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+                          "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "KDPM2DiscreteScheduler",
+                          "KDPM2AncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                          "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
-    return DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+
+class UnsupportedScheduler(ValueError):
+    """The model's scheduler config names a class this trainer has no objective for."""
+
+
+def load_training_scheduler(model: str, prediction_type: str | None = None, zero_terminal_snr: bool = False):
+    """The training schedule the model's scheduler config describes: a DDPMScheduler for the DDPM
+    family, a FlowMatchEulerDiscreteScheduler for flow models; any other class is refused by name.
+
+    ``prediction_type`` overrides the config's; ``zero_terminal_snr`` rescales the betas so the
+    last timestep is pure noise (DDPM only)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = DDPMScheduler.load_config(model, subfolder="scheduler")
+    name = config.get("_class_name", "")
+    if name in FLOW_SCHEDULERS:
+        if prediction_type or zero_terminal_snr:
+            raise UnsupportedScheduler(f"{model}: a flow-matching model ({name}) predicts noise - x0; "
+                                       "--prediction_type and --zero_terminal_snr are DDPM options")
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    if name not in DDPM_FAMILY_SCHEDULERS:
+        raise UnsupportedScheduler(f"{model}: its scheduler config names {name or 'no class'}, which this trainer "
+                                   "cannot train (DDPM-family schedulers or FlowMatchEulerDiscreteScheduler)")
+    overrides = {"prediction_type": prediction_type} if prediction_type else {}
+    if zero_terminal_snr:
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return DDPMScheduler.from_config(config, **overrides)
 
 
 def load_frozen_sd_components(model: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:

@@ -216,17 +216,80 @@ def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
         isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused")))
 
 
+COSINE_SCHEDULES = ("cosine", "cosine_with_restarts", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                    "warmup_stable_decay")
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    return step / max(1, warmup_steps)
+
+
+def rex_factor(step: int, warmup_steps: int, total_steps: int, start_factor: float = 1.0,
+               end_factor: float = 0.0) -> float:
+    """REX: after a linear warm-up to ``start_factor``, (1 - p) / (1 - p/2) of the way from
+    ``end_factor`` to ``start_factor``, p the fraction of the decay done: it falls slower than
+    linear at first and faster at the end."""
+    if step < warmup_steps:
+        return start_factor * warmup_factor(step, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return end_factor + (start_factor - end_factor) * (1.0 - progress) / (1.0 - progress / 2.0)
+
+
+def linear_with_min_lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """A linear warm-up, then a straight line from the peak down to ``min_lr_ratio`` of it."""
+    if step < warmup_steps:
+        return warmup_factor(step, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
+
+
 def build_lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                      min_lr_ratio: float = 0.0):
-    """A transformers LR schedule; 'constant' with warm-up becomes constant_with_warmup."""
+                      min_lr_ratio: float = 0.0, num_cycles: float | None = None, rex_start_factor: float = 1.0,
+                      rex_end_factor: float = 0.0):
+    """An LR schedule of ``total_steps`` steps: a transformers schedule by its name, or our rex and
+    linear_with_min_lr. 'constant' with warm-up becomes constant_with_warmup. A schedule's step is
+    whatever the caller steps it by (an optimizer step, or an epoch with --scheduler_at_epoch)."""
+    import functools
+
     from transformers import get_scheduler
 
+    if name == "rex":
+        factor = functools.partial(rex_factor, warmup_steps=warmup_steps, total_steps=total_steps,
+                                   start_factor=rex_start_factor, end_factor=rex_end_factor)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if name == "linear_with_min_lr":
+        factor = functools.partial(linear_with_min_lr_factor, warmup_steps=warmup_steps, total_steps=total_steps,
+                                   min_lr_ratio=min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if name == "constant" and warmup_steps > 0:
         name = "constant_with_warmup"
     specific = {}
-    if name == "cosine_with_min_lr":
+    if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         specific = {"min_lr_rate": min_lr_ratio}
     elif name == "warmup_stable_decay":
         specific = {"num_decay_steps": max(1, total_steps // 10)}
+    if num_cycles is not None and name in COSINE_SCHEDULES:
+        specific["num_cycles"] = int(num_cycles) if name == "cosine_with_restarts" else num_cycles
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          scheduler_specific_kwargs=specific)
+
+
+@torch.no_grad()
+def keep_top_gradients_(parameters: list[torch.Tensor], fraction: float) -> None:
+    """Zero all but the largest ``fraction`` of gradient magnitudes, in place.
+
+    The threshold is exact within each chunk of tensors (at least CHUNK_ELEMENTS elements, so one
+    chunk for a small model, ~27 for SD1.5): one kthvalue over the chunk's magnitudes, then one
+    masked write-back. Ties at the threshold are kept. No host sync.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for chunk in _chunks(grads):
+        flat = torch.cat([g.reshape(-1) for g in chunk])
+        dropped = int(flat.numel() * (1.0 - fraction))
+        if dropped == 0:
+            continue
+        magnitudes = flat.abs().float()
+        threshold = magnitudes.kthvalue(dropped).values  # the largest of the dropped ones
+        kept = torch.where(magnitudes > threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+        pieces = kept.split([g.numel() for g in chunk])
+        torch._foreach_copy_(chunk, [piece.view(g.shape) for piece, g in zip(pieces, chunk)])

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from .loader import Batch
-from .objective import DiffusionObjective
-from .optim import supports_device_skip
-from .telemetry import mean_abs_grad
+from .objective import TrainingInputs
+from .optim import keep_top_gradients_, supports_device_skip
+from .telemetry import mean_abs_grad, weight_norm
 
 
 @dataclass
@@ -23,12 +23,14 @@ class UpdateCheck:
     grad_norm: torch.Tensor  # total gradient norm before clipping (device scalar)
     found_inf: torch.Tensor  # 1.0 when the gradients hold NaN/Inf and the update is skipped
     qk_grads: torch.Tensor | None  # mean |grad| of attention q/k weights, when asked for
+    weight_norm: torch.Tensor | None = None  # L2 norm of all UNet weights, when asked for
 
 
 class TrainStep:
-    def __init__(self, accelerator, unet, optimizer, objective: DiffusionObjective, trainable: list,
+    def __init__(self, accelerator, unet, optimizer, objective, trainable: list,
                  qk_params: list, *, vae_scale: float, text_scale: float = 1.0, gradient_clip: float = 0.0,
-                 channels_last: bool = False, compile_unet: bool = False):
+                 channels_last: bool = False, compile_unet: bool = False, gradient_topk: float | None = None,
+                 forced_embedding: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         self.accelerator = accelerator
         self.unet = unet  # as prepared by accelerate (DDP-wrapped when distributed)
         self.forward_unet = torch.compile(unet) if compile_unet else unet
@@ -43,28 +45,41 @@ class TrainStep:
         self.gradient_clip = gradient_clip
         self.channels_last = channels_last
         self.dtype = accelerator.unwrap_model(unet).dtype
+        self.gradient_topk = gradient_topk
+        self.forced_embedding = None  # --force_txtcache: one ([1, T, D] embedding, [1, T] mask or None) for all
+        if forced_embedding is not None:
+            embedding, mask = forced_embedding
+            self.forced_embedding = (embedding.to(accelerator.device).float(),
+                                     None if mask is None else mask.to(accelerator.device))
 
-    def _predict(self, batch: Batch, unet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(prediction, target, timesteps) for a batch: the one place a batch becomes UNet inputs."""
+    def _predict(self, batch: Batch, unet) -> tuple[torch.Tensor, TrainingInputs]:
+        """(prediction, objective's inputs) for a batch: the one place a batch becomes UNet inputs."""
         device = self.accelerator.device
         latents = batch.latents.to(device, non_blocking=True).float() * self.vae_scale
-        context = (batch.embeddings.to(device, non_blocking=True).float() * self.text_scale).to(self.dtype)
+        mask = batch.attention_mask  # None unless some captions were padded (T5 sidecars)
+        if self.forced_embedding is not None:
+            embedding, forced_mask = self.forced_embedding
+            embeddings = embedding.expand(latents.shape[0], -1, -1)
+            mask = None if forced_mask is None else forced_mask.expand(latents.shape[0], -1)
+        else:
+            embeddings = batch.embeddings.to(device, non_blocking=True).float()
+        context = (embeddings * self.text_scale).to(self.dtype)
         noise = batch.noise.to(device, non_blocking=True)
-        timesteps = batch.timesteps.to(device, non_blocking=True)
-        noisy = self.objective.add_noise(latents, noise, timesteps).to(self.dtype)
+        draws = batch.timesteps.to(device, non_blocking=True)
+        inputs = self.objective.training_inputs(latents, noise, draws)
+        noisy = inputs.noisy.to(self.dtype)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        mask = batch.attention_mask  # None unless some captions were padded (T5 sidecars)
         if mask is not None:
             mask = mask.to(device, non_blocking=True)
         with self.accelerator.autocast():
-            prediction = unet(noisy, timesteps, context, encoder_attention_mask=mask).sample
-        return prediction, self.objective.target(latents, noise, timesteps), timesteps
+            prediction = unet(noisy, inputs.timesteps, context, encoder_attention_mask=mask).sample
+        return prediction, inputs
 
     def forward_backward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward of one micro-batch; returns the (weighted, raw) loss as device scalars."""
-        prediction, target, timesteps = self._predict(batch, self.forward_unet)
-        loss, raw_loss = self.objective.losses(prediction, target, timesteps)
+        prediction, inputs = self._predict(batch, self.forward_unet)
+        loss, raw_loss = self.objective.losses_for(prediction, inputs)
         self.accelerator.backward(loss)
         return loss, raw_loss
 
@@ -75,26 +90,31 @@ class TrainStep:
         was_training = unet.training
         unet.eval()
         try:
-            prediction, target, _ = self._predict(batch, unet)
+            prediction, inputs = self._predict(batch, unet)
         finally:
             unet.train(was_training)
-        return (prediction.float() - target).square().flatten(1).mean(dim=1)
+        return (prediction.float() - inputs.target).square().flatten(1).mean(dim=1)
 
     def prepare_update(self, want_qk_grads: bool) -> UpdateCheck:
-        """At the synced micro-step: gradient norm (clipped when --gradient_clip > 0) and the NaN/Inf skip."""
+        """At the synced micro-step: gradient norm (clipped when --gradient_clip > 0), the NaN/Inf skip, then
+        --gradient_topk (after the norm, so NaN/Inf is still seen); at logging steps (``want_qk_grads``)
+        also the q/k gradients and the weight norm."""
         qk_grads = mean_abs_grad(self.qk_params) if want_qk_grads else None
+        norm = weight_norm(list(self.accelerator.unwrap_model(self.unet).parameters())) if want_qk_grads else None
         if self.gradient_clip > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.gradient_clip).float()
         else:
             grads = [p.grad for p in self.trainable if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
         found_inf = (~torch.isfinite(grad_norm)).float()
+        if self.gradient_topk is not None and self.gradient_topk < 1:
+            keep_top_gradients_(self.trainable, self.gradient_topk)
         if self.device_skip:
             self.inner_optimizer.found_inf = found_inf
         elif found_inf.item():  # an optimizer without a device-side skip: one host sync per step
             for p in self.trainable:
                 p.grad = None
-        return UpdateCheck(grad_norm, found_inf, qk_grads)
+        return UpdateCheck(grad_norm, found_inf, qk_grads, norm)
 
     def update(self) -> None:
         self.optimizer.step()

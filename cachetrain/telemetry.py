@@ -33,6 +33,12 @@ def mean_abs_grad(parameters: list[nn.Parameter]) -> torch.Tensor:
     return total / sum(g.numel() for g in grads)
 
 
+def weight_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
+    """L2 norm of all ``parameters`` together, as a device scalar (batched, no host sync)."""
+    norms = torch._foreach_norm([p.detach() for p in parameters])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
 class Telemetry:
     def __init__(self, log_dir: str | None, device: torch.device):
         self.writer = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,11 +28,12 @@ from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
 from .loader import (CachedPairDataset, EpochOrder, NoisePlan, PairChecks, RefillingBatchReader, RunBatches,
                      make_loader, make_training_loader)
-from .objective import DiffusionObjective
+from .objective import DiffusionObjective, FlowMatchingObjective, flow_shift_for, objective_kind
 from .optim import build_lr_schedule, build_optimizer
 from .resume import Progress, data_identity, optimizer_identity, resume_problem
-from .sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, empty_prompt_path, read_sidecar
+from .sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, empty_prompt_path, read_sidecar
 from .step import TrainStep, UpdateCheck
+from .text_encoding import pad_text_embeddings
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
 from .tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, read_tensor_shape, record_latent_shapes
 
@@ -170,6 +172,38 @@ def _empty_prompt_embeddings(config: TrainConfig) -> list[torch.Tensor]:
                                 "run the text cache script on that data root again to write it")
         embeddings.append(read_sidecar(path, TEXT_EMBEDDING_KEY, ndim=2))
     return embeddings
+
+
+def _build_objective(config: TrainConfig):
+    """The objective the model's scheduler config (or --objective) names, with the run's options."""
+    try:
+        scheduler = models.load_training_scheduler(config.pretrained_model, config.prediction_type,
+                                                   config.zero_terminal_snr)
+        kind = objective_kind(scheduler, config.objective)
+        common = dict(snr_gamma=config.noise_gamma if config.use_snr else None, loss_type=config.loss_type,
+                      huber_c=config.huber_c, min_timestep=config.min_timestep, max_timestep=config.max_timestep)
+        if kind == "flow":
+            return FlowMatchingObjective(int(scheduler.config.num_train_timesteps), min_sigma=config.min_sigma,
+                                         timestep_sampling=config.timestep_sampling, logit_mean=config.logit_mean,
+                                         logit_std=config.logit_std, shift=flow_shift_for(scheduler, config.flow_shift),
+                                         **common)
+        if config.timestep_sampling != "uniform" or config.flow_shift is not None:
+            raise ValueError("--timestep_sampling/--flow_shift are flow-matching options; this model trains DDPM "
+                             "(add --objective flow to train it as a flow model)")
+        return DiffusionObjective(scheduler, **common)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+
+
+def _forced_embedding(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """--force_txtcache's embedding as a batch of one, padded by the pad rule as the collate pads."""
+    if config.force_txtcache is None:
+        return None
+    try:
+        embedding = read_sidecar(config.force_txtcache, TEXT_EMBEDDING_KEY, ndim=2)
+    except (SidecarError, OSError) as error:
+        raise TrainingError(f"--force_txtcache: {error}") from None
+    return pad_text_embeddings([embedding], config.force_toklen)
 
 
 def _layer_selection(config: TrainConfig) -> LayerSelection:
@@ -333,24 +367,27 @@ class TrainingRun:
         if config.channels_last:
             unet.to(memory_format=torch.channels_last)
         unet.train()
-        scheduler = models.load_training_scheduler(config.pretrained_model)
-        self.objective = DiffusionObjective(scheduler, snr_gamma=config.noise_gamma if config.use_snr else None)
-        self.objective.to(self.device)
-        self.plan = NoisePlan(seed=config.seed, num_train_timesteps=self.objective.num_train_timesteps,
-                              noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
+        self.objective = _build_objective(config).to(self.device)
+        self.plan = NoisePlan(seed=config.seed, noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
                               empty_embeddings=_empty_prompt_embeddings(config) if config.caption_dropout else [])
         self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model)
         self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
                                          config.weight_decay, bf16_weights=config.bf16_weights)
-        # stepped by hand once per optimizer step (accelerate would step it once per process)
-        self.lr_schedule = build_lr_schedule(config.scheduler, self.optimizer, config.warmup_steps, self.total_steps,
-                                             config.min_learning_rate)
+        # stepped by hand once per optimizer step (accelerate would step it once per process), or once
+        # per epoch with --scheduler_at_epoch, when its length and warm-up count epochs
+        warmup, length = config.warmup_optimizer_steps(self.batches_per_epoch), self.total_steps
+        if config.scheduler_at_epoch:
+            steps_per_epoch = self.batches_per_epoch / config.gradient_accum
+            warmup, length = round(warmup / steps_per_epoch), math.ceil(length / steps_per_epoch)
+        self.lr_schedule = build_lr_schedule(config.scheduler, self.optimizer, warmup, length, config.min_learning_rate,
+                                             config.num_cycles, config.rex_start_factor, config.rex_end_factor)
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         self.bare_unet = accelerator.unwrap_model(self.unet)
         self.step = TrainStep(accelerator, self.unet, self.optimizer, self.objective, self.trainable,
                               qk_weight_parameters(self.bare_unet), vae_scale=self.vae_scale,
                               text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
-                              channels_last=config.channels_last, compile_unet=config.compile)
+                              channels_last=config.channels_last, compile_unet=config.compile,
+                              gradient_topk=config.gradient_topk, forced_embedding=_forced_embedding(config))
         self.ema = None
         if self.is_main:
             total = sum(p.numel() for p in self.bare_unet.parameters())
@@ -491,7 +528,8 @@ class TrainingRun:
         self.telemetry.add_micro_step(loss, raw_loss, batch.latents.shape[0] * self.world)
         if not accelerator.sync_gradients:
             return False
-        self.lr_schedule.step()
+        if not config.scheduler_at_epoch:
+            self.lr_schedule.step()
         if self.ema is not None:
             self.ema.step(self.trainable)
         progress.step += 1
@@ -506,6 +544,7 @@ class TrainingRun:
         progress, config = self.progress, self.config
         values = self.telemetry.flush(progress.step, self.lr_schedule.get_last_lr()[0], {
             "train/qk_grads_av": check.qk_grads,
+            "unet/L2_norm": check.weight_norm,
             **self.health.window_scalars(),
             "train/skipped_samples": self._skipped_samples(),
             "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / self.batches_per_epoch),
@@ -560,6 +599,8 @@ class TrainingRun:
         config = self.config
         if config.learning_rate_decay:
             self.lr_schedule.base_lrs = [max(0.0, lr - config.learning_rate_decay) for lr in self.lr_schedule.base_lrs]
+        if config.scheduler_at_epoch:  # after the decay, so the next epoch's LR includes it
+            self.lr_schedule.step()
         # at the next optimizer step: an epoch may end inside an accumulation
         self.epoch_save_pending = config.save_on_epoch and self.progress.step < self.total_steps
 

@@ -77,9 +77,9 @@ def test_loss_and_min_snr_weights_equal_a_direct_computation(tiny_sd_model, pred
 def test_noise_is_a_function_of_seed_epoch_and_sample_only():
     from cachetrain.objective import draw_sample_noise, sample_key
 
-    first = draw_sample_noise((4, 2, 2), 1000, 0.0, sample_key(3, 1, 17))
-    again = draw_sample_noise((4, 2, 2), 1000, 0.0, sample_key(3, 1, 17))
-    other_epoch = draw_sample_noise((4, 2, 2), 1000, 0.0, sample_key(3, 2, 17))
+    first = draw_sample_noise((4, 2, 2), 0.0, sample_key(3, 1, 17))
+    again = draw_sample_noise((4, 2, 2), 0.0, sample_key(3, 1, 17))
+    other_epoch = draw_sample_noise((4, 2, 2), 0.0, sample_key(3, 2, 17))
     assert torch.equal(first[0], again[0]) and first[1] == again[1]
     assert not torch.equal(first[0], other_epoch[0])
 
@@ -111,10 +111,12 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_sd_model, cached_dat
         for (_, a), (_, b) in zip(logged_a, logged_b):
             assert a == pytest.approx(b, rel=1e-4), name
     # Adam divides by sqrt(v): where a gradient is near eps, float noise in it moves the update by a
-    # fraction of the learning rate (1e-3). A wrong accumulation would move most weights by ~1e-3.
+    # fraction of the learning rate (1e-3): a handful of the 1M weights, by up to ~1e-4 with these
+    # draws. A wrong accumulation would move most weights by ~1e-3.
     weights_a, weights_b = _unet_weights(tmp_path / "acc"), _unet_weights(tmp_path / "big")
     differences = torch.cat([(weights_a[name] - weights_b[name]).abs().flatten() for name in weights_a])
-    assert differences.max().item() < 5e-5
+    assert differences.max().item() < 2e-4
+    assert (differences > 1e-6).float().mean().item() < 1e-3
     assert differences.mean().item() < 1e-8
 
 
@@ -451,12 +453,12 @@ def test_caption_dropout_swaps_in_the_data_roots_empty_prompt(cached_dataset):
 
     index, _ = index_training_pairs([cached_dataset], ".img_sdvae", ".txt_clipl")
     empty = read_sidecar(cached_dataset / ".empty_prompt.txt_clipl", "emb")
-    dataset = CachedPairDataset(index, NoisePlan(seed=5, num_train_timesteps=1000, caption_dropout=0.5,
+    dataset = CachedPairDataset(index, NoisePlan(seed=5, caption_dropout=0.5,
                                                  empty_embeddings=[empty]))
     dropped = 0
     for i in range(len(dataset)):
         emb = dataset[i][1]
-        expect_drop = draw_sample_noise((4, 16, 16), 1000, 0.0, sample_key(5, 0, i))[2] < 0.5
+        expect_drop = draw_sample_noise((4, 16, 16), 0.0, sample_key(5, 0, i))[2] < 0.5
         own = read_sidecar(index[i][1], "emb")
         assert torch.equal(emb, empty if expect_drop else own)
         dropped += expect_drop
@@ -606,7 +608,7 @@ def test_a_short_run_learns_to_use_its_text(tiny_sd_model, tmp_path):
 
     index, _ = index_training_pairs([data], ".img_sdvae", ".txt_clipl")
     _, held_out = _split_validation(index, 0.25, seed=0)  # the pairs the run did not train on
-    dataset = CachedPairDataset(held_out, NoisePlan(seed=11, num_train_timesteps=1000))
+    dataset = CachedPairDataset(held_out, NoisePlan(seed=11))
     dataset.epoch = VALIDATION_EPOCH
     batch = collate_pairs([dataset[i] for i in range(len(dataset))])
     captions = [Path(held_out[i][1]).with_suffix(".txt").read_text() for i in range(len(held_out))]
@@ -672,8 +674,8 @@ def test_offset_noise_adds_one_shared_value_per_channel():
     from cachetrain.objective import draw_sample_noise, sample_key
 
     key = sample_key(0, 0, 5)
-    plain, _, _ = draw_sample_noise((4, 8, 8), 1000, 0.0, key)
-    offset, _, _ = draw_sample_noise((4, 8, 8), 1000, 0.1, key)
+    plain, _, _ = draw_sample_noise((4, 8, 8), 0.0, key)
+    offset, _, _ = draw_sample_noise((4, 8, 8), 0.1, key)
     shift = offset - plain  # the same key draws the same base noise; the offset comes on top
     assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift))  # constant over each channel
     assert 0 < shift.abs().max() < 1
