@@ -98,7 +98,7 @@ def test_a_bad_pair_is_replaced_from_the_rest_the_same_way_every_time(cached_dat
 
     def one_epoch():
         order = EpochOrder(len(index), 4, seed=3)
-        reader = RefillingBatchReader(CachedPairDataset(index, NoisePlan(seed=3, num_train_timesteps=1000),
+        reader = RefillingBatchReader(CachedPairDataset(index, NoisePlan(seed=3),
                                                         checks=PairChecks((4, 16, 16), 32)), order)
         return [reader[key] for key in RunBatches(order, epochs=1)]
 
