@@ -87,13 +87,14 @@ class TrainConfig:
     save_on_epoch: bool = _flag(False, "save a checkpoint at the end of every epoch")
     save_start: int = _flag(0, "no periodic checkpoint before this optimizer step")
     keep_checkpoints: int = _flag(0, "keep only the newest N checkpoints (0 keeps all)")
-    resume: str | None = _flag(None, "'latest' (newest checkpoint of output_dir) or a checkpoint folder", nargs="?", const="latest")
+    resume: str | None = _flag(None, "'latest' (newest checkpoint of output_dir; refused if there is none), 'auto' (the newest if any, else a new run) or a checkpoint folder", nargs="?", const="latest")
     sample_prompt: list[str] = _flag([], "prompt(s) drawn at each checkpoint; repeatable", nargs="+", action="extend")
     sample_steps: int = _flag(0, "draw samples every N optimizer steps (0: at every checkpoint)")
     sampler_steps: int = _flag(30, "denoising steps of each sample")
     sample_seed: int = _flag(1234, "seed of the sample images (fixed, so checkpoints compare)")
     guidance_scale: float = _flag(7.5, "classifier-free guidance of samples")
     cpu_offload: bool = _flag(False, "move the sampling-only models (VAE, text encoder) back to the CPU after each sampling")
+    max_failed_saves: int = _flag(3, "stop the run when this many checkpoint saves in a row failed (e.g. a full disk)")
     # validation
     validation_dir: list[str] = _flag([], "folder(s) of held-out sidecar pairs for val/loss", nargs="+", action="extend")
     validation_split: float = _flag(0.0, "hold out this fraction of the training pairs for val/loss instead")
@@ -152,7 +153,7 @@ def validate(config: TrainConfig) -> TrainConfig:
                 problems.append("--max_steps must be >= 1")
         except ValueError:
             problems.append(f"--max_steps wants a number of steps or Ne for N epochs, got {config.max_steps!r}")
-    for name in ("batch_size", "gradient_accum", "log_every", "sampler_steps", "max_bad_steps"):
+    for name in ("batch_size", "gradient_accum", "log_every", "sampler_steps", "max_bad_steps", "max_failed_saves"):
         if getattr(config, name) < 1:
             problems.append(f"--{name} must be >= 1")
     for name in ("save_steps", "save_start", "keep_checkpoints", "warmup_steps", "num_workers", "sample_steps",

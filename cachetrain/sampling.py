@@ -92,10 +92,13 @@ def prompt_arguments(pipeline, prompt: str, negative_prompt: str, guided: bool, 
 
 def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed: int, sampler_steps: int,
                  guidance_scale: float, negative_prompt: str = "", device: torch.device,
-                 autocast_dtype: torch.dtype | None = None, token_length: int | None = None) -> list[Path]:
+                 autocast_dtype: torch.dtype | None = None, token_length: int | None = None,
+                 on_failure: typing.Callable[[int, str, Exception], None] | None = None) -> list[Path]:
     """One PNG per prompt in ``out_dir``; each PNG's text chunks say how it was made.
 
-    ``token_length``: the --force_toklen training used, so samples see the conditioning it saw."""
+    ``token_length``: the --force_toklen training used, so samples see the conditioning it saw.
+    ``on_failure(index, prompt, error)``, if given, is told of a prompt that could not be drawn, and the
+    other prompts are still drawn; without it the first failure raises."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -103,10 +106,16 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
     pipeline.set_progress_bar_config(disable=True)
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(seed + index)
-        with torch.no_grad(), autocast:
-            text = prompt_arguments(pipeline, prompt, negative_prompt, guidance_scale > 1.0, token_length, device)
-            image = pipeline(**text, num_inference_steps=sampler_steps, guidance_scale=guidance_scale,
-                             generator=generator).images[0]
+        try:
+            with torch.no_grad(), autocast:
+                text = prompt_arguments(pipeline, prompt, negative_prompt, guidance_scale > 1.0, token_length, device)
+                image = pipeline(**text, num_inference_steps=sampler_steps, guidance_scale=guidance_scale,
+                                 generator=generator).images[0]
+        except Exception as error:  # CUDA out of memory is a RuntimeError too
+            if on_failure is None:
+                raise
+            on_failure(index, prompt, error)
+            continue
         metadata = SampleMetadata(prompt=prompt, negative_prompt=negative_prompt, seed=seed + index, step=step,
                                   sampler_steps=sampler_steps, guidance_scale=guidance_scale,
                                   token_length=token_length)
