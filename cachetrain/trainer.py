@@ -22,8 +22,8 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import models
 from . import run_dir
-from .cli import print_error
 from .checkpoint_sampler import CheckpointSampler, SetupError, model_problem, scale_problem
+from .cli import print_error
 from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RunBatches, make_loader

@@ -244,6 +244,14 @@ def test_after_a_failed_save_a_resume_gives_the_weights_of_a_run_that_never_fail
     assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+def test_a_run_stopped_by_a_problem_during_training_has_its_own_status(tiny_sd_model, cached_dataset, tmp_path):
+    # a learning rate so large that the first update overflows the next forward: NaN gradients from then on
+    done = _train(tiny_sd_model, cached_dataset, tmp_path / "run", "--learning_rate", "1e30", "--max_steps", "20",
+                  "--max_bad_steps", "2", "--log_every", "2")
+    assert done.returncode == ExitStatus.HALTED, done.stderr[-3000:]
+    assert "optimizer steps in a row had NaN/Inf gradients (limit --max_bad_steps 2)" in _error_line(done)
+
+
 # ---------------------------------------------------------------------------------------------
 # The run folder's small files
 
