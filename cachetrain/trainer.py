@@ -176,8 +176,7 @@ class TrainingRun:
         self.progress = self._restore() if self.resume_from is not None else Progress()
         self.health = StepHealth(self.device, self.progress.skipped_steps)
         self.sampler = CheckpointSampler(config, self.device) if self.is_main else None
-        if self.sampler is not None:  # what would make a save or a sample fail later, refused now
-            self.sampler.prepare(self.bare_unet)
+        self._prepare_saves()
         self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
         if self.sampler is not None:
             self.sampler.telemetry = self.telemetry
@@ -251,6 +250,22 @@ class TrainingRun:
                   f"{self.batches_per_epoch} batches/epoch/process x {self.world} process(es); {self.total_steps} "
                   f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
                   f"of {total:,}", file=sys.stderr)
+
+    def _prepare_saves(self) -> None:
+        """Refuse now what would make a save or a sample fail later (the main process checks: it alone
+        saves); the other processes stop with it rather than wait for it at the first step."""
+        refusal = None
+        if self.sampler is not None:
+            try:
+                self.sampler.prepare(self.bare_unet)
+            except SetupError as error:
+                refusal = error
+        if self.world > 1:
+            flag = torch.tensor([float(refusal is not None)], device=self.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() and refusal is None:
+                raise TrainingError("the main process refused the start (its message says why)")
+        if refusal is not None:
+            raise refusal
 
     def _identities(self) -> tuple[dict, dict]:
         """(data, optimizer) identities of this run, as a checkpoint records them (see resume.py)."""

@@ -125,6 +125,23 @@ def test_sample_steps_the_sampling_scheduler_cannot_draw_are_refused_at_start(ti
     assert (output / ".frozen-components" / "cachetrain_source.json").exists()  # written before step 1
 
 
+def test_a_start_refused_by_the_main_process_stops_every_process(tiny_sd_model, cached_dataset, tmp_path):
+    model = _copy_model(tiny_sd_model, tmp_path)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "skip_prk_steps": False}))
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+               str(SCRIPT), "--pretrained_model", str(model), "--train_data_dir", str(cached_dataset),
+               "--output_dir", str(output), "--num_workers", "0", "--no_progress", "--batch_size", "2",
+               "--max_steps", "2", "--sample_prompt", "a red circle", "--sampler_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)  # no hang
+    assert done.returncode != 0  # torchrun's own status for a failed process (each process exits 2)
+    assert "error: --sampler_steps 2: the model's sampling scheduler PNDMScheduler" in done.stderr
+    assert "error: the main process refused the start" in done.stderr
+    _nothing_trained(output)
+
+
 def test_an_output_dir_that_is_an_existing_file_is_refused(tiny_sd_model, cached_dataset, tmp_path):
     output = tmp_path / "run"
     output.write_text("not a folder")
