@@ -538,6 +538,11 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
 
     def _finish(self, bar) -> None:
+        if self.is_main:
+            self._publish_final()
+        if self.world > 1:  # every process exits with the same status
+            flag = torch.tensor([float(self.result.final_saved)], device=self.device)
+            self.result.final_saved = bool(self.accelerator.reduce(flag, reduction="sum").item())
         checksum = _weights_checksum(self.bare_unet).reshape(1).to(self.device)
         shares = torch.tensor([float(self.sample_id_sum), float(self.sample_count)], dtype=torch.float64,
                               device=self.device).reshape(1, 2)
@@ -547,7 +552,6 @@ class TrainingRun:
             checksums = checksums.cpu().tolist()
             if len(set(checksums)) > 1:
                 print(f"[train] WARNING: the processes' weights differ at the end: {checksums}", file=sys.stderr)
-            self._publish_final()
             summary = {"steps": self.progress.step, "interrupted": self.result.interrupted,
                        "processes": self.world, "process_weight_checksums": checksums,
                        "process_sample_id_sums": shares[:, 0].cpu().tolist(),
