@@ -157,17 +157,17 @@ class TrainingRun:
     def __init__(self, config: TrainConfig, interrupt_after_batches: int | None = None):
         self.config = config
         self.interrupt_after_batches = interrupt_after_batches
+        self.output_dir = Path(config.output_dir)
+        # refused before anything heavy loads, by every process, so that all of them stop together
+        run_dir.check_output_dir(self.output_dir)
+        self.resume_from = run_dir.resolve_resume(config.resume, self.output_dir)
+        problem = model_problem(config.pretrained_model) or scale_problem(config)
+        if problem:
+            raise TrainingError(problem)
         self.accelerator = _make_accelerator(config)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        self.output_dir = Path(config.output_dir)
-        problem = model_problem(config.pretrained_model) or scale_problem(config)
-        if problem:
-            raise TrainingError(problem)
-        # refused before anything loads: every process, so that all of them stop together
-        run_dir.check_output_dir(self.output_dir)
-        self.resume_from = run_dir.resolve_resume(config.resume, self.output_dir)
         if self.is_main:
             run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
             ckpt.remove_partial_saves(self.output_dir)

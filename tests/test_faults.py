@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,6 +261,26 @@ def test_after_a_failed_save_a_resume_gives_the_weights_of_a_run_that_never_fail
     assert "resumed from" in resumed.stderr and "at step 1" in resumed.stderr
     expected, got = _unet(tmp_path / "straight"), _unet(output)
     assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_a_stop_whose_checkpoint_cannot_be_saved_is_a_failed_save_not_a_clean_stop(tiny_sd_model, cached_dataset,
+                                                                                   small_disk):
+    output = small_disk("12m")  # the frozen parts fit, a checkpoint does not
+    command = [sys.executable, str(SCRIPT), "--pretrained_model", str(tiny_sd_model), "--train_data_dir",
+               str(cached_dataset), "--output_dir", str(output), "--num_workers", "0", "--no_progress",
+               "--batch_size", "2", "--save_steps", "0", "--max_steps", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (output / "tensorboard").exists() and time.monotonic() < deadline:  # made just before step 1
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == ExitStatus.SAVE_FAILED, err[-3000:]
+    assert "SIGTERM received" in out and "could not save checkpoint at step" in out
+    assert "but its checkpoint could not be saved; No checkpoint of this run was saved." in err
+    assert "continue with --resume" not in err and not list(output.glob("checkpoint-*"))
 
 
 def test_a_run_stopped_by_a_problem_during_training_has_its_own_status(tiny_sd_model, cached_dataset, tmp_path):
