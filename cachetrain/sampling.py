@@ -106,20 +106,21 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
     pipeline.set_progress_bar_config(disable=True)
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(seed + index)
+        path = out_dir / sample_filename(index, prompt)
         try:
             with torch.no_grad(), autocast:
                 text = prompt_arguments(pipeline, prompt, negative_prompt, guidance_scale > 1.0, token_length, device)
                 image = pipeline(**text, num_inference_steps=sampler_steps, guidance_scale=guidance_scale,
                                  generator=generator).images[0]
-        except Exception as error:  # CUDA out of memory is a RuntimeError too
+            metadata = SampleMetadata(prompt=prompt, negative_prompt=negative_prompt, seed=seed + index, step=step,
+                                      sampler_steps=sampler_steps, guidance_scale=guidance_scale,
+                                      token_length=token_length)
+            save_sample_png(image, path, metadata)
+        except Exception as error:  # CUDA out of memory is a RuntimeError too; a full disk an OSError
             if on_failure is None:
                 raise
+            path.unlink(missing_ok=True)  # no half-written PNG for a comparison page to trip on
             on_failure(index, prompt, error)
             continue
-        metadata = SampleMetadata(prompt=prompt, negative_prompt=negative_prompt, seed=seed + index, step=step,
-                                  sampler_steps=sampler_steps, guidance_scale=guidance_scale,
-                                  token_length=token_length)
-        path = out_dir / sample_filename(index, prompt)
-        save_sample_png(image, path, metadata)
         paths.append(path)
     return paths

@@ -328,3 +328,17 @@ def test_the_exit_status_is_zero_only_when_the_final_model_and_every_due_save_we
     assert exit_status(**outcome) == status
     assert len({ExitStatus.FINISHED, ExitStatus.CRASHED, ExitStatus.REFUSED, ExitStatus.STOPPED,
                 ExitStatus.SAVE_FAILED, ExitStatus.HALTED}) == 6
+
+
+def test_the_settings_archive_keeps_every_version_of_the_copied_settings_file(tmp_path):
+    from cachetrain.run_dir import archive_settings
+
+    settings, output = tmp_path / "train_sd.sh", tmp_path / "run"
+    output.mkdir()
+    for text in ("LR=1e-5\n", "LR=1e-5\n", "LR=2e-5\n"):
+        settings.write_text(text)
+        archive_settings(output, {"learning_rate": text}, str(settings))
+    assert (output / "train_sd.sh").read_text() == "LR=1e-5\n"
+    assert (output / "train_sd.1.sh").read_text() == "LR=2e-5\n"
+    assert len(json.loads((output / "train_args.json").read_text())) == 3
+    assert sorted(p.name for p in output.iterdir()) == ["train_args.json", "train_sd.1.sh", "train_sd.sh"]
