@@ -119,7 +119,8 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
         except Exception as error:  # CUDA out of memory is a RuntimeError too; a full disk an OSError
             if on_failure is None:
                 raise
-            path.unlink(missing_ok=True)  # no half-written PNG for a comparison page to trip on
+            with contextlib.suppress(OSError):  # no half-written PNG for a comparison page to trip on
+                path.unlink(missing_ok=True)
             on_failure(index, prompt, error)
             continue
         paths.append(path)
