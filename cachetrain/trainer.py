@@ -304,6 +304,21 @@ class TrainingRun:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except TrainingError as error:  # halted by a problem met in training: keep what it logged
+            if self.is_main:
+                self.telemetry.close()
+                summary = {"steps": self.progress.step, "halted": str(error), "checkpoints":
+                           [str(p) for p in self.result.checkpoints], "failed_saves": self.result.failed_saves,
+                           "exit_status": ExitStatus.HALTED}
+                try:
+                    run_dir.write_summary(self.output_dir, summary)
+                except OSError:
+                    pass  # the error itself is what the user must read
+            raise
+
+    def _run(self) -> TrainResult:
         if self.ema is None:
             self._make_ema()
         bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step",

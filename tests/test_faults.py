@@ -289,6 +289,8 @@ def test_a_run_stopped_by_a_problem_during_training_has_its_own_status(tiny_sd_m
                   "--max_bad_steps", "2", "--log_every", "2")
     assert done.returncode == ExitStatus.HALTED, done.stderr[-3000:]
     assert "optimizer steps in a row had NaN/Inf gradients (limit --max_bad_steps 2)" in _error_line(done)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["exit_status"] == ExitStatus.HALTED and "--max_bad_steps 2" in summary["halted"]
 
 
 # ---------------------------------------------------------------------------------------------
