@@ -110,7 +110,11 @@ class CheckpointSampler:
             if failed:
                 self.telemetry.add_scalar("train/failed_samples", self.failed_samples, step)
             if drawn:
-                self.telemetry.add_images(step, dict(zip(drawn, paths)))
+                try:
+                    self.telemetry.add_images(step, dict(zip(drawn, paths)))
+                except Exception as error:  # the PNGs are on disk; only their copy in the logs is missing
+                    tqdm.write(f"[train] samples of step {step} not logged to tensorboard "
+                               f"({type(error).__name__}: {_first_line(error)})")
         return paths
 
     def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
