@@ -8,7 +8,8 @@ Layers, lowest first (a module imports only from layers below it):
   pipeline_code                          - the code a hub-style folder carries: checked, run when trusted, put back
   t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id or folder
   loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
-  checkpoint_sampler                     - the parts that do not train: saved around the UNet, drawing samples
+  checkpoint_sampler, run_dir            - the parts that do not train: saved around the UNet, drawing samples;
+                                           the run folder's small files, which checkpoint to resume, exit statuses
   shards, cache_build -> image_cache, text_cache, t5_cache   - the cache builders and their shares of the files
   inspect, compare, assemble             - looking at caches and runs; building a T5 pipeline from parts
   trainer                                - the training loop

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import write_atomically
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_FILE = "training_state.pt"
 FROZEN_DIR_NAME = ".frozen-components"
@@ -112,6 +114,14 @@ def frozen_parts_identity(pipeline, source: str) -> dict[str, str]:
     return {"source": source, "configs_sha256": hashlib.sha256(blob).hexdigest()}
 
 
+def _read_marker(marker: Path) -> dict | None:
+    """The identity a template records; None for a damaged one (it is then rebuilt)."""
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def save_frozen_components(pipeline, frozen_dir: Path, source: str) -> None:
     """Save the pipeline once (atomically) without its trained part: the template of every checkpoint.
 
@@ -120,14 +130,18 @@ def save_frozen_components(pipeline, frozen_dir: Path, source: str) -> None:
     """
     identity = frozen_parts_identity(pipeline, source)
     marker = frozen_dir / FROZEN_SOURCE_FILE
-    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == identity:
+    if marker.exists() and _read_marker(marker) == identity:
         return
     staging = frozen_dir.with_name(frozen_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    pipeline.save_pretrained(staging)
-    shutil.rmtree(staging / TRAINED_COMPONENT, ignore_errors=True)
-    (staging / FROZEN_SOURCE_FILE).write_text(json.dumps(identity), encoding="utf-8")
-    flush_to_disk(staging)
+    try:
+        pipeline.save_pretrained(staging)
+        shutil.rmtree(staging / TRAINED_COMPONENT, ignore_errors=True)
+        write_atomically(staging / FROZEN_SOURCE_FILE, json.dumps(identity))
+        flush_to_disk(staging)
+    except BaseException:  # a full disk: give the space back at once
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(frozen_dir, ignore_errors=True)
     os.replace(staging, frozen_dir)
     _fsync(frozen_dir.parent, directory=True)  # the rename itself
@@ -229,8 +243,8 @@ def publish_final(final_checkpoint: Path, output_dir: Path) -> None:
             target.unlink()
         if entry.is_dir():
             link_tree(entry, target)
-        else:
-            shutil.copy2(entry, target)
+        else:  # small files (model_index.json): never half-written
+            write_atomically(target, entry.read_bytes())
         flush_to_disk(target)
 
 

@@ -1,12 +1,16 @@
 """The parts of a pipeline that do not train: loaded once, saved around the UNet, used to draw samples.
 
-Only the UNet trains. The VAE, text encoder(s), tokenizer and scheduler are loaded (on the CPU) the
-first time a checkpoint is saved or samples are drawn, with the scales training applied stored in
-them, so every checkpoint is a complete pipeline folder that conditions the UNet as training did.
+Only the UNet trains. The VAE, text encoder(s), tokenizer and scheduler are loaded (on the CPU) before
+step 1 (``prepare``), with the scales training applied stored in them, so every checkpoint is a complete
+pipeline folder that conditions the UNet as training did, and a part that is missing stops the run
+before it trains rather than at its first save. A save or a sample that fails later is reported, and
+training goes on (the trainer decides when failed saves must stop it).
 """
 
 from __future__ import annotations
 
+import copy
+import os
 from pathlib import Path
 
 import torch
@@ -37,6 +41,29 @@ class CheckpointSampler:
         problem = sample_scheduler_problem(config) if self.prompts else None
         if problem:  # refused before step 1, not at the first sample
             raise ConfigError(problem)
+        self.failed_samples = 0  # prompts that could not be drawn, over the whole start
+
+    def prepare(self, unet) -> None:
+        """Before step 1: load every part a checkpoint needs, write the frozen template, and try the
+        sample settings on the sampling scheduler, so that no save or sample fails later for a reason
+        known now. Raises SetupError naming the part, file or flag."""
+        model = self.config.pretrained_model
+        try:
+            pipeline = self._pipeline_for(unet)
+        except Exception as error:
+            raise SetupError(f"--pretrained_model {model}: the parts a checkpoint needs do not load "
+                             f"({type(error).__name__}: {_first_line(error)})") from None
+        try:
+            _save_frozen_parts(pipeline, self.frozen_dir, model)
+        except Exception as error:  # a full disk: OSError, or RuntimeError from a library's writer
+            raise SetupError(f"--output_dir {self.config.output_dir}: could not write the parts every checkpoint "
+                             f"links to ({self.frozen_dir.name}/: {type(error).__name__}: {_first_line(error)})"
+                             ) from None
+        if self.prompts:
+            drawing = self._drawing_scheduler(pipeline) or pipeline.scheduler
+            problem = sampler_steps_problem(drawing, self.config.sampler_steps)
+            if problem:
+                raise SetupError(problem)
 
     def _pipeline_for(self, unet):
         if self._pipeline is None:
@@ -47,29 +74,65 @@ class CheckpointSampler:
         self._pipeline.unet = unet
         return self._pipeline
 
-    def sample(self, unet, step: int, out_dir: Path) -> list[Path]:
-        if not self.prompts:
-            return []
-        pipeline = self._pipeline_for(unet)
+    def _drawing_scheduler(self, pipeline):
+        """The --sample_scheduler built from the pipeline's own config, or None for the pipeline's own."""
         name = self.config.sample_scheduler
-        scheduler = build_sampling_scheduler(name, pipeline.scheduler.config) if name else None
+        return build_sampling_scheduler(name, pipeline.scheduler.config) if name else None
+
+    def sample(self, unet, step: int, out_dir: Path) -> list[Path]:
+        """The samples of ``step``. A prompt that cannot be drawn (any error, CUDA out of memory
+        included) is reported with its reason and counted (train/failed_samples); training goes on."""
+        prompts = self.prompts
+        if not prompts:
+            return []
+        failed: list[int] = []
+
+        def report(index: int, prompt: str, error: Exception) -> None:
+            failed.append(index)
+            tqdm.write(f"[train] sample {index} at step {step} failed for prompt {prompt!r} "
+                       f"({type(error).__name__}: {_first_line(error)}); training goes on")
+
         was_training = unet.training
-        unet.eval()
-        others = [m for name, m in pipeline.components.items() if isinstance(m, torch.nn.Module) and name != "unet"]
-        for module in others:
-            module.to(self.device)
+        paths: list[Path] = []
         try:
-            paths = draw_samples(pipeline, self.prompts, out_dir, step=step, seed=self.config.sample_seed,
-                                 sampler_steps=self.config.sampler_steps, guidance_scale=self.config.guidance_scale,
-                                 device=self.device, autocast_dtype=self.autocast_dtype,
-                                 token_length=self.config.force_toklen, scheduler=scheduler, scheduler_name=name)
-        finally:
-            if self.config.cpu_offload:  # give the memory back to training until the next samples
+            pipeline = self._pipeline_for(unet)
+            scheduler = self._drawing_scheduler(pipeline)
+            unet.eval()
+            others = [m for name, m in pipeline.components.items()
+                      if isinstance(m, torch.nn.Module) and name != "unet"]
+            try:
                 for module in others:
-                    module.to("cpu")
+                    module.to(self.device)
+                paths = draw_samples(pipeline, prompts, out_dir, step=step, seed=self.config.sample_seed,
+                                     sampler_steps=self.config.sampler_steps,
+                                     guidance_scale=self.config.guidance_scale, device=self.device,
+                                     autocast_dtype=self.autocast_dtype, token_length=self.config.force_toklen,
+                                     scheduler=scheduler, scheduler_name=self.config.sample_scheduler,
+                                     on_failure=report)
+            finally:
+                if self.config.cpu_offload:  # give the memory back to training until the next samples
+                    for module in others:
+                        module.to("cpu")
+        except Exception as error:  # outside one prompt: loading the parts, moving them to the device
+            failed = list(range(len(prompts)))
+            tqdm.write(f"[train] samples at step {step} failed ({type(error).__name__}: {_first_line(error)}); "
+                       "training goes on")
+        finally:
             unet.train(was_training)
+        drawn = [prompt for index, prompt in enumerate(prompts) if index not in failed]
+        if failed:
+            self.failed_samples += len(failed)
+            if self.device.type == "cuda":  # what a failed (out-of-memory) sample held goes back to training
+                torch.cuda.empty_cache()
         if self.telemetry is not None:
-            self.telemetry.add_images(step, dict(zip(self.prompts, paths)))
+            if failed:
+                self.telemetry.add_scalar("train/failed_samples", self.failed_samples, step)
+            if drawn:
+                try:
+                    self.telemetry.add_images(step, dict(zip(drawn, paths)))
+                except Exception as error:  # the PNGs are on disk; only their copy in the logs is missing
+                    tqdm.write(f"[train] samples of step {step} not logged to tensorboard "
+                               f"({type(error).__name__}: {_first_line(error)})")
         return paths
 
     def save(self, unet, step: int, training_state: dict, ema=None, trainable=None) -> Path | None:
@@ -79,9 +142,11 @@ class CheckpointSampler:
             ckpt.save_checkpoint(destination, unet, self.frozen_dir, training_state,
                                  ema_weights=_ema_writer(ema, trainable, unet))
         except Exception as error:  # a full disk shows as OSError, RuntimeError or safetensors' own error
-            previous = ckpt.latest_checkpoint(Path(self.config.output_dir))
-            tqdm.write(f"[train] could not save checkpoint at step {step} ({type(error).__name__}: {error}); "
-                       f"the previous checkpoint {previous} is intact. Training goes on.")
+            newest = ckpt.latest_checkpoint(Path(self.config.output_dir))
+            kept = (f"the newest saved checkpoint, {newest.name}, is intact" if newest is not None
+                    else "no checkpoint of this run is saved yet")
+            tqdm.write(f"[train] could not save checkpoint at step {step} "
+                       f"({type(error).__name__}: {_first_line(error)}); {kept}")
             return None
         return destination
 
@@ -91,6 +156,70 @@ def _save_frozen_parts(pipeline, frozen_dir: Path, model: str) -> None:
     (diffusers' save drops it): checkpoints then load as the source did, with custom_pipeline=checkpoint."""
     ckpt.save_frozen_components(pipeline, frozen_dir, models.model_name(model))
     models.put_folder_code_back(model, frozen_dir)
+
+
+class SetupError(RuntimeError):
+    """Something found before step 1 that would make every later save or sample fail."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``model`` cannot be trained and saved: not a folder nor a hub id that can be reached, or a
+    folder that lacks a part its model_index.json names (checked before anything loads)."""
+    if not Path(model).is_dir():
+        from diffusers import DiffusionPipeline
+
+        try:
+            DiffusionPipeline.load_config(model)
+        except Exception as error:  # hub errors: not found, offline, malformed id, no network
+            offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+            return (f"--pretrained_model {model}: no such folder, and not a hub id that can be reached{offline} "
+                    f"({type(error).__name__})")
+        return None
+    missing = missing_parts(model)
+    if missing:
+        return f"--pretrained_model {model}: {missing}; every checkpoint is a whole pipeline and needs it"
+    return None
+
+
+def missing_parts(model: str) -> str | None:
+    """What a local model folder lacks of the parts its model_index.json names (None when nothing)."""
+    index_file = Path(model) / "model_index.json"
+    if not index_file.exists():
+        return f"no model_index.json in {model}"
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(model)
+    for name, value in index.items():
+        if name.startswith("_") or name in LEFT_OUT_PARTS or not isinstance(value, (list, tuple)):
+            continue
+        if value[0] is None or value[1] is None:  # a part the folder declares absent
+            continue
+        folder = Path(model) / name
+        if not folder.is_dir():
+            return f"its model_index.json names the part {name!r}, but {folder}{os.sep} is missing"
+        if not any(folder.iterdir()):
+            return f"the part {name!r} ({folder}{os.sep}) is an empty folder"
+    return None
+
+
+LEFT_OUT_PARTS = ("safety_checker", "feature_extractor")  # load_pipeline_around leaves these out
+
+
+def sampler_steps_problem(scheduler, sampler_steps: int) -> str | None:
+    """Why the sampling scheduler cannot draw ``sampler_steps`` steps, tried on a copy of it."""
+    trial = copy.deepcopy(scheduler)
+    try:
+        trial.set_timesteps(sampler_steps)
+    except Exception as error:
+        return (f"--sampler_steps {sampler_steps}: the model's sampling scheduler {type(scheduler).__name__} "
+                f"cannot draw that many steps ({type(error).__name__}: {_first_line(error)}); "
+                "choose more --sampler_steps or another scheduler in the model's scheduler/ folder")
+    return None
 
 
 def scale_problem(config: TrainConfig) -> str | None:

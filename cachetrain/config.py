@@ -144,7 +144,7 @@ class TrainConfig:
     save_on_epoch: bool = _flag(False, "save a checkpoint at the end of every epoch")
     save_start: int = _flag(0, "no periodic checkpoint before this optimizer step")
     keep_checkpoints: int = _flag(0, "keep only the newest N checkpoints (0 keeps all)")
-    resume: str | None = _flag(None, "'latest' (newest checkpoint of output_dir) or a checkpoint folder", nargs="?", const="latest")
+    resume: str | None = _flag(None, "'latest' (newest checkpoint of output_dir; refused if there is none), 'auto' (the newest if any, else a new run) or a checkpoint folder", nargs="?", const="latest")
     sample_prompt: list[str] = _flag([], "prompt(s) drawn at each checkpoint; repeatable", nargs="+", action="extend")
     sample_steps: int = _flag(0, "draw samples every N optimizer steps (0: at every checkpoint)")
     sampler_steps: int = _flag(30, "denoising steps of each sample")
@@ -155,6 +155,7 @@ class TrainConfig:
                                          "the model's scheduler config; default: the model's own scheduler)",
                                          choices=SAMPLE_SCHEDULERS)
     sample_prompts_file: str | None = _flag(None, "more sample prompts, one a line (blank lines and # comments skipped)")
+    max_failed_saves: int = _flag(3, "stop the run when this many checkpoint saves in a row failed (e.g. a full disk)")
     # validation
     validation_dir: list[str] = _flag([], "folder(s) of held-out sidecar pairs for val/loss", nargs="+", action="extend")
     validation_split: float = _flag(0.0, "hold out this fraction of the training pairs for val/loss instead")
@@ -242,7 +243,7 @@ def validate(config: TrainConfig) -> TrainConfig:
                 problems.append("--warmup_steps must be >= 0")
         except ValueError:
             problems.append(f"--warmup_steps wants a number of steps or Ne for N epochs, got {config.warmup_steps!r}")
-    for name in ("batch_size", "gradient_accum", "log_every", "sampler_steps", "max_bad_steps"):
+    for name in ("batch_size", "gradient_accum", "log_every", "sampler_steps", "max_bad_steps", "max_failed_saves"):
         if getattr(config, name) < 1:
             problems.append(f"--{name} must be >= 1")
     for name in ("save_steps", "save_start", "keep_checkpoints", "num_workers", "sample_steps",

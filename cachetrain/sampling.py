@@ -201,7 +201,8 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
                  guidance_scale: float, negative_prompt: str = "", device: torch.device,
                  autocast_dtype: torch.dtype | None = None, token_length: int | None = None,
                  scheduler=None, scheduler_name: str | None = None, height: int | None = None,
-                 width: int | None = None, increment_seed: bool = True) -> list[Path]:
+                 width: int | None = None, increment_seed: bool = True,
+                 on_failure: typing.Callable[[int, str, Exception], None] | None = None) -> list[Path]:
     """One PNG per prompt in ``out_dir``; each PNG's text chunks say how it was made.
 
     ``token_length``: the --force_toklen training used, so samples see the conditioning it saw.
@@ -209,6 +210,8 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
     pipeline's own for these samples only; the pipeline keeps its own (it is what checkpoints save).
     ``height``/``width`` default to the pipeline's: the UNet's sample_size (the training size, as the
     trainer records it) times the VAE's factor.
+    ``on_failure(index, prompt, error)``, if given, is told of an image that could not be drawn, and the
+    others are still drawn; without it the first failure raises.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -225,15 +228,23 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
     _ready_to_draw(drawing_scheduler)
     pipeline.scheduler = drawing_scheduler
     try:
-        for filename, metadata in plan:
-            generator = torch.Generator(device=device).manual_seed(metadata.seed)
-            with torch.no_grad(), autocast:
-                text = prompt_arguments(pipeline, metadata.prompt, negative_prompt, guidance_scale > 1.0,
-                                        token_length, device)
-                image = pipeline(**text, num_inference_steps=sampler_steps, guidance_scale=guidance_scale,
-                                 generator=generator, **size).images[0]
+        for index, (filename, metadata) in enumerate(plan):
             path = out_dir / filename
-            save_sample_png(image, path, metadata)
+            try:
+                generator = torch.Generator(device=device).manual_seed(metadata.seed)
+                with torch.no_grad(), autocast:
+                    text = prompt_arguments(pipeline, metadata.prompt, negative_prompt, guidance_scale > 1.0,
+                                            token_length, device)
+                    image = pipeline(**text, num_inference_steps=sampler_steps, guidance_scale=guidance_scale,
+                                     generator=generator, **size).images[0]
+                save_sample_png(image, path, metadata)
+            except Exception as error:  # CUDA out of memory is a RuntimeError too; a full disk an OSError
+                if on_failure is None:
+                    raise
+                with contextlib.suppress(OSError):  # no half-written PNG for a comparison page to trip on
+                    path.unlink(missing_ok=True)
+                on_failure(index, metadata.prompt, error)
+                continue
             paths.append(path)
     finally:
         pipeline.scheduler = own_scheduler

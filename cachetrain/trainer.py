@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -23,7 +22,9 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import models
-from .checkpoint_sampler import CheckpointSampler, scale_problem
+from . import run_dir
+from .checkpoint_sampler import CheckpointSampler, SetupError, model_problem, scale_problem
+from .cli import print_error
 from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
 from .loader import (CachedPairDataset, EpochOrder, NoisePlan, PairChecks, RefillingBatchReader, RunBatches,
@@ -31,15 +32,13 @@ from .loader import (CachedPairDataset, EpochOrder, NoisePlan, PairChecks, Refil
 from .objective import DiffusionObjective, FlowMatchingObjective, flow_shift_for, objective_kind
 from .optim import build_lr_schedule, build_optimizer
 from .resume import Progress, data_identity, optimizer_identity, resume_problem
+from .run_dir import ARGS_FILE, SUMMARY_FILE, TRIGGER_FILE, ExitStatus, RunDirError  # noqa: F401  (their old home)
 from .sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, empty_prompt_path, read_sidecar
 from .step import TrainStep, UpdateCheck
 from .text_encoding import pad_text_embeddings
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
 from .tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, read_tensor_shape, record_latent_shapes
 
-TRIGGER_FILE = "trigger.checkpoint"
-SUMMARY_FILE = "train_summary.json"
-ARGS_FILE = "train_args.json"
 VALIDATION_EPOCH = -1  # the noise key of held-out pairs: the same draws at every evaluation
 REPEATED_SIGNAL_SECONDS = 2.0  # torchrun forwards a Ctrl-C the terminal already delivered
 REFERENCE_PAIRS = 16  # without buckets, the run's shapes are the commonest among the first pairs' headers
@@ -57,6 +56,11 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     logged: list[dict[str, float]] = field(default_factory=list)
     interrupted: bool = False
+    failed_saves: list[int] = field(default_factory=list)  # steps whose due checkpoint could not be saved
+    stop_saved: bool = False  # interrupted, and the stop's checkpoint was saved (resumable)
+    final_saved: bool = False  # the final model was written
+    gave_up_saving: bool = False  # --max_failed_saves saves failed in a row: stopped
+    exit_status: int = ExitStatus.FINISHED
 
 
 class StopSignal:
@@ -117,41 +121,6 @@ def _make_accelerator(config: TrainConfig):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
-
-
-def _archive_settings(config: TrainConfig, output_dir: Path) -> None:
-    """Append this start's arguments to train_args.json and keep the settings file (every version)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    args_file = output_dir / ARGS_FILE
-    starts = json.loads(args_file.read_text(encoding="utf-8")) if args_file.exists() else []
-    starts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "config": config_to_dict(config)})
-    args_file.write_text(json.dumps(starts, indent=2), encoding="utf-8")
-    if config.copy_config:
-        source = Path(config.copy_config)
-        target = output_dir / source.name
-        number = 1
-        while target.exists() and target.read_bytes() != source.read_bytes():
-            target = output_dir / f"{source.stem}.{number}{source.suffix}"
-            number += 1
-        if not target.exists():
-            shutil.copy2(source, target)
-
-
-def _resolve_resume(config: TrainConfig, output_dir: Path) -> Path | None:
-    existing = ckpt.latest_checkpoint(output_dir)
-    if not config.resume:
-        if existing is not None:
-            raise TrainingError(f"{output_dir} already holds checkpoints of a run (newest: {existing.name}); "
-                                "continue it with --resume, or choose another --output_dir")
-        return None
-    if config.resume == "latest":
-        if existing is None:
-            print(f"[train] --resume: no checkpoint in {output_dir} yet, starting fresh", file=sys.stderr)
-        return existing
-    path = Path(config.resume)
-    if not (path / ckpt.TRAINING_STATE_FILE).exists():
-        raise TrainingError(f"--resume {path}: not a resumable checkpoint folder (no {ckpt.TRAINING_STATE_FILE})")
-    return path
 
 
 def _split_validation(index: PairIndex, fraction: float, seed: int) -> tuple[PairIndex, PairIndex | None]:
@@ -256,25 +225,33 @@ class TrainingRun:
     def __init__(self, config: TrainConfig, interrupt_after_batches: int | None = None):
         self.config = config
         self.interrupt_after_batches = interrupt_after_batches
+        self.output_dir = Path(config.output_dir)
+        # refused before anything heavy loads, by every process, so that all of them stop together
+        run_dir.check_output_dir(self.output_dir)
+        self.resume_from = run_dir.resolve_resume(config.resume, self.output_dir)
+        problem = (model_problem(config.pretrained_model) or scale_problem(config)
+                   or models.folder_code_problem(config.pretrained_model, config.is_custom))
+        if problem:
+            raise TrainingError(problem)
         self.accelerator = _make_accelerator(config)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        self.output_dir = Path(config.output_dir)
-        problem = scale_problem(config) or models.folder_code_problem(config.pretrained_model, config.is_custom)
-        if problem:
-            raise TrainingError(problem)
-        self.resume_from = _resolve_resume(config, self.output_dir)
         if self.is_main:
-            _archive_settings(config, self.output_dir)
+            run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
             ckpt.remove_partial_saves(self.output_dir)
         self._load_data()
         self._load_model()
         self.progress = self._restore() if self.resume_from is not None else Progress()
         self.health = StepHealth(self.device, self.progress.skipped_steps)
+        self.sampler = CheckpointSampler(config, self.device) if self.is_main else None
+        self._prepare_saves()
         self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
-        self.sampler = CheckpointSampler(config, self.device, self.telemetry) if self.is_main else None
+        if self.sampler is not None:
+            self.sampler.telemetry = self.telemetry
         self.result = TrainResult(output_dir=self.output_dir, steps=self.progress.step)
+        self.failed_saves_in_a_row = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint this start saved
         self.stopping = False
         self.epoch_save_pending = False
         self.sample_id_sum = 0  # of the pairs this process trained on: proves the processes' shares differ
@@ -397,6 +374,22 @@ class TrainingRun:
                   f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
                   f"of {total:,}", file=sys.stderr)
 
+    def _prepare_saves(self) -> None:
+        """Refuse now what would make a save or a sample fail later (the main process checks: it alone
+        saves); the other processes stop with it rather than wait for it at the first step."""
+        refusal = None
+        if self.sampler is not None:
+            try:
+                self.sampler.prepare(self.bare_unet)
+            except SetupError as error:
+                refusal = error
+        if self.world > 1:
+            flag = torch.tensor([float(refusal is not None)], device=self.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() and refusal is None:
+                raise TrainingError("the main process refused the start (its message says why)")
+        if refusal is not None:
+            raise refusal
+
     def _identities(self) -> tuple[dict, dict]:
         """(data, optimizer) identities of this run, as a checkpoint records them (see resume.py)."""
         return (data_identity(len(self.train_index), self.world, self.config.batch_size, self.config.seed,
@@ -436,6 +429,21 @@ class TrainingRun:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except TrainingError as error:  # halted by a problem met in training: keep what it logged
+            if self.is_main:
+                self.telemetry.close()
+                summary = {"steps": self.progress.step, "halted": str(error), "checkpoints":
+                           [str(p) for p in self.result.checkpoints], "failed_saves": self.result.failed_saves,
+                           "exit_status": ExitStatus.HALTED}
+                try:
+                    run_dir.write_summary(self.output_dir, summary)
+                except OSError:
+                    pass  # the error itself is what the user must read
+            raise
+
+    def _run(self) -> TrainResult:
         if self.ema is None:
             self._make_ema()
         bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step",
@@ -446,10 +454,15 @@ class TrainingRun:
             if self.progress.step < self.total_steps:
                 self._train(stop, bar)
             self.result.interrupted = self.stopping and self.progress.step < self.total_steps
-            if self.result.interrupted:
-                self._save("interrupted")
-                if self.is_main:
+            if self.result.gave_up_saving:
+                pass  # said when it happened; a final save would fail like the others
+            elif self.result.interrupted:
+                self.result.stop_saved = self._save("interrupted")
+                if self.is_main and self.result.stop_saved:
                     print(f"[train] stopped at step {self.progress.step}; continue with --resume", file=sys.stderr)
+                elif self.is_main:
+                    print(f"[train] stopped at step {self.progress.step}, but its checkpoint could not be saved; "
+                          f"{self._newest_saved()}", file=sys.stderr)
             else:
                 self._save("final")
         self._finish(bar)
@@ -593,7 +606,7 @@ class TrainingRun:
             self._sample(self.output_dir / f"samples-{step:05d}")
         if self.validation_index is not None and config.validation_steps and step % config.validation_steps == 0:
             self._validate(step)
-        return stop_now
+        return stop_now or self.result.gave_up_saving
 
     def _after_epoch(self) -> None:
         config = self.config
@@ -616,24 +629,57 @@ class TrainingRun:
             state["ema"] = self.ema.state_dict()
         return state
 
-    def _save(self, reason: str) -> None:
-        destination = ckpt.checkpoint_dir(self.output_dir, self.progress.step)
-        if self.result.checkpoints and self.result.checkpoints[-1] == destination:
-            return  # this step is saved already
+    def _save(self, reason: str) -> bool:
+        """Save a checkpoint of this step; True when it is on disk (on every process alike)."""
+        step = self.progress.step
+        if self.saved_step == step:
+            return True  # this step is saved already
         self.progress.skipped_samples = int(self._skipped_samples().item())  # saves are rare: one read is fine
         self.accelerator.wait_for_everyone()
+        failed = False
         if self.is_main:
-            path = self.sampler.save(self.bare_unet, self.progress.step, self._training_state(), self.ema,
-                                     self.trainable)
+            path = self.sampler.save(self.bare_unet, step, self._training_state(), self.ema, self.trainable)
+            failed = path is None
             if path is not None:
                 self.result.checkpoints.append(path)
                 if reason != "interrupted":
                     self._sample(path)
                 ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
                 tqdm.write(f"[train] saved {path} ({reason})")
+        if self.world > 1:  # saves are rare: one all-reduce tells every process how the main one's went
+            flag = torch.tensor([float(failed)], device=self.device)
+            failed = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        self._count_save(step, reason, failed)
         if self.validation_index is not None and not self.config.validation_steps and reason != "interrupted":
-            self._validate(self.progress.step)
+            self._validate(step)
         self.accelerator.wait_for_everyone()
+        return not failed
+
+    def _count_save(self, step: int, reason: str, failed: bool) -> None:
+        """Keep the record of failed saves, and give up after --max_failed_saves of them in a row."""
+        if not failed:
+            self.saved_step = step
+            self.failed_saves_in_a_row = 0
+            return
+        self.result.failed_saves.append(step)
+        if reason in ("final", "interrupted"):
+            return  # the run ends here anyway; the exit status says the save failed
+        self.failed_saves_in_a_row += 1
+        limit = self.config.max_failed_saves
+        if self.failed_saves_in_a_row >= limit:
+            self.result.gave_up_saving = True
+            if self.is_main:
+                print(f"[train] {self.failed_saves_in_a_row} checkpoint saves in a row failed (limit "
+                      f"--max_failed_saves {limit}); stopping at step {step} rather than training on with "
+                      f"nothing to show. {self._newest_saved()}", file=sys.stderr)
+        elif self.is_main:
+            tqdm.write(f"[train] training goes on ({self.failed_saves_in_a_row} of --max_failed_saves {limit} "
+                       "failed saves in a row)")
+
+    def _newest_saved(self) -> str:
+        newest = ckpt.latest_checkpoint(self.output_dir)
+        return (f"The newest checkpoint on disk is {newest} (continue with --resume once there is room)."
+                if newest is not None else "No checkpoint of this run was saved.")
 
     def _sample(self, out_dir: Path) -> None:
         if self.ema is not None:  # samples show the EMA weights
@@ -674,6 +720,11 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
 
     def _finish(self, bar) -> None:
+        if self.is_main:
+            self._publish_final()
+        if self.world > 1:  # every process exits with the same status
+            flag = torch.tensor([float(self.result.final_saved)], device=self.device)
+            self.result.final_saved = bool(self.accelerator.reduce(flag, reduction="sum").item())
         checksum = _weights_checksum(self.bare_unet).reshape(1).to(self.device)
         shares = torch.tensor([float(self.sample_id_sum), float(self.sample_count), float(self.skipped_here)],
                               dtype=torch.float64, device=self.device).reshape(1, 3)
@@ -683,22 +734,21 @@ class TrainingRun:
             checksums = checksums.cpu().tolist()
             if len(set(checksums)) > 1:
                 print(f"[train] WARNING: the processes' weights differ at the end: {checksums}", file=sys.stderr)
-            final = ckpt.checkpoint_dir(self.output_dir, self.progress.step)
-            saved = bool(self.result.checkpoints) and self.result.checkpoints[-1] == final
             summary = {"steps": self.progress.step, "interrupted": self.result.interrupted,
                        "processes": self.world, "process_weight_checksums": checksums,
                        "process_sample_id_sums": shares[:, 0].cpu().tolist(),
                        "process_sample_counts": shares[:, 1].cpu().tolist(),
                        "skipped_samples": self.skipped_before + int(shares[:, 2].sum().item()),
                        "left_out_at_start": self.left_out_at_start,
-                       "checkpoints": [str(p) for p in self.result.checkpoints]}
-            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-            if not self.result.interrupted and saved:
-                ckpt.publish_final(final, self.output_dir)
-                print(f"[train] final model in {self.output_dir}", file=sys.stderr)
-            elif not self.result.interrupted:
-                print(f"[train] the final checkpoint could not be saved (see above); the newest saved one is "
-                      f"{ckpt.latest_checkpoint(self.output_dir)}", file=sys.stderr)
+                       "checkpoints": [str(p) for p in self.result.checkpoints],
+                       "failed_saves": self.result.failed_saves, "failed_samples": self.sampler.failed_samples,
+                       "final_model_saved": self.result.final_saved,
+                       "exit_status": self._exit_status()}
+            try:
+                run_dir.write_summary(self.output_dir, summary)
+            except OSError as error:  # a full disk: the status and the log still say what happened
+                print(f"[train] could not write {SUMMARY_FILE} ({error.strerror or error})", file=sys.stderr)
+        self.result.exit_status = self._exit_status()
         bar.close()
         self.telemetry.close()
         # the main process may still be writing the final model: tearing the process group down
@@ -708,6 +758,29 @@ class TrainingRun:
         self.result.steps = self.progress.step
 
 
+    def _publish_final(self) -> None:
+        """The final model at the top of output_dir, when the run reached its end and saved it."""
+        if self.result.interrupted or self.result.gave_up_saving:
+            return
+        if self.saved_step != self.progress.step:
+            print(f"[train] the final checkpoint could not be saved (see above). {self._newest_saved()}",
+                  file=sys.stderr)
+            return
+        try:
+            ckpt.publish_final(ckpt.checkpoint_dir(self.output_dir, self.progress.step), self.output_dir)
+        except OSError as error:
+            print(f"[train] could not write the final model into {self.output_dir} ({error.strerror or error}); "
+                  f"its checkpoint {ckpt.checkpoint_dir(self.output_dir, self.progress.step).name} is whole",
+                  file=sys.stderr)
+            return
+        self.result.final_saved = True
+        print(f"[train] final model in {self.output_dir}", file=sys.stderr)
+
+    def _exit_status(self) -> int:
+        return run_dir.exit_status(stopped=self.result.interrupted, failed_saves=len(self.result.failed_saves),
+                                   final_saved=self.result.final_saved, stop_saved=self.result.stop_saved)
+
+
 def train(config: TrainConfig, interrupt_after_batches: int | None = None) -> TrainResult:
     """Train as ``config`` says. ``interrupt_after_batches`` acts like a SIGTERM arriving after that
     many micro-batches of this start (tests use it to stop a run at an exact point)."""
@@ -715,12 +788,17 @@ def train(config: TrainConfig, interrupt_after_batches: int | None = None) -> Tr
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The script's entry point; its exit status is run_dir.ExitStatus (the README's table)."""
     from .config import ConfigError, parse_train_args
 
     try:
         config = parse_train_args(argv)
-        train(config)
-    except (ConfigError, TrainingError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        run = TrainingRun(config)
+    except (ConfigError, TrainingError, SetupError, RunDirError, FileNotFoundError) as error:
+        print_error(str(error))
+        return ExitStatus.REFUSED
+    try:
+        return run.run().exit_status
+    except TrainingError as error:  # a problem met during training, named in its message
+        print_error(str(error))
+        return ExitStatus.HALTED
