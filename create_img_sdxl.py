@@ -7,14 +7,8 @@ from a custom pipeline folder's vae/. The SDXL VAE is refused in float16 (it ove
 
 import sys
 
-from cachetrain import models
-from cachetrain.image_cache import ImageScriptDefaults, main
-
-DEFAULTS = ImageScriptDefaults(
-    model=models.SDXL_MODEL_ID,
-    out_suffix=".img_sdxl",
-    description="Cache SDXL VAE latents of every image under the data roots.",
-)
+from cachetrain.commands import SDXL_VAE_DEFAULTS as DEFAULTS  # noqa: F401  (the tests read the defaults here)
+from cachetrain.commands import create_img_sdxl
 
 if __name__ == "__main__":
-    sys.exit(main(None, DEFAULTS))
+    sys.exit(create_img_sdxl())

@@ -1,11 +1,13 @@
 """cachetrain: train Stable Diffusion 1.5-architecture UNets from pre-computed caches.
 
 Layers, lowest first (a module imports only from layers below it):
-  sidecar, tree, images, config          - files, names, flags; no models
+  sidecar, tree, images, config,         - files, names, flags; no models; the original SD single-file
+  ldm_layout                               layout (key names, prefixes, markers)
   text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
   layers, sampling, checkpoint, resume     step's numerics, parameter selections, samples, checkpoints,
                                            what a checkpoint must share with a resume
-  t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id or folder
+  t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id, folder or single file
+  export                                 - a pipeline folder as one single-file checkpoint (A1111 / ComfyUI)
   loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
   checkpoint_sampler                     - the parts that do not train: saved around the UNet, drawing samples
   shards, cache_build -> image_cache, text_cache, t5_cache   - the cache builders and their shares of the files

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import models
+from . import export, ldm_layout, models
 from .config import TrainConfig
 from .sampling import draw_samples
 from .telemetry import Telemetry
@@ -31,6 +31,9 @@ class CheckpointSampler:
         self._pipeline = None
 
     def _pipeline_for(self, unet):
+        if self._pipeline is None and ldm_layout.is_single_file(self.config.pretrained_model):
+            self._pipeline = models.load_single_file_pipeline_around(self.config.pretrained_model, unet,
+                                                                     self.config.single_file_config)
         if self._pipeline is None:
             self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet, self.config.is_custom)
             _match_training_scales(self._pipeline, self.config)
@@ -72,7 +75,21 @@ class CheckpointSampler:
             tqdm.write(f"[train] could not save checkpoint at step {step} ({type(error).__name__}: {error}); "
                        f"the previous checkpoint {previous} is intact. Training goes on.")
             return None
+        self._write_single_file(destination, step, ema is not None)
         return destination
+
+    def _write_single_file(self, checkpoint: Path, step: int, has_ema: bool) -> None:
+        """--save_single_file: model.safetensors in the checkpoint (publish_final copies it beside the
+        final model). A failure costs the file, not the checkpoint or the run."""
+        if not self.config.save_single_file:
+            return
+        title = f"{Path(self.config.output_dir).resolve().name} step {step}"
+        try:
+            export.export_single_file(checkpoint, checkpoint / export.SINGLE_FILE_NAME, ema=has_ema, steps=step,
+                                      title=title)
+        except Exception as error:  # a full disk shows as OSError or safetensors' own error
+            tqdm.write(f"[train] could not write {checkpoint / export.SINGLE_FILE_NAME} ({type(error).__name__}: "
+                       f"{error}); the checkpoint folder itself is saved. Training goes on.")
 
 
 def scale_problem(config: TrainConfig) -> str | None:
@@ -85,10 +102,27 @@ def scale_problem(config: TrainConfig) -> str | None:
         return None
     from diffusers import DiffusionPipeline
 
-    if "t5_projection" not in DiffusionPipeline.load_config(config.pretrained_model):
+    if ldm_layout.is_single_file(config.pretrained_model) \
+            or "t5_projection" not in DiffusionPipeline.load_config(config.pretrained_model):
         return ("--text_scaling_factor: this model's pipeline has no text projection to keep the scale in, so its "
                 "samples and checkpoints would not see what training saw; scale the cached embeddings instead, "
                 "or train a T5 pipeline")
+    return None
+
+
+def single_file_problem(config: TrainConfig) -> str | None:
+    """Why --save_single_file cannot write this model's UNet, if it cannot (checked before any model loads)."""
+    if not config.save_single_file:
+        return None
+    from diffusers import UNet2DConditionModel
+
+    source = config.pretrained_model
+    if ldm_layout.is_single_file(source):  # imported from a single file: it exports again
+        return None
+    problem = ldm_layout.unet_layout_problem(UNet2DConditionModel.load_config(source, subfolder="unet"))
+    if problem:
+        return (f"--save_single_file: the UNet of {source} has no single-file layout ({problem}); "
+                f"what exports: {ldm_layout.EXPORTABLE_UNET_LAYOUTS}")
     return None
 
 

@@ -213,7 +213,8 @@ def main(argv: list[str] | None, defaults: ImageScriptDefaults) -> int:
         save_dtype = models.parse_dtype(args.save_dtype)
         settings = settings_from_args(args, normalize_extensions(args.extensions), args.num_workers)
         model = vae_source(args)
-        vae = models.load_vae(model, subfolder=defaults.vae_subfolder, dtype=torch.float32)
+        vae = models.load_vae(model, subfolder=defaults.vae_subfolder, dtype=torch.float32,
+                              single_file_config=args.single_file_config or defaults.model)
         builder = ImageLatentBuilder(vae=vae, model_name=models.model_name(model), resolution=args.resolution,
                                      device=device, dtype=dtype, save_dtype=save_dtype,
                                      batch_size=args.batch_size, num_workers=args.num_workers,

@@ -137,7 +137,8 @@ def main_clip(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device, dtype = encoder_device_and_dtype(args)
     try:
-        tokenizer, text_encoder = models.load_clip_text_encoder(args.model, torch.float32)
+        tokenizer, text_encoder = models.load_clip_text_encoder(args.model, torch.float32,
+                                                                args.single_file_config or models.SD15_MODEL_ID)
     except (OSError, ValueError) as error:
         print(f"error: could not load the CLIP tokenizer and text encoder of {args.model}: {error}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import models
-from .checkpoint_sampler import CheckpointSampler, scale_problem
+from .checkpoint_sampler import CheckpointSampler, scale_problem, single_file_problem
 from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RunBatches, make_loader
@@ -193,7 +193,7 @@ class TrainingRun:
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.output_dir = Path(config.output_dir)
-        problem = scale_problem(config)
+        problem = scale_problem(config) or single_file_problem(config)
         if problem:
             raise TrainingError(problem)
         self.resume_from = _resolve_resume(config, self.output_dir)
@@ -238,7 +238,8 @@ class TrainingRun:
     def _load_model(self) -> None:
         config, accelerator = self.config, self.accelerator
         weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
-        unet = models.load_unet(config.pretrained_model, dtype=weight_dtype)
+        unet = models.load_unet(config.pretrained_model, dtype=weight_dtype,
+                                single_file_config=config.single_file_config)
         try:
             self.trainable = apply_layer_selection(unet, _layer_selection(config), config.seed)
         except ValueError as error:
@@ -248,13 +249,14 @@ class TrainingRun:
         if config.channels_last:
             unet.to(memory_format=torch.channels_last)
         unet.train()
-        scheduler = models.load_training_scheduler(config.pretrained_model)
+        scheduler = models.load_training_scheduler(config.pretrained_model, config.single_file_config)
         self.objective = DiffusionObjective(scheduler, snr_gamma=config.noise_gamma if config.use_snr else None)
         self.objective.to(self.device)
         self.plan = NoisePlan(seed=config.seed, num_train_timesteps=self.objective.num_train_timesteps,
                               noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
                               empty_embeddings=_empty_prompt_embeddings(config) if config.caption_dropout else [])
-        self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model)
+        self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
+                                                                                     config.single_file_config)
         self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
                                          config.weight_decay, bf16_weights=config.bf16_weights)
         # stepped by hand once per optimizer step (accelerate would step it once per process)
