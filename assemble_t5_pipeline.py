@@ -3,7 +3,7 @@
 
 import sys
 
-from cachetrain.assemble import main
+from cachetrain.commands import assemble_t5_pipeline
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(assemble_t5_pipeline())

@@ -3,7 +3,7 @@
 
 import sys
 
-from cachetrain.compare import main
+from cachetrain.commands import compare_imgdirs
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(compare_imgdirs())

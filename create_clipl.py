@@ -7,7 +7,7 @@ caption dropout). The machinery is cachetrain.text_cache, shared with the T5 cac
 
 import sys
 
-from cachetrain.text_cache import main_clip
+from cachetrain.commands import create_clipl
 
 if __name__ == "__main__":
-    sys.exit(main_clip())
+    sys.exit(create_clipl())

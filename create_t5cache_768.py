@@ -3,7 +3,7 @@
 
 import sys
 
-from cachetrain.t5_cache import main
+from cachetrain.commands import create_t5cache_768
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(create_t5cache_768())

@@ -3,7 +3,7 @@
 
 import sys
 
-from cachetrain.trainer import main
+from cachetrain.commands import train_from_cached
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_from_cached())
