@@ -70,13 +70,13 @@ if [ "$MODE" = sd ]; then
     # the first and the last checkpoint's samples, side by side (a page and one PNG per prompt row)
     LAST="$(printf %05d "$STEPS")"
     if [ -d "$DEMO/run/checkpoint-00100" ] && [ "$LAST" != 00100 ]; then
-    for STEP in 00100 "$LAST"; do
-        mkdir -p "$DEMO/compare/step-$STEP/samples"
-        cp "$DEMO"/run/checkpoint-"$STEP"/sample-*.png "$DEMO/compare/step-$STEP/samples/"
-    done
-    $PY compare_imgdirs.py "$DEMO/compare/step-00100" "$DEMO/compare/step-$LAST" \
-        --out "$DEMO/compare.html" --png "$DEMO/compare_png" 2>/dev/null
-    echo "[demo] compare page: $DEMO/compare.html (PNG: $DEMO/compare_png/samples.png)"
+        for STEP in 00100 "$LAST"; do
+            mkdir -p "$DEMO/compare/step-$STEP/samples"
+            cp "$DEMO"/run/checkpoint-"$STEP"/sample-*.png "$DEMO/compare/step-$STEP/samples/"
+        done
+        $PY compare_imgdirs.py "$DEMO/compare/step-00100" "$DEMO/compare/step-$LAST" \
+            --out "$DEMO/compare.html" --png "$DEMO/compare_png" 2>/dev/null
+        echo "[demo] compare page: $DEMO/compare.html (PNG: $DEMO/compare_png/samples.png)"
     fi
 fi
 echo "[demo] final model:  $DEMO/run ($PIPELINE_CLASS)"

@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--count", type=int, default=512)
     data.add_argument("--size", type=int, default=TINY_RESOLUTION)
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--colours", nargs="+", choices=sorted(COLOURS), default=None,
+                      help="the shapes' palette (default: all colours)")
+    data.add_argument("--backgrounds", nargs="+", choices=sorted(COLOURS), default=None,
+                      help="a separate background palette (default: any colour but the shape's)")
     args = parser.parse_args(argv)
     if args.what == "model":
         print(build_tiny_sd(args.out_dir, seed=args.seed, trained_vae=args.trained_vae,
@@ -390,7 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "t5model":
         print(build_tiny_t5(args.out_dir, seed=args.seed))
     else:
-        print(f"{len(make_shapes_dataset(args.out_dir, args.count, args.size, args.seed))} images in {args.out_dir}")
+        images = make_shapes_dataset(args.out_dir, args.count, args.size, args.seed,
+                                     colours=tuple(args.colours) if args.colours else None,
+                                     backgrounds=tuple(args.backgrounds) if args.backgrounds else None)
+        print(f"{len(images)} images in {args.out_dir}")
 
 
 if __name__ == "__main__":
