@@ -13,7 +13,8 @@ Layers, lowest first (a module imports only from layers below it):
   shards, cache_build -> image_cache, text_cache, t5_cache   - the cache builders and their shares of the files
   inspect, compare, assemble             - looking at caches and runs; building a T5 pipeline from parts
   trainer                                - the training loop
-  tiny                                   - tiny offline models and the synthetic dataset
+  tiny                                   - tiny offline models and the synthetic dataset (and the demo VAE's training)
+  commands                               - the console commands, one per top-level script
 """
 
 import logging

@@ -420,6 +420,10 @@ def add_common_cache_flags(parser, default_batch: int) -> None:
                         help="write one JSON line per problem here (path, status, kind, reason); "
                              "processes of one launch add .rankR to the name")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
+
+
+def add_single_file_config_flag(parser) -> None:
+    """--single_file_config, for the scripts whose --model may be one .safetensors file (SD1.5 / SDXL)."""
     parser.add_argument("--single_file_config", default=None,
                         help="with a single-file --model (.safetensors): the folder or hub id its configs and "
                              "tokenizer come from (default: the script's default model)")

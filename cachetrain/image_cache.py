@@ -24,6 +24,7 @@ from . import models
 from .cli import ArgumentParser
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
                           settings_from_args)
+from .cache_build import add_single_file_config_flag
 from .images import CONVERSION_REASONS, ImageRejected, load_image, read_image_file
 from .shards import agree_on_exit_status, process_device
 from .sidecar import IMAGE_LATENT_KEY, content_digest, file_content_digest, image_source_identity
@@ -181,7 +182,8 @@ class ImageScriptDefaults:
 def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
     parser = ArgumentParser(description=defaults.description)
     parser.add_argument("--model", default=defaults.model,
-                        help=f"diffusers folder or hub id holding the VAE in vae/ (default {defaults.model})")
+                        help=f"diffusers folder or hub id holding the VAE in vae/, or a single-file model "
+                             f"(.safetensors) (default {defaults.model})")
     parser.add_argument("--custom", default=None, metavar="FOLDER",
                         help="take the VAE from this custom pipeline folder's vae/ (such as an SD1.5+T5 "
                              "pipeline) instead of --model; the pipeline's own code is not loaded")
@@ -193,6 +195,7 @@ def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
     parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_IMAGE_EXTENSIONS),
                         help="image file extensions to take (case-insensitive)")
     add_common_cache_flags(parser, default_batch=8)
+    add_single_file_config_flag(parser)
     return parser
 
 

@@ -29,6 +29,7 @@ from . import models
 from .cli import ArgumentParser
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, default_encoder_dtype, run_cache_build,
                           settings_from_args)
+from .cache_build import add_single_file_config_flag
 from .shards import agree_on_exit_status, process_device
 from .sidecar import (TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
                       empty_prompt_path, read_caption, write_sidecar)
@@ -134,6 +135,7 @@ def encoder_device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, to
 def main_clip(argv: list[str] | None = None) -> int:
     parser = build_parser(models.SD15_MODEL_ID, ".txt_clipl",
                           "Cache CLIP-L text embeddings of the captions beside each image.")
+    add_single_file_config_flag(parser)  # --model may be a single-file SD1.5 model
     args = parser.parse_args(argv)
     device, dtype = encoder_device_and_dtype(args)
     try:

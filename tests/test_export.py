@@ -303,3 +303,11 @@ def test_a_missing_single_file_or_a_stray_single_file_config_is_refused_at_start
                        str(sd15_model), "--train_data_dir", str(sd15_cached), "--output_dir", str(tmp_path / "run"))
     assert stray.returncode == 2
     assert "--single_file_config applies to a single-file (.safetensors) --pretrained_model only" in stray.stderr
+
+
+def test_the_t5_cache_script_refuses_a_single_file_model_in_one_line(tmp_path):
+    result = run_script("create_t5cache_768.py", "--model", str(tmp_path / "t5.safetensors"), "--data_root",
+                        str(tmp_path))
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "a T5 pipeline has no single-file form" in line
