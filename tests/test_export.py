@@ -243,6 +243,8 @@ def test_export_refuses_a_folder_that_is_no_pipeline_and_ema_without_ema_weights
     assert "not a diffusers pipeline folder (no model_index.json)" in capsys.readouterr().err
     assert export.main([str(sd15_model), str(tmp_path / "x.safetensors"), "--ema"]) == 2
     assert "--ema: no EMA weights" in capsys.readouterr().err
+    assert export.main([str(sd15_model), str(tmp_path / "x.ckpt")]) == 2
+    assert "x.ckpt: the output must be a .safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
