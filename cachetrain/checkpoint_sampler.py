@@ -34,6 +34,7 @@ class CheckpointSampler:
         if self._pipeline is None and ldm_layout.is_single_file(self.config.pretrained_model):
             self._pipeline = models.load_single_file_pipeline_around(self.config.pretrained_model, unet,
                                                                      self.config.single_file_config)
+            _match_training_scales(self._pipeline, self.config)
         if self._pipeline is None:
             self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet, self.config.is_custom)
             _match_training_scales(self._pipeline, self.config)
