@@ -286,8 +286,9 @@ def test_training_on_from_a_single_file_keeps_its_vae_and_text_encoder(sd15_mode
     output = tmp_path / "run"
     result = run_script("train_from_cached.py", "--pretrained_model", str(exported_file), "--single_file_config",
                         str(sd15_model), "--train_data_dir", str(sd15_cached), "--output_dir", str(output),
-                        "--save_steps", "0", *TRAIN_FLAGS[:-1], "1")
+                        "--save_steps", "0", "--vae_scaling_factor", "0.5", *TRAIN_FLAGS[:-1], "1")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert AutoencoderKL.load_config(output, subfolder="vae")["scaling_factor"] == 0.5  # kept, as for a folder
     assert_same_weights(AutoencoderKL.from_pretrained(output, subfolder="vae").state_dict(),
                         AutoencoderKL.from_pretrained(sd15_model, subfolder="vae").state_dict())
     assert_same_weights(CLIPTextModel.from_pretrained(output, subfolder="text_encoder").state_dict(),
