@@ -3,11 +3,7 @@
 
 import sys
 
-from cachetrain.cli import require_dependencies
-
-require_dependencies()  # before torch is imported: one line, not a traceback
-
-from cachetrain.assemble import main  # noqa: E402
+from cachetrain.commands import assemble_t5_pipeline
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(assemble_t5_pipeline())

@@ -3,11 +3,7 @@
 
 import sys
 
-from cachetrain.cli import require_dependencies
-
-require_dependencies()  # before torch is imported: one line, not a traceback
-
-from cachetrain.compare import main  # noqa: E402
+from cachetrain.commands import compare_imgdirs
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(compare_imgdirs())

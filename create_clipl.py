@@ -7,11 +7,7 @@ caption dropout). The machinery is cachetrain.text_cache, shared with the T5 cac
 
 import sys
 
-from cachetrain.cli import require_dependencies
-
-require_dependencies()  # before torch is imported: one line, not a traceback
-
-from cachetrain.text_cache import main_clip  # noqa: E402
+from cachetrain.commands import create_clipl
 
 if __name__ == "__main__":
-    sys.exit(main_clip())
+    sys.exit(create_clipl())

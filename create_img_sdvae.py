@@ -6,18 +6,8 @@ The same implementation as create_img_sdxl.py with SD1.5 defaults (cachetrain.im
 
 import sys
 
-from cachetrain.cli import require_dependencies
-
-require_dependencies()  # before torch is imported: one line, not a traceback
-
-from cachetrain import models  # noqa: E402
-from cachetrain.image_cache import ImageScriptDefaults, main  # noqa: E402
-
-DEFAULTS = ImageScriptDefaults(
-    model=models.SD15_MODEL_ID,
-    out_suffix=".img_sdvae",
-    description="Cache SD1.5 VAE latents of every image under the data roots.",
-)
+from cachetrain.commands import SD_VAE_DEFAULTS as DEFAULTS  # noqa: F401  (the tests read the defaults here)
+from cachetrain.commands import create_img_sdvae
 
 if __name__ == "__main__":
-    sys.exit(main(None, DEFAULTS))
+    sys.exit(create_img_sdvae())

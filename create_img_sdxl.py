@@ -7,18 +7,8 @@ from a custom pipeline folder's vae/. The SDXL VAE is refused in float16 (it ove
 
 import sys
 
-from cachetrain.cli import require_dependencies
-
-require_dependencies()  # before torch is imported: one line, not a traceback
-
-from cachetrain import models  # noqa: E402
-from cachetrain.image_cache import ImageScriptDefaults, main  # noqa: E402
-
-DEFAULTS = ImageScriptDefaults(
-    model=models.SDXL_MODEL_ID,
-    out_suffix=".img_sdxl",
-    description="Cache SDXL VAE latents of every image under the data roots.",
-)
+from cachetrain.commands import SDXL_VAE_DEFAULTS as DEFAULTS  # noqa: F401  (the tests read the defaults here)
+from cachetrain.commands import create_img_sdxl
 
 if __name__ == "__main__":
-    sys.exit(main(None, DEFAULTS))
+    sys.exit(create_img_sdxl())

@@ -3,11 +3,7 @@
 
 import sys
 
-from cachetrain.cli import require_dependencies
-
-require_dependencies()  # before torch is imported: one line, not a traceback
-
-from cachetrain.t5_cache import main  # noqa: E402
+from cachetrain.commands import create_t5cache_768
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(create_t5cache_768())

@@ -24,7 +24,7 @@ if [ "$MODE" = sd ]; then
     DEMO="${DEMO_DIR:-demo_out}"
     echo "[demo] building the tiny SD1.5-shaped model and the synthetic shapes dataset in $DEMO/"
     rm -rf "$DEMO"
-    $PY -m cachetrain.tiny model "$DEMO/tiny-sd"
+    $PY -m cachetrain.tiny model "$DEMO/tiny-sd" --trained_vae   # the committed VAE trained on the shapes
     $PY -m cachetrain.tiny data "$DEMO/data" --count 512
 
     echo "[demo] caching latents and caption embeddings"
@@ -66,5 +66,18 @@ print(f"[demo] loss:         {loss[0].value:.4f} at step {loss[0].step} -> {loss
     "$DEMO/run/tensorboard"
 echo "[demo] checkpoints:  $(ls -d "$DEMO"/run/checkpoint-* | tr '\n' ' ')"
 echo "[demo] samples:      $(ls "$DEMO"/run/checkpoint-*/sample-*.png | tail -2 | tr '\n' ' ')"
+if [ "$MODE" = sd ]; then
+    # the first and the last checkpoint's samples, side by side (a page and one PNG per prompt row)
+    LAST="$(printf %05d "$STEPS")"
+    if [ -d "$DEMO/run/checkpoint-00100" ] && [ "$LAST" != 00100 ]; then
+        for STEP in 00100 "$LAST"; do
+            mkdir -p "$DEMO/compare/step-$STEP/samples"
+            cp "$DEMO"/run/checkpoint-"$STEP"/sample-*.png "$DEMO/compare/step-$STEP/samples/"
+        done
+        $PY compare_imgdirs.py "$DEMO/compare/step-00100" "$DEMO/compare/step-$LAST" \
+            --out "$DEMO/compare.html" --png "$DEMO/compare_png" 2>/dev/null
+        echo "[demo] compare page: $DEMO/compare.html (PNG: $DEMO/compare_png/samples.png)"
+    fi
+fi
 echo "[demo] final model:  $DEMO/run ($PIPELINE_CLASS)"
 echo "[demo] tensorboard:  .venv/bin/tensorboard --logdir $DEMO/run/tensorboard"

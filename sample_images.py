@@ -3,7 +3,7 @@
 
 import sys
 
-from cachetrain.sampler_cli import main
+from cachetrain.commands import sample_images
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sample_images())

@@ -1,12 +1,14 @@
 """cachetrain: train Stable Diffusion 1.5-architecture UNets from pre-computed caches.
 
 Layers, lowest first (a module imports only from layers below it):
-  sidecar, tree, images, config, prompts - files, names, flags, prompt files; no models
+  sidecar, tree, images, config, prompts - files, names, flags, prompt files; no models; the original SD
+  ldm_layout                               single-file layout (key names, prefixes, markers)
   text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
   layers, sampling, checkpoint, resume     step's numerics, parameter selections, samples, checkpoints,
                                            what a checkpoint must share with a resume
   pipeline_code                          - the code a hub-style folder carries: checked, run when trusted, put back
-  t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id or folder
+  t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id, folder or single file
+  export                                 - a pipeline folder as one single-file checkpoint (A1111 / ComfyUI)
   loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
   checkpoint_sampler, run_dir            - the parts that do not train: saved around the UNet, drawing samples;
                                            the run folder's small files, which checkpoint to resume, exit statuses
@@ -14,7 +16,8 @@ Layers, lowest first (a module imports only from layers below it):
   inspect, compare, assemble             - looking at caches and runs; building a T5 pipeline from parts
   trainer                                - the training loop
   sampler_cli                            - sample_images.py: a run's checkpoints sampled by another process
-  tiny                                   - tiny offline models and the synthetic dataset
+  tiny                                   - tiny offline models and the synthetic dataset (and the demo VAE's training)
+  commands                               - the console commands, one per top-level script
 """
 
 import logging

@@ -562,6 +562,11 @@ def custom_model_source(args, needed_subfolders: tuple[str, ...]) -> str:
         if not os.path.isdir(os.path.join(folder, subfolder)):
             raise ValueError(f"{flag} {folder}: no {subfolder}/ folder in it")
     return folder
+def add_single_file_config_flag(parser) -> None:
+    """--single_file_config, for the scripts whose --model may be one .safetensors file (SD1.5 / SDXL)."""
+    parser.add_argument("--single_file_config", default=None,
+                        help="with a single-file --model (.safetensors): the folder or hub id its configs and "
+                             "tokenizer come from (default: the script's default model)")
 
 
 def default_encoder_dtype(device: torch.device) -> torch.dtype:

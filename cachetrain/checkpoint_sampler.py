@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import models
+from . import export, ldm_layout, models
 from .config import ConfigError, TrainConfig
 from .prompts import read_prompts_file
 from .sampling import build_sampling_scheduler, draw_samples, scheduler_choice_problem
@@ -67,7 +67,12 @@ class CheckpointSampler:
 
     def _pipeline_for(self, unet):
         if self._pipeline is None:
-            self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet, self.config.is_custom)
+            if ldm_layout.is_single_file(self.config.pretrained_model):
+                self._pipeline = models.load_single_file_pipeline_around(self.config.pretrained_model, unet,
+                                                                         self.config.single_file_config)
+            else:
+                self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet,
+                                                             self.config.is_custom)
             _match_training_scales(self._pipeline, self.config)
             _match_training_objective(self._pipeline, self.config)
         _record_training_size(unet, self.training_size)
@@ -148,7 +153,21 @@ class CheckpointSampler:
             tqdm.write(f"[train] could not save checkpoint at step {step} "
                        f"({type(error).__name__}: {_first_line(error)}); {kept}")
             return None
+        self._write_single_file(destination, step, ema is not None)
         return destination
+
+    def _write_single_file(self, checkpoint: Path, step: int, has_ema: bool) -> None:
+        """--save_single_file: model.safetensors in the checkpoint (publish_final copies it beside the
+        final model). A failure costs the file, not the checkpoint or the run."""
+        if not self.config.save_single_file:
+            return
+        title = f"{Path(self.config.output_dir).resolve().name} step {step}"
+        try:
+            export.export_single_file(checkpoint, checkpoint / export.SINGLE_FILE_NAME, ema=has_ema, steps=step,
+                                      title=title)
+        except Exception as error:  # a full disk shows as OSError or safetensors' own error
+            tqdm.write(f"[train] could not write {checkpoint / export.SINGLE_FILE_NAME} ({type(error).__name__}: "
+                       f"{error}); the checkpoint folder itself is saved. Training goes on.")
 
 
 def _save_frozen_parts(pipeline, frozen_dir: Path, model: str) -> None:
@@ -170,6 +189,8 @@ def _first_line(error: BaseException) -> str:
 def model_problem(model: str) -> str | None:
     """Why ``model`` cannot be trained and saved: not a folder nor a hub id that can be reached, or a
     folder that lacks a part its model_index.json names (checked before anything loads)."""
+    if ldm_layout.is_single_file(model):  # its file is checked with the flags; the rest comes from its config
+        return None
     if not Path(model).is_dir():
         from diffusers import DiffusionPipeline
 
@@ -232,7 +253,8 @@ def scale_problem(config: TrainConfig) -> str | None:
         return None
     from diffusers import DiffusionPipeline
 
-    if "t5_projection" not in DiffusionPipeline.load_config(config.pretrained_model):
+    if ldm_layout.is_single_file(config.pretrained_model) \
+            or "t5_projection" not in DiffusionPipeline.load_config(config.pretrained_model):
         return ("--text_scaling_factor: this model's pipeline has no text projection to keep the scale in, so its "
                 "samples and checkpoints would not see what training saw; scale the cached embeddings instead, "
                 "or train a T5 pipeline")
@@ -251,7 +273,9 @@ def sample_scheduler_problem(config: TrainConfig) -> str | None:
         return None
     from diffusers import DDIMScheduler
 
-    scheduler_config = DDIMScheduler.load_config(config.pretrained_model, subfolder="scheduler")
+    source = (models.single_file_config_source(config.single_file_config)
+              if ldm_layout.is_single_file(config.pretrained_model) else config.pretrained_model)
+    scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler")
     problem = scheduler_choice_problem(config.sample_scheduler, scheduler_config)
     return f"--sample_scheduler {problem}" if problem else None
 
@@ -278,6 +302,22 @@ def _record_training_size(unet, size: int | None) -> None:
     at it by default, not at the base model's size."""
     if size is not None and unet.config.sample_size != size:
         unet.register_to_config(sample_size=size)
+
+
+def single_file_problem(config: TrainConfig) -> str | None:
+    """Why --save_single_file cannot write this model's UNet, if it cannot (checked before any model loads)."""
+    if not config.save_single_file:
+        return None
+    from diffusers import UNet2DConditionModel
+
+    source = config.pretrained_model
+    if ldm_layout.is_single_file(source):  # imported from a single file: it exports again
+        return None
+    problem = ldm_layout.unet_layout_problem(UNet2DConditionModel.load_config(source, subfolder="unet"))
+    if problem:
+        return (f"--save_single_file: the UNet of {source} has no single-file layout ({problem}); "
+                f"what exports: {ldm_layout.EXPORTABLE_UNET_LAYOUTS}")
+    return None
 
 
 def _match_training_scales(pipeline, config: TrainConfig) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .cli import ArgumentParser
 from .prompts import PromptsFileError, read_prompts_file
+from .ldm_layout import is_single_file
 
 OPTIMIZERS = ("adamw", "adamw8", "lion")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
@@ -51,6 +53,11 @@ class TrainConfig:
     imgcache_suffix: str = _flag(".img_sdvae", "suffix of the latent sidecars")
     txtcache_suffix: str = _flag(".txt_clipl", "suffix of the text-embedding sidecars")
     num_workers: int = _flag(2, "DataLoader worker processes reading sidecars")
+    # single-file models (the original SD layout of A1111 / ComfyUI)
+    single_file_config: str | None = _flag(None, "with a .safetensors --pretrained_model: the folder or hub id its "
+                                                 "configs and tokenizer come from (default: the SD1.5 hub id)")
+    save_single_file: bool = _flag(False, "also write model.safetensors (original SD layout, fp16; the EMA weights "
+                                          "with --ema_decay) into each checkpoint and beside the final model")
     # batch and schedule
     batch_size: int = _flag(4, "samples per micro-batch (per process)")
     gradient_accum: int = _flag(1, "micro-batches per optimizer step")
@@ -300,6 +307,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     problems += _objective_problems(config) + _schedule_problems(config)
     if config.gradient_topk is not None and not 0 < config.gradient_topk <= 1:
         problems.append("--gradient_topk is a fraction of the gradients to keep, in (0, 1]")
+    if is_single_file(config.pretrained_model) and not os.path.isfile(config.pretrained_model):
+        problems.append(f"--pretrained_model {config.pretrained_model}: no such file")
+    if config.single_file_config and not is_single_file(config.pretrained_model):
+        problems.append("--single_file_config applies to a single-file (.safetensors) --pretrained_model only")
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     return config

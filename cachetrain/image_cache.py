@@ -29,6 +29,7 @@ from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, add
                           default_encoder_dtype, run_cache_build, settings_from_args)
 from .images import (CONVERSION_REASONS, ORIENTATION_TAG, ImageRejected, Sizing, load_image, parse_size,
                      read_image_file, size_text, standard_buckets)
+from .cache_build import add_single_file_config_flag
 from .shards import agree_on_exit_status, process_device
 from .sidecar import (IMAGE_LATENT_KEY, content_digest, file_content_digest, image_source_identity, preview_path,
                       sidecar_path)
@@ -260,7 +261,8 @@ class ImageScriptDefaults:
 def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
     parser = ArgumentParser(description=defaults.description)
     parser.add_argument("--model", default=defaults.model,
-                        help=f"diffusers folder or hub id holding the VAE in vae/ (default {defaults.model})")
+                        help=f"diffusers folder or hub id holding the VAE in vae/, or a single-file model "
+                             f"(.safetensors) (default {defaults.model})")
     add_custom_flag(parser, "VAE (vae/; only the VAE is loaded, so none of the pipeline's code runs)")
     parser.add_argument("--out_suffix", default=defaults.out_suffix,
                         help=f"sidecar suffix: x.jpg -> x{defaults.out_suffix}")
@@ -283,6 +285,7 @@ def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
     parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_IMAGE_EXTENSIONS),
                         help="image file extensions to take (case-insensitive)")
     add_common_cache_flags(parser, default_batch=8)
+    add_single_file_config_flag(parser)
     return parser
 
 
@@ -321,7 +324,8 @@ def main(argv: list[str] | None, defaults: ImageScriptDefaults) -> int:
         settings = settings_from_args(args, normalize_extensions(args.extensions), args.num_workers)
         sizing = sizing_from_args(args)
         model = custom_model_source(args, (defaults.vae_subfolder,))
-        vae = models.load_vae(model, subfolder=defaults.vae_subfolder, dtype=torch.float32)
+        vae = models.load_vae(model, subfolder=defaults.vae_subfolder, dtype=torch.float32,
+                              single_file_config=args.single_file_config or defaults.model)
         builder = ImageLatentBuilder(vae=vae, model_name=models.model_name(model), resolution=args.resolution,
                                      device=device, dtype=dtype, save_dtype=save_dtype,
                                      batch_size=args.batch_size, num_workers=args.num_workers,

@@ -1,7 +1,9 @@
 """Loading models and their parts from a hub id or a local diffusers folder.
 
-Every loader takes the same ``model`` string a user passes (``stable-diffusion-v1-5/stable-diffusion-v1-5`` or
-``/path/to/folder``) and loads only the component asked for.
+Every loader takes the same ``model`` string a user passes (``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+``/path/to/folder`` or ``/path/to/model.safetensors``, a single file in the original SD layout) and loads
+only the component asked for. A single file holds weights only: its configs and tokenizer come from
+``single_file_config`` (a folder or hub id; SD1.5's by default).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import pipeline_code
+from . import ldm_layout, pipeline_code
 from .sidecar import config_fingerprint
 
 # The hub repositories our defaults and examples name: kept here alone, so a moved repository is one edit.
@@ -44,24 +46,34 @@ def _kwargs(**extra: Any) -> dict[str, Any]:
     return {k: v for k, v in extra.items() if v is not None}
 
 
-def load_vae(model: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32):
+def load_vae(model: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32,
+             single_file_config: str | None = None):
     from diffusers import AutoencoderKL
 
+    if ldm_layout.is_single_file(model):
+        return AutoencoderKL.from_single_file(model, torch_dtype=dtype,
+                                              **_single_file_kwargs(model, single_file_config, subfolder or "vae"))
     return AutoencoderKL.from_pretrained(model, **_kwargs(subfolder=subfolder), torch_dtype=dtype)
 
 
-def load_clip_text_encoder(model: str, dtype: torch.dtype = torch.float32):
-    """The CLIP tokenizer and text encoder of an SD1.5 folder or hub id."""
+def load_clip_text_encoder(model: str, dtype: torch.dtype = torch.float32, single_file_config: str | None = None):
+    """The CLIP tokenizer and text encoder of an SD1.5 folder or hub id (or a single file: its weights,
+    the tokenizer and config from ``single_file_config``)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    if ldm_layout.is_single_file(model):
+        return _single_file_clip_text_encoder(model, dtype, single_file_config)
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
     return tokenizer, text_encoder
 
 
-def load_unet(model: str, dtype: torch.dtype = torch.float32):
+def load_unet(model: str, dtype: torch.dtype = torch.float32, single_file_config: str | None = None):
     from diffusers import UNet2DConditionModel
 
+    if ldm_layout.is_single_file(model):
+        return UNet2DConditionModel.from_single_file(model, torch_dtype=dtype,
+                                                     **_single_file_kwargs(model, single_file_config, "unet"))
     return UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
 
 
@@ -79,7 +91,8 @@ class UnsupportedScheduler(ValueError):
     """The model's scheduler config names a class this trainer has no objective for."""
 
 
-def load_training_scheduler(model: str, prediction_type: str | None = None, zero_terminal_snr: bool = False):
+def load_training_scheduler(model: str, prediction_type: str | None = None, zero_terminal_snr: bool = False,
+                            single_file_config: str | None = None):
     """The training schedule the model's scheduler config describes: a DDPMScheduler for the DDPM
     family, a FlowMatchEulerDiscreteScheduler for flow models; any other class is refused by name.
 
@@ -87,7 +100,12 @@ def load_training_scheduler(model: str, prediction_type: str | None = None, zero
     last timestep is pure noise (DDPM only)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    config = DDPMScheduler.load_config(model, subfolder="scheduler")
+    if ldm_layout.is_single_file(model):  # the file's markers (v-prediction, zero terminal SNR) on the config's schedule
+        config = {**DDPMScheduler.load_config(single_file_config_source(single_file_config), subfolder="scheduler"),
+                  **single_file_schedule(model)}
+        zero_terminal_snr = zero_terminal_snr or bool(config.get("rescale_betas_zero_snr"))
+    else:
+        config = DDPMScheduler.load_config(model, subfolder="scheduler")
     name = config.get("_class_name", "")
     if name in FLOW_SCHEDULERS:
         if prediction_type or zero_terminal_snr:
@@ -151,13 +169,76 @@ def encoder_identity(module: torch.nn.Module) -> tuple[str, str]:
 
 def model_name(model: str) -> str:
     """A readable identity for a model argument: the folder's absolute path or the hub id."""
-    return os.path.abspath(model) if os.path.isdir(model) else model
+    return os.path.abspath(model) if os.path.isdir(model) or os.path.isfile(model) else model
 
 
-def read_vae_scaling_factor(model: str) -> float:
+def read_vae_scaling_factor(model: str, single_file_config: str | None = None) -> float:
     from diffusers import AutoencoderKL
 
+    if ldm_layout.is_single_file(model):
+        model = single_file_config_source(single_file_config)
     return float(AutoencoderKL.load_config(model, subfolder="vae").get("scaling_factor", 0.18215))
+
+
+# -- single-file models (the original SD layout, as A1111 / ComfyUI save them) ---------------------
+
+def single_file_config_source(single_file_config: str | None) -> str:
+    """Where the parts a single file does not hold (configs, tokenizer) come from: SD1.5 by default."""
+    return single_file_config or SD15_MODEL_ID
+
+
+def _single_file_kwargs(model: str, single_file_config: str | None, subfolder: str) -> dict[str, Any]:
+    if not os.path.isfile(model):
+        raise FileNotFoundError(f"{model}: no such single-file model")
+    source = single_file_config_source(single_file_config)
+    kwargs: dict[str, Any] = {"config": source, "subfolder": subfolder}
+    if os.path.isdir(source):  # a local folder: nothing to fetch
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def single_file_schedule(model: str) -> dict[str, Any]:
+    """Scheduler config overrides a single file's marker keys ask for (v-prediction, zero terminal SNR)."""
+    markers = ldm_layout.read_markers(model)
+    overrides: dict[str, Any] = {}
+    if ldm_layout.V_PREDICTION_MARKER in markers:
+        overrides["prediction_type"] = "v_prediction"
+    if ldm_layout.ZERO_TERMINAL_SNR_MARKER in markers:
+        overrides["rescale_betas_zero_snr"] = True
+    return overrides
+
+
+def _single_file_clip_text_encoder(model: str, dtype: torch.dtype, single_file_config: str | None):
+    """The CLIP text encoder of a single file: the config's architecture, the file's weights (exactly)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if not os.path.isfile(model):
+        raise FileNotFoundError(f"{model}: no such single-file model")
+    source = single_file_config_source(single_file_config)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    weights = ldm_layout.read_part(model, ldm_layout.TEXT_ENCODER_PREFIX)
+    if not weights:
+        raise ValueError(f"{model}: no CLIP text encoder in the file (no {ldm_layout.TEXT_ENCODER_PREFIX} keys)")
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(source, subfolder="text_encoder"))
+    weights = ldm_layout.text_encoder_weights_for_model(weights, text_encoder.state_dict())
+    missing, unexpected = text_encoder.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing:
+        raise ValueError(f"{model}: the text encoder lacks {len(missing)} weights of {source}'s (e.g. {missing[0]})")
+    return tokenizer, text_encoder.to(dtype)
+
+
+def load_single_file_pipeline_around(model: str, unet: torch.nn.Module, single_file_config: str | None = None):
+    """An SD1.5 pipeline of a single file's VAE and text encoder around ``unet`` (as load_pipeline_around)."""
+    from diffusers import StableDiffusionPipeline
+
+    source = single_file_config_source(single_file_config)
+    tokenizer, text_encoder = load_clip_text_encoder(model, single_file_config=single_file_config)
+    scheduler = _sampling_scheduler_class(source).from_pretrained(source, subfolder="scheduler",
+                                                                  **single_file_schedule(model))
+    return StableDiffusionPipeline(vae=load_vae(model, single_file_config=single_file_config), text_encoder=text_encoder,
+                                   tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def load_pipeline_around(model: str, unet: torch.nn.Module, is_custom: bool = False):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import models
+from . import ldm_layout, models
 from .cache_build import CacheSummary, EncodedItem
 from .sidecar import T5_SUFFIX, CaptionRejected, read_caption
 from .t5 import load_t5_text_parts
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     model = args.custom if isinstance(args.custom, str) else args.model
     if not model:
         parser.error("--model is required: a T5 pipeline folder or hub id (see assemble_t5_pipeline.py)")
+    if ldm_layout.is_single_file(model):
+        parser.error(f"--model {model}: a T5 pipeline has no single-file form; give its folder or hub id")
     if args.max_length is not None and args.max_length < 2:
         parser.error("--max_length must be >= 2 (one word and the end token)")
     # bf16 on CUDA (T5 overflows in fp16), fp32 on CPU; each torchrun process on its own GPU

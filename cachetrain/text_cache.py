@@ -29,6 +29,7 @@ from . import models
 from .cli import ArgumentParser
 from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, add_custom_flag, custom_model_source,
                           default_encoder_dtype, run_cache_build, settings_from_args, write_problem)
+from .cache_build import add_single_file_config_flag
 from .shards import agree_on_exit_status, process_device
 from .sidecar import (CAPTION_EXTENSION, TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
                       empty_prompt_path, read_caption, write_sidecar)
@@ -146,6 +147,7 @@ def main_clip(argv: list[str] | None = None) -> int:
     parser = build_parser(models.SD15_MODEL_ID, ".txt_clipl",
                           "Cache CLIP-L text embeddings of the captions beside each image.")
     add_custom_flag(parser, "tokenizer/ and text_encoder/ (standard CLIP parts, so none of the pipeline's code runs)")
+    add_single_file_config_flag(parser)  # --model may be a single-file SD1.5 model
     args = parser.parse_args(argv)
     device, dtype = encoder_device_and_dtype(args)
     try:
@@ -154,7 +156,8 @@ def main_clip(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        tokenizer, text_encoder = models.load_clip_text_encoder(model, torch.float32)
+        tokenizer, text_encoder = models.load_clip_text_encoder(model, torch.float32,
+                                                                args.single_file_config or models.SD15_MODEL_ID)
     except (OSError, ValueError) as error:
         print(f"error: could not load the CLIP tokenizer and text encoder of {model}: {error}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import models
 from . import run_dir
-from .checkpoint_sampler import CheckpointSampler, SetupError, model_problem, scale_problem
+from .checkpoint_sampler import CheckpointSampler, SetupError, model_problem, scale_problem, single_file_problem
 from .cli import print_error
 from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
@@ -147,7 +147,7 @@ def _build_objective(config: TrainConfig):
     """The objective the model's scheduler config (or --objective) names, with the run's options."""
     try:
         scheduler = models.load_training_scheduler(config.pretrained_model, config.prediction_type,
-                                                   config.zero_terminal_snr)
+                                                   config.zero_terminal_snr, config.single_file_config)
         kind = objective_kind(scheduler, config.objective)
         common = dict(snr_gamma=config.noise_gamma if config.use_snr else None, loss_type=config.loss_type,
                       huber_c=config.huber_c, min_timestep=config.min_timestep, max_timestep=config.max_timestep)
@@ -230,6 +230,7 @@ class TrainingRun:
         run_dir.check_output_dir(self.output_dir)
         self.resume_from = run_dir.resolve_resume(config.resume, self.output_dir)
         problem = (model_problem(config.pretrained_model) or scale_problem(config)
+                   or single_file_problem(config)
                    or models.folder_code_problem(config.pretrained_model, config.is_custom))
         if problem:
             raise TrainingError(problem)
@@ -334,7 +335,8 @@ class TrainingRun:
     def _load_model(self) -> None:
         config, accelerator = self.config, self.accelerator
         weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
-        unet = models.load_unet(config.pretrained_model, dtype=weight_dtype)
+        unet = models.load_unet(config.pretrained_model, dtype=weight_dtype,
+                                single_file_config=config.single_file_config)
         try:
             self.trainable = apply_layer_selection(unet, _layer_selection(config), config.seed)
         except ValueError as error:
@@ -347,7 +349,8 @@ class TrainingRun:
         self.objective = _build_objective(config).to(self.device)
         self.plan = NoisePlan(seed=config.seed, noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
                               empty_embeddings=_empty_prompt_embeddings(config) if config.caption_dropout else [])
-        self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model)
+        self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
+                                                                                     config.single_file_config)
         self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
                                          config.weight_decay, bf16_weights=config.bf16_weights)
         # stepped by hand once per optimizer step (accelerate would step it once per process), or once

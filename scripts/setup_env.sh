@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs cachetrain's requirements into it.
+# Creates .venv (once), installs cachetrain's requirements into it, then cachetrain itself (editable:
+# the console commands train_from_cached, create_img_sdvae, ... run this checkout's code).
 # Where no NVIDIA GPU is visible, torch is pinned to the CPU build first, so that the
 # open-ended requirement below does not pull a multi-GB CUDA build onto a CPU-only machine.
 set -euo pipefail
@@ -7,7 +8,7 @@ cd "$(dirname "$0")/.."
 VENV="${CACHETRAIN_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.cachetrain-installed"
-WANT="$(cat requirements.txt requirements-test.txt scripts/setup_env.sh | sha256sum | cut -c1-16)"
+WANT="$(cat requirements.txt requirements-test.txt pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
     exit 0
@@ -27,4 +28,6 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 echo "[setup] installing requirements"
 pip_install -r requirements.txt -r requirements-test.txt
+echo "[setup] installing cachetrain (editable) and its commands"
+pip_install --no-deps -e .
 echo "$WANT" > "$STAMP"

@@ -1,0 +1,93 @@
+"""The console commands ``pip install`` puts on PATH, one function per top-level script.
+
+Each top-level script (``train_from_cached.py`` ...) and its console command call the same function
+here, so an installed command and a script run from a checkout behave alike. Heavy imports happen
+inside each function: ``--help`` and ``--version`` answer without loading a model library first.
+"""
+
+from __future__ import annotations
+
+from .cli import require_dependencies
+
+require_dependencies()  # before torch is imported: run outside the environment, one line, not a traceback
+
+from . import models  # noqa: E402
+from .image_cache import ImageScriptDefaults  # noqa: E402
+
+SD_VAE_DEFAULTS = ImageScriptDefaults(
+    model=models.SD15_MODEL_ID,
+    out_suffix=".img_sdvae",
+    description="Cache SD1.5 VAE latents of every image under the data roots.",
+)
+SDXL_VAE_DEFAULTS = ImageScriptDefaults(
+    model=models.SDXL_MODEL_ID,
+    out_suffix=".img_sdxl",
+    description="Cache SDXL VAE latents of every image under the data roots.",
+)
+
+
+def create_img_sdvae(argv: list[str] | None = None) -> int:
+    from .image_cache import main
+
+    return main(argv, SD_VAE_DEFAULTS)
+
+
+def create_img_sdxl(argv: list[str] | None = None) -> int:
+    from .image_cache import main
+
+    return main(argv, SDXL_VAE_DEFAULTS)
+
+
+def create_clipl(argv: list[str] | None = None) -> int:
+    from .text_cache import main_clip
+
+    return main_clip(argv)
+
+
+def create_t5cache_768(argv: list[str] | None = None) -> int:
+    from .t5_cache import main
+
+    return main(argv)
+
+
+def train_from_cached(argv: list[str] | None = None) -> int:
+    from .trainer import main
+
+    return main(argv)
+
+
+def compare_imgdirs(argv: list[str] | None = None) -> int:
+    from .compare import main
+
+    return main(argv)
+
+
+def assemble_t5_pipeline(argv: list[str] | None = None) -> int:
+    from .assemble import main
+
+    return main(argv)
+
+
+def sample_images(argv: list[str] | None = None) -> int:
+    from .sampler_cli import main
+
+    return main(argv)
+
+
+def export_single_file(argv: list[str] | None = None) -> int:
+    from .export import main
+
+    return main(argv)
+
+
+def inspect(argv: list[str] | None = None) -> int:
+    from .inspect import main
+
+    return main(argv)
+
+
+def tiny(argv: list[str] | None = None) -> int:
+    from .tiny import main
+
+    main(argv)
+    return 0
