@@ -84,7 +84,8 @@ def hubstyle_runs(hubstyle_folders, tmp_path_factory):
     from create_img_sdxl import DEFAULTS
 
     some_folder = str(hubstyle_folders["module-projection"])  # the same VAE in all three
-    assert image_main(["--model", some_folder, "--custom", some_folder, "--resolution", "64",
+    # the seed's own spelling: a bare --custom means --model is the custom pipeline folder
+    assert image_main(["--model", some_folder, "--custom", "--resolution", "64",
                        *cache_flags(data["module-projection"]), "--data_root", str(data["root-projection"]),
                        str(data["our-projection"])], DEFAULTS) == 0
     texts = run_all({f"cache {variant}": ["create_t5cache_768.py", "--model", str(hubstyle_folders[variant]),
