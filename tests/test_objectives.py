@@ -18,6 +18,7 @@ import torch
 from cachetrain.config import parse_train_args
 from cachetrain.trainer import train
 from tests.test_trainer import _args, _logged
+from tests.training_support import train_caption_probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,51 +277,20 @@ def test_objective_ddpm_on_a_flow_model_is_refused(tiny_flow_model, cached_datas
 
 def test_a_short_flow_run_learns_to_use_its_text(tiny_flow_model, tmp_path):
     """On held-out pairs, at fixed noise and sigmas, the true caption beats another caption."""
-    from diffusers import UNet2DConditionModel
-
-    from cachetrain.image_cache import main as image_main
-    from cachetrain.loader import CachedPairDataset, NoisePlan, collate_pairs
-    from cachetrain.models import read_vae_scaling_factor
-    from cachetrain.text_cache import main_clip
-    from cachetrain.tiny import make_shapes_dataset
-    from cachetrain.trainer import VALIDATION_EPOCH, _split_validation
-    from cachetrain.tree import index_training_pairs
-    from create_img_sdvae import DEFAULTS
-
-    data = tmp_path / "data"
-    make_shapes_dataset(data, count=96, seed=3, colours=("red", "yellow", "green"), backgrounds=("blue", "black", "white"))
-    cache = ["--model", str(tiny_flow_model), "--data_root", str(data), "--num_workers", "0", "--no_progress",
-             "--save_dtype", "float32"]
-    assert image_main(cache + ["--resolution", "64"], DEFAULTS) == 0 and main_clip(cache) == 0
-    result = train(parse_train_args(_args(tiny_flow_model, data, tmp_path / "run", "--batch_size", "8",
-                                          "--max_steps", "300", "--validation_split", "0.25", "--log_every", "50")))
-    losses = [value for _, value in _logged(result, "train/loss")]
+    probe = train_caption_probe(tiny_flow_model, tmp_path, lambda data, output: _args(
+        tiny_flow_model, data, output, "--batch_size", "8", "--max_steps", "300", "--validation_split", "0.25",
+        "--log_every", "50"))
+    losses = [value for _, value in _logged(probe.result, "train/loss")]
     assert losses[-1] < 0.8 * losses[0]
-
-    index, _ = index_training_pairs([data], ".img_sdvae", ".txt_clipl")
-    _, held_out = _split_validation(index, 0.25, seed=0)
-    dataset = CachedPairDataset(held_out, NoisePlan(seed=11))
-    dataset.epoch = VALIDATION_EPOCH
-    batch = collate_pairs([dataset[i] for i in range(len(dataset))])
-    captions = [Path(held_out[i][1]).with_suffix(".txt").read_text() for i in range(len(held_out))]
-    other = [next(j for j in range(1, len(captions)) if captions[(i + j) % len(captions)] != captions[i])
-             for i in range(len(captions))]
-    other_embeddings = batch.embeddings[[(i + j) % len(captions) for i, j in enumerate(other)]]
-
-    unet = UNet2DConditionModel.from_pretrained(tmp_path / "run", subfolder="unet").eval()
-    latents = batch.latents.float() * read_vae_scaling_factor(str(tiny_flow_model))
-    sigmas = torch.linspace(0.3, 0.7, len(captions))
+    sigmas = torch.linspace(0.3, 0.7, len(probe.latents))
     s = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - s) * latents + s * batch.noise
-    velocity = batch.noise - latents
+    noisy = (1 - s) * probe.latents + s * probe.noise
+    velocity = probe.noise - probe.latents
 
     def per_sample_loss(embeddings):
         with torch.no_grad():
-            return (unet(noisy, sigmas * 999, embeddings.float()).sample - velocity).square().mean(dim=(1, 2, 3))
+            return (probe.unet(noisy, sigmas * 999, embeddings).sample - velocity).square().mean(dim=(1, 2, 3))
 
-    true_loss, other_loss = per_sample_loss(batch.embeddings), per_sample_loss(other_embeddings)
-    wins = (true_loss < other_loss).float().mean().item()
-    print(f"held-out flow loss: true caption {true_loss.mean():.5f}, another caption {other_loss.mean():.5f}, "
-          f"true caption better on {wins:.0%} of {len(captions)} pairs")
-    assert true_loss.mean() < 0.99 * other_loss.mean()
+    true_loss, other_loss, wins = probe.true_caption_wins(per_sample_loss)
+    assert true_loss < 0.99 * other_loss
     assert wins >= 0.75

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from cachetrain.config import parse_train_args
 from cachetrain.trainer import TrainingError, check_process_count, main, train
+from tests.training_support import train_caption_probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -587,52 +588,21 @@ def test_two_process_cpu_training_keeps_weights_identical(tiny_sd_model, cached_
 
 def test_a_short_run_learns_to_use_its_text(tiny_sd_model, tmp_path):
     """On held-out pairs, at fixed noise and timesteps, the true caption beats another caption."""
-    from diffusers import UNet2DConditionModel
+    from cachetrain.models import load_training_scheduler
 
-    from cachetrain.image_cache import main as image_main
-    from cachetrain.loader import CachedPairDataset, NoisePlan, collate_pairs
-    from cachetrain.models import load_training_scheduler, read_vae_scaling_factor
-    from cachetrain.text_cache import main_clip
-    from cachetrain.tiny import make_shapes_dataset
-    from cachetrain.trainer import VALIDATION_EPOCH, _split_validation
-    from cachetrain.tree import index_training_pairs
-    from create_img_sdvae import DEFAULTS
-
-    data = tmp_path / "data"
-    # the background - most of the image - is named by a word no shape colour uses
-    make_shapes_dataset(data, count=96, seed=3, colours=("red", "yellow", "green"), backgrounds=("blue", "black", "white"))
-    cache = ["--model", str(tiny_sd_model), "--data_root", str(data), "--num_workers", "0", "--no_progress",
-             "--save_dtype", "float32"]
-    assert image_main(cache + ["--resolution", "64"], DEFAULTS) == 0 and main_clip(cache) == 0
-    train(parse_train_args(_args(tiny_sd_model, data, tmp_path / "run", "--batch_size", "8", "--max_steps",
-                                 "300", "--validation_split", "0.25")))
-
-    index, _ = index_training_pairs([data], ".img_sdvae", ".txt_clipl")
-    _, held_out = _split_validation(index, 0.25, seed=0)  # the pairs the run did not train on
-    dataset = CachedPairDataset(held_out, NoisePlan(seed=11))
-    dataset.epoch = VALIDATION_EPOCH
-    batch = collate_pairs([dataset[i] for i in range(len(dataset))])
-    captions = [Path(held_out[i][1]).with_suffix(".txt").read_text() for i in range(len(held_out))]
-    other = [next(j for j in range(1, len(captions)) if captions[(i + j) % len(captions)] != captions[i])
-             for i in range(len(captions))]
-    other_embeddings = batch.embeddings[[(i + j) % len(captions) for i, j in enumerate(other)]]
-
-    unet = UNet2DConditionModel.from_pretrained(tmp_path / "run", subfolder="unet").eval()
+    probe = train_caption_probe(tiny_sd_model, tmp_path, lambda data, output: _args(
+        tiny_sd_model, data, output, "--batch_size", "8", "--max_steps", "300", "--validation_split", "0.25"))
     alpha_bar = load_training_scheduler(str(tiny_sd_model)).alphas_cumprod
-    latents = batch.latents.float() * read_vae_scaling_factor(str(tiny_sd_model))
-    timesteps = torch.linspace(300, 700, len(captions)).long()  # where the caption decides most
+    timesteps = torch.linspace(300, 700, len(probe.latents)).long()  # where the caption decides most
     a = alpha_bar[timesteps].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * batch.noise
+    noisy = a.sqrt() * probe.latents + (1 - a).sqrt() * probe.noise
 
     def per_sample_loss(embeddings):
         with torch.no_grad():
-            return (unet(noisy, timesteps, embeddings.float()).sample - batch.noise).square().mean(dim=(1, 2, 3))
+            return (probe.unet(noisy, timesteps, embeddings).sample - probe.noise).square().mean(dim=(1, 2, 3))
 
-    true_loss, other_loss = per_sample_loss(batch.embeddings), per_sample_loss(other_embeddings)
-    wins = (true_loss < other_loss).float().mean().item()
-    print(f"held-out loss: true caption {true_loss.mean():.5f}, another caption {other_loss.mean():.5f}, "
-          f"true caption better on {wins:.0%} of {len(captions)} pairs")
-    assert true_loss.mean() < 0.99 * other_loss.mean()
+    true_loss, other_loss, wins = probe.true_caption_wins(per_sample_loss)
+    assert true_loss < 0.99 * other_loss
     assert wins >= 0.75
 
 

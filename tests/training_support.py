@@ -1,7 +1,10 @@
-"""What the training tests share: the loss of a saved UNet on a fixed batch."""
+"""What the training tests share: the loss of a saved UNet on a fixed batch; a probe of whether a run
+learned to use its captions."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,3 +35,64 @@ def fixed_batch_loss(unet_folder: Path, model: Path, data: Path, image_suffix: s
                           encoder_attention_mask=batch.attention_mask).sample
     loss, _ = objective.losses(prediction, objective.target(latents, noise, timesteps), timesteps)
     return loss.item()
+
+
+@dataclass
+class CaptionProbe:
+    """The held-out pairs of a short run on the synthetic shapes, at fixed noise, each with its own
+    caption's embedding and another caption's: what a test of "the run learned to use its text" needs."""
+
+    unet: torch.nn.Module
+    latents: torch.Tensor  # scaled as training scales them
+    noise: torch.Tensor
+    true_embeddings: torch.Tensor
+    other_embeddings: torch.Tensor
+    result: object  # the run's TrainResult
+
+    def true_caption_wins(self, per_sample_loss: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float, float]:
+        """(mean loss with the true caption, with another one, share of pairs the true one wins)."""
+        true_loss, other_loss = per_sample_loss(self.true_embeddings), per_sample_loss(self.other_embeddings)
+        wins = (true_loss < other_loss).float().mean().item()
+        print(f"held-out loss: true caption {true_loss.mean():.5f}, another caption {other_loss.mean():.5f}, "
+              f"true caption better on {wins:.0%} of {len(true_loss)} pairs")
+        return true_loss.mean().item(), other_loss.mean().item(), wins
+
+
+def train_caption_probe(model: Path, tmp_path: Path, train_args: Callable[[Path, Path], list[str]]) -> CaptionProbe:
+    """Cache 96 synthetic pairs with ``model``, train on 3/4 of them (``train_args(data, output)`` gives
+    the trainer's flags; they must hold --validation_split 0.25), and probe the quarter held out."""
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.config import parse_train_args
+    from cachetrain.image_cache import main as image_main
+    from cachetrain.loader import CachedPairDataset, NoisePlan, collate_pairs
+    from cachetrain.models import read_vae_scaling_factor
+    from cachetrain.text_cache import main_clip
+    from cachetrain.tiny import make_shapes_dataset
+    from cachetrain.trainer import VALIDATION_EPOCH, _split_validation, train
+    from cachetrain.tree import index_training_pairs
+    from create_img_sdvae import DEFAULTS
+
+    data = tmp_path / "data"
+    # the background - most of the image - is named by a word no shape colour uses
+    make_shapes_dataset(data, count=96, seed=3, colours=("red", "yellow", "green"), backgrounds=("blue", "black", "white"))
+    cache = ["--model", str(model), "--data_root", str(data), "--num_workers", "0", "--no_progress",
+             "--save_dtype", "float32"]
+    assert image_main(cache + ["--resolution", "64"], DEFAULTS) == 0 and main_clip(cache) == 0
+    flags = train_args(data, tmp_path / "run")
+    assert "--validation_split" in flags and flags[flags.index("--validation_split") + 1] == "0.25"
+    result = train(parse_train_args(flags))
+
+    index, _ = index_training_pairs([data], ".img_sdvae", ".txt_clipl")
+    _, held_out = _split_validation(index, 0.25, seed=0)  # the pairs the run did not train on
+    dataset = CachedPairDataset(held_out, NoisePlan(seed=11))
+    dataset.epoch = VALIDATION_EPOCH
+    batch = collate_pairs([dataset[i] for i in range(len(dataset))])
+    captions = [Path(held_out[i][1]).with_suffix(".txt").read_text() for i in range(len(held_out))]
+    other = [next(j for j in range(1, len(captions)) if captions[(i + j) % len(captions)] != captions[i])
+             for i in range(len(captions))]
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "run", subfolder="unet").eval()
+    return CaptionProbe(unet=unet, latents=batch.latents.float() * read_vae_scaling_factor(str(model)),
+                        noise=batch.noise, true_embeddings=batch.embeddings.float(),
+                        other_embeddings=batch.embeddings[[(i + j) % len(captions) for i, j in enumerate(other)]].float(),
+                        result=result)
