@@ -37,10 +37,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _kwargs(**extra: Any) -> dict[str, Any]:
     """Pass remote-code trust only when asked: custom folders carry their own pipeline code."""
     return {k: v for k, v in extra.items() if v is not None}
@@ -119,18 +115,6 @@ def load_training_scheduler(model: str, prediction_type: str | None = None, zero
     if zero_terminal_snr:
         overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return DDPMScheduler.from_config(config, **overrides)
-
-
-def load_frozen_sd_components(model: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Everything of an SD1.5 pipeline but the UNet: needed only to draw samples and save checkpoints."""
-    tokenizer, text_encoder = load_clip_text_encoder(model, dtype)
-    scheduler_class = _sampling_scheduler_class(model)
-    return {
-        "vae": load_vae(model, dtype=dtype),
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler_class.from_pretrained(model, subfolder="scheduler"),
-    }
 
 
 def _sampling_scheduler_class(model: str):
