@@ -47,6 +47,7 @@ def _timesteps_told_to(unet) -> tuple[list[float], object]:
     return seen, handle
 
 
+@pytest.mark.slow  # a training run and two fresh interpreters
 def test_a_flow_checkpoint_loaded_plainly_draws_the_sample_the_trainer_drew(tiny_sd_model, cached_dataset,
                                                                             tmp_path):
     from cachetrain.sampling import read_sample_metadata
