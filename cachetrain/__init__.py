@@ -6,6 +6,7 @@ Layers, lowest first (a module imports only from layers below it):
   text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
   layers, sampling, checkpoint, resume     step's numerics, parameter selections, samples, checkpoints,
                                            what a checkpoint must share with a resume
+  flow                                     (with them) a flow scheduler as SD pipelines drive it; the flow pipeline
   pipeline_code                          - the code a hub-style folder carries: checked, run when trusted, put back
   t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id, folder or single file
   export                                 - a pipeline folder as one single-file checkpoint (A1111 / ComfyUI)

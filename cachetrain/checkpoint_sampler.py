@@ -74,7 +74,7 @@ class CheckpointSampler:
                 self._pipeline = models.load_pipeline_around(self.config.pretrained_model, unet,
                                                              self.config.is_custom)
             _match_training_scales(self._pipeline, self.config)
-            _match_training_objective(self._pipeline, self.config)
+            self._pipeline = _match_training_objective(self._pipeline, self.config)
         _record_training_size(unet, self.training_size)
         self._pipeline.unet = unet
         return self._pipeline
@@ -336,14 +336,17 @@ def _match_training_scales(pipeline, config: TrainConfig) -> None:
         projection.register_to_config(token_length=config.force_toklen)
 
 
-def _match_training_objective(pipeline, config: TrainConfig) -> None:
-    """Store the scheduler that undoes the noise this run trained with (flow matching, a prediction type,
-    zero terminal SNR) in the pipeline that draws samples and is saved in checkpoints."""
+def _match_training_objective(pipeline, config: TrainConfig):
+    """The pipeline that draws samples and is saved in checkpoints, with the scheduler that undoes the noise
+    this run trained with (flow matching, a prediction type, zero terminal SNR). A flow run's SD pipeline
+    becomes a StableDiffusionFlowPipeline, so its checkpoints draw correctly with a plain from_pretrained."""
+    from .flow import flow_pipeline
     from .objective import objective_kind, sampling_scheduler
 
     kind = objective_kind(pipeline.scheduler, config.objective)
     pipeline.scheduler = sampling_scheduler(pipeline.scheduler, kind, prediction_type=config.prediction_type,
                                             zero_terminal_snr=config.zero_terminal_snr, flow_shift=config.flow_shift)
+    return flow_pipeline(pipeline) if kind == "flow" else pipeline
 
 
 def _ema_writer(ema, trainable, unet):

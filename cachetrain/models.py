@@ -233,7 +233,7 @@ def load_pipeline_around(model: str, unet: torch.nn.Module, is_custom: bool = Fa
     """
     from diffusers import DiffusionPipeline
 
-    from . import t5  # noqa: F401  (registers the T5 pipeline and its projection with diffusers)
+    from . import flow, t5  # noqa: F401  (register our pipelines, the T5 one and its projection, with diffusers)
 
     index = DiffusionPipeline.load_config(model)
     extra: dict[str, Any] = {}
@@ -256,7 +256,7 @@ def folder_code_problem(model: str, trusted: bool, flag: str = "--is_custom") ->
     """
     if not os.path.isfile(os.path.join(model, pipeline_code.MODEL_INDEX_FILE)):
         return None  # a hub id, or no pipeline folder: the loaders say so in their own words
-    from . import t5  # noqa: F401  (names our pipeline classes on diffusers: they need no pipeline.py)
+    from . import flow, t5  # noqa: F401  (names our pipeline classes on diffusers: they need no pipeline.py)
 
     try:
         code = pipeline_code.read_folder_code(model)

@@ -280,12 +280,8 @@ def sampling_scheduler(scheduler, kind: str, *, prediction_type: str | None = No
         config = dict(scheduler.config) if is_flow_scheduler(scheduler) else {
             "num_train_timesteps": int(scheduler.config.num_train_timesteps)}
         config["shift"] = flow_shift_for(scheduler, flow_shift)
-        flow = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
-        # diffusers' SD pipelines scale the first latents by init_noise_sigma and call
-        # scale_model_input, which the flow scheduler lacks; for it both are the identity
-        flow.init_noise_sigma = 1.0
-        flow.scale_model_input = lambda sample, timestep=None: sample
-        return flow
+        # a plain one, as saved; what a pipeline needs to draw with it is flow.drawable's to add
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
     overrides = {}
     if prediction_type:
         overrides["prediction_type"] = prediction_type

@@ -176,12 +176,6 @@ def build_sampling_scheduler(name: str, scheduler_config):
     return _scheduler_class(name).from_config(settings)
 
 
-def _ready_to_draw(scheduler) -> None:
-    """Flow-matching schedulers start from pure noise and say nothing of it; the pipelines ask."""
-    if not hasattr(scheduler, "init_noise_sigma"):
-        scheduler.init_noise_sigma = 1.0
-
-
 # ---------------------------------------------------------------------------------------------
 # Drawing
 
@@ -213,21 +207,20 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
     ``on_failure(index, prompt, error)``, if given, is told of an image that could not be drawn, and the
     others are still drawn; without it the first failure raises.
     """
+    from .flow import drawing_scheduler
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     pipeline.set_progress_bar_config(disable=True)
-    own_scheduler = pipeline.scheduler
-    drawing_scheduler = scheduler if scheduler is not None else own_scheduler
-    name = scheduler_name or type(drawing_scheduler).__name__
+    drawing = scheduler if scheduler is not None else pipeline.scheduler
+    name = scheduler_name or type(drawing).__name__
     size = {key: value for key, value in (("height", height), ("width", width)) if value is not None}
     plan = sample_plan(prompts, step=step, seed=seed, sampler_steps=sampler_steps, guidance_scale=guidance_scale,
                        negative_prompt=negative_prompt, token_length=token_length, scheduler_name=name,
                        increment_seed=increment_seed)
-    _ready_to_draw(drawing_scheduler)
-    pipeline.scheduler = drawing_scheduler
-    try:
+    with drawing_scheduler(pipeline, drawing):  # a flow scheduler wrapped as the pipeline asks for it
         for index, (filename, metadata) in enumerate(plan):
             path = out_dir / filename
             try:
@@ -246,6 +239,4 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
                 on_failure(index, metadata.prompt, error)
                 continue
             paths.append(path)
-    finally:
-        pipeline.scheduler = own_scheduler
     return paths

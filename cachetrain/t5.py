@@ -34,6 +34,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import pipeline_code
+from .flow import drawable
 from .text_encoding import encode_t5_prompts, pad_text_embeddings
 
 PROJECTION_SUBFOLDER = "t5_projection"
@@ -145,9 +146,9 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
         device = device or self._execution_device
         return conditioning.to(device), (mask.to(device) if mask is not None else None)
 
-    def _step_kwargs(self, generator) -> dict:
+    def _step_kwargs(self, scheduler, generator) -> dict:
         """Pass the generator to schedulers that draw noise in their step (ancestral, DDPM)."""
-        accepted = inspect.signature(self.scheduler.step).parameters
+        accepted = inspect.signature(scheduler.step).parameters
         return {"generator": generator} if "generator" in accepted else {}
 
     @torch.no_grad()
@@ -171,20 +172,21 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
         batch = context.shape[0] // 2 if guided else context.shape[0]
         context = context.to(self.unet.dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler = drawable(self.scheduler)  # a flow-matching one as this loop drives it (see cachetrain.flow)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=context.dtype)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
-        step_kwargs = self._step_kwargs(generator)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        latents = latents.to(device) * scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(scheduler, generator)
+        for t in self.progress_bar(scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_input = scheduler.scale_model_input(model_input, t)
             noise = self.unet(model_input, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
             if guided:
                 unconditional, conditional = noise.chunk(2)
                 noise = unconditional + guidance_scale * (conditional - unconditional)
-            latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
 
         if output_type == "latent":
             images = latents
