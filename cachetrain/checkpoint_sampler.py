@@ -19,6 +19,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import export, ldm_layout, models
 from .config import ConfigError, TrainConfig
+from .objective import is_flow_config
 from .prompts import read_prompts_file
 from .sampling import build_sampling_scheduler, draw_samples, scheduler_choice_problem
 from .sidecar import IMAGE_LATENT_KEY
@@ -317,6 +318,11 @@ def single_file_problem(config: TrainConfig) -> str | None:
     if problem:
         return (f"--save_single_file: the UNet of {source} has no single-file layout ({problem}); "
                 f"what exports: {ldm_layout.EXPORTABLE_UNET_LAYOUTS}")
+    from diffusers import DDIMScheduler
+
+    if config.objective == "flow" or is_flow_config(DDIMScheduler.load_config(source, subfolder="scheduler")):
+        return ("--save_single_file: a flow-matching run; the single-file format has no marker for flow models, so "
+                "A1111/ComfyUI would sample it as an epsilon model (the checkpoint folders load with diffusers)")
     return None
 
 

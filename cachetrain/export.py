@@ -23,6 +23,7 @@ from .atomic import write_atomically
 from .checkpoint import CHECKPOINT_PATTERN, EMA_COMPONENT, TRAINED_COMPONENT, TRAINING_STATE_FILE
 from .cli import ArgumentParser, print_error
 from .models import parse_dtype
+from .objective import is_flow_config
 
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 SINGLE_FILE_NAME = "model.safetensors"
@@ -74,9 +75,16 @@ def steps_trained(source: Path) -> int | None:
 
 
 def schedule_facts(source: Path) -> tuple[str, bool]:
-    """(prediction type, zero terminal SNR) from the scheduler config (epsilon, False if none)."""
+    """(prediction type, zero terminal SNR) from the scheduler config (epsilon, False if none).
+
+    A flow-matching model is refused: the single-file format has no marker for it, so A1111 and
+    ComfyUI would sample it as an epsilon model and draw noise."""
     path = source / "scheduler" / "scheduler_config.json"
     config = _read_json(path) if path.is_file() else {}
+    if is_flow_config(config):
+        raise ExportError(f"{path}: a flow-matching model ({config['_class_name']}); the single-file format has no "
+                          "marker for flow models, so A1111/ComfyUI would sample it as an epsilon model. Use the "
+                          "diffusers folder (see the README's flow matching paragraph)")
     return config.get("prediction_type", "epsilon"), bool(config.get("rescale_betas_zero_snr", False))
 
 

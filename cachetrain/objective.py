@@ -242,6 +242,11 @@ class FlowMatchingObjective(_Objective):
         return torch.clamp(snr, max=self.snr_gamma) * sigmas.square()
 
 
+def is_flow_config(scheduler_config) -> bool:
+    """Whether a scheduler config (as saved in a model's scheduler/) names a flow-matching class."""
+    return str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch")
+
+
 def is_flow_scheduler(scheduler) -> bool:
     """A flow-matching schedule has no cumulative alphas (and no add_noise) to diffuse with."""
     return not hasattr(scheduler, "alphas_cumprod")

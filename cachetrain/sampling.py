@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .atomic import write_atomically
 from .config import SAMPLE_SCHEDULERS
+from .objective import is_flow_config
 
 
 @dataclass(frozen=True)
@@ -124,18 +125,13 @@ class SchedulerChoiceError(ValueError):
     """A sampler that cannot draw this model (a DDPM sampler for a flow model, or the reverse)."""
 
 
-def is_flow_matching(scheduler_config) -> bool:
-    """Whether a model's scheduler config is a flow-matching one (it has no DDPM betas to sample with)."""
-    return str(dict(scheduler_config).get("_class_name", "")).startswith("FlowMatch")
-
-
 def scheduler_choice_problem(name: str, scheduler_config) -> str | None:
     """Why the sampler ``name`` cannot draw the model whose scheduler config this is, if it cannot."""
     config = dict(scheduler_config)
     own = config.get("_class_name", "an unnamed scheduler")
     if name not in SCHEDULER_CLASSES:
         return f"unknown sampler {name!r}; choose one of {', '.join(SAMPLE_SCHEDULERS)}"
-    flow = is_flow_matching(config)
+    flow = is_flow_config(config)
     if flow and name not in FLOW_SCHEDULER_NAMES:
         return (f"{name} is a DDPM sampler and this model is a flow-matching one ({own}); "
                 f"use {' or '.join(FLOW_SCHEDULER_NAMES)}")

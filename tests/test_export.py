@@ -197,6 +197,27 @@ def test_v_prediction_and_zero_terminal_snr_models_carry_comfyui_s_marker_keys(s
     assert scheduler.config.rescale_betas_zero_snr is True
 
 
+def test_a_flow_matching_model_is_refused_by_export_and_by_save_single_file(sd15_model, sd15_cached, tmp_path,
+                                                                            capsys):
+    """The single-file format has no flow marker: an export would be sampled as epsilon and draw noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    folder = tmp_path / "flow"
+    shutil.copytree(sd15_model, folder)
+    shutil.rmtree(folder / "scheduler")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    out = tmp_path / "flow.safetensors"
+    assert export.main([str(folder), str(out)]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "a flow-matching model (FlowMatchEulerDiscreteScheduler)" in line and not out.exists()
+    result = run_script("train_from_cached.py", "--pretrained_model", str(folder), "--train_data_dir",
+                        str(sd15_cached), "--output_dir", str(tmp_path / "run"), "--save_single_file", *TRAIN_FLAGS)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = error_lines(result.stderr)
+    assert line.startswith("error: --save_single_file: a flow-matching run")
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_a_unet_without_sd15_s_structure_is_refused_in_one_line_naming_what_exports(tiny_sd_model, tmp_path):
     out = tmp_path / "never.safetensors"
     result = run_script("-m", "cachetrain.export", str(tiny_sd_model), str(out))
