@@ -108,7 +108,8 @@ def test_fp32_export_of_a_trained_checkpoint_loads_bit_identical_in_diffusers_si
     assert metadata["modelspec.sai_model_spec"] == "1.0.0"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1"
     assert metadata["modelspec.prediction_type"] == "epsilon"
-    assert metadata["modelspec.resolution"] == "128x128"  # 16x16 latents, a 4-level (8x) VAE
+    # the size it trained at: 64 px images, 8x8 latents (the trainer records them in the UNet config)
+    assert metadata["modelspec.resolution"] == "64x64"
     assert metadata["modelspec.title"] == "model-fp32"
     assert metadata["modelspec.date"].startswith("20")
     assert metadata["cachetrain.steps_trained"] == "2"
