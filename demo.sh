@@ -77,8 +77,9 @@ if [ "$MODE" = sd ]; then
     # the first and the last checkpoint's samples, side by side (a page and one PNG per prompt row)
     LAST="$(printf %05d "$STEPS")"
     if [ -d "$DEMO/run/checkpoint-00100" ] && [ "$LAST" != 00100 ]; then
-        # Drawn again from the saved checkpoints: the samples drawn during this v-prediction training
-        # do not match what the saved checkpoints draw (the checkpoints' are the right ones).
+        # Drawn again from the saved checkpoints: during training the DDIM scheduler made from the
+        # model's PNDM one clips the predicted latents to [-1, 1] (clip_sample), which spoils the
+        # colours; a pipeline loaded from a checkpoint folder draws without that clipping.
         IFS='|' read -r -a PROMPT_LIST <<< "$PROMPTS"
         PROMPT_FLAGS=(); for P in "${PROMPT_LIST[@]}"; do PROMPT_FLAGS+=(--prompt "$P"); done
         $PY sample_images.py --watch "$DEMO/run" --once --out "$DEMO/samples" --device cpu --scheduler ddim \
