@@ -25,16 +25,23 @@ if [ "$MODE" = sd ]; then
     echo "[demo] building the tiny SD1.5-shaped model and the synthetic shapes dataset in $DEMO/"
     rm -rf "$DEMO"
     $PY -m cachetrain.tiny model "$DEMO/tiny-sd" --trained_vae   # the committed VAE trained on the shapes
-    $PY -m cachetrain.tiny data "$DEMO/data" --count 512
+    # Two shapes, two shape colours, two backgrounds: few enough combinations to learn in 300 steps.
+    $PY -m cachetrain.tiny data "$DEMO/data" --count 512 --shapes circle square --colours red yellow \
+        --backgrounds blue black
 
     echo "[demo] caching latents and caption embeddings"
     $PY create_img_sdvae.py --model "$DEMO/tiny-sd" --data_root "$DEMO/data" --resolution 64 --num_workers 2
     $PY create_clipl.py --model "$DEMO/tiny-sd" --data_root "$DEMO/data"
 
+    # v-prediction with zero terminal SNR: the model learns to draw from pure noise, which an epsilon
+    # model this small does not in 300 steps; caption dropout trains the unconditional that guidance uses.
+    # The samples are drawn with the scheduler this saves in the checkpoints (DDIM, trailing timesteps).
+    SD_OBJECTIVE="--prediction_type v_prediction --zero_terminal_snr --caption_dropout 0.1 --guidance_scale 3"
     echo "[demo] training $STEPS steps"
     MODEL="$DEMO/tiny-sd" DATA_DIRS="$DEMO/data" OUTPUT_DIR="$DEMO/run" LEARNING_RATE=1e-3 BATCH_SIZE=16 \
     GRADIENT_ACCUM=1 MAX_STEPS="$STEPS" SAVE_STEPS=100 SCHEDULER=cosine WARMUP_STEPS=20 SNR_GAMMA=5.0 \
-    SAMPLER_STEPS=20 PROMPTS_OVERRIDE="$PROMPTS" EXTRA_ARGS="--num_workers 1 --log_every 10" ./train_sd.sh
+    SAMPLER_STEPS=20 PROMPTS_OVERRIDE="$PROMPTS" EXTRA_ARGS="--num_workers 1 --log_every 10 $SD_OBJECTIVE" \
+    ./train_sd.sh
     PIPELINE_CLASS="a StableDiffusionPipeline folder"
 else
     DEMO="${DEMO_DIR:-demo_out_t5}"
@@ -70,9 +77,16 @@ if [ "$MODE" = sd ]; then
     # the first and the last checkpoint's samples, side by side (a page and one PNG per prompt row)
     LAST="$(printf %05d "$STEPS")"
     if [ -d "$DEMO/run/checkpoint-00100" ] && [ "$LAST" != 00100 ]; then
+        # Drawn again from the saved checkpoints: during training the DDIM scheduler made from the
+        # model's PNDM one clips the predicted latents to [-1, 1] (clip_sample), which spoils the
+        # colours; a pipeline loaded from a checkpoint folder draws without that clipping.
+        IFS='|' read -r -a PROMPT_LIST <<< "$PROMPTS"
+        PROMPT_FLAGS=(); for P in "${PROMPT_LIST[@]}"; do PROMPT_FLAGS+=(--prompt "$P"); done
+        $PY sample_images.py --watch "$DEMO/run" --once --out "$DEMO/samples" --device cpu --scheduler ddim \
+            --guidance 3 --steps 20 "${PROMPT_FLAGS[@]}" > /dev/null
         for STEP in 00100 "$LAST"; do
             mkdir -p "$DEMO/compare/step-$STEP/samples"
-            cp "$DEMO"/run/checkpoint-"$STEP"/sample-*.png "$DEMO/compare/step-$STEP/samples/"
+            cp "$DEMO"/samples/checkpoint-"$STEP"/sample-*.png "$DEMO/compare/step-$STEP/samples/"
         done
         $PY compare_imgdirs.py "$DEMO/compare/step-00100" "$DEMO/compare/step-$LAST" \
             --out "$DEMO/compare.html" --png "$DEMO/compare_png" 2>/dev/null
