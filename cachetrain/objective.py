@@ -297,4 +297,10 @@ def sampling_scheduler(scheduler, kind: str, *, prediction_type: str | None = No
     scheduler_class = type(scheduler)
     if zero_terminal_snr and "rescale_betas_zero_snr" not in inspect.signature(scheduler_class.__init__).parameters:
         scheduler_class = diffusers.DDIMScheduler
+        # what SD's own DDIM configs say; DDIM's defaults (clip the predicted latents to [-1, 1], a final
+        # alpha of one) are for pixel-space models and spoil the colours of latent samples
+        overrides = {"clip_sample": False, "set_alpha_to_one": False, **overrides}
+        overrides = {key: value for key, value in overrides.items()
+                     if key not in scheduler.config or key in ("prediction_type", "rescale_betas_zero_snr",
+                                                               "timestep_spacing")}
     return scheduler_class.from_config(scheduler.config, **overrides)

@@ -227,6 +227,9 @@ def test_zero_terminal_snr_is_saved_in_the_checkpoints_scheduler_and_lowers_the_
     assert config["_class_name"] == "DDIMScheduler"
     assert config["rescale_betas_zero_snr"] is True and config["timestep_spacing"] == "trailing"
     assert config["prediction_type"] == "v_prediction"
+    # as SD's own DDIM configs: DDIM's defaults would clip the predicted latents to [-1, 1] (pixel-space
+    # models' setting), which spoils the colours of every sample
+    assert config["clip_sample"] is False and config["set_alpha_to_one"] is False
     values = [value for _, value in _logged(result, "val/loss")]
     assert values[-1] < values[0]
 
