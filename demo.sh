@@ -77,16 +77,9 @@ if [ "$MODE" = sd ]; then
     # the first and the last checkpoint's samples, side by side (a page and one PNG per prompt row)
     LAST="$(printf %05d "$STEPS")"
     if [ -d "$DEMO/run/checkpoint-00100" ] && [ "$LAST" != 00100 ]; then
-        # Drawn again from the saved checkpoints: during training the DDIM scheduler made from the
-        # model's PNDM one clips the predicted latents to [-1, 1] (clip_sample), which spoils the
-        # colours; a pipeline loaded from a checkpoint folder draws without that clipping.
-        IFS='|' read -r -a PROMPT_LIST <<< "$PROMPTS"
-        PROMPT_FLAGS=(); for P in "${PROMPT_LIST[@]}"; do PROMPT_FLAGS+=(--prompt "$P"); done
-        $PY sample_images.py --watch "$DEMO/run" --once --out "$DEMO/samples" --device cpu --scheduler ddim \
-            --guidance 3 --steps 20 "${PROMPT_FLAGS[@]}" > /dev/null
         for STEP in 00100 "$LAST"; do
             mkdir -p "$DEMO/compare/step-$STEP/samples"
-            cp "$DEMO"/samples/checkpoint-"$STEP"/sample-*.png "$DEMO/compare/step-$STEP/samples/"
+            cp "$DEMO"/run/checkpoint-"$STEP"/sample-*.png "$DEMO/compare/step-$STEP/samples/"
         done
         $PY compare_imgdirs.py "$DEMO/compare/step-00100" "$DEMO/compare/step-$LAST" \
             --out "$DEMO/compare.html" --png "$DEMO/compare_png" 2>/dev/null
