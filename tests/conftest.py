@@ -51,19 +51,21 @@ def shapes_dataset(_shapes_template, tmp_path) -> Path:
     return root
 
 
+def cache_shapes(model: Path, template: Path, root: Path) -> Path:
+    """A copy of the synthetic images at ``root`` with fp32 .img_sdvae and .txt_clipl sidecars from ``model``."""
+    from cachetrain.commands import create_clipl, create_img_sdvae
+
+    shutil.copytree(template, root)
+    common = ["--model", str(model), "--data_root", str(root), "--num_workers", "0", "--no_progress",
+              "--save_dtype", "float32"]
+    assert create_img_sdvae(common + ["--resolution", "64"]) == 0
+    assert create_clipl(common) == 0
+    return root
+
+
 @pytest.fixture(scope="session")
 def _cached_template(tiny_sd_model, _shapes_template, tmp_path_factory) -> Path:
-    from cachetrain.image_cache import main as image_main
-    from cachetrain.text_cache import main_clip
-    from create_img_sdvae import DEFAULTS
-
-    root = tmp_path_factory.mktemp("cached-template") / "data"
-    shutil.copytree(_shapes_template, root)
-    common = ["--model", str(tiny_sd_model), "--data_root", str(root), "--num_workers", "0", "--no_progress",
-              "--save_dtype", "float32"]
-    assert image_main(common + ["--resolution", "64"], DEFAULTS) == 0
-    assert main_clip(common) == 0
-    return root
+    return cache_shapes(tiny_sd_model, _shapes_template, tmp_path_factory.mktemp("cached-template") / "data")
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from cachetrain import __version__, export, ldm_layout, models
 from cachetrain.tiny import SD15_STRUCTURE_UNET, build_tiny_sd
+from tests.conftest import cache_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,15 +40,7 @@ def sd15_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sd15_cached(sd15_model, _shapes_template, tmp_path_factory) -> Path:
-    from cachetrain.commands import create_clipl, create_img_sdvae
-
-    root = tmp_path_factory.mktemp("sd15-cached") / "data"
-    shutil.copytree(_shapes_template, root)
-    common = ["--model", str(sd15_model), "--data_root", str(root), "--num_workers", "0", "--no_progress",
-              "--save_dtype", "float32"]
-    assert create_img_sdvae(common + ["--resolution", "64"]) == 0
-    assert create_clipl(common) == 0
-    return root
+    return cache_shapes(sd15_model, _shapes_template, tmp_path_factory.mktemp("sd15-cached") / "data")
 
 
 TRAIN_FLAGS = ("--num_workers", "0", "--no_progress", "--learning_rate", "1e-3", "--batch_size", "4",
