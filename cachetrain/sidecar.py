@@ -181,12 +181,13 @@ def write_sidecar(path: os.PathLike | str, tensors: dict[str, torch.Tensor], met
 MAX_HEADER_BYTES = 1 << 20
 
 
-def read_metadata(path: os.PathLike | str) -> dict[str, str]:
-    """The header metadata of a sidecar ({} for a legacy one). Raises SidecarError if unreadable.
+def read_header(path: os.PathLike | str) -> dict:
+    """The safetensors header of a sidecar (its tensors' entries and ``__metadata__``). Raises
+    SidecarError if unreadable.
 
-    Reads only the safetensors header (no mmap of the data), and checks that the file is as long
-    as the header says: a truncated copy is caught here, not when training reads it. Planning a
-    cache run calls this once per file, so it must stay cheap.
+    Reads only the header (no mmap of the data), and checks that the file is as long as the header
+    says: a truncated copy is caught here, not when training reads it. Planning a cache run and
+    indexing a bucketed training set call this once per file, so it must stay cheap.
     """
     with open(path, "rb") as handle:  # FileNotFoundError passes through: "missing", not "unreadable"
         prefix = handle.read(8)
@@ -201,12 +202,16 @@ def read_metadata(path: os.PathLike | str) -> dict[str, str]:
         header = json.loads(raw_header)
         data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
                        default=0)
-        metadata = header.get("__metadata__") or {}
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         raise SidecarError(path, f"not a readable safetensors file (bad header: {error})") from None
     if len(raw_header) < header_size or file_size < 8 + header_size + data_end:
         raise SidecarError(path, f"truncated: {file_size} bytes, the header describes {8 + header_size + data_end}")
-    return dict(metadata)
+    return header
+
+
+def read_metadata(path: os.PathLike | str) -> dict[str, str]:
+    """The header metadata of a sidecar ({} for a legacy one). Raises SidecarError if unreadable."""
+    return dict(read_header(path).get("__metadata__") or {})
 
 
 def read_sidecar(path: os.PathLike | str, key: str, ndim: int = 0) -> torch.Tensor:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from array import array
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from .sidecar import MAX_HEADER_BYTES, is_temporary
+from .sidecar import SidecarError, is_temporary, read_header
 
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -181,27 +180,14 @@ def read_tensor_shape(path: os.PathLike | str, key: str) -> tuple[int, ...]:
     Raises ValueError (with the reason) for a file that is not safetensors, is cut short of what
     its header describes, or lacks the tensor; OSError for one that cannot be opened.
     """
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"not a readable safetensors file ({len(prefix)} bytes long)")
-        header_size = int.from_bytes(prefix, "little")
-        if header_size > MAX_HEADER_BYTES:
-            raise ValueError(f"not a readable safetensors file (header claims {header_size} bytes)")
-        raw = handle.read(header_size)
-        file_size = os.fstat(handle.fileno()).st_size
     try:
-        header = json.loads(raw)
-        entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
-        data_end = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
-        shape = entries[key]["shape"] if key in entries else None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
-        raise ValueError(f"not a readable safetensors file (bad header: {error})") from None
-    if len(raw) < header_size or file_size < 8 + header_size + data_end:
-        raise ValueError(f"truncated: {file_size} bytes, the header describes {8 + header_size + data_end}")
-    if shape is None:
-        raise ValueError(f"has no tensor {key!r} (found {sorted(entries)})")
-    return tuple(int(d) for d in shape)
+        header = read_header(path)
+    except SidecarError as error:
+        raise ValueError(error.reason) from None
+    entry = header.get(key)
+    if not isinstance(entry, dict) or "shape" not in entry:
+        raise ValueError(f"has no tensor {key!r} (found {sorted(name for name in header if name != '__metadata__')})")
+    return tuple(int(d) for d in entry["shape"])
 
 
 UNREADABLE_SHAPE = 0xFFFF  # shape number of a sample whose latent header could not be read

@@ -170,7 +170,7 @@ def test_two_processes_share_bucketed_batches_and_count_bad_pairs_together(tiny_
         write_sidecar(path, {"latent": torch.full(tuple(load_file(path)["latent"].shape), float("inf"))},
                       read_metadata(path))
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "train_from_cached.py"),
                *_args(tiny_sd_model, output, "--train_data_dir", str(two_shapes), "--aspect_buckets",
                       "--max_steps", "6", "--log_every", "2", "--max_bad_fraction", "0.5")]

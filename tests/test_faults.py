@@ -132,7 +132,7 @@ def test_a_start_refused_by_the_main_process_stops_every_process(tiny_sd_model, 
     config_file = model / "scheduler" / "scheduler_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "skip_prk_steps": False}))
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(SCRIPT), "--pretrained_model", str(model), "--train_data_dir", str(cached_dataset),
                "--output_dir", str(output), "--num_workers", "0", "--no_progress", "--batch_size", "2",
                "--max_steps", "2", "--sample_prompt", "a red circle", "--sampler_steps", "2"]
