@@ -31,7 +31,7 @@ def _environment(modules_cache: Path) -> dict[str, str]:
 
 
 def run_all(commands: dict[str, list[str]], scratch: Path) -> dict[str, subprocess.CompletedProcess]:
-    """Run the scripts at once (2 cores: their imports overlap), each in the worktree; their results by name."""
+    """Run the scripts at once (2 cores: their imports overlap), each from the repository root; their results by name."""
     started = {}
     for name, command in commands.items():
         started[name] = subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, text=True,
