@@ -11,6 +11,7 @@ Layers, lowest first (a module imports only from layers below it):
   t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id, folder or single file
   export                                 - a pipeline folder as one single-file checkpoint (A1111 / ComfyUI)
   loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
+  bad_data                               - what every pair of a run must be; the ledger of bad pairs passed over
   checkpoint_sampler, run_dir            - the parts that do not train: saved around the UNet, drawing samples;
                                            the run folder's small files, which checkpoint to resume, exit statuses
   shards, cache_build -> image_cache, text_cache, t5_cache   - the cache builders and their shares of the files

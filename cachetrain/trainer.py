@@ -23,11 +23,12 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import models
 from . import run_dir
+from .bad_data import BadPairLedger, TrainingError, examples, reference_shapes
 from .checkpoint_sampler import CheckpointSampler, SetupError, model_problem, scale_problem, single_file_problem
 from .cli import print_error
 from .config import TrainConfig, config_to_dict
 from .layers import LayerSelection, apply_layer_selection
-from .loader import (CachedPairDataset, EpochOrder, NoisePlan, PairChecks, RefillingBatchReader, RunBatches,
+from .loader import (CachedPairDataset, EpochOrder, NoisePlan, RefillingBatchReader, RunBatches,
                      make_loader, make_training_loader)
 from .objective import DiffusionObjective, FlowMatchingObjective, flow_shift_for, objective_kind
 from .optim import build_lr_schedule, build_optimizer
@@ -37,18 +38,10 @@ from .sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, empty_p
 from .step import TrainStep, UpdateCheck
 from .text_encoding import pad_text_embeddings
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
-from .tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, read_tensor_shape, record_latent_shapes
+from .tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, record_latent_shapes
 
 VALIDATION_EPOCH = -1  # the noise key of held-out pairs: the same draws at every evaluation
 REPEATED_SIGNAL_SECONDS = 2.0  # torchrun forwards a Ctrl-C the terminal already delivered
-REFERENCE_PAIRS = 16  # without buckets, the run's shapes are the commonest among the first pairs' headers
-MIN_PAIRS_FOR_BAD_FRACTION = 200  # --max_bad_fraction is judged over at least this many reads
-
-
-class TrainingError(RuntimeError):
-    """A problem with the run's inputs or setup, stated for the user."""
-
-
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -188,33 +181,6 @@ def _weights_checksum(unet: torch.nn.Module) -> torch.Tensor:
         return (norms * weights).sum()
 
 
-def _examples(bad: list[tuple[str, str]] | dict[str, str], count: int = 3) -> str:
-    items = list(bad.items() if isinstance(bad, dict) else bad)
-    return "; ".join(f"{path}: {reason}" for path, reason in items[:count])
-
-
-def _reference_shapes(index: PairIndex, with_latent: bool) -> PairChecks:
-    """What every pair of the run must be, from the headers of the first pairs alone (millions of
-    files are never all opened at start): the commonest latent shape (ties: the first) and text width."""
-    latents, widths, unreadable = {}, {}, []
-    for i in range(min(REFERENCE_PAIRS, len(index))):
-        latent_path, text_path = index[i]
-        for path, key, counts, pick in ((latent_path, IMAGE_LATENT_KEY, latents, tuple),
-                                        (text_path, TEXT_EMBEDDING_KEY, widths, lambda shape: shape[-1])):
-            if path == latent_path and not with_latent:
-                continue
-            try:
-                shape = read_tensor_shape(path, key)
-                counts[pick(shape)] = counts.get(pick(shape), 0) + 1
-            except (OSError, ValueError) as error:
-                unreadable.append((path, str(error)))
-    if (with_latent and not latents) or not widths:
-        raise TrainingError(f"none of the first {min(REFERENCE_PAIRS, len(index))} pairs could be read, e.g. "
-                            f"{_examples(unreadable)}; check the cache (python -m cachetrain.inspect)")
-    commonest = lambda counts: max(counts, key=counts.get) if counts else None  # noqa: E731  (first wins ties)
-    return PairChecks(latent_shape=commonest(latents), text_width=commonest(widths))
-
-
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
 
@@ -258,9 +224,7 @@ class TrainingRun:
         self.sample_id_sum = 0  # of the pairs this process trained on: proves the processes' shares differ
         self.sample_count = 0
         self.skipped_before = self.progress.skipped_samples  # bad pairs passed over by earlier starts
-        self.skipped_here = 0  # ... and by this process since this start
-        self.pairs_tried = 0  # pairs this process read since this start, for --max_bad_fraction
-        self.named_bad: dict[str, str] = {}  # path -> reason of the bad files named (once each)
+        self.bad_pairs = BadPairLedger(config.max_bad_fraction, config.aspect_buckets)  # ... and by this start
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -276,7 +240,7 @@ class TrainingRun:
         self.left_out_at_start = 0
         if config.aspect_buckets:
             index = self._index_buckets(index)
-        self.checks = _reference_shapes(index, with_latent=not config.aspect_buckets)
+        self.checks = reference_shapes(index, with_latent=not config.aspect_buckets)
         self.train_index, self.validation_index = _split_validation(index, config.validation_split, config.seed)
         if config.validation_dir:
             self.validation_index, _ = index_training_pairs(config.validation_dir, config.imgcache_suffix,
@@ -315,7 +279,7 @@ class TrainingRun:
                   f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
         if len(unreadable) == len(index) or len(unreadable) > self.config.max_bad_fraction * len(index):
             raise TrainingError(f"{len(unreadable)} of {len(index)} latents could not be read (more than "
-                                f"--max_bad_fraction {self.config.max_bad_fraction}), e.g. {_examples(unreadable)}")
+                                f"--max_bad_fraction {self.config.max_bad_fraction}), e.g. {examples(unreadable)}")
         if not unreadable:
             return index
         self.left_out_at_start = len(unreadable)
@@ -488,7 +452,7 @@ class TrainingRun:
             micro_batches += 1
             if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
                 stop.requested = True
-            self._pass_over_bad_pairs(batch)
+            self.bad_pairs.record(batch)
             stepped = self._train_on(batch, bar)
             if progress.batch_in_epoch == self.batches_per_epoch:
                 progress.epoch += 1
@@ -498,34 +462,10 @@ class TrainingRun:
                 break
         del loader  # stops the workers
 
-    def _pass_over_bad_pairs(self, batch) -> None:
-        """Name each bad file once and count it; stop when no batch can be filled or too many pairs are bad."""
-        self.pairs_tried += batch.tried
-        self.skipped_here += batch.skipped
-        for path, reason in batch.bad:
-            if path not in self.named_bad:
-                self.named_bad[path] = reason
-                tqdm.write(f"[train] skipped {path}: {reason}", file=sys.stderr)
-        if batch.latents is None:
-            raise TrainingError(f"no pair could be read for a batch: all {batch.tried} pairs tried were bad, e.g. "
-                                f"{_examples(batch.bad)}; check the cache (python -m cachetrain.inspect)")
-        limit = self.config.max_bad_fraction
-        # judged over at least MIN_PAIRS_FOR_BAD_FRACTION reads, so a few bad files early on are no
-        # verdict; but as many bad as that many reads may hold stops the run at once
-        if self.skipped_here > limit * max(self.pairs_tried, MIN_PAIRS_FOR_BAD_FRACTION):
-            raise TrainingError(f"{self.skipped_here} of the {self.pairs_tried} pairs read were bad (more than "
-                                f"--max_bad_fraction {limit}), e.g. {_examples(self.named_bad)}; fix or remove "
-                                f"them (python -m cachetrain.inspect lists them all){self._buckets_hint()}")
-
-    def _buckets_hint(self) -> str:
-        if self.config.aspect_buckets or not any("the run's is" in reason for reason in self.named_bad.values()):
-            return ""
-        return "; a cache of several sizes on purpose trains with --aspect_buckets"
-
     def _skipped_samples(self) -> torch.Tensor:
         """Bad pairs passed over by the whole run so far, as a device scalar (an all-reduce with
         several processes, so every process must call it at the same point)."""
-        here = torch.tensor(float(self.skipped_here), device=self.device)
+        here = torch.tensor(float(self.bad_pairs.skipped), device=self.device)
         if self.world > 1:
             here = self.accelerator.reduce(here, reduction="sum")
         return here + self.skipped_before
@@ -729,7 +669,7 @@ class TrainingRun:
             flag = torch.tensor([float(self.result.final_saved)], device=self.device)
             self.result.final_saved = bool(self.accelerator.reduce(flag, reduction="sum").item())
         checksum = _weights_checksum(self.bare_unet).reshape(1).to(self.device)
-        shares = torch.tensor([float(self.sample_id_sum), float(self.sample_count), float(self.skipped_here)],
+        shares = torch.tensor([float(self.sample_id_sum), float(self.sample_count), float(self.bad_pairs.skipped)],
                               dtype=torch.float64, device=self.device).reshape(1, 3)
         checksums = self.accelerator.gather(checksum)
         shares = self.accelerator.gather(shares)
