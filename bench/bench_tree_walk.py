@@ -4,9 +4,9 @@
 Builds a synthetic tree of N images (empty files: walking never opens them), each with a caption,
 a latent sidecar and a text sidecar (4 N files), then times
   - the trainer's index: tree.index_training_pairs (walk + pair the two sidecars of each sample);
-  - the cache builders' scan: cache_build.scan_roots (walk, split sources from sidecars);
+  - the cache builders' scan: cache_plan.scan_roots (walk, split sources from sidecars);
 and measures the memory the finished PairIndex holds (tracemalloc, after the walk's garbage is gone).
-It also times the cache builders' freshness check (cache_build.plan: stat the image, read and
+It also times the cache builders' freshness check (cache_plan.plan: stat the image, read and
 compare the sidecar's header) over ``--plan_samples`` real sidecars.
 
     .venv/bin/python bench/bench_tree_walk.py --images 200000 [--tree /tmp/tree] [--keep]
@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cachetrain.cache_build import CacheSettings, CacheSummary, plan, scan_roots  # noqa: E402
+from cachetrain.cache_plan import plan, scan_roots  # noqa: E402
+from cachetrain.cache_summary import CacheSummary  # noqa: E402
 from cachetrain.sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX, image_source_identity, write_sidecar  # noqa: E402
 from cachetrain.tree import DEFAULT_IMAGE_EXTENSIONS, index_training_pairs  # noqa: E402
 
@@ -68,11 +69,10 @@ def time_plan(root: Path, samples: int, repeats: int) -> float:
         image.touch()
         write_sidecar(image.with_suffix(SD_VAE_SUFFIX), {"latent": latent}, builder.expected_metadata(str(image)))
         sources.append(str(image))
-    settings = CacheSettings(data_roots=[str(root)], out_suffix=SD_VAE_SUFFIX, extensions=(".jpg",))
 
     def check_all():
         summary = CacheSummary()
-        assert plan(builder, sources, settings, summary) == [] and summary.counts["fresh"] == samples
+        assert plan(sources, builder.expected_metadata, None, SD_VAE_SUFFIX, False, summary) == [] and summary.counts["fresh"] == samples
 
     return best_of(repeats, check_all)[0]
 

@@ -14,7 +14,9 @@ Layers, lowest first (a module imports only from layers below it):
   bad_data                               - what every pair of a run must be; the ledger of bad pairs passed over
   checkpoint_sampler, run_dir            - the parts that do not train: saved around the UNet, drawing samples;
                                            the run folder's small files, which checkpoint to resume, exit statuses
-  shards, cache_build -> image_cache, text_cache, t5_cache   - the cache builders and their shares of the files
+  shards, cache_summary, cache_writer,   - the cache builders: each process's share of the files, what a build
+  cache_plan, cache_build                  reports, writing sidecars, what a build must do, the engine and its flags;
+  image_cache, text_cache, t5_cache        the builders (in this order, each importing only those before it)
   inspect, compare, assemble             - looking at caches and runs; building a T5 pipeline from parts
   trainer                                - the training loop
   sampler_cli                            - sample_images.py: a run's checkpoints sampled by another process

@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import models
 from .cli import ArgumentParser
-from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, add_custom_flag, custom_model_source,
+from .cache_build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, custom_model_source,
                           default_encoder_dtype, run_cache_build, settings_from_args)
+from .cache_summary import CacheSummary
+from .cache_writer import EncodedItem
 from .images import (CONVERSION_REASONS, ORIENTATION_TAG, ImageRejected, Sizing, load_image, parse_size,
                      read_image_file, size_text, standard_buckets)
-from .cache_build import add_single_file_config_flag
 from .shards import agree_on_exit_status, process_device
 from .sidecar import (IMAGE_LATENT_KEY, content_digest, file_content_digest, image_source_identity, preview_path,
                       sidecar_path)

@@ -5,8 +5,9 @@ next to the tokenizer's limit (512 for T5-xxl), so padding them would mostly sto
 collate pads a batch back by the shared pad rule (``text_encoding.pad_text_embeddings``), the same
 rule the pipeline's encode_prompt applies when sampling.
 
-Walking, skipping fresh sidecars, sharding, writing and the report are text_cache's and
-cache_build's; this module says only how T5 captions are batched and encoded.
+Walking, skipping fresh sidecars, sharding, writing and the report are text_cache's and the cache
+engine's (cache_build, cache_plan, cache_writer, cache_summary); this module says only how T5 captions
+are batched and encoded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from . import ldm_layout, models
-from .cache_build import CacheSummary, EncodedItem
+from .cache_summary import CacheSummary
+from .cache_writer import EncodedItem
 from .sidecar import T5_SUFFIX, CaptionRejected, read_caption
 from .t5 import load_t5_text_parts
 from .text_cache import TextEmbeddingBuilder, build_parser, encoder_device_and_dtype, run_text_cache

@@ -27,9 +27,10 @@ import torch
 
 from . import models
 from .cli import ArgumentParser
-from .cache_build import (CacheSummary, EncodedItem, add_common_cache_flags, add_custom_flag, custom_model_source,
-                          default_encoder_dtype, run_cache_build, settings_from_args, write_problem)
-from .cache_build import add_single_file_config_flag
+from .cache_build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, custom_model_source,
+                          default_encoder_dtype, run_cache_build, settings_from_args)
+from .cache_summary import CacheSummary, write_problem
+from .cache_writer import EncodedItem
 from .shards import agree_on_exit_status, process_device
 from .sidecar import (CAPTION_EXTENSION, TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
                       empty_prompt_path, read_caption, write_sidecar)

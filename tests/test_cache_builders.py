@@ -126,12 +126,12 @@ def test_a_copy_that_did_not_keep_modification_times_keeps_its_sidecars(capsys, 
 def test_a_sidecar_fresh_by_content_stays_fresh_when_its_new_time_cannot_be_stored(capsys, tiny_sd_model,
                                                                                    cached_dataset, tmp_path,
                                                                                    monkeypatch):
-    from cachetrain import cache_build
+    from cachetrain import cache_plan
 
     def read_only(path, changes):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(cache_build, "update_metadata", read_only)
+    monkeypatch.setattr(cache_plan, "update_metadata", read_only)
     copy = tmp_path / "copied"
     shutil.copytree(cached_dataset, copy, copy_function=shutil.copyfile)
     status, counts, err = run_images(capsys, tiny_sd_model, copy, "--report", str(tmp_path / "report.jsonl"))
@@ -369,7 +369,7 @@ def test_non_finite_latents_are_not_written(capsys, shapes_dataset, tmp_path):
 
 
 def test_the_summary_shows_the_first_few_failures_and_counts_the_rest(tmp_path, capsys):
-    from cachetrain.cache_build import FAILURES_SHOWN, CacheSummary
+    from cachetrain.cache_summary import FAILURES_SHOWN, CacheSummary
 
     report = tmp_path / "report.jsonl"
     summary = CacheSummary(report_path=str(report))

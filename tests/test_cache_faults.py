@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from cachetrain import sidecar
-from cachetrain.cache_build import BackgroundWriter, CacheSummary, EncodedItem
+from cachetrain.cache_summary import CacheSummary
+from cachetrain.cache_writer import BackgroundWriter, EncodedItem
 
 from .conftest import REPO_ROOT
 from .test_cache_builders import summary_counts
@@ -159,7 +160,7 @@ def test_an_unwritable_report_file_is_refused_at_the_start(tmp_path, tiny_sd_mod
 
 
 def test_write_problems_are_named_by_their_cause():
-    from cachetrain.cache_build import write_problem_kind
+    from cachetrain.cache_summary import write_problem_kind
 
     assert write_problem_kind(OSError(errno.ENOSPC, "full")) == "disk full"
     assert write_problem_kind(OSError(errno.EROFS, "ro")) == "read-only"
@@ -169,11 +170,11 @@ def test_write_problems_are_named_by_their_cause():
 
 def test_a_run_that_keeps_meeting_a_full_disk_stops_encoding_and_says_how_many_files_are_left(
         tmp_path, tiny_sd_model, shapes_dataset, capsys, monkeypatch):
-    from cachetrain import cache_build
+    from cachetrain import cache_writer
     from cachetrain.image_cache import main as image_main
     import create_img_sdvae
 
-    monkeypatch.setattr(cache_build, "DISK_FULL_STOP", 4)  # the real threshold (32) needs a larger dataset
+    monkeypatch.setattr(cache_writer, "DISK_FULL_STOP", 4)  # the real threshold (32) needs a larger dataset
     with tmpfs(tmp_path / "small", "2m") as disk:
         shutil.copytree(shapes_dataset, disk / "data")
         fill(disk, leave_pages=0)

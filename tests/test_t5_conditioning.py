@@ -111,7 +111,7 @@ def test_a_captions_embedding_does_not_depend_on_the_batch_it_was_cached_in(tiny
 
 def test_captions_are_encoded_in_order_of_token_length_so_batches_carry_little_padding(tiny_t5_model,
                                                                                        t5_cached_template):
-    from cachetrain.cache_build import CacheSummary
+    from cachetrain.cache_summary import CacheSummary
     from cachetrain.t5 import load_t5_text_parts
     from cachetrain.t5_cache import T5EmbeddingBuilder
 
