@@ -73,7 +73,8 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
     orphans = []
     if settings.shard_index == 0:
-        orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix)
+        orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix,
+                               settings.extensions)
     todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
                 settings.overwrite, summary, orphans)
     handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)

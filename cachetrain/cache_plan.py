@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from .cache_summary import FAILURES_SHOWN, CacheSummary, write_problem_kind
-from .sidecar import (Freshness, SidecarError, check_freshness, is_abandoned_temporary_content, is_source_image,
-                      sidecar_path, update_metadata)
-from .tree import DEFAULT_IMAGE_EXTENSIONS, walk_files
+from .sidecar import (DEFAULT_IMAGE_EXTENSIONS, Freshness, SidecarError, check_freshness, is_abandoned_temporary_content,
+                      is_orphan, is_source_image, sidecar_path, sidecar_sources, update_metadata)
+from .tree import walk_files
 
 # Freshness checks run on this many threads, this many files per task.
 PLAN_THREADS = 8
@@ -82,10 +82,10 @@ def drop_name_clashes(sources: list[str], summary: CacheSummary | None) -> list[
     return kept
 
 
-def find_orphans(sidecars: list[str], sources: list[str], out_suffix: str) -> list[str]:
-    """Sidecars with no source of the same stem beside them."""
-    stems = {os.path.splitext(s)[0] for s in sources}
-    return [s for s in sidecars if s[: -len(out_suffix)] not in stems]
+def find_orphans(sidecars: list[str], images: list[str], out_suffix: str, extensions: tuple[str, ...]) -> list[str]:
+    """Sidecars with no source of the same stem beside them (sidecar.is_orphan, the inspector's rule too)."""
+    sources = sidecar_sources(images, out_suffix, extensions)
+    return [sidecar for sidecar in sidecars if is_orphan(sidecar, out_suffix, sources)]
 
 
 def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],

@@ -32,9 +32,9 @@ from .cache_writer import EncodedItem
 from .images import (CONVERSION_REASONS, ORIENTATION_TAG, ImageRejected, Sizing, load_image, parse_size,
                      read_image_file, size_text, standard_buckets)
 from .shards import agree_on_exit_status, process_device
-from .sidecar import (IMAGE_LATENT_KEY, content_digest, file_content_digest, image_source_identity, preview_path,
-                      sidecar_path)
-from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
+from .sidecar import (DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, content_digest, file_content_digest,
+                      image_source_identity, preview_path, sidecar_path)
+from .tree import normalize_extensions
 
 
 class ImageDecodeDataset(Dataset):

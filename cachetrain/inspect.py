@@ -8,8 +8,9 @@ are reported but do not change the status: the cache scripts rebuild or prune th
 
 Freshness is judged without loading any encoder: each sidecar's recorded source identity (size and
 mtime of its image, sha256 of its caption) is compared with the source file as it is now. A sidecar
-whose source is gone is an orphan. Whether the encoder has changed cannot be judged this way, so the
-encoders that made the sidecars are listed instead.
+whose source is gone is an orphan, by the rule the cache builders' --prune follows (sidecar.is_orphan).
+Whether the encoder has changed cannot be judged this way, so the encoders that made the sidecars are
+listed instead.
 
 Latent statistics are per channel over every finite latent with the usual channel count; the
 suggested VAE scaling factor is 1 / (std of all those values), the rule SD's 0.18215 came from.
@@ -32,10 +33,10 @@ import torch
 from tqdm import tqdm
 
 from .cli import ArgumentParser
-from .sidecar import (CAPTION_EXTENSION, IMAGE_LATENT_KEY, KNOWN_SUFFIXES, TEXT_EMBEDDING_KEY, SidecarError,
-                      caption_source_identity, check_freshness, file_content_digest, image_source_identity,
-                      is_source_image, read_caption, read_metadata, read_sidecar)
-from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions, walk_files
+from .sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, KNOWN_SUFFIXES, TEXT_EMBEDDING_KEY,
+                      SidecarError, caption_source_identity, check_freshness, file_content_digest, image_source_identity,
+                      is_orphan, read_caption, read_metadata, read_sidecar, sidecar_sources)
+from .tree import normalize_extensions, walk_files
 
 # "retimed": usable, the source's bytes are the same under a new modification time (a copy that did
 # not keep times); the cache scripts store the new time on their next run
@@ -196,44 +197,6 @@ class SuffixReport:
         return report
 
 
-class FolderListing:
-    """Names in one folder, looked up case-insensitively; the walk visits a folder's files together."""
-
-    def __init__(self):
-        self.folder = None
-        self.names: dict[str, str] = {}
-
-    def find(self, folder: str, candidates: list[str]) -> str | None:
-        if folder != self.folder:
-            try:
-                self.names = {name.lower(): name for name in os.listdir(folder)}
-            except OSError:
-                self.names = {}
-            self.folder = folder
-        for candidate in candidates:
-            if candidate.lower() in self.names:
-                return os.path.join(folder, self.names[candidate.lower()])
-        return None
-
-
-def source_of(path: str, suffix: str, key: str, listing: FolderListing, image_extensions: tuple[str, ...],
-              caption_suffix: str = CAPTION_EXTENSION) -> str | None:
-    """The image a sidecar was made from (for an embedding, only while its caption is there too), or None.
-
-    Which files are images is sidecar.is_source_image, the rule the cache builders use: the
-    ``x.img_sdvae.webp`` preview beside a sidecar is never a source. As for the cache builders, whose
-    text sources are images with a caption beside them, an embedding whose image is gone is an orphan
-    even while its caption is still there.
-    """
-    folder, name = os.path.split(path)
-    stem = name[: -len(suffix)]
-    image = listing.find(folder, [stem + extension for extension in image_extensions
-                                  if is_source_image(stem + extension, image_extensions, (suffix,))])
-    if key == TEXT_EMBEDDING_KEY and image:
-        return image if listing.find(folder, [stem + caption_suffix]) else None
-    return image
-
-
 def source_identity(image: str, key: str, caption_suffix: str = CAPTION_EXTENSION) -> dict[str, str]:
     if key == TEXT_EMBEDDING_KEY:
         return caption_source_identity(read_caption(image, caption_suffix))
@@ -252,8 +215,9 @@ def read_any_sidecar(path: str, suffix: str) -> tuple[str, torch.Tensor]:
             raise first_error from None
 
 
-def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: FolderListing,
-                    image_extensions: tuple[str, ...], caption_suffix: str | None = None) -> None:
+def inspect_sidecar(path: str, suffix: str, report: SuffixReport, sources: dict[str, str],
+                    caption_suffix: str | None = None) -> None:
+    """Add one sidecar to ``report``; ``sources`` are sidecar.sidecar_sources of the images walked."""
     report.count += 1
     try:
         key, tensor = read_any_sidecar(path, suffix)
@@ -268,14 +232,18 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, listing: Folde
                         f"fingerprint {metadata.get('encoder_fingerprint', '?')})"] += 1
     # --caption_suffix if given, else the one the sidecar records, else .txt (the original T5 scripts' are .txtqs)
     caption_suffix = caption_suffix or metadata.get("caption_suffix", CAPTION_EXTENSION)
-    source = source_of(path, suffix, key, listing, image_extensions, caption_suffix)
-    if source is None:
+    # the cache builders' orphan rule (sidecar.is_orphan): the image is gone, or the caption of an embedding
+    if is_orphan(path, suffix, sources):
         report.add_status(path, "orphan", "its source file is gone")
         return
+    source = sources[path[: -len(suffix)]]
     try:
         expected = source_identity(source, key, caption_suffix)
     except (OSError, ValueError) as error:  # a caption that is no longer UTF-8, a file that vanished
-        report.add_status(path, "stale", str(error))
+        if getattr(error, "source_gone", False):
+            report.add_status(path, "orphan", "its source file is gone")
+        else:
+            report.add_status(path, "stale", str(error))
         return
     digest = functools.partial(file_content_digest, source) if key == IMAGE_LATENT_KEY else None
     freshness = check_freshness(path, expected, digest)
@@ -295,13 +263,19 @@ def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_prog
     for root in roots:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"cache folder not found: {root}")
-    paths = [path for root in roots for path in walk_files(root, suffixes)]
+    # one walk finds the sidecars and the images they may have been made from, as the cache builders' does
+    lowered = tuple(suffix.lower() for suffix in suffixes)
+    paths, images = [], []
+    walked: set = set()
+    for root in roots:
+        for path in walk_files(root, (*suffixes, *image_extensions, *DEFAULT_IMAGE_EXTENSIONS), visited=walked):
+            (paths if path.lower().endswith(lowered) else images).append(path)
+    sources = {suffix: sidecar_sources(images, suffix, image_extensions) for suffix in suffixes}
     reports = {suffix: SuffixReport(suffix) for suffix in suffixes}
-    listing = FolderListing()
     for path in tqdm(paths, unit="file", desc="inspecting", disable=not show_progress, dynamic_ncols=True):
         # the longest matching suffix, so ".img_sdvae" is not taken for a shorter one that it ends with
         suffix = max((s for s in suffixes if path.lower().endswith(s.lower())), key=len)
-        inspect_sidecar(path, suffix, reports[suffix], listing, image_extensions, caption_suffix)
+        inspect_sidecar(path, suffix, reports[suffix], sources[suffix], caption_suffix)
     return {"roots": list(roots),
             "suffixes": {suffix: report.as_dict() for suffix, report in reports.items() if report.count}}
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,9 @@ CLIP_L_SUFFIX = ".txt_clipl"
 T5_SUFFIX = ".txt_t5cache"
 
 KNOWN_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
+
+# The images sidecars are made from by default (each script's --extensions)
+DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 CAPTION_EXTENSION = ".txt"  # the default --caption_suffix (the original T5 scripts' captions are .txtqs)
 PREVIEW_EXTENSION = ".webp"  # x.img_sdvae -> x.img_sdvae.webp, as the original's --writepreview names it
@@ -87,6 +90,38 @@ def is_source_image(name: str, extensions: tuple[str, ...], sidecar_suffixes: tu
         return False
     stem = stem.lower()
     return not any(stem.endswith(suffix.lower()) for suffix in (*KNOWN_SUFFIXES, *sidecar_suffixes))
+
+
+def sidecar_sources(files: Iterable[str], suffix: str, extensions: tuple[str, ...]) -> dict[str, str]:
+    """``dir/name`` -> the file among ``files`` that the sidecar ``dir/name<suffix>`` was made from.
+
+    A file counts when it is a source image (is_source_image) of ``extensions`` or of the default
+    image extensions: the sidecar of an image one run leaves out is still that image's, no orphan.
+    For two files of one name, one of ``extensions`` wins, else the first in ``files`` (walk order),
+    as the cache builders keep the first of a name clash.
+    """
+    wanted = tuple(extension.lower() for extension in extensions)
+    any_image = (*wanted, *DEFAULT_IMAGE_EXTENSIONS)
+    preferred: dict[str, str] = {}
+    others: dict[str, str] = {}
+    for path in files:
+        name = os.path.basename(path)
+        if is_source_image(name, wanted, (suffix,)):
+            preferred.setdefault(os.path.splitext(path)[0], path)
+        elif is_source_image(name, any_image, (suffix,)):
+            others.setdefault(os.path.splitext(path)[0], path)
+    return {**others, **preferred}
+
+
+def is_orphan(sidecar: str, suffix: str, sources: Container[str]) -> bool:
+    """The one orphan rule, for the cache builders' --prune and the inspector alike: ``dir/name<suffix>``
+    is an orphan when ``sources`` (sidecar_sources of the files around it) has no ``dir/name``.
+
+    Names compare exactly, as sidecar_path makes them (the suffix itself in any case, as walks find
+    it). A text sidecar is also an orphan when its caption is gone: read_caption says so
+    (``CaptionRejected.source_gone``).
+    """
+    return sidecar[: -len(suffix)] not in sources
 
 
 EMPTY_PROMPT_STEM = ".empty_prompt"

@@ -32,10 +32,10 @@ from .cache_build import (add_common_cache_flags, add_custom_flag, add_single_fi
 from .cache_summary import CacheSummary, write_problem
 from .cache_writer import EncodedItem
 from .shards import agree_on_exit_status, process_device
-from .sidecar import (CAPTION_EXTENSION, TEXT_EMBEDDING_KEY, CaptionRejected, caption_source_identity, check_freshness,
-                      empty_prompt_path, read_caption, write_sidecar)
+from .sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, TEXT_EMBEDDING_KEY, CaptionRejected,
+                      caption_source_identity, check_freshness, empty_prompt_path, read_caption, write_sidecar)
 from .text_encoding import clip_overlong, encode_clip_prompts
-from .tree import DEFAULT_IMAGE_EXTENSIONS, normalize_extensions
+from .tree import normalize_extensions
 
 
 @dataclass
@@ -145,7 +145,7 @@ def encoder_device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, to
 
 
 def main_clip(argv: list[str] | None = None) -> int:
-    parser = build_parser(models.SD15_MODEL_ID, ".txt_clipl",
+    parser = build_parser(models.SD15_MODEL_ID, CLIP_L_SUFFIX,
                           "Cache CLIP-L text embeddings of the captions beside each image.")
     add_custom_flag(parser, "tokenizer/ and text_encoder/ (standard CLIP parts, so none of the pipeline's code runs)")
     add_single_file_config_flag(parser)  # --model may be a single-file SD1.5 model

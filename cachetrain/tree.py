@@ -10,8 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .sidecar import SidecarError, is_temporary, read_header
 
-DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
 
 def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     """'JPG', '.jpg' and 'jpg' all mean '.jpg' (matching is case-insensitive)."""

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,52 @@ def test_help_says_what_the_exit_status_means(capsys):
         cache_inspect.main(["--help"])
     assert "Exit status: 0 when every sidecar can be trained on; 1 when any is unreadable" in \
         " ".join(capsys.readouterr().out.split())
+
+
+def test_one_orphan_rule_decides_for_the_builders_prune_and_the_inspector(tmp_path, capsys, tiny_sd_model):
+    """Same tree, same verdict: the sidecars --prune removes are exactly those the inspector calls orphans."""
+    from .test_cache_builders import run_captions, run_images
+
+    root = tmp_path / "data"
+    root.mkdir()
+
+    def image(name):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(root / name)
+
+    def latent(stem):
+        write_sidecar(root / f"{stem}.img_sdvae", {"latent": torch.zeros(4, 2, 2)}, {})  # legacy: kept, not rebuilt
+
+    def embedding(stem):
+        write_sidecar(root / f"{stem}.txt_clipl", {"emb": torch.zeros(3, 8)}, {})
+
+    for stem, image_name in (("kept", "kept.png"), ("upper", "upper.PNG"), ("c", "C.png"), ("tif", "tif.tif")):
+        image(image_name)
+        latent(stem)
+    (root / "jxl.jxl").write_bytes(b"an image of an extension no one named")
+    latent("jxl")
+    latent("gone")
+    latent("preview")
+    (root / "preview.img_sdvae.webp").write_bytes(b"a preview is made from a sidecar, never a source of one")
+    for stem, caption in (("kept", "a red square"), ("tif", "a red square"), ("nocaption", None)):
+        if caption:
+            (root / f"{stem}.txt").write_text(caption, encoding="utf-8")
+        else:
+            image(f"{stem}.png")
+        embedding(stem)
+    embedding("noimage")
+    (root / "noimage.txt").write_text("its image is gone", encoding="utf-8")
+
+    report = cache_inspect.inspect_cache([str(root)], [".img_sdvae", ".txt_clipl"], image_extensions=(".png",))
+    said_orphan = {Path(entry["path"]).name for suffix in report["suffixes"].values()
+                   for entry in suffix["not_fresh"] if entry["status"] == "orphan"}
+    before = {path.name for path in root.iterdir()}
+    run_images(capsys, tiny_sd_model, root, "--extensions", "png", "--prune")
+    run_captions(capsys, tiny_sd_model, root, "--extensions", "png", "--prune")
+    pruned = before - {path.name for path in root.iterdir()}
+
+    # C.png's sidecar is C.img_sdvae (names compare exactly); tif.tif is an image of a default extension
+    # that this run leaves out, so its sidecars are kept; a .jxl was never an image here
+    expected = {"c.img_sdvae", "jxl.img_sdvae", "gone.img_sdvae", "preview.img_sdvae",
+                "nocaption.txt_clipl", "noimage.txt_clipl"}
+    assert said_orphan == expected
+    assert pruned == expected
