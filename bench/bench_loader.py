@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cachetrain.loader import CachedPairDataset, NoisePlan, epoch_batches, make_loader  # noqa: E402
+from cachetrain.sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX  # noqa: E402
 from cachetrain.tiny import write_random_pairs  # noqa: E402
 from cachetrain.tree import index_training_pairs  # noqa: E402
 
@@ -36,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as folder:
         root = Path(folder)
         write_random_pairs(root, args.pairs, (4, 64, 64), (77, 768), torch.float16, folders=16)
-        index, _ = index_training_pairs([root], ".img_sdvae", ".txt_clipl")
+        index, _ = index_training_pairs([root], SD_VAE_SUFFIX, CLIP_L_SUFFIX)
         dataset = CachedPairDataset(index, NoisePlan(seed=0))
         rates = []
         for epoch in range(args.epochs):

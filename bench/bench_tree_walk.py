@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cachetrain.cache_plan import plan, scan_roots  # noqa: E402
 from cachetrain.cache_summary import CacheSummary  # noqa: E402
-from cachetrain.sidecar import (CLIP_L_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, SD_VAE_SUFFIX, image_source_identity,  # noqa: E402
+from cachetrain.sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, SD_VAE_SUFFIX, image_source_identity,  # noqa: E402
                                 write_sidecar)
 from cachetrain.tree import index_training_pairs  # noqa: E402
 
@@ -42,7 +42,7 @@ def build_tree(root: Path, images: int, per_folder: int) -> None:
             folder = root / f"shard{i // (per_folder * 50):03d}" / f"part{i // per_folder:05d}"
             folder.mkdir(parents=True, exist_ok=True)
         stem = os.path.join(folder, f"sample_{i:08d}")
-        for suffix in (".JPG" if i % 7 == 0 else ".jpg", ".txt", SD_VAE_SUFFIX, CLIP_L_SUFFIX):
+        for suffix in (".JPG" if i % 7 == 0 else ".jpg", CAPTION_EXTENSION, SD_VAE_SUFFIX, CLIP_L_SUFFIX):
             os.close(os.open(stem + suffix, os.O_CREAT | os.O_WRONLY, 0o644))
 
 

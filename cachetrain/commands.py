@@ -13,15 +13,16 @@ require_dependencies()  # before torch is imported: run outside the environment,
 
 from . import models  # noqa: E402
 from .image_cache import ImageScriptDefaults  # noqa: E402
+from .sidecar import SD_VAE_SUFFIX, SDXL_VAE_SUFFIX  # noqa: E402
 
 SD_VAE_DEFAULTS = ImageScriptDefaults(
     model=models.SD15_MODEL_ID,
-    out_suffix=".img_sdvae",
+    out_suffix=SD_VAE_SUFFIX,
     description="Cache SD1.5 VAE latents of every image under the data roots.",
 )
 SDXL_VAE_DEFAULTS = ImageScriptDefaults(
     model=models.SDXL_MODEL_ID,
-    out_suffix=".img_sdxl",
+    out_suffix=SDXL_VAE_SUFFIX,
     description="Cache SDXL VAE latents of every image under the data roots.",
 )
 

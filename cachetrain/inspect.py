@@ -205,7 +205,9 @@ def source_identity(image: str, key: str, caption_suffix: str = CAPTION_EXTENSIO
 
 def read_any_sidecar(path: str, suffix: str) -> tuple[str, torch.Tensor]:
     """(key, tensor) of a latent or text sidecar; the suffix says which to try first."""
-    keys = (TEXT_EMBEDDING_KEY, IMAGE_LATENT_KEY) if suffix.startswith(".txt") else (IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY)
+    # text sidecars are named after the caption: x.txt -> x.txt_clipl, x.txt_t5cache
+    text_first = suffix.lower().startswith(CAPTION_EXTENSION)
+    keys = (TEXT_EMBEDDING_KEY, IMAGE_LATENT_KEY) if text_first else (IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY)
     try:
         return keys[0], read_sidecar(path, keys[0])
     except SidecarError as first_error:

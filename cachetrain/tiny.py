@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .sidecar import CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY, write_sidecar
+from .sidecar import CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY, caption_path, write_sidecar
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -337,7 +337,7 @@ def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = T
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img{i:05d}.jpg"
         image.save(path, quality=95)
-        path.with_suffix(".txt").write_text(image.info["caption"] + "\n", encoding="utf-8")
+        caption_path(path).write_text(image.info["caption"] + "\n", encoding="utf-8")
         images.append(path)
     return images
 
