@@ -19,8 +19,9 @@ Layers, lowest first (a module imports only from layers below it):
   image_cache, text_cache, t5_cache        the builders (in this order, each importing only those before it)
   inspect, compare, assemble             - looking at caches and runs; building a T5 pipeline from parts
   trainer                                - the training loop
-  sampler_cli                            - sample_images.py: a run's checkpoints sampled by another process
-  tiny                                   - tiny offline models and the synthetic dataset (and the demo VAE's training)
+  folder_sampler, sampler_cli            - sample_images.py: samples of one folder; a run's checkpoints sampled by
+                                           another process (--watch) and the command line
+  shapes, tiny                           - the synthetic dataset; tiny offline models (and the demo VAE's training)
   commands                               - the console commands, one per top-level script
 """
 

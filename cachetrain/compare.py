@@ -9,6 +9,9 @@ path instead. Runs that do not have the same images are reported, and a missing 
 is shown as a marked gap rather than stopping the comparison.
 
     compare_imgdirs.py RUN_A RUN_B [RUN_C ...] [--out compare.html] [--png DIR] [--link] [--view]
+
+One module for one command, though over 400 lines: the pairing, its two renderings (the page, the PNGs)
+and the command line all work on the data classes at the top, and are marked as sections below.
 """
 
 from __future__ import annotations

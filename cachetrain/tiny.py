@@ -1,4 +1,4 @@
-"""Tiny offline models and a synthetic dataset, for the demo and the tests.
+"""Tiny offline models (and the demo VAE's training), for the demo and the tests; the data is cachetrain.shapes.
 
 ``build_tiny_sd(folder)`` writes an ordinary SD1.5-shaped diffusers folder (UNet, VAE, CLIP text
 encoder + tokenizer, PNDM scheduler) built deterministically from configs: every script loads it
@@ -8,8 +8,8 @@ through the same code path as a real SD1.5 folder or hub id.
 folder): a T5 encoder (d_model 16) with a sentencepiece tokenizer trained on the synthetic captions,
 an SDXL-shaped VAE, a UNet whose cross-attention takes the projection's output, and the projection.
 
-``make_shapes_dataset(root, n)`` draws coloured shapes on coloured backgrounds with captions that
-say which ("a red circle on a blue background"), enough structure for a model to learn from.
+``make_shapes_dataset(root, n)`` (cachetrain.shapes) draws coloured shapes on coloured backgrounds with
+captions that say which ("a red circle on a blue background"); ``python -m cachetrain.tiny data`` writes it.
 
     python -m cachetrain.tiny model OUT_DIR
     python -m cachetrain.tiny t5model OUT_DIR
@@ -20,18 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import torch
 
-from .sidecar import CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY, caption_path, write_sidecar
+from .shapes import COLOURS, SHAPES, TINY_RESOLUTION, make_shapes_dataset, shape_captions, shape_pixels
+from .sidecar import CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY, write_sidecar
 
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
-    "white": (245, 245, 245), "black": (20, 20, 20), "purple": (140, 50, 170), "orange": (240, 140, 30),
-}
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 TINY_UNET = dict(
@@ -58,7 +53,6 @@ TINY_T5_PROJECTION_DIM = 24
 TINY_T5_UNET = {**TINY_UNET, "cross_attention_dim": TINY_T5_PROJECTION_DIM}
 TINY_SDXL_VAE = {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}
 TINY_T5_MAX_LENGTH = 64
-TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples 4x, so latents are 16x16 like TINY_UNET's sample_size
 
 # The demo's VAE: trained once on the shapes (train_vae below), committed beside this file, so the
 # demo's samples are pictures rather than a random decoder's noise. Narrower than TINY_VAE to stay
@@ -167,15 +161,7 @@ def build_tiny_sd(folder: os.PathLike | str, seed: int = 0, trained_vae: bool = 
 
 def _latent_std(vae, seed: int, count: int = 32, resolution: int = TINY_RESOLUTION) -> float:
     with torch.no_grad():
-        return vae.encode(_shape_pixels(count, resolution, seed)).latent_dist.mean.std().item()
-
-
-def _shape_pixels(count: int, size: int, seed: int) -> torch.Tensor:
-    """``count`` shape images as one [N, 3, size, size] batch in [-1, 1] (the VAE's input range)."""
-    import numpy as np
-
-    images = [np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in _shape_images(count, size, seed)]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        return vae.encode(shape_pixels(count, resolution, seed)).latent_dist.mean.std().item()
 
 
 def train_demo_vae(out_dir: os.PathLike | str, seed: int = 0, steps: int = 1500, batch_size: int = 16,
@@ -195,7 +181,7 @@ def train_demo_vae(out_dir: os.PathLike | str, seed: int = 0, steps: int = 1500,
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**DEMO_VAE)
-    pixels = _shape_pixels(image_count, TINY_RESOLUTION, seed + 1)
+    pixels = shape_pixels(image_count, TINY_RESOLUTION, seed + 1)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps,
                                                    pct_start=min(0.3, 50 / steps))
@@ -222,17 +208,6 @@ def train_demo_vae(out_dir: os.PathLike | str, seed: int = 0, steps: int = 1500,
     out_dir = Path(out_dir)
     vae.half().save_pretrained(out_dir, safe_serialization=True)  # fp16 halves the committed file
     return out_dir
-
-
-def shape_caption(shape: str, colour: str, background: str) -> str:
-    return f"a {colour} {shape} on a {background} background"
-
-
-def shape_captions() -> list[str]:
-    """Every caption make_shapes_dataset can write (the tiny T5 tokenizer is trained on them)."""
-    colours = sorted(COLOURS)
-    return [shape_caption(shape, colour, background)
-            for shape in SHAPES for colour in colours for background in colours if background != colour]
 
 
 def write_t5_tokenizer(folder: Path):
@@ -282,65 +257,6 @@ def build_tiny_t5(folder: os.PathLike | str, seed: int = 0) -> Path:
     pipeline.save_pretrained(folder)
     shutil.rmtree(tokenizer_folder)
     return folder
-
-
-def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
-    else:  # cross
-        w = (x1 - x0) // 3
-        draw.rectangle((x0 + w, y0, x1 - w, y1), fill=colour)
-        draw.rectangle((x0, y0 + w, x1, y1 - w), fill=colour)
-
-
-def _shape_images(count: int, size: int, seed: int, colours: tuple[str, ...] | None = None,
-                  backgrounds: tuple[str, ...] | None = None, shapes: tuple[str, ...] | None = None):
-    """Yield PIL images (caption in .info): a random shape and colour on a random background colour."""
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    colour_names = sorted(colours or COLOURS)
-    for _ in range(count):
-        shape = rng.choice(shapes or SHAPES)
-        if backgrounds:
-            colour, background = rng.choice(colour_names), rng.choice(sorted(backgrounds))
-        else:
-            colour, background = rng.sample(colour_names, 2)
-        image = Image.new("RGB", (size, size), COLOURS[background])
-        extent = rng.randint(size * 2 // 5, size * 4 // 5)
-        x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
-        _draw_shape(ImageDraw.Draw(image), shape, (x0, y0, x0 + extent, y0 + extent), COLOURS[colour])
-        image.info["caption"] = shape_caption(shape, colour, background)
-        yield image
-
-
-def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = TINY_RESOLUTION,
-                        seed: int = 0, folders: int = 4, colours: tuple[str, ...] | None = None,
-                        backgrounds: tuple[str, ...] | None = None,
-                        shapes: tuple[str, ...] | None = None) -> list[Path]:
-    """Write ``count`` JPEG images with captions under ``root`` (spread over ``folders`` subfolders).
-
-    ``colours`` limits the palette (names of COLOURS); ``backgrounds``, if given, is a separate
-    palette for the background. Disjoint palettes make the background - most of the image - follow
-    from one word of the caption, so a model learns to use its text sooner. ``shapes`` limits the
-    shapes (names of SHAPES). Fewer combinations are learnt in fewer steps (the demo uses this).
-    """
-    root = Path(root)
-    images = []
-    for i, image in enumerate(_shape_images(count, size, seed, colours, backgrounds, shapes)):
-        folder = root / f"part{i % folders}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"img{i:05d}.jpg"
-        image.save(path, quality=95)
-        caption_path(path).write_text(image.info["caption"] + "\n", encoding="utf-8")
-        images.append(path)
-    return images
-
 
 
 def write_random_pairs(root: os.PathLike | str, count: int, latent_shape=(4, 16, 16), text_shape=(77, 32),

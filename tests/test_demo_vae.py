@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from cachetrain import tiny
+from cachetrain.shapes import TINY_RESOLUTION, shape_pixels
 
 
 def _reconstruction_error(vae) -> float:
-    pixels = tiny._shape_pixels(16, tiny.TINY_RESOLUTION, seed=0)  # the demo dataset's images
+    pixels = shape_pixels(16, TINY_RESOLUTION, seed=0)  # the demo dataset's images
     with torch.no_grad():
         return (vae.decode(vae.encode(pixels).latent_dist.mean).sample - pixels).abs().mean().item()
 

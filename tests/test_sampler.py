@@ -279,7 +279,8 @@ def _wait_for(condition, seconds: float) -> None:
 
 
 def test_watch_reports_a_pruned_or_broken_checkpoint_and_samples_the_rest(tiny_sd_model, tmp_path, monkeypatch):
-    from cachetrain.sampler_cli import SampleSettings, watch
+    from cachetrain.folder_sampler import SampleSettings
+    from cachetrain.sampler_cli import watch
 
     run = tmp_path / "run"
     for step in (1, 2, 3):
