@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from .cache_summary import FAILURES_SHOWN, CacheSummary, write_problem_kind
-from .sidecar import (DEFAULT_IMAGE_EXTENSIONS, Freshness, SidecarError, check_freshness, is_abandoned_temporary_content,
-                      is_orphan, is_source_image, sidecar_path, sidecar_sources, update_metadata)
+from .sidecar import (DEFAULT_IMAGE_EXTENSIONS, Freshness, SidecarError, check_freshness,
+                      is_abandoned_temporary_content, is_orphan, is_source_image, sidecar_path, sidecar_sources,
+                      update_metadata)
 from .tree import walk_files
 
 # Freshness checks run on this many threads, this many files per task.

@@ -33,9 +33,9 @@ import torch
 from tqdm import tqdm
 
 from .cli import ArgumentParser
-from .sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, KNOWN_SUFFIXES, TEXT_EMBEDDING_KEY,
-                      SidecarError, caption_source_identity, check_freshness, file_content_digest, image_source_identity,
-                      is_orphan, read_caption, read_metadata, read_sidecar, sidecar_sources)
+from .sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, KNOWN_SUFFIXES,
+                      TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness, file_content_digest,
+                      image_source_identity, is_orphan, read_caption, read_metadata, read_sidecar, sidecar_sources)
 from .tree import normalize_extensions, walk_files
 
 # "retimed": usable, the source's bytes are the same under a new modification time (a copy that did
