@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .cli import ArgumentParser, print_error
-from .config import SAMPLE_SCHEDULERS
+from .config import SAMPLE_SCHEDULERS, TRUST_HELP
 from .prompts import PromptsFileError, read_prompts_file
 from .sampling import SampleMetadata, draw_samples, read_sample_metadata, sample_plan, scheduler_choice_problem
 from .trainer import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None,
                         help=f"where the PNGs go (default: {DEFAULT_OUT}/; with --watch, into each checkpoint "
                              "folder as the trainer does, else OUT/checkpoint-NNNNN/)")
-    parser.add_argument("--custom", action="store_true", help="the folder carries its own pipeline code (trust it)")
+    parser.add_argument("--custom", "--is_custom", action="store_true", help=TRUST_HELP)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts_file", default=None, help="prompts, one a line (blank lines and # comments skipped)")
     parser.add_argument("--negative_prompt", default="", help="the negative prompt of every image")
