@@ -47,17 +47,21 @@ def test_a_preset_replaces_the_defaults_and_a_flag_given_wins_over_it():
     assert not parse_train_args(["--preset", "t5", *REQUIRED, "--no-gradient_checkpointing"]).gradient_checkpointing
 
 
-def test_preset_help_shows_the_presets_values_as_the_defaults():
-    done = subprocess.run([sys.executable, "train_from_cached.py", "--preset", "t5", "--help"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    text = " ".join(done.stdout.split())  # argparse wraps lines
+def _help(*flags: str, capsys) -> str:
+    from cachetrain.commands import train_from_cached
+
+    with pytest.raises(SystemExit) as done:
+        train_from_cached([*flags, "--help"])
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_preset_help_shows_the_presets_values_as_the_defaults(capsys):
+    text = _help("--preset", "t5", capsys=capsys)
     assert "--batch_size BATCH_SIZE samples per micro-batch (per process) (default: 64)" in text
     assert "--txtcache_suffix TXTCACHE_SUFFIX suffix of the text-embedding sidecars (default: .txt_t5cache)" in text
     assert "--preset t5 sets: --imgcache_suffix .img_sdxl --txtcache_suffix .txt_t5cache" in text
-    plain = subprocess.run([sys.executable, "train_from_cached.py", "--help"], cwd=REPO_ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert "samples per micro-batch (per process) (default: 4)" in " ".join(plain.stdout.split())
+    assert "samples per micro-batch (per process) (default: 4)" in _help(capsys=capsys)
 
 
 def test_an_unknown_preset_is_one_line_and_exit_2():
