@@ -46,7 +46,7 @@ class LayerSelection:
     reinit_crossattnout: bool = False
 
     @classmethod
-    def of(cls, settings) -> "LayerSelection":
+    def of(cls, settings) -> LayerSelection:
         """The selection that ``settings`` (a TrainConfig, or anything with these fields) names."""
         return cls(**{item.name: getattr(settings, item.name) for item in fields(cls)})
 
