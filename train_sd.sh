@@ -3,27 +3,32 @@
 # (or override any one from the environment, e.g. MAX_STEPS=2000 ./train_sd.sh). This file is copied
 # into OUTPUT_DIR at start, so every run keeps the settings it ran with. scripts/launch_training.sh
 # turns the settings into train_from_cached.py flags.
+#
+# The recipe comes from the package's preset sd15 (see: train_from_cached.py --preset sd15 --help):
+# a variable left empty passes nothing and the preset's value (in its comment) applies; set one to
+# override it, e.g. LEARNING_RATE="${LEARNING_RATE:-2e-5}".
 set -euo pipefail
 
+PRESET="${PRESET:-sd15}"
 MODEL="${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}"        # diffusers folder or hub id
 DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated
 OUTPUT_DIR="${OUTPUT_DIR:-output/sd15}"
-IMG_SUFFIX="${IMG_SUFFIX:-.img_sdvae}"
-TXT_SUFFIX="${TXT_SUFFIX:-.txt_clipl}"
-LEARNING_RATE="${LEARNING_RATE:-1e-5}"
-BATCH_SIZE="${BATCH_SIZE:-16}"
-GRADIENT_ACCUM="${GRADIENT_ACCUM:-4}"
-MAX_STEPS="${MAX_STEPS:-10000}"                         # optimizer steps, or Ne for N epochs
-SAVE_STEPS="${SAVE_STEPS:-1000}"
-SCHEDULER="${SCHEDULER:-cosine}"
-WARMUP_STEPS="${WARMUP_STEPS:-100}"
-SNR_GAMMA="${SNR_GAMMA:-5.0}"                           # empty disables min-SNR weighting
-OPTIMIZER="${OPTIMIZER:-adamw}"
-SAMPLER_STEPS="${SAMPLER_STEPS:-30}"
+IMG_SUFFIX="${IMG_SUFFIX:-}"                              # preset: .img_sdvae
+TXT_SUFFIX="${TXT_SUFFIX:-}"                              # preset: .txt_clipl
+LEARNING_RATE="${LEARNING_RATE:-}"                        # preset: 1e-05
+BATCH_SIZE="${BATCH_SIZE:-}"                              # preset: 16
+GRADIENT_ACCUM="${GRADIENT_ACCUM:-}"                      # preset: 4
+MAX_STEPS="${MAX_STEPS:-}"                                # preset: 10000 (optimizer steps, or Ne for N epochs)
+SAVE_STEPS="${SAVE_STEPS:-}"                              # preset: 1000
+SCHEDULER="${SCHEDULER:-}"                                # preset: cosine
+WARMUP_STEPS="${WARMUP_STEPS:-}"                          # preset: 100
+SNR_GAMMA="${SNR_GAMMA:-}"                                # preset: 5.0 (min-SNR weighting on); off: no min-SNR weighting
+OPTIMIZER="${OPTIMIZER:-}"                                # preset: adamw
+SAMPLER_STEPS="${SAMPLER_STEPS:-}"                        # preset: 30
 PROMPTS=("a photo of a cat" "a watercolor landscape")
 [ -n "${PROMPTS_OVERRIDE:-}" ] && IFS='|' read -r -a PROMPTS <<< "$PROMPTS_OVERRIDE"
-GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-0}"   # 1: recompute activations to save memory
-EXTRA_ARGS="${EXTRA_ARGS:-}"                            # any other train_from_cached.py flags
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-}"      # preset: 0 (1: recompute activations to save memory)
+EXTRA_ARGS="${EXTRA_ARGS:-}"                              # any other train_from_cached.py flags
 
 # A copy of this file kept elsewhere finds cachetrain through CACHETRAIN_HOME.
 source "${CACHETRAIN_HOME:-$(dirname "$0")}/scripts/launch_training.sh"

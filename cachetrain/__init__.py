@@ -1,10 +1,11 @@
 """cachetrain: train Stable Diffusion 1.5-architecture UNets from pre-computed caches.
 
 Layers, lowest first (a module imports only from layers below it):
-  sidecar, tree, images, config, prompts - files, names, flags, prompt files; no models; the original SD
+  sidecar, tree, images, prompts         - files, names, prompt files; no models; the original SD
   ldm_layout                               single-file layout (key names, prefixes, markers)
+  layers, presets, config                - parameter selections; named recipes (--preset); the trainer's flags
   text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
-  layers, sampling, checkpoint, resume     step's numerics, parameter selections, samples, checkpoints,
+  sampling, checkpoint, resume             step's numerics, samples, checkpoints,
                                            what a checkpoint must share with a resume
   flow                                     (with them) a flow scheduler as SD pipelines drive it; the flow pipeline
   pipeline_code                          - the code a hub-style folder carries: checked, run when trusted, put back

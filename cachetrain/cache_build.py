@@ -133,7 +133,7 @@ CUSTOM_IS_MODEL = True
 
 def add_custom_flag(parser, parts: str) -> None:
     """--custom as the seed's users type it: bare, ``--model`` is a custom pipeline folder; with a folder, that one."""
-    parser.add_argument("--custom", nargs="?", const=CUSTOM_IS_MODEL, default=None, metavar="FOLDER",
+    parser.add_argument("--custom", "--is_custom", nargs="?", const=CUSTOM_IS_MODEL, default=None, metavar="FOLDER",
                         help=f"the model is a custom pipeline folder (such as an SD1.5+T5 pipeline): take its "
                              f"{parts} from it. Bare --custom means --model is that folder; --custom FOLDER takes "
                              f"them from FOLDER instead of --model")

@@ -8,7 +8,7 @@ to_v and to_out.0.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -44,6 +44,31 @@ class LayerSelection:
     reinit_out: bool = False
     reinit_time: bool = False
     reinit_crossattnout: bool = False
+
+    @classmethod
+    def of(cls, settings) -> LayerSelection:
+        """The selection that ``settings`` (a TrainConfig, or anything with these fields) names."""
+        return cls(**{item.name: getattr(settings, item.name) for item in fields(cls)})
+
+    def problems(self) -> list[str]:
+        """What makes the selection meaningless, one line each; checked with the flags, before any model loads.
+        (Blocks the UNet lacks are found once it is loaded: check_selection_matches.)"""
+        problems = []
+        if self.unfreezes_some() and not self.targetted_training:
+            problems.append("--unfreeze_* selects layers for --targetted_training; add it (without it everything trains)")
+        if self.targetted_training and not (self.unfreezes_some() or self.reinitialises_some()):
+            problems.append("--targetted_training needs a selection: --unfreeze_* or --reinit_*")
+        if self.targetted_training and self.reinit_unet:
+            problems.append("--reinit_unet re-initialises everything; --targetted_training would then train everything")
+        for name in ("unfreeze_up_blocks", "unfreeze_down_blocks"):
+            if any(block < 0 for block in getattr(self, name)):
+                problems.append(f"--{name} takes block numbers >= 0")
+        return problems
+
+    def unfreezes_some(self) -> bool:
+        return bool(self.unfreeze_attention or self.unfreeze_up_blocks or self.unfreeze_down_blocks
+                    or self.unfreeze_mid_block or self.unfreeze_attn2 or self.unfreeze_norms or self.unfreeze_in
+                    or self.unfreeze_out or self.unfreeze_time)
 
     def _reinit_patterns(self) -> list[re.Pattern]:
         chosen = ((self.reinit_attention, SELF_OR_CROSS_ATTENTION), (self.reinit_crossattn, CROSS_ATTENTION),

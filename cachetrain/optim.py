@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import optimizer_precision_problem
+
 INT32_LOW_16_BITS_CLEARED = -65536  # 0xFFFF0000 as a signed int32
 
 
@@ -199,9 +201,8 @@ def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[fl
     if name == "lion":
         return StochasticLion(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
     if name == "adamw8":
-        if bf16_weights:
-            raise RuntimeError("--optimizer adamw8 rounds bf16 weights to nearest, so small updates vanish; "
-                               "with --bf16_weights use adamw or lion (stochastic rounding)")
+        if problem := optimizer_precision_problem(name, bf16_weights):  # the rule lives with the flags
+            raise RuntimeError(problem)
         try:
             import bitsandbytes as bnb
         except ImportError:

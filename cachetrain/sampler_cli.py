@@ -24,7 +24,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .cli import ArgumentParser, print_error
-from .config import SAMPLE_SCHEDULERS
+from .config import SAMPLE_SCHEDULERS, TRUST_HELP
 from .folder_sampler import SamplerInputError, SampleSettings, check_model, plan_for, sample_model, step_of
 from .prompts import PromptsFileError, read_prompts_file
 from .sampling import SampleMetadata, read_sample_metadata
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None,
                         help=f"where the PNGs go (default: {DEFAULT_OUT}/; with --watch, into each checkpoint "
                              "folder as the trainer does, else OUT/checkpoint-NNNNN/)")
-    parser.add_argument("--custom", action="store_true", help="the folder carries its own pipeline code (trust it)")
+    parser.add_argument("--custom", "--is_custom", action="store_true", help=TRUST_HELP)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts_file", default=None, help="prompts, one a line (blank lines and # comments skipped)")
     parser.add_argument("--negative_prompt", default="", help="the negative prompt of every image")

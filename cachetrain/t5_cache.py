@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                           "each image (only the tokenizer, text encoder and projection are loaded). This script "
                           "exists for custom pipelines: it implies --custom, so the code a --model folder "
                           "carries (pipeline.py, its projection's module) is run; use it on folders you trust.")
-    parser.add_argument("--custom", nargs="?", const=True, default=None, metavar="FOLDER",
+    parser.add_argument("--custom", "--is_custom", nargs="?", const=True, default=None, metavar="FOLDER",
                         help="implied: --model is a custom pipeline and its own code is run; a bare --custom "
                              "(the original's spelling) changes nothing, --custom FOLDER takes the text parts "
                              "from FOLDER instead of --model")

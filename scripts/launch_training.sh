@@ -1,20 +1,42 @@
 # Sourced by train_sd.sh and train_t5.sh after their settings: turns the settings into
 # train_from_cached.py flags and starts it (through accelerate launch when accelerate has a config).
-# The wrappers differ only in their settings; everything they do with them lives here.
+# The wrappers differ only in their settings; everything they do with them lives here. The recipe is
+# the package's --preset PRESET; only the settings a user filled in are passed, so they override it
+# and every other value stays the preset's.
 
 # Paths in the settings are taken relative to where the wrapper was started, as a user expects.
 CACHETRAIN_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-ARGS=(--pretrained_model "$MODEL" --output_dir "$OUTPUT_DIR" --copy_config "$0"
-      --imgcache_suffix "$IMG_SUFFIX" --txtcache_suffix "$TXT_SUFFIX"
-      --learning_rate "$LEARNING_RATE" --batch_size "$BATCH_SIZE" --gradient_accum "$GRADIENT_ACCUM"
-      --max_steps "$MAX_STEPS" --save_steps "$SAVE_STEPS" --scheduler "$SCHEDULER"
-      --warmup_steps "$WARMUP_STEPS" --optimizer "$OPTIMIZER" --sampler_steps "$SAMPLER_STEPS"
-      --sample_prompt "${PROMPTS[@]}")
-for dir in $DATA_DIRS; do ARGS+=(--train_data_dir "$dir"); done
-[ -n "${SNR_GAMMA:-}" ] && ARGS+=(--use_snr --noise_gamma "$SNR_GAMMA")
-[ -n "${FORCE_TOKLEN:-}" ] && ARGS+=(--force_toklen "$FORCE_TOKLEN")
-[ "${GRADIENT_CHECKPOINTING:-0}" = 1 ] && ARGS+=(--gradient_checkpointing)
+ARGS=(--preset "$PRESET" --copy_config "$0")
+pass_if_set() {  # FLAG VALUE: FLAG VALUE, when VALUE is not empty
+    [ -z "$2" ] || ARGS+=("$1" "$2")
+}
+pass_if_set --pretrained_model "${MODEL:-}"
+pass_if_set --output_dir "${OUTPUT_DIR:-}"
+pass_if_set --imgcache_suffix "${IMG_SUFFIX:-}"
+pass_if_set --txtcache_suffix "${TXT_SUFFIX:-}"
+pass_if_set --learning_rate "${LEARNING_RATE:-}"
+pass_if_set --batch_size "${BATCH_SIZE:-}"
+pass_if_set --gradient_accum "${GRADIENT_ACCUM:-}"
+pass_if_set --max_steps "${MAX_STEPS:-}"
+pass_if_set --save_steps "${SAVE_STEPS:-}"
+pass_if_set --scheduler "${SCHEDULER:-}"
+pass_if_set --warmup_steps "${WARMUP_STEPS:-}"
+pass_if_set --optimizer "${OPTIMIZER:-}"
+pass_if_set --sampler_steps "${SAMPLER_STEPS:-}"
+pass_if_set --force_toklen "${FORCE_TOKLEN:-}"
+case "${SNR_GAMMA:-}" in
+    "") ;;
+    off) ARGS+=(--no-use_snr) ;;
+    *) ARGS+=(--use_snr --noise_gamma "$SNR_GAMMA") ;;
+esac
+case "${GRADIENT_CHECKPOINTING:-}" in
+    "") ;;
+    1) ARGS+=(--gradient_checkpointing) ;;
+    *) ARGS+=(--no-gradient_checkpointing) ;;
+esac
+for dir in ${DATA_DIRS:-}; do ARGS+=(--train_data_dir "$dir"); done
+[ "${#PROMPTS[@]}" -gt 0 ] && ARGS+=(--sample_prompt "${PROMPTS[@]}")
 # shellcheck disable=SC2206
 [ -n "${EXTRA_ARGS:-}" ] && ARGS+=($EXTRA_ARGS)
 

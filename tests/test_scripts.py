@@ -4,6 +4,7 @@ set-up advice (not a traceback) from a Python that lacks the dependencies."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -112,3 +113,31 @@ def test_a_bare_custom_on_a_model_that_is_not_a_pipeline_folder_is_one_line_and_
     assert main_clip(["--model", "some/hub-id", "--custom", "--data_root", str(shapes_dataset)]) == 2
     assert capsys.readouterr().err == \
         "error: --model some/hub-id: --custom wants a pipeline folder, and this is none\n"
+
+
+@pytest.mark.parametrize("command", ["train_from_cached", "sample_images", "create_img_sdvae", "create_img_sdxl",
+                                     "create_clipl", "create_t5cache_768"])
+def test_every_script_that_loads_a_model_folder_shows_custom_first_and_keeps_is_custom(command, capsys):
+    from cachetrain import commands
+    from cachetrain.config import TRUST_HELP
+
+    with pytest.raises(SystemExit) as done:
+        getattr(commands, command)(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert re.search(r"--custom( \[FOLDER\])?, --is_custom( \[FOLDER\])? ", text), text
+    if command in ("train_from_cached", "sample_images"):  # the two that run a folder's code only when told
+        assert TRUST_HELP in text
+
+
+def test_is_custom_and_custom_are_one_flag_in_the_sampler_and_the_cache_scripts():
+    from cachetrain.cache_build import CUSTOM_IS_MODEL, add_custom_flag
+    from cachetrain.cli import ArgumentParser
+    from cachetrain.sampler_cli import build_parser
+
+    assert build_parser().parse_args(["m", "--is_custom"]).custom
+    assert build_parser().parse_args(["m", "--custom"]).custom
+    parser = ArgumentParser()
+    add_custom_flag(parser, "VAE")
+    assert parser.parse_args(["--is_custom"]).custom is CUSTOM_IS_MODEL
+    assert parser.parse_args(["--is_custom", "F"]).custom == "F"
