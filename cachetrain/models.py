@@ -241,14 +241,14 @@ def load_pipeline_around(model: str, unet: torch.nn.Module, is_custom: bool = Fa
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     code = pipeline_code.read_folder_code(model) if os.path.isdir(model) else None
     if code is not None and code.carries_code:  # a hub-style folder: its classes come from its own files
-        pipeline_code.require_trust(code, is_custom, "--is_custom")
+        pipeline_code.require_trust(code, is_custom, "--custom")
         return pipeline_code.load_pipeline_with_its_code(code, unet=unet, **extra)
     if is_custom:
         extra["trust_remote_code"] = True
     return DiffusionPipeline.from_pretrained(model, unet=unet, **extra)
 
 
-def folder_code_problem(model: str, trusted: bool, flag: str = "--is_custom") -> str | None:
+def folder_code_problem(model: str, trusted: bool, flag: str = "--custom") -> str | None:
     """Why ``model``'s own code cannot be loaded, or may not be run (not trusted with ``flag``), if so.
 
     Checked before any work: a hub-style folder whose pipeline.py is missing or broken, or that was not

@@ -93,7 +93,7 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as diffusers does, then put back the code of components that came with their folder.
 
-        A component loaded from code its folder carried (trusted with --is_custom / --custom) would
+        A component loaded from code its folder carried (trusted with --custom) would
         otherwise be saved under the name of a module that exists only in this process: the code file
         goes back beside its weights and model_index.json names it, so the copy loads as the original did.
         """

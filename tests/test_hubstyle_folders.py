@@ -71,7 +71,7 @@ def hubstyle_folders(tiny_t5_model, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def hubstyle_runs(hubstyle_folders, tmp_path_factory):
     """Each variant cached (no trust flag for the T5 cache; bare --custom for the latents), trained 2 steps
-    with --is_custom or its alias --custom, then every source, checkpoint and final model loaded and drawn by
+    with --custom or its alias --is_custom, then every source, checkpoint and final model loaded and drawn by
     plain diffusers. (folders, data roots, run folders, script results, plain-diffusers results by folder)"""
     from cachetrain.tiny import make_shapes_dataset
 
@@ -263,14 +263,14 @@ def test_a_trusted_pipeline_py_that_fails_as_it_runs_is_a_problem_found_at_the_s
     assert problem.startswith(f"{folder / 'pipeline.py'}: failed while loading {PIPELINE_CLASS}"), problem
     assert "no_such_package_here" in problem
     assert folder_code_problem(str(hubstyle_folders["module-projection"]), trusted=True) is None
-    assert "add --is_custom" in folder_code_problem(str(hubstyle_folders["module-projection"]), trusted=False)
+    assert "add --custom" in folder_code_problem(str(hubstyle_folders["module-projection"]), trusted=False)
 
 
 @pytest.mark.slow
 def test_a_custom_folder_trained_without_the_trust_flag_is_refused_saying_which_flag_to_add(refusals):
     folder, result, scratch = refusals["train: not trusted"]
     line = _one_line_error(result)
-    assert str(folder / "pipeline.py") in line and "add --is_custom" in line, line
+    assert str(folder / "pipeline.py") in line and "add --custom" in line, line
     assert "t5_projection/hub_projection.py" in line
     assert not list((scratch / "run-b").glob("checkpoint-*"))
 
@@ -287,7 +287,7 @@ def test_create_t5cache_says_in_its_help_that_it_implies_custom(capsys):
     assert "it implies --custom" in " ".join(capsys.readouterr().out.split())
 
 
-def test_custom_is_the_trainers_alias_of_is_custom():
+def test_is_custom_is_the_trainers_alias_of_custom():
     from cachetrain.config import parse_train_args
 
     common = ["--pretrained_model", "m", "--train_data_dir", "d"]
