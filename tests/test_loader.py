@@ -42,10 +42,37 @@ def test_caption_dropout_swaps_in_the_data_roots_empty_prompt(cached_dataset):
     assert 0 < dropped < len(dataset)
 
 
-def test_caption_dropout_trains_and_needs_each_roots_empty_prompt(tiny_sd_model, cached_dataset, tmp_path, capsys):
-    result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
-                                          "--max_steps", "2", "--caption_dropout", "0.5")))
-    assert result.steps == 2
+def test_caption_dropout_trains_the_drawn_fraction_on_the_empty_prompt_and_needs_each_roots(
+        tiny_sd_model, cached_dataset, tmp_path, monkeypatch, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.objective import draw_sample_noise, sample_key
+    from cachetrain.sidecar import read_sidecar
+
+    contexts = []  # per training call of the UNet: the text conditioning of each sample
+    unet_forward = UNet2DConditionModel.forward
+
+    def recording_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        if unet.training:
+            contexts.extend(encoder_hidden_states.detach().clone())
+        return unet_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    empty = read_sidecar(cached_dataset / ".empty_prompt.txt_clipl", "emb").float()
+    captions = [read_sidecar(path, "emb").float() for path in sorted(cached_dataset.rglob("*.txt_clipl"))]
+    # seed 0: each of the 48 pairs has its own draw; below 0.5 it trains on the empty prompt
+    expected = sum(draw_sample_noise((4, 16, 16), 0.0, sample_key(0, 0, i))[2] < 0.5 for i in range(48))
+    assert 12 <= expected <= 36
+    for dropout, dropped in (("0.5", expected), ("0.0", 0)):
+        contexts.clear()
+        result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / f"run-{dropout}",
+                                              "--batch_size", "8", "--max_steps", "6", "--seed", "0",
+                                              "--caption_dropout", dropout)))
+        assert result.steps == 6 and len(contexts) == 48  # one epoch: every pair once
+        empties = sum(torch.equal(context, empty) for context in contexts)
+        assert empties == dropped, f"--caption_dropout {dropout}: {empties} of 48 on the empty prompt, not {dropped}"
+        kept = [context for context in contexts if not torch.equal(context, empty)]
+        assert all(any(torch.equal(context, caption) for caption in captions) for context in kept)
     (cached_dataset / ".empty_prompt.txt_clipl").unlink()
     assert main(_args(tiny_sd_model, cached_dataset, tmp_path / "run2", "--caption_dropout", "0.5")) == 2
     assert "--caption_dropout needs the empty prompt's embedding" in capsys.readouterr().err

@@ -16,9 +16,27 @@ from tests.training_support import train_args as _args
 from tests.training_support import unet_weights as _unet_weights
 
 
-def test_a_vae_scale_override_is_saved_with_the_checkpoint(tiny_sd_model, cached_dataset, tmp_path):
+def test_a_vae_scale_override_scales_the_latents_the_step_trains_on_and_is_saved(tiny_sd_model, cached_dataset,
+                                                                                 tmp_path, monkeypatch):
+    from cachetrain.models import read_vae_scaling_factor
+    from cachetrain.objective import DiffusionObjective
+    from cachetrain.sidecar import read_sidecar
+
+    trained_on = []  # the latents the step hands the objective (which noises them for the UNet)
+    training_inputs = DiffusionObjective.training_inputs
+
+    def recording_training_inputs(objective, latents, noise, draws):
+        trained_on.extend(latents.detach().clone())
+        return training_inputs(objective, latents, noise, draws)
+
+    monkeypatch.setattr(DiffusionObjective, "training_inputs", recording_training_inputs)
     train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
                                  "--max_steps", "1", "--vae_scaling_factor", "0.5")))
+    assert read_vae_scaling_factor(str(tiny_sd_model)) != 0.5  # the override, not the model's own value
+    cached = [read_sidecar(path, "latent").float() for path in sorted(cached_dataset.rglob("*.img_sdvae"))]
+    assert len(trained_on) == 8
+    for latent in trained_on:  # each is one cached latent times 0.5, exactly (a power of two)
+        assert sum(torch.equal(latent, 0.5 * sidecar) for sidecar in cached) == 1
     config = json.loads((tmp_path / "run" / "checkpoint-00001" / "vae" / "config.json").read_text())
     assert config["scaling_factor"] == 0.5
 
