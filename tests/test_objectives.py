@@ -280,6 +280,7 @@ def test_objective_ddpm_on_a_flow_model_is_refused(tiny_flow_model, cached_datas
 # Learning
 
 
+@pytest.mark.slow
 def test_a_short_flow_run_learns_to_use_its_text(tiny_flow_model, tmp_path):
     """On held-out pairs, at fixed noise and sigmas, the true caption beats another caption."""
     probe = train_caption_probe(tiny_flow_model, tmp_path, lambda data, output: _args(

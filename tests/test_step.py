@@ -41,7 +41,8 @@ def test_a_vae_scale_override_scales_the_latents_the_step_trains_on_and_is_saved
     assert config["scaling_factor"] == 0.5
 
 
-@pytest.mark.parametrize("flag", ["--channels_last", "--compile"])  # --compile: ~90 s on a CPU, cold
+@pytest.mark.parametrize("flag", ["--channels_last",
+                                  pytest.param("--compile", marks=pytest.mark.slow)])  # --compile: ~90 s on a CPU, cold
 def test_speed_flags_train_the_same_model(tiny_sd_model, cached_dataset, tmp_path, flag, monkeypatch):
     from diffusers import UNet2DConditionModel
     from torch._dynamo.utils import counters

@@ -301,6 +301,7 @@ def test_two_process_cpu_training_keeps_weights_identical(tiny_sd_model, cached_
 # Learning
 
 
+@pytest.mark.slow
 def test_a_short_run_learns_to_use_its_text(tiny_sd_model, tmp_path):
     """On held-out pairs, at fixed noise and timesteps, the true caption beats another caption."""
     from cachetrain.models import load_training_scheduler
