@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set up (once) and run the test suite. Extra arguments go to pytest (e.g. -k sidecar).
+# Set up (once) and run the test suite. Extra arguments go to pytest (e.g. -k sidecar; -n 0 for one process).
+# Two worker processes by default (CACHETRAIN_TEST_WORKERS): each test uses one core (OMP_NUM_THREADS=1);
+# each file's tests run in one worker, which builds the session's tiny models once for itself.
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup_env.sh
 ./scripts/setup_browser.sh || echo "[setup] continuing without chromium: the browser tests will be skipped" >&2
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -n "${CACHETRAIN_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -27,6 +27,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 
+def pytest_collection_modifyitems(items):
+    """Files holding a slow test run first, each file's tests in their order: with several workers
+    (run_tests.sh gives each worker whole files) the long files then do not start last and run alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_model(tmp_path_factory) -> Path:
     from cachetrain.tiny import build_tiny_sd

@@ -238,6 +238,7 @@ def test_saves_failing_on_a_full_disk_stop_the_run_after_max_failed_saves(tiny_s
     assert summary["steps"] == 2 and summary["failed_saves"] == [1, 2] and summary["exit_status"] == 4
 
 
+@pytest.mark.slow
 def test_after_a_failed_save_a_resume_gives_the_weights_of_a_run_that_never_failed(tiny_sd_model, cached_dataset,
                                                                                     tmp_path, small_disk):
     flags = ("--max_steps", "3", "--save_steps", "1", "--seed", "3")

@@ -16,7 +16,7 @@ from PIL import Image
 from cachetrain.config import parse_train_args
 from cachetrain.trainer import train
 from tests.test_objectives import _flow_model
-from tests.test_trainer import _args
+from tests.training_support import train_args as _args
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"

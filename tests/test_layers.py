@@ -1,9 +1,11 @@
-"""Layer selections (counted here from the UNet's module tree), --force_txtcache, --gradient_topk and
-the unet/L2_norm scalar.
+"""Layer selections (counted here from the UNet's module tree and from parameter names), the trainable
+count printed at start, a selection naming a missing block, --force_txtcache, --gradient_topk and the
+unet/L2_norm scalar.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -14,8 +16,9 @@ import torch
 from torch import nn
 
 from cachetrain.config import parse_train_args
-from cachetrain.trainer import train
-from tests.test_trainer import _args, _unet_weights
+from cachetrain.trainer import main, train
+from tests.training_support import train_args as _args
+from tests.training_support import unet_weights as _unet_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,3 +169,66 @@ def test_unet_l2_norm_is_logged_at_the_log_interval(tiny_sd_model, cached_datase
     weights = _unet_weights(tmp_path / "run" / "checkpoint-00003")
     expected = torch.sqrt(sum(t.double().square().sum() for t in weights.values())).item()
     assert logged[4] == pytest.approx(expected, rel=1e-5)
+
+
+def _names(unet, pattern: str) -> set[str]:
+    return {name for name, _ in unet.named_parameters() if re.search(pattern, name)}
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--unfreeze_attention"], r"\.attn[12]\."),
+    (["--unfreeze_up_blocks", "1"], r"^up_blocks\.1\."),
+    (["--unfreeze_down_blocks", "0", "1"], r"^down_blocks\.[01]\."),
+    (["--unfreeze_mid_block"], r"^mid_block\."),
+    (["--reinit_qk"], r"\.to_[qk]\.weight$"),
+    (["--reinit_crossattn"], r"\.attn2\."),
+    (["--reinit_attention"], r"\.attn[12]\."),
+    (["--unfreeze_up_blocks", "0", "--unfreeze_mid_block"], r"^(up_blocks\.0|mid_block)\."),
+])
+def test_targetted_training_trains_exactly_the_selected_parameters(tiny_sd_model, flags, pattern):
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.layers import apply_layer_selection
+    from cachetrain.trainer import _layer_selection
+
+    config = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--targetted_training", *flags])
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+    expected = _names(unet, pattern)
+    assert expected
+    trainable = apply_layer_selection(unet, _layer_selection(config), seed=0)
+    assert {name for name, p in unet.named_parameters() if p.requires_grad} == expected
+    assert len(trainable) == len(expected)
+
+
+def test_reinit_qk_changes_only_query_and_key_weights_reproducibly(tiny_sd_model):
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.layers import LayerSelection, apply_layer_selection
+
+    original = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet").state_dict()
+    results = []
+    for _ in range(2):
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+        apply_layer_selection(unet, LayerSelection(reinit_qk=True), seed=3)
+        results.append(unet.state_dict())
+    changed = {name for name in original if not torch.equal(original[name], results[0][name])}
+    assert changed == {name for name in original if re.search(r"\.attn[12]\.to_[qk]\.weight$", name)}
+    assert all(torch.equal(results[0][name], results[1][name]) for name in original)
+
+
+def test_trainable_parameter_count_is_printed_at_start(tiny_sd_model, cached_dataset, tmp_path, capsys):
+    train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
+                                 "--max_steps", "1", "--targetted_training", "--unfreeze_mid_block")))
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+    mid = sum(p.numel() for name, p in unet.named_parameters() if name.startswith("mid_block."))
+    total = sum(p.numel() for p in unet.parameters())
+    assert f"trainable parameters: {mid:,} of {total:,}" in capsys.readouterr().err
+
+
+def test_an_unfreeze_selection_naming_a_missing_block_fails_clearly(tiny_sd_model, cached_dataset, tmp_path, capsys):
+    code = main(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--targetted_training",
+                      "--unfreeze_up_blocks", "7"))
+    assert code == 2
+    assert "--unfreeze_up_blocks 7: this UNet has up_blocks 0-1" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The objectives: DDPM (epsilon, v, zero terminal SNR) and flow matching, each against formulas written
-out here; loss types; timestep ranges; which scheduler configs train as what; and short runs that learn.
+"""The objectives: DDPM (epsilon, v, zero terminal SNR, min-SNR weights) and flow matching, each against
+formulas written out here; loss types; timestep ranges; per-sample noise from (seed, epoch, sample) and
+offset noise; which scheduler configs train as what; and short runs that learn.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from cachetrain.config import parse_train_args
 from cachetrain.trainer import train
-from tests.test_trainer import _args, _logged
+from tests.training_support import logged as _logged
+from tests.training_support import train_args as _args
 from tests.training_support import train_caption_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,6 +280,7 @@ def test_objective_ddpm_on_a_flow_model_is_refused(tiny_flow_model, cached_datas
 # Learning
 
 
+@pytest.mark.slow
 def test_a_short_flow_run_learns_to_use_its_text(tiny_flow_model, tmp_path):
     """On held-out pairs, at fixed noise and sigmas, the true caption beats another caption."""
     probe = train_caption_probe(tiny_flow_model, tmp_path, lambda data, output: _args(
@@ -297,3 +300,54 @@ def test_a_short_flow_run_learns_to_use_its_text(tiny_flow_model, tmp_path):
     true_loss, other_loss, wins = probe.true_caption_wins(per_sample_loss)
     assert true_loss < 0.99 * other_loss
     assert wins >= 0.75
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_and_min_snr_weights_equal_a_direct_computation(tiny_sd_model, prediction_type):
+    from diffusers import DDPMScheduler
+
+    from cachetrain.objective import DiffusionObjective
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_sd_model, subfolder="scheduler", prediction_type=prediction_type)
+    objective = DiffusionObjective(scheduler, snr_gamma=5.0)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([0, 10, 200, 500, 800, 999])
+    prediction = torch.randn(6, 4, 8, 8, generator=generator)
+
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    a, s = alpha_bar.sqrt().view(-1, 1, 1, 1), (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
+    noisy = a * latents.double() + s * noise.double()
+    target = noise.double() if prediction_type == "epsilon" else a * noise.double() - s * latents.double()
+    snr = alpha_bar / (1 - alpha_bar)
+    weights = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+    per_sample = (prediction.double() - target).square().mean(dim=(1, 2, 3))
+
+    torch.testing.assert_close(objective.add_noise(latents, noise, timesteps).double(), noisy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(objective.target(latents, noise, timesteps).double(), target, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(objective.loss_weights(timesteps).double(), weights, rtol=1e-5, atol=1e-7)
+    loss, raw = objective.losses(prediction, objective.target(latents, noise, timesteps), timesteps)
+    assert loss.item() == pytest.approx((per_sample * weights).mean().item(), rel=1e-5)
+    assert raw.item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+
+
+def test_noise_is_a_function_of_seed_epoch_and_sample_only():
+    from cachetrain.objective import draw_sample_noise, sample_key
+
+    first = draw_sample_noise((4, 2, 2), 0.0, sample_key(3, 1, 17))
+    again = draw_sample_noise((4, 2, 2), 0.0, sample_key(3, 1, 17))
+    other_epoch = draw_sample_noise((4, 2, 2), 0.0, sample_key(3, 2, 17))
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    assert not torch.equal(first[0], other_epoch[0])
+
+
+def test_offset_noise_adds_one_shared_value_per_channel():
+    from cachetrain.objective import draw_sample_noise, sample_key
+
+    key = sample_key(0, 0, 5)
+    plain, _, _ = draw_sample_noise((4, 8, 8), 0.0, key)
+    offset, _, _ = draw_sample_noise((4, 8, 8), 0.1, key)
+    shift = offset - plain  # the same key draws the same base noise; the offset comes on top
+    assert torch.allclose(shift, shift[:, :1, :1].expand_as(shift))  # constant over each channel
+    assert 0 < shift.abs().max() < 1

@@ -1,5 +1,5 @@
 """LR schedules and run lengths: every schedule name, rex and linear_with_min_lr against their formulas,
-fractional epochs, the per-epoch schedule, and exact resume for all of them.
+fractional epochs, the per-epoch schedule, --learning_rate_decay, and exact resume for all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import torch
 from cachetrain.config import SCHEDULERS, parse_train_args
 from cachetrain.optim import build_lr_schedule
 from cachetrain.trainer import train
-from tests.test_trainer import _args, _logged, _unet_weights
+from tests.training_support import logged as _logged
+from tests.training_support import train_args as _args
+from tests.training_support import unet_weights as _unet_weights
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")  # refused: they follow a metric, not steps
@@ -122,3 +124,11 @@ def test_schedule_flags_that_cannot_work_fail_at_start(flags, message, tmp_path)
                            "--train_data_dir", str(tmp_path), *flags], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_learning_rate_decay_subtracts_once_per_epoch(tiny_sd_model, cached_dataset, tmp_path):
+    result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
+                                          "--max_steps", "3e", "--log_every", "1", "--learning_rate_decay", "1e-4")))
+    rates = dict(_logged(result, "train/learning_rate"))
+    assert result.steps == 18  # 6 steps per epoch
+    assert rates[6] == pytest.approx(1e-3) and rates[7] == pytest.approx(9e-4) and rates[13] == pytest.approx(8e-4)

@@ -79,11 +79,26 @@ def test_the_trainer_masks_padding_so_padding_more_does_not_change_the_loss(tiny
     assert padded_to_60 == pytest.approx(padded_per_batch, rel=1e-4)
 
 
-def test_a_text_scale_is_kept_in_the_checkpoints_projection_so_sampling_sees_it(tiny_t5_model, t5_cached_template,
-                                                                               tmp_path):
-    import json
+def test_a_text_scale_multiplies_what_the_step_feeds_the_unet_and_is_kept_in_the_projection(
+        tiny_t5_model, t5_cached_template, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
 
+    contexts = []  # per training call of the UNet: the text conditioning it was given
+    unet_forward = UNet2DConditionModel.forward
+
+    def recording_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        if unet.training:
+            contexts.append(encoder_hidden_states.detach().clone())
+        return unet_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "plain")
+    plain, contexts[:] = list(contexts), []
     _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "run", "--text_scaling_factor", "2")
+    assert len(contexts) == len(plain) == 2  # same seed: the same pairs, in the same order
+    for scaled, unscaled in zip(contexts, plain):
+        assert unscaled.abs().sum() > 0
+        assert torch.equal(scaled, 2 * unscaled)  # exact: a power of two
     original = json.loads((tiny_t5_model / "t5_projection" / "config.json").read_text())["scaling_factor"]
     saved = json.loads((tmp_path / "run" / "checkpoint-00002" / "t5_projection" / "config.json").read_text())
     assert saved["scaling_factor"] == pytest.approx(2 * original)

@@ -1,5 +1,6 @@
-"""What the training tests share: the loss of a saved UNet on a fixed batch; a probe of whether a run
-learned to use its captions."""
+"""What the training tests share: the trainer's flags for a quiet tiny run and what it leaves (logged
+scalars, saved UNet weights); the loss of a saved UNet on a fixed batch; a probe of whether a run learned
+to use its captions."""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+
+def train_args(model, data, output, *extra) -> list[str]:
+    """Flags of a short, quiet, single-worker run of the tiny model (no checkpoints between, no clipping)."""
+    return ["--pretrained_model", str(model), "--train_data_dir", str(data), "--output_dir", str(output),
+            "--num_workers", "0", "--no_progress", "--learning_rate", "1e-3", "--save_steps", "0",
+            "--gradient_clip", "0", *extra]
+
+
+def unet_weights(folder: Path, component: str = "unet") -> dict[str, torch.Tensor]:
+    return load_file(folder / component / "diffusion_pytorch_model.safetensors")
+
+
+def logged(result, name: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar, as the run logged it."""
+    return [(entry["step"], entry[name]) for entry in result.logged if name in entry]
 
 
 def fixed_batch_loss(unet_folder: Path, model: Path, data: Path, image_suffix: str, text_suffix: str,
