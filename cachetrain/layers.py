@@ -7,6 +7,7 @@ to_v and to_out.0.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -116,3 +117,8 @@ def apply_layer_selection(unet: nn.Module, selection: LayerSelection, seed: int)
         if parameter.requires_grad:
             trainable.append(parameter)
     return trainable
+
+
+def layer_selection(config) -> LayerSelection:
+    """The selection a run's flags make (``config``: a TrainConfig; its fields of the same names)."""
+    return LayerSelection(**{f.name: getattr(config, f.name) for f in dataclasses.fields(LayerSelection)})

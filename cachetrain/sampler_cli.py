@@ -29,7 +29,7 @@ from .cli import ArgumentParser, print_error
 from .config import SAMPLE_SCHEDULERS
 from .prompts import PromptsFileError, read_prompts_file
 from .sampling import SampleMetadata, draw_samples, read_sample_metadata, sample_plan, scheduler_choice_problem
-from .trainer import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
+from .run_dir import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
 
 DEFAULT_OUT = "samples"
 STAGING_SUFFIX = ".sampling"  # hidden folders beside the checkpoints, where a checkpoint's samples are drawn

@@ -489,7 +489,7 @@ def test_targetted_training_trains_exactly_the_selected_parameters(tiny_sd_model
     from diffusers import UNet2DConditionModel
 
     from cachetrain.layers import apply_layer_selection
-    from cachetrain.trainer import _layer_selection
+    from cachetrain.layers import layer_selection as _layer_selection
 
     config = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--targetted_training", *flags])
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
