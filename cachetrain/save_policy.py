@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
@@ -52,6 +53,21 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def agreed_requests(stop: StopSignal, trigger: Path, accelerator) -> tuple[bool, bool]:
+    """(stop, save now) as every process agrees: one process may get a signal, and only the main one
+    looks for the trigger file (a stat: on network storage, a round trip), which it removes when seen.
+    With several processes, one all-reduce (a host sync): call it on every process at the same steps."""
+    wants_save = accelerator.is_main_process and trigger.exists()
+    if accelerator.num_processes > 1:
+        flags = torch.tensor([float(stop.requested), float(wants_save)], device=accelerator.device)
+        stop_now, save_now = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    else:
+        stop_now, save_now = stop.requested, wants_save
+    if save_now and accelerator.is_main_process:
+        trigger.unlink(missing_ok=True)
+    return stop_now, save_now
 
 
 class SavePolicy:

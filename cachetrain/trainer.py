@@ -38,7 +38,7 @@ from .optim import build_lr_schedule, build_optimizer
 from .run_data import load_run_data
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from .sample_drawer import SampleDrawer
-from .save_policy import SavePolicy, StopSignal
+from .save_policy import SavePolicy, StopSignal, agreed_requests
 from .start_checks import SetupError, start_problem
 from .step import TrainStep, UpdateCheck, bf16_autocast
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
@@ -352,31 +352,15 @@ class TrainingRun:
                 f"{config.max_bad_steps}); stopping at step {progress.step}. Lower the learning rate or check "
                 "the cached data (python -m cachetrain.inspect).")
 
-    def _agreed_requests(self, stop: StopSignal) -> tuple[bool, bool]:
-        """(stop, save now) as every process agrees.
-
-        One process may get a signal, and only the main one looks for the trigger file; with several
-        processes they agree through one all-reduce, at logging steps only (a host sync), so that no
-        other step waits on the device.
-        """
-        if self.world > 1 and self.progress.step % self.config.log_every:
-            return False, False
-        trigger = self.output_dir / TRIGGER_FILE
-        wants_save = self.is_main and trigger.exists()  # a stat: on network storage, a round trip
-        if self.world > 1:
-            flags = torch.tensor([float(stop.requested), float(wants_save)], device=self.device)
-            stop_now, save_now = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
-        else:
-            stop_now, save_now = stop.requested, wants_save
-        if save_now and self.is_main:
-            trigger.unlink(missing_ok=True)
-        self.stopping = self.stopping or stop_now
-        return stop_now, save_now
-
     def _after_step(self, stop: StopSignal) -> bool:
         """Saves, samples and validation due after this optimizer step; True when the run must stop."""
         config, step = self.config, self.progress.step
-        stop_now, save_now = self._agreed_requests(stop)
+        # with several processes they agree at logging steps only (a host sync), so no other step waits
+        if self.world == 1 or step % config.log_every == 0:
+            stop_now, save_now = agreed_requests(stop, self.output_dir / TRIGGER_FILE, self.accelerator)
+            self.stopping = self.stopping or stop_now
+        else:
+            stop_now, save_now = False, False
         reason = None if stop_now else self.saves.take_due(step, save_now)  # a stop saves at the loop's end
         if reason is not None:
             self._save(reason)
