@@ -5,16 +5,19 @@ Layers, lowest first (a module imports only from layers below it):
   ldm_layout                               single-file layout (key names, prefixes, markers)
   layers, presets, config                - parameter selections; named recipes (--preset); the trainer's flags
   text_encoding, objective, optim,       - prompt -> conditioning rules (CLIP, T5, the pad rule), one
-  sampling, checkpoint, resume             step's numerics, samples, checkpoints,
-                                           what a checkpoint must share with a resume
+  sampling, training_state,                step's numerics, samples, a checkpoint's training state (and what a
+  checkpoint, ema                          resume must share), checkpoints, the EMA
   flow                                     (with them) a flow scheduler as SD pipelines drive it; the flow pipeline
   pipeline_code                          - the code a hub-style folder carries: checked, run when trusted, put back
   t5, models                             - the SD1.5 + T5 pipeline; loading models from a hub id, folder or single file
   export                                 - a pipeline folder as one single-file checkpoint (A1111 / ComfyUI)
   loader, telemetry, step                - sidecar pairs -> batches; metrics; one training step's device work
   bad_data                               - what every pair of a run must be; the ledger of bad pairs passed over
-  checkpoint_sampler, run_dir            - the parts that do not train: saved around the UNet, drawing samples;
-                                           the run folder's small files, which checkpoint to resume, exit statuses
+  fixed_embeddings, validation, run_data - embeddings read once; held-out pairs and val/loss; the run's pairs
+  start_checks, frozen_parts,            - refused before step 1; the parts that do not train, around the UNet;
+  checkpoint_writer, sample_drawer         writing checkpoints; drawing samples
+  run_dir, save_policy                   - the run folder's small files, which checkpoint to resume, exit statuses;
+                                           when a save is due and what failed saves mean
   shards, cache_summary, cache_writer,   - the cache builders: each process's share of the files, what a build
   cache_plan, cache_build                  reports, writing sidecars, what a build must do, the engine and its flags;
   image_cache, text_cache, t5_cache        the builders (in this order, each importing only those before it)

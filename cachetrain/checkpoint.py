@@ -1,8 +1,8 @@
 """Save, find, load and prune checkpoints.
 
 A checkpoint ``output_dir/checkpoint-NNNNN/`` is a complete diffusers pipeline folder (loadable by
-the pipeline's from_pretrained) plus ``training_state.pt`` (optimizer, LR schedule, RNG states,
-counters) for an exact resume, and the samples drawn at that step. It is written under a temporary
+the pipeline's from_pretrained) plus ``training_state.pt`` (a TrainingState: optimizer, LR schedule,
+RNG and EMA states, counters) for an exact resume, and the samples drawn at that step. It is written under a temporary
 name, flushed to disk, and renamed when complete, so a crash, a full disk or a power loss never
 leaves a half checkpoint where the last good one was.
 
@@ -15,16 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from .atomic import write_atomically
+from .training_state import TrainingState
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_FILE = "training_state.pt"
@@ -178,34 +176,7 @@ def write_model_folder(destination: Path, unet, frozen_dir: Path) -> None:
     unet.save_pretrained(destination / TRAINED_COMPONENT, safe_serialization=True)
 
 
-def rng_states() -> dict[str, Any]:
-    """The global RNGs, in a form torch.load(weights_only=True) accepts.
-
-    The training noise itself is drawn per sample from (seed, epoch, sample) and needs no state;
-    these cover anything else that draws (dropout layers, user hooks).
-    """
-    numpy_state = np.random.get_state()
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    kind, keys, *rest = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    random.setstate((states["python_version"], tuple(states["python"]), None))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: dict[str, Any],
+def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: TrainingState,
                     ema_weights=None) -> Path:
     """Write a complete checkpoint atomically; on failure the previous checkpoints are untouched.
 
@@ -217,7 +188,7 @@ def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: d
         write_model_folder(staging, unet, frozen_dir)
         if ema_weights is not None:
             ema_weights(staging / EMA_COMPONENT)
-        torch.save(training_state, staging / TRAINING_STATE_FILE)
+        torch.save(training_state.to_dict(), staging / TRAINING_STATE_FILE)
         flush_to_disk(staging)
         replaced = destination.with_name(destination.name + ".replaced.partial")
         if destination.exists():  # moved aside, not deleted first: a crash here keeps a checkpoint
@@ -248,9 +219,10 @@ def publish_final(final_checkpoint: Path, output_dir: Path) -> None:
         flush_to_disk(target)
 
 
-def load_training_state(checkpoint: Path) -> dict[str, Any]:
-    """The resume state of a checkpoint; loaded without unpickling arbitrary objects."""
+def load_training_state(checkpoint: Path) -> TrainingState:
+    """The resume state of a checkpoint; loaded without unpickling arbitrary objects. Raises
+    TrainingStateError for a state of a newer format."""
     path = Path(checkpoint) / TRAINING_STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{checkpoint} is not a resumable checkpoint (no {TRAINING_STATE_FILE})")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return TrainingState.from_dict(torch.load(path, map_location="cpu", weights_only=True), checkpoint)

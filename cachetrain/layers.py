@@ -141,3 +141,4 @@ def apply_layer_selection(unet: nn.Module, selection: LayerSelection, seed: int)
         if parameter.requires_grad:
             trainable.append(parameter)
     return trainable
+

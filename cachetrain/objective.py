@@ -304,3 +304,20 @@ def sampling_scheduler(scheduler, kind: str, *, prediction_type: str | None = No
                      if key not in scheduler.config or key in ("prediction_type", "rescale_betas_zero_snr",
                                                                "timestep_spacing")}
     return scheduler_class.from_config(scheduler.config, **overrides)
+
+
+def objective_for(scheduler, config) -> DiffusionObjective | FlowMatchingObjective:
+    """The objective ``scheduler`` (the model's training schedule) or --objective names, with the run's
+    options (``config``: a TrainConfig). Raises ValueError for options of the other kind."""
+    kind = objective_kind(scheduler, config.objective)
+    common = dict(snr_gamma=config.noise_gamma if config.use_snr else None, loss_type=config.loss_type,
+                  huber_c=config.huber_c, min_timestep=config.min_timestep, max_timestep=config.max_timestep)
+    if kind == "flow":
+        return FlowMatchingObjective(int(scheduler.config.num_train_timesteps), min_sigma=config.min_sigma,
+                                     timestep_sampling=config.timestep_sampling, logit_mean=config.logit_mean,
+                                     logit_std=config.logit_std, shift=flow_shift_for(scheduler, config.flow_shift),
+                                     **common)
+    if config.timestep_sampling != "uniform" or config.flow_shift is not None:
+        raise ValueError("--timestep_sampling/--flow_shift are flow-matching options; this model trains DDPM "
+                         "(add --objective flow to train it as a flow model)")
+    return DiffusionObjective(scheduler, **common)

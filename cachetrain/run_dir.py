@@ -135,3 +135,24 @@ def exit_status(*, stopped: bool, failed_saves: int, final_saved: bool, stop_sav
     if stopped:
         return ExitStatus.STOPPED if stop_saved else ExitStatus.SAVE_FAILED
     return ExitStatus.FINISHED if final_saved else ExitStatus.SAVE_FAILED
+
+
+def newest_checkpoint_note(output_dir: Path) -> str:
+    """A sentence naming the newest checkpoint on disk, for messages about saves that failed."""
+    newest = ckpt.latest_checkpoint(output_dir)
+    return (f"The newest checkpoint on disk is {newest} (continue with --resume once there is room)."
+            if newest is not None else "No checkpoint of this run was saved.")
+
+
+def publish_final_model(output_dir: Path, step: int) -> bool:
+    """The final model at the top of ``output_dir``, from the (saved) checkpoint of ``step``; False when
+    it could not be written (said why: the checkpoint itself is whole)."""
+    final = ckpt.checkpoint_dir(output_dir, step)
+    try:
+        ckpt.publish_final(final, output_dir)
+    except OSError as error:
+        print(f"[train] could not write the final model into {output_dir} ({error.strerror or error}); "
+              f"its checkpoint {final.name} is whole", file=sys.stderr)
+        return False
+    print(f"[train] final model in {output_dir}", file=sys.stderr)
+    return True

@@ -28,7 +28,7 @@ from .config import SAMPLE_SCHEDULERS, TRUST_HELP
 from .folder_sampler import SamplerInputError, SampleSettings, check_model, plan_for, sample_model, step_of
 from .prompts import PromptsFileError, read_prompts_file
 from .sampling import SampleMetadata, read_sample_metadata
-from .trainer import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
+from .run_dir import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
 
 DEFAULT_OUT = "samples"
 STAGING_SUFFIX = ".sampling"  # hidden folders beside the checkpoints, where a checkpoint's samples are drawn

@@ -1,9 +1,9 @@
 """One training step's device work, shared by the trainer and the GPU benchmark.
 
-A step is ``gradient_accum`` calls of ``forward_backward`` inside ``accelerator.accumulate``, then,
-on the micro-step where accelerate syncs gradients, ``prepare_update`` (norm, clip, NaN/Inf check)
-and every micro-step ``update`` (accelerate's optimizer wrapper only steps when gradients synced).
-Nothing here reads a value back to the host.
+An optimizer step is ``gradient_accum`` calls of ``forward_backward`` inside ``accelerator.accumulate``
+(accumulate), then, on the micro-step where accelerate syncs gradients, one ``optimizer_step``:
+``prepare_update`` (norm, clip, NaN/Inf skip) and ``update`` (step, zero the gradients). Nothing here
+reads a value back to the host (but for optimizers without a device-side skip).
 """
 
 from __future__ import annotations
@@ -12,10 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import TrainConfig
 from .loader import Batch
 from .objective import TrainingInputs
 from .optim import keep_top_gradients_, supports_device_skip
 from .telemetry import mean_abs_grad, weight_norm
+
+
+def bf16_autocast(config: TrainConfig, device_type: str, *, training: bool) -> bool:
+    """Whether the UNet runs under bf16 autocast: on CUDA unless --fp32 (on CPU bf16 has no fast kernels,
+    6-7x slower, so fp32 there). Training with --bf16_weights does not autocast: its weights are bf16
+    already. Its samples do: the parts that do not train stay fp32 beside the bf16 UNet."""
+    return device_type == "cuda" and not config.fp32 and not (training and config.bf16_weights)
 
 
 @dataclass
@@ -119,3 +127,10 @@ class TrainStep:
     def update(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, want_qk_grads: bool) -> UpdateCheck:
+        """The update of one optimizer step, at the micro-step where accelerate synced the gradients:
+        clip (and check), then step."""
+        check = self.prepare_update(want_qk_grads)
+        self.update()
+        return check

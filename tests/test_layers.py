@@ -53,23 +53,21 @@ SELECTIONS = {
 
 @pytest.mark.parametrize("flag", list(SELECTIONS))
 def test_each_selection_trains_exactly_its_parameters(tiny_sd_model, flag):
-    from cachetrain.layers import apply_layer_selection
-    from cachetrain.trainer import _layer_selection
+    from cachetrain.layers import LayerSelection, apply_layer_selection
 
     unet = _unet(tiny_sd_model)
     expected = _parameter_names_of(unet, SELECTIONS[flag])
     expected_count = sum(p.numel() for name, p in unet.named_parameters() if name in expected)
     assert expected_count > 0
     config = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--targetted_training", flag])
-    trainable = apply_layer_selection(unet, _layer_selection(config), seed=0)
+    trainable = apply_layer_selection(unet, LayerSelection.of(config), seed=0)
     assert {name for name, p in unet.named_parameters() if p.requires_grad} == expected
     assert sum(p.numel() for p in trainable) == expected_count
 
 
 @pytest.mark.parametrize("flag", [flag for flag in SELECTIONS if flag.startswith("--reinit_")])
 def test_each_reinit_changes_exactly_its_weights_reproducibly(tiny_sd_model, flag):
-    from cachetrain.layers import apply_layer_selection
-    from cachetrain.trainer import _layer_selection
+    from cachetrain.layers import LayerSelection, apply_layer_selection
 
     original = _unet(tiny_sd_model)
     expected = _parameter_names_of(original, SELECTIONS[flag])
@@ -77,7 +75,7 @@ def test_each_reinit_changes_exactly_its_weights_reproducibly(tiny_sd_model, fla
     results = []
     for _ in range(2):
         unet = _unet(tiny_sd_model)
-        apply_layer_selection(unet, _layer_selection(config), seed=5)
+        apply_layer_selection(unet, LayerSelection.of(config), seed=5)
         results.append(unet.state_dict())
     before = original.state_dict()
     # a bias that starts at zero may be reset to values; each weight must have changed
@@ -105,13 +103,13 @@ def test_force_txtcache_trains_every_sample_on_that_embedding(tiny_sd_model, cac
 
 def test_force_txtcache_is_padded_by_the_pad_rule_like_every_caption(cached_dataset):
     from cachetrain.sidecar import read_sidecar
-    from cachetrain.trainer import _forced_embedding
+    from cachetrain.fixed_embeddings import forced_embedding
 
     empty = cached_dataset / ".empty_prompt.txt_clipl"
     stored = read_sidecar(empty, "emb")
     config = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--force_txtcache", str(empty),
                                "--force_toklen", str(stored.shape[0] + 3)])
-    embedding, mask = _forced_embedding(config)
+    embedding, mask = forced_embedding(config)
     assert embedding.shape == (1, stored.shape[0] + 3, stored.shape[1])
     assert torch.equal(embedding[0, :stored.shape[0]], stored) and not embedding[0, stored.shape[0]:].any()
     assert mask.tolist() == [[1] * stored.shape[0] + [0] * 3]
@@ -188,14 +186,13 @@ def _names(unet, pattern: str) -> set[str]:
 def test_targetted_training_trains_exactly_the_selected_parameters(tiny_sd_model, flags, pattern):
     from diffusers import UNet2DConditionModel
 
-    from cachetrain.layers import apply_layer_selection
-    from cachetrain.trainer import _layer_selection
+    from cachetrain.layers import LayerSelection, apply_layer_selection
 
     config = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--targetted_training", *flags])
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
     expected = _names(unet, pattern)
     assert expected
-    trainable = apply_layer_selection(unet, _layer_selection(config), seed=0)
+    trainable = apply_layer_selection(unet, LayerSelection.of(config), seed=0)
     assert {name for name, p in unet.named_parameters() if p.requires_grad} == expected
     assert len(trainable) == len(expected)
 

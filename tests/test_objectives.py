@@ -196,12 +196,13 @@ def test_a_flow_model_trains_flow_matching_and_its_checkpoints_sample_with_a_flo
 
     from cachetrain.models import load_training_scheduler
     from cachetrain.objective import FlowMatchingObjective
-    from cachetrain.trainer import _build_objective
+    from cachetrain.objective import objective_for
 
     assert isinstance(load_training_scheduler(str(tiny_flow_model)), FlowMatchEulerDiscreteScheduler)
     args = _args(tiny_flow_model, cached_dataset, tmp_path / "run", "--batch_size", "8", "--max_steps", "2",
                  "--sample_prompt", "a red circle", "--sampler_steps", "2")
-    assert isinstance(_build_objective(parse_train_args(args)), FlowMatchingObjective)
+    assert isinstance(objective_for(load_training_scheduler(str(tiny_flow_model)), parse_train_args(args)),
+                      FlowMatchingObjective)
     result = train(parse_train_args(args))
     final = tmp_path / "run" / "checkpoint-00002"
     assert result.steps == 2 and list(final.glob("*.png"))

@@ -80,7 +80,7 @@ def test_telemetry_logs_each_image_under_its_prompt_at_its_step(tmp_path):
 
 def test_checkpoint_samples_carry_their_facts_and_reach_tensorboard(tiny_sd_model, tmp_path):
     from cachetrain import models
-    from cachetrain.checkpoint_sampler import CheckpointSampler
+    from cachetrain.sample_drawer import SampleDrawer as CheckpointSampler
     from cachetrain.config import parse_train_args
 
     prompts = ["a red circle on a blue background", "a yellow square on a black background"]

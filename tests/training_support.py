@@ -87,8 +87,9 @@ def train_caption_probe(model: Path, tmp_path: Path, train_args: Callable[[Path,
     from cachetrain.models import read_vae_scaling_factor
     from cachetrain.text_cache import main_clip
     from cachetrain.tiny import make_shapes_dataset
-    from cachetrain.trainer import VALIDATION_EPOCH, _split_validation, train
+    from cachetrain.trainer import train
     from cachetrain.tree import index_training_pairs
+    from cachetrain.validation import VALIDATION_EPOCH, split_validation
     from create_img_sdvae import DEFAULTS
 
     data = tmp_path / "data"
@@ -102,7 +103,7 @@ def train_caption_probe(model: Path, tmp_path: Path, train_args: Callable[[Path,
     result = train(parse_train_args(flags))
 
     index, _ = index_training_pairs([data], ".img_sdvae", ".txt_clipl")
-    _, held_out = _split_validation(index, 0.25, seed=0)  # the pairs the run did not train on
+    _, held_out = split_validation(index, 0.25, seed=0)  # the pairs the run did not train on
     dataset = CachedPairDataset(held_out, NoisePlan(seed=11))
     dataset.epoch = VALIDATION_EPOCH
     batch = collate_pairs([dataset[i] for i in range(len(dataset))])

@@ -1,0 +1,123 @@
+"""When a run saves: periodic (--save_steps from --save_start), requested (the trigger file), at an
+epoch's end (--save_on_epoch), final, and on a stop (SIGINT/SIGTERM); and what failed saves mean: each
+is recorded, training goes on, and after --max_failed_saves failures in a row the run stops rather than
+train on with nothing to show.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .run_dir import newest_checkpoint_note
+
+REPEATED_SIGNAL_SECONDS = 2.0  # torchrun forwards a Ctrl-C the terminal already delivered
+ENDING_SAVES = ("final", "interrupted")  # the run ends after them whatever happens
+
+
+class StopSignal:
+    """Turns Ctrl-C / SIGTERM into 'save a checkpoint at the next optimizer step and exit'.
+
+    The same signal again within REPEATED_SIGNAL_SECONDS is the launcher forwarding it, not the user;
+    a later one means 'out now'.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._first_at = 0.0
+        self._previous = {}
+
+    def _handle(self, signum, _frame):
+        now = time.monotonic()
+        if self.requested:
+            if now - self._first_at < REPEATED_SIGNAL_SECONDS:
+                return
+            raise KeyboardInterrupt
+        self.requested, self._first_at = True, now
+        tqdm.write(f"[train] {signal.Signals(signum).name} received: saving a checkpoint at the next step")
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def agreed_requests(stop: StopSignal, trigger: Path, accelerator) -> tuple[bool, bool]:
+    """(stop, save now) as every process agrees: one process may get a signal, and only the main one
+    looks for the trigger file (a stat: on network storage, a round trip), which it removes when seen.
+    With several processes, one all-reduce (a host sync): call it on every process at the same steps."""
+    wants_save = accelerator.is_main_process and trigger.exists()
+    if accelerator.num_processes > 1:
+        flags = torch.tensor([float(stop.requested), float(wants_save)], device=accelerator.device)
+        stop_now, save_now = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    else:
+        stop_now, save_now = stop.requested, wants_save
+    if save_now and accelerator.is_main_process:
+        trigger.unlink(missing_ok=True)
+    return stop_now, save_now
+
+
+class SavePolicy:
+    """Which save is due after an optimizer step, and the record of the saves made and failed."""
+
+    def __init__(self, config: TrainConfig, total_steps: int, output_dir: Path, speaks: bool = True):
+        self.save_steps, self.save_start = config.save_steps, config.save_start
+        self.save_on_epoch, self.max_failed_saves = config.save_on_epoch, config.max_failed_saves
+        self.total_steps = total_steps
+        self.output_dir = output_dir
+        self.speaks = speaks  # the main process says what happened; the others keep the same record
+        self.saved_step: int | None = None  # the step of the last checkpoint this start saved
+        self.failed_steps: list[int] = []  # steps whose due checkpoint could not be saved
+        self.failed_in_a_row = 0
+        self.gave_up = False  # --max_failed_saves saves failed in a row: the run stops
+        self.epoch_pending = False  # an epoch ended: save at the next optimizer step
+
+    def take_due(self, step: int, requested: bool) -> str | None:
+        """The save due after optimizer step ``step`` ('periodic', 'requested' or 'epoch'), or None.
+        A save taken here covers a pending epoch save."""
+        periodic = bool(self.save_steps) and step % self.save_steps == 0 and self.save_start <= step < self.total_steps
+        reason = "periodic" if periodic else "requested" if requested else "epoch" if self.epoch_pending else None
+        if reason is not None:
+            self.epoch_pending = False
+        return reason
+
+    def epoch_ended(self, step: int) -> None:
+        """At the next optimizer step (an epoch may end inside an accumulation), unless the run ends there."""
+        self.epoch_pending = self.save_on_epoch and step < self.total_steps
+
+    def is_saved(self, step: int) -> bool:
+        return self.saved_step == step
+
+    def record(self, step: int, reason: str, failed: bool) -> None:
+        """Keep the record of a save; give up after --max_failed_saves failed saves in a row."""
+        if not failed:
+            self.saved_step = step
+            self.failed_in_a_row = 0
+            return
+        self.failed_steps.append(step)
+        if reason in ENDING_SAVES:
+            return  # the run ends here anyway; the exit status says the save failed
+        self.failed_in_a_row += 1
+        limit = self.max_failed_saves
+        if self.failed_in_a_row >= limit:
+            self.gave_up = True
+            if self.speaks:
+                print(f"[train] {self.failed_in_a_row} checkpoint saves in a row failed (limit "
+                      f"--max_failed_saves {limit}); stopping at step {step} rather than training on with "
+                      f"nothing to show. {newest_checkpoint_note(self.output_dir)}", file=sys.stderr)
+        elif self.speaks:
+            tqdm.write(f"[train] training goes on ({self.failed_in_a_row} of --max_failed_saves {limit} "
+                       "failed saves in a row)")
