@@ -51,8 +51,10 @@ def _draw_shape(draw, shape: str, box: tuple[int, int, int, int], colour: tuple[
 
 
 def shape_images(count: int, size: int, seed: int, colours: tuple[str, ...] | None = None,
-                  backgrounds: tuple[str, ...] | None = None, shapes: tuple[str, ...] | None = None):
-    """Yield PIL images (caption in .info): a random shape and colour on a random background colour."""
+                 backgrounds: tuple[str, ...] | None = None, shapes: tuple[str, ...] | None = None,
+                 centred: bool = False):
+    """Yield PIL images (caption in .info): a random shape and colour on a random background colour,
+    of a random size at a random place, or with ``centred`` of one size in the middle."""
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
@@ -64,8 +66,12 @@ def shape_images(count: int, size: int, seed: int, colours: tuple[str, ...] | No
         else:
             colour, background = rng.sample(colour_names, 2)
         image = Image.new("RGB", (size, size), COLOURS[background])
-        extent = rng.randint(size * 2 // 5, size * 4 // 5)
-        x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
+        if centred:
+            extent = size * 11 // 20
+            x0 = y0 = (size - extent) // 2
+        else:
+            extent = rng.randint(size * 2 // 5, size * 4 // 5)
+            x0, y0 = rng.randint(0, size - extent), rng.randint(0, size - extent)
         _draw_shape(ImageDraw.Draw(image), shape, (x0, y0, x0 + extent, y0 + extent), COLOURS[colour])
         image.info["caption"] = shape_caption(shape, colour, background)
         yield image
@@ -74,17 +80,19 @@ def shape_images(count: int, size: int, seed: int, colours: tuple[str, ...] | No
 def make_shapes_dataset(root: os.PathLike | str, count: int = 512, size: int = TINY_RESOLUTION,
                         seed: int = 0, folders: int = 4, colours: tuple[str, ...] | None = None,
                         backgrounds: tuple[str, ...] | None = None,
-                        shapes: tuple[str, ...] | None = None) -> list[Path]:
+                        shapes: tuple[str, ...] | None = None, centred: bool = False) -> list[Path]:
     """Write ``count`` JPEG images with captions under ``root`` (spread over ``folders`` subfolders).
 
     ``colours`` limits the palette (names of COLOURS); ``backgrounds``, if given, is a separate
     palette for the background. Disjoint palettes make the background - most of the image - follow
     from one word of the caption, so a model learns to use its text sooner. ``shapes`` limits the
-    shapes (names of SHAPES). Fewer combinations are learnt in fewer steps (the demo uses this).
+    shapes (names of SHAPES). ``centred`` draws every shape at one size in the middle, so a caption
+    names all there is to learn of its image. Fewer combinations, and centred shapes, are learnt in
+    fewer steps (the demo uses both).
     """
     root = Path(root)
     images = []
-    for i, image in enumerate(shape_images(count, size, seed, colours, backgrounds, shapes)):
+    for i, image in enumerate(shape_images(count, size, seed, colours, backgrounds, shapes, centred)):
         folder = root / f"part{i % folders}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"img{i:05d}.jpg"

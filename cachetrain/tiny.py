@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="a separate background palette (default: any colour but the shape's)")
     data.add_argument("--shapes", nargs="+", choices=SHAPES, default=None,
                       help="the shapes drawn (default: all shapes)")
+    data.add_argument("--centred", action="store_true",
+                      help="every shape of one size in the middle (default: random sizes and places)")
     args = parser.parse_args(argv)
     if args.what == "model":
         print(build_tiny_sd(args.out_dir, seed=args.seed, trained_vae=args.trained_vae,
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         images = make_shapes_dataset(args.out_dir, args.count, args.size, args.seed,
                                      colours=tuple(args.colours) if args.colours else None,
                                      backgrounds=tuple(args.backgrounds) if args.backgrounds else None,
-                                     shapes=tuple(args.shapes) if args.shapes else None)
+                                     shapes=tuple(args.shapes) if args.shapes else None, centred=args.centred)
         print(f"{len(images)} images in {args.out_dir}")
 
 
