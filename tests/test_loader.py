@@ -8,6 +8,7 @@ import torch
 
 from cachetrain.config import parse_train_args
 from cachetrain.trainer import main, train
+from tests.training_support import record_unet_text_inputs
 from tests.training_support import train_args as _args
 
 
@@ -44,30 +45,21 @@ def test_caption_dropout_swaps_in_the_data_roots_empty_prompt(cached_dataset):
 
 def test_caption_dropout_trains_the_drawn_fraction_on_the_empty_prompt_and_needs_each_roots(
         tiny_sd_model, cached_dataset, tmp_path, monkeypatch, capsys):
-    from diffusers import UNet2DConditionModel
-
     from cachetrain.objective import draw_sample_noise, sample_key
     from cachetrain.sidecar import read_sidecar
 
-    contexts = []  # per training call of the UNet: the text conditioning of each sample
-    unet_forward = UNet2DConditionModel.forward
-
-    def recording_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs):
-        if unet.training:
-            contexts.extend(encoder_hidden_states.detach().clone())
-        return unet_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    calls = record_unet_text_inputs(monkeypatch)  # per training call of the UNet: each sample's text
     empty = read_sidecar(cached_dataset / ".empty_prompt.txt_clipl", "emb").float()
     captions = [read_sidecar(path, "emb").float() for path in sorted(cached_dataset.rglob("*.txt_clipl"))]
     # seed 0: each of the 48 pairs has its own draw; below 0.5 it trains on the empty prompt
     expected = sum(draw_sample_noise((4, 16, 16), 0.0, sample_key(0, 0, i))[2] < 0.5 for i in range(48))
     assert 12 <= expected <= 36
     for dropout, dropped in (("0.5", expected), ("0.0", 0)):
-        contexts.clear()
+        calls.clear()
         result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / f"run-{dropout}",
                                               "--batch_size", "8", "--max_steps", "6", "--seed", "0",
                                               "--caption_dropout", dropout)))
+        contexts = [context for call in calls for context in call]
         assert result.steps == 6 and len(contexts) == 48  # one epoch: every pair once
         empties = sum(torch.equal(context, empty) for context in contexts)
         assert empties == dropped, f"--caption_dropout {dropout}: {empties} of 48 on the empty prompt, not {dropped}"

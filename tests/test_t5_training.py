@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachetrain import sidecar
-from tests.training_support import fixed_batch_loss
+from tests.training_support import fixed_batch_loss, record_unet_text_inputs
 
 STEPS = 40
 
@@ -81,17 +81,7 @@ def test_the_trainer_masks_padding_so_padding_more_does_not_change_the_loss(tiny
 
 def test_a_text_scale_multiplies_what_the_step_feeds_the_unet_and_is_kept_in_the_projection(
         tiny_t5_model, t5_cached_template, tmp_path, monkeypatch):
-    from diffusers import UNet2DConditionModel
-
-    contexts = []  # per training call of the UNet: the text conditioning it was given
-    unet_forward = UNet2DConditionModel.forward
-
-    def recording_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs):
-        if unet.training:
-            contexts.append(encoder_hidden_states.detach().clone())
-        return unet_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    contexts = record_unet_text_inputs(monkeypatch)  # per training call of the UNet: its text conditioning
     _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "plain")
     plain, contexts[:] = list(contexts), []
     _first_losses(tiny_t5_model, t5_cached_template, tmp_path / "run", "--text_scaling_factor", "2")

@@ -28,6 +28,23 @@ def logged(result, name: str) -> list[tuple[int, float]]:
     return [(entry["step"], entry[name]) for entry in result.logged if name in entry]
 
 
+def record_unet_text_inputs(monkeypatch) -> list[torch.Tensor]:
+    """A list that fills, while the test trains, with the text conditioning the UNet is given at each
+    training call (one [B, T, D] tensor a call, in order; calls in eval mode, as samples make, are not kept)."""
+    from diffusers import UNet2DConditionModel
+
+    contexts: list[torch.Tensor] = []
+    unet_forward = UNet2DConditionModel.forward
+
+    def recording_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        if unet.training:
+            contexts.append(encoder_hidden_states.detach().clone())
+        return unet_forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    return contexts
+
+
 def fixed_batch_loss(unet_folder: Path, model: Path, data: Path, image_suffix: str, text_suffix: str,
                      expect_padding: bool = False) -> float:
     """Loss of a UNet on the first 8 pairs with fixed noise and timesteps (the same for every UNet),
