@@ -18,6 +18,7 @@ Layers, lowest first (a module imports only from layers below it):
   checkpoint_writer, sample_drawer         writing checkpoints; drawing samples
   run_dir, save_policy                   - the run folder's small files, which checkpoint to resume, exit statuses;
                                            when a save is due and what failed saves mean
+  processes                              - the accelerator, the launch check, what a run's processes agree on
   shards, cache_summary, cache_writer,   - the cache builders: each process's share of the files, what a build
   cache_plan, cache_build                  reports, writing sidecars, what a build must do, the engine and its flags;
   image_cache, text_cache, t5_cache        the builders (in this order, each importing only those before it)

@@ -11,9 +11,11 @@ mantissa, so an update smaller than 1/256 of a weight rounds to nothing; roundin
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .config import optimizer_precision_problem
+from .config import TrainConfig, optimizer_precision_problem
 
 INT32_LOW_16_BITS_CLEARED = -65536  # 0xFFFF0000 as a signed int32
 
@@ -294,3 +296,14 @@ def keep_top_gradients_(parameters: list[torch.Tensor], fraction: float) -> None
         kept = torch.where(magnitudes > threshold, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
         pieces = kept.split([g.numel() for g in chunk])
         torch._foreach_copy_(chunk, [piece.view(g.shape) for piece, g in zip(pieces, chunk)])
+
+
+def run_lr_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, batches_per_epoch: int, total_steps: int):
+    """The run's schedule, of ``total_steps`` optimizer steps; with --scheduler_at_epoch it is stepped
+    once per epoch, so its length and warm-up count epochs."""
+    warmup, length = config.warmup_optimizer_steps(batches_per_epoch), total_steps
+    if config.scheduler_at_epoch:
+        steps_per_epoch = batches_per_epoch / config.gradient_accum
+        warmup, length = round(warmup / steps_per_epoch), math.ceil(length / steps_per_epoch)
+    return build_lr_schedule(config.scheduler, optimizer, warmup, length, config.min_learning_rate,
+                             config.num_cycles, config.rex_start_factor, config.rex_end_factor)

@@ -7,13 +7,12 @@ step on the device, with no host sync.
 
 Set-up and the loop live here; what they use has its own home: the run's data (run_data), validation,
 when to save (save_policy), writing checkpoints (checkpoint_writer) and their training state
-(training_state), samples (sample_drawer), the checks before step 1 (start_checks), the run folder (run_dir).
+(training_state), samples (sample_drawer), the checks before step 1 (start_checks), the run folder (run_dir),
+the processes and what they agree on (processes), the LR schedule's length (optim).
 """
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +33,14 @@ from .frozen_parts import FrozenParts
 from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RefillingBatchReader, RunBatches, make_training_loader
 from .objective import objective_for
-from .optim import build_lr_schedule, build_optimizer
+from .optim import build_optimizer, run_lr_schedule
+from .processes import any_process, gather_shares, make_accelerator
 from .run_data import load_run_data
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopSignal, agreed_requests
 from .start_checks import SetupError, start_problem
-from .step import TrainStep, UpdateCheck, bf16_autocast
+from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
 from .training_state import Progress, TrainingState, TrainingStateError, data_identity, optimizer_identity
 from .validation import validation_loss
@@ -60,40 +60,6 @@ class TrainResult:
     exit_status: int = ExitStatus.FINISHED
 
 
-def check_process_count(launched_world: int, accelerator_world: int) -> None:
-    """A launch that asked for N processes must train as N, not as N independent copies."""
-    if launched_world > 1 and accelerator_world != launched_world:
-        raise TrainingError(f"launched as {launched_world} processes but training sees {accelerator_world}: "
-                            "each would train alone on all the data. On CPU, torchrun needs the accelerator "
-                            "in CPU mode (this trainer does that when no GPU is visible); check the launcher.")
-
-
-def _make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    use_cuda = torch.cuda.is_available()
-    autocast = bf16_autocast(config, "cuda" if use_cuda else "cpu", training=True)
-    accelerator = Accelerator(mixed_precision="bf16" if autocast else "no",
-                              gradient_accumulation_steps=config.gradient_accum, cpu=not use_cuda)
-    check_process_count(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
-    # the same seed on every process: stochastic rounding must draw alike so weights stay identical
-    set_seed(config.seed)
-    if use_cuda and config.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return accelerator
-
-
-def _weights_checksum(unet: torch.nn.Module) -> torch.Tensor:
-    """One float64 number per process that differs if the processes' weights differ."""
-    with torch.no_grad():
-        tensors = [p.detach().double() for p in unet.parameters()]
-        norms = torch.stack(torch._foreach_norm(tensors))
-        weights = torch.arange(1, len(tensors) + 1, dtype=torch.float64, device=norms.device)
-        return (norms * weights).sum()
-
-
 class TrainingRun:
     """The state of one run and the loop over it; ``train()`` is the entry point."""
 
@@ -107,7 +73,7 @@ class TrainingRun:
         problem = start_problem(config)
         if problem:
             raise TrainingError(problem)
-        self.accelerator = _make_accelerator(config)
+        self.accelerator = make_accelerator(config)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -165,15 +131,9 @@ class TrainingRun:
                                                                                      config.single_file_config)
         self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
                                          config.weight_decay, bf16_weights=config.bf16_weights)
-        # stepped by hand once per optimizer step (accelerate would step it once per process), or once
-        # per epoch with --scheduler_at_epoch, when its length and warm-up count epochs
+        # stepped by hand once per optimizer step (accelerate would step it once per process)
         batches_per_epoch = self.data.batches_per_epoch
-        warmup, length = config.warmup_optimizer_steps(batches_per_epoch), self.total_steps
-        if config.scheduler_at_epoch:
-            steps_per_epoch = batches_per_epoch / config.gradient_accum
-            warmup, length = round(warmup / steps_per_epoch), math.ceil(length / steps_per_epoch)
-        self.lr_schedule = build_lr_schedule(config.scheduler, self.optimizer, warmup, length, config.min_learning_rate,
-                                             config.num_cycles, config.rex_start_factor, config.rex_end_factor)
+        self.lr_schedule = run_lr_schedule(config, self.optimizer, batches_per_epoch, self.total_steps)
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         self.bare_unet = accelerator.unwrap_model(self.unet)
         self.step = TrainStep(accelerator, self.unet, self.optimizer, self.objective, self.trainable,
@@ -199,10 +159,8 @@ class TrainingRun:
                 self.drawer.check_sampler_steps(self.writer.parts.prepare(self.bare_unet))
             except SetupError as error:
                 refusal = error
-        if self.world > 1:
-            flag = torch.tensor([float(refusal is not None)], device=self.device)
-            if self.accelerator.reduce(flag, reduction="sum").item() and refusal is None:
-                raise TrainingError("the main process refused the start (its message says why)")
+        if any_process(self.accelerator, refusal is not None) and refusal is None:
+            raise TrainingError("the main process refused the start (its message says why)")
         if refusal is not None:
             raise refusal
 
@@ -404,9 +362,7 @@ class TrainingRun:
                     self._sample(path)
                 ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
                 tqdm.write(f"[train] saved {path} ({reason})")
-        if self.world > 1:  # saves are rare: one all-reduce tells every process how the main one's went
-            flag = torch.tensor([float(failed)], device=self.device)
-            failed = bool(self.accelerator.reduce(flag, reduction="sum").item())
+        failed = any_process(self.accelerator, failed)  # saves are rare: every process learns how the main one's went
         self.saves.record(step, reason, failed)
         if self.data.validation_index is not None and not self.config.validation_steps and reason != "interrupted":
             self._validate(step)
@@ -430,22 +386,16 @@ class TrainingRun:
         self.result.gave_up_saving = self.saves.gave_up
         if self.is_main:
             self._publish_final()
-        if self.world > 1:  # every process exits with the same status
-            flag = torch.tensor([float(self.result.final_saved)], device=self.device)
-            self.result.final_saved = bool(self.accelerator.reduce(flag, reduction="sum").item())
-        checksum = _weights_checksum(self.bare_unet).reshape(1).to(self.device)
-        shares = torch.tensor([float(self.sample_id_sum), float(self.sample_count), float(self.bad_pairs.skipped)],
-                              dtype=torch.float64, device=self.device).reshape(1, 3)
-        checksums = self.accelerator.gather(checksum)
-        shares = self.accelerator.gather(shares)
+        self.result.final_saved = any_process(self.accelerator, self.result.final_saved)  # one exit status
+        checksums, shares = gather_shares(self.accelerator, self.bare_unet, self.sample_id_sum, self.sample_count,
+                                          self.bad_pairs.skipped)
         if self.is_main:
-            checksums = checksums.cpu().tolist()
             if len(set(checksums)) > 1:
                 print(f"[train] WARNING: the processes' weights differ at the end: {checksums}", file=sys.stderr)
             summary = {"steps": self.progress.step, "interrupted": self.result.interrupted,
                        "processes": self.world, "process_weight_checksums": checksums,
-                       "process_sample_id_sums": shares[:, 0].cpu().tolist(),
-                       "process_sample_counts": shares[:, 1].cpu().tolist(),
+                       "process_sample_id_sums": shares[:, 0].tolist(),
+                       "process_sample_counts": shares[:, 1].tolist(),
                        "skipped_samples": self.skipped_before + int(shares[:, 2].sum().item()),
                        "left_out_at_start": self.data.left_out_at_start,
                        "checkpoints": [str(p) for p in self.result.checkpoints],

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from cachetrain.config import parse_train_args
-from cachetrain.trainer import TrainingError, check_process_count, main, train
+from cachetrain.processes import check_process_count
+from cachetrain.trainer import TrainingError, main, train
 from tests.training_support import logged as _logged
 from tests.training_support import train_args as _args
 from tests.training_support import train_caption_probe
