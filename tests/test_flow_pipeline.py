@@ -15,7 +15,7 @@ from PIL import Image
 
 from cachetrain.config import parse_train_args
 from cachetrain.trainer import train
-from tests.test_objectives import _flow_model
+from tests.training_support import flow_model_folder
 from tests.training_support import train_args as _args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_a_flow_checkpoint_loaded_plainly_draws_the_sample_the_trainer_drew(tiny
                                                                             tmp_path):
     from cachetrain.sampling import read_sample_metadata
 
-    model = _flow_model(tiny_sd_model, tmp_path / "flow")
+    model = flow_model_folder(tiny_sd_model, tmp_path / "flow")
     run = tmp_path / "run"
     train(parse_train_args(_args(model, cached_dataset, run, "--batch_size", "8", "--max_steps", "2",
                                  "--sample_prompt", PROMPT, "--sampler_steps", "3", "--guidance_scale", "2.5")))
@@ -100,7 +100,7 @@ def test_the_flow_pipeline_follows_the_trained_velocity_and_tells_the_unet_s_tim
 
     from cachetrain.flow import StableDiffusionFlowPipeline, flow_pipeline
 
-    plain = DiffusionPipeline.from_pretrained(_flow_model(tiny_sd_model, tmp_path / "flow", shift=shift))
+    plain = DiffusionPipeline.from_pretrained(flow_model_folder(tiny_sd_model, tmp_path / "flow", shift=shift))
     assert type(plain) is StableDiffusionPipeline
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     with pytest.raises(AttributeError, match="init_noise_sigma"):  # why a stock pipeline cannot draw it

@@ -18,6 +18,7 @@ import torch
 
 from cachetrain.config import parse_train_args
 from cachetrain.trainer import train
+from tests.training_support import flow_model_folder
 from tests.training_support import logged as _logged
 from tests.training_support import train_args as _args
 from tests.training_support import train_caption_probe
@@ -25,22 +26,9 @@ from tests.training_support import train_caption_probe
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _flow_model(source: Path, destination: Path, shift: float = 1.0) -> Path:
-    """The tiny SD model with a FlowMatchEulerDiscreteScheduler config, as a flow model folder has."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    shutil.copytree(source, destination)
-    shutil.rmtree(destination / "scheduler")
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).save_pretrained(destination / "scheduler")
-    index = json.loads((destination / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
-    (destination / "model_index.json").write_text(json.dumps(index))
-    return destination
-
-
 @pytest.fixture(scope="module")
 def tiny_flow_model(tiny_sd_model, tmp_path_factory) -> Path:
-    return _flow_model(tiny_sd_model, tmp_path_factory.mktemp("flow") / "model")
+    return flow_model_folder(tiny_sd_model, tmp_path_factory.mktemp("flow") / "model")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -4,6 +4,8 @@ to use its captions."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,19 @@ def unet_weights(folder: Path, component: str = "unet") -> dict[str, torch.Tenso
 def logged(result, name: str) -> list[tuple[int, float]]:
     """(step, value) of one scalar, as the run logged it."""
     return [(entry["step"], entry[name]) for entry in result.logged if name in entry]
+
+
+def flow_model_folder(source: Path, destination: Path, shift: float = 1.0) -> Path:
+    """The tiny SD model with a FlowMatchEulerDiscreteScheduler config, as a flow model folder has."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shutil.copytree(source, destination)
+    shutil.rmtree(destination / "scheduler")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).save_pretrained(destination / "scheduler")
+    index = json.loads((destination / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    (destination / "model_index.json").write_text(json.dumps(index))
+    return destination
 
 
 def record_unet_text_inputs(monkeypatch) -> list[torch.Tensor]:
