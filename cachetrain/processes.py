@@ -47,6 +47,12 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(total.item())
 
 
+def sum_over_processes(accelerator, value: float) -> torch.Tensor:
+    """``value`` summed over every process, as a device scalar (one all-reduce with several processes)."""
+    total = torch.tensor(float(value), device=accelerator.device)
+    return accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
+
+
 def weights_checksum(unet: torch.nn.Module) -> torch.Tensor:
     """One float64 number per process that differs if the processes' weights differ."""
     with torch.no_grad():

@@ -127,6 +127,18 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
     write_atomically(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
 
 
+def write_halted_summary(output_dir: Path, steps: int, reason: str, checkpoints: list[Path],
+                         failed_saves: list[int]) -> None:
+    """The summary of a run halted in training (status 5), written if the disk lets it: the error
+    itself, printed by the caller, is what the user must read."""
+    summary = {"steps": steps, "halted": reason, "checkpoints": [str(path) for path in checkpoints],
+               "failed_saves": failed_saves, "exit_status": ExitStatus.HALTED}
+    try:
+        write_summary(output_dir, summary)
+    except OSError:
+        pass
+
+
 def exit_status(*, stopped: bool, failed_saves: int, final_saved: bool, stop_saved: bool) -> int:
     """The status of a run that reached its end or a stop. A failed save outranks a stop: the run's
     disk needs a look before a requeue."""

@@ -36,7 +36,7 @@ from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RefillingBatchReader, RunBatches, make_training_loader
 from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
-from .processes import any_process, gather_shares, make_accelerator
+from .processes import any_process, gather_shares, make_accelerator, sum_over_processes
 from .run_data import load_run_data
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from .sample_drawer import SampleDrawer
@@ -198,13 +198,8 @@ class TrainingRun:
         except TrainingError as error:  # halted by a problem met in training: keep what it logged
             if self.is_main:
                 self.telemetry.close()
-                summary = {"steps": self.progress.step, "halted": str(error), "checkpoints":
-                           [str(p) for p in self.result.checkpoints], "failed_saves": self.result.failed_saves,
-                           "exit_status": ExitStatus.HALTED}
-                try:
-                    run_dir.write_summary(self.output_dir, summary)
-                except OSError:
-                    pass  # the error itself is what the user must read
+                run_dir.write_halted_summary(self.output_dir, self.progress.step, str(error),
+                                             self.result.checkpoints, self.result.failed_saves)
             raise
 
     def _run(self) -> TrainResult:
@@ -286,10 +281,7 @@ class TrainingRun:
     def _skipped_samples(self) -> torch.Tensor:
         """Bad pairs passed over by the whole run so far, as a device scalar (an all-reduce with
         several processes, so every process must call it at the same point)."""
-        here = torch.tensor(float(self.bad_pairs.skipped), device=self.device)
-        if self.world > 1:
-            here = self.accelerator.reduce(here, reduction="sum")
-        return here + self.skipped_before
+        return sum_over_processes(self.accelerator, self.bad_pairs.skipped) + self.skipped_before
 
     def _log(self, check: UpdateCheck, bar) -> None:
         """Read the window's metrics back (one transfer), log them, and stop on a run of bad steps."""
