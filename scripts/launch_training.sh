@@ -7,7 +7,9 @@
 # Paths in the settings are taken relative to where the wrapper was started, as a user expects.
 CACHETRAIN_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-ARGS=(--preset "$PRESET" --copy_config "$0")
+ARGS=(--copy_config "$0")
+# a settings file from before presets sets no PRESET but fills in every value: it runs as it always did
+[ -n "${PRESET:-}" ] && ARGS=(--preset "$PRESET" "${ARGS[@]}")
 pass_if_set() {  # FLAG VALUE: FLAG VALUE, when VALUE is not empty
     [ -z "$2" ] || ARGS+=("$1" "$2")
 }

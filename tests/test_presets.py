@@ -135,6 +135,44 @@ def test_the_wrappers_pass_their_preset_and_only_the_settings_a_user_filled_in(t
     assert argv[0] == trainer and "--use_snr --noise_gamma 3.5 --gradient_checkpointing" in " ".join(argv)
 
 
+def test_a_settings_file_from_before_presets_runs_as_it_always_did(tmp_path):
+    """A copy of train_sd.sh kept from before presets: no PRESET, every value filled in, min-SNR turned
+    off the way its comment said (an empty SNR_GAMMA). It passes what it sets and no preset."""
+    home, settings, received = _fake_launch_home(tmp_path, "train_sd.sh")
+    settings.write_text("""#!/usr/bin/env bash
+set -euo pipefail
+MODEL="${MODEL:-models/mine}"
+DATA_DIRS="${DATA_DIRS:-/data/images}"
+OUTPUT_DIR="${OUTPUT_DIR:-output/sd15}"
+IMG_SUFFIX="${IMG_SUFFIX:-.img_sdvae}"
+TXT_SUFFIX="${TXT_SUFFIX:-.txt_clipl}"
+LEARNING_RATE="${LEARNING_RATE:-1e-5}"
+BATCH_SIZE="${BATCH_SIZE:-16}"
+GRADIENT_ACCUM="${GRADIENT_ACCUM:-4}"
+MAX_STEPS="${MAX_STEPS:-10000}"
+SAVE_STEPS="${SAVE_STEPS:-1000}"
+SCHEDULER="${SCHEDULER:-cosine}"
+WARMUP_STEPS="${WARMUP_STEPS:-100}"
+SNR_GAMMA=""                                            # empty disables min-SNR weighting
+OPTIMIZER="${OPTIMIZER:-adamw}"
+SAMPLER_STEPS="${SAMPLER_STEPS:-30}"
+PROMPTS=("a photo of a cat")
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-0}"
+EXTRA_ARGS="${EXTRA_ARGS:-}"
+source "${CACHETRAIN_HOME:-$(dirname "$0")}/scripts/launch_training.sh"
+""")
+    argv = _launch(settings, home, received, tmp_path / "hf")
+    assert "--preset" not in argv and "--use_snr" not in argv
+    assert argv == [str(home / "train_from_cached.py"), "--copy_config", str(settings),
+                    "--pretrained_model", "models/mine", "--output_dir", "output/sd15",
+                    "--imgcache_suffix", ".img_sdvae", "--txtcache_suffix", ".txt_clipl", "--learning_rate", "1e-5",
+                    "--batch_size", "16", "--gradient_accum", "4", "--max_steps", "10000", "--save_steps", "1000",
+                    "--scheduler", "cosine", "--warmup_steps", "100", "--optimizer", "adamw", "--sampler_steps", "30",
+                    "--no-gradient_checkpointing", "--train_data_dir", "/data/images", "--sample_prompt",
+                    "a photo of a cat"]
+    assert not parse_train_args(argv[1:]).use_snr  # config.py's default: off, as the old comment promised
+
+
 @pytest.mark.slow
 def test_train_sd_runs_its_preset_with_the_users_override_and_keeps_its_settings(tiny_sd_model, cached_dataset,
                                                                                 tmp_path):
