@@ -139,8 +139,8 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
     def one_step():
         with accelerator.accumulate(unet):
             step.forward_backward(batch)
-            step.prepare_update(want_qk_grads=False)
-            step.update()
+            if accelerator.sync_gradients:
+                step.optimizer_step(want_qk_grads=False)
 
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, first_line
 
 # SD1.5's noise schedule, for a UNet that comes without its pipeline's scheduler.
 SD15_DDIM_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -72,7 +72,7 @@ def _find_part(what: str, model: str, subfolders: tuple[str | None, ...], read_c
         try:
             config = read_config(model, subfolder)
         except (OSError, ValueError) as error:  # missing file, offline hub, not this kind of model
-            tried.append(f"{place}: {str(error).splitlines()[0]}")
+            tried.append(f"{place}: {first_line(error)}")
             continue
         return Part(what, model, subfolder, dict(config))
     raise AssemblyError(f"no {what} found in {model}:\n  - " + "\n  - ".join(tried))
@@ -104,7 +104,7 @@ def _load_t5_tokenizer(t5_part: Part, subfolder: str | None):
         check_tokenizer_vocabulary(tokenizer, place)
     except (OSError, ValueError, TypeError) as error:
         raise AssemblyError(f"no usable T5 tokenizer beside the encoder ({t5_part.where}): {place}: "
-                            f"{str(error).splitlines()[0]}") from None
+                            f"{first_line(error)}") from None
     return tokenizer
 
 

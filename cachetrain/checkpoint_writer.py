@@ -16,7 +16,7 @@ from . import export
 from .config import TrainConfig
 from .ema import ema_weights
 from .frozen_parts import FrozenParts
-from .start_checks import first_line
+from .cli import first_line
 from .training_state import TrainingState
 
 

@@ -23,6 +23,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, for one-line reports ("no message" for an empty one)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
 def print_error(message: str) -> None:
     """The one line a failed command leaves for its user."""
     print(f"error: {message}", file=sys.stderr)

@@ -16,7 +16,8 @@ from . import checkpoint as ckpt
 from . import ldm_layout, models
 from .config import TrainConfig
 from .sidecar import IMAGE_LATENT_KEY
-from .start_checks import SetupError, first_line
+from .cli import first_line
+from .start_checks import SetupError
 from .tree import walk_files
 
 

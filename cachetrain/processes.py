@@ -1,6 +1,8 @@
 """The processes of one run: the accelerator they train under, the check that a launch of N processes
-trains as N, and what they must agree on. Each agreement is one collective at a rare point (a save,
-the end), and every process must reach it, so none waits on the others at an ordinary step.
+trains as N, and the collectives the trainer uses to agree (a flag, a sum, the end-of-run shares).
+Each is one collective that every process must reach at the same point: at start, at saves, at
+logging steps and at the end, never at an ordinary step. (The stop/trigger agreement is the save
+policy's: save_policy.agreed_requests.)
 """
 
 from __future__ import annotations

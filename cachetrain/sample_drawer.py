@@ -17,7 +17,8 @@ from .config import ConfigError, TrainConfig
 from .frozen_parts import FrozenParts
 from .prompts import read_prompts_file
 from .sampling import build_sampling_scheduler, draw_samples
-from .start_checks import SetupError, first_line, sample_scheduler_problem, sampler_steps_problem
+from .cli import first_line
+from .start_checks import SetupError, sample_scheduler_problem, sampler_steps_problem
 from .step import bf16_autocast
 from .telemetry import Telemetry
 

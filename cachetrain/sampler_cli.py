@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .cli import ArgumentParser, print_error
+from .cli import ArgumentParser, first_line, print_error
 from .config import SAMPLE_SCHEDULERS, TRUST_HELP
 from .folder_sampler import SamplerInputError, SampleSettings, check_model, plan_for, sample_model, step_of
 from .prompts import PromptsFileError, read_prompts_file
@@ -111,14 +111,9 @@ def _gone_or_failed(checkpoint: Path, error: Exception) -> str:
         print(f"[sample] {checkpoint.name}: removed (--keep_checkpoints) before its samples were written; "
               "skipped", file=sys.stderr)
         return "pruned"
-    print(f"[sample] {checkpoint.name}: failed ({type(error).__name__}: {_first_line(error)}); skipped",
+    print(f"[sample] {checkpoint.name}: failed ({type(error).__name__}: {first_line(error)}); skipped",
           file=sys.stderr)
     return "failed"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def watch(run_dir: Path, settings: SampleSettings, out_root: Path | None = None, poll_seconds: float = 10.0,
@@ -257,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as error:  # the hub, a damaged folder, out of memory: said in one line
-        print_error(f"{args.model or args.watch}: cannot be sampled ({type(error).__name__}: {_first_line(error)})")
+        print_error(f"{args.model or args.watch}: cannot be sampled ({type(error).__name__}: {first_line(error)})")
         return 1
     for path in paths:
         print(path)

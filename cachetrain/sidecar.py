@@ -118,8 +118,8 @@ def is_orphan(sidecar: str, suffix: str, sources: Container[str]) -> bool:
     is an orphan when ``sources`` (sidecar_sources of the files around it) has no ``dir/name``.
 
     Names compare exactly, as sidecar_path makes them (the suffix itself in any case, as walks find
-    it). A text sidecar is also an orphan when its caption is gone: read_caption says so
-    (``CaptionRejected.source_gone``).
+    it). (A text sidecar whose caption file is gone is found by read_caption, not here:
+    ``CaptionRejected.source_gone``.)
     """
     return sidecar[: -len(suffix)] not in sources
 

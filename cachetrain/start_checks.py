@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from . import ldm_layout, models
+from .cli import first_line
 from .config import TrainConfig
 from .objective import is_flow_config
 from .sampling import scheduler_choice_problem
@@ -17,12 +18,6 @@ LEFT_OUT_PARTS = ("safety_checker", "feature_extractor")  # load_pipeline_around
 
 class SetupError(RuntimeError):
     """Something found before step 1 that would make every later save or sample fail."""
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message, for one-line reports."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def start_problem(config: TrainConfig) -> str | None:

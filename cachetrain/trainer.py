@@ -133,7 +133,8 @@ class TrainingRun:
                                                                                      config.single_file_config)
         self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
                                          config.weight_decay, bf16_weights=config.bf16_weights)
-        # stepped by hand once per optimizer step (accelerate would step it once per process)
+        # stepped by hand once per optimizer step (accelerate would step it once per process), or once
+        # per epoch with --scheduler_at_epoch
         batches_per_epoch = self.data.batches_per_epoch
         self.lr_schedule = run_lr_schedule(config, self.optimizer, batches_per_epoch, self.total_steps)
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)

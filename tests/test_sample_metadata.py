@@ -80,15 +80,15 @@ def test_telemetry_logs_each_image_under_its_prompt_at_its_step(tmp_path):
 
 def test_checkpoint_samples_carry_their_facts_and_reach_tensorboard(tiny_sd_model, tmp_path):
     from cachetrain import models
-    from cachetrain.sample_drawer import SampleDrawer as CheckpointSampler
     from cachetrain.config import parse_train_args
+    from cachetrain.sample_drawer import SampleDrawer
 
     prompts = ["a red circle on a blue background", "a yellow square on a black background"]
     config = parse_train_args(["--pretrained_model", str(tiny_sd_model), "--train_data_dir", str(tmp_path),
                                "--output_dir", str(tmp_path / "run"), "--sample_prompt", *prompts,
                                "--sampler_steps", "2", "--sample_seed", "40", "--guidance_scale", "3.0"])
     telemetry = Telemetry(tmp_path / "run" / "tensorboard", torch.device("cpu"))
-    sampler = CheckpointSampler(config, torch.device("cpu"), telemetry)
+    sampler = SampleDrawer(config, torch.device("cpu"), telemetry)
     paths = sampler.sample(models.load_unet(str(tiny_sd_model)), 100, tmp_path / "run" / "checkpoint-00100")
     telemetry.close()
 
