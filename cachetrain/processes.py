@@ -8,12 +8,18 @@ policy's: save_policy.agreed_requests.)
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import torch
 
 from .bad_data import TrainingError
 from .config import TrainConfig
 from .step import bf16_autocast
+
+
+# how long the processes of a finished run may take to shut down together before each leaves on its own
+SHUTDOWN_GRACE_SECONDS = 60.0
 
 
 def check_process_count(launched_world: int, accelerator_world: int) -> None:
@@ -73,3 +79,27 @@ def gather_shares(accelerator, unet: torch.nn.Module, sample_id_sum: int, sample
     shares = torch.tensor([float(sample_id_sum), float(sample_count), float(skipped)],
                           dtype=torch.float64, device=device).reshape(1, 3)
     return accelerator.gather(checksum).cpu().tolist(), accelerator.gather(shares).cpu()
+
+
+def end_processes(accelerator, exit_status: int, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    """Wait for every process, then tear the process group down. By now the run's files are written and
+    its exit status is known, so a teardown that hangs (destroying a process group now and then does,
+    with no error) must not hold the job: after ``grace_seconds`` the process leaves with that status."""
+    if accelerator.num_processes == 1:
+        accelerator.end_training()
+        return
+    watchdog = threading.Timer(grace_seconds, _leave, args=(exit_status, grace_seconds))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    finally:
+        watchdog.cancel()
+
+
+def _leave(exit_status: int, grace_seconds: float) -> None:
+    print(f"[train] the processes did not shut down together within {grace_seconds:.0f} s; leaving with "
+          f"status {exit_status} (the run's files were written before)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(exit_status)

@@ -36,7 +36,7 @@ from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RefillingBatchReader, RunBatches, make_training_loader
 from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
-from .processes import any_process, gather_shares, make_accelerator, sum_over_processes
+from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
 from .run_data import load_run_data
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from .sample_drawer import SampleDrawer
@@ -406,8 +406,7 @@ class TrainingRun:
         self.telemetry.close()
         # the main process may still be writing the final model: tearing the process group down
         # under it aborted another process now and then (~1 run in 10 with two CPU processes)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        end_processes(self.accelerator, self.result.exit_status)
         self.result.steps = self.progress.step
 
     def _publish_final(self) -> None:
