@@ -13,10 +13,10 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import export
+from .cli import first_line
 from .config import TrainConfig
 from .ema import ema_weights
 from .frozen_parts import FrozenParts
-from .cli import first_line
 from .training_state import TrainingState
 
 
@@ -54,7 +54,7 @@ class CheckpointWriter:
                                       title=title)
         except Exception as error:  # a full disk shows as OSError or safetensors' own error
             tqdm.write(f"[train] could not write {checkpoint / export.SINGLE_FILE_NAME} ({type(error).__name__}: "
-                       f"{error}); the checkpoint folder itself is saved. Training goes on.")
+                       f"{first_line(error)}); the checkpoint folder itself is saved. Training goes on.")
 
 
 def _ema_writer(ema, trainable, unet):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from . import ldm_layout, models
+from .cli import first_line
 from .config import TrainConfig
 from .sidecar import IMAGE_LATENT_KEY
-from .cli import first_line
 from .start_checks import SetupError
 from .tree import walk_files
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .cli import first_line
 from .config import ConfigError, TrainConfig
 from .frozen_parts import FrozenParts
 from .prompts import read_prompts_file
 from .sampling import build_sampling_scheduler, draw_samples
-from .cli import first_line
 from .start_checks import SetupError, sample_scheduler_problem, sampler_steps_problem
 from .step import bf16_autocast
 from .telemetry import Telemetry
