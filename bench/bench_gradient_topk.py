@@ -51,7 +51,7 @@ def timed(action, repeats: int, synchronize) -> float:
 
 
 def main() -> None:
-    from cachetrain.optim import keep_top_gradients_
+    from cachetrain.train.optim import keep_top_gradients_
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, default=1 << 25)

@@ -28,11 +28,11 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cachetrain.cache_build import CacheSettings, run_cache_build  # noqa: E402
-from cachetrain.image_cache import ImageLatentBuilder, pixels_to_vae_input  # noqa: E402
-from cachetrain.images import load_image  # noqa: E402
+from cachetrain.cache.build import CacheSettings, run_cache_build  # noqa: E402
+from cachetrain.cache.image_cache import ImageLatentBuilder, pixels_to_vae_input  # noqa: E402
+from cachetrain.cache.images import load_image  # noqa: E402
 from cachetrain.sidecar import IMAGE_LATENT_KEY, SD_VAE_SUFFIX, sidecar_path, write_sidecar  # noqa: E402
-from cachetrain.tiny import TINY_VAE  # noqa: E402
+from cachetrain.tiny.models import TINY_VAE  # noqa: E402
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:

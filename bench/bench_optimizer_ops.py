@@ -40,8 +40,8 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
 
-    from cachetrain.optim import StochasticAdamW, StochasticLion
-    from cachetrain.tiny import TINY_UNET
+    from cachetrain.train.optim import StochasticAdamW, StochasticLion
+    from cachetrain.tiny.models import TINY_UNET
 
     diffusers_logging.set_verbosity_error()
     torch.set_num_threads(1)

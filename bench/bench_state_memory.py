@@ -24,8 +24,8 @@ SD15_UNET_PARAMETERS = 859.5e6
 def state_bytes(bf16_weights: bool, optimizer_name: str) -> tuple[int, int]:
     from diffusers import UNet2DConditionModel
 
-    from cachetrain.optim import build_optimizer
-    from cachetrain.tiny import TINY_UNET
+    from cachetrain.train.optim import build_optimizer
+    from cachetrain.tiny.models import TINY_UNET
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)

@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 
 def trainer_steps_per_second(model: Path, data: Path, output: Path, steps: int, batch_size: int, workers: int) -> float:
-    from cachetrain.config import parse_train_args
-    from cachetrain.trainer import train
+    from cachetrain.train.config import parse_train_args
+    from cachetrain.train.trainer import train
 
     log_every = 10
     result = train(parse_train_args([
@@ -43,8 +43,8 @@ def trainer_steps_per_second(model: Path, data: Path, output: Path, steps: int, 
 def bare_steps_per_second(model: Path, steps: int, batch_size: int) -> float:
     from diffusers import UNet2DConditionModel
 
-    from cachetrain.models import load_training_scheduler, read_vae_scaling_factor
-    from cachetrain.objective import DiffusionObjective
+    from cachetrain.models.loading import load_training_scheduler, read_vae_scaling_factor
+    from cachetrain.train.objective import DiffusionObjective
 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").train()
     objective = DiffusionObjective(load_training_scheduler(str(model)))
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="trainer and bare loop take turns this many times")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from cachetrain.tiny import build_tiny_sd, write_random_pairs
+    from cachetrain.tiny.models import build_tiny_sd, write_random_pairs
 
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as folder:
         root = Path(folder)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cachetrain.cache_plan import plan, scan_roots  # noqa: E402
-from cachetrain.cache_summary import CacheSummary  # noqa: E402
+from cachetrain.cache.plan import plan, scan_roots  # noqa: E402
+from cachetrain.cache.summary import CacheSummary  # noqa: E402
 from cachetrain.sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, SD_VAE_SUFFIX, image_source_identity,  # noqa: E402
                                 write_sidecar)
 from cachetrain.tree import index_training_pairs  # noqa: E402

@@ -68,7 +68,7 @@ def timed(fn, items_per_call: int, windows: int, calls: int, warmup: int, cuda: 
 def vae_result(name: str, vae_config: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
     from diffusers import AutoencoderKL
 
-    from cachetrain.image_cache import ImageLatentBuilder
+    from cachetrain.cache.image_cache import ImageLatentBuilder
 
     torch.manual_seed(0)
     with device:
@@ -88,9 +88,9 @@ def vae_result(name: str, vae_config: dict, args, device: torch.device, dtype: t
 def t5_results(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     from transformers import T5Config, T5EncoderModel
 
-    from cachetrain.t5 import T5Projection
-    from cachetrain.t5_cache import T5EmbeddingBuilder
-    from cachetrain.tiny import TINY_T5_ENCODER, TINY_T5_PROJECTION_DIM, write_t5_tokenizer
+    from cachetrain.models.t5 import T5Projection
+    from cachetrain.cache.t5_cache import T5EmbeddingBuilder
+    from cachetrain.tiny.models import TINY_T5_ENCODER, TINY_T5_PROJECTION_DIM, write_t5_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench-t5-tokenizer-") as folder:
         tokenizer = write_t5_tokenizer(Path(folder))
@@ -147,7 +147,7 @@ def main() -> None:
     card = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = args.peak_tflops or next((v for k, v in MEASURED_PEAK_TFLOPS.items() if k in card), None)
     print(f"device: {card}; torch {torch.__version__}; dtype {str(dtype).removeprefix('torch.')}", flush=True)
-    from cachetrain.tiny import TINY_SDXL_VAE, TINY_VAE
+    from cachetrain.tiny.models import TINY_SDXL_VAE, TINY_VAE
 
     results = []
     if args.only in (None, "vae"):

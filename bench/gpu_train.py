@@ -3,7 +3,7 @@
 
 Builds the SD1.5 UNet from its standard config (random weights, nothing downloaded), feeds it
 synthetic in-memory batches (64x64x4 latents, 77x768 text, pinned host memory as the loader gives
-them) through cachetrain.step.TrainStep - the code train_from_cached.py runs - and prints per
+them) through cachetrain.train.step.TrainStep - the code train_from_cached.py runs - and prints per
 configuration: images/s (median over timed windows after warm-up), MFU against 2.41 TFLOP per image
 and the device's peak, peak allocated and reserved memory, host syncs seen in the timed steps, and
 the card's name. ``--tiny`` runs the tiny UNet on CPU so the script stays tested without a GPU.
@@ -92,7 +92,7 @@ def device_peak_tflops(name: str, override: float | None) -> float | None:
 
 
 def synthetic_batch(batch_size: int, latent_size: int, text_shape: tuple[int, int], pin: bool):
-    from cachetrain.loader import Batch
+    from cachetrain.train.loader import Batch
 
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(batch_size, 4, latent_size, latent_size, generator=generator).half(),
@@ -106,11 +106,11 @@ def synthetic_batch(batch_size: int, latent_size: int, text_shape: tuple[int, in
 def run_config(config: BenchConfig, accelerator, args) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from cachetrain.objective import DiffusionObjective
-    from cachetrain.optim import build_optimizer
-    from cachetrain.step import TrainStep
-    from cachetrain.telemetry import qk_weight_parameters
-    from cachetrain.tiny import TINY_UNET
+    from cachetrain.train.objective import DiffusionObjective
+    from cachetrain.train.optim import build_optimizer
+    from cachetrain.train.step import TrainStep
+    from cachetrain.train.telemetry import qk_weight_parameters
+    from cachetrain.tiny.models import TINY_UNET
 
     device = accelerator.device
     cuda = device.type == "cuda"

@@ -24,7 +24,7 @@ for name in ("torch", "diffusers", "transformers", "huggingface-hub", "accelerat
         print(name, m.version(name))
     except m.PackageNotFoundError:
         print(name, "MISSING")
-import diffusers, cachetrain.step' 2>&1 | tee "$OUT_DIR/versions.txt"
+import diffusers, cachetrain.train.step' 2>&1 | tee "$OUT_DIR/versions.txt"
 # training first: it is the goal; each part has its own limit so one slow part cannot eat the other's time
 # shellcheck disable=SC2086
 timeout 320 "$PYTHON" bench/gpu_train.py --json "$OUT_DIR/gpu_train.jsonl" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_train.log"

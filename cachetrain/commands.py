@@ -11,8 +11,8 @@ from .cli import require_dependencies
 
 require_dependencies()  # before torch is imported: run outside the environment, one line, not a traceback
 
-from . import models  # noqa: E402
-from .image_cache import ImageScriptDefaults  # noqa: E402
+from .models import loading as models  # noqa: E402
+from .cache.image_cache import ImageScriptDefaults  # noqa: E402
 from .sidecar import SD_VAE_SUFFIX, SDXL_VAE_SUFFIX  # noqa: E402
 
 SD_VAE_DEFAULTS = ImageScriptDefaults(
@@ -28,67 +28,67 @@ SDXL_VAE_DEFAULTS = ImageScriptDefaults(
 
 
 def create_img_sdvae(argv: list[str] | None = None) -> int:
-    from .image_cache import main
+    from .cache.image_cache import main
 
     return main(argv, SD_VAE_DEFAULTS)
 
 
 def create_img_sdxl(argv: list[str] | None = None) -> int:
-    from .image_cache import main
+    from .cache.image_cache import main
 
     return main(argv, SDXL_VAE_DEFAULTS)
 
 
 def create_clipl(argv: list[str] | None = None) -> int:
-    from .text_cache import main_clip
+    from .cache.text_cache import main_clip
 
     return main_clip(argv)
 
 
 def create_t5cache_768(argv: list[str] | None = None) -> int:
-    from .t5_cache import main
+    from .cache.t5_cache import main
 
     return main(argv)
 
 
 def train_from_cached(argv: list[str] | None = None) -> int:
-    from .trainer import main
+    from .train.trainer import main
 
     return main(argv)
 
 
 def compare_imgdirs(argv: list[str] | None = None) -> int:
-    from .compare import main
+    from .view.compare import main
 
     return main(argv)
 
 
 def assemble_t5_pipeline(argv: list[str] | None = None) -> int:
-    from .assemble import main
+    from .models.assemble import main
 
     return main(argv)
 
 
 def sample_images(argv: list[str] | None = None) -> int:
-    from .sampler_cli import main
+    from .sample.sampler_cli import main
 
     return main(argv)
 
 
 def export_single_file(argv: list[str] | None = None) -> int:
-    from .export import main
+    from .models.export import main
 
     return main(argv)
 
 
 def inspect(argv: list[str] | None = None) -> int:
-    from .inspect import main
+    from .view.inspect import main
 
     return main(argv)
 
 
 def tiny(argv: list[str] | None = None) -> int:
-    from .tiny import main
+    from .tiny.models import main
 
     main(argv)
     return 0

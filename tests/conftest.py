@@ -36,14 +36,14 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tiny_sd_model(tmp_path_factory) -> Path:
-    from cachetrain.tiny import build_tiny_sd
+    from cachetrain.tiny.models import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def _shapes_template(tmp_path_factory) -> Path:
-    from cachetrain.tiny import make_shapes_dataset
+    from cachetrain.tiny.models import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("shapes-template") / "data"
     make_shapes_dataset(root, count=48, seed=1)

@@ -1,6 +1,6 @@
 """Fixtures of the T5 tests: the tiny T5 model and the synthetic data cached through it.
 
-Imported by each tests/test_t5_*.py (so each of those modules builds them once).
+Imported by each test_t5_*.py under tests/ (so each of those modules builds them once).
 """
 
 from __future__ import annotations
@@ -20,21 +20,21 @@ def cache_args(model: Path, root: Path, *extra: str) -> list[str]:
 
 def cache_sdxl_latents(model: Path, root: Path) -> int:
     """What create_img_sdxl.py does: the shared image cache with the .img_sdxl defaults."""
-    from cachetrain.image_cache import ImageScriptDefaults, main
+    from cachetrain.cache.image_cache import ImageScriptDefaults, main
 
     defaults = ImageScriptDefaults(model=str(model), out_suffix=SDXL_VAE_SUFFIX, description="SDXL VAE latents")
     return main(cache_args(model, root, "--resolution", "64"), defaults)
 
 
 def cache_t5_embeddings(model: Path, root: Path, *extra: str) -> int:
-    from cachetrain.t5_cache import main
+    from cachetrain.cache.t5_cache import main
 
     return main(cache_args(model, root, "--batch_size", "8", *extra))
 
 
 @pytest.fixture(scope="module")
 def tiny_t5_model(tmp_path_factory) -> Path:
-    from cachetrain.tiny import build_tiny_t5
+    from cachetrain.tiny.models import build_tiny_t5
 
     return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5") / "model", seed=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cachetrain.cache_plan import scan_roots
+from cachetrain.cache.plan import scan_roots
 from cachetrain.tree import normalize_extensions, walk_files
 
 

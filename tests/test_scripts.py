@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cachetrain import sidecar
-from cachetrain.text_cache import main_clip
+from cachetrain.cache.text_cache import main_clip
 
 from .conftest import REPO_ROOT
 
@@ -102,7 +102,7 @@ def test_a_bare_custom_takes_the_clip_parts_of_the_model_folder_and_custom_folde
 
 def test_a_bare_custom_on_a_model_that_is_not_a_pipeline_folder_is_one_line_and_exit_2(capsys, tmp_path,
                                                                                         shapes_dataset):
-    from cachetrain.image_cache import main as image_main
+    from cachetrain.cache.image_cache import main as image_main
     import create_img_sdxl
 
     empty = tmp_path / "empty"
@@ -119,7 +119,7 @@ def test_a_bare_custom_on_a_model_that_is_not_a_pipeline_folder_is_one_line_and_
                                      "create_clipl", "create_t5cache_768"])
 def test_every_script_that_loads_a_model_folder_shows_custom_first_and_keeps_is_custom(command, capsys):
     from cachetrain import commands
-    from cachetrain.config import TRUST_HELP
+    from cachetrain.train.config import TRUST_HELP
 
     with pytest.raises(SystemExit) as done:
         getattr(commands, command)(["--help"])
@@ -131,9 +131,9 @@ def test_every_script_that_loads_a_model_folder_shows_custom_first_and_keeps_is_
 
 
 def test_is_custom_and_custom_are_one_flag_in_the_sampler_and_the_cache_scripts():
-    from cachetrain.cache_build import CUSTOM_IS_MODEL, add_custom_flag
+    from cachetrain.cache.build import CUSTOM_IS_MODEL, add_custom_flag
     from cachetrain.cli import ArgumentParser
-    from cachetrain.sampler_cli import build_parser
+    from cachetrain.sample.sampler_cli import build_parser
 
     assert build_parser().parse_args(["m", "--is_custom"]).custom
     assert build_parser().parse_args(["m", "--custom"]).custom

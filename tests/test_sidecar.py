@@ -179,7 +179,7 @@ def test_caption_identity_is_the_hash_of_the_text():
 def test_encoder_fingerprint_is_the_same_for_fp32_and_bf16_loads_and_changes_with_the_weights(tiny_sd_model):
     from diffusers import AutoencoderKL
 
-    from cachetrain.models import encoder_identity
+    from cachetrain.models.loading import encoder_identity
 
     fp32 = AutoencoderKL.from_pretrained(tiny_sd_model, subfolder="vae", torch_dtype=torch.float32)
     bf16 = AutoencoderKL.from_pretrained(tiny_sd_model, subfolder="vae", torch_dtype=torch.bfloat16)

@@ -66,9 +66,9 @@ def fixed_batch_loss(unet_folder: Path, model: Path, data: Path, image_suffix: s
     conditioned as the trainer conditions it (embeddings padded by the collate, mask passed on)."""
     from diffusers import UNet2DConditionModel
 
-    from cachetrain.loader import CachedPairDataset, collate_pairs
-    from cachetrain.models import load_training_scheduler, read_vae_scaling_factor
-    from cachetrain.objective import DiffusionObjective
+    from cachetrain.train.loader import CachedPairDataset, collate_pairs
+    from cachetrain.models.loading import load_training_scheduler, read_vae_scaling_factor
+    from cachetrain.train.objective import DiffusionObjective
     from cachetrain.tree import index_training_pairs
 
     index, _ = index_training_pairs([data], image_suffix, text_suffix)
@@ -113,15 +113,15 @@ def train_caption_probe(model: Path, tmp_path: Path, train_args: Callable[[Path,
     the trainer's flags; they must hold --validation_split 0.25), and probe the quarter held out."""
     from diffusers import UNet2DConditionModel
 
-    from cachetrain.config import parse_train_args
-    from cachetrain.image_cache import main as image_main
-    from cachetrain.loader import CachedPairDataset, NoisePlan, collate_pairs
-    from cachetrain.models import read_vae_scaling_factor
-    from cachetrain.text_cache import main_clip
-    from cachetrain.tiny import make_shapes_dataset
-    from cachetrain.trainer import train
+    from cachetrain.train.config import parse_train_args
+    from cachetrain.cache.image_cache import main as image_main
+    from cachetrain.train.loader import CachedPairDataset, NoisePlan, collate_pairs
+    from cachetrain.models.loading import read_vae_scaling_factor
+    from cachetrain.cache.text_cache import main_clip
+    from cachetrain.tiny.models import make_shapes_dataset
+    from cachetrain.train.trainer import train
     from cachetrain.tree import index_training_pairs
-    from cachetrain.validation import VALIDATION_EPOCH, split_validation
+    from cachetrain.train.validation import VALIDATION_EPOCH, split_validation
     from create_img_sdvae import DEFAULTS
 
     data = tmp_path / "data"

@@ -1,0 +1,190 @@
+"""The cache builders' one engine: its settings, what a builder provides, the run in order, the common flags.
+
+A builder (image_cache.ImageLatentBuilder, text_cache.TextEmbeddingBuilder) says what a fresh
+sidecar's metadata must hold and how to encode a batch. ``run_cache_build`` does everything else
+the same way for all of them:
+
+1. walk the data roots once and plan (cache_plan): sources, existing sidecars, fresh ones skipped;
+2. take this process's share (shards): ``--shard I/N`` across machines combined with the torchrun /
+   accelerate rank, so all processes together cover every source exactly once;
+3. encode in batches (the builder) and write each sidecar atomically on background threads
+   (cache_writer);
+4. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up (cache_summary).
+
+The flags every cache script shares, and the settings made from them, are here too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from .plan import drop_name_clashes, find_orphans, handle_orphans, plan, scan_roots
+from .summary import CacheSummary, handled_count
+from .writer import BackgroundWriter, EncodedItem
+from .shares import effective_shard, parse_shard, per_process_path, take_shard
+from ..sidecar import CAPTION_EXTENSION, sidecar_path
+
+
+@dataclass
+class CacheSettings:
+    data_roots: list[str]
+    out_suffix: str
+    extensions: tuple[str, ...]
+    batch_size: int = 8
+    overwrite: bool = False
+    num_workers: int = 2
+    shard_index: int = 0
+    shard_count: int = 1
+    report_path: str | None = None
+    show_progress: bool = True
+    prune: bool = False
+
+
+class CacheBuilder(Protocol):
+    def expected_metadata(self, source: str) -> dict[str, str]:
+        """What a fresh sidecar of ``source`` holds in its metadata (called from several threads at once).
+
+        Raises OSError/ValueError for a bad source; an exception with a ``kind`` attribute names the
+        problem's kind, and one with ``source_gone = True`` marks an existing sidecar as an orphan.
+        """
+
+    def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
+        """Encode ``sources`` in batches; report the ones that fail to ``summary`` and yield the rest."""
+
+    # Optional: ``source_digest(source) -> {"source_sha256": ...}`` for a builder whose source identity
+    # includes a modification time; when only that time differs, plan() compares content instead.
+
+
+def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSummary:
+    """Bring every source's sidecar up to date (this process's share of them) and sum up."""
+    summary = CacheSummary(report_path=settings.report_path)
+    if settings.report_path:
+        open(settings.report_path, "w").close()  # a report describes one run
+    scan = scan_roots(settings.data_roots, settings.extensions, settings.out_suffix)
+    all_sources = drop_name_clashes(scan.sources, summary if settings.shard_index == 0 else None)
+    sources = take_shard(all_sources, settings.shard_index, settings.shard_count)
+    # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
+    orphans = []
+    if settings.shard_index == 0:
+        orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix,
+                               settings.extensions)
+    todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
+                settings.overwrite, summary, orphans)
+    handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
+    writer = BackgroundWriter(summary)
+    summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
+                            disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
+    handled_before = handled_count(summary)
+    encoded = builder.encode(todo, summary)
+    stopped = False
+    try:
+        for item in encoded:
+            writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
+            if writer.stop_reason:
+                stopped = True
+                break
+    finally:
+        if hasattr(encoded, "close"):
+            encoded.close()  # a generator: ends its decode workers when the loop ended early
+        writer.close()
+        summary.progress.close()
+        summary.progress = None
+    if stopped:
+        summary.stop(writer.stop_reason, len(todo) - (handled_count(summary) - handled_before))
+    return summary
+
+
+def add_common_cache_flags(parser, default_batch: int) -> None:
+    """Flags every cache script takes, with the seed's names."""
+    parser.add_argument("--data_root", nargs="+", required=True, action="extend",
+                        help="one or more folders to walk (repeatable)")
+    parser.add_argument("--batch_size", type=int, default=default_batch, help="items encoded at once")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rebuild every sidecar, fresh or legacy (by default fresh ones are skipped, "
+                             "stale and unreadable ones rebuilt, legacy ones without metadata kept)")
+    parser.add_argument("--prune", action="store_true",
+                        help="remove sidecars whose source is gone and temporaries left by killed runs")
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader worker processes that read and decode the inputs")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:1 or cpu (default: this process's GPU when CUDA is available)")
+    parser.add_argument("--dtype", default=None,
+                        help="encoder precision: bfloat16 (default on CUDA) or float32 (default on CPU)")
+    parser.add_argument("--save_dtype", default="float16", help="precision stored in the sidecars")
+    parser.add_argument("--shard", default=None,
+                        help="I/N: take the I-th of N disjoint shares of the files (one per machine); "
+                             "under torchrun / accelerate launch each process then takes its part of that share")
+    parser.add_argument("--report", default=None,
+                        help="write one JSON line per problem here (path, status, kind, reason); "
+                             "processes of one launch add .rankR to the name")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
+
+
+# What a bare --custom leaves in args.custom: "--model is itself the custom pipeline folder".
+CUSTOM_IS_MODEL = True
+
+
+def add_custom_flag(parser, parts: str) -> None:
+    """--custom as the seed's users type it: bare, ``--model`` is a custom pipeline folder; with a folder, that one."""
+    parser.add_argument("--custom", "--is_custom", nargs="?", const=CUSTOM_IS_MODEL, default=None, metavar="FOLDER",
+                        help=f"the model is a custom pipeline folder (such as an SD1.5+T5 pipeline): take its "
+                             f"{parts} from it. Bare --custom means --model is that folder; --custom FOLDER takes "
+                             f"them from FOLDER instead of --model")
+
+
+def custom_model_source(args, needed_subfolders: tuple[str, ...]) -> str:
+    """The folder or hub id the parts come from (--custom FOLDER wins over --model); checks a local custom
+    folder holds ``needed_subfolders`` and raises ValueError naming the flag otherwise."""
+    if args.custom is None:
+        return args.model
+    folder, flag = (args.model, "--model") if args.custom is CUSTOM_IS_MODEL else (args.custom, "--custom")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {folder}: --custom wants a pipeline folder, and this is none")
+    for subfolder in needed_subfolders:
+        if not os.path.isdir(os.path.join(folder, subfolder)):
+            raise ValueError(f"{flag} {folder}: no {subfolder}/ folder in it")
+    return folder
+
+
+def add_single_file_config_flag(parser) -> None:
+    """--single_file_config, for the scripts whose --model may be one .safetensors file (SD1.5 / SDXL)."""
+    parser.add_argument("--single_file_config", default=None,
+                        help="with a single-file --model (.safetensors): the folder or hub id its configs and "
+                             "tokenizer come from (default: the script's default model)")
+
+
+def default_encoder_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (fast, no fp16 overflow), fp32 on CPU (bf16 has no fast CPU kernels)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> CacheSettings:
+    """The engine's settings from the common flags (the same for every cache script)."""
+    caption_suffix = getattr(args, "caption_suffix", CAPTION_EXTENSION)
+    for extension in extensions:
+        if extension in (CAPTION_EXTENSION, caption_suffix.lower(), args.out_suffix.lower()):
+            raise ValueError(f"--extensions {extension}: captions and sidecars cannot be sources")
+    if caption_suffix.lower() in ("", args.out_suffix.lower(), *extensions):
+        raise ValueError(f"--caption_suffix {caption_suffix!r}: would name an image or the sidecar itself")
+    for root in args.data_root:
+        if not os.path.isdir(root):
+            raise ValueError(f"--data_root {root}: no such folder")
+    report_path = per_process_path(args.report)
+    if report_path:
+        try:
+            open(report_path, "a").close()
+        except OSError as error:
+            raise ValueError(f"--report {report_path}: cannot write it ({error.strerror or error})") from None
+    shard_index, shard_count = effective_shard(parse_shard(args.shard))
+    return CacheSettings(data_roots=args.data_root, out_suffix=args.out_suffix, extensions=extensions,
+                         batch_size=args.batch_size, overwrite=args.overwrite, num_workers=num_workers,
+                         shard_index=shard_index, shard_count=shard_count,
+                         report_path=report_path, show_progress=not args.no_progress,
+                         prune=args.prune)

@@ -1,0 +1,37 @@
+"""The names inside a run's output folder: what the trainer writes and every later stage reads.
+
+``output_dir/checkpoint-NNNNN/`` is a diffusers pipeline folder with the trained UNet in ``unet/``
+(its EMA in ``unet_ema/``) and the resume state in ``training_state.pt``; the parts that do not
+train are saved once in ``output_dir/.frozen-components``. Paths only: no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE_FILE = "training_state.pt"
+FROZEN_DIR_NAME = ".frozen-components"
+TRAINED_COMPONENT = "unet"
+EMA_COMPONENT = "unet_ema"  # not part of the pipeline: load with UNet2DConditionModel(..., subfolder="unet_ema")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step:05d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of output_dir, oldest first."""
+    found = []
+    if Path(output_dir).is_dir():
+        for entry in Path(output_dir).iterdir():
+            match = CHECKPOINT_PATTERN.match(entry.name)
+            if match and entry.is_dir() and (entry / TRAINING_STATE_FILE).exists():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None

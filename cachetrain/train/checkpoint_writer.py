@@ -1,0 +1,69 @@
+"""Writing a run's checkpoints: the trained UNet (and its EMA) saved around the frozen parts' template,
+the training state beside it, and with --save_single_file one model.safetensors.
+
+A save that fails is reported in one line and returns None; training goes on (the save policy decides
+when failed saves must stop the run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from ..models import export
+from ..cli import first_line
+from .config import TrainConfig
+from .ema import ema_weights
+from .frozen_parts import FrozenParts
+from .training_state import TrainingState
+
+
+class CheckpointWriter:
+    def __init__(self, config: TrainConfig, parts: FrozenParts):
+        self.config = config
+        self.parts = parts
+        self.output_dir = Path(config.output_dir)
+
+    def save(self, unet, step: int, state: TrainingState, ema=None, trainable=None) -> Path | None:
+        """``output_dir/checkpoint-NNNNN`` of ``step``, or None when it could not be saved (said why)."""
+        destination = ckpt.checkpoint_dir(self.output_dir, step)
+        try:
+            self.parts.write_template(unet)
+            ckpt.save_checkpoint(destination, unet, self.parts.frozen_dir, state,
+                                 ema_weights=_ema_writer(ema, trainable, unet))
+        except Exception as error:  # a full disk shows as OSError, RuntimeError or safetensors' own error
+            newest = ckpt.latest_checkpoint(self.output_dir)
+            kept = (f"the newest saved checkpoint, {newest.name}, is intact" if newest is not None
+                    else "no checkpoint of this run is saved yet")
+            tqdm.write(f"[train] could not save checkpoint at step {step} "
+                       f"({type(error).__name__}: {first_line(error)}); {kept}")
+            return None
+        self._write_single_file(destination, step, ema is not None)
+        return destination
+
+    def _write_single_file(self, checkpoint: Path, step: int, has_ema: bool) -> None:
+        """--save_single_file: model.safetensors in the checkpoint (publish_final copies it beside the
+        final model). A failure costs the file, not the checkpoint or the run."""
+        if not self.config.save_single_file:
+            return
+        title = f"{self.output_dir.resolve().name} step {step}"
+        try:
+            export.export_single_file(checkpoint, checkpoint / export.SINGLE_FILE_NAME, ema=has_ema, steps=step,
+                                      title=title)
+        except Exception as error:  # a full disk shows as OSError or safetensors' own error
+            tqdm.write(f"[train] could not write {checkpoint / export.SINGLE_FILE_NAME} ({type(error).__name__}: "
+                       f"{first_line(error)}); the checkpoint folder itself is saved. Training goes on.")
+
+
+def _ema_writer(ema, trainable, unet):
+    """A function that saves the EMA weights as a UNet folder, or None without EMA."""
+    if ema is None:
+        return None
+
+    def write(folder: Path) -> None:
+        with ema_weights(ema, trainable):
+            unet.save_pretrained(folder, safe_serialization=True)
+
+    return write

@@ -1,0 +1,410 @@
+"""The trainer's flags, defaults and validation, in one place.
+
+Each field of TrainConfig is one command-line flag (same name, the seed's names); its help text, and
+the check of its own value, sit in the field's metadata. Rules that tie flags together follow the
+class, one function per concern; the layer-selection rules are layers.py's. ``parse_train_args`` builds
+the parser from the fields (a --preset replacing their defaults: presets.py), parses, and validates
+before anything heavy is loaded. Its length (over 400 lines) is the ~100 flags, each with its help
+and check; the rules between them are short and grouped by concern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..cli import ArgumentParser
+from ..models.schedulers import SAMPLE_SCHEDULERS
+from .layers import LayerSelection
+from ..models.ldm_layout import is_single_file
+from .presets import PRESETS, describe
+from ..models.prompts import PromptsFileError, read_prompts_file
+from ..sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX
+
+OPTIMIZERS = ("adamw", "adamw8", "lion")
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
+              "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay", "cosine_warmup_with_min_lr",
+              "reduce_lr_on_plateau", "greedy", "linear_with_min_lr", "rex")
+OBJECTIVES = ("ddpm", "flow")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_TYPES = ("mse", "l1", "huber")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+EPOCHS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)e")  # "2e", "2.5e", ".5e": a length in epochs
+# the help of the flag that trusts a model folder's own code, the same in every script that has it
+TRUST_HELP = "the model folder carries its own pipeline code (pipeline.py and its modules): run it (only for a folder you trust)"
+# a preset may switch these on, so they also take a --no-NAME that switches them off again
+NEGATABLE = frozenset(name for values in PRESETS.values() for name, value in values.items() if isinstance(value, bool))
+
+
+class ConfigError(ValueError):
+    """An invalid flag or combination of flags; the message says which and why."""
+
+
+Check = Callable[[Any], "str | None"]  # a field's own check: what is wrong with its value (after "--name "), or None
+
+
+def _check(ok: Callable[[Any], bool], problem: str) -> Check:
+    """A check that reports ``problem`` ({value} filled in) unless ``ok(value)``; an unset (None) value passes."""
+    return lambda value: None if value is None or ok(value) else problem.format(value=value)
+
+
+AT_LEAST_1 = _check(lambda number: number >= 1, "must be >= 1")
+NOT_NEGATIVE = _check(lambda number: number >= 0, "must be >= 0")
+POSITIVE = _check(lambda number: number > 0, "must be > 0")
+
+
+def _steps_or_epochs(minimum: int) -> Check:
+    """The check of a length given as optimizer steps or as Ne for N epochs (--max_steps, --warmup_steps)."""
+    def check(length: str) -> str | None:
+        epochs = epochs_in(length)
+        if epochs is not None:
+            return "0e: train at least one epoch (1e)" if minimum and epochs == 0 else None
+        try:
+            steps = int(length)
+        except ValueError:
+            return f"wants a number of steps or Ne for N epochs, got {length!r}"
+        return None if steps >= minimum else f"must be >= {minimum}"
+    return check
+
+
+def _prompts_file_problem(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        read_prompts_file(path)
+    except PromptsFileError as error:
+        return str(error)
+    return None
+
+
+def _flag(default: Any = None, help: str = "", check: Check | None = None, **argparse_kwargs: Any):
+    metadata = {"help": help, **argparse_kwargs, **({"check": check} if check else {})}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what, and where to write
+    preset: str | None = _flag(None, "a named recipe whose values replace the defaults below: "
+                                     + " | ".join(PRESETS) + " (--preset NAME --help shows them)",
+                               choices=tuple(PRESETS))
+    pretrained_model: str = _flag(None, "diffusers folder or hub id of the model to fine-tune", required=True,
+                                  check=_check(lambda model: not is_single_file(model) or os.path.isfile(model),
+                                               "{value}: no such file"))
+    is_custom: bool = _flag(False, TRUST_HELP, flags=("--custom", "--is_custom"))
+    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable", nargs="+", action="extend", required=True)
+    output_dir: str = _flag("output", "where checkpoints, samples, logs and the final model go")
+    copy_config: str | None = _flag(None, "a settings file (e.g. the wrapper script) archived into output_dir")
+    imgcache_suffix: str = _flag(SD_VAE_SUFFIX, "suffix of the latent sidecars")
+    txtcache_suffix: str = _flag(CLIP_L_SUFFIX, "suffix of the text-embedding sidecars")
+    num_workers: int = _flag(2, "DataLoader worker processes reading sidecars", check=NOT_NEGATIVE)
+    # single-file models (the original SD layout of A1111 / ComfyUI)
+    single_file_config: str | None = _flag(None, "with a .safetensors --pretrained_model: the folder or hub id its "
+                                                 "configs and tokenizer come from (default: the SD1.5 hub id)")
+    save_single_file: bool = _flag(False, "also write model.safetensors (original SD layout, fp16; the EMA weights "
+                                          "with --ema_decay) into each checkpoint and beside the final model")
+    # batch and schedule
+    batch_size: int = _flag(4, "samples per micro-batch (per process)", check=AT_LEAST_1)
+    gradient_accum: int = _flag(1, "micro-batches per optimizer step", check=AT_LEAST_1)
+    max_steps: str = _flag("1000", "optimizer steps to train, or Ne for N epochs (e.g. 3e, 2.5e)",
+                             check=_steps_or_epochs(minimum=1))
+    learning_rate: float = _flag(1e-5, "peak learning rate", check=POSITIVE)
+    min_learning_rate: float = _flag(0.1, "final LR as a ratio of the peak, for cosine_with_min_lr, "
+                                          "cosine_warmup_with_min_lr, linear_with_min_lr",
+                                     check=_check(lambda ratio: 0 <= ratio <= 1, "is a ratio of the peak LR, between 0 and 1"))
+    learning_rate_decay: float = _flag(0.0, "with --scheduler constant: subtracted from the LR after each epoch",
+                                      check=NOT_NEGATIVE)
+    scheduler: str = _flag("constant", "LR schedule: " + "|".join(SCHEDULERS), choices=SCHEDULERS,
+                           check=_check(lambda name: name not in ("reduce_lr_on_plateau", "greedy"),
+                                        "{value} moves the LR by whether a metric improves, and a diffusion loss "
+                                        "(noisy by timestep) gives it none to follow; use a schedule of steps "
+                                        "(e.g. cosine, rex)"))
+    warmup_steps: str = _flag("0", "optimizer steps of linear LR warm-up, or Ne for N epochs (e.g. 0.5e)",
+                                check=_steps_or_epochs(minimum=0))
+    optimizer: str = _flag("adamw", "adamw | adamw8 (bitsandbytes 8-bit AdamW) | lion", choices=OPTIMIZERS)
+    betas: list[float] = _flag([0.9, 0.999], "optimizer betas B1 B2", nargs=2)
+    weight_decay: float = _flag(0.01, "decoupled weight decay")
+    gradient_clip: float = _flag(1.0, "clip the gradient norm to this; <= 0 disables")
+    seed: int = _flag(0, "seed of data order, noise and timesteps")
+    num_cycles: float | None = _flag(None, "cosine: periods of the cosine (default 0.5, one half-wave down); "
+                                           "cosine_with_restarts: number of restarts (default 1)", check=POSITIVE)
+    rex_start_factor: float = _flag(1.0, "rex: LR factor where the decay starts (after warm-up)", check=NOT_NEGATIVE)
+    rex_end_factor: float = _flag(0.0, "rex: LR factor at the last step", check=NOT_NEGATIVE)
+    scheduler_at_epoch: bool = _flag(False, "the LR schedule counts epochs, not optimizer steps: it moves only "
+                                            "when an epoch ends (its length is --max_steps in epochs, rounded up, "
+                                            "its warm-up --warmup_steps in epochs, rounded); the LR is constant "
+                                            "within an epoch")
+    # objective
+    use_snr: bool = _flag(False, "min-SNR loss weighting (with --noise_gamma): min(SNR,g)/SNR for epsilon, "
+                                 "min(SNR,g)/(SNR+1) for v; flow matching: min(SNR,g) s^2 with SNR=((1-s)/s)^2, "
+                                 "the same weighting of the x0 error")
+    noise_gamma: float = _flag(5.0, "gamma of min-SNR weighting")
+    noise_offset: float = _flag(0.0, "offset noise strength (0 disables)")
+    caption_dropout: float = _flag(0.0, "probability of training a sample on the empty prompt (needs the data root's .empty_prompt sidecar)",
+                                  check=_check(lambda p: 0 <= p < 1, "is a probability in [0, 1)"))
+    ema_decay: float = _flag(0.0, "keep an EMA of the UNet with this decay, e.g. 0.9999 (0 disables); samples use it",
+                             check=_check(lambda decay: 0 <= decay < 1, "must be in [0, 1), e.g. 0.9999"))
+    vae_scaling_factor: float | None = _flag(None, "latent scale; default: the model's VAE config value (an override is saved in the checkpoints' VAE config)")
+    text_scaling_factor: float = _flag(1.0, "multiplier applied to cached text embeddings (T5 pipelines: saved into the checkpoints' projection scaling_factor)")
+    force_toklen: int | None = _flag(None, "pad or truncate every caption embedding to N tokens "
+                                           "(default: pad each batch to its longest)", check=AT_LEAST_1)
+    objective: str | None = _flag(None, "ddpm | flow (rectified flow matching); default: what the model's "
+                                        "scheduler config is (FlowMatchEulerDiscreteScheduler: flow)",
+                                  choices=OBJECTIVES)
+    prediction_type: str | None = _flag(None, "DDPM target: epsilon | v_prediction (default: the model's); "
+                                              "saved in the checkpoints' scheduler", choices=PREDICTION_TYPES)
+    zero_terminal_snr: bool = _flag(False, "DDPM: rescale the betas so the last timestep is pure noise (needs "
+                                           "v-prediction: the model's or --prediction_type v_prediction); saved "
+                                           "in the checkpoints' scheduler (rescale_betas_zero_snr, trailing)")
+    loss_type: str = _flag("mse", "mse | l1 | huber (pseudo-Huber 2c(sqrt(e^2+c^2)-c), c = --huber_c)",
+                           choices=LOSS_TYPES)
+    huber_c: float = _flag(0.1, "c of --loss_type huber: errors above about c count linearly, not squared",
+                           check=POSITIVE)
+    min_timestep: int = _flag(0, "lowest training timestep (flow: lowest sigma x (T-1))")
+    max_timestep: int | None = _flag(None, "highest training timestep (default: the last, T-1)")
+    min_sigma: float = _flag(1e-5, "flow: sigmas are drawn in [min_sigma, 1 - min_sigma]",
+                              check=_check(lambda sigma: 0 <= sigma < 0.5, "must be in [0, 0.5)"))
+    timestep_sampling: str = _flag("uniform", "flow: how sigma is drawn: uniform | logit_normal",
+                                   choices=TIMESTEP_SAMPLINGS)
+    logit_mean: float = _flag(0.0, "flow, logit_normal: mean of logit(sigma)")
+    logit_std: float = _flag(1.0, "flow, logit_normal: standard deviation of logit(sigma)",
+                              check=POSITIVE)
+    flow_shift: float | None = _flag(None, "flow: shift sigma to k s / (1 + (k-1) s), k > 1 trains noisier "
+                                           "(default: the model's scheduler shift, else 1)", check=POSITIVE)
+    # precision and speed
+    gradient_checkpointing: bool = _flag(False, "recompute activations in backward to save memory")
+    fp32: bool = _flag(False, "no bf16 autocast on CUDA (full fp32)")
+    bf16_weights: bool = _flag(False, "weights, grads and optimizer state in bf16, stochastic rounding on the update")
+    allow_tf32: bool = _flag(False, "allow TF32 matmuls on CUDA")
+    compile: bool = _flag(False, "torch.compile the UNet (slow first steps, faster after)")
+    channels_last: bool = _flag(False, "UNet and latents in channels-last memory format (faster convolutions on GPU)")
+    # layer selections
+    reinit_unet: bool = _flag(False, "re-initialise the whole UNet (train from scratch, seeded)")
+    reinit_qk: bool = _flag(False, "re-initialise the query and key weights of every attention layer")
+    reinit_crossattn: bool = _flag(False, "re-initialise the cross-attention layers (attn2: q, k, v, out)")
+    reinit_attention: bool = _flag(False, "re-initialise all attention layers (attn1 and attn2)")
+    unfreeze_attention: bool = _flag(False, "with --targetted_training: train the attention layers")
+    unfreeze_up_blocks: list[int] = _flag([], "with --targetted_training: train these up_blocks (e.g. 2 3)", nargs="+", action="extend")
+    unfreeze_down_blocks: list[int] = _flag([], "with --targetted_training: train these down_blocks", nargs="+", action="extend")
+    unfreeze_mid_block: bool = _flag(False, "with --targetted_training: train the mid block")
+    targetted_training: bool = _flag(False, "train only the unfrozen and re-initialised layers; freeze the rest")
+    unfreeze_attn2: bool = _flag(False, "with --targetted_training: train the cross-attention layers (attn2) only")
+    unfreeze_norms: bool = _flag(False, "with --targetted_training: train every normalisation layer (GroupNorm, LayerNorm)")
+    unfreeze_in: bool = _flag(False, "with --targetted_training: train the input convolution (conv_in)")
+    unfreeze_out: bool = _flag(False, "with --targetted_training: train the output convolution (conv_out)")
+    unfreeze_time: bool = _flag(False, "with --targetted_training: train the timestep embedding (time_embedding)")
+    reinit_in: bool = _flag(False, "re-initialise the input convolution (conv_in)")
+    reinit_out: bool = _flag(False, "re-initialise the output convolution (conv_out)")
+    reinit_time: bool = _flag(False, "re-initialise the timestep embedding (time_embedding)")
+    reinit_crossattnout: bool = _flag(False, "re-initialise the output projection of each cross-attention (attn2.to_out)")
+    force_txtcache: str | None = _flag(None, "a text sidecar (e.g. a data root's .empty_prompt.txt_clipl) every "
+                                             "sample trains on instead of its own caption: unconditional training")
+    gradient_topk: float | None = _flag(None, "keep only the largest fraction F of gradient magnitudes each step "
+                                              "(0 < F <= 1), zeroing the rest (exact within groups of ~32M "
+                                              "elements); one kthvalue over the gradients per step: 5-6x an "
+                                              "AdamW step on a CPU (bench/bench_gradient_topk.py)",
+                                        check=_check(lambda share: 0 < share <= 1,
+                                                     "is a fraction of the gradients to keep, in (0, 1]"))
+    # checkpoints and samples
+    save_steps: int = _flag(500, "save a checkpoint every N optimizer steps (0: only at the end)", check=NOT_NEGATIVE)
+    save_on_epoch: bool = _flag(False, "save a checkpoint at the end of every epoch")
+    save_start: int = _flag(0, "no periodic checkpoint before this optimizer step", check=NOT_NEGATIVE)
+    keep_checkpoints: int = _flag(0, "keep only the newest N checkpoints (0 keeps all)", check=NOT_NEGATIVE)
+    resume: str | None = _flag(None, "'latest' (newest checkpoint of output_dir; refused if there is none), 'auto' (the newest if any, else a new run) or a checkpoint folder", nargs="?", const="latest")
+    sample_prompt: list[str] = _flag([], "prompt(s) drawn at each checkpoint; repeatable", nargs="+", action="extend")
+    sample_steps: int = _flag(0, "draw samples every N optimizer steps (0: at every checkpoint)", check=NOT_NEGATIVE)
+    sampler_steps: int = _flag(30, "denoising steps of each sample", check=AT_LEAST_1)
+    sample_seed: int = _flag(1234, "seed of the sample images (fixed, so checkpoints compare)")
+    guidance_scale: float = _flag(7.5, "classifier-free guidance of samples")
+    cpu_offload: bool = _flag(False, "move the sampling-only models (VAE, text encoder) back to the CPU after each sampling")
+    sample_scheduler: str | None = _flag(None, "sampler of the samples: " + "|".join(SAMPLE_SCHEDULERS) + " (built from "
+                                         "the model's scheduler config; default: the model's own scheduler)",
+                                         choices=SAMPLE_SCHEDULERS)
+    sample_prompts_file: str | None = _flag(None, "more sample prompts, one a line (blank lines and # comments skipped)",
+                                          check=_prompts_file_problem)
+    max_failed_saves: int = _flag(3, "stop the run when this many checkpoint saves in a row failed (e.g. a full disk)",
+                                 check=AT_LEAST_1)
+    # validation
+    validation_dir: list[str] = _flag([], "folder(s) of held-out sidecar pairs for val/loss", nargs="+", action="extend")
+    validation_split: float = _flag(0.0, "hold out this fraction of the training pairs for val/loss instead",
+                                   check=_check(lambda share: 0 <= share < 1, "is a fraction in [0, 1)"))
+    validation_steps: int = _flag(0, "compute val/loss every N optimizer steps (0: at each checkpoint)",
+                                 check=NOT_NEGATIVE)
+    # telemetry and safety
+    log_every: int = _flag(10, "read metrics back from the device and log them every N optimizer steps",
+                          check=AT_LEAST_1)
+    max_bad_steps: int = _flag(10, "stop after this many optimizer steps in a row had NaN/Inf gradients",
+                              check=AT_LEAST_1)
+    no_progress: bool = _flag(False, "no progress bar")
+    # the data path: bad pairs, aspect buckets, balance of data folders
+    max_bad_fraction: float = _flag(0.05, "stop when more than this fraction of the pairs read were bad "
+                                          "(unreadable, another shape or width, NaN/Inf); bad pairs below it "
+                                          "are named once, skipped and replaced",
+                                   check=_check(lambda share: 0 <= share <= 1, "is a fraction in [0, 1]"))
+    aspect_buckets: bool = _flag(False, "train on latents of several shapes (caches made with --buckets or "
+                                        "--aspect_buckets): shapes are read from the headers at start and each "
+                                        "batch holds one shape. Without it the run's shape is that of the first "
+                                        "pairs and others are skipped as bad data")
+    data_balance: str = _flag("pooled", "pooled: every pair equally likely; equal: each --train_data_dir gets "
+                                        "the same share of every epoch (an epoch is as long as the largest "
+                                        "folder, smaller ones are drawn again)", choices=("pooled", "equal"))
+
+    @property
+    def max_epochs(self) -> float | None:
+        return epochs_in(self.max_steps)
+
+    def max_optimizer_steps(self, batches_per_epoch: int) -> int:
+        """--max_steps in optimizer steps, turning Ne into N epochs' worth of steps (N may be fractional)."""
+        epochs = self.max_epochs
+        if epochs is None:
+            return int(self.max_steps)
+        return max(1, int(epochs * batches_per_epoch) // self.gradient_accum)
+
+    def warmup_optimizer_steps(self, batches_per_epoch: int) -> int:
+        """--warmup_steps in optimizer steps (Ne: N epochs' worth, rounded down)."""
+        epochs = epochs_in(self.warmup_steps)
+        if epochs is None:
+            return int(self.warmup_steps)
+        return int(epochs * batches_per_epoch) // self.gradient_accum
+
+
+def epochs_in(length: str) -> float | None:
+    """The number of epochs a length such as '2.5e' names; None for a plain step count."""
+    match = EPOCHS.fullmatch(str(length).strip().lower())
+    return float(match.group(1)) if match else None
+
+
+def _value_type(hint: Any) -> type:
+    """The type one value of a flag converts to: int for ``int``, ``int | None`` and ``list[int]``."""
+    inner = [argument for argument in typing.get_args(hint) if argument is not type(None)]
+    return inner[0] if inner else hint
+
+
+def _default(item: dataclasses.Field) -> Any:
+    return item.default_factory() if item.default is dataclasses.MISSING else item.default
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's parser; with ``preset``, that preset's values are the defaults (and --help shows them)."""
+    chosen = PRESETS[preset] if preset else {}
+    listed = "; ".join(f"{name}: {describe(name)}" for name in PRESETS)
+    parser = ArgumentParser(
+        description="Train an SD1.5-architecture UNet from cached latent and text-embedding sidecars.",
+        epilog=(f"--preset {preset} sets: {describe(preset)}. A flag given wins over it." if preset
+                else f"Presets (--preset NAME; a flag given wins over it): {listed}."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        kwargs = {key: value for key, value in item.metadata.items() if key not in ("check", "flags")}
+        flags = item.metadata.get("flags", ("--" + item.name,))
+        default = chosen.get(item.name, _default(item))
+        kind = _value_type(hints[item.name])
+        if kind is bool:
+            action = argparse.BooleanOptionalAction if item.name in NEGATABLE else "store_true"
+            parser.add_argument(*flags, dest=item.name, action=action, default=default, help=kwargs["help"])
+            continue
+        if kind is not str:
+            kwargs.setdefault("type", kind)
+        # an "extend" flag given on the command line replaces its default list instead of adding to it
+        parser.add_argument(*flags, dest=item.name, default=None if kwargs.get("action") == "extend" else default,
+                            **kwargs)
+    return parser
+
+
+def _preset_in(argv: list[str] | None) -> str | None:
+    """The --preset among ``argv``, read before the full parser is built (its defaults depend on it)."""
+    finder = ArgumentParser(add_help=False)
+    finder.add_argument("--preset", choices=tuple(PRESETS), default=None)
+    return finder.parse_known_args(argv)[0].preset
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """config.py's defaults < the --preset's values < the flags given."""
+    preset = _preset_in(argv)
+    values = vars(build_parser(preset).parse_args(argv))
+    chosen = PRESETS[preset] if preset else {}
+    for item in dataclasses.fields(TrainConfig):
+        if values[item.name] is None and item.metadata.get("action") == "extend":  # not given
+            values[item.name] = list(chosen.get(item.name, _default(item)))
+    return validate(TrainConfig(**values))
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Fail fast, with the flag's name, on values that would break the run later: each field's own check,
+    then the rules that tie flags together."""
+    problems = [f"--{item.name} {problem}" for item in dataclasses.fields(config)
+                if (check := item.metadata.get("check")) and (problem := check(getattr(config, item.name)))]
+    for rules in (_model_problems, _schedule_problems, _objective_problems, _precision_problems, _data_problems):
+        problems += rules(config)
+    problems += LayerSelection.of(config).problems()
+    if problems:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+    return config
+
+
+def _model_problems(config: TrainConfig) -> list[str]:
+    if config.single_file_config and not is_single_file(config.pretrained_model):
+        return ["--single_file_config applies to a single-file (.safetensors) --pretrained_model only"]
+    return []
+
+
+def _schedule_problems(config: TrainConfig) -> list[str]:
+    if config.learning_rate_decay and config.scheduler != "constant":
+        return ["--learning_rate_decay applies to --scheduler constant only"]
+    return []
+
+
+def _objective_problems(config: TrainConfig) -> list[str]:
+    problems = []
+    defaults = {item.name: _default(item) for item in dataclasses.fields(TrainConfig)}
+    flow_only = [name for name in ("timestep_sampling", "logit_mean", "logit_std", "min_sigma", "flow_shift")
+                 if getattr(config, name) != defaults[name]]
+    if config.objective == "ddpm" and flow_only:
+        problems.append(f"--{' --'.join(flow_only)}: flow-matching options; this run trains --objective ddpm")
+    if config.objective == "flow" and (config.prediction_type or config.zero_terminal_snr):
+        problems.append("--prediction_type and --zero_terminal_snr are DDPM options; flow matching predicts "
+                        "noise - x0 and already ends at pure noise")
+    if config.zero_terminal_snr and config.prediction_type == "epsilon":
+        problems.append("--zero_terminal_snr needs v-prediction: at the pure-noise last step an epsilon target "
+                        "teaches nothing; use --prediction_type v_prediction")
+    if config.min_timestep < 0 or (config.max_timestep is not None and config.max_timestep < config.min_timestep):
+        problems.append("--min_timestep/--max_timestep: need 0 <= min <= max")
+    if config.use_snr and config.noise_gamma <= 0:
+        problems.append("--noise_gamma must be > 0 with --use_snr")
+    return problems
+
+
+def optimizer_precision_problem(optimizer: str, bf16_weights: bool) -> str | None:
+    """bitsandbytes' 8-bit AdamW rounds bf16 weights to nearest, so small updates vanish. Asked at start
+    (validate) and by optim.build_optimizer, for callers that build an optimizer without the flags."""
+    if bf16_weights and optimizer == "adamw8":
+        return "--bf16_weights needs --optimizer adamw or lion (stochastic rounding); adamw8 rounds to nearest"
+    return None
+
+
+def _precision_problems(config: TrainConfig) -> list[str]:
+    problems = ["--bf16_weights and --fp32 contradict each other"] if config.bf16_weights and config.fp32 else []
+    optimizer_problem = optimizer_precision_problem(config.optimizer, config.bf16_weights)
+    return problems + ([optimizer_problem] if optimizer_problem else [])
+
+
+def _data_problems(config: TrainConfig) -> list[str]:
+    problems = []
+    if config.imgcache_suffix == config.txtcache_suffix:
+        problems.append("--imgcache_suffix and --txtcache_suffix must differ")
+    if config.validation_dir and config.validation_split:
+        problems.append("give --validation_dir or --validation_split, not both")
+    return problems
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

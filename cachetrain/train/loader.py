@@ -1,0 +1,379 @@
+"""Sidecar pairs -> batches: the Dataset, the resumable epoch order, and the DataLoader.
+
+The order of an epoch depends only on (seed, epoch) and the data, and each process takes a disjoint,
+equal share of it; so a resumed run rebuilds the exact order and starts at the batch it stopped at.
+Bad pairs (unreadable, another shape or width, NaN/Inf) are found in the worker, passed over and
+replaced by a seeded draw from the rest, so they cost nothing but themselves and a resume meets the
+same batches.
+Each sample's noise, timestep and caption dropout are drawn in the worker from (seed, epoch,
+sample) alone (objective.sample_key), so they too survive a resume, and do not change with batch
+size, gradient accumulation or the number of processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .objective import draw_sample_noise, evenly_spread_draws, sample_key
+from ..sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, read_sidecar
+from ..models.text_encoding import pad_text_embeddings
+from ..tree import PairIndex
+
+
+@dataclass
+class NoisePlan:
+    """How the worker draws each sample's noise and timestep draw (a uniform the objective maps), and drops captions."""
+
+    seed: int
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0
+    empty_embeddings: list[torch.Tensor] = field(default_factory=list)  # one per data root
+    fixed_timesteps: bool = False  # validation: timesteps evenly spread over the samples, not random
+
+
+@dataclass(frozen=True)
+class PairChecks:
+    """What every pair of a run must be, checked in the worker before it reaches the GPU.
+
+    ``latent_shape`` None means "the shape the index recorded for that sample" (aspect buckets)."""
+
+    latent_shape: tuple[int, ...] | None = None
+    text_width: int | None = None
+
+
+class CachedPairDataset(Dataset):
+    """Reads one (latent, embedding) pair per item and draws its noise; a bad pair yields its reason.
+
+    Items are addressed as (epoch, sample): the epoch keys the noise draws. A bare sample number
+    uses ``self.epoch``. With ``checks``, a latent of another shape, an embedding of another width
+    and NaN/Inf values are bad pairs too, like unreadable files.
+    """
+
+    def __init__(self, index: PairIndex, plan: NoisePlan | None = None, epoch: int = 0,
+                 checks: PairChecks | None = None):
+        self.index = index
+        self.plan = plan
+        self.epoch = epoch
+        self.checks = checks
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[str, str]:
+        """(latent, embedding) of sample i, or (path, reason) when the pair cannot be trained on."""
+        latent_path, text_path = self.index[i]
+        try:
+            latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
+            emb = read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
+        except SidecarError as error:
+            return error.path, error.reason
+        except OSError as error:
+            return str(error.filename or latent_path), error.strerror or str(error)
+        checks = self.checks
+        if checks is None:
+            return latent, emb
+        expected = checks.latent_shape or self.index.latent_shape(i)
+        if expected is not None and tuple(latent.shape) != expected:
+            whose = "the run's" if checks.latent_shape else "its bucket's (read at start)"
+            return latent_path, f"latent of shape {list(latent.shape)}, {whose} is {list(expected)}"
+        if checks.text_width is not None and emb.shape[-1] != checks.text_width:
+            return text_path, f"text embedding {emb.shape[-1]} wide, the run's are {checks.text_width}"
+        if not torch.isfinite(latent).all():
+            return latent_path, "latent holds NaN/Inf values"
+        if not torch.isfinite(emb).all():
+            return text_path, "text embedding holds NaN/Inf values"
+        return latent, emb
+
+    def with_noise(self, latent: torch.Tensor, emb: torch.Tensor, epoch: int, i: int, draw: int | None = None):
+        """The item tuple of sample i; ``draw`` keys its noise when the sample recurs within an epoch."""
+        if self.plan is None:
+            return latent, emb, None, None, i, ""
+        plan = self.plan
+        noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.noise_offset,
+                                                     sample_key(plan.seed, epoch, i if draw is None else draw))
+        if plan.fixed_timesteps:
+            timestep = evenly_spread_draws(i, len(self.index))
+        if plan.caption_dropout and uniform < plan.caption_dropout:
+            emb = plan.empty_embeddings[self.index.root_id(i)].to(emb.dtype)
+        return latent, emb, noise, timestep, i, ""
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        pair = self.read(i)
+        if isinstance(pair[0], str):
+            return None, None, None, None, i, f"{pair[0]}: {pair[1]}"
+        return self.with_noise(*pair, epoch, i)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor | None  # [B, C, h, w], as stored (often fp16); None when no pair could be read
+    embeddings: torch.Tensor | None  # [B, T, D]
+    noise: torch.Tensor | None  # [B, C, h, w] float32
+    timesteps: torch.Tensor | None  # [B] float32 timestep draws in [0, 1): the objective maps them
+    skipped: int  # bad pairs passed over while filling this batch
+    attention_mask: torch.Tensor | None = None  # [B, T], 1 = real token; None when nothing is padded
+    sample_ids: list[int] = field(default_factory=list)  # positions in the index, one per row
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of each pair passed over
+    tried: int = 0  # pairs read to fill it (good and bad)
+
+    def pin_memory(self) -> Batch:
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.latents), pin(self.embeddings), pin(self.noise), pin(self.timesteps), self.skipped,
+                     pin(self.attention_mask), self.sample_ids, self.bad, self.tried)
+
+
+def _stack(good: list, token_length: int | None, skipped: int) -> Batch:
+    latents = [item[0] for item in good]
+    embeddings = [item[1] for item in good]
+    for shapes, what in (({tuple(t.shape) for t in latents}, "latent shapes"),
+                         ({t.shape[-1] for t in embeddings}, "text embedding widths")):
+        if len(shapes) > 1:
+            raise SidecarError("batch", f"{what} differ within a batch: {sorted(shapes)}; "
+                                        "caches of one run must share resolution and text encoder")
+    context, mask = pad_text_embeddings(embeddings, token_length)
+    has_noise = good[0][2] is not None
+    return Batch(torch.stack(latents), context,
+                 torch.stack([item[2] for item in good]) if has_noise else None,
+                 torch.stack([item[3] for item in good]) if has_noise else None,
+                 skipped=skipped, attention_mask=mask, sample_ids=[item[4] for item in good])
+
+
+def collate_pairs(items, token_length: int | None = None) -> Batch | None:
+    """Stack a batch. Text embeddings of different lengths (T5 sidecars keep only their real tokens)
+    are padded by the shared pad rule; ``token_length`` pads or truncates all of them to that length."""
+    good = [item for item in items if item[0] is not None]
+    for *_, reason in items:
+        if reason:
+            print(f"[loader] skipped sample: {reason}", file=sys.stderr)
+    if not good:
+        return None
+    return _stack(good, token_length, len(items) - len(good))
+
+
+# -- the order of an epoch --------------------------------------------------------------------
+
+BALANCES = ("pooled", "equal")
+
+
+def _generator(seed: int, epoch: int, *parts) -> torch.Generator:
+    """A generator for one named draw of one epoch, independent of every other draw."""
+    return torch.Generator().manual_seed(sample_key(seed, epoch, "/".join(str(p) for p in parts)))
+
+
+class EpochOrder:
+    """Which samples each process trains on, batch by batch, in each epoch: a function of
+    (seed, epoch) and the data alone, so a resumed run rebuilds it exactly.
+
+    - ``buckets`` (one number per sample, e.g. its latent shape; None: all alike): each batch holds
+      one bucket. Each bucket's members are shuffled per epoch and cut into batches; the bucket's
+      remainder (fewer than a batch) sits the epoch out, a different remainder each epoch.
+    - ``groups`` (one number per sample, its data root) with ``balance="equal"``: every group gives
+      the same number of draws to each epoch, as many as the largest group has samples; a smaller
+      group is drawn again in a fresh order each pass (a repeat gets noise of its own). ``pooled``
+      draws every sample once per epoch.
+    - The batches are shuffled, and process r takes batches r, r + P, ... of the first
+      ``batches_per_epoch * P``: disjoint, equal shares.
+    Each entry is (sample, draw): ``draw`` keys the sample's noise (the sample itself on its first
+    draw of the epoch).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 buckets=None, groups=None, balance: str = "pooled"):
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size, self.balance = rank, world_size, balance
+        self.bucket_of = (torch.zeros(num_samples, dtype=torch.int32) if buckets is None
+                          else torch.as_tensor(list(buckets) if not isinstance(buckets, torch.Tensor) else buckets,
+                                               dtype=torch.int32))
+        self.group_of = (torch.zeros(num_samples, dtype=torch.int32) if groups is None or balance == "pooled"
+                         else torch.as_tensor(list(groups), dtype=torch.int32))
+        if len(self.bucket_of) != num_samples or len(self.group_of) != num_samples:
+            raise ValueError("one bucket and one group per sample")
+        self.num_buckets = int(self.bucket_of.max()) + 1 if num_samples else 0
+        self.bucket_sizes = torch.bincount(self.bucket_of.long(), minlength=self.num_buckets)
+        self.group_members = [m for m in (torch.nonzero(self.group_of == g).flatten()
+                                          for g in range(int(self.group_of.max()) + 1 if num_samples else 0))
+                              if len(m)]
+
+    def bucket_members(self, bucket: int) -> torch.Tensor:
+        return torch.nonzero(self.bucket_of == bucket).flatten()
+
+    def draws_per_epoch(self) -> int:
+        if self.balance == "pooled":
+            return self.num_samples
+        return len(self.group_members) * max(len(m) for m in self.group_members)
+
+    def batches_per_epoch(self) -> int:
+        """Batches of each process per epoch: the same in every epoch."""
+        b = self.batch_size
+        if self.balance == "pooled":
+            whole = int((self.bucket_sizes // b).sum())
+        elif self.num_buckets == 1:
+            whole = self.draws_per_epoch() // b
+        else:  # which bucket each repeat falls in varies by epoch: the count every epoch reaches
+            whole = max(0, (self.draws_per_epoch() - self.num_buckets * (b - 1)) // b)
+        return whole // self.world_size
+
+    def _draws(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(samples, draw keys) of one epoch, before shuffling."""
+        if self.balance == "pooled":
+            samples = torch.arange(self.num_samples)
+            return samples, samples
+        longest = max(len(m) for m in self.group_members)
+        samples, draws = [], []
+        for g, members in enumerate(self.group_members):
+            passes = -(-longest // len(members))
+            keys = torch.rand((passes, len(members)), generator=_generator(self.seed, epoch, "group", g))
+            order = keys.argsort(dim=1).flatten()[:longest]  # a fresh permutation per pass
+            pass_number = torch.arange(longest) // len(members)
+            chosen = members[order]
+            samples.append(chosen)
+            draws.append(chosen + pass_number * self.num_samples)
+        return torch.cat(samples), torch.cat(draws)
+
+    def epoch(self, epoch: int) -> tuple[list[int], torch.Tensor, torch.Tensor, list[int]]:
+        """This process's batches of one epoch: (batch numbers in the epoch, samples [n, B], draws
+        [n, B], bucket of each batch). Batch numbers are global (the same on every process)."""
+        b = self.batch_size
+        samples, draws = self._draws(epoch)
+        # the seeding of the earliest versions: their single-process orders stay as they were
+        shuffle = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        samples, draws = samples[shuffle], draws[shuffle]
+        by_bucket = torch.sort(self.bucket_of[samples], stable=True)
+        samples, draws = samples[by_bucket.indices], draws[by_bucket.indices]
+        counts = torch.bincount(by_bucket.values.long(), minlength=self.num_buckets).tolist()
+        rows, row_draws, row_buckets, start = [], [], [], 0
+        for bucket, count in enumerate(counts):
+            whole = count // b
+            rows.append(samples[start : start + whole * b].view(whole, b))
+            row_draws.append(draws[start : start + whole * b].view(whole, b))
+            row_buckets += [bucket] * whole
+            start += count
+        rows, row_draws = torch.cat(rows), torch.cat(row_draws)
+        if self.num_buckets > 1:
+            mix = torch.randperm(len(rows), generator=_generator(self.seed, epoch, "batches"))
+            rows, row_draws, row_buckets = rows[mix], row_draws[mix], [row_buckets[i] for i in mix.tolist()]
+        used = self.batches_per_epoch() * self.world_size
+        mine = list(range(self.rank, used, self.world_size))
+        return mine, rows[mine], row_draws[mine], [row_buckets[i] for i in mine]
+
+
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> list[list[int]]:
+    """This process's batches of one epoch of ``num_samples`` alike samples (see EpochOrder).
+
+    Incomplete trailing batches are dropped so every optimizer step sees full, equal batches and
+    every process takes the same number of steps.
+    """
+    _numbers, samples, _draws, _buckets = EpochOrder(num_samples, batch_size, seed, rank, world_size).epoch(epoch)
+    return samples.tolist()
+
+
+class RunBatches:
+    """This process's batches from a given (epoch, batch) on, epoch after epoch, as keys
+    (epoch, batch number, bucket, samples, draws) for ``RefillingBatchReader``.
+
+    One sampler for the whole run keeps the DataLoader's workers alive across epochs.
+    """
+
+    def __init__(self, order: EpochOrder, start_epoch: int = 0, start_batch: int = 0, epochs: int | None = None):
+        self.order = order
+        self.start_epoch, self.start_batch, self.epochs = start_epoch, start_batch, epochs
+
+    def __iter__(self):
+        epoch, skip = self.start_epoch, self.start_batch
+        while self.epochs is None or epoch < self.start_epoch + self.epochs:
+            numbers, samples, draws, buckets = self.order.epoch(epoch)
+            for row in range(skip, len(numbers)):
+                yield epoch, numbers[row], buckets[row], samples[row].tolist(), draws[row].tolist()
+            epoch, skip = epoch + 1, 0
+
+
+class RefillingBatchReader(Dataset):
+    """Reads one whole batch per key; a bad pair is passed over and its place filled from the rest.
+
+    A replacement is drawn at random from the batch's bucket, seeded by (seed, epoch, batch number),
+    so what a batch holds is a function of its key and the data: the same on a resumed run. It may
+    be a sample the epoch also draws elsewhere; it gets noise of its own. After ``refill_draws``
+    draws the batch is trained smaller; when no pair at all could be read, the batch comes back
+    empty (latents None) with what went wrong.
+    """
+
+    def __init__(self, pairs: CachedPairDataset, order: EpochOrder, token_length: int | None = None):
+        self.pairs, self.order, self.token_length = pairs, order, token_length
+        self.refill_draws = 2 * order.batch_size + 16
+        self._members: dict[int, torch.Tensor] = {}  # bucket -> samples, built on first use per worker
+        self._bad: dict[int, tuple[str, str]] = {}  # known bad samples of this worker: not read again
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _read(self, i: int):
+        if i in self._bad:
+            return self._bad[i]
+        pair = self.pairs.read(i)
+        if isinstance(pair[0], str):
+            self._bad[i] = pair
+        return pair
+
+    def __getitem__(self, key) -> Batch:
+        epoch, number, bucket, samples, draws = key
+        good, bad, tried = [], [], 0
+        for i, draw in zip(samples, draws):
+            tried += 1
+            pair = self._read(i)
+            if isinstance(pair[0], str):
+                bad.append(pair)
+            else:
+                good.append(self.pairs.with_noise(*pair, epoch, i, draw))
+        if bad:
+            in_batch = set(samples)
+            members = self._members.get(bucket)
+            if members is None:
+                members = self._members[bucket] = self.order.bucket_members(bucket)
+            generator = _generator(self.order.seed, epoch, "refill", number)
+            picks = torch.randint(len(members), (self.refill_draws,), generator=generator).tolist()
+            for k, pick in enumerate(picks):
+                if len(good) == len(samples):
+                    break
+                i = int(members[pick])
+                if i in in_batch:
+                    continue
+                in_batch.add(i)
+                tried += 1
+                pair = self._read(i)
+                if isinstance(pair[0], str):
+                    bad.append(pair)
+                else:  # a draw key no first or repeated draw of the epoch uses
+                    good.append(self.pairs.with_noise(*pair, epoch, i, -1 - number * self.refill_draws - k))
+        if not good:
+            return Batch(None, None, None, None, skipped=len(bad), bad=bad, tried=tried)
+        batch = _stack(good, self.token_length, len(bad))
+        batch.bad, batch.tried = bad, tried
+        return batch
+
+
+def _as_is(batch):
+    return batch
+
+
+def make_training_loader(reader: RefillingBatchReader, batches: RunBatches, num_workers: int,
+                         pin_memory: bool) -> DataLoader:
+    return DataLoader(reader, sampler=batches, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                      pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
+                      persistent_workers=False, generator=torch.Generator())
+
+
+def make_loader(dataset: Dataset, batches, num_workers: int, pin_memory: bool,
+                token_length: int | None = None) -> DataLoader:
+    collate = functools.partial(collate_pairs, token_length=token_length) if token_length else collate_pairs
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
+                      persistent_workers=False, generator=torch.Generator())

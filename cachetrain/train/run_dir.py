@@ -1,0 +1,170 @@
+"""The run folder: its settings archive, trigger file, summary, which checkpoint a start resumes, and
+the exit status a finished run reports.
+
+Every small file here is written through ``write_atomically``: a full disk or a kill leaves the old
+file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ckpt
+from ..atomic import write_atomically
+
+TRIGGER_FILE = "trigger.checkpoint"
+SUMMARY_FILE = "train_summary.json"
+ARGS_FILE = "train_args.json"
+CORRUPT_SUFFIX = ".corrupt"
+RESUME_AUTO = "auto"  # resume from the newest checkpoint if there is one, else start: for requeued jobs
+
+
+class ExitStatus:
+    """What train_from_cached.py's exit status tells a job scheduler (the README's table)."""
+
+    FINISHED = 0  # the final model was written and every save that was due succeeded
+    CRASHED = 1  # an unexpected error (Python's own status for an uncaught exception)
+    REFUSED = 2  # refused at start: bad flags or inputs; nothing trained
+    STOPPED = 3  # stopped by SIGINT/SIGTERM after a resumable checkpoint was saved: requeue with --resume
+    SAVE_FAILED = 4  # a save that was due failed (a checkpoint, the stop's checkpoint or the final model)
+    HALTED = 5  # stopped during training by a problem its message names (e.g. --max_bad_steps)
+
+
+class RunDirError(RuntimeError):
+    """The output folder cannot hold a run (not a folder, not writable, or --resume has nothing to resume)."""
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Create ``output_dir`` and prove a file can be written in it, before anything is trained."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunDirError(f"--output_dir {output_dir} is an existing file, not a folder; name a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        write_atomically(probe, b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(f"--output_dir {output_dir} cannot be written ({error.strerror or error}); "
+                          "checkpoints and the final model could not be saved there") from None
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint this start continues from, or None for a new run; refuses what cannot be meant."""
+    existing = ckpt.latest_checkpoint(output_dir)
+    if not resume:
+        if existing is not None:
+            raise RunDirError(f"{output_dir} already holds checkpoints of a run (newest: {existing.name}); "
+                              "continue it with --resume, or choose another --output_dir")
+        return None
+    if resume in ("latest", RESUME_AUTO):
+        if existing is None and resume == "latest":
+            raise RunDirError(f"--resume: {output_dir} holds no checkpoint to continue from; start without "
+                              f"--resume (or pass --resume {RESUME_AUTO}: resume if there is one, else start)")
+        if existing is None:
+            print(f"[train] --resume {RESUME_AUTO}: no checkpoint in {output_dir} yet, starting a new run",
+                  file=sys.stderr)
+        return existing
+    path = Path(resume)
+    if not (path / ckpt.TRAINING_STATE_FILE).exists():
+        raise RunDirError(f"--resume {path}: not a resumable checkpoint folder (no {ckpt.TRAINING_STATE_FILE})")
+    return path
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged file to ``NAME.corrupt`` (``NAME.corrupt.1``, ... if taken), keeping its bytes."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    number = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{number}")
+        number += 1
+    os.replace(path, target)
+    return target
+
+
+def read_starts(args_file: Path) -> list[dict[str, Any]]:
+    """The starts recorded in train_args.json; a damaged file (e.g. truncated by an older version on a
+    full disk) is set aside, said in one line, and the record begins again."""
+    if not args_file.exists():
+        return []
+    try:
+        starts = json.loads(args_file.read_text(encoding="utf-8"))
+        if isinstance(starts, list):
+            return starts
+        problem = "not a list of starts"
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        problem = str(error)
+    kept = _set_aside(args_file)
+    print(f"[train] {args_file} was damaged ({problem}); kept it as {kept.name} and began a new record",
+          file=sys.stderr)
+    return []
+
+
+def archive_settings(output_dir: Path, config: dict[str, Any], copy_config: str | None) -> None:
+    """Append this start's arguments to train_args.json and keep the settings file (every version)."""
+    args_file = output_dir / ARGS_FILE
+    starts = read_starts(args_file)
+    starts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "config": config})
+    write_atomically(args_file, json.dumps(starts, indent=2))
+    if copy_config:
+        source = Path(copy_config)
+        target = output_dir / source.name
+        number = 1
+        while target.exists() and target.read_bytes() != source.read_bytes():
+            target = output_dir / f"{source.stem}.{number}{source.suffix}"
+            number += 1
+        if not target.exists():
+            write_atomically(target, source.read_bytes())
+            shutil.copystat(source, target)
+
+
+def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
+    write_atomically(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+
+
+def write_halted_summary(output_dir: Path, steps: int, reason: str, checkpoints: list[Path],
+                         failed_saves: list[int]) -> None:
+    """The summary of a run halted in training (status 5), written if the disk lets it: the error
+    itself, printed by the caller, is what the user must read."""
+    summary = {"steps": steps, "halted": reason, "checkpoints": [str(path) for path in checkpoints],
+               "failed_saves": failed_saves, "exit_status": ExitStatus.HALTED}
+    try:
+        write_summary(output_dir, summary)
+    except OSError:
+        pass
+
+
+def exit_status(*, stopped: bool, failed_saves: int, final_saved: bool, stop_saved: bool) -> int:
+    """The status of a run that reached its end or a stop. A failed save outranks a stop: the run's
+    disk needs a look before a requeue."""
+    if failed_saves:
+        return ExitStatus.SAVE_FAILED
+    if stopped:
+        return ExitStatus.STOPPED if stop_saved else ExitStatus.SAVE_FAILED
+    return ExitStatus.FINISHED if final_saved else ExitStatus.SAVE_FAILED
+
+
+def newest_checkpoint_note(output_dir: Path) -> str:
+    """A sentence naming the newest checkpoint on disk, for messages about saves that failed."""
+    newest = ckpt.latest_checkpoint(output_dir)
+    return (f"The newest checkpoint on disk is {newest} (continue with --resume once there is room)."
+            if newest is not None else "No checkpoint of this run was saved.")
+
+
+def publish_final_model(output_dir: Path, step: int) -> bool:
+    """The final model at the top of ``output_dir``, from the (saved) checkpoint of ``step``; False when
+    it could not be written (said why: the checkpoint itself is whole)."""
+    final = ckpt.checkpoint_dir(output_dir, step)
+    try:
+        ckpt.publish_final(final, output_dir)
+    except OSError as error:
+        print(f"[train] could not write the final model into {output_dir} ({error.strerror or error}); "
+              f"its checkpoint {final.name} is whole", file=sys.stderr)
+        return False
+    print(f"[train] final model in {output_dir}", file=sys.stderr)
+    return True

@@ -1,0 +1,447 @@
+"""The training loop: sidecar pairs -> UNet steps, with checkpoints, samples, logs and exact resume.
+
+One optimizer step = ``gradient_accum`` micro-batches (accelerate's accumulate), then one update
+(clip, NaN/Inf skip, step) on the micro-batch where the gradients synced. Per-step metrics stay on the
+device and are read back once per ``log_every`` steps; NaN/Inf gradients make the optimizer skip its
+step on the device, with no host sync.
+
+Set-up and the loop live here; what they use has its own home: the run's data (run_data), validation,
+when to save (save_policy), writing checkpoints (checkpoint_writer) and their training state
+(training_state), samples (sample_drawer), the checks before step 1 (start_checks), the run folder (run_dir),
+the processes and what they agree on (processes), the LR schedule's length (optim). What is left (a
+little over 400 lines) is the order of things: set-up, the micro-batch loop, what follows an optimizer
+step and an epoch, the save sequence, and the end of a run that every process must reach together.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from ..models import loading as models
+from . import run_dir
+from .bad_data import BadPairLedger, TrainingError
+from .checkpoint_writer import CheckpointWriter
+from ..cli import print_error
+from .config import TrainConfig, config_to_dict
+from .ema import ema_weights, make_ema
+from .fixed_embeddings import empty_prompt_embeddings, forced_embedding
+from .frozen_parts import FrozenParts
+from .layers import LayerSelection, apply_layer_selection
+from .loader import CachedPairDataset, NoisePlan, RefillingBatchReader, RunBatches, make_training_loader
+from .objective import objective_for
+from .optim import build_optimizer, run_lr_schedule
+from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
+from .run_data import load_run_data
+from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
+from .sample_drawer import SampleDrawer
+from .save_policy import SavePolicy, StopSignal, agreed_requests
+from .start_checks import SetupError, start_problem
+from .step import TrainStep, UpdateCheck
+from .telemetry import StepHealth, Telemetry, qk_weight_parameters
+from .training_state import Progress, TrainingState, TrainingStateError, data_identity, optimizer_identity
+from .validation import validation_loss
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    checkpoints: list[Path] = field(default_factory=list)
+    logged: list[dict[str, float]] = field(default_factory=list)
+    interrupted: bool = False
+    failed_saves: list[int] = field(default_factory=list)  # steps whose due checkpoint could not be saved
+    stop_saved: bool = False  # interrupted, and the stop's checkpoint was saved (resumable)
+    final_saved: bool = False  # the final model was written
+    gave_up_saving: bool = False  # --max_failed_saves saves failed in a row: stopped
+    exit_status: int = ExitStatus.FINISHED
+
+
+class TrainingRun:
+    """The state of one run and the loop over it; ``train()`` is the entry point."""
+
+    def __init__(self, config: TrainConfig, interrupt_after_batches: int | None = None):
+        self.config = config
+        self.interrupt_after_batches = interrupt_after_batches
+        self.output_dir = Path(config.output_dir)
+        # refused before anything heavy loads, by every process, so that all of them stop together
+        run_dir.check_output_dir(self.output_dir)
+        self.resume_from = run_dir.resolve_resume(config.resume, self.output_dir)
+        problem = start_problem(config)
+        if problem:
+            raise TrainingError(problem)
+        self.accelerator = make_accelerator(config)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.is_main:
+            run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
+            ckpt.remove_partial_saves(self.output_dir)
+        self.data = load_run_data(config, self.rank, self.world, self.is_main)
+        self.total_steps = self.data.total_steps
+        self._load_model()
+        self.progress, ema_state = self._restore() if self.resume_from is not None else (Progress(), None)
+        # from the resumed weights (or the checkpoint's EMA state), after the restore
+        self.ema = make_ema(self.trainable, config.ema_decay, self.device, ema_state)
+        self.health = StepHealth(self.device, self.progress.skipped_steps)
+        parts = FrozenParts(config) if self.is_main else None  # the main process alone saves and samples
+        self.drawer = SampleDrawer(config, self.device, parts=parts) if self.is_main else None
+        self.writer = CheckpointWriter(config, parts) if self.is_main else None
+        self._prepare_saves()
+        self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
+        if self.drawer is not None:
+            self.drawer.telemetry = self.telemetry
+        self.saves = SavePolicy(config, self.total_steps, self.output_dir, speaks=self.is_main)
+        self.result = TrainResult(output_dir=self.output_dir, steps=self.progress.step,
+                                  failed_saves=self.saves.failed_steps)
+        self.stopping = False
+        self.sample_id_sum = 0  # of the pairs this process trained on: proves the processes' shares differ
+        self.sample_count = 0
+        self.skipped_before = self.progress.skipped_samples  # bad pairs passed over by earlier starts
+        self.bad_pairs = BadPairLedger(config.max_bad_fraction, config.aspect_buckets)  # ... and by this start
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _load_model(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
+        unet = models.load_unet(config.pretrained_model, dtype=weight_dtype,
+                                single_file_config=config.single_file_config)
+        try:
+            self.trainable = apply_layer_selection(unet, LayerSelection.of(config), config.seed)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        unet.train()
+        try:
+            scheduler = models.load_training_scheduler(config.pretrained_model, config.prediction_type,
+                                                       config.zero_terminal_snr, config.single_file_config)
+            self.objective = objective_for(scheduler, config).to(self.device)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+        self.plan = NoisePlan(seed=config.seed, noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
+                              empty_embeddings=empty_prompt_embeddings(config) if config.caption_dropout else [])
+        self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
+                                                                                     config.single_file_config)
+        self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
+                                         config.weight_decay, bf16_weights=config.bf16_weights)
+        # stepped by hand once per optimizer step (accelerate would step it once per process), or once
+        # per epoch with --scheduler_at_epoch
+        batches_per_epoch = self.data.batches_per_epoch
+        self.lr_schedule = run_lr_schedule(config, self.optimizer, batches_per_epoch, self.total_steps)
+        self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
+        self.bare_unet = accelerator.unwrap_model(self.unet)
+        self.step = TrainStep(accelerator, self.unet, self.optimizer, self.objective, self.trainable,
+                              qk_weight_parameters(self.bare_unet), vae_scale=self.vae_scale,
+                              text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
+                              channels_last=config.channels_last, compile_unet=config.compile,
+                              gradient_topk=config.gradient_topk, forced_embedding=forced_embedding(config))
+        if self.is_main:
+            total = sum(p.numel() for p in self.bare_unet.parameters())
+            held_out = self.data.validation_index
+            print(f"[train] {len(self.data.train_index)} training pairs"
+                  f"{f', {len(held_out)} held out' if held_out else ''}; "
+                  f"{batches_per_epoch} batches/epoch/process x {self.world} process(es); {self.total_steps} "
+                  f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
+                  f"of {total:,}", file=sys.stderr)
+
+    def _prepare_saves(self) -> None:
+        """Refuse now what would make a save or a sample fail later (the main process checks: it alone
+        saves); the other processes stop with it rather than wait for it at the first step."""
+        refusal = None
+        if self.writer is not None:
+            try:
+                self.drawer.check_sampler_steps(self.writer.parts.prepare(self.bare_unet))
+            except SetupError as error:
+                refusal = error
+        if any_process(self.accelerator, refusal is not None) and refusal is None:
+            raise TrainingError("the main process refused the start (its message says why)")
+        if refusal is not None:
+            raise refusal
+
+    def _identities(self) -> tuple[dict, dict]:
+        """(data, optimizer) identities of this run, as a checkpoint records them (see training_state.py)."""
+        return (data_identity(len(self.data.train_index), self.world, self.config.batch_size, self.config.seed,
+                              self.data.pairs_fingerprint, aspect_buckets=self.config.aspect_buckets,
+                              data_balance=self.config.data_balance),
+                optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable))
+
+    def _restore(self) -> tuple[Progress, dict | None]:
+        """The checkpoint's weights, optimizer, schedule and RNGs put back; (its progress, its EMA state)."""
+        try:
+            state = ckpt.load_training_state(self.resume_from)
+        except TrainingStateError as error:
+            raise TrainingError(str(error)) from None
+        problem = state.resume_problem(*self._identities(), self.resume_from)
+        if problem:
+            raise TrainingError(problem)
+        trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
+        self.bare_unet.load_state_dict(trained.state_dict())
+        del trained
+        restored = state.apply(self.optimizer, self.lr_schedule)
+        if self.is_main:
+            print(f"[train] resumed from {self.resume_from} at step {restored.step}", file=sys.stderr)
+        return restored, state.ema
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except TrainingError as error:  # halted by a problem met in training: keep what it logged
+            if self.is_main:
+                self.telemetry.close()
+                run_dir.write_halted_summary(self.output_dir, self.progress.step, str(error),
+                                             self.result.checkpoints, self.result.failed_saves)
+            raise
+
+    def _run(self) -> TrainResult:
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step",
+                   disable=not self.is_main or self.config.no_progress, dynamic_ncols=True)
+        with StopSignal() as stop:
+            if self.data.validation_index is not None and self.progress.step == 0:
+                self._validate(0)
+            if self.progress.step < self.total_steps:
+                self._train(stop, bar)
+            self.result.interrupted = self.stopping and self.progress.step < self.total_steps
+            if self.saves.gave_up:
+                pass  # said when it happened; a final save would fail like the others
+            elif self.result.interrupted:
+                self.result.stop_saved = self._save("interrupted")
+                if self.is_main and self.result.stop_saved:
+                    print(f"[train] stopped at step {self.progress.step}; continue with --resume", file=sys.stderr)
+                elif self.is_main:
+                    print(f"[train] stopped at step {self.progress.step}, but its checkpoint could not be saved; "
+                          f"{newest_checkpoint_note(self.output_dir)}", file=sys.stderr)
+            else:
+                self._save("final")
+        self._finish(bar)
+        return self.result
+
+    def _train(self, stop: StopSignal, bar) -> None:
+        """Micro-batches until --max_steps optimizer steps are done or every process agreed to stop.
+
+        Stops and saves happen only right after an optimizer step, so the saved data position never
+        counts micro-batches whose gradients were not applied.
+        """
+        config, progress, data = self.config, self.progress, self.data
+        dataset = CachedPairDataset(data.train_index, self.plan, checks=data.checks)
+        reader = RefillingBatchReader(dataset, data.order, token_length=config.force_toklen)
+        batches = RunBatches(data.order, progress.epoch, progress.batch_in_epoch)
+        loader = make_training_loader(reader, batches, config.num_workers, pin_memory=self.device.type == "cuda")
+        micro_batches = 0
+        for batch in loader:
+            progress.batch_in_epoch += 1
+            micro_batches += 1
+            if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
+                stop.requested = True
+            self.bad_pairs.record(batch)
+            stepped = self._train_on(batch, bar)
+            if progress.batch_in_epoch == data.batches_per_epoch:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+                self._after_epoch()
+            if stepped and (self._after_step(stop) or progress.step >= self.total_steps):
+                break
+        del loader  # stops the workers
+
+    def _train_on(self, batch, bar) -> bool:
+        """One micro-batch; True when it completed an optimizer step."""
+        accelerator = self.accelerator
+        self.sample_id_sum += sum(batch.sample_ids)
+        self.sample_count += len(batch.sample_ids)
+        with accelerator.accumulate(self.unet):
+            loss, raw_loss = self.step.forward_backward(batch)  # accumulate
+            stepping = accelerator.sync_gradients  # this micro-batch completes the optimizer step
+            logging_now = stepping and (self.progress.step + 1) % self.config.log_every == 0
+            check = self.step.optimizer_step(want_qk_grads=logging_now) if stepping else None  # clip, step
+        self.telemetry.add_micro_step(loss, raw_loss, batch.latents.shape[0] * self.world)
+        if check is not None:
+            self._after_optimizer_step(check, logging_now, bar)
+        return check is not None
+
+    def _after_optimizer_step(self, check: UpdateCheck, logging_now: bool, bar) -> None:
+        if not self.config.scheduler_at_epoch:
+            self.lr_schedule.step()
+        if self.ema is not None:
+            self.ema.step(self.trainable)
+        self.progress.step += 1
+        bar.update(1)
+        self.health.record(check.found_inf, check.grad_norm)
+        if logging_now:
+            self._log(check, bar)
+
+    def _skipped_samples(self) -> torch.Tensor:
+        """Bad pairs passed over by the whole run so far, as a device scalar (an all-reduce with
+        several processes, so every process must call it at the same point)."""
+        return sum_over_processes(self.accelerator, self.bad_pairs.skipped) + self.skipped_before
+
+    def _log(self, check: UpdateCheck, bar) -> None:
+        """Read the window's metrics back (one transfer), log them, and stop on a run of bad steps."""
+        progress, config = self.progress, self.config
+        values = self.telemetry.flush(progress.step, self.lr_schedule.get_last_lr()[0], {
+            "train/qk_grads_av": check.qk_grads,
+            "unet/L2_norm": check.weight_norm,
+            **self.health.window_scalars(),
+            "train/skipped_samples": self._skipped_samples(),
+            "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / self.data.batches_per_epoch),
+        })
+        progress.skipped_steps = int(values["train/skipped_steps"])
+        progress.skipped_samples = int(values["train/skipped_samples"])
+        self.result.logged.append({"step": progress.step, **values})
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['train/images_per_sec']:.1f}")
+        worst_run = int(values["_worst_bad_run"])
+        if worst_run >= config.max_bad_steps:
+            raise TrainingError(
+                f"{worst_run} optimizer steps in a row had NaN/Inf gradients (limit --max_bad_steps "
+                f"{config.max_bad_steps}); stopping at step {progress.step}. Lower the learning rate or check "
+                "the cached data (python -m cachetrain.inspect).")
+
+    def _after_step(self, stop: StopSignal) -> bool:
+        """Saves, samples and validation due after this optimizer step; True when the run must stop."""
+        config, step = self.config, self.progress.step
+        # with several processes they agree at logging steps only (a host sync), so no other step waits
+        if self.world == 1 or step % config.log_every == 0:
+            stop_now, save_now = agreed_requests(stop, self.output_dir / TRIGGER_FILE, self.accelerator)
+            self.stopping = self.stopping or stop_now
+        else:
+            stop_now, save_now = False, False
+        reason = None if stop_now else self.saves.take_due(step, save_now)  # a stop saves at the loop's end
+        if reason is not None:
+            self._save(reason)
+        elif config.sample_steps and step % config.sample_steps == 0 and self.is_main:
+            self._sample(self.output_dir / f"samples-{step:05d}")
+        if self.data.validation_index is not None and config.validation_steps and step % config.validation_steps == 0:
+            self._validate(step)
+        return stop_now or self.saves.gave_up
+
+    def _after_epoch(self) -> None:
+        config = self.config
+        if config.learning_rate_decay:
+            self.lr_schedule.base_lrs = [max(0.0, lr - config.learning_rate_decay) for lr in self.lr_schedule.base_lrs]
+        if config.scheduler_at_epoch:  # after the decay, so the next epoch's LR includes it
+            self.lr_schedule.step()
+        self.saves.epoch_ended(self.progress.step)
+
+    # -- checkpoints, samples, validation ---------------------------------------------------
+
+    def _training_state(self) -> TrainingState:
+        self.progress.skipped_steps = int(self.health.bad_total.item())  # saves are rare: one read is fine
+        data, optimizer = self._identities()
+        return TrainingState.capture(progress=self.progress, optimizer=self.optimizer, lr_schedule=self.lr_schedule,
+                                     data=data, optimizer_identity=optimizer, config=config_to_dict(self.config),
+                                     ema=self.ema)
+
+    def _save(self, reason: str) -> bool:
+        """Save a checkpoint of this step; True when it is on disk (on every process alike)."""
+        step = self.progress.step
+        if self.saves.is_saved(step):
+            return True  # this step is saved already
+        self.progress.skipped_samples = int(self._skipped_samples().item())  # saves are rare: one read is fine
+        self.accelerator.wait_for_everyone()
+        failed = False
+        if self.is_main:
+            path = self.writer.save(self.bare_unet, step, self._training_state(), self.ema, self.trainable)
+            failed = path is None
+            if path is not None:
+                self.result.checkpoints.append(path)
+                if reason != "interrupted":
+                    self._sample(path)
+                ckpt.prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
+                tqdm.write(f"[train] saved {path} ({reason})")
+        failed = any_process(self.accelerator, failed)  # saves are rare: every process learns how the main one's went
+        self.saves.record(step, reason, failed)
+        if self.data.validation_index is not None and not self.config.validation_steps and reason != "interrupted":
+            self._validate(step)
+        self.accelerator.wait_for_everyone()
+        return not failed
+
+    def _sample(self, out_dir: Path) -> None:
+        with ema_weights(self.ema, self.trainable):  # samples show the EMA weights
+            self.drawer.sample(self.bare_unet, self.progress.step, out_dir)
+
+    def _validate(self, step: int) -> None:
+        """val/loss of the held-out pairs (main process)."""
+        if self.is_main:
+            value = validation_loss(self.data.validation_index, self.plan, self.data.checks, self.config,
+                                    self.step.held_out_errors, self.device)
+            self.telemetry.add_scalar("val/loss", value, step)
+            self.result.logged.append({"step": step, "val/loss": value})
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self, bar) -> None:
+        self.result.gave_up_saving = self.saves.gave_up
+        if self.is_main:
+            self._publish_final()
+        self.result.final_saved = any_process(self.accelerator, self.result.final_saved)  # one exit status
+        checksums, shares = gather_shares(self.accelerator, self.bare_unet, self.sample_id_sum, self.sample_count,
+                                          self.bad_pairs.skipped)
+        if self.is_main:
+            if len(set(checksums)) > 1:
+                print(f"[train] WARNING: the processes' weights differ at the end: {checksums}", file=sys.stderr)
+            summary = {"steps": self.progress.step, "interrupted": self.result.interrupted,
+                       "processes": self.world, "process_weight_checksums": checksums,
+                       "process_sample_id_sums": shares[:, 0].tolist(),
+                       "process_sample_counts": shares[:, 1].tolist(),
+                       "skipped_samples": self.skipped_before + int(shares[:, 2].sum().item()),
+                       "left_out_at_start": self.data.left_out_at_start,
+                       "checkpoints": [str(p) for p in self.result.checkpoints],
+                       "failed_saves": self.result.failed_saves, "failed_samples": self.drawer.failed_samples,
+                       "final_model_saved": self.result.final_saved,
+                       "exit_status": self._exit_status()}
+            try:
+                run_dir.write_summary(self.output_dir, summary)
+            except OSError as error:  # a full disk: the status and the log still say what happened
+                print(f"[train] could not write {run_dir.SUMMARY_FILE} ({error.strerror or error})", file=sys.stderr)
+        self.result.exit_status = self._exit_status()
+        bar.close()
+        self.telemetry.close()
+        # the main process may still be writing the final model: tearing the process group down
+        # under it aborted another process now and then (~1 run in 10 with two CPU processes)
+        end_processes(self.accelerator, self.result.exit_status)
+        self.result.steps = self.progress.step
+
+    def _publish_final(self) -> None:
+        """The final model at the top of output_dir, when the run reached its end and saved it."""
+        if self.result.interrupted or self.saves.gave_up:
+            return
+        if not self.saves.is_saved(self.progress.step):
+            print(f"[train] the final checkpoint could not be saved (see above). "
+                  f"{newest_checkpoint_note(self.output_dir)}", file=sys.stderr)
+            return
+        self.result.final_saved = run_dir.publish_final_model(self.output_dir, self.progress.step)
+
+    def _exit_status(self) -> int:
+        return run_dir.exit_status(stopped=self.result.interrupted, failed_saves=len(self.result.failed_saves),
+                                   final_saved=self.result.final_saved, stop_saved=self.result.stop_saved)
+
+
+def train(config: TrainConfig, interrupt_after_batches: int | None = None) -> TrainResult:
+    """Train as ``config`` says. ``interrupt_after_batches`` acts like a SIGTERM arriving after that
+    many micro-batches of this start (tests use it to stop a run at an exact point)."""
+    return TrainingRun(config, interrupt_after_batches).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The script's entry point; its exit status is run_dir.ExitStatus (the README's table)."""
+    from .config import ConfigError, parse_train_args
+
+    try:
+        config = parse_train_args(argv)
+        run = TrainingRun(config)
+    except (ConfigError, TrainingError, SetupError, RunDirError, FileNotFoundError) as error:
+        print_error(str(error))
+        return ExitStatus.REFUSED
+    try:
+        return run.run().exit_status
+    except TrainingError as error:  # a problem met during training, named in its message
+        print_error(str(error))
+        return ExitStatus.HALTED

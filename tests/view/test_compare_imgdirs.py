@@ -1,0 +1,252 @@
+"""compare_imgdirs.py: runs' samples paired by relative path, one self-contained page, labelled PNGs.
+
+Two small runs are written by hand. Every sample is one flat colour that says which run, step and
+prompt it is, so a pixel tells whether the right image is in the right place.
+"""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from cachetrain.view import compare
+from cachetrain.models.sampling import SampleMetadata, save_sample_png
+from tests.headless_chromium import HeadlessChromium, chromium_missing_reason
+
+PROMPTS = ["a red circle on a blue background", "a yellow </script> square <!-- <b>on black</b>"]
+SAMPLE_NAMES = ["sample-00-a-red-circle-on-a-blue-background.png", "sample-01-a-yellow-script-square-b-on-black-b.png"]
+SAMPLE_SIDE = 32
+
+
+def colour(run: int, step: int, prompt_index: int) -> tuple[int, int, int]:
+    return (40 + 150 * run, step // 100 * 60, 60 + 120 * prompt_index)
+
+
+def write_run(root, run: int, steps: list[int]) -> None:
+    for step in steps:
+        folder = root / f"checkpoint-{step:05d}"
+        folder.mkdir(parents=True)
+        for index, (prompt, name) in enumerate(zip(PROMPTS, SAMPLE_NAMES)):
+            metadata = SampleMetadata(prompt=prompt, negative_prompt="", seed=1234 + index, step=step,
+                                      sampler_steps=20, guidance_scale=7.5)
+            save_sample_png(Image.new("RGB", (SAMPLE_SIDE, SAMPLE_SIDE), colour(run, step, index)),
+                            folder / name, metadata)
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """run_a has steps 100 and 200; run_b also has 300, and its step-200 second sample is damaged."""
+    run_a, run_b = tmp_path / "demo_a" / "run", tmp_path / "demo_b" / "run"
+    write_run(run_a, 0, [100, 200])
+    write_run(run_b, 1, [100, 200, 300])
+    (run_b / "checkpoint-00200" / SAMPLE_NAMES[1]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (run_a / "tensorboard").mkdir()
+    Image.new("RGB", (4, 4)).save(run_a / "tensorboard" / "not-a-sample.png")  # only sample-*.png are compared
+    return run_a, run_b
+
+
+def test_runs_are_named_by_the_fewest_path_parts_that_tell_them_apart(tmp_path):
+    assert compare.run_names([tmp_path / "demo_a" / "run", tmp_path / "demo_b" / "run"]) == ["demo_a/run", "demo_b/run"]
+    assert compare.run_names([tmp_path / "x" / "lr1e-4", tmp_path / "x" / "lr3e-4"]) == ["lr1e-4", "lr3e-4"]
+    assert compare.run_names([tmp_path / "same", tmp_path / "same"]) == ["same", "same #2"]
+
+
+def test_images_are_paired_by_their_path_relative_to_each_run(two_runs):
+    comparison = compare.compare_runs(list(two_runs))
+
+    assert [(s.folder, s.step, s.present) for s in comparison.steps] == [
+        ("checkpoint-00100", 100, [True, True]), ("checkpoint-00200", 200, [True, True]),
+        ("checkpoint-00300", 300, [False, True])]
+    first = comparison.steps[0]
+    assert first.names == SAMPLE_NAMES
+    assert [images[SAMPLE_NAMES[0]].metadata.prompt for images in first.images] == [PROMPTS[0], PROMPTS[0]]
+    assert first.prompt(SAMPLE_NAMES[1]) == PROMPTS[1]
+    assert comparison.mismatches == ["checkpoint-00300: only in demo_b/run (not in demo_a/run)"]
+    ((run, path, problem),) = comparison.unreadable
+    assert (run, path) == ("demo_b/run", f"checkpoint-00200/{SAMPLE_NAMES[1]}") and problem
+
+
+def test_an_image_one_run_lacks_in_a_step_both_have_is_reported(two_runs):
+    run_a, _run_b = two_runs
+    (run_a / "checkpoint-00100" / SAMPLE_NAMES[0]).unlink()
+    comparison = compare.compare_runs(list(two_runs))
+    assert comparison.mismatches == [f"checkpoint-00100/{SAMPLE_NAMES[0]}: not in demo_a/run",
+                                     "checkpoint-00300: only in demo_b/run (not in demo_a/run)"]
+    assert comparison.steps[0].prompt(SAMPLE_NAMES[0]) == PROMPTS[0]  # read from the run that has it
+
+
+def test_runs_without_any_sample_image_are_an_error(tmp_path, capsys):
+    (tmp_path / "empty_a").mkdir()
+    (tmp_path / "empty_b").mkdir()
+    assert compare.main([str(tmp_path / "empty_a"), str(tmp_path / "empty_b"), "--out", str(tmp_path / "c.html")]) == 1
+    assert "no sample images" in capsys.readouterr().err
+
+
+def test_mismatched_runs_are_reported_and_the_page_still_written(two_runs, tmp_path, capsys):
+    out = tmp_path / "pages" / "compare.html"
+    assert compare.main([str(two_runs[0]), str(two_runs[1]), "--out", str(out)]) == 0
+
+    report = capsys.readouterr().err
+    assert "3 steps, 2 in every run" in report
+    assert "checkpoint-00300: only in demo_b/run (not in demo_a/run)" in report
+    assert f"unreadable image demo_b/run: checkpoint-00200/{SAMPLE_NAMES[1]}" in report
+    page = out.read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 4 + 3 + 2  # every readable sample, embedded
+    assert "</script> square" not in page and "<!-- <b>" not in page  # a prompt cannot break the page's script
+
+
+def test_a_missing_run_folder_is_an_error_that_names_it(two_runs, tmp_path, capsys):
+    assert compare.main([str(two_runs[0]), str(tmp_path / "nope"), "--out", str(tmp_path / "c.html")]) == 2
+    assert f"run folder not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert not (tmp_path / "c.html").exists()
+
+
+def test_view_opens_the_written_page_in_the_default_browser(two_runs, tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(compare.webbrowser, "open", opened.append)
+    out = tmp_path / "compare.html"
+    assert compare.main([*map(str, two_runs), "--out", str(out), "--view"]) == 0
+    assert opened == [out.resolve().as_uri()]
+
+
+def test_side_by_side_pngs_put_each_run_in_its_column_for_every_matched_step(two_runs, tmp_path):
+    png_dir = tmp_path / "side-by-side"
+    assert compare.main([*map(str, two_runs), "--out", str(tmp_path / "c.html"), "--png", str(png_dir)]) == 0
+    assert sorted(p.name for p in png_dir.iterdir()) == ["checkpoint-00100.png", "checkpoint-00200.png"]
+
+    # 32 px samples are enlarged 8x to 256 px tiles. Width: 8 padding + 2 runs x (256 tile + 8 padding).
+    # Height: 8 padding + 24 title + 20 run names + 2 prompts x (20 prompt line + 256 tile + 8 padding).
+    tile, width, height = 256, 8 + 2 * (256 + 8), 8 + 24 + 20 + 2 * (20 + 256 + 8)
+
+    def tile_pixel(image, run, row, dx=tile // 2, dy=tile // 2):
+        left = 8 + run * (tile + 8)
+        top = 8 + 24 + 20 + row * (20 + tile + 8) + 20
+        return image.getpixel((left + dx, top + dy))
+
+    for step in (100, 200):
+        image = Image.open(png_dir / f"checkpoint-{step:05d}.png").convert("RGB")
+        assert image.size == (width, height)
+        for run in (0, 1):
+            for row in (0, 1):
+                if (step, run, row) == (200, 1, 1):
+                    continue  # the damaged one, checked below
+                assert tile_pixel(image, run, row) == colour(run, step, row)
+                assert tile_pixel(image, run, row, dx=0, dy=0) == colour(run, step, row)  # the whole tile
+                assert tile_pixel(image, run, row, dx=tile - 1, dy=tile - 1) == colour(run, step, row)
+    damaged = Image.open(png_dir / "checkpoint-00200.png").convert("RGB")
+    assert tile_pixel(damaged, 1, 1, dx=192, dy=32) == compare.PNG_GAP  # a marked gap in its place
+    assert tile_pixel(damaged, 1, 1, dx=0, dy=0) == compare.PNG_GAP_MARK
+
+
+CELLS_OF_SHOWN_STEP = """
+Promise.all([...document.querySelectorAll("#step-view img")].map(img => img.decode())).then(() =>
+  [...document.querySelectorAll("#step-view tbody tr")].map(tr => ({
+    prompt: tr.querySelector("td.prompt").textContent,
+    cells: [...tr.querySelectorAll("td.cell")].map(td => {
+      const img = td.querySelector("img");
+      if (!img) return {gap: td.querySelector(".gap").className};
+      const canvas = document.createElement("canvas");
+      canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+      const context = canvas.getContext("2d");
+      context.drawImage(img, 0, 0);
+      const [r, g, b] = context.getImageData(img.naturalWidth >> 1, img.naturalHeight >> 1, 1, 1).data;
+      return {run: img.dataset.run, width: img.naturalWidth, shownWidth: img.width, rgb: [r, g, b],
+              facts: td.querySelector(".facts").textContent};
+    })})))
+"""
+
+
+def test_the_page_works_in_a_real_headless_browser(two_runs, tmp_path, artifacts_dir):
+    reason = chromium_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    run_b = two_runs[1]
+    # the same file name holding another prompt in one run: the page must say so under that image
+    save_sample_png(Image.new("RGB", (SAMPLE_SIDE, SAMPLE_SIDE), colour(1, 100, 0)),
+                    run_b / "checkpoint-00100" / SAMPLE_NAMES[0],
+                    SampleMetadata(prompt="another prompt", negative_prompt="blurry", seed=1234, step=100,
+                                   sampler_steps=20, guidance_scale=7.5))
+    out = tmp_path / "compare.html"
+    assert compare.main([*map(str, two_runs), "--out", str(out)]) == 0
+
+    def image(run, step, row, facts_before="", facts_after=""):
+        return {"run": ["demo_a/run", "demo_b/run"][run], "width": SAMPLE_SIDE, "shownWidth": pytest.approx(480, abs=1),
+                "rgb": list(colour(run, step, row)), "facts": facts_before + f"step {step} \u00b7 seed {1234 + row} "
+                f"\u00b7 20 sampler steps \u00b7 guidance 7.5" + facts_after}
+
+    with HeadlessChromium(tmp_path / "profile") as browser:
+        browser.open(out.as_uri())
+        assert browser.evaluate("document.body.dataset.stepIndex") == "0"
+        assert browser.evaluate("document.getElementById('step-label').textContent") == \
+            "step 100 (checkpoint-00100) \u2014 1 of 3"
+        assert browser.evaluate(CELLS_OF_SHOWN_STEP) == [
+            {"prompt": PROMPTS[0], "cells": [image(0, 100, 0), image(1, 100, 0, "prompt: another prompt \u00b7 ",
+                                                                     " \u00b7 negative: blurry")]},
+            {"prompt": PROMPTS[1], "cells": [image(0, 100, 1), image(1, 100, 1)]}]
+        assert "checkpoint-00300: only in demo_b/run" in browser.evaluate(
+            "document.getElementById('mismatches').textContent")
+        browser.screenshot(artifacts_dir / "compare-step-100.png")
+
+        browser.press("ArrowRight", "ArrowRight", 39)
+        assert browser.evaluate("document.body.dataset.stepIndex") == "1"
+        assert browser.evaluate("document.getElementById('step-label').textContent").startswith("step 200 ")
+        assert browser.evaluate(CELLS_OF_SHOWN_STEP) == [
+            {"prompt": PROMPTS[0], "cells": [image(0, 200, 0), image(1, 200, 0)]},
+            {"prompt": PROMPTS[1], "cells": [image(0, 200, 1), {"gap": "gap unreadable"}]}]
+        browser.screenshot(artifacts_dir / "compare-step-200-unreadable.png")
+
+        browser.press(" ", "Space", 32)
+        assert browser.evaluate(CELLS_OF_SHOWN_STEP)[0]["cells"] == [{"gap": "gap missing"}, image(1, 300, 0)]
+        browser.press(" ", "Space", 32)  # already at the last step: stays
+        assert browser.evaluate("document.body.dataset.stepIndex") == "2"
+        browser.press("Backspace", "Backspace", 8)
+        browser.press("ArrowLeft", "ArrowLeft", 37)
+        assert browser.evaluate("document.body.dataset.stepIndex") == "0"
+
+        browser.press("g", "KeyG", 71)
+        assert browser.evaluate("document.body.dataset.view") == "grid"
+        assert browser.evaluate("[...document.querySelectorAll('#grid tbody tr')].map(tr => tr.cells[0].textContent)"
+                                ) == ["step 100", "step 200", "step 300"]
+        assert browser.evaluate("document.querySelectorAll('#grid img').length") == 9
+        browser.screenshot(artifacts_dir / "compare-grid.png")
+
+        assert browser.console_errors() == []
+        assert [url for url in browser.requested_urls() if not url.startswith("data:")] == [out.as_uri()]
+
+
+def test_a_linked_page_refers_to_the_images_where_they_are(two_runs, tmp_path):
+    # elsewhere than the runs, through a link to a deeper folder: the paths must lead back from where
+    # the browser opens the page
+    pages = tmp_path / "pages"
+    (tmp_path / "deeper" / "real-pages").mkdir(parents=True)
+    pages.symlink_to(tmp_path / "deeper" / "real-pages")
+    out = pages / "compare.html"
+    assert compare.main([*map(str, two_runs), "--out", str(out), "--link"]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "data:image/png" not in page and "../demo_a/run/checkpoint-00100/" in page
+    reason = chromium_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    readable = {run / f"checkpoint-{step:05d}" / name for run, steps in zip(two_runs, ([100, 200], [100, 200, 300]))
+                for step in steps for name in SAMPLE_NAMES} - {two_runs[1] / "checkpoint-00200" / SAMPLE_NAMES[1]}
+
+    shown = """Promise.all([...document.querySelectorAll("#grid img")].map(img => img.decode())).then(() =>
+      [...document.querySelectorAll("#grid img")].map(img => [img.src, img.naturalWidth]))"""
+    with HeadlessChromium(tmp_path / "profile") as browser:
+        browser.open(out.as_uri())
+        browser.press("g", "KeyG", 71)
+        images = browser.evaluate(shown)
+        assert sorted(src for src, _ in images) == sorted(path.as_uri() for path in readable)
+        assert {width for _, width in images} == {SAMPLE_SIDE}
+        assert browser.console_errors() == []
+
+
+def test_the_facts_under_an_image_name_a_forced_token_length(tmp_path):
+    folder = tmp_path / "run" / "checkpoint-00100"
+    folder.mkdir(parents=True)
+    save_sample_png(Image.new("RGB", (SAMPLE_SIDE, SAMPLE_SIDE)), folder / SAMPLE_NAMES[0],
+                    SampleMetadata(prompt="p", negative_prompt="", seed=1, step=100, sampler_steps=20,
+                                   guidance_scale=7.5, token_length=60))
+    [cell] = compare.page_data(compare.compare_runs([tmp_path / "run"]))["steps"][0]["rows"][0]["cells"]
+    assert cell["facts"] == ("step 100 \u00b7 seed 1 \u00b7 20 sampler steps \u00b7 guidance 7.5 "
+                             "\u00b7 conditioned on 60 tokens")
