@@ -24,7 +24,7 @@ from cachetrain import sidecar
 from cachetrain.cache.summary import CacheSummary
 from cachetrain.cache.writer import BackgroundWriter, EncodedItem
 
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 from .test_cache_builders import summary_counts
 
 IMAGES = 48

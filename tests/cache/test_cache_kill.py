@@ -11,7 +11,7 @@ import time
 from cachetrain import sidecar
 from cachetrain.tiny.models import make_shapes_dataset
 
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 IMAGES = 60
 

@@ -13,7 +13,7 @@ from cachetrain.view import inspect as cache_inspect
 from cachetrain import sidecar
 from cachetrain.cache.text_cache import main_clip
 
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 from .test_cache_builders import IMAGES_IN_DATASET, run_images, summary_counts
 
 

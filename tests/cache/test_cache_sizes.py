@@ -18,7 +18,7 @@ from cachetrain import sidecar
 from cachetrain.cache.image_cache import main as image_main
 from cachetrain.cache.images import Sizing, load_image, standard_buckets
 
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 from .test_cache_builders import IMAGES_IN_DATASET, summary_counts
 
 TINY_VAE_FACTOR = 4  # the tiny VAE has three blocks: 2 x 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cachetrain import sidecar
 
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 IMAGES_IN_DATASET = 48
 

@@ -16,7 +16,7 @@ import pytest
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.presets import PRESETS
 
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 REQUIRED = ["--pretrained_model", "m", "--train_data_dir", "d"]
 WRAPPERS = {"train_sd.sh": "sd15", "train_t5.sh": "t5"}

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 RUN_END = textwrap.dedent("""
     import sys, time
