@@ -8,10 +8,12 @@ they are still read ("legacy").
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,11 +143,37 @@ class CaptionRejected(ValueError):
         self.source_gone = source_gone  # no caption at all: an old text sidecar is an orphan
 
 
+class NotRegularFile(OSError):
+    """A path that is not a regular file (a named pipe, a socket, a device, a link loop): never read, since
+    a read of a pipe or of a file that never answers would block forever."""
+
+
+def open_regular(path: os.PathLike | str):
+    """Open a regular file (or a link to one) for reading, without ever blocking on what is not one:
+    opened non-blocking (a FIFO then opens at once), and refused with NotRegularFile unless fstat says
+    regular. FileNotFoundError passes through."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotRegularFile(error.errno, "a loop of symbolic links", os.fspath(path)) from None
+        raise
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a socket or device"
+        raise NotRegularFile(errno.EINVAL, f"not a regular file: {kind}", os.fspath(path))
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
 def read_caption(image_path: str, caption_suffix: str = CAPTION_EXTENSION) -> str:
     """The stripped text of the image's caption file; CaptionRejected with the reason if unusable."""
     path = caption_path(image_path, caption_suffix)
     try:
-        raw = path.read_bytes()
+        with open_regular(path) as handle:
+            raw = handle.read()
     except FileNotFoundError:
         raise CaptionRejected("no caption", f"no caption file {path.name}", source_gone=True) from None
     except OSError as error:
@@ -224,7 +252,11 @@ def read_header(path: os.PathLike | str) -> dict:
     says: a truncated copy is caught here, not when training reads it. Planning a cache run and
     indexing a bucketed training set call this once per file, so it must stay cheap.
     """
-    with open(path, "rb") as handle:  # FileNotFoundError passes through: "missing", not "unreadable"
+    try:
+        handle = open_regular(path)  # FileNotFoundError passes through: "missing", not "unreadable"
+    except NotRegularFile as error:
+        raise SidecarError(path, error.strerror) from None
+    with handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise SidecarError(path, f"not a readable safetensors file ({len(prefix)} bytes long)")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
+import sys
 from array import array
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +19,23 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({("." + e.lstrip(".")).lower() for e in extensions}))
 
 
+def _left_out_reason(entry: os.DirEntry) -> str | None:
+    """Why a matching name is not walked (None for a regular file or a link to one): reads must never
+    meet a file that blocks them (a FIFO, a device) or a link that leads nowhere but round."""
+    try:
+        if entry.is_file(follow_symlinks=True):  # from the folder listing alone unless it is a link
+            return None
+        mode = entry.stat(follow_symlinks=True).st_mode
+    except OSError as error:  # a loop of links (ELOOP), a link to nothing
+        return f"{error.strerror or error}: a link that leads to no file" if error.errno != errno.ENOENT \
+            else "a link to nothing"
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"not a regular file ({kind}); never read, a read of it could block forever"
+
+
 def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
-               temporaries: list[str] | None = None, visited: set | None = None) -> Iterator[str]:
+               temporaries: list[str] | None = None, visited: set | None = None,
+               left_out: list[tuple[str, str]] | None = None) -> Iterator[str]:
     """Yield the paths under ``root`` whose name ends with one of ``suffixes`` (case-insensitive).
 
     One os.scandir pass per folder, in sorted order so every process sees the same sequence.
@@ -28,6 +46,9 @@ def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
     Symlinked folders are followed, each folder at most once (a link to an ancestor is no loop);
     pass the same ``visited`` set to the walks of several roots and a folder inside two of them
     (``--data_root D D/part0``) is walked once.
+    Only regular files (and links to them) are yielded: a matching name that is a FIFO, a socket, a
+    device, a loop of links or a link to nothing is left out and named, as (path, reason), in
+    ``left_out`` when a list is given, else in one line on stderr.
     """
     suffixes = tuple(s.lower() for s in suffixes)
     pending = [os.fspath(root)]
@@ -50,7 +71,11 @@ def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
                 if temporaries is not None and is_temporary(entry.name):
                     temporaries.append(entry.path)
                 continue
-            if entry.is_dir(follow_symlinks=True):
+            try:
+                is_folder = entry.is_dir(follow_symlinks=True)
+            except OSError:  # a loop of links: not a folder; named below if its name matches
+                is_folder = False
+            if is_folder:
                 try:
                     folder_stat = entry.stat(follow_symlinks=True)  # one stat per folder, not per file
                 except OSError:
@@ -60,7 +85,13 @@ def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
                     visited.add(identity)
                     subfolders.append(entry.path)
             elif entry.name.lower().endswith(suffixes):
-                yield entry.path
+                reason = _left_out_reason(entry)
+                if reason is None:
+                    yield entry.path
+                elif left_out is not None:
+                    left_out.append((entry.path, reason))
+                else:
+                    print(f"[walk] left out {entry.path}: {reason}", file=sys.stderr)
         pending.extend(reversed(subfolders))  # depth-first, in sorted order
 
 

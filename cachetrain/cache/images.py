@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -209,7 +210,10 @@ def standard_buckets(resolution: int) -> list[tuple[int, int]]:
 def read_image_file(path: os.PathLike | str) -> bytes:
     """An image file's bytes, read once (to decode and to hash the same bytes); refuses an empty file
     and one too large to be an image before reading it."""
-    size = os.stat(path).st_size
+    status = os.stat(path)  # follows links; a loop raises OSError, named by the caller
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read forever
+        raise ImageRejected("not a regular file", "a named pipe, socket or device; never read")
+    size = status.st_size
     if size == 0:
         raise ImageRejected("empty file", "the file has zero bytes")
     if size > MAX_IMAGE_FILE_BYTES:

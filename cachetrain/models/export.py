@@ -131,6 +131,12 @@ def export_single_file(source: Path | str, out: Path | str, dtype: str = "fp16",
                 "text encoder); load its VAE, T5 encoder and projection from the folder")
     elif not unet_only and not all(part in index for part in ("vae", "text_encoder")):
         raise ExportError(f"{source}: the pipeline has no vae or text_encoder to export (use --unet_only)")
+    if not unet_only:
+        for part in ("vae", "text_encoder"):  # named here, not as diffusers' "no file named config.json"
+            if not (source / part / "config.json").is_file():
+                raise ExportError(f"{source}: its model_index.json names the part '{part}', but "
+                                  f"{source / part}/ {'has no config.json' if (source / part).is_dir() else 'is missing'}"
+                                  " (copy the whole folder, or pass --unet_only)")
 
     unet = UNet2DConditionModel.from_pretrained(source, subfolder=EMA_COMPONENT if ema else TRAINED_COMPONENT,
                                                 torch_dtype=torch.float32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -343,12 +344,25 @@ def validate(config: TrainConfig) -> TrainConfig:
     then the rules that tie flags together."""
     problems = [f"--{item.name} {problem}" for item in dataclasses.fields(config)
                 if (check := item.metadata.get("check")) and (problem := check(getattr(config, item.name)))]
+    problems += _non_finite_problems(config)
     for rules in (_model_problems, _schedule_problems, _objective_problems, _precision_problems, _data_problems):
         problems += rules(config)
     problems += LayerSelection.of(config).problems()
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     return config
+
+
+def _non_finite_problems(config: TrainConfig) -> list[str]:
+    """nan / inf given to any number flag: accepted, they would poison the loss and halt the run later."""
+    problems = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            problems.append(f"--{item.name} {' '.join(str(v) for v in values)}: must be a finite number")
+    return problems
 
 
 def _model_problems(config: TrainConfig) -> list[str]:

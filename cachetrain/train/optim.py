@@ -12,6 +12,7 @@ mantissa, so an update smaller than 1/256 of a weight rounds to nothing; roundin
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -298,10 +299,15 @@ def keep_top_gradients_(parameters: list[torch.Tensor], fraction: float) -> None
         torch._foreach_copy_(chunk, [piece.view(g.shape) for piece, g in zip(pieces, chunk)])
 
 
-def run_lr_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, batches_per_epoch: int, total_steps: int):
+def run_lr_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, batches_per_epoch: int, total_steps: int,
+                    speaks: bool = False):
     """The run's schedule, of ``total_steps`` optimizer steps; with --scheduler_at_epoch it is stepped
-    once per epoch, so its length and warm-up count epochs."""
+    once per epoch, so its length and warm-up count epochs. ``speaks``: say what --scheduler constant with
+    a warm-up does (it warms up), so that no flag seems ignored."""
     warmup, length = config.warmup_optimizer_steps(batches_per_epoch), total_steps
+    if speaks and config.scheduler == "constant" and warmup > 0:
+        print(f"[train] --scheduler constant with --warmup_steps {config.warmup_steps}: the LR rises over the "
+              "warm-up, then stays constant (constant_with_warmup)", file=sys.stderr)
     if config.scheduler_at_epoch:
         steps_per_epoch = batches_per_epoch / config.gradient_accum
         warmup, length = round(warmup / steps_per_epoch), math.ceil(length / steps_per_epoch)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from .checkpoint_check import checkpoint_damage
 from ..atomic import write_atomically
 
 TRIGGER_FILE = "trigger.checkpoint"
@@ -34,6 +35,7 @@ class ExitStatus:
     STOPPED = 3  # stopped by SIGINT/SIGTERM after a resumable checkpoint was saved: requeue with --resume
     SAVE_FAILED = 4  # a save that was due failed (a checkpoint, the stop's checkpoint or the final model)
     HALTED = 5  # stopped during training by a problem its message names (e.g. --max_bad_steps)
+    STOPPED_NOW = 6  # stopped at once by a second SIGINT/SIGTERM, without a checkpoint of that step
 
 
 class RunDirError(RuntimeError):
@@ -55,7 +57,10 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint this start continues from, or None for a new run; refuses what cannot be meant."""
+    """The checkpoint this start continues from, or None for a new run; refuses what cannot be meant.
+
+    Every file the resume will read is checked first (checkpoint_check): ``latest``/``auto`` pass over
+    damaged checkpoints to the newest whole one, saying which and why; a damaged one named is refused."""
     existing = ckpt.latest_checkpoint(output_dir)
     if not resume:
         if existing is not None:
@@ -69,11 +74,27 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
         if existing is None:
             print(f"[train] --resume {RESUME_AUTO}: no checkpoint in {output_dir} yet, starting a new run",
                   file=sys.stderr)
-        return existing
+            return None
+        return newest_whole_checkpoint(output_dir, resume)
     path = Path(resume)
     if not (path / ckpt.TRAINING_STATE_FILE).exists():
         raise RunDirError(f"--resume {path}: not a resumable checkpoint folder (no {ckpt.TRAINING_STATE_FILE})")
+    problem = checkpoint_damage(path)
+    if problem:
+        raise RunDirError(f"--resume {path}: damaged checkpoint: {problem}; name another, or pass "
+                          "--resume latest to take the newest whole one")
     return path
+
+
+def newest_whole_checkpoint(output_dir: Path, resume: str) -> Path:
+    """The newest checkpoint of output_dir that is whole; each damaged one passed over is named."""
+    for _step, path in reversed(ckpt.list_checkpoints(output_dir)):
+        problem = checkpoint_damage(path)
+        if problem is None:
+            return path
+        print(f"[train] --resume {resume}: skipped {path.name}, damaged: {problem}", file=sys.stderr)
+    raise RunDirError(f"--resume {resume}: every checkpoint in {output_dir} is damaged (named above); "
+                      "nothing whole to continue from")
 
 
 def _set_aside(path: Path) -> Path:
@@ -133,6 +154,30 @@ def write_halted_summary(output_dir: Path, steps: int, reason: str, checkpoints:
     itself, printed by the caller, is what the user must read."""
     summary = {"steps": steps, "halted": reason, "checkpoints": [str(path) for path in checkpoints],
                "failed_saves": failed_saves, "exit_status": ExitStatus.HALTED}
+    try:
+        write_summary(output_dir, summary)
+    except OSError:
+        pass
+
+
+def finish_finished_run(output_dir: Path, checkpoint: Path, step: int) -> None:
+    """A resume of a run that reached its end (``--resume auto`` of a requeued job that had finished):
+    nothing is trained or saved again and the summary is kept; the final model is published if missing."""
+    if not (Path(output_dir) / "model_index.json").exists():
+        ckpt.publish_final(checkpoint, output_dir)
+    print(f"[train] {checkpoint.name} is at step {step}, the end of this run: nothing to train; the final "
+          f"model is in {output_dir}", file=sys.stderr)
+
+
+def stop_now(output_dir: Path, signal_name: str, steps: int, checkpoints: list[Path], failed_saves: list[int]) -> None:
+    """A second signal: say so in one line and write the summary (if the disk lets it), nothing else."""
+    newest = ckpt.latest_checkpoint(output_dir)
+    print(f"[train] {signal_name} again: stopping now without a checkpoint; the newest is "
+          f"{newest if newest is not None else 'none (no checkpoint of this run was saved)'}"
+          f"{' (continue with --resume)' if newest is not None else ''}", file=sys.stderr)
+    summary = {"steps": steps, "interrupted": True, "stopped_now_by": signal_name,
+               "checkpoints": [str(path) for path in checkpoints], "failed_saves": failed_saves,
+               "final_model_saved": False, "exit_status": ExitStatus.STOPPED_NOW}
     try:
         write_summary(output_dir, summary)
     except OSError:

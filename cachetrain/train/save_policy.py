@@ -6,6 +6,7 @@ train on with nothing to show.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -17,30 +18,46 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .run_dir import newest_checkpoint_note
 
-REPEATED_SIGNAL_SECONDS = 2.0  # torchrun forwards a Ctrl-C the terminal already delivered
+REPEATED_SIGNAL_SECONDS = 2.0  # a launcher (torchrun) forwards a Ctrl-C the terminal already delivered
 ENDING_SAVES = ("final", "interrupted")  # the run ends after them whatever happens
+LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")  # set in the processes torchrun / accelerate start
+
+
+class StopNow(BaseException):
+    """A second SIGINT/SIGTERM: leave at once, without the stop's checkpoint. A BaseException, so that no
+    ``except Exception`` on the way (a failing sample is caught and training goes on) swallows it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 class StopSignal:
-    """Turns Ctrl-C / SIGTERM into 'save a checkpoint at the next optimizer step and exit'.
+    """Turns Ctrl-C / SIGTERM into 'save a checkpoint at the next optimizer step and exit'; a second
+    one into 'out now' (StopNow, raised where the main thread is).
 
-    The same signal again within REPEATED_SIGNAL_SECONDS is the launcher forwarding it, not the user;
-    a later one means 'out now'.
+    Under a launcher, the same signal again within REPEATED_SIGNAL_SECONDS is the launcher forwarding
+    the first (said in one line), not the user asking twice.
     """
 
-    def __init__(self):
+    def __init__(self, launched: bool | None = None):
         self.requested = False
         self._first_at = 0.0
         self._previous = {}
+        self.launched = any(name in os.environ for name in LAUNCHER_ENV) if launched is None else launched
 
     def _handle(self, signum, _frame):
         now = time.monotonic()
+        name = signal.Signals(signum).name
         if self.requested:
-            if now - self._first_at < REPEATED_SIGNAL_SECONDS:
+            if self.launched and now - self._first_at < REPEATED_SIGNAL_SECONDS:
+                tqdm.write(f"[train] {name} again within {REPEATED_SIGNAL_SECONDS:g} s: taken as the launcher "
+                           "forwarding the first; send it again to stop now without a checkpoint")
                 return
-            raise KeyboardInterrupt
+            raise StopNow(name)
         self.requested, self._first_at = True, now
-        tqdm.write(f"[train] {signal.Signals(signum).name} received: saving a checkpoint at the next step")
+        tqdm.write(f"[train] {name} received: saving a checkpoint at the next step "
+                   "(send it again to stop now without one)")
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -38,9 +38,10 @@ from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
 from .run_data import load_run_data
+from .run_lock import RunLock, RunLockedError, is_main_launch_process
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from .sample_drawer import SampleDrawer
-from .save_policy import SavePolicy, StopSignal, agreed_requests
+from .save_policy import SavePolicy, StopNow, StopSignal, agreed_requests
 from .start_checks import SetupError, start_problem
 from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
@@ -71,6 +72,16 @@ class TrainingRun:
         self.output_dir = Path(config.output_dir)
         # refused before anything heavy loads, by every process, so that all of them stop together
         run_dir.check_output_dir(self.output_dir)
+        # held until the run ends (the OS drops it if the process dies): a second run here is refused
+        self.lock = RunLock.take(self.output_dir) if is_main_launch_process() else RunLock(None)
+        try:
+            self._set_up()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _set_up(self) -> None:
+        config = self.config
         self.resume_from = run_dir.resolve_resume(config.resume, self.output_dir)
         problem = start_problem(config)
         if problem:
@@ -136,7 +147,7 @@ class TrainingRun:
         # stepped by hand once per optimizer step (accelerate would step it once per process), or once
         # per epoch with --scheduler_at_epoch
         batches_per_epoch = self.data.batches_per_epoch
-        self.lr_schedule = run_lr_schedule(config, self.optimizer, batches_per_epoch, self.total_steps)
+        self.lr_schedule = run_lr_schedule(config, self.optimizer, batches_per_epoch, self.total_steps, self.is_main)
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         self.bare_unet = accelerator.unwrap_model(self.unet)
         self.step = TrainStep(accelerator, self.unet, self.optimizer, self.objective, self.trainable,
@@ -195,6 +206,19 @@ class TrainingRun:
 
     def run(self) -> TrainResult:
         try:
+            return self._run_and_report()
+        except StopNow as stop:  # a second signal: out at once, the summary says so
+            self.result.interrupted, self.result.exit_status = True, ExitStatus.STOPPED_NOW
+            if self.is_main:
+                self.telemetry.close()
+                run_dir.stop_now(self.output_dir, stop.signal_name, self.progress.step, self.result.checkpoints,
+                                 self.result.failed_saves)
+            return self.result
+        finally:
+            self.lock.release()
+
+    def _run_and_report(self) -> TrainResult:
+        try:
             return self._run()
         except TrainingError as error:  # halted by a problem met in training: keep what it logged
             if self.is_main:
@@ -204,6 +228,12 @@ class TrainingRun:
             raise
 
     def _run(self) -> TrainResult:
+        if self.resume_from is not None and self.progress.step >= self.total_steps:  # finished already
+            if self.is_main:
+                run_dir.finish_finished_run(self.output_dir, self.resume_from, self.progress.step)
+            self.result.final_saved = True
+            end_processes(self.accelerator, ExitStatus.FINISHED)
+            return self.result
         bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step",
                    disable=not self.is_main or self.config.no_progress, dynamic_ncols=True)
         with StopSignal() as stop:
@@ -437,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_train_args(argv)
         run = TrainingRun(config)
-    except (ConfigError, TrainingError, SetupError, RunDirError, FileNotFoundError) as error:
+    except (ConfigError, TrainingError, SetupError, RunDirError, RunLockedError, FileNotFoundError) as error:
         print_error(str(error))
         return ExitStatus.REFUSED
     try:

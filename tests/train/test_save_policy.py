@@ -73,16 +73,25 @@ def test_a_failed_final_or_stop_save_is_recorded_but_not_counted_toward_giving_u
     assert quiet.gave_up and capsys.readouterr() == ("", "")
 
 
-def test_a_stop_signal_asks_for_a_save_a_forwarded_repeat_is_ignored_and_a_later_one_means_out_now(monkeypatch):
+def test_a_stop_signal_asks_for_a_save_a_forwarded_repeat_is_said_and_a_later_one_means_out_now(monkeypatch, capsys):
     now = [100.0]
     monkeypatch.setattr(save_policy.time, "monotonic", lambda: now[0])
     before = signal.getsignal(signal.SIGTERM)
-    with StopSignal() as stop:
+    with StopSignal(launched=True) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
         now[0] += save_policy.REPEATED_SIGNAL_SECONDS / 2  # the launcher forwarding the same Ctrl-C
         os.kill(os.getpid(), signal.SIGTERM)
+        assert "taken as the launcher forwarding the first" in capsys.readouterr().out
         now[0] += save_policy.REPEATED_SIGNAL_SECONDS
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(save_policy.StopNow):
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_without_a_launcher_a_second_signal_at_once_means_out_now():
+    with StopSignal(launched=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(save_policy.StopNow):
+            os.kill(os.getpid(), signal.SIGINT)

@@ -1,0 +1,62 @@
+"""Is a checkpoint whole? Every file a resume will read is checked before the resume picks it.
+
+A bad copy, a partial rsync or bit rot leaves a checkpoint folder that looks complete but whose
+``training_state.pt`` or weights are cut short. A resume reads: ``training_state.pt`` (a zip archive:
+every member is read and its CRC checked), the UNet's (and its EMA's) ``config.json`` and weights
+(``*.safetensors``: the header read and the file's length checked against it). The cost is one read of
+the training state, which the resume reads anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from ..checkpoint_layout import EMA_COMPONENT, TRAINED_COMPONENT, TRAINING_STATE_FILE
+from ..sidecar import SidecarError, read_header
+
+
+def _state_damage(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        return f"{path.name} is damaged ({error})"
+    return f"{path.name} is damaged (member {bad_member} fails its CRC)" if bad_member else None
+
+
+def _weights_damage(folder: Path) -> str | None:
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{folder.name}/config.json is missing"
+    except (OSError, ValueError) as error:
+        return f"{folder.name}/config.json is damaged ({error})"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return f"{folder.name}/ holds no .safetensors weights"
+    for path in weights:
+        try:
+            read_header(path)
+        except SidecarError as error:
+            return f"{folder.name}/{path.name} is damaged ({error.reason})"
+        except OSError as error:
+            return f"{folder.name}/{path.name} cannot be read ({error.strerror or error})"
+    return None
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with ``checkpoint`` for a resume, in a few words; None when it is whole."""
+    checkpoint = Path(checkpoint)
+    state = checkpoint / TRAINING_STATE_FILE
+    if not state.is_file():
+        return f"no {TRAINING_STATE_FILE}"
+    for part in (TRAINED_COMPONENT, EMA_COMPONENT):
+        folder = checkpoint / part
+        if part == TRAINED_COMPONENT or folder.exists():
+            problem = _weights_damage(folder) if folder.is_dir() else f"no {part}/ folder"
+            if problem:
+                return problem
+    return _state_damage(state)
