@@ -352,12 +352,14 @@ class Freshness:
 
 
 def check_freshness(path: os.PathLike | str, expected: dict[str, str],
-                    source_digest: Callable[[], dict[str, str]] | None = None) -> Freshness:
+                    source_digest: Callable[[], dict[str, str]] | None = None, verify: bool = False) -> Freshness:
     """Compare a sidecar's metadata with what the current source and encoder would write.
 
     ``expected`` holds every metadata key that must match (encoder identity and fingerprint,
     settings, source identity). When only the modification time differs and the sidecar stored
     the source's digest, ``source_digest()`` (reading the source) decides: same bytes, "retimed".
+    With ``verify``, a sidecar whose metadata all match is also read by content: a source replaced by
+    other bytes of the same size and modification time (``touch -r``) is "stale".
     """
     try:
         metadata = read_metadata(path)
@@ -368,6 +370,12 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str],
     if "cachetrain_format" not in metadata:
         return Freshness("legacy", "written without metadata")
     differing = [key for key, value in expected.items() if metadata.get(key) != str(value)]
+    if not differing and verify and source_digest is not None and "source_sha256" in metadata:
+        try:
+            if source_digest() != {"source_sha256": metadata["source_sha256"]}:
+                return Freshness("stale", "other bytes under the same size and modification time (--verify)")
+        except OSError as error:
+            return Freshness("stale", f"cannot be read to verify ({error.strerror or error})")
     if not differing:
         return Freshness("fresh")
     if differing == ["source_mtime_ns"] and source_digest is not None and "source_sha256" in metadata:

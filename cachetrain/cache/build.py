@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .plan import drop_name_clashes, find_orphans, handle_orphans, plan, scan_roots
+from .stop import CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
 from .shares import effective_shard, parse_shard, per_process_path, take_shard
@@ -45,6 +46,7 @@ class CacheSettings:
     report_path: str | None = None
     show_progress: bool = True
     prune: bool = False
+    verify: bool = False  # hash every source whose sidecar looks fresh (same size and mtime)
 
 
 class CacheBuilder(Protocol):
@@ -76,20 +78,24 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
         orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix,
                                settings.extensions)
     todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
-                settings.overwrite, summary, orphans)
+                settings.overwrite, summary, orphans, verify=settings.verify)
     handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
     writer = BackgroundWriter(summary)
     summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
                             disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
     handled_before = handled_count(summary)
     encoded = builder.encode(todo, summary)
-    stopped = False
+    stopped = None
     try:
-        for item in encoded:
-            writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
-            if writer.stop_reason:
-                stopped = True
-                break
+        with CacheStopSignal() as stop:
+            try:
+                for item in encoded:
+                    writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
+                    if writer.stop_reason or stop.requested:
+                        stopped = writer.stop_reason or f"{stop.requested} received"
+                        break
+            except CacheStopNow as signal_name:
+                stopped = f"{signal_name} received twice, stopped at once"
     finally:
         if hasattr(encoded, "close"):
             encoded.close()  # a generator: ends its decode workers when the loop ended early
@@ -97,7 +103,7 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
         summary.progress.close()
         summary.progress = None
     if stopped:
-        summary.stop(writer.stop_reason, len(todo) - (handled_count(summary) - handled_before))
+        summary.stop(stopped, len(todo) - (handled_count(summary) - handled_before))
     return summary
 
 
@@ -125,6 +131,9 @@ def add_common_cache_flags(parser, default_batch: int) -> None:
                         help="write one JSON line per problem here (path, status, kind, reason); "
                              "processes of one launch add .rankR to the name")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
+    parser.add_argument("--verify", action="store_true",
+                        help="read and hash every image whose sidecar looks fresh (same size and modification "
+                             "time) and rebuild those whose bytes changed; reads the whole dataset")
 
 
 # What a bare --custom leaves in args.custom: "--model is itself the custom pipeline folder".
@@ -187,4 +196,4 @@ def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> C
                          batch_size=args.batch_size, overwrite=args.overwrite, num_workers=num_workers,
                          shard_index=shard_index, shard_count=shard_count,
                          report_path=report_path, show_progress=not args.no_progress,
-                         prune=args.prune)
+                         prune=args.prune, verify=getattr(args, "verify", False))

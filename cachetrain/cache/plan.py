@@ -91,13 +91,15 @@ def find_orphans(sidecars: list[str], images: list[str], out_suffix: str, extens
 
 def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
          source_digest: Callable[[str], dict[str, str]] | None, out_suffix: str, overwrite: bool,
-         summary: CacheSummary, orphans: list[str] | None = None) -> list[str]:
+         summary: CacheSummary, orphans: list[str] | None = None, verify: bool = False) -> list[str]:
     """The sources whose sidecar must be (re)built; counts the fresh and legacy ones it skips.
 
     ``expected_metadata`` and ``source_digest`` are the builder's (see cache_build.CacheBuilder).
     A source the builder cannot use is reported; if its problem means the sidecar's source is gone
     (a deleted caption), the existing sidecar is added to ``orphans``. The checks (a stat and a
-    header read per file) run on threads: on network storage each is a round trip.
+    header read per file) run on threads: on network storage each is a round trip. ``verify`` (--verify)
+    also hashes every source whose sidecar looks fresh: a read of every byte, for content swapped under the
+    same size and modification time.
     """
 
     def check(source: str) -> tuple[str, Exception | None, Freshness | None, str]:
@@ -109,7 +111,8 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
         target = sidecar_path(source, out_suffix)
         if overwrite:
             return source, None, Freshness("missing"), ""
-        state = check_freshness(target, expected, functools.partial(source_digest, source) if source_digest else None)
+        state = check_freshness(target, expected, functools.partial(source_digest, source) if source_digest else None,
+                                verify=verify)
         if state.status == "retimed":  # store the new time, so the next run needs only a stat again
             try:
                 update_metadata(target, expected)

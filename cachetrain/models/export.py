@@ -42,13 +42,19 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _check_source(source: Path, ema: bool) -> dict:
+def _check_source(source: Path, ema: bool, unet_only: bool) -> dict:
     """The source's model_index.json, after checking the folder holds what an export reads."""
     if not (source / "model_index.json").is_file():
         hint = ""
         if source.is_dir() and any(CHECKPOINT_PATTERN.match(entry.name) for entry in source.iterdir()):
             hint = " (a run that has not finished: export one of its checkpoint-NNNNN folders)"
         raise ExportError(f"{source}: not a diffusers pipeline folder (no model_index.json){hint}")
+    index = _read_json(source / "model_index.json")
+    for part in () if unet_only else ("vae", "text_encoder"):  # named, not diffusers' "no file named config.json"
+        if part in index and not (source / part / "config.json").is_file():
+            state = "has no config.json" if (source / part).is_dir() else "is missing"
+            raise ExportError(f"{source}: its model_index.json names the part '{part}', but {source / part}/ "
+                              f"{state} (copy the whole folder, or pass --unet_only)")
     unet_folder = source / (EMA_COMPONENT if ema else TRAINED_COMPONENT)
     if not (unet_folder / "config.json").is_file():
         what = "--ema: no EMA weights (unet_ema/; train with --ema_decay)" if ema else "no unet/ folder"
@@ -122,7 +128,7 @@ def export_single_file(source: Path | str, out: Path | str, dtype: str = "fp16",
     source, out = Path(source), Path(out)
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
-    index = _check_source(source, ema)
+    index = _check_source(source, ema, unet_only)
     target_dtype = parse_dtype(dtype)
     note = None
     if "t5_projection" in index:
@@ -131,12 +137,6 @@ def export_single_file(source: Path | str, out: Path | str, dtype: str = "fp16",
                 "text encoder); load its VAE, T5 encoder and projection from the folder")
     elif not unet_only and not all(part in index for part in ("vae", "text_encoder")):
         raise ExportError(f"{source}: the pipeline has no vae or text_encoder to export (use --unet_only)")
-    if not unet_only:
-        for part in ("vae", "text_encoder"):  # named here, not as diffusers' "no file named config.json"
-            if not (source / part / "config.json").is_file():
-                raise ExportError(f"{source}: its model_index.json names the part '{part}', but "
-                                  f"{source / part}/ {'has no config.json' if (source / part).is_dir() else 'is missing'}"
-                                  " (copy the whole folder, or pass --unet_only)")
 
     unet = UNet2DConditionModel.from_pretrained(source, subfolder=EMA_COMPONENT if ema else TRAINED_COMPONENT,
                                                 torch_dtype=torch.float32)

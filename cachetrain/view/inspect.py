@@ -40,6 +40,13 @@ from ..tree import normalize_extensions, walk_files
 
 # "retimed": usable, the source's bytes are the same under a new modification time (a copy that did
 # not keep times); the cache scripts store the new time on their next run
+# what a "fresh" verdict rests on, said beside the counts: an image's bytes are not read when its size and
+# modification time match (a file replaced under the same size and time, `touch -r`, still reads fresh)
+FRESH_RESTS_ON = {
+    "image_latent": "fresh = same image size and modification time (bytes not read; the cache scripts' --verify "
+                    "hashes every image)",
+    "text_embedding": "fresh = same caption text (its sha256 compared)",
+}
 STATUSES = ("fresh", "retimed", "stale", "legacy", "orphan", "unreadable")
 FILES_KEPT = 1000  # per list: counts stay exact on huge caches, the lists of file names do not grow without end
 FILES_SHOWN = 5  # per list, in the text report
@@ -307,6 +314,7 @@ def render_text(result: dict) -> str:
         kinds = ", ".join(f"{n} {kind.replace('_', ' ')}s" for kind, n in report["kinds"].items())
         lines.append(f"{suffix}: {report['count']} sidecars" + (f" ({kinds})" if kinds else ""))
         lines.append("  " + ", ".join(f"{status} {n}" for status, n in report["status"].items()))
+        lines.append("  " + FRESH_RESTS_ON["image_latent" if report["kinds"].get("image_latent") else "text_embedding"])
         lines += _listed([f"{f['status']}: {f['path']}: {f['reason']}" for f in report["not_fresh"]],
                          len(report["not_fresh"]))
         lines.append("  dtypes: " + ", ".join(f"{dtype} {n}" for dtype, n in report["dtypes"].items()))

@@ -1,0 +1,209 @@
+"""Faults of the second round, driven through train_from_cached.py (and cachetrain.export) as a user meets them:
+a damaged newest checkpoint, two runs in one output folder, a second stop signal, a resume of a finished run,
+and flags whose values were accepted only to fail later. Each asserts the status, the line read and the files left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cachetrain.train.run_dir import ExitStatus
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "train_from_cached.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _command(model, data, output, *extra) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--pretrained_model", str(model), "--train_data_dir", str(data),
+            "--output_dir", str(output), "--num_workers", "0", "--no_progress", "--learning_rate", "1e-3",
+            "--batch_size", "2", "--save_steps", "0", "--log_every", "1", *extra]
+
+
+def _train(model, data, output, *extra, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(model, data, output, *extra), cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _start(model, data, output, *extra) -> subprocess.Popen:
+    return subprocess.Popen(_command(model, data, output, *extra), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
+        time.sleep(0.1)
+
+
+def _error_line(done: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, done.stderr[-3000:]
+    return lines[0]
+
+
+def _unet(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _truncate(path: Path) -> None:
+    """A partial copy: the first half of the file, under its own name."""
+    data = path.read_bytes()
+    path.unlink()  # a new file: the final model's hard link keeps the whole one
+    path.write_bytes(data[: len(data) // 2])
+
+
+# -- a damaged newest checkpoint ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damaged", ["training_state.pt", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_damaged_newest_checkpoint_is_skipped_by_resume_and_refused_when_named(tiny_sd_model, cached_dataset,
+                                                                                tmp_path, damaged):
+    output = tmp_path / "run"
+    assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--save_steps", "2").returncode == 0
+    whole_final = _unet(output)
+    newest = output / "checkpoint-00004"
+    _truncate(newest / damaged)
+
+    named = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--resume", str(newest))
+    assert named.returncode == ExitStatus.REFUSED
+    assert f"--resume {newest}: damaged checkpoint: {damaged.split('/')[-1]}" in _error_line(named) or \
+        f"--resume {newest}: damaged checkpoint: unet/" in _error_line(named)
+
+    for resume in ("auto", "latest"):
+        shutil.rmtree(output / "checkpoint-00004", ignore_errors=True)
+        shutil.copytree(output / "checkpoint-00002", output / "checkpoint-00004")  # placeholder, damaged below
+        _truncate(output / "checkpoint-00004" / damaged)
+        done = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--resume", resume)
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert done.returncode == ExitStatus.FINISHED, done.stderr[-3000:]
+        assert f"--resume {resume}: skipped checkpoint-00004, damaged: " in done.stderr
+        assert f"resumed from {output / 'checkpoint-00002'} at step 2" in done.stderr
+        # the resume past the damage ends where the unbroken run ended
+        for name, tensor in whole_final.items():
+            torch.testing.assert_close(_unet(output)[name], tensor, rtol=0, atol=0)
+
+
+def test_a_folder_whose_every_checkpoint_is_damaged_is_refused_in_one_line(tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "2").returncode == 0
+    _truncate(output / "checkpoint-00002" / "training_state.pt")
+    done = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--resume", "auto")
+    assert done.returncode == ExitStatus.REFUSED
+    assert f"--resume auto: every checkpoint in {output} is damaged" in _error_line(done)
+
+
+# -- two runs in one folder ---------------------------------------------------------------------------------------
+
+def test_a_second_run_in_a_held_output_folder_is_refused_naming_the_holder_and_a_killed_run_leaves_no_lock(
+        tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    first = _start(tiny_sd_model, cached_dataset, output, "--max_steps", "100000", "--resume", "auto")
+    try:
+        _wait_for(output / "tensorboard", first)
+        for resume in (["--resume", "auto"], []):  # a requeued job; a fresh start at the same time
+            second = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", *resume, timeout=120)
+            assert second.returncode == ExitStatus.REFUSED
+            assert (f"--output_dir {output} is in use by another run (pid {first.pid} on host "
+                    f"{socket.gethostname()}") in _error_line(second)
+        assert first.poll() is None  # the first trains on, untouched
+        assert not list(output.glob("checkpoint-*")) and not (output / "train_summary.json").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)  # killed: the OS drops its lock
+        first.communicate(timeout=60)
+    after = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "2", "--resume", "auto")
+    assert after.returncode == ExitStatus.FINISHED, after.stderr[-3000:]
+    assert json.loads((output / "train_summary.json").read_text())["steps"] == 2
+
+
+# -- a second signal ----------------------------------------------------------------------------------------------
+
+def test_a_second_signal_stops_at_once_without_a_checkpoint_naming_the_newest_with_its_own_status(
+        tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    # a checkpoint every 2 steps, so there is a newest one to name
+    process = _start(tiny_sd_model, cached_dataset, output, "--max_steps", "100000", "--save_steps", "2")
+    _wait_for(output / "checkpoint-00002", process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # the user again, before the stop's checkpoint
+    started = time.monotonic()
+    out, _ = process.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    assert "Traceback" not in out, out[-3000:]
+    assert process.returncode == ExitStatus.STOPPED_NOW, out[-3000:]
+    assert "SIGINT received: saving a checkpoint at the next step" in out
+    newest = max(output.glob("checkpoint-*"))
+    assert f"SIGTERM again: stopping now without a checkpoint; the newest is {newest} (continue with --resume)" in out
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["exit_status"] == ExitStatus.STOPPED_NOW and summary["stopped_now_by"] == "SIGTERM"
+    assert summary["interrupted"] and not summary["final_model_saved"]
+    assert not list(output.glob("*.partial")) and not (output / "model_index.json").exists()
+
+
+# -- a resume of a finished run -----------------------------------------------------------------------------------
+
+def test_resume_auto_of_a_finished_run_trains_and_saves_nothing_and_keeps_its_summary(tiny_sd_model, cached_dataset,
+                                                                                     tmp_path):
+    output = tmp_path / "run"
+    assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--save_steps", "2").returncode == 0
+    summary = (output / "train_summary.json").read_text()
+    last = output / "checkpoint-00004" / "unet" / "diffusion_pytorch_model.safetensors"
+    inode = last.stat().st_ino
+    done = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--save_steps", "2", "--resume", "auto")
+    assert done.returncode == ExitStatus.FINISHED, done.stderr[-3000:]
+    assert "checkpoint-00004 is at step 4, the end of this run: nothing to train" in done.stderr
+    assert (output / "train_summary.json").read_text() == summary
+    assert json.loads(summary)["checkpoints"][-2:] == [str(output / "checkpoint-00002"), str(output / "checkpoint-00004")]
+    assert last.stat().st_ino == inode  # not saved again
+
+
+# -- flags accepted only to fail later ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [("--noise_offset", "nan"), ("--learning_rate", "inf"),
+                                         ("--noise_gamma", "inf")])
+def test_a_non_finite_number_flag_is_refused_at_start(tiny_sd_model, cached_dataset, tmp_path, flag, value):
+    output = tmp_path / "run"
+    done = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "2", flag, value)
+    assert done.returncode == ExitStatus.REFUSED
+    assert f"{flag} {float(value)}: must be a finite number" in done.stderr
+    assert "Traceback" not in done.stderr and not list(output.glob("checkpoint-*"))
+
+
+def test_a_warm_up_with_the_constant_schedule_is_said_and_done(tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    done = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--scheduler", "constant",
+                  "--warmup_steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--scheduler constant with --warmup_steps 2: the LR rises over the warm-up" in done.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    rates = [event.value for event in events.Scalars("train/learning_rate")]
+    assert rates[0] < rates[-1] and rates[-2] == rates[-1] == pytest.approx(1e-3)
+
+
+def test_export_of_a_folder_missing_its_vae_names_the_missing_part(tiny_sd_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_model, model)
+    shutil.rmtree(model / "vae")
+    done = subprocess.run([sys.executable, "-m", "cachetrain.export", str(model), str(tmp_path / "out.safetensors")],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"{model}: its model_index.json names the part 'vae', but {model / 'vae'}/ is missing" in _error_line(done)
+    assert not (tmp_path / "out.safetensors").exists()
