@@ -148,6 +148,25 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
     write_atomically(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
 
 
+def write_end_summary(output_dir: Path, *, steps: int, interrupted: bool, processes: int, checksums: list[float],
+                      shares: list[list[float]], skipped_before: int, left_out, checkpoints: list[Path],
+                      failed_saves: list[int], failed_samples, final_saved: bool, exit_status: int) -> None:
+    """train_summary.json of a run that reached its end or a stop; ``shares`` per process: (sample id sum,
+    sample count, bad pairs skipped). A full disk is said in one line: the status and the log still tell."""
+    summary = {"steps": steps, "interrupted": interrupted, "processes": processes,
+               "process_weight_checksums": checksums,
+               "process_sample_id_sums": [share[0] for share in shares],
+               "process_sample_counts": [share[1] for share in shares],
+               "skipped_samples": skipped_before + int(sum(share[2] for share in shares)),
+               "left_out_at_start": left_out, "checkpoints": [str(path) for path in checkpoints],
+               "failed_saves": failed_saves, "failed_samples": failed_samples, "final_model_saved": final_saved,
+               "exit_status": exit_status}
+    try:
+        write_summary(output_dir, summary)
+    except OSError as error:
+        print(f"[train] could not write {SUMMARY_FILE} ({error.strerror or error})", file=sys.stderr)
+
+
 def write_halted_summary(output_dir: Path, steps: int, reason: str, checkpoints: list[Path],
                          failed_saves: list[int]) -> None:
     """The summary of a run halted in training (status 5), written if the disk lets it: the error
@@ -201,9 +220,13 @@ def newest_checkpoint_note(output_dir: Path) -> str:
             if newest is not None else "No checkpoint of this run was saved.")
 
 
-def publish_final_model(output_dir: Path, step: int) -> bool:
-    """The final model at the top of ``output_dir``, from the (saved) checkpoint of ``step``; False when
-    it could not be written (said why: the checkpoint itself is whole)."""
+def publish_final_model(output_dir: Path, step: int, saved: bool = True) -> bool:
+    """The final model at the top of ``output_dir``, from the checkpoint of ``step``; False when that
+    checkpoint was not ``saved`` or the model could not be written (each said in one line)."""
+    if not saved:
+        print(f"[train] the final checkpoint could not be saved (see above). {newest_checkpoint_note(output_dir)}",
+              file=sys.stderr)
+        return False
     final = ckpt.checkpoint_dir(output_dir, step)
     try:
         ckpt.publish_final(final, output_dir)

@@ -8,8 +8,8 @@ step on the device, with no host sync.
 Set-up and the loop live here; what they use has its own home: the run's data (run_data), validation,
 when to save (save_policy), writing checkpoints (checkpoint_writer) and their training state
 (training_state), samples (sample_drawer), the checks before step 1 (start_checks), the run folder (run_dir),
-the processes and what they agree on (processes), the LR schedule's length (optim). What is left (a
-little over 400 lines) is the order of things: set-up, the micro-batch loop, what follows an optimizer
+the processes and what they agree on (processes), the LR schedule's length (optim). What is left
+is the order of things: set-up, the micro-batch loop, what follows an optimizer
 step and an epoch, the save sequence, and the end of a run that every process must reach together.
 """
 
@@ -409,28 +409,21 @@ class TrainingRun:
 
     def _finish(self, bar) -> None:
         self.result.gave_up_saving = self.saves.gave_up
-        if self.is_main:
-            self._publish_final()
+        if self.is_main and not (self.result.interrupted or self.saves.gave_up):  # reached its end
+            self.result.final_saved = run_dir.publish_final_model(self.output_dir, self.progress.step,
+                                                                  self.saves.is_saved(self.progress.step))
         self.result.final_saved = any_process(self.accelerator, self.result.final_saved)  # one exit status
         checksums, shares = gather_shares(self.accelerator, self.bare_unet, self.sample_id_sum, self.sample_count,
                                           self.bad_pairs.skipped)
         if self.is_main:
             if len(set(checksums)) > 1:
                 print(f"[train] WARNING: the processes' weights differ at the end: {checksums}", file=sys.stderr)
-            summary = {"steps": self.progress.step, "interrupted": self.result.interrupted,
-                       "processes": self.world, "process_weight_checksums": checksums,
-                       "process_sample_id_sums": shares[:, 0].tolist(),
-                       "process_sample_counts": shares[:, 1].tolist(),
-                       "skipped_samples": self.skipped_before + int(shares[:, 2].sum().item()),
-                       "left_out_at_start": self.data.left_out_at_start,
-                       "checkpoints": [str(p) for p in self.result.checkpoints],
-                       "failed_saves": self.result.failed_saves, "failed_samples": self.drawer.failed_samples,
-                       "final_model_saved": self.result.final_saved,
-                       "exit_status": self._exit_status()}
-            try:
-                run_dir.write_summary(self.output_dir, summary)
-            except OSError as error:  # a full disk: the status and the log still say what happened
-                print(f"[train] could not write {run_dir.SUMMARY_FILE} ({error.strerror or error})", file=sys.stderr)
+            run_dir.write_end_summary(self.output_dir, steps=self.progress.step, interrupted=self.result.interrupted,
+                                      processes=self.world, checksums=checksums, shares=shares.tolist(),
+                                      skipped_before=self.skipped_before, left_out=self.data.left_out_at_start,
+                                      checkpoints=self.result.checkpoints, failed_saves=self.result.failed_saves,
+                                      failed_samples=self.drawer.failed_samples, final_saved=self.result.final_saved,
+                                      exit_status=self._exit_status())
         self.result.exit_status = self._exit_status()
         bar.close()
         self.telemetry.close()
@@ -438,16 +431,6 @@ class TrainingRun:
         # under it aborted another process now and then (~1 run in 10 with two CPU processes)
         end_processes(self.accelerator, self.result.exit_status)
         self.result.steps = self.progress.step
-
-    def _publish_final(self) -> None:
-        """The final model at the top of output_dir, when the run reached its end and saved it."""
-        if self.result.interrupted or self.saves.gave_up:
-            return
-        if not self.saves.is_saved(self.progress.step):
-            print(f"[train] the final checkpoint could not be saved (see above). "
-                  f"{newest_checkpoint_note(self.output_dir)}", file=sys.stderr)
-            return
-        self.result.final_saved = run_dir.publish_final_model(self.output_dir, self.progress.step)
 
     def _exit_status(self) -> int:
         return run_dir.exit_status(stopped=self.result.interrupted, failed_saves=len(self.result.failed_saves),

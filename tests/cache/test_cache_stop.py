@@ -33,10 +33,10 @@ def test_a_signal_stops_a_cache_script_with_its_summary_and_a_second_stops_it_at
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # imports take long on a busy machine
     while len(list(root.rglob("*.img_sdvae"))) < 5:
         assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, "the script wrote nothing within 60 s"
+        assert time.monotonic() < deadline, "the script wrote nothing within 240 s"
         time.sleep(0.005)
     for number, sent in enumerate(signals):
         if number:
