@@ -91,8 +91,16 @@ def _find_pairs(config: TrainConfig, is_main: bool, wait_for_main: Callable[[], 
     if failure is not None:
         raise failure
     if found is None:  # the others read what the main process wrote and check it; they never write
-        found = indexed_training_pairs(roots, *suffixes, write=False, index_dir=config.data_index_dir)
+        found = indexed_training_pairs(roots, *suffixes, write=False, index_dir=config.data_index_dir,
+                                       report=_report_own_walk)
     return found.index, found.unpaired
+
+
+def _report_own_walk(root: str, done: Refresh) -> None:
+    """A process other than the main one walks only what the main process's index could not tell it."""
+    if done.scanned:
+        print(f"[train] this process walked {len(done.scanned)} folders of {root} itself (the main process's "
+              f"index of them was {'missing' if not done.had_index else 'not yet verified'})", file=sys.stderr)
 
 
 def _report_refresh(root: str, done: Refresh) -> None:
