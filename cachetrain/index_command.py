@@ -52,3 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{root}: {done.folder_count} folders, {len(done.scanned)} walked{note}; {counts or 'no sidecars'}; "
               f"{time.perf_counter() - started:.1f} s; {where}")
     return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
