@@ -75,29 +75,40 @@ def pairs_from_tables(roots: list[str], tables: list, image_suffix: str, text_su
 
 
 def _pair_index(roots, folder_paths, folder_roots, parts, image_suffix, text_suffix) -> PairIndex:
+    """Gather the pairs' names into one blob, a table (root) at a time: a few large arrays, which go
+    back to the system when freed, not millions of small ones."""
     folder_ids, stem_parts, end_parts, shape_keys = [], [], [], []
     offset = 0
+    by_table: dict[int, list] = {}
     for folder_id, (rows, table, image) in enumerate(parts):
+        by_table.setdefault(id(table), []).append((folder_id, rows, table, image))
+    for members in by_table.values():
+        table, image = members[0][2], members[0][3]
+        rows = np.concatenate([member[1] for member in members])
+        folder_ids.append(np.repeat(np.array([member[0] for member in members], np.uint32),
+                                    [len(member[1]) for member in members]))
         ends = table.stem_name_ends
         starts = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
         lengths = ends[rows] - starts
-        total = int(lengths.sum())
-        # gather the rows' names from the blob: one index per byte
-        gather = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(total)
+        new_ends = np.cumsum(lengths)
+        del rows
+        # one index per byte of the names gathered: the blob's positions, run by run
+        gather = np.repeat(starts - (new_ends - lengths), lengths)
+        gather += np.arange(len(gather))
         stem_parts.append(table.stem_names[gather])
-        end_parts.append(np.cumsum(lengths) + offset)
-        offset += total
-        folder_ids.append(np.full(len(rows), folder_id, np.uint32))
-        ndims = table.header_ndims[rows, image].astype(np.int64)
-        shape_keys.append(np.concatenate([ndims[:, None], table.header_shapes[rows, image].astype(np.int64)], 1))
+        del gather, starts
+        end_parts.append(new_ends + offset)
+        offset += int(new_ends[-1]) if len(new_ends) else 0
+        picked = np.concatenate([member[1] for member in members])
+        shape_keys.append(np.concatenate([table.header_ndims[picked, image].astype(np.int32)[:, None],
+                                          table.header_shapes[picked, image]], 1))
     join = lambda pieces, dtype, width=None: (np.concatenate(pieces) if pieces  # noqa: E731
                                               else np.zeros((0,) if width is None else (0, width), dtype))
-    keys = join(shape_keys, np.int64, 4)
     index = PairIndex.from_arrays(image_suffix, text_suffix, roots, folder_paths, folder_roots,
-                                  array("I", join(folder_ids, np.uint32).astype(np.uint32).tobytes()),
-                                  array("Q", join(end_parts, np.int64).astype(np.uint64).tobytes()),
+                                  array("I", join(folder_ids, np.uint32).tobytes()),
+                                  array("Q", join(end_parts, np.int64).tobytes()),
                                   bytearray(join(stem_parts, np.uint8).tobytes()))
-    shapes, shape_ids = _shape_numbers(keys)
+    shapes, shape_ids = _shape_numbers(join(shape_keys, np.int32, 4))
     index.set_shapes(shapes, shape_ids)
     return index
 
