@@ -44,6 +44,8 @@ def tree(tmp_path) -> Path:
     (root / "part0" / "s000999.img_sdvae").write_bytes(b"not safetensors")
     (root / "part0" / "s000999.txt_clipl").write_bytes(b"not safetensors")
     (root / "link").symlink_to(root / "part1")
+    # "link-b" sorts between "link" and "link/deep" by name, but a walk takes it after link's subfolders
+    write_random_pairs(root / "link-b", 3, latent_shape=(4, 4, 4), text_shape=(7, 8), folders=1, seed=2)
     for indexed_root in (root, root / "part2"):  # made by the first index (a change of the root folder)
         (indexed_root / INDEX_FOLDER_NAME).mkdir()
     age_folders(root)
@@ -68,7 +70,7 @@ def test_pairs_from_the_index_are_those_of_a_full_walk_in_order_with_shapes_and_
     first = indexed_training_pairs(roots, *SUFFIXES)
     _same_pairs(walked, first.index)
     assert first.unpaired == counts
-    assert sorted(walked.shapes) == [(4, 4, 4), (4, 4, 6)] and len(walked) == 35  # 30 - 2 unpaired + 1 unreadable + 6 deeper
+    assert sorted(walked.shapes) == [(4, 4, 4), (4, 4, 6)] and len(walked) == 38  # 30 - 2 unpaired + 1 unreadable + 9 deeper
     again = indexed_training_pairs(roots, *SUFFIXES)  # now all from the stored indexes
     assert [done.scanned for done in again.refreshes] == [[], []]
     _same_pairs(walked, again.index)
@@ -145,10 +147,10 @@ def test_the_index_command_indexes_an_old_tree_and_then_walks_nothing(tree, caps
     assert index_command([str(tree)]) == 0
     out = capsys.readouterr()
     assert "indexing" in out.err  # the progress bar
-    assert f"{tree}: 7 folders, 7 walked" in out.out and "36 .img_sdvae, 36 .txt_clipl" in out.out
+    assert f"{tree}: 9 folders, 9 walked" in out.out and "39 .img_sdvae, 39 .txt_clipl" in out.out
     assert index_file(tree).exists()
     assert index_command([str(tree), "--no_progress"]) == 0
-    assert f"{tree}: 7 folders, 0 walked" in capsys.readouterr().out
+    assert f"{tree}: 9 folders, 0 walked" in capsys.readouterr().out
     assert index_command([str(tree / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
 
