@@ -293,6 +293,10 @@ def scan_tree(root: str, old: IndexTable | None, suffixes: tuple[str, ...], forc
     for folder in to_read:
         if folder.mtime_ns >= racy_after:
             folder.mtime_ns = UNVERIFIED_MTIME
+    if not to_read and old is not None and [folder.old_number for folder in ordered] == list(range(len(old.folders()))):
+        # nothing changed: the stored arrays as they are (no copy of a 10M-row table at every start)
+        old.folder_devices = np.array([folder.device for folder in ordered], np.uint64)
+        return old, []
     return _assemble(root, old, suffixes, ordered), [folder.name for folder in to_read]
 
 
