@@ -233,6 +233,7 @@ class Refresh:
     scanned: list[str]
     folder_count: int
     had_index: bool = False  # a stored index was believed and used
+    seconds: float = 0.0  # reading, checking and scanning (not writing)
     written_to: str | None = None
     write_error: str | None = None
     ignored: str | None = None  # why a stored index was not believed
@@ -388,6 +389,7 @@ def refresh(root: str, folders: Iterable[str] | None = None, suffixes: Iterable[
     index that cannot be believed, or that lacks one of ``suffixes``, is rebuilt from the tree; so is
     every index with ``rebuild``."""
     root = os.path.abspath(root)
+    started = time.perf_counter()
     ignored = None
     try:
         old = None if rebuild else read_index(root, index_dir)
@@ -400,7 +402,8 @@ def refresh(root: str, folders: Iterable[str] | None = None, suffixes: Iterable[
     forced = ["" if name == "." else name for name in forced if not name.startswith("..")]
     location = writable_location(root, index_dir) if write else None
     table, scanned = scan_tree(root, old, wanted, forced, progress)
-    result = Refresh(table, scanned, len(table.folder_name_ends), had_index=old is not None, ignored=ignored)
+    result = Refresh(table, scanned, len(table.folder_name_ends), had_index=old is not None, ignored=ignored,
+                     seconds=time.perf_counter() - started)
     if location is not None and (scanned or old is None):
         try:
             write_index(table, location)

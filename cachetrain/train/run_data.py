@@ -115,7 +115,7 @@ def _report_refresh(root: str, done: Refresh) -> None:
         what += f"; could not write the index ({done.write_error}), so the next start walks them too"
     elif done.written_to:
         what += f"; index written to {done.written_to}"
-    print(f"[train] data index of {root}: {what}", file=sys.stderr)
+    print(f"[train] data index of {root}: {what} ({done.seconds:.1f} s)", file=sys.stderr)
 
 
 def _index_buckets(index: PairIndex, max_bad_fraction: float, is_main: bool) -> tuple[PairIndex, int]:
