@@ -87,6 +87,12 @@ def inspect(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
+def data_index(argv: list[str] | None = None) -> int:
+    from .index_command import main
+
+    return main(argv)
+
+
 def tiny(argv: list[str] | None = None) -> int:
     from .tiny.models import main
 

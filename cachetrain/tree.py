@@ -116,6 +116,15 @@ class PairIndex:
         self.shapes: list[tuple[int, ...]] = []  # distinct latent shapes, when recorded
         self.shape_ids: array | None = None  # per sample: position in self.shapes
 
+    @classmethod
+    def from_arrays(cls, image_suffix: str, text_suffix: str, roots: list[str], folders: list[str],
+                    folder_roots: array, folder_ids: array, stem_ends: array, stems: bytearray) -> PairIndex:
+        """An index built in bulk (from the data index) rather than one ``add`` per sample."""
+        index = cls(image_suffix, text_suffix, roots)
+        index.folders, index.folder_roots = list(folders), folder_roots
+        index._folder_ids, index._stem_ends, index._stems = folder_ids, stem_ends, stems
+        return index
+
     def add(self, folder: str, stem: str, root_id: int = 0) -> None:
         if not self.folders or self.folders[-1] != folder:
             self.folders.append(folder)

@@ -9,7 +9,9 @@ the same way for all of them:
    accelerate rank, so all processes together cover every source exactly once;
 3. encode in batches (the builder) and write each sidecar atomically on background threads
    (cache_writer);
-4. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up (cache_summary).
+4. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up (cache_summary);
+5. bring each root's data index up to date (data_index.refresh): the folders written are scanned again,
+   the rest only where their mtime changed, so the trainer starts from the index.
 
 The flags every cache script shares, and the settings made from them, are here too.
 """
@@ -30,6 +32,7 @@ from .stop import CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
 from .shares import effective_shard, parse_shard, per_process_path, take_shard
+from ..data_index import refresh
 from ..sidecar import CAPTION_EXTENSION, sidecar_path
 
 
@@ -85,7 +88,7 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
                             disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
     handled_before = handled_count(summary)
     encoded = builder.encode(todo, summary)
-    stopped = None
+    stopped, stopped_at_once = None, False
     try:
         with CacheStopSignal() as stop:
             try:
@@ -95,7 +98,7 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
                         stopped = writer.stop_reason or f"{stop.requested} received"
                         break
             except CacheStopNow as signal_name:
-                stopped = f"{signal_name} received twice, stopped at once"
+                stopped, stopped_at_once = f"{signal_name} received twice, stopped at once", True
     finally:
         if hasattr(encoded, "close"):
             encoded.close()  # a generator: ends its decode workers when the loop ended early
@@ -104,7 +107,27 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
         summary.progress = None
     if stopped:
         summary.stop(stopped, len(todo) - (handled_count(summary) - handled_before))
+    # one writer of each index (other shards' folders are found changed later); a second signal means now
+    if settings.shard_index == 0 and not stopped_at_once:
+        update_data_indexes(settings, {os.path.dirname(os.path.abspath(source)) for source in todo})
     return summary
+
+
+def update_data_indexes(settings: CacheSettings, written_folders: set[str]) -> None:
+    """Refresh the data index of every root (a failure is reported in one line: the sidecars are written,
+    and a start without an index walks the tree as before)."""
+    for root in settings.data_roots:
+        progress = tqdm(unit="folder", desc=f"indexing {root}", disable=not settings.show_progress,
+                        dynamic_ncols=True, file=sys.stderr)
+        try:
+            done = refresh(root, written_folders, suffixes=(settings.out_suffix,), progress=progress)
+        except OSError as error:
+            print(f"[cache] data index of {root} not updated: {error}", file=sys.stderr)
+            continue
+        finally:
+            progress.close()
+        if done.write_error:
+            print(f"[cache] data index of {root} not written: {done.write_error}", file=sys.stderr)
 
 
 def add_common_cache_flags(parser, default_batch: int) -> None:

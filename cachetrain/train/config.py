@@ -257,6 +257,12 @@ class TrainConfig:
     data_balance: str = _flag("pooled", "pooled: every pair equally likely; equal: each --train_data_dir gets "
                                         "the same share of every epoch (an epoch is as long as the largest "
                                         "folder, smaller ones are drawn again)", choices=("pooled", "equal"))
+    # the data index: start from the index the cache scripts keep beside the data (docs/data-index.md)
+    data_index: str = _flag("auto", "auto: start from each data root's index (ROOT/.cachetrain/data-index.npz), "
+                                    "walk only folders changed since, and write it back; off: walk every folder "
+                                    "and read nothing from or into an index", choices=("auto", "off"))
+    data_index_dir: str | None = _flag(None, "where indexes of read-only data roots live (default "
+                                             "$CACHETRAIN_INDEX_DIR, else ~/.cache/cachetrain/data-index)")
 
     @property
     def max_epochs(self) -> float | None:

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from .bad_data import TrainingError, examples, reference_shapes
 from .config import TrainConfig
 from .loader import EpochOrder, PairChecks
+from ..data_index import Refresh
+from ..indexed_pairs import indexed_training_pairs
 from ..sidecar import IMAGE_LATENT_KEY
-from ..tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, record_latent_shapes
+from ..tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, read_tensor_shape, record_latent_shapes
 from .validation import held_out_pairs
 
 
@@ -27,8 +32,11 @@ class RunData:
     pairs_fingerprint: str  # the training pairs' names, in order (a resume must read the same)
 
 
-def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> RunData:
-    index, unpaired = index_training_pairs(config.train_data_dir, config.imgcache_suffix, config.txtcache_suffix)
+def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
+                  wait_for_main: Callable[[], None] | None = None) -> RunData:
+    """``wait_for_main``: a barrier of all processes; with it the main process refreshes the data index
+    first and the others then read it, so that only one process walks changed folders."""
+    index, unpaired = _find_pairs(config, is_main, wait_for_main)
     if len(index) == 0:
         raise TrainingError(f"no sample has both a {config.imgcache_suffix} and a {config.txtcache_suffix} "
                             f"sidecar under {config.train_data_dir}; run the cache scripts first")
@@ -38,6 +46,8 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> 
     left_out = 0
     if config.aspect_buckets:
         index, left_out = _index_buckets(index, config.max_bad_fraction, is_main)
+    elif index.shape_ids is not None:
+        index.shapes, index.shape_ids = [], None  # shapes matter to buckets alone
     checks = reference_shapes(index, with_latent=not config.aspect_buckets)
     train_index, validation_index = held_out_pairs(config, index)
     order = EpochOrder(len(train_index), config.batch_size, config.seed, rank, world,
@@ -60,21 +70,83 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> 
                    config.max_optimizer_steps(batches_per_epoch), left_out, train_index.fingerprint())
 
 
+def _find_pairs(config: TrainConfig, is_main: bool, wait_for_main: Callable[[], None] | None
+                ) -> tuple[PairIndex, dict[str, int]]:
+    """The run's pairs: from the data indexes (refreshed where folders changed) or, with --data_index
+    off, by walking every folder."""
+    roots, suffixes = config.train_data_dir, (config.imgcache_suffix, config.txtcache_suffix)
+    if config.data_index == "off":
+        return index_training_pairs(roots, *suffixes)
+    report = _report_refresh if is_main else None
+    if wait_for_main is None:
+        found = indexed_training_pairs(roots, *suffixes, index_dir=config.data_index_dir, report=report)
+        return found.index, found.unpaired
+    failure, found = None, None
+    if is_main:
+        try:
+            found = indexed_training_pairs(roots, *suffixes, index_dir=config.data_index_dir, report=report)
+        except Exception as error:  # noqa: BLE001  (raised after the barrier, which the others wait at)
+            failure = error
+    wait_for_main()
+    if failure is not None:
+        raise failure
+    if found is None:  # the others read what the main process wrote and check it; they never write
+        found = indexed_training_pairs(roots, *suffixes, write=False, index_dir=config.data_index_dir,
+                                       report=_report_own_walk)
+    return found.index, found.unpaired
+
+
+def _report_own_walk(root: str, done: Refresh) -> None:
+    """A process other than the main one walks only what the main process's index could not tell it."""
+    if done.scanned:
+        print(f"[train] this process walked {len(done.scanned)} folders of {root} itself (the main process's "
+              f"index of them was {'missing' if not done.had_index else 'not yet verified'})", file=sys.stderr)
+
+
+def _report_refresh(root: str, done: Refresh) -> None:
+    scanned = len(done.scanned)
+    if done.ignored:
+        what = f"stored index ignored ({done.ignored}); walked {scanned} folders"
+    elif not done.had_index:
+        what = f"no index yet; walked {scanned} folders"
+    else:
+        what = f"{done.folder_count} folders, {scanned} changed since indexed and walked again"
+    if done.write_error:
+        what += f"; could not write the index ({done.write_error}), so the next start walks them too"
+    elif done.written_to:
+        what += f"; index written to {done.written_to}"
+    print(f"[train] data index of {root}: {what} ({done.seconds:.1f} s)", file=sys.stderr)
+
+
 def _index_buckets(index: PairIndex, max_bad_fraction: float, is_main: bool) -> tuple[PairIndex, int]:
-    """Record every latent's shape from its header (a thread pool); the unreadable are named and left out."""
+    """Every latent's shape: from the data index when it recorded them, else read from each header (a
+    thread pool). The unreadable are named and left out."""
     started = time.perf_counter()
-    unreadable = record_latent_shapes(index, IMAGE_LATENT_KEY)
+    if index.shape_ids is None:
+        unreadable = record_latent_shapes(index, IMAGE_LATENT_KEY)
+        how = f"read {len(index)} latent headers"
+    else:
+        unreadable = [(index[i][0], _unreadable_reason(index[i][0]))
+                      for i in np.flatnonzero(np.frombuffer(index.shape_ids, np.uint16) == UNREADABLE_SHAPE).tolist()]
+        how = f"took {len(index)} latent shapes from the data index"
     if is_main:
         for path, reason in unreadable:
             print(f"[train] left out {path}: {reason}", file=sys.stderr)
-        print(f"[train] --aspect_buckets: read {len(index)} latent headers in "
-              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+        print(f"[train] --aspect_buckets: {how} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     if len(unreadable) == len(index) or len(unreadable) > max_bad_fraction * len(index):
         raise TrainingError(f"{len(unreadable)} of {len(index)} latents could not be read (more than "
                             f"--max_bad_fraction {max_bad_fraction}), e.g. {examples(unreadable)}")
     if not unreadable:
         return index, 0
     return index.subset(i for i in range(len(index)) if index.shape_ids[i] != UNREADABLE_SHAPE), len(unreadable)
+
+
+def _unreadable_reason(path: str) -> str:
+    try:
+        read_tensor_shape(path, IMAGE_LATENT_KEY)
+    except (OSError, ValueError) as error:
+        return str(error)
+    return "its header was unreadable when the data index was written"
 
 
 def _print_buckets(order: EpochOrder, index: PairIndex, batch_size: int) -> None:

@@ -93,7 +93,8 @@ class TrainingRun:
         if self.is_main:
             run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
             ckpt.remove_partial_saves(self.output_dir)
-        self.data = load_run_data(config, self.rank, self.world, self.is_main)
+        self.data = load_run_data(config, self.rank, self.world, self.is_main,
+                                   self.accelerator.wait_for_everyone if self.world > 1 else None)
         self.total_steps = self.data.total_steps
         self._load_model()
         self.progress, ema_state = self._restore() if self.resume_from is not None else (Progress(), None)

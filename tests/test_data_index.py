@@ -1,0 +1,172 @@
+"""The data index (cachetrain.data_index) and the pairs read from it: the same pairs, order, shapes and
+fingerprint as a full walk; unchanged folders never walked again; every index that cannot be believed
+ignored; and the ``cachetrain-index`` command for trees cached without one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cachetrain.commands import data_index as index_command
+from cachetrain.data_index import INDEX_FOLDER_NAME, INDEX_FILE_NAME, IndexError_, read_index, refresh
+from cachetrain.indexed_pairs import indexed_training_pairs
+from cachetrain.sidecar import write_sidecar
+from cachetrain.tiny.models import write_random_pairs
+from cachetrain.tree import index_training_pairs, record_latent_shapes
+
+SUFFIXES = (".img_sdvae", ".txt_clipl")
+
+
+def age_folders(root: Path, seconds: float = 60.0) -> None:
+    """Move every folder's mtime into the past, as on a tree cached a while ago (a folder changed within
+    the last seconds is recorded as unverified and walked again)."""
+    for folder, _, _ in os.walk(root):
+        info = os.stat(folder)
+        os.utime(folder, ns=(info.st_atime_ns, info.st_mtime_ns - int(seconds * 1e9)))
+
+
+def index_file(root: Path) -> Path:
+    return root / INDEX_FOLDER_NAME / INDEX_FILE_NAME
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """Nested folders, two latent shapes, unpaired and unreadable sidecars, a folder linked twice."""
+    root = tmp_path / "data"
+    write_random_pairs(root, 30, latent_shape=(4, 4, 4), text_shape=(7, 8), folders=3)
+    write_random_pairs(root / "part1" / "deep", 6, latent_shape=(4, 4, 6), text_shape=(7, 8), folders=2, seed=1)
+    (root / "part0" / "s000000.txt_clipl").unlink()
+    (root / "part2" / "s000002.img_sdvae").unlink()
+    (root / "part0" / "s000999.img_sdvae").write_bytes(b"not safetensors")
+    (root / "part0" / "s000999.txt_clipl").write_bytes(b"not safetensors")
+    (root / "link").symlink_to(root / "part1")
+    # "link-b" sorts between "link" and "link/deep" by name, but a walk takes it after link's subfolders
+    write_random_pairs(root / "link-b", 3, latent_shape=(4, 4, 4), text_shape=(7, 8), folders=1, seed=2)
+    for indexed_root in (root, root / "part2"):  # made by the first index (a change of the root folder)
+        (indexed_root / INDEX_FOLDER_NAME).mkdir()
+    age_folders(root)
+    return root
+
+
+def _walked(roots):
+    index, counts = index_training_pairs(roots, *SUFFIXES)
+    record_latent_shapes(index, "latent")
+    return index, counts
+
+
+def _same_pairs(a, b) -> None:
+    assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
+    assert a.fingerprint() == b.fingerprint()
+    assert a.shapes == b.shapes and list(a.shape_ids) == list(b.shape_ids)
+
+
+def test_pairs_from_the_index_are_those_of_a_full_walk_in_order_with_shapes_and_fingerprint(tree):
+    roots = [str(tree), str(tree / "part2")]  # overlapping roots: part2's pairs count once
+    walked, counts = _walked(roots)
+    first = indexed_training_pairs(roots, *SUFFIXES)
+    _same_pairs(walked, first.index)
+    assert first.unpaired == counts
+    assert sorted(walked.shapes) == [(4, 4, 4), (4, 4, 6)] and len(walked) == 38  # 30 - 2 unpaired + 1 unreadable + 9 deeper
+    again = indexed_training_pairs(roots, *SUFFIXES)  # now all from the stored indexes
+    assert [done.scanned for done in again.refreshes] == [[], []]
+    _same_pairs(walked, again.index)
+
+
+def test_only_the_changed_folder_is_walked_again(tree):
+    refresh(str(tree))
+    write_random_pairs(tree / "part2", 4, latent_shape=(4, 4, 8), text_shape=(7, 8), folders=1, seed=3)
+    (tree / "part2" / "part0").rename(tree / "part2" / "new")  # a new subfolder of an indexed folder
+    age_folders(tree / "part2")
+    (tree / "part0" / "s000003.img_sdvae").unlink()  # removed by hand
+    found = indexed_training_pairs([str(tree)], *SUFFIXES)
+    assert found.refreshes[0].scanned == ["part0", "part2", "part2/new"]
+    _same_pairs(_walked([str(tree)])[0], found.index)
+    assert (4, 4, 8) in found.index.shapes
+
+
+def test_a_sidecar_rebuilt_with_another_shape_is_seen_by_its_new_shape(tree):
+    refresh(str(tree))
+    latent = tree / "part2" / "s000005.img_sdvae"
+    write_sidecar(latent, {"latent": torch.zeros(4, 6, 6)}, {})  # a rerun renames its new file in place
+    found = indexed_training_pairs([str(tree)], *SUFFIXES)
+    position = [found.index[i][0] for i in range(len(found.index))].index(str(latent))
+    assert found.index.latent_shape(position) == (4, 6, 6)
+
+
+def test_a_folder_changed_just_before_indexing_is_walked_again_next_time(tree):
+    refresh(str(tree))
+    write_random_pairs(tree / "part0", 1, latent_shape=(4, 4, 4), text_shape=(7, 8), folders=1, seed=4)
+    assert refresh(str(tree)).scanned == ["part0", "part0/part0"]
+    # still within the filesystem's mtime tick of the scan: not trusted yet
+    assert refresh(str(tree)).scanned == ["part0", "part0/part0"]
+
+
+@pytest.mark.parametrize("spoil", ["truncated", "garbage", "other_format", "killed_writer"])
+def test_an_index_that_cannot_be_believed_is_ignored_and_rebuilt(tree, spoil):
+    refresh(str(tree))
+    stored = index_file(tree)
+    if spoil == "truncated":  # what a writer without a rename would leave when killed
+        stored.write_bytes(stored.read_bytes()[:500])
+    elif spoil == "garbage":
+        stored.write_bytes(b"\0" * 100)
+    elif spoil == "other_format":
+        with np.load(stored) as kept:
+            arrays = dict(kept)
+        arrays["meta"] = np.frombuffer(b'{"format": 99, "root": "/", "suffixes": []}', np.uint8)
+        np.savez(stored, **arrays)
+    else:  # a killed writer's temporary beside the good index: never read
+        (stored.parent / f".{INDEX_FILE_NAME}.partial-0123abcd").write_bytes(b"half")
+    if spoil != "killed_writer":
+        with pytest.raises(IndexError_):
+            read_index(str(tree))
+    found = indexed_training_pairs([str(tree)], *SUFFIXES)
+    _same_pairs(_walked([str(tree)])[0], found.index)
+    assert (found.refreshes[0].ignored is None) == (spoil == "killed_writer")
+    assert read_index(str(tree)) is not None  # rewritten
+
+
+def test_an_index_copied_with_its_tree_is_not_believed_for_the_copy(tree, tmp_path):
+    import shutil
+
+    refresh(str(tree))
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy, symlinks=True)  # keeps mtimes; the folders are other inodes
+    (copy / "part0" / "s000003.img_sdvae").unlink()
+    os.utime(copy / "part0", ns=(0, os.stat(tree / "part0").st_mtime_ns))
+    found = indexed_training_pairs([str(copy)], *SUFFIXES)
+    assert "part0" in found.refreshes[0].scanned
+    _same_pairs(_walked([str(copy)])[0], found.index)
+
+
+def test_the_index_command_indexes_an_old_tree_and_then_walks_nothing(tree, capsys):
+    assert not index_file(tree).exists()
+    assert index_command([str(tree)]) == 0
+    out = capsys.readouterr()
+    assert "indexing" in out.err  # the progress bar
+    assert f"{tree}: 9 folders, 9 walked" in out.out and "39 .img_sdvae, 39 .txt_clipl" in out.out
+    assert index_file(tree).exists()
+    assert index_command([str(tree), "--no_progress"]) == 0
+    assert f"{tree}: 9 folders, 0 walked" in capsys.readouterr().out
+    assert index_command([str(tree / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_a_read_only_root_keeps_its_index_in_the_index_folder(tree, tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    if os.system(f"mount --bind {tree} {read_only} 2>/dev/null && mount -o remount,ro,bind {read_only}") != 0:
+        pytest.skip("needs a read-only bind mount (root)")
+    try:
+        assert not os.access(read_only, os.W_OK) or not (read_only / INDEX_FOLDER_NAME).exists()
+        elsewhere = tmp_path / "indexes"
+        first = indexed_training_pairs([str(read_only)], *SUFFIXES, index_dir=str(elsewhere))
+        assert first.refreshes[0].written_to.startswith(str(elsewhere))
+        again = indexed_training_pairs([str(read_only)], *SUFFIXES, index_dir=str(elsewhere))
+        assert again.refreshes[0].scanned == [] and again.refreshes[0].had_index
+        _same_pairs(first.index, again.index)
+    finally:
+        os.system(f"umount {read_only}")
