@@ -199,8 +199,8 @@ def _one_line(error: BaseException | None) -> str:
 
 def _is_access_refused(error: OSError) -> bool:
     text = str(error)
-    return any(word in text for word in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                         "403", "Forbidden"))
+    return any(word in text for word in ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "INVALID_ACCESS_KEY",
+                                         "SignatureDoesNotMatch", "SIGNATURE_DOES_NOT_MATCH", "403", "Forbidden"))
 
 
 class ShardIndex:
