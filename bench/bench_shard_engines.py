@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Shard engines compared on SD1.5 shapes (latent 4x64x64 fp16 + text 77x768 fp16): packing rate and
-read rate of webdataset tar shards and pyarrow parquet shards, streamed and at random, beside the
+read rate of webdataset tar shards and pyarrow parquet and Arrow IPC shards, streamed and at random, beside the
 per-file sidecars. Each pair is read to tensors (safetensors bytes in the shards, as packed). One
 process; the timed pass follows a warm-up pass (page cache).
 
@@ -68,6 +68,17 @@ def main() -> None:
                               "txt": [Path(b).read_bytes() for _, b in rows]}, schema=schema)
             pq.write_table(table, root / "parquet" / f"shard-{k // per:05d}.parquet", compression="none", row_group_size=64)
         print(f"pack parquet: {count / (time.perf_counter() - started):,.0f} pairs/s")
+        (root / "arrow").mkdir()
+        started = time.perf_counter()
+        for k in range(0, count, per):
+            rows = pairs[k:k + per]
+            table = pa.table({"key": [Path(a).stem for a, _ in rows], "img": [Path(a).read_bytes() for a, _ in rows],
+                              "txt": [Path(b).read_bytes() for _, b in rows]}, schema=schema)
+            with pa.OSFile(str(root / "arrow" / f"shard-{k // per:05d}.arrow"), "wb") as sink:
+                with pa.ipc.new_file(sink, schema) as writer:
+                    writer.write_table(table, max_chunksize=64)
+        print(f"pack arrow ipc: {count / (time.perf_counter() - started):,.0f} pairs/s")
+        arrows = sorted(str(p) for p in (root / "arrow").iterdir())
         tars = sorted(str(p) for p in (root / "tar").iterdir())
         parquets = sorted(str(p) for p in (root / "parquet").iterdir())
 
@@ -98,6 +109,31 @@ def main() -> None:
                 load_safetensors(table.column("txt")[row].as_py())["emb"]
             return len(order)
 
+        def arrow_random(open_shards: int):
+            """Rows at random, at most ``open_shards`` shards open at once (opened again when needed)."""
+            opened: dict[int, object] = {}
+            for i in order:
+                shard, row = i // per, i % per
+                if shard not in opened:
+                    if len(opened) >= open_shards:
+                        opened.pop(next(iter(opened)))
+                    opened[shard] = pa.ipc.open_file(pa.memory_map(arrows[shard], "r")).read_all()
+                table = opened[shard]
+                load_safetensors(table.column("img")[row].as_py())["latent"]
+                load_safetensors(table.column("txt")[row].as_py())["emb"]
+            return len(order)
+
+        def parquet_random_reopened():
+            opened: dict[int, object] = {}
+            for i in order[:200]:
+                shard, row = i // per, i % per
+                if shard not in opened:
+                    if len(opened) >= 1:
+                        opened.pop(next(iter(opened)))
+                    opened[shard] = pq.read_table(parquets[shard], memory_map=True)
+                load_safetensors(opened[shard].column("img")[row].as_py())["latent"]
+            return 200
+
         def tar_random():  # tar members by offset (what webdataset's indexed reader does)
             members = []
             for path in tars:
@@ -120,7 +156,11 @@ def main() -> None:
         rate("parquet (pyarrow), streamed", parquet_stream)
         rate("parquet (pyarrow), random rows of memory-mapped shards", parquet_random)
         rate("tar, random members by offset", tar_random)
-        print(f"bytes per pair: tar {sum(os.path.getsize(p) for p in tars) // count:,}, "
+        rate("arrow ipc (pyarrow), random rows, every shard open", lambda: arrow_random(len(arrows)))
+        rate("arrow ipc, random rows, one shard open at a time (re-opened per row)", lambda: arrow_random(1))
+        rate("parquet, random rows, one shard open at a time (re-read per row)", parquet_random_reopened)
+        print(f"bytes per pair: arrow {sum(os.path.getsize(p) for p in arrows) // count:,}, "
+              f"tar {sum(os.path.getsize(p) for p in tars) // count:,}, "
               f"parquet {sum(os.path.getsize(p) for p in parquets) // count:,}; {os.cpu_count()} CPUs")
 
 

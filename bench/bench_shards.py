@@ -73,7 +73,7 @@ def start_up_seconds(shards: Path, pairs: int, batch_size: int, scratch: Path) -
     names, shard_entries, made = [], [], 0
     while made < pairs:
         source = real[len(names) % len(real)]
-        name = f"shard-{len(names):08d}.parquet"
+        name = f"shard-{len(names):08d}.arrow"
         os.symlink(shards / source["name"], big / name)
         rows = [{**row, "key": f"{len(names)}/{row['key']}"} for row in source["rows"]][: pairs - made]
         shard_entries.append({"name": name, "bytes": source["bytes"], "members": [], "rows": rows, "left_out": []})
@@ -112,7 +112,7 @@ def main() -> None:
             started = time.perf_counter()
             assert pack_main([str(root / "tree"), "--out", str(out), "--pairs_per_shard", str(per_shard)]) == 0
             seconds = time.perf_counter() - started
-            sizes = [p.stat().st_size for p in out.glob("shard-*.parquet")]
+            sizes = [p.stat().st_size for p in out.glob("shard-*.arrow")]
             index, _ = ShardIndex.open(ShardStore(str(out)))
             rate = loader_rate(index, args.batch_size, args.workers, args.epochs)
             print(f"--pairs_per_shard {per_shard}: packed {args.pairs / seconds:,.0f} pairs/s, {len(sizes)} shards "

@@ -1,7 +1,8 @@
-"""Packing a cached tree into parquet shards (cachetrain-pack): what a run streams at scale.
+"""Packing a cached tree into shards (cachetrain-pack): what a run streams at scale.
 
 The per-file sidecars stay the source of truth; a shard set is built from them and can be rebuilt.
-Each shard is one parquet file (read by pyarrow; see docs/data-at-scale.md for why parquet), one row
+Each shard is one Arrow IPC file (uncompressed, written and read by pyarrow: a reader memory-maps
+it and reads any row without copying the rest; see docs/data-at-scale.md for the measurement), one row
 per pair: its key (the sample's path relative to its data root, without suffix), data root number,
 latent and text embedding as raw bytes with shape and dtype, caption, and each sidecar's metadata.
 
@@ -35,6 +36,7 @@ from ..tree import index_training_pairs
 MANIFEST_NAME = "shards.json"
 MANIFEST_FORMAT = "cachetrain-shards"
 MANIFEST_VERSION = 1
+SHARD_SUFFIX = ".arrow"
 DEFAULT_PAIRS_PER_SHARD = 512  # ~77 MB of SD1.5 pairs (see docs/BENCHMARKS.md, "Shards")
 
 
@@ -104,7 +106,7 @@ def cut_into_shards(pairs: list[PackPair], pairs_per_shard: int) -> Iterator[lis
 
 def shard_name(members: list[PackPair]) -> str:
     digest = hashlib.sha256("\n".join(f"{p.root}/{p.key}" for p in members).encode("utf-8", "surrogateescape"))
-    return f"shard-{digest.hexdigest()[:16]}.parquet"
+    return f"shard-{digest.hexdigest()[:16]}{SHARD_SUFFIX}"
 
 
 def _read_sidecar_bytes(path: str, key: str, ndim: int) -> tuple[bytes, list[int], str, dict]:
@@ -141,7 +143,6 @@ def _read_caption(path: str | None) -> str | None:
 def write_shard(path: Path, members: list[PackPair]) -> tuple[list[dict], list[tuple[str, str]]]:
     """Write one shard file atomically. Returns (row descriptions, (path, reason) of bad pairs)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA_NAMES}
     rows, bad = [], []
@@ -163,8 +164,12 @@ def write_shard(path: Path, members: list[PackPair]) -> tuple[list[dict], list[t
         rows.append({"key": pair.key, "root": pair.root, "latent_shape": latent_shape, "text_width": emb_shape[-1]})
     table = pa.table(columns, schema=shard_schema())
     temporary = temporary_name(path)
-    pq.write_table(table, temporary, compression="none", row_group_size=64)
-    os.replace(temporary, path)
+    try:
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=64)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return rows, bad
 
 
@@ -250,7 +255,7 @@ def pack(pairs: Iterable[PackPair], out_dir: os.PathLike | str, roots: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cachetrain-pack",
-                                     description="Pack cached sidecar pairs into parquet shards the trainer streams.")
+                                     description="Pack cached sidecar pairs into Arrow shards the trainer streams.")
     parser.add_argument("data_root", nargs="+", help="folders of cached pairs (each is a group for --data_balance)")
     parser.add_argument("--out", required=True, help="the shard folder to write (a repack rewrites only what changed)")
     parser.add_argument("--imgcache_suffix", default=SD_VAE_SUFFIX)

@@ -1,7 +1,8 @@
 """Training from a packed shard set (cachetrain-pack): a local folder or a URL (s3://, gs://, https://).
 
-Shards are parquet files read by pyarrow: each shard a process needs is fetched whole into a local
-cache (size-capped, least recently used removed first), memory-mapped, and its rows read by column.
+Shards are Arrow IPC files read by pyarrow: each shard a process needs is fetched whole into a local
+cache (size-capped, least recently used removed first) and memory-mapped; a row is read without
+copying the rest of the shard.
 The manifest lists every row's key, data root and latent shape, so the run's order, aspect buckets,
 --data_balance and validation split are decided from it alone, by the same EpochOrder as the per-file
 path: exact resume, disjoint shares per process and the refill of bad pairs come with it.
@@ -11,6 +12,7 @@ cannot be reached after retries stops the run (ShardStoreUnreachable).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -114,6 +116,14 @@ class ShardStore:
             os.utime(local)  # most recently used
             return local
         os.makedirs(self.cache_dir, exist_ok=True)
+        # one fetch per shard per node: the workers and processes sharing the cache wait for it
+        with open(os.path.join(self.cache_dir, f".{name}.lock"), "wb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(local):
+                return local
+            return self._fetch_into_cache(name, local)
+
+    def _fetch_into_cache(self, name: str, local: str) -> str:
         url, last_error = _join(self.location, name), None
         for attempt in range(self.retries):
             temporary = f"{local}.partial-{os.getpid()}-{attempt}"
@@ -137,7 +147,8 @@ class ShardStore:
         entries = []
         with os.scandir(self.cache_dir) as found:
             for entry in found:
-                if entry.is_file() and ".partial-" not in entry.name and entry.name != MANIFEST_NAME:
+                if (entry.is_file() and not entry.name.startswith(".") and ".partial-" not in entry.name
+                        and entry.name != MANIFEST_NAME):
                     stat = entry.stat()
                     entries.append((stat.st_mtime, stat.st_size, entry.path))
         total = sum(size for _, size, _ in entries)
@@ -191,6 +202,14 @@ class ShardStore:
                 last_error = error
             time.sleep(self.retry_wait * 2 ** attempt)
         raise OSError(f"no answer after {self.retries} tries ({_one_line(last_error)})")
+
+
+def unreachable_stop_message(error: ShardStoreUnreachable, step: int) -> str:
+    """The run's last line when shard storage stopped answering (a worker's copy of the error carries
+    its traceback: the last line is the message)."""
+    message = str(error).strip().splitlines()[-1].removeprefix("ShardStoreUnreachable: ")
+    return (f"{message}; stopped at step {step}: continue with --resume from the newest checkpoint once the "
+            "storage answers")
 
 
 def _one_line(error: BaseException | None) -> str:
@@ -286,7 +305,7 @@ class ShardIndex:
         if table is not None:
             self._open.move_to_end(shard)
             return table
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
         name = self.shard_names[shard]
         try:
@@ -294,7 +313,7 @@ class ShardIndex:
             size = os.path.getsize(path)
             if size != self.shard_bytes[shard]:
                 raise ValueError(f"shard is {size} bytes, its manifest says {self.shard_bytes[shard]} (cut short?)")
-            table = pq.read_table(path, memory_map=True)
+            table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()  # zero-copy
         except FileNotFoundError:
             self._bad_shards[shard] = "shard is missing"
             return self._bad_shards[shard]

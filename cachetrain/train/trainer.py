@@ -38,7 +38,7 @@ from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
 from .run_data import load_run_data
-from .shard_data import ShardStoreUnreachable
+from .shard_data import ShardStoreUnreachable, unreachable_stop_message
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopSignal, agreed_requests
@@ -240,28 +240,21 @@ class TrainingRun:
         loader = make_training_loader(reader, batches, config.num_workers, pin_memory=self.device.type == "cuda")
         micro_batches = 0
         try:
-            self._train_batches(loader, stop, bar)
-        except ShardStoreUnreachable as error:  # a worker's copy carries its traceback: keep the last line
-            message = str(error).strip().splitlines()[-1].removeprefix("ShardStoreUnreachable: ")
-            raise TrainingError(f"{message}; stopped at step {self.progress.step}: continue with --resume from "
-                                f"the newest checkpoint once the storage answers") from None
-
-    def _train_batches(self, loader, stop: StopSignal, bar) -> None:
-        config, progress, data = self.config, self.progress, self.data
-        micro_batches = 0
-        for batch in loader:
-            progress.batch_in_epoch += 1
-            micro_batches += 1
-            if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
-                stop.requested = True
-            self.bad_pairs.record(batch)
-            stepped = self._train_on(batch, bar)
-            if progress.batch_in_epoch == data.batches_per_epoch:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
-                self._after_epoch()
-            if stepped and (self._after_step(stop) or progress.step >= self.total_steps):
-                break
+            for batch in loader:
+                progress.batch_in_epoch += 1
+                micro_batches += 1
+                if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
+                    stop.requested = True
+                self.bad_pairs.record(batch)
+                stepped = self._train_on(batch, bar)
+                if progress.batch_in_epoch == data.batches_per_epoch:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                    self._after_epoch()
+                if stepped and (self._after_step(stop) or progress.step >= self.total_steps):
+                    break
+        except ShardStoreUnreachable as error:  # shard storage gone: stop resumably, naming it
+            raise TrainingError(unreachable_stop_message(error, progress.step)) from None
         del loader  # stops the workers
 
     def _train_on(self, batch, bar) -> bool:

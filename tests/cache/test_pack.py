@@ -1,4 +1,4 @@
-"""cachetrain-pack: a cached tree into parquet shards, a manifest of which sidecars went where, and a
+"""cachetrain-pack: a cached tree into Arrow shards, a manifest of which sidecars went where, and a
 repack that rewrites only the shards whose sidecars changed."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 import torch
 
@@ -29,12 +29,12 @@ def _manifest(out: Path) -> dict:
 
 
 def _shard_files(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.arrow")}
 
 
 def _row(out: Path, key: str) -> dict:
     for shard in _manifest(out)["shards"]:
-        table = pq.read_table(out / shard["name"])
+        table = pa.ipc.open_file(pa.memory_map(str(out / shard["name"]))).read_all()
         keys = table.column("key").to_pylist()
         if key in keys:
             return table.slice(keys.index(key), 1).to_pylist()[0]

@@ -83,7 +83,7 @@ def test_a_run_from_s3_stopped_and_resumed_ends_with_the_weights_of_a_local_run_
         assert resumed.steps == 8
         assert _logged(stopped, "train/loss") + _logged(resumed, "train/loss") == _logged(local, "train/loss")
         assert _same_weights(tmp_path / "local", tmp_path / "s3")
-        cached = [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".parquet")]
+        cached = [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".arrow")]
         assert 1 <= len(cached) and sum(p.stat().st_size for p in cached) <= cap_gb * 1e9
     finally:
         server.stop()
