@@ -69,16 +69,18 @@ def start_up_seconds(shards: Path, pairs: int, batch_size: int, scratch: Path) -
     real = manifest["shards"]
     big = scratch / "start"
     big.mkdir()
-    rows_per = len(real[0]["rows"])
+    rows_per = real[0]["rows"]
     names, shard_entries, made = [], [], 0
     while made < pairs:
         source = real[len(names) % len(real)]
         name = f"shard-{len(names):08d}.arrow"
         os.symlink(shards / source["name"], big / name)
-        rows = [{**row, "key": f"{len(names)}/{row['key']}"} for row in source["rows"]][: pairs - made]
-        shard_entries.append({"name": name, "bytes": source["bytes"], "members": [], "rows": rows, "left_out": []})
+        rows = min(source["rows"], pairs - made)
+        shard_entries.append({**source, "name": name, "rows": rows,
+                              "keys": [f"{len(names)}/{key}" for key in source["keys"][:rows]],
+                              "roots": source["roots"][:rows], "shape_ids": source["shape_ids"][:rows]})
         names.append(name)
-        made += len(rows)
+        made += rows
     (big / "shards.json").write_text(json.dumps({**manifest, "shards": shard_entries}, separators=(",", ":")))
     del manifest, shard_entries
     started = time.perf_counter()

@@ -8,8 +8,9 @@ latent and text embedding as raw bytes with shape and dtype, caption, and each s
 
 Which pairs go into which shard depends only on their keys (a cut after each key whose hash falls
 in 1/N of the range; N = --pairs_per_shard), so a pair added or removed changes only its own shard.
-The manifest (``shards.json``) records every shard's pairs with each sidecar's size and mtime: a
-repack after a re-cache rewrites only the shards whose sidecars changed. Bad pairs are named and
+The manifest (``shards.json``) lists every shard's rows (key, data root, latent shape) for the
+trainer; ``sources.json`` records each shard's sidecars by size and mtime, so a repack after a
+re-cache rewrites only the shards whose sidecars changed. Bad pairs are named and
 left out (and recorded, so a repaired pair is packed next time).
 
 The packer takes a plain list of ``PackPair`` (which pairs) and knows nothing of how they were found,
@@ -33,7 +34,8 @@ from ..cli import print_error
 from ..sidecar import CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError
 from ..tree import index_training_pairs
 
-MANIFEST_NAME = "shards.json"
+MANIFEST_NAME = "shards.json"  # what a run reads: the shards and their rows
+SOURCES_NAME = "sources.json"  # what a repack reads: each shard's sidecars by size and mtime
 MANIFEST_FORMAT = "cachetrain-shards"
 MANIFEST_VERSION = 1
 SHARD_SUFFIX = ".arrow"
@@ -140,8 +142,9 @@ def _read_caption(path: str | None) -> str | None:
         return None
 
 
-def write_shard(path: Path, members: list[PackPair]) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Write one shard file atomically. Returns (row descriptions, (path, reason) of bad pairs)."""
+def write_shard(path: Path, members: list[PackPair]) -> tuple[dict, list[tuple[str, str]]]:
+    """Write one shard file atomically. Returns (its rows as the manifest lists them, (path, reason) of
+    the bad pairs)."""
     import pyarrow as pa
 
     columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA_NAMES}
@@ -161,7 +164,7 @@ def write_shard(path: Path, members: list[PackPair]) -> tuple[list[dict], list[t
                             ("emb_dtype", emb_dtype), ("caption", _read_caption(pair.caption_path)),
                             ("latent_meta", json.dumps(latent_meta)), ("emb_meta", json.dumps(emb_meta))):
             columns[name].append(value)
-        rows.append({"key": pair.key, "root": pair.root, "latent_shape": latent_shape, "text_width": emb_shape[-1]})
+        rows.append((pair.key, pair.root, tuple(latent_shape), emb_shape[-1]))
     table = pa.table(columns, schema=shard_schema())
     temporary = temporary_name(path)
     try:
@@ -170,7 +173,20 @@ def write_shard(path: Path, members: list[PackPair]) -> tuple[list[dict], list[t
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    return rows, bad
+    return describe_rows(rows), bad
+
+
+def describe_rows(rows: list[tuple[str, int, tuple[int, ...], int]]) -> dict:
+    """A shard's rows for the manifest, by column: keys, data roots, latent shapes (numbers into the
+    shard's distinct shapes) and text widths; columns of plain numbers parse fast at millions of rows."""
+    shapes: dict[tuple[int, ...], int] = {}
+    widths: dict[int, int] = {}
+    for _key, _root, shape, width in rows:
+        shapes.setdefault(shape, len(shapes))
+        widths[width] = widths.get(width, 0) + 1
+    return {"rows": len(rows), "keys": [r[0] for r in rows], "roots": [r[1] for r in rows],
+            "shapes": [list(shape) for shape in shapes], "shape_ids": [shapes[r[2]] for r in rows],
+            "text_widths": {str(width): count for width, count in widths.items()}}
 
 
 SHARD_SCHEMA_NAMES = ("key", "root", "latent", "latent_shape", "latent_dtype", "emb", "emb_shape", "emb_dtype",
@@ -186,14 +202,16 @@ def shard_schema():
                       ("latent_meta", pa.string()), ("emb_meta", pa.string())])
 
 
-def read_manifest(folder: Path) -> dict | None:
-    path = folder / MANIFEST_NAME
-    if not path.exists():
+def read_sources(folder: Path) -> dict | None:
+    """The previous pack's record of each shard's sidecars (None when there is none to compare with)."""
+    path = folder / SOURCES_NAME
+    if not path.exists() or not (folder / MANIFEST_NAME).exists():
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise PackError(f"{path}: not a readable manifest ({error}); remove it to pack from scratch") from None
+        raise PackError(f"{path}: not a readable record of packed sidecars ({error}); remove it to pack "
+                        "from scratch") from None
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version", 0) > MANIFEST_VERSION:
         raise PackError(f"{path}: not a cachetrain shard manifest of version <= {MANIFEST_VERSION}")
     return manifest
@@ -218,7 +236,7 @@ def pack(pairs: Iterable[PackPair], out_dir: os.PathLike | str, roots: list[str]
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = read_manifest(out)
+    previous = read_sources(out)
     old = {shard["name"]: shard for shard in (previous or {}).get("shards", [])}
     shards, left_out, written, kept = [], [], 0, 0
     for members in cut_into_shards(list(pairs), pairs_per_shard):
@@ -227,21 +245,24 @@ def pack(pairs: Iterable[PackPair], out_dir: os.PathLike | str, roots: list[str]
         before = old.get(name)
         path = out / name
         if (before is not None and before["members"] == identities and path.exists()
-                and path.stat().st_size == before["bytes"]):
+                and path.stat().st_size == before["shard"]["bytes"]):
             shards.append(before)
-            left_out += [tuple(entry) for entry in before["left_out"]]
+            left_out += [tuple(entry) for entry in before["shard"]["left_out"]]
             kept += 1
             continue
         rows, bad = write_shard(path, members)
         left_out += bad
         written += 1
-        shards.append({"name": name, "bytes": path.stat().st_size, "members": identities, "rows": rows,
-                       "left_out": [list(entry) for entry in bad]})
+        shards.append({"name": name, "members": identities,
+                       "shard": {"name": name, "bytes": path.stat().st_size, **rows,
+                                 "left_out": [list(entry) for entry in bad]}})
     for path, reason in left_out:
         print(f"[pack] left out {path}: {reason}", file=sys.stderr)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "image_suffix": image_suffix,
                 "text_suffix": text_suffix, "roots": [os.path.basename(os.path.normpath(r)) for r in roots],
-                "shards": shards}
+                "shards": [shard["shard"] for shard in shards]}
+    write_atomically(out / SOURCES_NAME, json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+                                                     "shards": shards}, separators=(",", ":")))
     write_atomically(out / MANIFEST_NAME, json.dumps(manifest, separators=(",", ":")))
     in_use = {shard["name"] for shard in shards}
     removed = 0
@@ -249,7 +270,7 @@ def pack(pairs: Iterable[PackPair], out_dir: os.PathLike | str, roots: list[str]
         if name not in in_use and (out / name).exists():
             (out / name).unlink()
             removed += 1
-    return PackReport(len(shards), written, kept, removed, sum(len(s["rows"]) for s in shards), left_out,
+    return PackReport(len(shards), written, kept, removed, sum(s["shard"]["rows"] for s in shards), left_out,
                       time.perf_counter() - started)
 
 

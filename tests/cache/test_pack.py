@@ -45,7 +45,7 @@ def test_packed_rows_hold_each_sidecars_tensors_caption_and_metadata(tree, tmp_p
     out = tmp_path / "shards"
     assert pack([str(tree), "--out", str(out), "--pairs_per_shard", "16"]) == 0
     manifest = _manifest(out)
-    assert sum(len(shard["rows"]) for shard in manifest["shards"]) == 120
+    assert sum(shard["rows"] for shard in manifest["shards"]) == 120
     assert len(manifest["shards"]) >= 3 and set(_shard_files(out)) == {s["name"] for s in manifest["shards"]}
     row = _row(out, "part1/s000001")
     from safetensors.torch import load_file
@@ -84,7 +84,7 @@ def test_a_pair_added_or_removed_changes_few_shards_and_no_stale_file_is_left(tr
     after = _shard_files(out)
     assert len(set(after) - set(before)) <= 2 and len(set(before) - set(after)) <= 2
     assert set(after) == {s["name"] for s in _manifest(out)["shards"]}
-    assert sum(len(s["rows"]) for s in _manifest(out)["shards"]) == 119
+    assert sum(s["rows"] for s in _manifest(out)["shards"]) == 119
 
 
 def test_bad_pairs_are_named_and_left_out_and_packed_once_repaired(tree, tmp_path, capsys):
