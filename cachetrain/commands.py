@@ -45,6 +45,12 @@ def create_clipl(argv: list[str] | None = None) -> int:
     return main_clip(argv)
 
 
+def pack(argv: list[str] | None = None) -> int:
+    from .cache.pack import main
+
+    return main(argv)
+
+
 def create_t5cache_768(argv: list[str] | None = None) -> int:
     from .cache.t5_cache import main
 

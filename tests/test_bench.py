@@ -37,3 +37,10 @@ def test_gpu_encode_bench_runs_the_cache_scripts_encode_code_on_the_tiny_models(
         ("T5 encoder + projection (tiny)", "caption of 16 tokens")]
     assert all(r["items_per_sec"] > 0 for r in results)
     assert results[0]["gflop_per_item"] > 0
+
+
+def test_shard_bench_packs_streams_and_starts_from_a_manifest():
+    out = _run("bench/bench_shards.py", "--pairs", "64", "--batch_size", "8", "--epochs", "1",
+               "--pairs_per_shard", "16", "--start_pairs", "200", "--no_s3")
+    assert "per-file loader:" in out and "local shard loader" in out
+    assert "time to the first batch from a 200-pair shard set" in out

@@ -264,6 +264,14 @@ class TrainConfig:
     data_index_dir: str | None = _flag(None, "where indexes of read-only data roots live (default "
                                              "$CACHETRAIN_INDEX_DIR, else ~/.cache/cachetrain/data-index)")
 
+    # streamed shards (cachetrain-pack): --train_data_dir names one shard folder or URL (s3://, gs://, https://)
+    shard_cache_dir: str | None = _flag(None, "local cache of remote shards (default: a folder per URL under the "
+                                              "system's temporary folder); node-local disk is best")
+    shard_cache_gb: float = _flag(50.0, "size cap of the local shard cache in GB (least recently used shards go first)",
+                                  check=_check(lambda gb: gb > 0, "must be > 0"))
+    shard_retries: int = _flag(5, "tries per remote shard before the run stops (waits double from 0.5 s)",
+                               check=_check(lambda n: n >= 1, "must be >= 1"))
+
     @property
     def max_epochs(self) -> float | None:
         return epochs_in(self.max_steps)
@@ -423,6 +431,10 @@ def _data_problems(config: TrainConfig) -> list[str]:
         problems.append("--imgcache_suffix and --txtcache_suffix must differ")
     if config.validation_dir and config.validation_split:
         problems.append("give --validation_dir or --validation_split, not both")
+    remote = [d for d in config.train_data_dir if "://" in d]
+    if remote and len(config.train_data_dir) > 1:
+        problems.append(f"--train_data_dir {remote[0]}: a shard URL is the run's only --train_data_dir "
+                        "(pack several data roots into one shard set)")
     return problems
 
 

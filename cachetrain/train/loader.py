@@ -66,14 +66,21 @@ class CachedPairDataset(Dataset):
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[str, str]:
         """(latent, embedding) of sample i, or (path, reason) when the pair cannot be trained on."""
-        latent_path, text_path = self.index[i]
-        try:
-            latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
-            emb = read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
-        except SidecarError as error:
-            return error.path, error.reason
-        except OSError as error:
-            return str(error.filename or latent_path), error.strerror or str(error)
+        if isinstance(self.index, PairIndex):
+            latent_path, text_path = self.index[i]
+            try:
+                latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
+                emb = read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
+            except SidecarError as error:
+                return error.path, error.reason
+            except OSError as error:
+                return str(error.filename or latent_path), error.strerror or str(error)
+        else:  # a shard set (shard_data.ShardIndex): the pair is one row
+            pair = self.index.read_pair(i)
+            if isinstance(pair[0], str):
+                return pair
+            latent, emb = pair
+            latent_path = text_path = self.index.where(i)
         checks = self.checks
         if checks is None:
             return latent, emb

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bad_data import TrainingError, examples, reference_shapes
+from .bad_data import REFERENCE_PAIRS, TrainingError, examples, reference_shapes
 from .config import TrainConfig
 from .loader import EpochOrder, PairChecks
 from ..data_index import Refresh
 from ..indexed_pairs import indexed_training_pairs
 from ..sidecar import IMAGE_LATENT_KEY
 from ..tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, read_tensor_shape, record_latent_shapes
+from .shard_data import ShardIndex, ShardSetError, ShardStore, is_shard_location, print_left_out
 from .validation import held_out_pairs
 
 
@@ -36,6 +37,8 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
                   wait_for_main: Callable[[], None] | None = None) -> RunData:
     """``wait_for_main``: a barrier of all processes; with it the main process refreshes the data index
     first and the others then read it, so that only one process walks changed folders."""
+    if len(config.train_data_dir) == 1 and is_shard_location(config.train_data_dir[0]):
+        return _load_shard_data(config, rank, world, is_main)
     index, unpaired = _find_pairs(config, is_main, wait_for_main)
     if len(index) == 0:
         raise TrainingError(f"no sample has both a {config.imgcache_suffix} and a {config.txtcache_suffix} "
@@ -49,6 +52,31 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
     elif index.shape_ids is not None:
         index.shapes, index.shape_ids = [], None  # shapes matter to buckets alone
     checks = reference_shapes(index, with_latent=not config.aspect_buckets)
+    return _order_run_data(config, index, checks, rank, world, is_main, left_out)
+
+
+def _load_shard_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> RunData:
+    """The run's data from a shard set: its manifest gives the pairs, shapes and data roots."""
+    store = ShardStore(config.train_data_dir[0], config.shard_cache_dir, config.shard_cache_gb * 1e9,
+                       config.shard_retries)
+    try:
+        index, left_out = ShardIndex.open(store)
+    except ShardSetError as error:
+        raise TrainingError(str(error)) from None
+    print_left_out(left_out, is_main)
+    if len(index) == 0:
+        raise TrainingError(f"--train_data_dir {store.location}: the shard set holds no pairs")
+    first = [index.shape_ids[i] for i in range(min(REFERENCE_PAIRS, len(index)))]
+    commonest = max(set(first), key=first.count)  # as reference_shapes picks from the first pairs' headers
+    checks = PairChecks(latent_shape=None if config.aspect_buckets else index.shapes[commonest],
+                        text_width=index.text_widths[0])
+    if is_main:
+        print(f"[train] {len(index)} pairs in {len(index.shard_names)} shards at {store.location}", file=sys.stderr)
+    return _order_run_data(config, index, checks, rank, world, is_main, 0)
+
+
+def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, world: int, is_main: bool,
+                    left_out: int) -> RunData:
     train_index, validation_index = held_out_pairs(config, index)
     order = EpochOrder(len(train_index), config.batch_size, config.seed, rank, world,
                        buckets=train_index.shape_ids if config.aspect_buckets else None,
@@ -58,9 +86,9 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
         _print_buckets(order, train_index, config.batch_size)
     if is_main and config.data_balance == "equal":
         sizes = [len(members) for members in order.group_members]
-        print(f"[train] --data_balance equal: {len(config.train_data_dir)} folder(s) holding "
+        print(f"[train] --data_balance equal: {len(index.roots)} folder(s) holding "
               f"{', '.join(map(str, sizes))} pairs; each gives {max(sizes)} draws to every epoch"
-              f"{'' if len(sizes) == len(config.train_data_dir) else ' (folders without pairs give none)'}",
+              f"{'' if len(sizes) == len(index.roots) else ' (folders without pairs give none)'}",
               file=sys.stderr)
     batches_per_epoch = order.batches_per_epoch()
     if batches_per_epoch == 0:

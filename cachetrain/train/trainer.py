@@ -38,10 +38,11 @@ from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
 from .run_data import load_run_data
-from .run_lock import RunLock, RunLockedError, is_main_launch_process
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
+from .run_lock import RunLock, RunLockedError, is_main_launch_process
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopNow, StopSignal, agreed_requests
+from .shard_data import ShardStoreUnreachable, unreachable_stop_message
 from .start_checks import SetupError, start_problem
 from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
@@ -269,19 +270,22 @@ class TrainingRun:
         batches = RunBatches(data.order, progress.epoch, progress.batch_in_epoch)
         loader = make_training_loader(reader, batches, config.num_workers, pin_memory=self.device.type == "cuda")
         micro_batches = 0
-        for batch in loader:
-            progress.batch_in_epoch += 1
-            micro_batches += 1
-            if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
-                stop.requested = True
-            self.bad_pairs.record(batch)
-            stepped = self._train_on(batch, bar)
-            if progress.batch_in_epoch == data.batches_per_epoch:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
-                self._after_epoch()
-            if stepped and (self._after_step(stop) or progress.step >= self.total_steps):
-                break
+        try:
+            for batch in loader:
+                progress.batch_in_epoch += 1
+                micro_batches += 1
+                if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
+                    stop.requested = True
+                self.bad_pairs.record(batch)
+                stepped = self._train_on(batch, bar)
+                if progress.batch_in_epoch == data.batches_per_epoch:
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                    self._after_epoch()
+                if stepped and (self._after_step(stop) or progress.step >= self.total_steps):
+                    break
+        except ShardStoreUnreachable as error:  # shard storage gone: stop resumably, naming it
+            raise TrainingError(unreachable_stop_message(error, progress.step)) from None
         del loader  # stops the workers
 
     def _train_on(self, batch, bar) -> bool:

@@ -1,0 +1,87 @@
+"""Training from packed shards (cachetrain-pack, then --train_data_dir SHARD_FOLDER): the same run as
+from the per-file tree it was packed from, exact resume, buckets, balance, validation, bad shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cachetrain.commands import pack
+from cachetrain.train.config import parse_train_args
+from cachetrain.train.trainer import train
+from tests.training_support import logged as _logged
+from tests.training_support import train_args as _args
+from tests.training_support import unet_weights as _unet_weights
+
+
+def _pack(tree: Path, out: Path, *extra: str) -> Path:
+    assert pack([str(tree), "--out", str(out), "--pairs_per_shard", "8", *extra]) == 0
+    return out
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _unet_weights(a), _unet_weights(b)
+    return all(torch.equal(wa[name], wb[name]) for name in wa)
+
+
+def test_a_run_from_shards_ends_with_the_weights_of_the_run_from_the_tree_it_was_packed_from(
+        tiny_sd_model, cached_dataset, tmp_path):
+    shards = _pack(cached_dataset, tmp_path / "shards")
+    assert len(json.loads((shards / "shards.json").read_text())["shards"]) > 1
+    common = ("--batch_size", "4", "--max_steps", "5", "--log_every", "1", "--validation_split", "0.1")
+    from_tree = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "tree", *common)))
+    from_shards = train(parse_train_args(_args(tiny_sd_model, shards, tmp_path / "shards-run", *common)))
+    assert _logged(from_shards, "train/loss") == _logged(from_tree, "train/loss")
+    assert _logged(from_shards, "val/loss") == _logged(from_tree, "val/loss")
+    assert _same_weights(tmp_path / "tree", tmp_path / "shards-run")
+
+
+def test_a_run_from_shards_stopped_mid_epoch_and_resumed_equals_one_that_never_stopped(
+        tiny_sd_model, cached_dataset, tmp_path):
+    shards = _pack(cached_dataset, tmp_path / "shards")
+    common = ("--batch_size", "4", "--gradient_accum", "2", "--max_steps", "8", "--log_every", "1")
+    straight = train(parse_train_args(_args(tiny_sd_model, shards, tmp_path / "straight", *common)))
+    stopped = train(parse_train_args(_args(tiny_sd_model, shards, tmp_path / "resumed", *common)),
+                    interrupt_after_batches=5)
+    assert stopped.interrupted and stopped.steps == 3
+    resumed = train(parse_train_args(_args(tiny_sd_model, shards, tmp_path / "resumed", *common, "--resume")))
+    assert resumed.steps == 8
+    assert _logged(stopped, "train/loss") + _logged(resumed, "train/loss") == _logged(straight, "train/loss")
+    assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_a_missing_and_a_cut_short_shard_are_named_and_their_pairs_passed_over(
+        tiny_sd_model, cached_dataset, tmp_path, capsys):
+    shards = _pack(cached_dataset, tmp_path / "shards")
+    names = [shard["name"] for shard in json.loads((shards / "shards.json").read_text())["shards"]]
+    (shards / names[0]).unlink()
+    data = (shards / names[1]).read_bytes()
+    (shards / names[1]).write_bytes(data[: len(data) // 2])
+    result = train(parse_train_args(_args(tiny_sd_model, shards, tmp_path / "run", "--batch_size", "4",
+                                          "--max_steps", "12", "--log_every", "1", "--max_bad_fraction", "0.9")))
+    assert result.steps == 12
+    err = capsys.readouterr().err
+    assert f"{names[0]}#row" in err and "shard is missing" in err
+    assert f"{names[1]}#row" in err and "cut short" in err
+    assert _logged(result, "train/skipped_samples")[-1][1] > 0
+
+
+def test_aspect_buckets_and_equal_balance_come_from_the_manifest(tiny_sd_model, cached_dataset, tmp_path, capsys):
+    second = tmp_path / "second"
+    second.mkdir()
+    for path in sorted((cached_dataset / "part0").iterdir())[:12]:  # a smaller second data root
+        (second / path.name).write_bytes(path.read_bytes())
+    assert pack([str(cached_dataset), str(second), "--out", str(tmp_path / "shards"), "--pairs_per_shard", "8"]) == 0
+    common = ("--batch_size", "4", "--max_steps", "3", "--aspect_buckets", "--data_balance", "equal")
+    from_tree = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "tree", *common)
+                                       + ["--train_data_dir", str(second)]))
+    tree_log = capsys.readouterr().err
+    from_shards = train(parse_train_args(_args(tiny_sd_model, tmp_path / "shards", tmp_path / "shards-run", *common)))
+    shard_log = capsys.readouterr().err
+    assert "each gives 48 draws to every epoch" in tree_log and "each gives 48 draws to every epoch" in shard_log
+    assert "aspect buckets" in shard_log
+    assert from_shards.steps == from_tree.steps == 3
+    assert _same_weights(tmp_path / "tree", tmp_path / "shards-run")
