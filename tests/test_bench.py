@@ -37,3 +37,10 @@ def test_gpu_encode_bench_runs_the_cache_scripts_encode_code_on_the_tiny_models(
         ("T5 encoder + projection (tiny)", "caption of 16 tokens")]
     assert all(r["items_per_sec"] > 0 for r in results)
     assert results[0]["gflop_per_item"] > 0
+
+
+def test_lora_bench_times_a_lora_and_a_full_step_and_counts_their_state():
+    out = _run("bench/bench_lora.py", "--windows", "1", "--steps", "1", "--warmup", "1", "--batch", "2")
+    result = json.loads(out.splitlines()[-1])
+    assert result["lora"]["trainable"] < result["full"]["trainable"] and result["step_ratio"] > 0
+    assert result["sd15_size"]["parameters"] == 859_520_964 and 0 < result["sd15_size"]["state_ratio"] < 0.01

@@ -266,3 +266,27 @@ def test_a_t5_model_trains_saves_resumes_and_samples_with_a_lora(tiny_t5_model, 
     drawn = np.asarray(Image.open(next((tmp_path / "drawn").glob("*.png"))), dtype=np.int16)
     trained = np.asarray(Image.open(next(checkpoint.glob("sample-*.png"))), dtype=np.int16)
     assert np.abs(drawn - trained).max() <= 1  # the T5 pipeline draws with the LoRA merged as the run drew
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_lora_and_keep_it_identical(tiny_sd_model, cached_dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(repo / "train_from_cached.py"),
+               *train_args(tiny_sd_model, cached_dataset, output, "--lora_type", "lora", "--lora_rank", "4",
+                           "--batch_size", "4", "--max_steps", "4", "--log_every", "2")]
+    done = subprocess.run(command, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    first, second = summary["process_weight_checksums"]  # the adapter's weights are among them
+    assert first == second
+    assert summary["process_sample_id_sums"][0] != summary["process_sample_id_sums"][1]
+    lora = load_file(output / DIFFUSERS_LORA_FILE)
+    assert all(value.abs().sum() > 0 for key, value in lora.items() if key.endswith("lora_B.weight"))
