@@ -104,3 +104,9 @@ def tiny(argv: list[str] | None = None) -> int:
 
     main(argv)
     return 0
+
+
+def lora(argv: list[str] | None = None) -> int:
+    from .models.lora_tools import main
+
+    return main(argv)

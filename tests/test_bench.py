@@ -44,3 +44,10 @@ def test_shard_bench_packs_streams_and_starts_from_a_manifest():
                "--pairs_per_shard", "16", "--start_pairs", "200", "--no_s3")
     assert "per-file loader:" in out and "local shard loader" in out
     assert "time to the first batch from a 200-pair shard set" in out
+
+
+def test_lora_bench_times_a_lora_and_a_full_step_and_counts_their_state():
+    out = _run("bench/bench_lora.py", "--windows", "1", "--steps", "1", "--warmup", "1", "--batch", "2")
+    result = json.loads(out.splitlines()[-1])
+    assert result["lora"]["trainable"] < result["full"]["trainable"] and result["step_ratio"] > 0
+    assert result["sd15_size"]["parameters"] == 859_520_964 and 0 < result["sd15_size"]["state_ratio"] < 0.01

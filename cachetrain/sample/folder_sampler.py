@@ -170,10 +170,25 @@ def load_sampling_pipeline(model: str, settings: SampleSettings):
     if settings.use_ema and _is_local(model) and (Path(model) / ckpt.EMA_COMPONENT).is_dir():
         subfolder = ckpt.EMA_COMPONENT
     unet = UNet2DConditionModel.from_pretrained(model, subfolder=subfolder, torch_dtype=settings.weight_dtype)
+    if _is_local(model):
+        merge_checkpoint_adapter(unet, Path(model), settings.use_ema)
     pipeline = models.load_pipeline_around(model, unet, settings.custom)
     pipeline.to(device=settings.device, dtype=settings.weight_dtype)
     unet.eval()
     return pipeline
+
+
+def merge_checkpoint_adapter(unet, folder: Path, use_ema: bool) -> None:
+    """An adapter run's checkpoint (a LoRA beside its base UNet): the LoRA (its EMA when it has one,
+    unless --no_ema) merged into ``unet``, so samples show what the run's own samples showed."""
+    from ..checkpoint_layout import ADAPTER_EMA_COMPONENT
+    from ..models.lora_files import DIFFUSERS_LORA_FILE, adaptable_layers, read_lora
+    from ..models.lora_tools import merge_into_unet
+
+    ema = folder / ADAPTER_EMA_COMPONENT
+    source = ema if use_ema and (ema / DIFFUSERS_LORA_FILE).is_file() else folder
+    if (source / DIFFUSERS_LORA_FILE).is_file():
+        merge_into_unet(unet, read_lora(source, adaptable_layers(unet)))
 
 
 def sample_model(model: str, out_dir: Path, settings: SampleSettings, step: int | None = None) -> list[Path]:

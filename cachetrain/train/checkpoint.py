@@ -144,24 +144,29 @@ def link_tree(source: Path, destination: Path) -> None:
                 shutil.copy2(Path(folder) / name, target_folder / name)
 
 
-def write_model_folder(destination: Path, unet, frozen_dir: Path) -> None:
-    """A loadable pipeline folder: the frozen parts linked in, the trained UNet saved."""
+def write_model_folder(destination: Path, unet, frozen_dir: Path, write_trained=None) -> None:
+    """A loadable pipeline folder: the frozen parts linked in, the trained UNet saved (or, given
+    ``write_trained``, whatever it writes into the folder: an adapter run's base UNet and adapter)."""
     link_tree(frozen_dir, destination)
-    unet.save_pretrained(destination / TRAINED_COMPONENT, safe_serialization=True)
+    if write_trained is not None:
+        write_trained(destination)
+    else:
+        unet.save_pretrained(destination / TRAINED_COMPONENT, safe_serialization=True)
 
 
 def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: TrainingState,
-                    ema_weights=None) -> Path:
+                    ema_weights=None, write_trained=None) -> Path:
     """Write a complete checkpoint atomically; on failure the previous checkpoints are untouched.
 
-    ``ema_weights``, if given, is called with the folder where the EMA UNet goes (``unet_ema/``).
+    ``ema_weights``, if given, is called with the checkpoint's folder (it writes ``unet_ema/`` or
+    ``adapter_ema/``); ``write_trained`` as write_model_folder's.
     """
     staging = destination.with_name(destination.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_model_folder(staging, unet, frozen_dir)
+        write_model_folder(staging, unet, frozen_dir, write_trained)
         if ema_weights is not None:
-            ema_weights(staging / EMA_COMPONENT)
+            ema_weights(staging)
         torch.save(training_state.to_dict(), staging / TRAINING_STATE_FILE)
         flush_to_disk(staging)
         replaced = destination.with_name(destination.name + ".replaced.partial")

@@ -272,6 +272,24 @@ class TrainConfig:
     shard_retries: int = _flag(5, "tries per remote shard before the run stops (waits double from 0.5 s)",
                                check=_check(lambda n: n >= 1, "must be >= 1"))
 
+    # adapters (LoRA, LoCon, LoHa, LoKr through PEFT): the UNet stays frozen, the adapter trains
+    lora_type: str | None = _flag(None, "train an adapter instead of the UNet: lora | loha | lokr",
+                                  choices=("lora", "loha", "lokr"))
+    lora_rank: int = _flag(16, "rank of the adapter's layers", check=AT_LEAST_1)
+    lora_alpha: float | None = _flag(None, "alpha of the adapter (its change is scaled by alpha / rank; default: the rank)",
+                                     check=POSITIVE)
+    lora_dropout: float = _flag(0.0, "dropout inside the adapter (LoRA: on its input; LoHa/LoKr: of whole layers)",
+                                check=_check(lambda p: 0 <= p < 1, "is a probability in [0, 1)"))
+    lora_targets: list[str] = _flag(["attention"], "layer groups that get an adapter: attention (q, k, v, out) "
+                                                   "feedforward (ff, proj_in/out) conv (resnets, samplers: LoCon)",
+                                    nargs="+", action="extend", choices=("attention", "feedforward", "conv"))
+    lora_modules: list[str] = _flag([], "more layers by name (a module-name suffix such as attn2.to_k, or a "
+                                        "full-match regex)", nargs="+", action="extend")
+    lora_weights: str | None = _flag(None, "start the LoRA from this file or folder (either layout); its layers, "
+                                           "rank and alpha replace --lora_targets/--lora_rank/--lora_alpha")
+    save_kohya_lora: bool = _flag(False, "also write the LoRA as lora_kohya.safetensors (kohya/A1111 layout, "
+                                         "for ComfyUI and A1111) into each checkpoint")
+
     @property
     def max_epochs(self) -> float | None:
         return epochs_in(self.max_steps)
@@ -359,7 +377,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     problems = [f"--{item.name} {problem}" for item in dataclasses.fields(config)
                 if (check := item.metadata.get("check")) and (problem := check(getattr(config, item.name)))]
     problems += _non_finite_problems(config)
-    for rules in (_model_problems, _schedule_problems, _objective_problems, _precision_problems, _data_problems):
+    for rules in (_model_problems, _schedule_problems, _objective_problems, _precision_problems, _data_problems,
+                  _adapter_problems):
         problems += rules(config)
     problems += LayerSelection.of(config).problems()
     if problems:
@@ -435,6 +454,23 @@ def _data_problems(config: TrainConfig) -> list[str]:
     if remote and len(config.train_data_dir) > 1:
         problems.append(f"--train_data_dir {remote[0]}: a shard URL is the run's only --train_data_dir "
                         "(pack several data roots into one shard set)")
+    return problems
+
+
+def _adapter_problems(config: TrainConfig) -> list[str]:
+    adapter_flags = [name for name in ("lora_weights", "save_kohya_lora") if getattr(config, name)]
+    if not config.lora_type:
+        return [f"--{name} needs --lora_type lora" for name in adapter_flags]
+    problems = []
+    if config.save_single_file:
+        problems.append("--save_single_file writes a whole model; an adapter run saves its adapter "
+                        "(--save_kohya_lora for the A1111/ComfyUI file; cachetrain-lora merge makes a model)")
+    if config.lora_type != "lora" and adapter_flags:
+        problems.append(f"--{adapter_flags[0]} is for --lora_type lora (LoHa/LoKr are saved in PEFT's folder)")
+    selection = LayerSelection.of(config)
+    if selection.targetted_training or selection.reinitialises_some():
+        problems.append("--lora_type trains an adapter on a frozen UNet; --targetted_training and --reinit_* "
+                        "select UNet layers to train and do not apply")
     return problems
 
 

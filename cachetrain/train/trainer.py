@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .adapters import AdapterError, AdapterSpec, attach_adapter, describe as describe_adapter, load_adapter
 from ..models import loading as models
 from . import run_dir
 from .bad_data import BadPairLedger, TrainingError
@@ -104,7 +105,7 @@ class TrainingRun:
         self.health = StepHealth(self.device, self.progress.skipped_steps)
         parts = FrozenParts(config) if self.is_main else None  # the main process alone saves and samples
         self.drawer = SampleDrawer(config, self.device, parts=parts) if self.is_main else None
-        self.writer = CheckpointWriter(config, parts) if self.is_main else None
+        self.writer = CheckpointWriter(config, parts, self.adapter) if self.is_main else None
         self._prepare_saves()
         self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
         if self.drawer is not None:
@@ -125,9 +126,13 @@ class TrainingRun:
         weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
         unet = models.load_unet(config.pretrained_model, dtype=weight_dtype,
                                 single_file_config=config.single_file_config)
+        self.adapter = AdapterSpec.of(config)
         try:
-            self.trainable = apply_layer_selection(unet, LayerSelection.of(config), config.seed)
-        except ValueError as error:
+            if self.adapter is not None:  # the UNet frozen, the adapter's layers train
+                self.trainable = attach_adapter(unet, self.adapter, config.seed)
+            else:
+                self.trainable = apply_layer_selection(unet, LayerSelection.of(config), config.seed)
+        except (ValueError, AdapterError) as error:
             raise TrainingError(str(error)) from None
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -145,7 +150,9 @@ class TrainingRun:
         self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
                                                                                      config.single_file_config)
         self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
-                                         config.weight_decay, bf16_weights=config.bf16_weights)
+                                         config.weight_decay,
+                                         # an adapter trains in fp32 (PEFT's) beside bf16 base weights
+                                         bf16_weights=config.bf16_weights and self.adapter is None)
         # stepped by hand once per optimizer step (accelerate would step it once per process), or once
         # per epoch with --scheduler_at_epoch
         batches_per_epoch = self.data.batches_per_epoch
@@ -164,7 +171,7 @@ class TrainingRun:
                   f"{f', {len(held_out)} held out' if held_out else ''}; "
                   f"{batches_per_epoch} batches/epoch/process x {self.world} process(es); {self.total_steps} "
                   f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
-                  f"of {total:,}", file=sys.stderr)
+                  f"of {total:,}{describe_adapter(self.bare_unet, self.adapter)}", file=sys.stderr)
 
     def _prepare_saves(self) -> None:
         """Refuse now what would make a save or a sample fail later (the main process checks: it alone
@@ -173,6 +180,7 @@ class TrainingRun:
         if self.writer is not None:
             try:
                 self.drawer.check_sampler_steps(self.writer.parts.prepare(self.bare_unet))
+                self.writer.prepare(self.bare_unet)
             except SetupError as error:
                 refusal = error
         if any_process(self.accelerator, refusal is not None) and refusal is None:
@@ -196,9 +204,15 @@ class TrainingRun:
         problem = state.resume_problem(*self._identities(), self.resume_from)
         if problem:
             raise TrainingError(problem)
-        trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
-        self.bare_unet.load_state_dict(trained.state_dict())
-        del trained
+        if self.adapter is not None:  # the base is the --pretrained_model's; the adapter is the checkpoint's
+            try:
+                load_adapter(self.bare_unet, self.adapter, self.resume_from)
+            except (ValueError, OSError) as error:
+                raise TrainingError(f"--resume {self.resume_from}: its adapter does not load ({error})") from None
+        else:
+            trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
+            self.bare_unet.load_state_dict(trained.state_dict())
+            del trained
         restored = state.apply(self.optimizer, self.lr_schedule)
         if self.is_main:
             print(f"[train] resumed from {self.resume_from} at step {restored.step}", file=sys.stderr)

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""A LoRA step against a full step, and the training state of each, on the tiny SD1.5-structure UNet.
+
+Both runs go through the trainer's own pieces: the adapter attached by cachetrain.train.adapters
+(PEFT), the optimizer from cachetrain.train.optim, the objective's loss; one step is forward,
+backward, optimizer step. Timed as the median of windows of steps after warm-up, the two modes
+alternating window by window so both see the same load on a shared machine. The state is the bytes
+of the trainable parameters, their gradients and the optimizer's state after two steps; the same
+ratio for the SD1.5 UNet itself is counted on the meta device (no weights are made).
+
+    .venv/bin/python bench/bench_lora.py [--rank 16] [--batch 8] [--windows 5] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def build(mode: str, rank: int, targets: list[str]):
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.tiny.models import SD15_STRUCTURE_UNET
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter
+    from cachetrain.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_STRUCTURE_UNET).train()
+    if mode == "lora":
+        trainable = attach_adapter(unet, AdapterSpec(kind="lora", rank=rank, alpha=rank, targets=targets), seed=0)
+    else:
+        trainable = list(unet.parameters())
+    optimizer = build_optimizer("adamw", trainable, 1e-4, (0.9, 0.999), 0.01)
+    total = sum(p.numel() for p in unet.parameters())
+    return unet, trainable, optimizer, total
+
+
+def step(unet, optimizer, batch) -> None:
+    latents, timesteps, context, target = batch
+    loss = torch.nn.functional.mse_loss(unet(latents, timesteps, context).sample, target)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def state_bytes(trainable, optimizer, batch, unet) -> int:
+    step(unet, optimizer, batch)
+    latents, timesteps, context, target = batch
+    torch.nn.functional.mse_loss(unet(latents, timesteps, context).sample, target).backward()
+    tensors = list(trainable) + [p.grad for p in trainable if p.grad is not None]
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v) and v.numel() > 1]
+    optimizer.zero_grad(set_to_none=True)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def sd15_size_counts(rank: int, targets: list[str]) -> dict:
+    """Parameters of the SD1.5 UNet (built on the meta device: no memory) and of a LoRA on its targets;
+    with AdamW in fp32 both states take 16 bytes per trainable parameter, so the counts' ratio is the states'."""
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.train.adapters import AdapterSpec, target_layers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    layers = target_layers(unet, AdapterSpec(kind="lora", rank=rank, alpha=rank, targets=targets))
+    adapter = sum(rank * (layer.weight[0].numel() + layer.weight.shape[0]) for layer in layers.values())
+    total = sum(p.numel() for p in unet.parameters())
+    return {"parameters": total, "lora_parameters": adapter, "lora_layers": len(layers), "state_ratio": adapter / total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--targets", nargs="+", default=["attention"])
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per window")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(args.batch, 4, 16, 16, generator=generator), torch.randint(0, 1000, (args.batch,), generator=generator),
+             torch.randn(args.batch, 77, 32, generator=generator), torch.randn(args.batch, 4, 16, 16, generator=generator))
+    runs = {mode: build(mode, args.rank, args.targets) for mode in ("full", "lora")}
+    for unet, _, optimizer, _ in runs.values():
+        for _ in range(args.warmup):
+            step(unet, optimizer, batch)
+    times: dict[str, list[float]] = {mode: [] for mode in runs}
+    for _ in range(args.windows):
+        for mode, (unet, _, optimizer, _) in runs.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(unet, optimizer, batch)
+            times[mode].append((time.perf_counter() - start) / args.steps)
+    result = {"rank": args.rank, "targets": args.targets, "batch": args.batch, "load_average": os.getloadavg()[0]}
+    for mode, (unet, trainable, optimizer, total) in runs.items():
+        result[mode] = {"step_s": statistics.median(times[mode]), "trainable": sum(p.numel() for p in trainable),
+                        "parameters": total, "state_bytes": state_bytes(trainable, optimizer, batch, unet)}
+    result["step_ratio"] = result["lora"]["step_s"] / result["full"]["step_s"]
+    result["state_ratio"] = result["lora"]["state_bytes"] / result["full"]["state_bytes"]
+    result["sd15_size"] = sd15_size_counts(args.rank, args.targets)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The files a LoRA lives in: the diffusers/PEFT layout and the kohya/A1111 single file.
+
+Both hold, per adapted UNet layer, a down matrix (rank x in[, k, k]), an up matrix (out x rank[, 1, 1])
+and an alpha; the layer's change is ``alpha / rank * up @ down``. In memory a LoRA is a dict of
+``LowRankPair`` keyed by the layer's module name in diffusers' UNet2DConditionModel
+(``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``).
+
+- diffusers/PEFT: ``FOLDER/pytorch_lora_weights.safetensors`` with keys ``unet.NAME.lora_A.weight`` (down)
+  and ``unet.NAME.lora_B.weight`` (up), and the LoraConfig (rank, alpha, targets) in the header's
+  ``lora_adapter_metadata``: ``pipeline.load_lora_weights(FOLDER)`` loads it with its alpha.
+- kohya/A1111 (ComfyUI, A1111, Forge, sd-scripts): one ``.safetensors`` with keys
+  ``lora_unet_NAME_WITH_UNDERSCORES.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and the
+  ``ss_*`` (kohya) and ``modelspec.*`` metadata keys those tools show.
+
+Reading either checks every key against the UNet the LoRA is for: a key we do not know, a layer the
+UNet lacks or a shape it does not have raise LoraFileError naming the file and the first such key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..atomic import write_atomically
+
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_LORA_FILE = "lora_kohya.safetensors"  # the kohya-layout copy a checkpoint holds with --save_kohya_lora
+KOHYA_PREFIX = "lora_unet_"
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+DIFFUSERS_PREFIX = "unet."
+# diffusers' current (PEFT) names and its older ones
+DIFFUSERS_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
+                      ".lora.up.weight": "up"}
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key of the LoraConfig
+SD1_LORA_ARCHITECTURE = "stable-diffusion-v1/lora"
+# the layer groups an adapter may cover (the trainer's --lora_targets, cachetrain-lora extract --targets)
+LAYER_GROUPS = {
+    "attention": re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
+    "feedforward": re.compile(r"(\.ff\.net\.(0\.proj|2)|\.attentions\.\d+\.proj_(in|out))$"),
+    "conv": re.compile(r"(\.resnets\.\d+\.(conv1|conv2|conv_shortcut)|\.(down|up)samplers\.0\.conv)$"),
+}
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be read for this UNet; the message names the file and the key."""
+
+
+@dataclass
+class LowRankPair:
+    down: torch.Tensor  # [rank, in] or [rank, in, k, k]
+    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self, scale: float = 1.0) -> torch.Tensor:
+        """The change to the layer's weight, ``scale * alpha / rank * up @ down``, in the weight's shape."""
+        down, up = self.down.float(), self.up.float()
+        product = up.flatten(1) @ down.flatten(1)
+        shape = (up.shape[0], *down.shape[1:])
+        return (scale * self.alpha / self.rank) * product.reshape(shape)
+
+
+def kohya_name(module_name: str) -> str:
+    """``down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
+    return KOHYA_PREFIX + module_name.replace(".", "_")
+
+
+def adaptable_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The UNet's Linear and Conv2d layers by module name (a PEFT-wrapped layer by its own name)."""
+    layers = {}
+    for name, module in unet.named_modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
+            layers[name] = base
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not name.endswith("base_layer") \
+                and ".lora_" not in name:
+            layers[name] = module
+    return layers
+
+
+def layer_weight_shape(layer: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(layer.weight.shape)
+
+
+def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module], source: str) -> None:
+    """Every pair names a layer of this UNet and fits its shape, else LoraFileError (another base)."""
+    for name, pair in pairs.items():
+        if name not in layers:
+            raise LoraFileError(f"{source}: layer {name} is not in this UNet (an adapter of another model?)")
+        weight = layer_weight_shape(layers[name])
+        delta = (pair.up.shape[0], *pair.down.shape[1:])
+        if tuple(delta) != weight:
+            raise LoraFileError(f"{source}: {name} changes a weight of shape {list(delta)}, this UNet's is "
+                                f"{list(weight)} (an adapter of another base model)")
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def lora_file_in(path: Path | str) -> Path:
+    """The safetensors file of a LoRA given as a file or as a folder holding pytorch_lora_weights.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIFFUSERS_LORA_FILE
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such LoRA file")
+    return path
+
+
+def read_lora(path: Path | str, layers: dict[str, torch.nn.Module]) -> dict[str, LowRankPair]:
+    """The LoRA in ``path`` (either layout, told apart by its keys), checked against ``layers``."""
+    from safetensors import safe_open
+
+    file = lora_file_in(path)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = handle.metadata() or {}
+    except Exception as error:
+        raise LoraFileError(f"{file}: not a readable safetensors file ({type(error).__name__})") from None
+    if any(key.startswith(KOHYA_PREFIX) for key in tensors):
+        pairs = _pairs_from_kohya(tensors, layers, file)
+    else:
+        pairs = _pairs_from_diffusers(tensors, metadata, file)
+    if not pairs:
+        raise LoraFileError(f"{file}: holds no UNet LoRA layers")
+    check_fits(pairs, layers, str(file))
+    return pairs
+
+
+def _pairs_from_kohya(tensors: dict[str, torch.Tensor], layers: dict[str, torch.nn.Module],
+                      file: Path) -> dict[str, LowRankPair]:
+    by_kohya_name = {kohya_name(name): name for name in layers}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
+        module = by_kohya_name.get(key[: -len(suffix)]) if suffix else None
+        if module is None:
+            unknown.append(key)
+            continue
+        parts.setdefault(module, {})[suffix] = tensor
+    if unknown:
+        kind = " (a text-encoder LoRA: only UNet LoRAs are read)" if unknown[0].startswith("lora_te") else ""
+        raise LoraFileError(f"{file}: {len(unknown)} key(s) this UNet has no place for, e.g. {unknown[0]}{kind}")
+    pairs = {}
+    for module, found in parts.items():
+        if ".lora_down.weight" not in found or ".lora_up.weight" not in found:
+            raise LoraFileError(f"{file}: {kohya_name(module)} lacks its lora_down or lora_up weight")
+        down, up = found[".lora_down.weight"], found[".lora_up.weight"]
+        alpha = float(found[".alpha"]) if ".alpha" in found else float(down.shape[0])
+        pairs[module] = LowRankPair(down=down, up=up, alpha=alpha)
+    return pairs
+
+
+def _pairs_from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                          file: Path) -> dict[str, LowRankPair]:
+    config = _unet_config(metadata)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in DIFFUSERS_SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(DIFFUSERS_PREFIX) or suffix is None:
+            kind = " (a text-encoder LoRA: only UNet LoRAs are read)" if key.startswith("text_encoder") else ""
+            raise LoraFileError(f"{file}: key {key} is not a UNet LoRA weight we know{kind}")
+        parts.setdefault(key[len(DIFFUSERS_PREFIX): -len(suffix)], {})[DIFFUSERS_SUFFIXES[suffix]] = tensor
+    pairs = {}
+    for module, found in parts.items():
+        if set(found) != {"down", "up"}:
+            raise LoraFileError(f"{file}: {module} lacks its down (lora_A) or up (lora_B) weight")
+        rank = found["down"].shape[0]
+        alpha = float(config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", rank)))
+        pairs[module] = LowRankPair(down=found["down"], up=found["up"], alpha=alpha)
+    return pairs
+
+
+def _unet_config(metadata: dict[str, str]) -> dict:
+    """The UNet's LoraConfig values of a diffusers file's header ({} when it has none: alpha = rank)."""
+    try:
+        packed = json.loads(metadata.get(METADATA_KEY, "{}"))
+    except ValueError:
+        return {}
+    return {key[len(DIFFUSERS_PREFIX):]: value for key, value in packed.items() if key.startswith(DIFFUSERS_PREFIX)}
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+def lora_config_values(pairs: dict[str, LowRankPair]) -> dict:
+    """The LoraConfig a file's pairs make (its most common rank and alpha, patterns for the others)."""
+    ranks = [pair.rank for pair in pairs.values()]
+    rank = max(set(ranks), key=ranks.count)
+    alphas = [pair.alpha for pair in pairs.values() if pair.rank == rank]
+    alpha = max(set(alphas), key=alphas.count)
+    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(pairs),
+            "rank_pattern": {name: pair.rank for name, pair in pairs.items() if pair.rank != rank},
+            "alpha_pattern": {name: pair.alpha for name, pair in pairs.items() if pair.alpha != alpha},
+            "use_dora": False, "lora_dropout": 0.0, "init_lora_weights": True}
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, metadata=metadata)
+
+
+def write_diffusers_lora(folder: Path | str, pairs: dict[str, LowRankPair], dtype: torch.dtype = torch.float32) -> Path:
+    """``folder/pytorch_lora_weights.safetensors`` in diffusers' layout, its alpha in the header."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, pair in pairs.items():
+        tensors[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = pair.down.to(dtype)
+        tensors[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = pair.up.to(dtype)
+    config = {DIFFUSERS_PREFIX + key: value for key, value in lora_config_values(pairs).items()}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True)}
+    path = folder / DIFFUSERS_LORA_FILE
+    write_atomically(path, _serialize(tensors, metadata))
+    return path
+
+
+def kohya_metadata(pairs: dict[str, LowRankPair], *, title: str, resolution: int | None = None,
+                   steps: int | None = None, prediction_type: str = "epsilon") -> dict[str, str]:
+    """The ss_* keys kohya's tools and A1111 show, and the ModelSpec keys ComfyUI and A1111 read."""
+    values = lora_config_values(pairs)
+    convolutions = [pair for pair in pairs.values() if pair.down.dim() == 4 and pair.down.shape[-1] > 1]
+    network_args = {"conv_dim": str(convolutions[0].rank), "conv_alpha": str(convolutions[0].alpha)} if convolutions else {}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(values["r"]),
+        "ss_network_alpha": str(values["lora_alpha"]),
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_output_name": title,
+        "ss_training_comment": f"cachetrain {__version__}",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": SD1_LORA_ARCHITECTURE,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+    if network_args:
+        metadata["ss_network_args"] = json.dumps(network_args)
+    if resolution:
+        metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
+        metadata["ss_resolution"] = f"({resolution}, {resolution})"
+    if steps is not None:
+        metadata["ss_steps"] = str(steps)
+    return metadata
+
+
+def write_kohya_lora(path: Path | str, pairs: dict[str, LowRankPair], metadata: dict[str, str],
+                     dtype: torch.dtype = torch.float16) -> Path:
+    """One ``.safetensors`` in the kohya/A1111 layout (alpha per layer as a scalar tensor)."""
+    tensors = {}
+    for name, pair in pairs.items():
+        key = kohya_name(name)
+        tensors[f"{key}.lora_down.weight"] = pair.down.to(dtype)
+        tensors[f"{key}.lora_up.weight"] = pair.up.to(dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(pair.alpha, dtype=dtype)
+    path = Path(path)
+    write_atomically(path, _serialize(tensors, metadata))
+    return path

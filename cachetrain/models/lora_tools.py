@@ -1,0 +1,185 @@
+"""Merging a LoRA into a model, and extracting a LoRA from two models (``cachetrain-lora merge|extract``).
+
+    cachetrain-lora merge --model BASE --lora LORA --out OUT [--scale 1.0]
+    cachetrain-lora extract --base BASE --tuned TUNED --rank 16 --out OUT [--targets attention feedforward conv]
+
+BASE / TUNED are pipeline folders (a checkpoint, a run's final model) or SD1.5 single files; LORA is
+a LoRA in either layout (a folder holding pytorch_lora_weights.safetensors, or a kohya/A1111 file).
+
+merge adds ``scale * alpha / rank * up @ down`` to each adapted weight and writes OUT: a pipeline
+folder, or with OUT ending in .safetensors a single file in the original SD layout. The result is a
+model like any other (``--pretrained_model OUT``).
+
+extract takes the difference of each targeted layer's weight, keeps its ``rank`` largest singular
+directions (SVD; up = U S, down = V^T, alpha = rank) and reports what the rank leaves: the relative
+error ||D - up @ down|| / ||D|| over all layers and the worst layer. OUT ending in .safetensors is
+the kohya/A1111 layout, else a diffusers folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cli import ArgumentParser, print_error
+from . import ldm_layout
+from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_layers, kohya_metadata, read_lora,
+                         write_diffusers_lora, write_kohya_lora)
+
+class LoraToolError(ValueError):
+    """A merge or extract that cannot be done; one line naming the file or flag."""
+
+
+def merge_into_unet(unet: torch.nn.Module, pairs: dict[str, LowRankPair], scale: float = 1.0) -> None:
+    """Add each pair's change to its layer's weight, in place (computed in fp32, stored in the weight's dtype)."""
+    layers = adaptable_layers(unet)
+    with torch.no_grad():
+        for name, pair in pairs.items():
+            weight = layers[name].weight
+            weight.copy_((weight.float() + pair.delta(scale).to(weight.device)).to(weight.dtype))
+
+
+def _load_unet(model: str):
+    from .loading import load_unet
+
+    try:
+        return load_unet(model)
+    except Exception as error:
+        raise LoraToolError(f"{model}: no UNet loads from it ({type(error).__name__})") from None
+
+
+def merge(model: str, lora: str, out: str, scale: float = 1.0) -> int:
+    """Merge ``lora`` into ``model`` and write ``out``; the number of layers changed."""
+    unet = _load_unet(model)
+    pairs = read_lora(lora, adaptable_layers(unet))
+    merge_into_unet(unet, pairs, scale)
+    out_path = Path(out)
+    if out_path.suffix == ".safetensors":
+        with tempfile.TemporaryDirectory(dir=out_path.parent) as staging:
+            folder = Path(staging) / "model"
+            _write_pipeline(model, unet, folder)
+            from .export import export_single_file
+
+            export_single_file(folder, out_path, dtype="fp32")
+    else:
+        _write_pipeline(model, unet, out_path)
+    return len(pairs)
+
+
+def _write_pipeline(model: str, unet, folder: Path) -> None:
+    """The model's pipeline folder with ``unet`` in it (written to a staging name, then renamed)."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if ldm_layout.is_single_file(model):
+            from .loading import load_single_file_pipeline_around
+
+            load_single_file_pipeline_around(model, unet).save_pretrained(staging)
+        else:
+            shutil.copytree(model, staging, ignore=shutil.ignore_patterns("unet", "unet_ema", "training_state.pt",
+                                                                           "*.png", "pytorch_lora_weights.safetensors",
+                                                                           "lora_kohya.safetensors"))
+            unet.save_pretrained(staging / "unet", safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@dataclass
+class Extraction:
+    pairs: dict[str, LowRankPair]
+    relative_error: float  # ||D - up @ down|| / ||D|| over all extracted layers
+    worst_layer: str
+    worst_error: float
+    unchanged: int  # targeted layers whose weight did not change (left out)
+
+
+def extract_pairs(base: torch.nn.Module, tuned: torch.nn.Module, rank: int, targets: list[str]) -> Extraction:
+    """A LoRA of at most ``rank`` per layer approximating tuned - base on the targeted layers."""
+    base_layers, tuned_layers = adaptable_layers(base), adaptable_layers(tuned)
+    pairs, residual_sq, total_sq, worst, unchanged = {}, 0.0, 0.0, ("", 0.0), 0
+    for name, layer in base_layers.items():
+        if not any(LAYER_GROUPS[group].search(name) for group in targets):
+            continue
+        if name not in tuned_layers or tuned_layers[name].weight.shape != layer.weight.shape:
+            raise LoraToolError(f"--tuned: layer {name} differs in shape from --base's (another architecture)")
+        difference = tuned_layers[name].weight.detach().float() - layer.weight.detach().float()
+        matrix = difference.flatten(1)
+        norm_sq = float(matrix.square().sum())
+        if norm_sq == 0.0:
+            unchanged += 1
+            continue
+        left, singular, right = torch.linalg.svd(matrix, full_matrices=False)
+        kept = min(rank, singular.shape[0])
+        up, down = left[:, :kept] * singular[:kept], right[:kept]
+        layer_residual = float((matrix - up @ down).square().sum())
+        residual_sq, total_sq = residual_sq + layer_residual, total_sq + norm_sq
+        error = (layer_residual / norm_sq) ** 0.5
+        if error >= worst[1]:
+            worst = (name, error)
+        if difference.dim() == 4:  # a convolution: down keeps the kernel, up is 1x1
+            down = down.reshape(kept, *difference.shape[1:])
+            up = up.reshape(*up.shape, 1, 1)
+        pairs[name] = LowRankPair(down=down.contiguous(), up=up.contiguous(), alpha=float(kept))
+    if not pairs:
+        raise LoraToolError(f"--base and --tuned do not differ in any layer of {' '.join(targets)}")
+    return Extraction(pairs=pairs, relative_error=(residual_sq / total_sq) ** 0.5, worst_layer=worst[0],
+                      worst_error=worst[1], unchanged=unchanged)
+
+
+def extract(base: str, tuned: str, rank: int, out: str, targets: list[str]) -> Extraction:
+    base_unet, tuned_unet = _load_unet(base), _load_unet(tuned)
+    result = extract_pairs(base_unet, tuned_unet, rank, targets)
+    out_path = Path(out)
+    if out_path.suffix == ".safetensors":
+        write_kohya_lora(out_path, result.pairs, kohya_metadata(result.pairs, title=out_path.stem,
+                                                                resolution=base_unet.config.sample_size * 8),
+                         dtype=torch.float32)
+    else:
+        write_diffusers_lora(out_path, result.pairs)
+    return result
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="cachetrain-lora", description="Merge a LoRA into a model, or extract one from two models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merging = commands.add_parser("merge", help="merge a LoRA into a model folder or single file")
+    merging.add_argument("--model", required=True, help="pipeline folder or SD1.5 .safetensors to merge into")
+    merging.add_argument("--lora", required=True, help="LoRA folder (pytorch_lora_weights.safetensors) or kohya file")
+    merging.add_argument("--out", required=True, help="pipeline folder to write, or a .safetensors single file")
+    merging.add_argument("--scale", type=float, default=1.0, help="strength of the LoRA")
+    extracting = commands.add_parser("extract", help="extract a LoRA from the difference of two models (SVD)")
+    extracting.add_argument("--base", required=True, help="the model before training (folder or single file)")
+    extracting.add_argument("--tuned", required=True, help="the model after training")
+    extracting.add_argument("--rank", type=int, required=True, help="rank kept per layer")
+    extracting.add_argument("--out", required=True, help="a .safetensors (kohya/A1111 layout) or a folder (diffusers)")
+    extracting.add_argument("--targets", nargs="+", default=["attention", "feedforward"], choices=tuple(LAYER_GROUPS),
+                            help="layer groups to extract")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "merge":
+            count = merge(args.model, args.lora, args.out, args.scale)
+            print(f"[lora] merged {count} layer(s) of {args.lora} (scale {args.scale:g}) into {args.out}")
+            return 0
+        if args.rank < 1:
+            raise LoraToolError("--rank must be >= 1")
+        result = extract(args.base, args.tuned, args.rank, args.out, args.targets)
+    except (LoraToolError, LoraFileError) as error:
+        print_error(str(error))
+        return 2
+    print(f"[lora] extracted {len(result.pairs)} layer(s) at rank <= {args.rank} into {args.out}; relative error "
+          f"left by the rank {result.relative_error:.4g} (worst {result.worst_layer}: {result.worst_error:.4g}); "
+          f"{result.unchanged} targeted layer(s) unchanged", file=sys.stderr)
+    return 0

@@ -1,0 +1,227 @@
+"""Adapters (--lora_type lora|loha|lokr): PEFT layers attached to the frozen UNet, the only part that trains.
+
+LoRA (and LoCon: LoRA on the convolutions too) is PEFT's LoraConfig, LoHa and LoKr its LoHaConfig and
+LoKrConfig; no adapter layer is written here. Which layers get one is chosen by group
+(``--lora_targets attention feedforward conv``) or by name (``--lora_modules``), resolved here to the
+UNet's module names before PEFT sees them, so a name that matches nothing, or a rank larger than a
+layer, is refused before step 1 with one line.
+
+A LoRA checkpoint holds the adapter in diffusers' layout (``pytorch_lora_weights.safetensors``, and
+with --save_kohya_lora the kohya/A1111 file); LoHa and LoKr in PEFT's own folder (``unet_adapter/``:
+adapter_config.json + adapter_model.safetensors). The base UNet beside it is the frozen one, written
+once per start and hard-linked into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
+from ..models.lora_files import (DIFFUSERS_LORA_FILE, LAYER_GROUPS, KOHYA_LORA_FILE, LoraFileError, LowRankPair, adaptable_layers,
+                                 kohya_metadata, read_lora, write_diffusers_lora, write_kohya_lora)
+
+ADAPTER_TYPES = ("lora", "loha", "lokr")
+
+
+class AdapterError(ValueError):
+    """Adapter flags or files that cannot train on this UNet; one line naming the flag or file."""
+
+
+@dataclass
+class AdapterSpec:
+    kind: str  # lora | loha | lokr
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attention"])
+    modules: list[str] = field(default_factory=list)  # names (a suffix or a full-match regex) beside the groups
+    start_weights: str | None = None  # --lora_weights
+
+    @classmethod
+    def of(cls, config) -> AdapterSpec | None:
+        if not config.lora_type:
+            return None
+        return cls(kind=config.lora_type, rank=config.lora_rank, alpha=config.lora_alpha or config.lora_rank,
+                   dropout=config.lora_dropout, targets=list(config.lora_targets), modules=list(config.lora_modules),
+                   start_weights=config.lora_weights)
+
+
+def target_layers(unet: torch.nn.Module, spec: AdapterSpec) -> dict[str, torch.nn.Module]:
+    """The Linear/Conv2d layers the spec names, by module name; AdapterError for a name matching nothing."""
+    layers = adaptable_layers(unet)
+    chosen = {name for name in layers for group in spec.targets if LAYER_GROUPS[group].search(name)}
+    for wanted in spec.modules:
+        try:
+            pattern = re.compile(wanted)
+        except re.error:
+            pattern = None
+        matched = {name for name in layers if name == wanted or name.endswith("." + wanted)
+                   or (pattern is not None and pattern.fullmatch(name))}
+        if not matched:
+            raise AdapterError(f"--lora_modules {wanted}: matches no Linear or Conv2d layer of this UNet "
+                               f"(names look like {next(iter(sorted(layers)))})")
+        chosen |= matched
+    if not chosen:
+        raise AdapterError(f"--lora_targets {' '.join(spec.targets)}: this UNet has no such layers")
+    return {name: layers[name] for name in sorted(chosen)}
+
+
+def _rank_limit(layer: torch.nn.Module) -> int:
+    """The largest rank a change of this layer's weight can have."""
+    out_features, *rest = layer.weight.shape
+    inputs = 1
+    for size in rest:
+        inputs *= size
+    return min(out_features, inputs)
+
+
+def check_rank(layers: dict[str, torch.nn.Module], rank: int) -> None:
+    too_small = [(name, _rank_limit(layer)) for name, layer in layers.items() if _rank_limit(layer) < rank]
+    if too_small:
+        name, limit = too_small[0]
+        raise AdapterError(f"--lora_rank {rank} is larger than {len(too_small)} targeted layer(s) allow, e.g. "
+                           f"{name} (at most {limit}); lower the rank or leave those layers out")
+
+
+def _peft_config(spec: AdapterSpec, names: list[str], rank_pattern: dict | None = None,
+                 alpha_pattern: dict | None = None):
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if spec.kind == "lora":
+        return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names,
+                          init_lora_weights=True, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
+    kind = LoHaConfig if spec.kind == "loha" else LoKrConfig
+    return kind(r=spec.rank, alpha=spec.alpha, module_dropout=spec.dropout, target_modules=names, init_weights=True)
+
+
+def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, attach the adapter (seeded, or from --lora_weights), return its parameters."""
+    layers = target_layers(unet, spec)
+    start = None
+    if spec.start_weights:
+        try:
+            start = read_lora(spec.start_weights, adaptable_layers(unet))
+        except LoraFileError as error:
+            raise AdapterError(f"--lora_weights {error}") from None
+        if spec.kind != "lora":
+            raise AdapterError("--lora_weights starts from a LoRA file; it needs --lora_type lora")
+        every_layer = adaptable_layers(unet)
+        layers = {name: every_layer[name] for name in start}  # the file's layers, whatever the flags name
+    check_rank(layers, spec.rank if start is None else min(pair.rank for pair in start.values()))
+    unet.requires_grad_(False)
+    rank_pattern = alpha_pattern = None
+    if start is not None:  # the file decides rank and alpha of each layer
+        spec.rank = max(pair.rank for pair in start.values())
+        spec.alpha = next(pair.alpha for pair in start.values() if pair.rank == spec.rank)
+        rank_pattern = {name: pair.rank for name, pair in start.items() if pair.rank != spec.rank}
+        alpha_pattern = {name: pair.alpha for name, pair in start.items() if pair.alpha != spec.alpha}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(_peft_config(spec, list(layers), rank_pattern, alpha_pattern))
+    if start is not None:
+        load_lora_pairs(unet, start)
+    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
+
+
+def adapter_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in PEFT's names (without the adapter's name)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet)
+
+
+def lora_pairs(unet: torch.nn.Module) -> dict[str, LowRankPair]:
+    """A LoRA adapter's layers as (down, up, alpha), as the files hold them."""
+    config = unet.peft_config["default"]
+    state = adapter_state(unet)
+    pairs = {}
+    for key, down in state.items():
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            alpha = config.alpha_pattern.get(name, config.lora_alpha)
+            pairs[name] = LowRankPair(down=down.detach().float().clone(), up=state[name + ".lora_B.weight"].detach().float().clone(),
+                                      alpha=float(alpha))
+    return pairs
+
+
+def load_lora_pairs(unet: torch.nn.Module, pairs: dict[str, LowRankPair]) -> None:
+    """Put a LoRA's (down, up) into the attached adapter (its alpha is the adapter's config)."""
+    from peft.utils import set_peft_model_state_dict
+
+    state = {}
+    for name, pair in pairs.items():
+        state[f"{name}.lora_A.weight"] = pair.down
+        state[f"{name}.lora_B.weight"] = pair.up
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = [key for key in result.unexpected_keys if "lora_" in key]
+    if unexpected:
+        raise AdapterError(f"the adapter has no place for {unexpected[0]}")
+
+
+def base_unet_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base weights of an adapted UNet, under the plain UNet's names."""
+    state = {}
+    for key, value in unet.state_dict().items():
+        if re.search(r"\.(lora_|hada_|lokr_)", key):
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    return state
+
+
+def write_base_unet(unet: torch.nn.Module, folder: Path) -> None:
+    """The base UNet as a diffusers UNet folder (config + weights): what every checkpoint links as unet/."""
+    from safetensors.torch import save
+
+    from ..atomic import write_atomically
+
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_config(folder)
+    tensors = {key: value.detach().contiguous() for key, value in base_unet_state(unet).items()}
+    write_atomically(folder / "diffusion_pytorch_model.safetensors", save(tensors))
+
+
+def write_adapter(unet: torch.nn.Module, spec: AdapterSpec, folder: Path, kohya: bool = False,
+                  title: str = "", steps: int | None = None, prediction_type: str = "epsilon") -> None:
+    """The adapter's files into ``folder``: diffusers' LoRA file (+ the kohya file), or PEFT's folder."""
+    if spec.kind == "lora":
+        pairs = lora_pairs(unet)
+        write_diffusers_lora(folder, pairs)
+        if kohya:
+            size = unet.config.sample_size * 8
+            write_kohya_lora(folder / KOHYA_LORA_FILE, pairs, kohya_metadata(
+                pairs, title=title, resolution=size, steps=steps, prediction_type=prediction_type))
+        return
+    from safetensors.torch import save
+
+    from ..atomic import write_atomically
+
+    target = folder / PEFT_ADAPTER_COMPONENT
+    target.mkdir(parents=True, exist_ok=True)
+    unet.peft_config["default"].save_pretrained(target)
+    tensors = {key: value.detach().contiguous() for key, value in adapter_state(unet).items()}
+    write_atomically(target / "adapter_model.safetensors", save(tensors))
+
+
+def load_adapter(unet: torch.nn.Module, spec: AdapterSpec, folder: Path) -> None:
+    """Put a checkpoint's adapter (as write_adapter wrote it) back into the attached adapter."""
+    if spec.kind == "lora":
+        load_lora_pairs(unet, read_lora(folder / DIFFUSERS_LORA_FILE, adaptable_layers(unet)))
+        return
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(unet, load_file(folder / PEFT_ADAPTER_COMPONENT / "adapter_model.safetensors"))
+
+
+def describe(unet: torch.nn.Module, spec: AdapterSpec | None) -> str:
+    """What trains, for the line a run prints at its start ('' without an adapter)."""
+    if spec is None:
+        return ""
+    layers = {re.split(r"\.(lora_|hada_|lokr_)", name)[0] for name, p in unet.named_parameters() if p.requires_grad}
+    chosen = "from --lora_weights" if spec.start_weights else " ".join(spec.targets + spec.modules)
+    return (f" (adapter: {spec.kind} rank {spec.rank} alpha {spec.alpha:g} on {len(layers)} layers, {chosen}; "
+            f"the UNet's own weights are frozen)")

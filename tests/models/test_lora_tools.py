@@ -1,0 +1,149 @@
+"""cachetrain-lora merge|extract: a LoRA merged into a model folder or single file equals what diffusers'
+fuse_lora makes; a LoRA extracted from two models recovers their difference, with the error its rank
+leaves reported; faults end in one line and status 2."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cachetrain.commands import lora as lora_command
+from cachetrain.models.lora_files import KOHYA_LORA_FILE, adaptable_layers, kohya_metadata, read_lora, write_kohya_lora
+
+
+@pytest.fixture(scope="module")
+def sd15_model(tmp_path_factory) -> Path:
+    from cachetrain.tiny.models import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd15-structure") / "model", seed=0, sd15_structure=True)
+
+
+@pytest.fixture(scope="module")
+def random_lora(sd15_model, tmp_path_factory) -> Path:
+    """A rank-4 LoRA (attention + conv) with random weights, in the kohya layout and a diffusers folder."""
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter, write_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(sd15_model, subfolder="unet")
+    spec = AdapterSpec(kind="lora", rank=4, alpha=2, targets=["attention", "conv"])
+    trainable = attach_adapter(unet, spec, seed=0)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in trainable:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    folder = tmp_path_factory.mktemp("lora") / "lora"
+    write_adapter(unet, spec, folder, kohya=True, title="random")
+    return folder
+
+
+def _unet(model: Path, subfolder: str = "unet"):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(model, subfolder=subfolder)
+
+
+def _fused_by_diffusers(model: Path, lora: Path, scale: float):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipeline.load_lora_weights(lora)
+    pipeline.fuse_lora(lora_scale=scale)
+    return adaptable_layers(pipeline.unet)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_merge_into_a_folder_equals_diffusers_fuse_lora(sd15_model, random_lora, tmp_path, scale):
+    out = tmp_path / "merged"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(random_lora / KOHYA_LORA_FILE),
+                         "--out", str(out), "--scale", str(scale)]) == 0
+    merged = adaptable_layers(_unet(out))
+    theirs = _fused_by_diffusers(sd15_model, random_lora / KOHYA_LORA_FILE, scale)
+    base = adaptable_layers(_unet(sd15_model))
+    changed = 0
+    for name, layer in merged.items():
+        assert torch.allclose(layer.weight, theirs[name].weight, atol=1e-6, rtol=0), name
+        changed += not torch.equal(layer.weight, base[name].weight)
+    assert changed == len(read_lora(random_lora, base))
+    assert (out / "vae").is_dir() and (out / "text_encoder").is_dir()  # a whole pipeline folder
+
+
+def test_merge_into_a_single_file_loads_with_diffusers_single_file_loader(sd15_model, random_lora, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "merged.safetensors"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(random_lora), "--out", str(out)]) == 0
+    unet = UNet2DConditionModel.from_single_file(str(out), config=str(sd15_model), subfolder="unet",
+                                                 local_files_only=True)
+    theirs = _fused_by_diffusers(sd15_model, random_lora, 1.0)
+    for name, layer in adaptable_layers(unet).items():
+        assert torch.allclose(layer.weight, theirs[name].weight, atol=1e-6, rtol=0), name
+
+
+def test_extract_recovers_the_difference_and_reports_what_the_rank_leaves(sd15_model, random_lora, tmp_path, capsys):
+    tuned = tmp_path / "tuned"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(random_lora), "--out", str(tuned)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "extracted.safetensors"
+    assert lora_command(["extract", "--base", str(sd15_model), "--tuned", str(tuned), "--rank", "4", "--out", str(out),
+                         "--targets", "attention", "conv"]) == 0
+    report = capsys.readouterr().err
+    error = float(report.split("relative error left by the rank ")[1].split()[0])
+    assert error < 1e-4, report  # the difference has rank 4: nothing is left
+    layers = adaptable_layers(_unet(sd15_model))
+    original, extracted = read_lora(random_lora, layers), read_lora(out, layers)
+    assert extracted.keys() == original.keys()
+    for name, pair in original.items():
+        assert torch.allclose(extracted[name].delta(), pair.delta(), atol=1e-5), name
+    assert lora_command(["extract", "--base", str(sd15_model), "--tuned", str(tuned), "--rank", "1", "--out",
+                         str(tmp_path / "rank1"), "--targets", "attention", "conv"]) == 0
+    smaller = float(capsys.readouterr().err.split("relative error left by the rank ")[1].split()[0])
+    assert 0.1 < smaller < 1.0
+    assert len(read_lora(tmp_path / "rank1", layers)) == len(original)  # a diffusers folder, read back
+
+
+def test_a_model_with_a_lora_merged_in_trains_as_pretrained_model(sd15_model, random_lora, tmp_path):
+    from cachetrain.train.config import parse_train_args
+    from cachetrain.train.trainer import train
+    from cachetrain.tiny.models import write_random_pairs
+    from tests.training_support import train_args
+
+    merged = tmp_path / "merged"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(random_lora), "--out", str(merged)]) == 0
+    write_random_pairs(tmp_path / "data", 8, latent_shape=(4, 8, 8), folders=1)
+    result = train(parse_train_args(train_args(merged, tmp_path / "data", tmp_path / "run", "--max_steps", "1",
+                                               "--batch_size", "4", "--lora_type", "lora", "--lora_rank", "2")))
+    assert result.exit_status == 0 and (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, random_lora, tiny_sd_model, tmp_path, capsys):
+    layers = adaptable_layers(_unet(sd15_model))
+    pairs = read_lora(random_lora, layers)
+    odd = tmp_path / "odd.safetensors"
+    write_kohya_lora(odd, {**pairs}, kohya_metadata(pairs, title="odd"))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(odd)
+    tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 32)
+    save_file(tensors, odd)
+    cases = [
+        (["merge", "--model", str(tiny_sd_model), "--lora", str(random_lora), "--out", str(tmp_path / "a")],
+         "is not in this UNet"),  # another base: its layers are not there
+        (["merge", "--model", str(sd15_model), "--lora", str(odd), "--out", str(tmp_path / "b")],
+         "a text-encoder LoRA"),
+        (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
+         "no such LoRA file"),
+        (["extract", "--base", str(sd15_model), "--tuned", str(tiny_sd_model), "--rank", "2", "--out",
+          str(tmp_path / "d")], "differs in shape"),
+        (["extract", "--base", str(sd15_model), "--tuned", str(sd15_model), "--rank", "2", "--out",
+          str(tmp_path / "e")], "do not differ"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert lora_command(argv) == 2, argv
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (argv, lines)
+    assert not any((tmp_path / name).exists() for name in "abcde")

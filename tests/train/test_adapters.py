@@ -1,0 +1,292 @@
+"""Adapter runs (--lora_type): what trains, the files a checkpoint holds and where they load (diffusers'
+own load_lora_weights, in both layouts), exact resume with EMA, samples with the adapter on, and the
+faults refused before step 1.
+
+The kohya layout follows SD1.5's block structure, which diffusers' conversion of it assumes: these
+tests train the narrow model with SD1.5's structure (build_tiny_sd(..., sd15_structure=True))."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cachetrain.models.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, adaptable_layers, read_lora
+from cachetrain.models.lora_tools import merge_into_unet
+from cachetrain.train.config import parse_train_args
+from cachetrain.train.trainer import main, train
+from tests.conftest import cache_shapes
+from tests.training_support import train_args
+
+LORA = ("--lora_type", "lora", "--lora_rank", "4", "--lora_alpha", "2", "--lora_targets", "attention", "conv",
+        "--batch_size", "4", "--max_steps", "3", "--log_every", "1")
+
+
+@pytest.fixture(scope="module")
+def sd15_model(tmp_path_factory) -> Path:
+    from cachetrain.tiny.models import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("sd15-structure") / "model", seed=0, sd15_structure=True)
+
+
+@pytest.fixture(scope="module")
+def sd15_cached(sd15_model, _shapes_template, tmp_path_factory) -> Path:
+    return cache_shapes(sd15_model, _shapes_template, tmp_path_factory.mktemp("sd15-cached") / "data")
+
+
+@pytest.fixture(scope="module")
+def lora_run(sd15_model, sd15_cached, tmp_path_factory) -> Path:
+    """A finished 3-step LoRA run (attention + conv layers, EMA, kohya file, one sample per checkpoint)."""
+    output = tmp_path_factory.mktemp("lora-run") / "run"
+    result = train(parse_train_args(train_args(sd15_model, sd15_cached, output, *LORA, "--ema_decay", "0.5",
+                                               "--save_kohya_lora", "--sample_prompt", "a red circle",
+                                               "--sampler_steps", "2", "--guidance_scale", "1")))
+    assert result.exit_status == 0 and result.final_saved
+    return output
+
+
+def _base_pipeline(model: Path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+
+
+def _draw(pipeline) -> np.ndarray:
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a red circle", num_inference_steps=3, guidance_scale=1.0, height=64, width=64,
+                     generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    return image
+
+
+def test_an_adapter_run_trains_only_the_adapter_and_keeps_the_base_unet(lora_run, sd15_model, capsys):
+    checkpoint = lora_run / "checkpoint-00003"
+    base = load_file(sd15_model / "unet" / "diffusion_pytorch_model.safetensors")
+    saved = load_file(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)  # frozen, plain names
+    lora = load_file(checkpoint / DIFFUSERS_LORA_FILE)
+    ups = [value for key, value in lora.items() if key.endswith("lora_B.weight")]
+    assert ups and all(value.abs().sum() > 0 for value in ups)  # started at zero, trained
+    assert any(key.endswith("resnets.0.conv1.lora_A.weight") for key in lora)  # --lora_targets conv: LoCon
+    assert (checkpoint / "adapter_ema" / DIFFUSERS_LORA_FILE).is_file() and not (checkpoint / "unet_ema").exists()
+    # the final model: the base pipeline folder with the adapter beside it, as in the checkpoint
+    assert (lora_run / DIFFUSERS_LORA_FILE).is_file() and (lora_run / KOHYA_LORA_FILE).is_file()
+    summary = json.loads((lora_run / "train_summary.json").read_text())
+    assert summary["final_model_saved"] and summary["steps"] == 3
+
+
+def test_the_start_line_counts_the_adapter_as_what_trains(sd15_model, sd15_cached, tmp_path, capsys):
+    assert main(train_args(sd15_model, sd15_cached, tmp_path / "run", *LORA, "--max_steps", "1")) == 0
+    line = next(line for line in capsys.readouterr().err.splitlines() if "trainable parameters" in line)
+    pairs = read_lora(tmp_path / "run", adaptable_layers(_base_pipeline(sd15_model).unet))
+    count = sum(pair.down.numel() + pair.up.numel() for pair in pairs.values())
+    assert f"trainable parameters: {count:,} of " in line and "lora rank 4 alpha 2" in line
+    assert f"on {len(pairs)} layers" in line
+
+
+@pytest.mark.parametrize("layout", ["diffusers folder", "kohya file"])
+def test_diffusers_load_lora_weights_draws_what_our_merge_draws(lora_run, sd15_model, layout):
+    checkpoint = lora_run / "checkpoint-00003"
+    source = checkpoint if layout == "diffusers folder" else checkpoint / KOHYA_LORA_FILE
+    if layout == "kohya file":
+        with safe_open(str(source), framework="pt") as handle:
+            metadata = handle.metadata()
+            assert next(iter(handle.keys())).startswith("lora_unet_")
+        assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
+        assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora" and metadata["ss_steps"] == "3"
+    theirs = _base_pipeline(sd15_model)
+    theirs.load_lora_weights(source)  # diffusers' own loader (it converts the kohya layout itself)
+    theirs.fuse_lora()
+    ours = _base_pipeline(sd15_model)
+    pairs = read_lora(source, adaptable_layers(ours.unet))
+    assert len(pairs) == len(read_lora(checkpoint, adaptable_layers(ours.unet)))
+    merge_into_unet(ours.unet, pairs)
+    their_layers, our_layers = adaptable_layers(theirs.unet), adaptable_layers(ours.unet)
+    for name in pairs:
+        assert torch.allclose(their_layers[name].weight, our_layers[name].weight, atol=1e-6, rtol=0), name
+    base_image = _draw(_base_pipeline(sd15_model))
+    their_image, our_image = _draw(theirs), _draw(ours)
+    assert np.abs(their_image - our_image).max() < 1e-4
+    assert np.abs(our_image - base_image).max() > 1e-3  # the adapter changes the picture
+
+
+def test_sample_images_on_an_adapter_checkpoint_draws_the_runs_own_sample(lora_run, tmp_path):
+    from cachetrain.sample.sampler_cli import main as sample_main
+
+    checkpoint = lora_run / "checkpoint-00003"
+    out = tmp_path / "drawn"
+    assert sample_main([str(checkpoint), "--out", str(out), "--prompt", "a red circle", "--steps", "2",
+                        "--guidance", "1", "--device", "cpu"]) == 0
+    drawn = np.asarray(Image.open(next(out.glob("*.png"))), dtype=np.int16)
+    trained = np.asarray(Image.open(next(checkpoint.glob("sample-*.png"))), dtype=np.int16)
+    assert np.abs(drawn - trained).max() <= 1  # the EMA adapter, merged, draws what the run drew unmerged
+
+
+@pytest.mark.slow
+def test_an_adapter_run_stopped_and_resumed_ends_with_the_same_adapter(sd15_model, sd15_cached, tmp_path):
+    common = (*LORA, "--max_steps", "5", "--ema_decay", "0.9", "--lora_dropout", "0.1", "--scheduler", "cosine",
+              "--save_kohya_lora")
+    straight = train(parse_train_args(train_args(sd15_model, sd15_cached, tmp_path / "straight", *common)))
+    stopped = train(parse_train_args(train_args(sd15_model, sd15_cached, tmp_path / "resumed", *common)),
+                    interrupt_after_batches=2)
+    assert stopped.interrupted and stopped.steps == 2
+    resumed = train(parse_train_args(train_args(sd15_model, sd15_cached, tmp_path / "resumed", *common, "--resume")))
+    assert straight.steps == resumed.steps == 5
+    for name in (DIFFUSERS_LORA_FILE, f"adapter_ema/{DIFFUSERS_LORA_FILE}", KOHYA_LORA_FILE):
+        a = load_file(tmp_path / "straight" / "checkpoint-00005" / name)
+        b = load_file(tmp_path / "resumed" / "checkpoint-00005" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_a_run_starts_from_an_existing_lora_with_its_rank_and_alpha(lora_run, sd15_model, sd15_cached, tmp_path):
+    start = lora_run / "checkpoint-00003" / KOHYA_LORA_FILE
+    output = tmp_path / "run"
+    result = train(parse_train_args(train_args(sd15_model, sd15_cached, output, "--lora_type", "lora",
+                                               "--lora_weights", str(start), "--learning_rate", "1e-12",
+                                               "--max_steps", "1", "--batch_size", "4")))
+    assert result.exit_status == 0
+    layers = adaptable_layers(_base_pipeline(sd15_model).unet)
+    before, after = read_lora(start, layers), read_lora(output, layers)
+    assert before.keys() == after.keys()
+    for name, pair in before.items():  # a step of lr 1e-12 leaves the started weights as they were
+        assert after[name].alpha == pair.alpha == 2.0
+        assert torch.allclose(after[name].delta(), pair.delta(), atol=1e-6), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,marker", [("loha", "hada_w1_a"), ("lokr", "lokr_w1")])
+def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15_cached, tmp_path, kind, marker):
+    from diffusers import UNet2DConditionModel
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+
+    output = tmp_path / "run"
+    common = ("--lora_type", kind, "--lora_rank", "4", "--batch_size", "4", "--max_steps", "4", "--save_steps", "2")
+    stopped = train(parse_train_args(train_args(sd15_model, sd15_cached, output, *common)), interrupt_after_batches=2)
+    assert stopped.steps == 2
+    result = train(parse_train_args(train_args(sd15_model, sd15_cached, output, *common, "--resume")))
+    assert result.exit_status == 0 and result.steps == 4
+    folder = output / "checkpoint-00004" / "unet_adapter"
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert any(marker in key for key in tensors)
+    # PEFT reads its folder back onto the base UNet, and the adapter changes the UNet's output
+    unet = UNet2DConditionModel.from_pretrained(output / "checkpoint-00004", subfolder="unet").eval()
+    inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+              torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        plain = unet(*inputs).sample
+        unet.add_adapter(PeftConfig.from_pretrained(folder))
+        set_peft_model_state_dict(unet, tensors)
+        adapted = unet(*inputs).sample
+    assert (adapted - plain).abs().max() > 1e-6
+
+
+def _foreign_lora(tmp_path: Path) -> Path:
+    """A LoRA made for the 2-level tiny UNet (other widths): an adapter of another base."""
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.tiny.models import TINY_UNET
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter, write_adapter
+
+    unet = UNet2DConditionModel(**{**TINY_UNET, "block_out_channels": (48, 64)})
+    spec = AdapterSpec(kind="lora", rank=4, alpha=4)
+    attach_adapter(unet, spec, seed=0)
+    write_adapter(unet, spec, tmp_path / "foreign")
+    return tmp_path / "foreign"
+
+
+def _kohya_with_unknown_key(lora_run: Path, tmp_path: Path) -> Path:
+    tensors = load_file(lora_run / KOHYA_LORA_FILE)
+    tensors["lora_unet_middle_block_9_proj_in.lora_down.weight"] = torch.zeros(4, 4)
+    save_file(tensors, tmp_path / "odd.safetensors")
+    return tmp_path / "odd.safetensors"
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("rank", "--lora_rank 40 is larger than"),
+    ("module", "--lora_modules attn9.to_q: matches no Linear or Conv2d layer"),
+    ("other base", "(an adapter of another base model)"),
+    ("kohya keys", "key(s) this UNet has no place for, e.g. lora_unet_middle_block_9_proj_in.lora_down.weight"),
+])
+def test_adapter_faults_are_refused_in_one_line_before_step_1(lora_run, sd15_model, sd15_cached, tmp_path, capsys,
+                                                              fault, message):
+    extra = {"rank": ["--lora_rank", "40"],
+             "module": ["--lora_modules", "attn9.to_q"],
+             "other base": ["--lora_weights", str(_foreign_lora(tmp_path)) if fault == "other base" else ""],
+             "kohya keys": ["--lora_weights", str(_kohya_with_unknown_key(lora_run, tmp_path)) if fault == "kohya keys"
+                            else ""]}[fault]
+    output = tmp_path / "run"
+    capsys.readouterr()
+    status = main(train_args(sd15_model, sd15_cached, output, "--lora_type", "lora", "--max_steps", "2", *extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1 and message in errors[0], err
+    assert not list(output.glob("checkpoint-*")) and not (output / "tensorboard").exists()
+
+
+def test_adapter_flags_without_an_adapter_are_refused():
+    from cachetrain.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--save_kohya_lora needs --lora_type lora"):
+        parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--save_kohya_lora"])
+    with pytest.raises(ConfigError, match="--save_single_file writes a whole model"):
+        parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--lora_type", "lora",
+                          "--save_single_file"])
+
+
+@pytest.mark.slow
+def test_a_t5_model_trains_saves_resumes_and_samples_with_a_lora(tiny_t5_model, t5_cached_template, tmp_path):
+    from cachetrain import sidecar
+    from cachetrain.sample.sampler_cli import main as sample_main
+
+    def args(output: Path, *extra: str) -> list[str]:
+        return train_args(tiny_t5_model, t5_cached_template, output, "--imgcache_suffix", sidecar.SDXL_VAE_SUFFIX,
+                          "--txtcache_suffix", sidecar.T5_SUFFIX, "--lora_type", "lora", "--lora_rank", "4",
+                          "--lora_targets", "attention", "feedforward", "--batch_size", "8", "--max_steps", "4",
+                          "--save_steps", "2", "--sample_prompt", "a red circle", "--sampler_steps", "2", *extra)
+
+    straight = train(parse_train_args(args(tmp_path / "straight")))
+    stopped = train(parse_train_args(args(tmp_path / "resumed")), interrupt_after_batches=2)
+    resumed = train(parse_train_args(args(tmp_path / "resumed", "--resume")))
+    assert stopped.steps == 2 and straight.exit_status == resumed.exit_status == 0
+    a = load_file(tmp_path / "straight" / "checkpoint-00004" / DIFFUSERS_LORA_FILE)
+    b = load_file(tmp_path / "resumed" / "checkpoint-00004" / DIFFUSERS_LORA_FILE)
+    assert any("attn2.to_k" in key for key in a) and all(torch.equal(a[key], b[key]) for key in a)
+    checkpoint = tmp_path / "straight" / "checkpoint-00004"
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionT5Pipeline"
+    assert sample_main([str(checkpoint), "--out", str(tmp_path / "drawn"), "--prompt", "a red circle", "--steps", "2",
+                        "--device", "cpu"]) == 0
+    drawn = np.asarray(Image.open(next((tmp_path / "drawn").glob("*.png"))), dtype=np.int16)
+    trained = np.asarray(Image.open(next(checkpoint.glob("sample-*.png"))), dtype=np.int16)
+    assert np.abs(drawn - trained).max() <= 1  # the T5 pipeline draws with the LoRA merged as the run drew
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_lora_and_keep_it_identical(tiny_sd_model, cached_dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(repo / "train_from_cached.py"),
+               *train_args(tiny_sd_model, cached_dataset, output, "--lora_type", "lora", "--lora_rank", "4",
+                           "--batch_size", "4", "--max_steps", "4", "--log_every", "2")]
+    done = subprocess.run(command, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    first, second = summary["process_weight_checksums"]  # the adapter's weights are among them
+    assert first == second
+    assert summary["process_sample_id_sums"][0] != summary["process_sample_id_sums"][1]
+    lora = load_file(output / DIFFUSERS_LORA_FILE)
+    assert all(value.abs().sum() > 0 for key, value in lora.items() if key.endswith("lora_B.weight"))
