@@ -104,7 +104,9 @@ class TrainConfig:
                                   check=_check(lambda model: not is_single_file(model) or os.path.isfile(model),
                                                "{value}: no such file"))
     is_custom: bool = _flag(False, TRUST_HELP, flags=("--custom", "--is_custom"))
-    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable", nargs="+", action="extend", required=True)
+    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable (--data_balance round_robin: "
+                                          "each use of the flag is one group)", nargs="+", action="extend",
+                                      required=True, by_occurrence=True)
     output_dir: str = _flag("output", "where checkpoints, samples, logs and the final model go")
     copy_config: str | None = _flag(None, "a settings file (e.g. the wrapper script) archived into output_dir")
     imgcache_suffix: str = _flag(SD_VAE_SUFFIX, "suffix of the latent sidecars")
@@ -283,6 +285,8 @@ class TrainConfig:
                                                "original scripts did): gradients --gradient_accum times smaller")
     initial_d: float | None = _flag(None, "d_lion, prodigy: their initial step-size estimate d0 (default: the "
                                           "optimizer's own, 1e-6)", check=POSITIVE)
+    # which use of --train_data_dir gave each folder (set by the parser, not a flag of its own)
+    train_data_groups: list[int] = field(default_factory=list, metadata={"hidden": True})
 
     @property
     def max_epochs(self) -> float | None:
@@ -312,11 +316,21 @@ def epochs_in(length: str) -> float | None:
 def _value_type(hint: Any) -> type:
     """The type one value of a flag converts to: int for ``int``, ``int | None`` and ``list[int]``."""
     inner = [argument for argument in typing.get_args(hint) if argument is not type(None)]
-    return inner[0] if inner else hint
+    return _value_type(inner[0]) if inner else hint  # list[float] | None: float
 
 
 def _default(item: dataclasses.Field) -> Any:
     return item.default_factory() if item.default is dataclasses.MISSING else item.default
+
+
+class _ExtendNumberingOccurrences(argparse._ExtendAction):
+    """--train_data_dir: extends the list of folders and numbers each by the use of the flag that gave
+    it (the original scripts read each use through a loader of its own: round_robin's groups)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        groups = list(getattr(namespace, "train_data_groups", None) or [])
+        setattr(namespace, "train_data_groups", groups + [max(groups, default=-1) + 1] * len(values))
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
@@ -330,8 +344,13 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
+    parser.set_defaults(train_data_groups=None)
     for item in dataclasses.fields(TrainConfig):
-        kwargs = {key: value for key, value in item.metadata.items() if key not in ("check", "flags")}
+        if item.metadata.get("hidden"):
+            continue
+        kwargs = {key: value for key, value in item.metadata.items() if key not in ("check", "flags", "by_occurrence")}
+        if item.metadata.get("by_occurrence"):
+            kwargs["action"] = _ExtendNumberingOccurrences
         flags = item.metadata.get("flags", ("--" + item.name,))
         default = chosen.get(item.name, _default(item))
         kind = _value_type(hints[item.name])
@@ -362,6 +381,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     for item in dataclasses.fields(TrainConfig):
         if values[item.name] is None and item.metadata.get("action") == "extend":  # not given
             values[item.name] = list(chosen.get(item.name, _default(item)))
+    values["train_data_groups"] = values["train_data_groups"] or []
     return validate(TrainConfig(**values))
 
 

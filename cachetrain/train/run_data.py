@@ -42,7 +42,7 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> 
     train_index, validation_index = held_out_pairs(config, index)
     order = EpochOrder(len(train_index), config.batch_size, config.seed, rank, world,
                        buckets=train_index.shape_ids if config.aspect_buckets else None,
-                       groups=train_index.root_ids() if config.data_balance == "equal" else None,
+                       groups=_groups(train_index, config) if config.data_balance != "pooled" else None,
                        balance=config.data_balance)
     if is_main and config.aspect_buckets:
         _print_buckets(order, train_index, config.batch_size)
@@ -52,6 +52,8 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> 
               f"{', '.join(map(str, sizes))} pairs; each gives {max(sizes)} draws to every epoch"
               f"{'' if len(sizes) == len(config.train_data_dir) else ' (folders without pairs give none)'}",
               file=sys.stderr)
+    if config.data_balance == "round_robin":
+        _describe_round_robin(order, config, is_main)
     batches_per_epoch = order.batches_per_epoch()
     if batches_per_epoch == 0:
         raise TrainingError(f"{len(train_index)} samples are fewer than one batch of "
@@ -87,3 +89,33 @@ def _print_buckets(order: EpochOrder, index: PairIndex, batch_size: int) -> None
             described.append(f"{'x'.join(str(d) for d in shape)}: {count}{note}")
     print(f"[train] {len(described)} aspect buckets (latent shape: pairs): " + ", ".join(described),
           file=sys.stderr)
+
+
+def _groups(index: PairIndex, config: TrainConfig):
+    """The group of each pair: its data root (equal), or the use of --train_data_dir that named its root
+    (round_robin, as the original scripts' loaders)."""
+    roots = index.root_ids()
+    numbers = config.train_data_groups
+    if config.data_balance != "round_robin" or len(numbers) != len(config.train_data_dir):
+        return roots
+    return [numbers[root] for root in roots]
+
+
+def _describe_round_robin(order: EpochOrder, config: TrainConfig, is_main: bool) -> None:
+    """Refuse a group without a whole batch (it would make the epoch empty); say what an epoch is."""
+    numbers = config.train_data_groups if len(config.train_data_groups) == len(config.train_data_dir) \
+        else list(range(len(config.train_data_dir)))
+    names: dict[int, list[str]] = {}
+    for root, number in zip(config.train_data_dir, numbers):
+        names.setdefault(number, []).append(root)
+    counts = order.group_of.bincount(minlength=len(names)).tolist()
+    sizes = {" ".join(roots): counts[number] for number, roots in sorted(names.items())}
+    short = [f"{group} ({count} pairs)" for group, count in sizes.items() if count < config.batch_size]
+    if short:
+        raise TrainingError(f"--data_balance round_robin: each --train_data_dir needs at least one batch of "
+                            f"{config.batch_size} pairs; {', '.join(short)}")
+    if is_main:
+        rounds = order.rounds_per_epoch()
+        print(f"[train] --data_balance round_robin: {len(sizes)} group(s) holding "
+              f"{', '.join(map(str, sizes.values()))} pairs; an epoch is {rounds} batch(es) from each in turn "
+              f"({rounds * len(sizes) * config.batch_size} samples)", file=sys.stderr)
