@@ -225,7 +225,8 @@ class TrainConfig:
     reinit_time: bool = _flag(False, "re-initialise the timestep embedding (time_embedding)")
     reinit_crossattnout: bool = _flag(False, "re-initialise the output projection of each cross-attention (attn2.to_out)")
     force_txtcache: str | None = _flag(None, "a text sidecar (e.g. a data root's .empty_prompt.txt_clipl) every "
-                                             "sample trains on instead of its own caption: unconditional training")
+                                             "sample trains on instead of its own caption: unconditional "
+                                             "training; the latents need no text sidecars of their own")
     gradient_topk: float | None = _flag(None, "keep only the largest fraction F of gradient magnitudes each step "
                                               "(0 < F <= 1), zeroing the rest (exact within groups of ~32M "
                                               "elements); one kthvalue over the gradients per step: 5-6x an "

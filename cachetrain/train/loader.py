@@ -46,6 +46,9 @@ class PairChecks:
     text_width: int | None = None
 
 
+NO_TEXT = torch.zeros(1, 1)
+
+
 class CachedPairDataset(Dataset):
     """Reads one (latent, embedding) pair per item and draws its noise; a bad pair yields its reason.
 
@@ -69,7 +72,8 @@ class CachedPairDataset(Dataset):
         latent_path, text_path = self.index[i]
         try:
             latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
-            emb = read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
+            # image-only data (--force_txtcache): a stand-in the step replaces by the forced embedding
+            emb = NO_TEXT if text_path is None else read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
         except SidecarError as error:
             return error.path, error.reason
         except OSError as error:

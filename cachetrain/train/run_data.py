@@ -28,10 +28,13 @@ class RunData:
 
 
 def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> RunData:
-    index, unpaired = index_training_pairs(config.train_data_dir, config.imgcache_suffix, config.txtcache_suffix)
+    text_suffix = None if config.force_txtcache else config.txtcache_suffix  # forced: image-only data trains
+    index, unpaired = index_training_pairs(config.train_data_dir, config.imgcache_suffix, text_suffix)
     if len(index) == 0:
-        raise TrainingError(f"no sample has both a {config.imgcache_suffix} and a {config.txtcache_suffix} "
-                            f"sidecar under {config.train_data_dir}; run the cache scripts first")
+        wanted = f"a {config.imgcache_suffix}" if text_suffix is None else \
+            f"both a {config.imgcache_suffix} and a {config.txtcache_suffix}"
+        raise TrainingError(f"no sample has {wanted} sidecar under {config.train_data_dir}; run the cache "
+                            "scripts first")
     if is_main and (unpaired["image_only"] or unpaired["text_only"]):
         print(f"[train] left out {unpaired['image_only']} latents without text and "
               f"{unpaired['text_only']} texts without latents", file=sys.stderr)
