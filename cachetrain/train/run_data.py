@@ -65,6 +65,14 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> 
                    config.max_optimizer_steps(batches_per_epoch), left_out, train_index.fingerprint())
 
 
+def trained_latent_shape(data: RunData, config: TrainConfig) -> tuple[int, ...] | None:
+    """The latent shape samples are drawn at: the run's, or with --aspect_buckets the commonest bucket's."""
+    if config.aspect_buckets:
+        sizes = data.order.bucket_sizes
+        return tuple(data.train_index.shapes[int(sizes.argmax())]) if len(sizes) else None
+    return data.checks.latent_shape
+
+
 def _index_buckets(index: PairIndex, max_bad_fraction: float, is_main: bool) -> tuple[PairIndex, int]:
     """Record every latent's shape from its header (a thread pool); the unreadable are named and left out."""
     started = time.perf_counter()

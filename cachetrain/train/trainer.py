@@ -38,7 +38,7 @@ from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
 from .packaged_optimizers import evaluation_weights, training_mode
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
-from .run_data import load_run_data
+from .run_data import load_run_data, trained_latent_shape
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopSignal, agreed_requests
@@ -90,7 +90,8 @@ class TrainingRun:
         # from the resumed weights (or the checkpoint's EMA state), after the restore
         self.ema = make_ema(self.trainable, config.ema_decay, self.device, ema_state)
         self.health = StepHealth(self.device, self.progress.skipped_steps)
-        parts = FrozenParts(config) if self.is_main else None  # the main process alone saves and samples
+        # the main process alone saves and samples, at the size trained (with buckets: the commonest)
+        parts = FrozenParts(config, trained_latent_shape(self.data, config)) if self.is_main else None
         self.drawer = SampleDrawer(config, self.device, parts=parts) if self.is_main else None
         self.writer = CheckpointWriter(config, parts) if self.is_main else None
         self._prepare_saves()
