@@ -7,12 +7,13 @@
 # The recipe comes from the package's preset sd15 (see: train_from_cached.py --preset sd15 --help):
 # a variable left empty passes nothing and the preset's value (in its comment) applies; set one to
 # override it, e.g. LEARNING_RATE="${LEARNING_RATE:-2e-5}".
+# "./train_sd.sh checkpoint" while it trains: save a checkpoint after the next step (touches OUTPUT_DIR/trigger.checkpoint).
 set -euo pipefail
 
 PRESET="${PRESET:-sd15}"
 MODEL="${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}"        # diffusers folder or hub id
 DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated
-OUTPUT_DIR="${OUTPUT_DIR:-output/sd15}"
+OUTPUT_DIR="${OUTPUT_DIR:-}"                              # empty: named from the settings, e.g. sd15_b16a4_1e-05_cosine10000g5
 IMG_SUFFIX="${IMG_SUFFIX:-}"                              # preset: .img_sdvae
 TXT_SUFFIX="${TXT_SUFFIX:-}"                              # preset: .txt_clipl
 LEARNING_RATE="${LEARNING_RATE:-}"                        # preset: 1e-05

@@ -10,12 +10,13 @@
 #
 # Before training: build the model folder (assemble_t5_pipeline.py), then cache with the same folder:
 #   create_img_sdxl.py --model MODEL ...   and   create_t5cache_768.py --model MODEL ...
+# "./train_t5.sh checkpoint" while it trains: save a checkpoint after the next step (touches OUTPUT_DIR/trigger.checkpoint).
 set -euo pipefail
 
 PRESET="${PRESET:-t5}"
 MODEL="${MODEL:-models/sd15-sdxlvae-t5}"                 # a T5 pipeline folder (or hub id)
 DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated
-OUTPUT_DIR="${OUTPUT_DIR:-output/sd15-t5}"
+OUTPUT_DIR="${OUTPUT_DIR:-}"                              # empty: named from the settings, e.g. t5_b64a1_1e-05_cosine10000g5
 IMG_SUFFIX="${IMG_SUFFIX:-}"                              # preset: .img_sdxl (SDXL VAE latents)
 TXT_SUFFIX="${TXT_SUFFIX:-}"                              # preset: .txt_t5cache (T5 + projection embeddings, real tokens only)
 LEARNING_RATE="${LEARNING_RATE:-}"                        # preset: 1e-05

@@ -104,7 +104,7 @@ class PairIndex:
     a number into the short list of distinct shapes.
     """
 
-    def __init__(self, image_suffix: str, text_suffix: str, roots: list[str] | None = None):
+    def __init__(self, image_suffix: str, text_suffix: str | None, roots: list[str] | None = None):
         self.image_suffix = image_suffix
         self.text_suffix = text_suffix
         self.roots: list[str] = list(roots or [])  # the data roots, by root id (names are relative to them)
@@ -143,7 +143,8 @@ class PairIndex:
 
     def __getitem__(self, i: int) -> tuple[str, str]:
         base = self.base_path(i)
-        return base + self.image_suffix, base + self.text_suffix
+        # text_suffix None: image-only data (--force_txtcache gives every sample one embedding)
+        return base + self.image_suffix, None if self.text_suffix is None else base + self.text_suffix
 
     def root_id(self, i: int) -> int:
         """Position, in the roots given to index_training_pairs, of the data root sample i came from."""
@@ -266,8 +267,10 @@ def record_latent_shapes(index: PairIndex, key: str, threads: int = 16) -> list[
     return unreadable
 
 
-def index_training_pairs(roots: Iterable[os.PathLike | str], image_suffix: str, text_suffix: str) -> tuple[PairIndex, dict[str, int]]:
-    """Find every sample that has both sidecars under ``roots``.
+def index_training_pairs(roots: Iterable[os.PathLike | str], image_suffix: str,
+                         text_suffix: str | None) -> tuple[PairIndex, dict[str, int]]:
+    """Find every sample that has both sidecars under ``roots`` (every latent when ``text_suffix`` is
+    None: image-only data, conditioned on one embedding for all).
 
     Returns the index and counts of the unpaired sidecars (``image_only``, ``text_only``) so the
     caller can say how many samples it is leaving out.
@@ -280,17 +283,17 @@ def index_training_pairs(roots: Iterable[os.PathLike | str], image_suffix: str, 
         if not os.path.isdir(root):
             raise FileNotFoundError(f"training data folder not found: {root}")
         by_folder: dict[str, tuple[set[str], set[str]]] = {}
-        for path in walk_files(root, (image_suffix, text_suffix), visited=walked):
+        for path in walk_files(root, (image_suffix, text_suffix or image_suffix), visited=walked):
             folder, name = os.path.split(path)
             images, texts = by_folder.setdefault(folder, (set(), set()))
             if name.endswith(image_suffix):
                 images.add(name[: -len(image_suffix)])
-            if name.endswith(text_suffix):
+            if text_suffix is not None and name.endswith(text_suffix):
                 texts.add(name[: -len(text_suffix)])
         for folder in sorted(by_folder):
             images, texts = by_folder[folder]
-            for stem in sorted(images & texts):
+            for stem in sorted(images & texts if text_suffix is not None else images):
                 index.add(folder, stem, root_id)
-            counts["image_only"] += len(images - texts)
+            counts["image_only"] += len(images - texts) if text_suffix is not None else 0
             counts["text_only"] += len(texts - images)
     return index, counts

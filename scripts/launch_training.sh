@@ -7,6 +7,9 @@
 # Paths in the settings are taken relative to where the wrapper was started, as a user expects.
 CACHETRAIN_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# the original scripts' allocator setting: fewer out-of-memory stops from fragmentation on CUDA
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+
 ARGS=(--copy_config "$0")
 # a settings file from before presets sets no PRESET but fills in every value: it runs as it always did
 [ -n "${PRESET:-}" ] && ARGS=(--preset "$PRESET" "${ARGS[@]}")
@@ -14,7 +17,6 @@ pass_if_set() {  # FLAG VALUE: FLAG VALUE, when VALUE is not empty
     [ -z "$2" ] || ARGS+=("$1" "$2")
 }
 pass_if_set --pretrained_model "${MODEL:-}"
-pass_if_set --output_dir "${OUTPUT_DIR:-}"
 pass_if_set --imgcache_suffix "${IMG_SUFFIX:-}"
 pass_if_set --txtcache_suffix "${TXT_SUFFIX:-}"
 pass_if_set --learning_rate "${LEARNING_RATE:-}"
@@ -44,6 +46,25 @@ for dir in ${DATA_DIRS:-}; do ARGS+=(--train_data_dir "$dir"); done
 
 PYTHON="${PYTHON:-python3}"
 [ -x "$CACHETRAIN_REPO/.venv/bin/python" ] && PYTHON="$CACHETRAIN_REPO/.venv/bin/python"
+
+# OUTPUT_DIR left empty: a folder named from the settings (batch, accumulation, LR, schedule, steps, gamma)
+if [ -z "${OUTPUT_DIR:-}" ]; then
+    OUTPUT_DIR="$(PYTHONPATH="$CACHETRAIN_REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m cachetrain.train.run_name "${ARGS[@]}")" \
+        || { echo "$0: could not name the output folder from the settings (see above); set OUTPUT_DIR" >&2; exit 2; }
+fi
+ARGS+=(--output_dir "$OUTPUT_DIR")
+
+# "./train_sd.sh checkpoint": the running training of these settings saves a checkpoint after its next step
+case "${1:-}" in
+    "") ;;
+    checkpoint)
+        echo "Queuing a checkpoint for $OUTPUT_DIR"
+        touch "$OUTPUT_DIR/trigger.checkpoint" || exit 2
+        exit 0 ;;
+    *)
+        echo "$0: unknown argument '$1'; known: checkpoint" >&2
+        exit 2 ;;
+esac
 ACCELERATE_CONFIG="${HF_HOME:-$HOME/.cache/huggingface}/accelerate/default_config.yaml"
 if [ -f "$ACCELERATE_CONFIG" ] && "$PYTHON" -c "import accelerate" 2>/dev/null; then
     exec "$PYTHON" -m accelerate.commands.launch "$CACHETRAIN_REPO/train_from_cached.py" "${ARGS[@]}"

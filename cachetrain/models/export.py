@@ -159,7 +159,9 @@ def export_single_file(source: Path | str, out: Path | str, dtype: str = "fp16",
         tensors[ldm_layout.V_PREDICTION_MARKER] = torch.zeros(0, dtype=target_dtype)
     if zero_snr:
         tensors[ldm_layout.ZERO_TERMINAL_SNR_MARKER] = torch.zeros(0, dtype=target_dtype)
-    pixels = unet.config.sample_size * 2 ** (vae_levels - 1)
+    trained = unet.config.sample_size  # an int, or [height, width] for non-square training
+    latent_height, latent_width = (trained, trained) if isinstance(trained, int) else trained
+    factor = 2 ** (vae_levels - 1)
     steps = steps if steps is not None else steps_trained(source)
     metadata = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
@@ -167,7 +169,7 @@ def export_single_file(source: Path | str, out: Path | str, dtype: str = "fp16",
         "modelspec.implementation": SD1_IMPLEMENTATION,
         "modelspec.title": title or out.stem,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "modelspec.resolution": f"{pixels}x{pixels}",
+        "modelspec.resolution": f"{latent_width * factor}x{latent_height * factor}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "cachetrain.version": __version__,
         "cachetrain.parts": ",".join(parts),

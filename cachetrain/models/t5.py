@@ -162,8 +162,10 @@ class StableDiffusionT5Pipeline(DiffusionPipeline):
         """Draw images for ``prompt``; guidance_scale <= 1 turns classifier-free guidance off.
 
         ``token_length``: condition on exactly that many tokens, for a UNet trained with --force_toklen."""
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        trained = self.unet.config.sample_size  # an int, or [height, width] for non-square training
+        trained_height, trained_width = (trained, trained) if isinstance(trained, int) else trained
+        height = height or trained_height * self.vae_scale_factor
+        width = width or trained_width * self.vae_scale_factor
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         device = self._execution_device

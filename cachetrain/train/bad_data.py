@@ -38,14 +38,14 @@ def reference_shapes(index: PairIndex, with_latent: bool) -> PairChecks:
         latent_path, text_path = index[i]
         for path, key, counts, pick in ((latent_path, IMAGE_LATENT_KEY, latents, tuple),
                                         (text_path, TEXT_EMBEDDING_KEY, widths, lambda shape: shape[-1])):
-            if path == latent_path and not with_latent:
+            if (path == latent_path and not with_latent) or path is None:  # None: image-only data
                 continue
             try:
                 shape = read_tensor_shape(path, key)
                 counts[pick(shape)] = counts.get(pick(shape), 0) + 1
             except (OSError, ValueError) as error:
                 unreadable.append((path, str(error)))
-    if (with_latent and not latents) or not widths:
+    if (with_latent and not latents) or (not widths and index.text_suffix is not None):
         raise TrainingError(f"none of the first {min(REFERENCE_PAIRS, len(index))} pairs could be read, e.g. "
                             f"{examples(unreadable)}; check the cache (python -m cachetrain.inspect)")
     commonest = lambda counts: max(counts, key=counts.get) if counts else None  # noqa: E731  (first wins ties)

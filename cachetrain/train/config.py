@@ -28,7 +28,11 @@ from .presets import PRESETS, describe
 from ..models.prompts import PromptsFileError, read_prompts_file
 from ..sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX
 
-OPTIMIZERS = ("adamw", "adamw8", "lion")
+# adamw8, opt_lion, py_lion, d_lion: the original scripts' names and packages; lion: ours (stochastic
+# rounding for --bf16_weights); prodigy, schedulefree: learning-rate-free optimizers from their packages
+OPTIMIZERS = ("adamw", "adamw8", "lion", "opt_lion", "py_lion", "d_lion", "prodigy", "schedulefree")
+ROUNDING_OPTIMIZERS = ("adamw", "lion")  # the ones that keep bf16 weights with stochastic rounding
+INITIAL_D_OPTIMIZERS = ("d_lion", "prodigy")  # the ones that take --initial_d (their d0)
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
               "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay", "cosine_warmup_with_min_lr",
               "reduce_lr_on_plateau", "greedy", "linear_with_min_lr", "rex")
@@ -101,7 +105,9 @@ class TrainConfig:
                                   check=_check(lambda model: not is_single_file(model) or os.path.isfile(model),
                                                "{value}: no such file"))
     is_custom: bool = _flag(False, TRUST_HELP, flags=("--custom", "--is_custom"))
-    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable", nargs="+", action="extend", required=True)
+    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable (--data_balance round_robin: "
+                                          "each use of the flag is one group)", nargs="+", action="extend",
+                                      required=True, by_occurrence=True)
     output_dir: str = _flag("output", "where checkpoints, samples, logs and the final model go")
     copy_config: str | None = _flag(None, "a settings file (e.g. the wrapper script) archived into output_dir")
     imgcache_suffix: str = _flag(SD_VAE_SUFFIX, "suffix of the latent sidecars")
@@ -118,9 +124,11 @@ class TrainConfig:
     max_steps: str = _flag("1000", "optimizer steps to train, or Ne for N epochs (e.g. 3e, 2.5e)",
                              check=_steps_or_epochs(minimum=1))
     learning_rate: float = _flag(1e-5, "peak learning rate", check=POSITIVE)
-    min_learning_rate: float = _flag(0.1, "final LR as a ratio of the peak, for cosine_with_min_lr, "
-                                          "cosine_warmup_with_min_lr, linear_with_min_lr",
-                                     check=_check(lambda ratio: 0 <= ratio <= 1, "is a ratio of the peak LR, between 0 and 1"))
+    min_lr_ratio: float = _flag(0.1, "final LR as a ratio of the peak, for cosine_with_min_lr, "
+                                     "cosine_warmup_with_min_lr, linear_with_min_lr and rex (the original "
+                                     "scripts' name; --min_learning_rate is the same flag)",
+                                flags=("--min_lr_ratio", "--min_learning_rate"),
+                                check=_check(lambda ratio: 0 <= ratio <= 1, "is a ratio of the peak LR, between 0 and 1"))
     learning_rate_decay: float = _flag(0.0, "with --scheduler constant: subtracted from the LR after each epoch",
                                       check=NOT_NEGATIVE)
     scheduler: str = _flag("constant", "LR schedule: " + "|".join(SCHEDULERS), choices=SCHEDULERS,
@@ -130,15 +138,26 @@ class TrainConfig:
                                         "(e.g. cosine, rex)"))
     warmup_steps: str = _flag("0", "optimizer steps of linear LR warm-up, or Ne for N epochs (e.g. 0.5e)",
                                 check=_steps_or_epochs(minimum=0))
-    optimizer: str = _flag("adamw", "adamw | adamw8 (bitsandbytes 8-bit AdamW) | lion", choices=OPTIMIZERS)
-    betas: list[float] = _flag([0.9, 0.999], "optimizer betas B1 B2", nargs=2)
-    weight_decay: float = _flag(0.01, "decoupled weight decay")
+    optimizer: str = _flag("adamw", "adamw (torch) | adamw8 (bitsandbytes 8-bit AdamW, CUDA) | lion (ours: "
+                                    "stochastic rounding with --bf16_weights) | opt_lion (torch-optimi's Lion) | "
+                                    "py_lion (lion-pytorch's) | d_lion (dadaptation's DAdaptLion, LR ~1.0) | prodigy "
+                                    "(prodigyopt, LR ~1.0) | schedulefree (schedule-free AdamW); the original "
+                                    "scripts' default was adamw8", choices=OPTIMIZERS)
+    betas: list[float] | None = _flag(None, "optimizer betas B1 B2 (default: the optimizer's own, e.g. AdamW "
+                                            "0.9 0.999, Lion 0.9 0.99)", nargs=2)
+    weight_decay: float | None = _flag(None, "decoupled weight decay (default: the optimizer's own, e.g. AdamW "
+                                             "0.01, Lion and the LR-free ones 0)")
     gradient_clip: float = _flag(1.0, "clip the gradient norm to this; <= 0 disables")
     seed: int = _flag(0, "seed of data order, noise and timesteps")
     num_cycles: float | None = _flag(None, "cosine: periods of the cosine (default 0.5, one half-wave down); "
                                            "cosine_with_restarts: number of restarts (default 1)", check=POSITIVE)
-    rex_start_factor: float = _flag(1.0, "rex: LR factor where the decay starts (after warm-up)", check=NOT_NEGATIVE)
-    rex_end_factor: float = _flag(0.0, "rex: LR factor at the last step", check=NOT_NEGATIVE)
+    rex_start_factor: float = _flag(1.0, "rex: the warm-up starts at this factor of the peak LR and rises "
+                                         "linearly to the peak over --warmup_steps (the original scripts' meaning; "
+                                         "the decay's floor is --min_lr_ratio)",
+                                    check=_check(lambda factor: 0 < factor <= 1, "must be in (0, 1]"))
+    rex_end_factor: bool = _flag(False, "rex: accepted for the original scripts' command lines and changes "
+                                        "nothing (its warm-up always ends at the peak LR). It takes no value; "
+                                        "the LR at the last step is --min_lr_ratio")
     scheduler_at_epoch: bool = _flag(False, "the LR schedule counts epochs, not optimizer steps: it moves only "
                                             "when an epoch ends (its length is --max_steps in epochs, rounded up, "
                                             "its warm-up --warmup_steps in epochs, rounded); the LR is constant "
@@ -207,7 +226,8 @@ class TrainConfig:
     reinit_time: bool = _flag(False, "re-initialise the timestep embedding (time_embedding)")
     reinit_crossattnout: bool = _flag(False, "re-initialise the output projection of each cross-attention (attn2.to_out)")
     force_txtcache: str | None = _flag(None, "a text sidecar (e.g. a data root's .empty_prompt.txt_clipl) every "
-                                             "sample trains on instead of its own caption: unconditional training")
+                                             "sample trains on instead of its own caption: unconditional "
+                                             "training; the latents need no text sidecars of their own")
     gradient_topk: float | None = _flag(None, "keep only the largest fraction F of gradient magnitudes each step "
                                               "(0 < F <= 1), zeroing the rest (exact within groups of ~32M "
                                               "elements); one kthvalue over the gradients per step: 5-6x an "
@@ -256,7 +276,11 @@ class TrainConfig:
                                         "pairs and others are skipped as bad data")
     data_balance: str = _flag("pooled", "pooled: every pair equally likely; equal: each --train_data_dir gets "
                                         "the same share of every epoch (an epoch is as long as the largest "
-                                        "folder, smaller ones are drawn again)", choices=("pooled", "equal"))
+                                        "folder, smaller ones are drawn again); round_robin: the original "
+                                        "scripts' rule, one batch from each folder in turn, an epoch being the "
+                                        "smallest folder's batches times the number of folders (larger folders "
+                                        "carry on where they stopped in the next epoch)",
+                              choices=("pooled", "equal", "round_robin"))
     # the data index: start from the index the cache scripts keep beside the data (docs/data-index.md)
     data_index: str = _flag("auto", "auto: start from each data root's index (ROOT/.cachetrain/data-index.npz), "
                                     "walk only folders changed since, and write it back; off: walk every folder "
@@ -290,6 +314,15 @@ class TrainConfig:
     save_kohya_lora: bool = _flag(False, "also write the LoRA as lora_kohya.safetensors (kohya/A1111 layout, "
                                          "for ComfyUI and A1111) into each checkpoint")
 
+    # the original scripts' flags: loss scaling and the learning-rate-free optimizers' d0
+    scale_loss_with_accum: bool = _flag(False, "divide each micro-batch's loss by --gradient_accum, on top of the "
+                                               "averaging over micro-batches accumulation already does (as the "
+                                               "original scripts did): gradients --gradient_accum times smaller")
+    initial_d: float | None = _flag(None, "d_lion, prodigy: their initial step-size estimate d0 (default: the "
+                                          "optimizer's own, 1e-6)", check=POSITIVE)
+    # which use of --train_data_dir gave each folder (set by the parser, not a flag of its own)
+    train_data_groups: list[int] = field(default_factory=list, metadata={"hidden": True})
+
     @property
     def max_epochs(self) -> float | None:
         return epochs_in(self.max_steps)
@@ -318,11 +351,21 @@ def epochs_in(length: str) -> float | None:
 def _value_type(hint: Any) -> type:
     """The type one value of a flag converts to: int for ``int``, ``int | None`` and ``list[int]``."""
     inner = [argument for argument in typing.get_args(hint) if argument is not type(None)]
-    return inner[0] if inner else hint
+    return _value_type(inner[0]) if inner else hint  # list[float] | None: float
 
 
 def _default(item: dataclasses.Field) -> Any:
     return item.default_factory() if item.default is dataclasses.MISSING else item.default
+
+
+class _ExtendNumberingOccurrences(argparse._ExtendAction):
+    """--train_data_dir: extends the list of folders and numbers each by the use of the flag that gave
+    it (the original scripts read each use through a loader of its own: round_robin's groups)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        groups = list(getattr(namespace, "train_data_groups", None) or [])
+        setattr(namespace, "train_data_groups", groups + [max(groups, default=-1) + 1] * len(values))
 
 
 def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
@@ -336,8 +379,13 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
+    parser.set_defaults(train_data_groups=None)
     for item in dataclasses.fields(TrainConfig):
-        kwargs = {key: value for key, value in item.metadata.items() if key not in ("check", "flags")}
+        if item.metadata.get("hidden"):
+            continue
+        kwargs = {key: value for key, value in item.metadata.items() if key not in ("check", "flags", "by_occurrence")}
+        if item.metadata.get("by_occurrence"):
+            kwargs["action"] = _ExtendNumberingOccurrences
         flags = item.metadata.get("flags", ("--" + item.name,))
         default = chosen.get(item.name, _default(item))
         kind = _value_type(hints[item.name])
@@ -368,6 +416,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     for item in dataclasses.fields(TrainConfig):
         if values[item.name] is None and item.metadata.get("action") == "extend":  # not given
             values[item.name] = list(chosen.get(item.name, _default(item)))
+    values["train_data_groups"] = values["train_data_groups"] or []
     return validate(TrainConfig(**values))
 
 
@@ -431,16 +480,21 @@ def _objective_problems(config: TrainConfig) -> list[str]:
 
 
 def optimizer_precision_problem(optimizer: str, bf16_weights: bool) -> str | None:
-    """bitsandbytes' 8-bit AdamW rounds bf16 weights to nearest, so small updates vanish. Asked at start
-    (validate) and by optim.build_optimizer, for callers that build an optimizer without the flags."""
-    if bf16_weights and optimizer == "adamw8":
-        return "--bf16_weights needs --optimizer adamw or lion (stochastic rounding); adamw8 rounds to nearest"
+    """Only our adamw and lion round bf16 weights stochastically; the others round to nearest (or keep
+    fp32 state beside them), so small updates vanish. Asked at start (validate) and by
+    optim.build_optimizer, for callers that build an optimizer without the flags."""
+    if bf16_weights and optimizer not in ROUNDING_OPTIMIZERS:
+        return (f"--bf16_weights needs --optimizer adamw or lion (stochastic rounding); {optimizer} rounds "
+                "to nearest")
     return None
 
 
 def _precision_problems(config: TrainConfig) -> list[str]:
     problems = ["--bf16_weights and --fp32 contradict each other"] if config.bf16_weights and config.fp32 else []
     optimizer_problem = optimizer_precision_problem(config.optimizer, config.bf16_weights)
+    if config.initial_d is not None and config.optimizer not in INITIAL_D_OPTIMIZERS:
+        problems.append(f"--initial_d applies to --optimizer {' or '.join(INITIAL_D_OPTIMIZERS)}, "
+                        f"not {config.optimizer}")
     return problems + ([optimizer_problem] if optimizer_problem else [])
 
 
@@ -450,6 +504,9 @@ def _data_problems(config: TrainConfig) -> list[str]:
         problems.append("--imgcache_suffix and --txtcache_suffix must differ")
     if config.validation_dir and config.validation_split:
         problems.append("give --validation_dir or --validation_split, not both")
+    if config.data_balance == "round_robin" and config.aspect_buckets:
+        problems.append("--data_balance round_robin takes one latent shape per run; with --aspect_buckets "
+                        "use pooled or equal")
     remote = [d for d in config.train_data_dir if "://" in d]
     if remote and len(config.train_data_dir) > 1:
         problems.append(f"--train_data_dir {remote[0]}: a shard URL is the run's only --train_data_dir "

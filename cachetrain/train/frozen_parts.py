@@ -24,10 +24,13 @@ from ..tree import walk_files
 class FrozenParts:
     """The pipeline around the training UNet, and its template folder ``output_dir/.frozen-components``."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, latent_shape: tuple[int, ...] | None = None):
+        """``latent_shape``: the [C, H, W] training reads (the commonest bucket's with --aspect_buckets);
+        default: the first latent sidecar's."""
         self.config = config
         self.frozen_dir = Path(config.output_dir) / ckpt.FROZEN_DIR_NAME
-        self.training_size = training_latent_size(config)
+        self.training_size = (sample_size_of(latent_shape) if latent_shape is not None
+                              else training_latent_size(config))
         self._pipeline = None
 
     def prepare(self, unet):
@@ -60,6 +63,8 @@ class FrozenParts:
             self._pipeline = _match_training_objective(self._pipeline, self.config)
         _record_training_size(unet, self.training_size)
         self._pipeline.unet = unet
+        if hasattr(self._pipeline, "_is_unet_config_sample_size_int"):  # diffusers reads it at __init__ only
+            self._pipeline._is_unet_config_sample_size_int = isinstance(unet.config.sample_size, int)
         return self._pipeline
 
     def write_template(self, unet) -> None:
@@ -71,9 +76,16 @@ class FrozenParts:
         models.put_folder_code_back(model, self.frozen_dir)
 
 
-def training_latent_size(config: TrainConfig) -> int | None:
-    """The side of the latents training reads (one of its sidecars tells: the loader refuses a run
-    whose caches differ in shape), or None when none is found. Caches are square crops."""
+def sample_size_of(latent_shape: tuple[int, ...]) -> int | list[int]:
+    """The UNet config's sample_size for latents of ``latent_shape`` [C, H, W]: the side when square,
+    else [H, W] (diffusers' pipelines take either)."""
+    height, width = int(latent_shape[-2]), int(latent_shape[-1])
+    return height if height == width else [height, width]
+
+
+def training_latent_size(config: TrainConfig) -> int | list[int] | None:
+    """The sample_size of the latents training reads (one of its sidecars tells: the loader refuses a run
+    whose caches differ in shape), or None when none is found."""
     from safetensors import safe_open
 
     for root in config.train_data_dir:
@@ -83,11 +95,11 @@ def training_latent_size(config: TrainConfig) -> int | None:
                     shape = handle.get_slice(IMAGE_LATENT_KEY).get_shape()
             except Exception:  # a bad sidecar is the loader's to report; look at the next one
                 continue
-            return int(shape[-1]) if len(shape) == 3 and shape[-1] == shape[-2] else None
+            return sample_size_of(shape) if len(shape) == 3 else None
     return None
 
 
-def _record_training_size(unet, size: int | None) -> None:
+def _record_training_size(unet, size: int | list[int] | None) -> None:
     """Keep the size training sees in the UNet's config (sample_size, in latent pixels): samples are
     drawn at it, and every pipeline that loads a checkpoint (diffusers' own, sample_images.py) draws
     at it by default, not at the base model's size."""

@@ -46,6 +46,9 @@ class PairChecks:
     text_width: int | None = None
 
 
+NO_TEXT = torch.zeros(1, 1)
+
+
 class CachedPairDataset(Dataset):
     """Reads one (latent, embedding) pair per item and draws its noise; a bad pair yields its reason.
 
@@ -70,7 +73,8 @@ class CachedPairDataset(Dataset):
             latent_path, text_path = self.index[i]
             try:
                 latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
-                emb = read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
+                # image-only data (--force_txtcache): a stand-in the step replaces by the forced embedding
+                emb = NO_TEXT if text_path is None else read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
             except SidecarError as error:
                 return error.path, error.reason
             except OSError as error:
@@ -165,7 +169,7 @@ def collate_pairs(items, token_length: int | None = None) -> Batch | None:
 
 # -- the order of an epoch --------------------------------------------------------------------
 
-BALANCES = ("pooled", "equal")
+BALANCES = ("pooled", "equal", "round_robin")
 
 
 def _generator(seed: int, epoch: int, *parts) -> torch.Generator:
@@ -184,6 +188,10 @@ class EpochOrder:
       the same number of draws to each epoch, as many as the largest group has samples; a smaller
       group is drawn again in a fresh order each pass (a repeat gets noise of its own). ``pooled``
       draws every sample once per epoch.
+    - ``groups`` with ``balance="round_robin"`` (the original scripts' rule): each group is its own
+      stream of batches (passes over the group, each freshly shuffled, its remainder left out), and
+      the epoch takes one batch from each group in turn, as many rounds as the smallest group has
+      batches. A larger group carries on in the next epoch where it stopped. One bucket only.
     - The batches are shuffled, and process r takes batches r, r + P, ... of the first
       ``batches_per_epoch * P``: disjoint, equal shares.
     Each entry is (sample, draw): ``draw`` keys the sample's noise (the sample itself on its first
@@ -215,11 +223,19 @@ class EpochOrder:
     def draws_per_epoch(self) -> int:
         if self.balance == "pooled":
             return self.num_samples
+        if self.balance == "round_robin":
+            return self.rounds_per_epoch() * len(self.group_members) * self.batch_size
         return len(self.group_members) * max(len(m) for m in self.group_members)
+
+    def rounds_per_epoch(self) -> int:
+        """round_robin: the batches the smallest group holds (each round takes one from every group)."""
+        return min(len(m) for m in self.group_members) // self.batch_size if self.group_members else 0
 
     def batches_per_epoch(self) -> int:
         """Batches of each process per epoch: the same in every epoch."""
         b = self.batch_size
+        if self.balance == "round_robin":
+            return self.rounds_per_epoch() * len(self.group_members) // self.world_size
         if self.balance == "pooled":
             whole = int((self.bucket_sizes // b).sum())
         elif self.num_buckets == 1:
@@ -245,10 +261,36 @@ class EpochOrder:
             draws.append(chosen + pass_number * self.num_samples)
         return torch.cat(samples), torch.cat(draws)
 
+    def _round_robin_rows(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(samples [n, B], draws [n, B]) of one round_robin epoch, group after group in each round.
+
+        Group g's stream is pass after pass over it, pass q shuffled by (seed, q, g); epoch e takes the
+        stream's batches [e k, (e + 1) k), k the rounds per epoch. A sample met in two passes within
+        one epoch gets a draw key of its own in each."""
+        b, rounds = self.batch_size, self.rounds_per_epoch()
+        group_rows, group_draws = [], []
+        for g, members in enumerate(self.group_members):
+            per_pass = len(members) // b
+            numbers = torch.arange(epoch * rounds, (epoch + 1) * rounds)
+            passes = numbers // per_pass
+            first_pass = int(passes[0])
+            shuffled = {q: members[torch.rand(len(members), generator=_generator(self.seed, q, "round_robin", g)
+                                              ).argsort()][: per_pass * b].view(per_pass, b)
+                        for q in passes.unique().tolist()}
+            rows = torch.stack([shuffled[int(q)][int(n % per_pass)] for q, n in zip(passes, numbers)])
+            group_rows.append(rows)
+            group_draws.append(rows + (passes - first_pass).view(-1, 1) * self.num_samples)
+        # round t: group 0's batch t, group 1's batch t, ...
+        return (torch.stack(group_rows, dim=1).reshape(-1, b), torch.stack(group_draws, dim=1).reshape(-1, b))
+
     def epoch(self, epoch: int) -> tuple[list[int], torch.Tensor, torch.Tensor, list[int]]:
         """This process's batches of one epoch: (batch numbers in the epoch, samples [n, B], draws
         [n, B], bucket of each batch). Batch numbers are global (the same on every process)."""
         b = self.batch_size
+        if self.balance == "round_robin":
+            rows, row_draws = self._round_robin_rows(epoch)
+            mine = list(range(self.rank, self.batches_per_epoch() * self.world_size, self.world_size))
+            return mine, rows[mine], row_draws[mine], [0] * len(mine)
         samples, draws = self._draws(epoch)
         # the seeding of the earliest versions: their single-process orders stay as they were
         shuffle = torch.randperm(len(samples), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from .config import TrainConfig, optimizer_precision_problem
+from .packaged_optimizers import PACKAGED_OPTIMIZERS, OptimizerUnavailable, build_packaged_optimizer
 
 INT32_LOW_16_BITS_CLEARED = -65536  # 0xFFFF0000 as a signed int32
 
@@ -193,25 +194,33 @@ class StochasticLion(_SkippableOptimizer):
         return new_param, {"exp_avg": torch.lerp(state["exp_avg"], grad, 1 - beta2)}
 
 
-def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[float, float],
-                    weight_decay: float, bf16_weights: bool = False) -> torch.optim.Optimizer:
+# each optimizer's own betas and weight decay, for ours (the packaged ones keep theirs when not given)
+OWN_DEFAULTS = {"adamw": ((0.9, 0.999), 0.01), "lion": ((0.9, 0.99), 0.0)}
+
+
+def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[float, float] | None = None,
+                    weight_decay: float | None = None, bf16_weights: bool = False,
+                    initial_d: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (see config.OPTIMIZERS); betas and weight decay left None are its own defaults."""
     parameters = [p for p in parameters if p.requires_grad]
-    if name == "adamw":
-        if bf16_weights:
-            return StochasticAdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
-        # fused: one kernel for all tensors, and it skips on device when found_inf is set
-        return torch.optim.AdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, fused=True)
+    if problem := optimizer_precision_problem(name, bf16_weights):  # the rule lives with the flags
+        raise RuntimeError(problem)
+    if name in PACKAGED_OPTIMIZERS:
+        try:
+            return build_packaged_optimizer(name, parameters, learning_rate, betas, weight_decay, initial_d)
+        except OptimizerUnavailable as error:
+            raise RuntimeError(str(error)) from None
+    if name not in OWN_DEFAULTS:
+        raise ValueError(f"unknown optimizer {name!r}")
+    own_betas, own_decay = OWN_DEFAULTS[name]
+    betas = tuple(betas) if betas is not None else own_betas
+    weight_decay = own_decay if weight_decay is None else weight_decay
     if name == "lion":
         return StochasticLion(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
-    if name == "adamw8":
-        if problem := optimizer_precision_problem(name, bf16_weights):  # the rule lives with the flags
-            raise RuntimeError(problem)
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise RuntimeError("--optimizer adamw8 needs bitsandbytes: .venv/bin/pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+    if bf16_weights:
+        return StochasticAdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay)
+    # fused: one kernel for all tensors, and it skips on device when found_inf is set
+    return torch.optim.AdamW(parameters, lr=learning_rate, betas=betas, weight_decay=weight_decay, fused=True)
 
 
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
@@ -229,14 +238,18 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 
 
 def rex_factor(step: int, warmup_steps: int, total_steps: int, start_factor: float = 1.0,
-               end_factor: float = 0.0) -> float:
-    """REX: after a linear warm-up to ``start_factor``, (1 - p) / (1 - p/2) of the way from
-    ``end_factor`` to ``start_factor``, p the fraction of the decay done: it falls slower than
-    linear at first and faster at the end."""
+               min_lr_ratio: float = 0.0) -> float:
+    """REX as the original scripts run it: a linear warm-up from ``start_factor`` to 1 over
+    ``warmup_steps``, then from 1 down to ``min_lr_ratio`` along z / (0.1 + 0.9 z), z the fraction of
+    the decay still to go (it falls slowly at first and fast at the end); the floor after the end."""
     if step < warmup_steps:
-        return start_factor * warmup_factor(step, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return end_factor + (start_factor - end_factor) * (1.0 - progress) / (1.0 - progress / 2.0)
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    done = step - warmup_steps
+    if decay_steps <= 0 or done >= decay_steps:
+        return min_lr_ratio
+    remaining = (decay_steps - done) / decay_steps
+    return min_lr_ratio + (1.0 - min_lr_ratio) * remaining / (0.1 + 0.9 * remaining)
 
 
 def linear_with_min_lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -248,8 +261,7 @@ def linear_with_min_lr_factor(step: int, warmup_steps: int, total_steps: int, mi
 
 
 def build_lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                      min_lr_ratio: float = 0.0, num_cycles: float | None = None, rex_start_factor: float = 1.0,
-                      rex_end_factor: float = 0.0):
+                      min_lr_ratio: float = 0.0, num_cycles: float | None = None, rex_start_factor: float = 1.0):
     """An LR schedule of ``total_steps`` steps: a transformers schedule by its name, or our rex and
     linear_with_min_lr. 'constant' with warm-up becomes constant_with_warmup. A schedule's step is
     whatever the caller steps it by (an optimizer step, or an epoch with --scheduler_at_epoch)."""
@@ -259,7 +271,7 @@ def build_lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps:
 
     if name == "rex":
         factor = functools.partial(rex_factor, warmup_steps=warmup_steps, total_steps=total_steps,
-                                   start_factor=rex_start_factor, end_factor=rex_end_factor)
+                                   start_factor=rex_start_factor, min_lr_ratio=min_lr_ratio)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if name == "linear_with_min_lr":
         factor = functools.partial(linear_with_min_lr_factor, warmup_steps=warmup_steps, total_steps=total_steps,
@@ -311,5 +323,5 @@ def run_lr_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, batch
     if config.scheduler_at_epoch:
         steps_per_epoch = batches_per_epoch / config.gradient_accum
         warmup, length = round(warmup / steps_per_epoch), math.ceil(length / steps_per_epoch)
-    return build_lr_schedule(config.scheduler, optimizer, warmup, length, config.min_learning_rate,
-                             config.num_cycles, config.rex_start_factor, config.rex_end_factor)
+    return build_lr_schedule(config.scheduler, optimizer, warmup, length, config.min_lr_ratio,
+                             config.num_cycles, config.rex_start_factor)

@@ -39,10 +39,13 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
     first and the others then read it, so that only one process walks changed folders."""
     if len(config.train_data_dir) == 1 and is_shard_location(config.train_data_dir[0]):
         return _load_shard_data(config, rank, world, is_main)
-    index, unpaired = _find_pairs(config, is_main, wait_for_main)
+    text_suffix = None if config.force_txtcache else config.txtcache_suffix  # forced: image-only data trains
+    index, unpaired = _find_pairs(config, text_suffix, is_main, wait_for_main)
     if len(index) == 0:
-        raise TrainingError(f"no sample has both a {config.imgcache_suffix} and a {config.txtcache_suffix} "
-                            f"sidecar under {config.train_data_dir}; run the cache scripts first")
+        wanted = f"a {config.imgcache_suffix}" if text_suffix is None else \
+            f"both a {config.imgcache_suffix} and a {config.txtcache_suffix}"
+        raise TrainingError(f"no sample has {wanted} sidecar under {config.train_data_dir}; run the cache "
+                            "scripts first")
     if is_main and (unpaired["image_only"] or unpaired["text_only"]):
         print(f"[train] left out {unpaired['image_only']} latents without text and "
               f"{unpaired['text_only']} texts without latents", file=sys.stderr)
@@ -80,7 +83,7 @@ def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, w
     train_index, validation_index = held_out_pairs(config, index)
     order = EpochOrder(len(train_index), config.batch_size, config.seed, rank, world,
                        buckets=train_index.shape_ids if config.aspect_buckets else None,
-                       groups=train_index.root_ids() if config.data_balance == "equal" else None,
+                       groups=_groups(train_index, config) if config.data_balance != "pooled" else None,
                        balance=config.data_balance)
     if is_main and config.aspect_buckets:
         _print_buckets(order, train_index, config.batch_size)
@@ -90,6 +93,8 @@ def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, w
               f"{', '.join(map(str, sizes))} pairs; each gives {max(sizes)} draws to every epoch"
               f"{'' if len(sizes) == len(index.roots) else ' (folders without pairs give none)'}",
               file=sys.stderr)
+    if config.data_balance == "round_robin":
+        _describe_round_robin(order, config, is_main)
     batches_per_epoch = order.batches_per_epoch()
     if batches_per_epoch == 0:
         raise TrainingError(f"{len(train_index)} samples are fewer than one batch of "
@@ -98,12 +103,20 @@ def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, w
                    config.max_optimizer_steps(batches_per_epoch), left_out, train_index.fingerprint())
 
 
-def _find_pairs(config: TrainConfig, is_main: bool, wait_for_main: Callable[[], None] | None
-                ) -> tuple[PairIndex, dict[str, int]]:
+def trained_latent_shape(data: RunData, config: TrainConfig) -> tuple[int, ...] | None:
+    """The latent shape samples are drawn at: the run's, or with --aspect_buckets the commonest bucket's."""
+    if config.aspect_buckets:
+        sizes = data.order.bucket_sizes
+        return tuple(data.train_index.shapes[int(sizes.argmax())]) if len(sizes) else None
+    return data.checks.latent_shape
+
+
+def _find_pairs(config: TrainConfig, text_suffix: str | None, is_main: bool,
+                wait_for_main: Callable[[], None] | None) -> tuple[PairIndex, dict[str, int]]:
     """The run's pairs: from the data indexes (refreshed where folders changed) or, with --data_index
-    off, by walking every folder."""
-    roots, suffixes = config.train_data_dir, (config.imgcache_suffix, config.txtcache_suffix)
-    if config.data_index == "off":
+    off or image-only data (--force_txtcache: the index records pairs), by walking every folder."""
+    roots, suffixes = config.train_data_dir, (config.imgcache_suffix, text_suffix)
+    if config.data_index == "off" or text_suffix is None:
         return index_training_pairs(roots, *suffixes)
     report = _report_refresh if is_main else None
     if wait_for_main is None:
@@ -187,3 +200,33 @@ def _print_buckets(order: EpochOrder, index: PairIndex, batch_size: int) -> None
             described.append(f"{'x'.join(str(d) for d in shape)}: {count}{note}")
     print(f"[train] {len(described)} aspect buckets (latent shape: pairs): " + ", ".join(described),
           file=sys.stderr)
+
+
+def _groups(index: PairIndex, config: TrainConfig):
+    """The group of each pair: its data root (equal), or the use of --train_data_dir that named its root
+    (round_robin, as the original scripts' loaders)."""
+    roots = index.root_ids()
+    numbers = config.train_data_groups
+    if config.data_balance != "round_robin" or len(numbers) != len(config.train_data_dir):
+        return roots
+    return [numbers[root] for root in roots]
+
+
+def _describe_round_robin(order: EpochOrder, config: TrainConfig, is_main: bool) -> None:
+    """Refuse a group without a whole batch (it would make the epoch empty); say what an epoch is."""
+    numbers = config.train_data_groups if len(config.train_data_groups) == len(config.train_data_dir) \
+        else list(range(len(config.train_data_dir)))
+    names: dict[int, list[str]] = {}
+    for root, number in zip(config.train_data_dir, numbers):
+        names.setdefault(number, []).append(root)
+    counts = order.group_of.bincount(minlength=len(names)).tolist()
+    sizes = {" ".join(roots): counts[number] for number, roots in sorted(names.items())}
+    short = [f"{group} ({count} pairs)" for group, count in sizes.items() if count < config.batch_size]
+    if short:
+        raise TrainingError(f"--data_balance round_robin: each --train_data_dir needs at least one batch of "
+                            f"{config.batch_size} pairs; {', '.join(short)}")
+    if is_main:
+        rounds = order.rounds_per_epoch()
+        print(f"[train] --data_balance round_robin: {len(sizes)} group(s) holding "
+              f"{', '.join(map(str, sizes.values()))} pairs; an epoch is {rounds} batch(es) from each in turn "
+              f"({rounds * len(sizes) * config.batch_size} samples)", file=sys.stderr)

@@ -38,7 +38,8 @@ class TrainStep:
     def __init__(self, accelerator, unet, optimizer, objective, trainable: list,
                  qk_params: list, *, vae_scale: float, text_scale: float = 1.0, gradient_clip: float = 0.0,
                  channels_last: bool = False, compile_unet: bool = False, gradient_topk: float | None = None,
-                 forced_embedding: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+                 forced_embedding: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 loss_divisor: int = 1):
         self.accelerator = accelerator
         self.unet = unet  # as prepared by accelerate (DDP-wrapped when distributed)
         self.forward_unet = torch.compile(unet) if compile_unet else unet
@@ -54,6 +55,7 @@ class TrainStep:
         self.channels_last = channels_last
         self.dtype = accelerator.unwrap_model(unet).dtype
         self.gradient_topk = gradient_topk
+        self.loss_divisor = loss_divisor  # --scale_loss_with_accum: --gradient_accum, on top of accelerate's own
         self.forced_embedding = None  # --force_txtcache: one ([1, T, D] embedding, [1, T] mask or None) for all
         if forced_embedding is not None:
             embedding, mask = forced_embedding
@@ -88,6 +90,8 @@ class TrainStep:
         """Forward + backward of one micro-batch; returns the (weighted, raw) loss as device scalars."""
         prediction, inputs = self._predict(batch, self.forward_unet)
         loss, raw_loss = self.objective.losses_for(prediction, inputs)
+        if self.loss_divisor != 1:
+            loss = loss / self.loss_divisor
         self.accelerator.backward(loss)
         return loss, raw_loss
 

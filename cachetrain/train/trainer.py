@@ -37,8 +37,9 @@ from .layers import LayerSelection, apply_layer_selection
 from .loader import CachedPairDataset, NoisePlan, RefillingBatchReader, RunBatches, make_training_loader
 from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
+from .packaged_optimizers import evaluation_weights, training_mode
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
-from .run_data import load_run_data
+from .run_data import load_run_data, trained_latent_shape
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from .run_lock import RunLock, RunLockedError, is_main_launch_process
 from .sample_drawer import SampleDrawer
@@ -103,7 +104,8 @@ class TrainingRun:
         # from the resumed weights (or the checkpoint's EMA state), after the restore
         self.ema = make_ema(self.trainable, config.ema_decay, self.device, ema_state)
         self.health = StepHealth(self.device, self.progress.skipped_steps)
-        parts = FrozenParts(config) if self.is_main else None  # the main process alone saves and samples
+        # the main process alone saves and samples, at the size trained (with buckets: the commonest)
+        parts = FrozenParts(config, trained_latent_shape(self.data, config)) if self.is_main else None
         self.drawer = SampleDrawer(config, self.device, parts=parts) if self.is_main else None
         self.writer = CheckpointWriter(config, parts, self.adapter) if self.is_main else None
         self._prepare_saves()
@@ -149,10 +151,13 @@ class TrainingRun:
                               empty_embeddings=empty_prompt_embeddings(config) if config.caption_dropout else [])
         self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
                                                                                      config.single_file_config)
-        self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
-                                         config.weight_decay,
-                                         # an adapter trains in fp32 (PEFT's) beside bf16 base weights
-                                         bf16_weights=config.bf16_weights and self.adapter is None)
+        try:
+            self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, config.betas,
+                                             config.weight_decay, initial_d=config.initial_d,
+                                             # an adapter trains in fp32 (PEFT's) beside bf16 base weights
+                                             bf16_weights=config.bf16_weights and self.adapter is None)
+        except RuntimeError as error:  # its package is missing
+            raise TrainingError(str(error)) from None
         # stepped by hand once per optimizer step (accelerate would step it once per process), or once
         # per epoch with --scheduler_at_epoch
         batches_per_epoch = self.data.batches_per_epoch
@@ -163,7 +168,8 @@ class TrainingRun:
                               qk_weight_parameters(self.bare_unet), vae_scale=self.vae_scale,
                               text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
                               channels_last=config.channels_last, compile_unet=config.compile,
-                              gradient_topk=config.gradient_topk, forced_embedding=forced_embedding(config))
+                              gradient_topk=config.gradient_topk, forced_embedding=forced_embedding(config),
+                              loss_divisor=config.gradient_accum if config.scale_loss_with_accum else 1)
         if self.is_main:
             total = sum(p.numel() for p in self.bare_unet.parameters())
             held_out = self.data.validation_index
@@ -214,6 +220,7 @@ class TrainingRun:
             self.bare_unet.load_state_dict(trained.state_dict())
             del trained
         restored = state.apply(self.optimizer, self.lr_schedule)
+        training_mode(self.optimizer)  # schedule-free: the saved evaluation weights back to the stepped ones
         if self.is_main:
             print(f"[train] resumed from {self.resume_from} at step {restored.step}", file=sys.stderr)
         return restored, state.ema
@@ -391,6 +398,10 @@ class TrainingRun:
 
     def _save(self, reason: str) -> bool:
         """Save a checkpoint of this step; True when it is on disk (on every process alike)."""
+        with evaluation_weights(self.optimizer):  # schedule-free: save, sample and validate its averaged weights
+            return self._save_now(reason)
+
+    def _save_now(self, reason: str) -> bool:
         step = self.progress.step
         if self.saves.is_saved(step):
             return True  # this step is saved already
@@ -414,11 +425,15 @@ class TrainingRun:
         return not failed
 
     def _sample(self, out_dir: Path) -> None:
-        with ema_weights(self.ema, self.trainable):  # samples show the EMA weights
+        with evaluation_weights(self.optimizer), ema_weights(self.ema, self.trainable):  # samples show the EMA weights
             self.drawer.sample(self.bare_unet, self.progress.step, out_dir)
 
     def _validate(self, step: int) -> None:
         """val/loss of the held-out pairs (main process)."""
+        with evaluation_weights(self.optimizer):
+            self._validate_now(step)
+
+    def _validate_now(self, step: int) -> None:
         if self.is_main:
             value = validation_loss(self.data.validation_index, self.plan, self.data.checks, self.config,
                                     self.step.held_out_errors, self.device)

@@ -32,6 +32,7 @@ def held_out_pairs(config: TrainConfig, index: PairIndex) -> tuple[PairIndex, Pa
     train_index, validation_index = split_validation(index, config.validation_split, config.seed)
     if config.validation_dir:
         validation_index, _ = index_training_pairs(config.validation_dir, config.imgcache_suffix,
+                                                   None if config.force_txtcache else
                                                    config.txtcache_suffix)
         if len(validation_index) == 0:
             raise TrainingError(f"--validation_dir {config.validation_dir}: no sample has both sidecars there")

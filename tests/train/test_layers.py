@@ -101,6 +101,24 @@ def test_force_txtcache_trains_every_sample_on_that_embedding(tiny_sd_model, cac
     assert not all(torch.equal(forced[name], own[name]) for name in forced)
 
 
+def test_force_txtcache_trains_image_only_data_without_text_sidecars(tiny_sd_model, cached_dataset, tmp_path):
+    # the original scripts' unsupervised training: latents alone, one embedding for all
+    empty = tmp_path / "empty.txt_clipl"
+    shutil.copyfile(cached_dataset / ".empty_prompt.txt_clipl", empty)
+    images_only = tmp_path / "images_only"
+    shutil.copytree(cached_dataset, images_only)
+    for sidecar in images_only.rglob("*.txt_clipl"):
+        sidecar.unlink()
+    common = ("--batch_size", "8", "--max_steps", "2")
+    result = train(parse_train_args(_args(tiny_sd_model, images_only, tmp_path / "images_only_run", *common,
+                                          "--force_txtcache", str(empty))))
+    train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "with_text", *common,
+                                 "--force_txtcache", str(empty))))
+    assert result.steps == 2 and result.exit_status == 0
+    alone, with_text = _unet_weights(tmp_path / "images_only_run"), _unet_weights(tmp_path / "with_text")
+    assert all(torch.equal(alone[name], with_text[name]) for name in alone)  # the same 48 samples, same steps
+
+
 def test_force_txtcache_is_padded_by_the_pad_rule_like_every_caption(cached_dataset):
     from cachetrain.sidecar import read_sidecar
     from cachetrain.train.fixed_embeddings import forced_embedding

@@ -95,7 +95,10 @@ def _fake_launch_home(tmp_path: Path, wrapper: str) -> tuple[Path, Path, Path]:
     shutil.copy(REPO_ROOT / "scripts" / "launch_training.sh", home / "scripts")
     fake = home / ".venv" / "bin" / "python"
     fake.parent.mkdir(parents=True)
-    fake.write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && exit 0\nprintf "%s\\n" "$@" > {received}\n')
+    fake.write_text(f'#!/usr/bin/env bash\n[ "$1" = -c ] && exit 0\n'
+                    f'[ "$2" = cachetrain.train.run_name ] && PYTHONPATH={REPO_ROOT} exec {sys.executable} "$@"\n'  # the real naming
+                    f'echo "PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF" > {received}.env\n'
+                    f'printf "%s\\n" "$@" > {received}\n')
     fake.chmod(0o755)
     settings = tmp_path / "mine" / wrapper
     settings.parent.mkdir()
@@ -116,9 +119,9 @@ def test_the_wrappers_pass_their_preset_and_only_the_settings_a_user_filled_in(t
     argv = _launch(settings, home, received, tmp_path / "hf")
     trainer = str(home / "train_from_cached.py")
     assert argv == [trainer, "--preset", "t5", "--copy_config", str(settings),
-                    "--pretrained_model", "models/sd15-sdxlvae-t5", "--output_dir", "output/sd15-t5",
+                    "--pretrained_model", "models/sd15-sdxlvae-t5",
                     "--train_data_dir", "/data/images", "--sample_prompt", "a photo of a cat sitting on a windowsill",
-                    "a watercolor landscape with mountains and a lake"]
+                    "a watercolor landscape with mountains and a lake", "--output_dir", "t5_b64a1_1e-05_cosine10000g5"]
     # an override from the environment is passed, the booleans both ways; accelerate launch with a config
     accelerate_config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
     accelerate_config.parent.mkdir(parents=True)
@@ -127,12 +130,35 @@ def test_the_wrappers_pass_their_preset_and_only_the_settings_a_user_filled_in(t
                    GRADIENT_CHECKPOINTING="0", DATA_DIRS="/a /b", EXTRA_ARGS="--seed 3")
     assert argv[:3] == ["-m", "accelerate.commands.launch", trainer]
     assert argv[3:] == ["--preset", "t5", "--copy_config", str(settings), "--pretrained_model",
-                        "models/sd15-sdxlvae-t5", "--output_dir", "output/sd15-t5", "--batch_size", "8",
+                        "models/sd15-sdxlvae-t5", "--batch_size", "8",
                         "--no-use_snr", "--no-gradient_checkpointing", "--train_data_dir", "/a", "--train_data_dir",
                         "/b", "--sample_prompt", "a photo of a cat sitting on a windowsill",
-                        "a watercolor landscape with mountains and a lake", "--seed", "3"]
+                        "a watercolor landscape with mountains and a lake", "--seed", "3",
+                        "--output_dir", "t5_b8a1_1e-05_cosine10000"]  # named from the settings: no gamma
     argv = _launch(settings, home, received, tmp_path / "elsewhere", SNR_GAMMA="3.5", GRADIENT_CHECKPOINTING="1")
     assert argv[0] == trainer and "--use_snr --noise_gamma 3.5 --gradient_checkpointing" in " ".join(argv)
+
+
+def test_wrapper_checkpoint_argument_touches_the_trigger_of_the_runs_named_output_folder(tmp_path):
+    # the original's habits: OUTPUT_DIR left empty names the folder from the settings, "./train_sd.sh
+    # checkpoint" asks the running training of those settings for a checkpoint, the allocator is set
+    home, settings, received = _fake_launch_home(tmp_path, "train_sd.sh")
+    argv = _launch(settings, home, received, tmp_path / "hf", LEARNING_RATE="3e-5", BATCH_SIZE="64")
+    assert argv[-2:] == ["--output_dir", "sd15_b64a4_3e-05_cosine10000g5"]
+    assert (tmp_path / "argv.txt.env").read_text().strip() == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    run_folder = settings.parent / "sd15_b64a4_3e-05_cosine10000g5"
+    run_folder.mkdir()
+    received.unlink()
+    done = subprocess.run([str(settings), "checkpoint"], cwd=settings.parent, capture_output=True, text=True,
+                          timeout=60, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HOME": str(tmp_path),
+                                           "CACHETRAIN_HOME": str(home), "LEARNING_RATE": "3e-5",
+                                           "BATCH_SIZE": "64"})
+    assert done.returncode == 0, done.stderr
+    assert (run_folder / "trigger.checkpoint").exists() and not received.exists()  # no training started
+    other = subprocess.run([str(settings), "nonsense"], cwd=settings.parent, capture_output=True, text=True,
+                           timeout=60, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+                                            "CACHETRAIN_HOME": str(home)})
+    assert other.returncode == 2 and "unknown argument 'nonsense'; known: checkpoint" in other.stderr
 
 
 def test_a_settings_file_from_before_presets_runs_as_it_always_did(tmp_path):
@@ -164,12 +190,12 @@ source "${CACHETRAIN_HOME:-$(dirname "$0")}/scripts/launch_training.sh"
     argv = _launch(settings, home, received, tmp_path / "hf")
     assert "--preset" not in argv and "--use_snr" not in argv
     assert argv == [str(home / "train_from_cached.py"), "--copy_config", str(settings),
-                    "--pretrained_model", "models/mine", "--output_dir", "output/sd15",
+                    "--pretrained_model", "models/mine",
                     "--imgcache_suffix", ".img_sdvae", "--txtcache_suffix", ".txt_clipl", "--learning_rate", "1e-5",
                     "--batch_size", "16", "--gradient_accum", "4", "--max_steps", "10000", "--save_steps", "1000",
                     "--scheduler", "cosine", "--warmup_steps", "100", "--optimizer", "adamw", "--sampler_steps", "30",
                     "--no-gradient_checkpointing", "--train_data_dir", "/data/images", "--sample_prompt",
-                    "a photo of a cat"]
+                    "a photo of a cat", "--output_dir", "output/sd15"]
     assert not parse_train_args(argv[1:]).use_snr  # config.py's default: off, as the old comment promised
 
 

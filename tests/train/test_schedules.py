@@ -49,17 +49,28 @@ def test_every_schedule_resumes_from_its_state_to_the_same_rates(name):
 
 
 def test_rex_and_linear_with_min_lr_follow_their_formulas():
-    rex = _rates(_schedule("rex", rex_start_factor=0.8, rex_end_factor=0.1)[1], 12)
+    # rex as the original scripts run it: torch's LinearLR warm-up from --rex_start_factor to the peak,
+    # then REX z / (0.1 + 0.9 z) from the peak down to --min_lr_ratio, z the share of the decay to go
+    rex = _rates(_schedule("rex", rex_start_factor=0.8)[1], 12)
     linear = _rates(_schedule("linear_with_min_lr")[1], 12)
     for step in range(1, 13):
         if step < 3:
-            expected_rex, expected_linear = 0.8 * step / 3, step / 3
+            expected_rex, expected_linear = 0.8 + 0.2 * step / 3, step / 3
         else:
             done = (step - 3) / 9
-            expected_rex = 0.1 + 0.7 * (1 - done) / (1 - done / 2)
+            expected_rex = 0.2 + 0.8 * (1 - done) / (0.1 + 0.9 * (1 - done))
             expected_linear = 0.2 + 0.8 * (1 - done)
         assert rex[step - 1] == pytest.approx(expected_rex)
         assert linear[step - 1] == pytest.approx(expected_linear)
+    assert rex[-1] == pytest.approx(0.2)  # the floor is --min_lr_ratio of the peak
+
+
+def test_rex_flags_take_the_original_scripts_command_line_and_meaning():
+    config = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--scheduler", "rex",
+                               "--rex_start_factor", "0.5", "--rex_end_factor", "--min_lr_ratio", "0.05"])
+    assert (config.rex_start_factor, config.min_lr_ratio) == (0.5, 0.05)
+    old_name = parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--min_learning_rate", "0.3"])
+    assert old_name.min_lr_ratio == 0.3
 
 
 def test_num_cycles_sets_the_cosine_periods():
@@ -94,7 +105,8 @@ def test_scheduler_at_epoch_moves_the_rate_only_when_an_epoch_ends(tiny_sd_model
 
 
 @pytest.mark.parametrize("schedule", [
-    ["--scheduler", "rex", "--scheduler_at_epoch", "--warmup_steps", "1e", "--max_steps", "3e"],
+    ["--scheduler", "rex", "--scheduler_at_epoch", "--warmup_steps", "1e", "--max_steps", "3e",
+     "--rex_start_factor", "0.5"],
     ["--scheduler", "linear_with_min_lr", "--warmup_steps", "0.5e", "--max_steps", "1.5e"],
     ["--scheduler", "cosine_with_restarts", "--num_cycles", "2", "--warmup_steps", "2", "--max_steps", "9"],
 ], ids=lambda flags: flags[1])
