@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the latent cache's precision costs: fp32 encode and fp32 store (the original scripts) against
-bf16 encode with fp16 store (the cache scripts' default on CUDA) and the mixes between.
+fp32 encode with fp16 store (the image cache scripts' default) and bf16 encodes (--dtype bfloat16).
 
 A VAE with SD1.5's structure and size (AutoencoderKL from SD1.5's VAE config: 4 levels of
 128/256/512/512 channels, 2 layers per block, 83.7M parameters) gets random weights from a fixed
@@ -10,7 +10,8 @@ scripts run. For each setting it reports the stored latents' error against the f
 (max and mean absolute, and the max relative to the reference latents' std) and the PSNR of the
 latents decoded back (by the fp32 VAE, clamped to [-1, 1]) against the reference decoded the same way.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_cache_precision.py --images 3
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_cache_precision.py --images 2 --resolution 256 --no_bf16
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_cache_precision.py --images 2 --resolution 64
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ SD15_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, sample_
 
 # (name, encoder dtype, stored dtype); the first is the reference
 SETTINGS = [("fp32 encode, fp32 store (original)", torch.float32, torch.float32),
-            ("fp32 encode, fp16 store (ours on CPU)", torch.float32, torch.float16),
+            ("fp32 encode, fp16 store (the default)", torch.float32, torch.float16),
             ("bf16 encode, fp32 store", torch.bfloat16, torch.float32),
-            ("bf16 encode, fp16 store (ours on CUDA)", torch.bfloat16, torch.float16)]
+            ("bf16 encode, fp16 store (--dtype bfloat16)", torch.bfloat16, torch.float16)]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -137,7 +137,7 @@ def test_the_image_scripts_help_states_the_precision_and_what_float16_storage_co
         create_img_sdvae(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "float32 by default, as the original scripts" in text
-    assert "86 dB PSNR" in text and "--vae" in text and "--previewonly" in text and "--writepreview" in text
+    assert "84-87 dB PSNR" in text and "--vae" in text and "--previewonly" in text and "--writepreview" in text
 
 
 def test_the_crop_offset_of_load_image_matches_torchvision_for_every_small_excess(tmp_path):
