@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "trainer does, else OUT/checkpoint-NNNNN/)")
     parser.add_argument("--output_directory", dest="out", help="the original imgsamplesd.py's name for --out")
     parser.add_argument("--custom", "--is_custom", action="store_true",
-                        help=TRUST_HELP + " A folder with a pipeline.py at its root is taken as custom without it "
-                                          "(as the original imgsamplesd.py), and says so")
+                        help=TRUST_HELP + "; a folder with a pipeline.py at its root is taken as custom without "
+                                          "this flag (as the original imgsamplesd.py), and says so")
     parser.add_argument("--prompt", nargs="+", action="extend", default=[],
                         help="one or more prompts (--prompt 'a cat' 'a dog'); repeatable")
     parser.add_argument("--prompts_file", default=None, help="prompts, one a line (blank lines and # comments skipped)")
