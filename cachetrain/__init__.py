@@ -23,3 +23,19 @@ __version__ = "0.1.0"
 # bitsandbytes, when installed (for --optimizer adamw8), warns at import on some CPUs that an optional
 # 4-bit inference kernel is missing and asks for a package we never use; diffusers imports it always
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+class _TorchvisionFallbackNote(logging.Filter):
+    """Drops transformers' note that CLIPImageProcessor / SiglipImageProcessor fall back to their Pillow
+    versions because torchvision is not installed: diffusers' pipeline modules import both, no script here
+    processes images through them, and torchvision is not a dependency. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("requires torchvision (not installed); falling back to" in message
+                    and message.startswith(("`CLIPImageProcessor`", "`SiglipImageProcessor`")))
+
+
+# The note is logged by this module's logger, before diffusers hands control back to us: filtering at the
+# source logger keeps transformers' own handlers and verbosity as the user set them
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNote())

@@ -18,7 +18,7 @@ MAY_IMPORT = {
     "cache": {"root", "models"},
     "train": {"root", "models"},
     "sample": {"root", "models", "train"},
-    "view": {"root", "models", "train"},
+    "view": {"root", "models", "train", "cache"},  # the cache tools prepare images as the cache does
     "tiny": {"root", "models"},
 }
 # top-level modules that stand above every stage: the console commands (each imports its stage when

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..models import loading as models
 from ..cli import ArgumentParser
 from .build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, custom_model_source,
-                          default_encoder_dtype, run_cache_build, settings_from_args)
+                          requested_device, run_cache_build, settings_from_args)
+from .previews import write_previews
 from .summary import CacheSummary
 from .writer import EncodedItem
 from .images import (CONVERSION_REASONS, ORIENTATION_TAG, ImageRejected, Sizing, load_image, parse_size,
@@ -175,7 +176,7 @@ class ImageLatentBuilder:
         files = []
         for image in pixels.numpy():
             buffer = io.BytesIO()
-            Image.fromarray(image, "RGB").save(buffer, format="WEBP", quality=90)
+            Image.fromarray(image, "RGB").save(buffer, format="WEBP", lossless=True)  # as the original's previews
             files.append(buffer.getvalue())
         return files
 
@@ -264,6 +265,8 @@ def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=defaults.model,
                         help=f"diffusers folder or hub id holding the VAE in vae/, or a single-file model "
                              f"(.safetensors) (default {defaults.model})")
+    parser.add_argument("--vae", action="store_true",
+                        help="--model is a bare VAE: config and weights at its root, as stabilityai/sd-vae-ft-mse")
     add_custom_flag(parser, "VAE (vae/; only the VAE is loaded, so none of the pipeline's code runs)")
     parser.add_argument("--out_suffix", default=defaults.out_suffix,
                         help=f"sidecar suffix: x.jpg -> x{defaults.out_suffix}")
@@ -278,14 +281,20 @@ def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
     parser.add_argument("--aspect_buckets", action="store_true",
                         help="the standard buckets at --resolution: sides multiples of 64, area <= resolution^2, "
                              "aspect ratios up to 2:1 (512 gives 384x640 448x576 512x512 576x448 640x384)")
-    parser.add_argument("--write_preview", action="store_true",
+    parser.add_argument("--write_preview", "--writepreview", action="store_true",
                         help="also write each new latent decoded back by the VAE as x<out_suffix>.webp, for spot "
                              "checks (never taken for a source image)")
+    parser.add_argument("--previewonly", action="store_true",
+                        help="write only the previews x<out_suffix>.webp, no sidecars: an existing latent is decoded, "
+                             "an image without one is encoded for its preview alone; existing previews are kept "
+                             "unless --overwrite")
     parser.add_argument("--min_size", type=int, default=0,
                         help="skip images whose short side is under this many pixels (default: upscale them)")
     parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_IMAGE_EXTENSIONS),
                         help="image file extensions to take (case-insensitive)")
-    add_common_cache_flags(parser, default_batch=8)
+    add_common_cache_flags(parser, default_batch=8, encoder_dtype_help=(
+        "VAE precision: float32 by default, as the original scripts (bfloat16 encodes faster on CUDA but moves "
+        "latents by up to 5%% of their std, decoded ~49 dB PSNR from float32; docs/BENCHMARKS.md)"))
     add_single_file_config_flag(parser)
     return parser
 
@@ -318,23 +327,31 @@ def sizing_from_args(args: argparse.Namespace) -> Sizing:
 
 def main(argv: list[str] | None, defaults: ImageScriptDefaults) -> int:
     args = build_parser(defaults).parse_args(argv)
-    device = process_device(args.device)
     try:
-        dtype = models.parse_dtype(args.dtype) if args.dtype else default_encoder_dtype(device)
+        device = process_device(requested_device(args))
+        dtype = models.parse_dtype(args.dtype) if args.dtype else torch.float32
         save_dtype = models.parse_dtype(args.save_dtype)
         settings = settings_from_args(args, normalize_extensions(args.extensions), args.num_workers)
         sizing = sizing_from_args(args)
-        model = custom_model_source(args, (defaults.vae_subfolder,))
-        vae = models.load_vae(model, subfolder=defaults.vae_subfolder, dtype=torch.float32,
+        if args.vae and args.custom is not None:
+            raise ValueError("--vae and --custom: --vae says --model is a bare VAE, --custom that it is a pipeline")
+        subfolder = None if args.vae else defaults.vae_subfolder
+        model = custom_model_source(args, (subfolder,) if subfolder else ())
+        vae = models.load_vae(model, subfolder=subfolder, dtype=torch.float32,
                               single_file_config=args.single_file_config or defaults.model)
         builder = ImageLatentBuilder(vae=vae, model_name=models.model_name(model), resolution=args.resolution,
                                      device=device, dtype=dtype, save_dtype=save_dtype,
                                      batch_size=args.batch_size, num_workers=args.num_workers,
-                                     min_size=args.min_size, sizing=sizing, write_preview=args.write_preview,
-                                     out_suffix=args.out_suffix)
+                                     min_size=args.min_size, sizing=sizing,
+                                     write_preview=args.write_preview or args.previewonly, out_suffix=args.out_suffix)
     except (ValueError, OSError) as error:  # bad flags, or no VAE where --model / --custom points
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.previewonly:
+        previews = write_previews(builder, settings.data_roots, settings.extensions, settings.out_suffix,
+                                  overwrite=args.overwrite)
+        print(previews.render(), file=sys.stderr)
+        return 1 if previews.failed else 0
     summary = run_cache_build(builder, settings)
     print(summary.render(), file=sys.stderr)
     return agree_on_exit_status(summary.exit_status())

@@ -6,8 +6,9 @@ Every image becomes 8-bit RGB the same way on every run:
   - 16/32-bit grey is scaled to 8 bits (not clipped), then grey is repeated into R, G and B;
   - CMYK and every other mode use Pillow's own conversion to RGB.
 Then the image is scaled (bicubic) to cover its target size and the centre is cropped to exactly that
-size: a square of ``--resolution``, one fixed ``--target_width`` x ``--target_height``, or the aspect
-bucket nearest the image's shape (``Sizing``).
+size (the offset is half the excess, rounded as torchvision's center_crop rounds it): a square of
+``--resolution``, one fixed ``--target_width`` x ``--target_height``, or the aspect bucket nearest the
+image's shape (``Sizing``).
 Each conversion is named in ``PreparedImage.notes`` so the cache builders can count it.
 
 Files that cannot become a training image raise ``ImageRejected`` with a ``kind`` (one of
@@ -207,6 +208,14 @@ def standard_buckets(resolution: int) -> list[tuple[int, int]]:
     return buckets
 
 
+def center_crop_offset(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(left, top) of a centred ``target`` (w, h) in ``size`` (w, h): half the excess, rounded half to even
+    as Python's round() does (an excess of 11 gives 6, not 5). The original scripts crop with
+    torchvision's center_crop, which rounds so; taking the same pixels keeps caches made by either tool
+    interchangeable."""
+    return round((size[0] - target[0]) / 2), round((size[1] - target[1]) / 2)
+
+
 def read_image_file(path: os.PathLike | str) -> bytes:
     """An image file's bytes, read once (to decode and to hash the same bytes); refuses an empty file
     and one too large to be an image before reading it."""
@@ -257,8 +266,7 @@ def load_image(path: os.PathLike | str | BinaryIO, resolution: int | Sizing, min
     new_size = (max(target[0], round(width * scale)), max(target[1], round(height * scale)))
     if new_size != rgb.size:
         rgb = rgb.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left = (new_size[0] - target[0]) // 2
-    top = (new_size[1] - target[1]) // 2
+    left, top = center_crop_offset(new_size, target)
     rgb = rgb.crop((left, top, left + target[0], top + target[1]))
     array = np.asarray(rgb, dtype=np.uint8)
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

@@ -28,7 +28,8 @@ import torch
 from ..models import loading as models
 from ..cli import ArgumentParser
 from .build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, custom_model_source,
-                          default_encoder_dtype, run_cache_build, settings_from_args)
+                          default_encoder_dtype, requested_device, run_cache_build,
+                          settings_from_args)
 from .summary import CacheSummary, write_problem
 from .writer import EncodedItem
 from .shares import agree_on_exit_status, process_device
@@ -140,7 +141,11 @@ def build_parser(default_model: str, default_suffix: str, description: str) -> a
 
 def encoder_device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """--device / --dtype, or this process's GPU in bf16, or the CPU in fp32."""
-    device = process_device(args.device)
+    try:
+        device = process_device(requested_device(args))
+    except ValueError as error:  # --cpu with --device cuda
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     return device, models.parse_dtype(args.dtype) if args.dtype else default_encoder_dtype(device)
 
 

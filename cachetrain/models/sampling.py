@@ -190,7 +190,7 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
                  guidance_scale: float, negative_prompt: str = "", device: torch.device,
                  autocast_dtype: torch.dtype | None = None, token_length: int | None = None,
                  scheduler=None, scheduler_name: str | None = None, height: int | None = None,
-                 width: int | None = None, increment_seed: bool = True,
+                 width: int | None = None, increment_seed: bool = True, generator_device: torch.device | None = None,
                  on_failure: typing.Callable[[int, str, Exception], None] | None = None) -> list[Path]:
     """One PNG per prompt in ``out_dir``; each PNG's text chunks say how it was made.
 
@@ -219,7 +219,7 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
         for index, (filename, metadata) in enumerate(plan):
             path = out_dir / filename
             try:
-                generator = torch.Generator(device=device).manual_seed(metadata.seed)
+                generator = torch.Generator(device=generator_device or device).manual_seed(metadata.seed)
                 with torch.no_grad(), autocast:
                     text = prompt_arguments(pipeline, metadata.prompt, negative_prompt, guidance_scale > 1.0,
                                             token_length, device)

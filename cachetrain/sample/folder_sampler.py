@@ -46,6 +46,9 @@ class SampleSettings:
     token_length: int | None = None  # None: as the model was trained (its projection, or its run's settings)
     use_ema: bool = True
     custom: bool = False
+    offload: bool = False  # on CUDA: each module moved to the GPU only while it runs
+    vae_scaling: float | None = None  # None: the VAE config's own scaling factor
+    seed_device: torch.device | None = None  # where the noise is drawn; None: the sampling device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +176,13 @@ def load_sampling_pipeline(model: str, settings: SampleSettings):
     if _is_local(model):
         merge_checkpoint_adapter(unet, Path(model), settings.use_ema)
     pipeline = models.load_pipeline_around(model, unet, settings.custom)
-    pipeline.to(device=settings.device, dtype=settings.weight_dtype)
+    if settings.vae_scaling is not None:  # the latents are divided by it before decoding
+        pipeline.vae.register_to_config(scaling_factor=settings.vae_scaling)
+    pipeline.to(dtype=settings.weight_dtype)
+    if settings.offload and settings.device.type == "cuda":
+        pipeline.enable_sequential_cpu_offload(device=settings.device)
+    else:
+        pipeline.to(device=settings.device)
     unet.eval()
     return pipeline
 
@@ -213,7 +222,7 @@ def sample_model(model: str, out_dir: Path, settings: SampleSettings, step: int 
                         negative_prompt=settings.negative_prompt, device=settings.device,
                         autocast_dtype=settings.autocast_dtype, token_length=token_length, scheduler=scheduler,
                         scheduler_name=plan[0][1].scheduler, height=settings.height, width=settings.width,
-                        increment_seed=settings.increment_seed)
+                        increment_seed=settings.increment_seed, generator_device=settings.seed_device)
 
 
 def _quiet_loading() -> None:

@@ -6,13 +6,15 @@ chunks, conditioned as training conditioned the UNet: the scales are in the chec
 the token length (``--force_toklen``) in its T5 projection or the run's train_args.json. Drawing from
 one folder is folder_sampler's; this module adds ``--watch`` and the command line.
 
-    sample_images.py MODEL_OR_CHECKPOINT --prompt P [--prompt P2] [--prompts_file F] [--out DIR]
+    sample_images.py MODEL_OR_CHECKPOINT --prompt P [P2 ...] [--prompts_file F] [--out DIR]
+    sample_images.py --model MODEL --prompt P [P2 ...]      (the original imgsamplesd.py's form)
     sample_images.py --watch RUN_DIR --prompts_file F --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -31,7 +33,6 @@ from ..models.prompts import PromptsFileError, read_prompts_file
 from ..models.sampling import SampleMetadata, read_sample_metadata
 from ..train.run_dir import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
 
-DEFAULT_OUT = "samples"
 STAGING_SUFFIX = ".sampling"  # hidden folders beside the checkpoints, where a checkpoint's samples are drawn
 
 
@@ -162,16 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "PNG metadata and conditioned as training was.")
     parser.add_argument("model", nargs="?", default=None,
                         help="a checkpoint folder, pipeline folder or hub id (not with --watch)")
+    parser.add_argument("--model", dest="model_flag", metavar="MODEL", default=None,
+                        help="the same as the positional MODEL (the original imgsamplesd.py's form)")
     parser.add_argument("--watch", metavar="RUN_DIR", default=None,
                         help="sample every complete checkpoint of this training run (its --output_dir) as it is "
                              "written, until the run ends; already sampled checkpoints are skipped")
     parser.add_argument("--once", action="store_true", help="with --watch: sample the checkpoints there now and exit")
     parser.add_argument("--poll", type=float, default=10.0, help="with --watch: seconds between looks for a new checkpoint (default 10)")
     parser.add_argument("--out", default=None,
-                        help=f"where the PNGs go (default: {DEFAULT_OUT}/; with --watch, into each checkpoint "
-                             "folder as the trainer does, else OUT/checkpoint-NNNNN/)")
-    parser.add_argument("--custom", "--is_custom", action="store_true", help=TRUST_HELP)
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
+                        help="where the PNGs go (default: the model's folder, or the current folder for a hub id, "
+                             "as the original imgsamplesd.py; with --watch, into each checkpoint folder as the "
+                             "trainer does, else OUT/checkpoint-NNNNN/)")
+    parser.add_argument("--output_directory", dest="out", help="the original imgsamplesd.py's name for --out")
+    parser.add_argument("--custom", "--is_custom", action="store_true",
+                        help=TRUST_HELP + "; a folder with a pipeline.py at its root is taken as custom without "
+                                          "this flag (as the original imgsamplesd.py), and says so")
+    parser.add_argument("--prompt", nargs="+", action="extend", default=[],
+                        help="one or more prompts (--prompt 'a cat' 'a dog'); repeatable")
     parser.add_argument("--prompts_file", default=None, help="prompts, one a line (blank lines and # comments skipped)")
     parser.add_argument("--negative_prompt", default="", help="the negative prompt of every image")
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt, each with its own seed (default 1)")
@@ -193,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force_toklen", type=int, default=None,
                         help="condition on N tokens (default: the length the model was trained to, if any)")
     parser.add_argument("--no_ema", action="store_true", help="draw with unet/, not the checkpoint's unet_ema/")
+    parser.add_argument("--offload", action="store_true",
+                        help="on CUDA, keep the weights in CPU memory and move each module to the GPU only while it "
+                             "runs (slow, for small GPUs; the original imgsamplesd.py always does); nothing on the CPU")
+    parser.add_argument("--vae_scaling", type=float, default=None,
+                        help="decode with this VAE scaling factor instead of the one in the model's vae/ config")
+    parser.add_argument("--seed_device", choices=("cpu", "cuda"), default=None,
+                        help="where each image's noise is drawn from its seed (default: the sampling device); the "
+                             "original imgsamplesd.py draws on cuda, so --seed_device cuda reproduces its noise")
     return parser
 
 
@@ -218,18 +234,32 @@ def settings_from_args(args: argparse.Namespace) -> SampleSettings:
     if device_name == "cuda" and not torch.cuda.is_available():
         raise SamplerInputError("--device cuda: no CUDA device is visible")
     device = torch.device(device_name)
+    if args.seed_device == "cuda" and not torch.cuda.is_available():
+        raise SamplerInputError("--seed_device cuda: no CUDA device is visible")
+    if args.vae_scaling is not None and not args.vae_scaling > 0:
+        raise SamplerInputError(f"--vae_scaling {args.vae_scaling}: must be > 0")
     weights = {"auto": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     autocast = torch.bfloat16 if args.dtype == "auto" and device.type == "cuda" else None
     return SampleSettings(
         prompts=[p for p in prompts for _ in range(args.num_images)], negative_prompt=args.negative_prompt,
         seed=args.seed, increment_seed=args.inc_seed, scheduler=args.scheduler, steps=args.steps,
         guidance=args.guidance, width=args.width, height=args.height, device=device, weight_dtype=weights,
-        autocast_dtype=autocast, token_length=args.force_toklen, use_ema=not args.no_ema, custom=args.custom)
+        autocast_dtype=autocast, token_length=args.force_toklen, use_ema=not args.no_ema, custom=args.custom,
+        offload=args.offload, vae_scaling=args.vae_scaling,
+        seed_device=torch.device(args.seed_device) if args.seed_device else None)
+
+
+def default_out(model: str) -> Path:
+    """Where the original imgsamplesd.py writes: the model's folder, or the current folder for a hub id."""
+    return Path(model) if os.path.isdir(model) else Path(".")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model is not None and args.model_flag is not None:
+        parser.error("give the model once: as MODEL or as --model MODEL")
+    args.model = args.model if args.model is not None else args.model_flag
     if (args.model is None) == (args.watch is None):
         parser.error("give a model folder or --watch RUN_DIR (one of them)")
     if args.once and not args.watch:
@@ -244,7 +274,14 @@ def main(argv: list[str] | None = None) -> int:
             print(result.summary(), file=sys.stderr)
             return 1 if result.failed else 0
         check_model(args.model)
-        paths = sample_model(args.model, Path(args.out or DEFAULT_OUT), settings)
+        if not settings.custom and os.path.isfile(os.path.join(args.model, "pipeline.py")):
+            print(f"[sample] {os.path.join(args.model, 'pipeline.py')} found: a custom pipeline; its code will run "
+                  "(as with --custom)", file=sys.stderr)
+            settings = dataclasses.replace(settings, custom=True)
+        if settings.offload and settings.device.type != "cuda":
+            print("[sample] --offload: sampling on the CPU, where the weights already are; nothing to offload",
+                  file=sys.stderr)
+        paths = sample_model(args.model, Path(args.out) if args.out else default_out(args.model), settings)
     except SamplerInputError as error:
         print_error(str(error))
         return 2

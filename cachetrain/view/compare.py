@@ -1,14 +1,16 @@
 """Runs side by side: pair their sample images, write one self-contained HTML page and labelled PNGs.
 
 A run folder holds its samples at ``checkpoint-NNNNN/sample-II-<slug>.png`` (and ``samples-NNNNN/``
-for samples drawn between checkpoints). Images of different runs are paired by that path relative
-to their run; each folder is one step of the comparison. Everything the page needs (images as data
+for samples drawn between checkpoints). Every PNG, JPEG and BMP image under the folders given is taken
+(as the original compare_imgdirs.py does, so its sampler's ``sample0_s90.png`` pair too), and images of
+different folders are paired by their path relative to their folder; each subfolder is one step of
+the comparison. Everything the page needs (images as data
 URIs, their prompts read from the PNG text chunks) is inside the one HTML file, so it can be copied
 off a remote machine and opened anywhere; for long runs, ``--link`` refers to the images by relative
 path instead. Runs that do not have the same images are reported, and a missing or unreadable image
 is shown as a marked gap rather than stopping the comparison.
 
-    compare_imgdirs.py RUN_A RUN_B [RUN_C ...] [--out compare.html] [--png DIR] [--link] [--view]
+    compare_imgdirs.py RUN_A RUN_B [RUN_C ...] [--skip N] [--out compare.html] [--png DIR] [--link] [--view]
 
 One module for one command, though over 400 lines: the pairing, its two renderings (the page, the PNGs)
 and the command line all work on the data classes at the top, and are marked as sections below.
@@ -36,8 +38,8 @@ from ..cli import ArgumentParser
 from ..models.sampling import SampleMetadata
 from ..tree import walk_files
 
-SAMPLE_PREFIX = "sample-"
-SAMPLE_EXTENSION = ".png"
+# The original compare_imgdirs.py's list; a cache's previews (.webp) are not samples
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
 DEFAULT_OUT = "compare.html"
 PAGE_TEMPLATE = "compare_page.html"  # beside this module: the page's markup, style and script
 
@@ -125,12 +127,8 @@ def run_names(roots: list[Path]) -> list[str]:
 
 
 def find_sample_images(root: Path) -> dict[str, Path]:
-    """Relative path (with '/') -> file, for every sample PNG under a run folder."""
-    found = {}
-    for path in walk_files(root, (SAMPLE_EXTENSION,)):
-        if os.path.basename(path).startswith(SAMPLE_PREFIX):
-            found[Path(path).relative_to(root).as_posix()] = Path(path)
-    return found
+    """Relative path (with '/') -> file, for every PNG, JPEG and BMP image under a run folder."""
+    return {Path(path).relative_to(root).as_posix(): Path(path) for path in walk_files(root, tuple(IMAGE_TYPES))}
 
 
 def step_of_folder(folder: str) -> int | None:
@@ -181,6 +179,18 @@ def compare_runs(roots: list[Path], names: list[str] | None = None) -> Compariso
     return Comparison(runs, steps, describe_mismatches(runs, steps))
 
 
+def skip_matches(comparison: Comparison, count: int) -> Comparison:
+    """The comparison less its first ``count`` images in page order (--skip, as the original's: start further in)."""
+    steps = []
+    for step in comparison.steps:
+        names = step.names[count:]
+        count = max(0, count - len(step.names))
+        if names:
+            kept = [{name: image for name, image in images.items() if name in names} for images in step.images]
+            steps.append(Step(step.folder, step.step, names, kept, step.present))
+    return Comparison(comparison.runs, steps, describe_mismatches(comparison.runs, steps))
+
+
 def describe_mismatches(runs: list[Run], steps: list[Step]) -> list[str]:
     """One line per step or image that some runs have and others do not."""
     lines = []
@@ -201,8 +211,9 @@ def describe_mismatches(runs: list[Run], steps: list[Step]) -> list[str]:
 # The HTML page
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def _data_uri(data: bytes, relative_path: str) -> str:
+    media_type = IMAGE_TYPES.get(os.path.splitext(relative_path)[1].lower(), "image/png")
+    return f"data:{media_type};base64," + base64.b64encode(data).decode("ascii")
 
 
 def _facts(metadata: SampleMetadata | None) -> str:
@@ -242,7 +253,7 @@ def page_data(comparison: Comparison, link_from: Path | None = None) -> dict:
                 elif not image.readable:
                     cells.append({"gap": "unreadable", "reason": image.problem})
                 else:
-                    source = (_data_uri(image.png) if link_from is None
+                    source = (_data_uri(image.png, image.relative_path) if link_from is None
                               else _relative_url(run.root / image.relative_path, link_from))
                     cells.append({"src": source, "width": image.size[0], "height": image.size[1],
                                   "prompt": image.metadata.prompt if image.metadata else "",
@@ -383,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--png", metavar="DIR", default=None,
                         help="also write one labelled side-by-side PNG per step that every run has into DIR")
     parser.add_argument("--names", nargs="+", default=None, help="names to show for the runs (default: from paths)")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first N paired images (in page order: by step, then by name)")
     parser.add_argument("--link", action="store_true",
                         help="refer to the images by relative path instead of embedding them: a small page for "
                              "long runs, which must stay beside the run folders")
@@ -412,10 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.skip < 0:
+        parser.error(f"--skip {args.skip}: must be >= 0")
+    if args.skip:
+        comparison = skip_matches(comparison, args.skip)
     for line in summary_lines(comparison):
         print(line, file=sys.stderr)
     if not comparison.steps:
-        print("error: no sample images (checkpoint-*/sample-*.png) in any of these runs", file=sys.stderr)
+        print("error: no images (.png, .jpg, .jpeg, .bmp) in any of these folders"
+              + (f" after --skip {args.skip}" if args.skip else ""), file=sys.stderr)
         return 1
     page = write_page(comparison, Path(args.out), link=args.link)
     print(f"[compare] wrote {page}", file=sys.stderr)

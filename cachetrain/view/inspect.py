@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ..cli import ArgumentParser
+from . import cache_tools
 from ..sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, KNOWN_SUFFIXES,
                       TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness, file_content_digest,
                       image_source_identity, is_orphan, read_caption, read_metadata, read_sidecar, sidecar_sources)
@@ -346,7 +347,10 @@ def render_text(result: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m cachetrain.inspect",
-                            description="Report what a cache of sidecars holds, without loading encoders.",
+                            description="Report what a cache of sidecars holds, without loading encoders. "
+                                        "Also: 'validate DIR --model M' (decode each latent, compare with its "
+                                        "image), 'compare A B' (two tensor files), 'show FILE --model M' (a latent "
+                                        "as an image); each with --help.",
                             epilog="Exit status: 0 when every sidecar can be trained on; 1 when any is unreadable, "
                                    "holds NaN/Inf or has an odd shape (stale ones and orphans are reported, not "
                                    "counted: the cache scripts rebuild or prune them); 2 for a folder not found.")
@@ -364,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in cache_tools.TOOLS:  # validate / compare / show: the original's cache-utils
+        return cache_tools.main(argv)
     args = build_parser().parse_args(argv)
     try:
         result = inspect_cache(args.dirs, args.suffix, show_progress=not args.no_progress,

@@ -41,7 +41,7 @@ def two_runs(tmp_path):
     write_run(run_b, 1, [100, 200, 300])
     (run_b / "checkpoint-00200" / SAMPLE_NAMES[1]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (run_a / "tensorboard").mkdir()
-    Image.new("RGB", (4, 4)).save(run_a / "tensorboard" / "not-a-sample.png")  # only sample-*.png are compared
+    Image.new("RGB", (4, 4)).save(run_a / "tensorboard" / "not-a-sample.webp")  # only png/jpg/jpeg/bmp are compared
     return run_a, run_b
 
 
@@ -79,7 +79,7 @@ def test_runs_without_any_sample_image_are_an_error(tmp_path, capsys):
     (tmp_path / "empty_a").mkdir()
     (tmp_path / "empty_b").mkdir()
     assert compare.main([str(tmp_path / "empty_a"), str(tmp_path / "empty_b"), "--out", str(tmp_path / "c.html")]) == 1
-    assert "no sample images" in capsys.readouterr().err
+    assert "no images (.png, .jpg, .jpeg, .bmp)" in capsys.readouterr().err
 
 
 def test_mismatched_runs_are_reported_and_the_page_still_written(two_runs, tmp_path, capsys):
@@ -250,3 +250,28 @@ def test_the_facts_under_an_image_name_a_forced_token_length(tmp_path):
     [cell] = compare.page_data(compare.compare_runs([tmp_path / "run"]))["steps"][0]["rows"][0]["cells"]
     assert cell["facts"] == ("step 100 \u00b7 seed 1 \u00b7 20 sampler steps \u00b7 guidance 7.5 "
                              "\u00b7 conditioned on 60 tokens")
+
+
+def test_the_original_samplers_images_of_any_type_pair_by_relative_path_and_skip_leaves_out_the_first(tmp_path, capsys):
+    # imgsamplesd.py writes sample{i}_s{seed}.png into the model folder; jpg and bmp pair the same way
+    names = ["sample0_s90.png", "sample1_s90.png", "sub/photo.jpg", "sub/scan.bmp"]
+    for run, folder in enumerate(("model_a", "model_b")):
+        for index, name in enumerate(names):
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (100 * run, 50 * index, 0)).save(tmp_path / folder / name)
+    out = tmp_path / "page.html"
+    assert compare.main([str(tmp_path / "model_a"), str(tmp_path / "model_b"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "data:image/jpeg;base64," in page and "data:image/bmp;base64," in page
+    comparison = compare.compare_runs([tmp_path / "model_a", tmp_path / "model_b"])
+    assert [(step.folder, step.names) for step in comparison.steps] == [
+        (".", ["sample0_s90.png", "sample1_s90.png"]), ("sub", ["photo.jpg", "scan.bmp"])]
+    assert not comparison.mismatches
+
+    skipped = compare.skip_matches(comparison, 3)
+    assert [(step.folder, step.names) for step in skipped.steps] == [("sub", ["scan.bmp"])]
+    assert [sorted(images) for images in skipped.steps[0].images] == [["scan.bmp"], ["scan.bmp"]]
+    assert compare.main([str(tmp_path / "model_a"), str(tmp_path / "model_b"), "--skip", "3", "--out", str(out)]) == 0
+    assert "photo.jpg" not in out.read_text() and "scan.bmp" in out.read_text()
+    assert compare.main([str(tmp_path / "model_a"), str(tmp_path / "model_b"), "--skip", "4", "--out", str(out)]) == 1
+    assert "after --skip 4" in capsys.readouterr().err
