@@ -25,6 +25,7 @@ from .layers import LayerSelection
 from ..models.ldm_layout import is_single_file
 from .presets import PRESETS, describe
 from ..models.prompts import PromptsFileError, read_prompts_file
+from .data_folders import DatasetFileError, read_dataset_file
 from ..sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX
 
 OPTIMIZERS = ("adamw", "adamw8", "lion")
@@ -83,6 +84,16 @@ def _prompts_file_problem(path: str | None) -> str | None:
     return None
 
 
+def _dataset_file_problem(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        read_dataset_file(path)
+    except DatasetFileError as error:
+        return str(error)
+    return None
+
+
 def _flag(default: Any = None, help: str = "", check: Check | None = None, **argparse_kwargs: Any):
     metadata = {"help": help, **argparse_kwargs, **({"check": check} if check else {})}
     if isinstance(default, list):
@@ -100,7 +111,8 @@ class TrainConfig:
                                   check=_check(lambda model: not is_single_file(model) or os.path.isfile(model),
                                                "{value}: no such file"))
     is_custom: bool = _flag(False, TRUST_HELP, flags=("--custom", "--is_custom"))
-    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable", nargs="+", action="extend", required=True)
+    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable (or --dataset_config)", nargs="+",
+                                      action="extend")
     output_dir: str = _flag("output", "where checkpoints, samples, logs and the final model go")
     copy_config: str | None = _flag(None, "a settings file (e.g. the wrapper script) archived into output_dir")
     imgcache_suffix: str = _flag(SD_VAE_SUFFIX, "suffix of the latent sidecars")
@@ -256,6 +268,19 @@ class TrainConfig:
     data_balance: str = _flag("pooled", "pooled: every pair equally likely; equal: each --train_data_dir gets "
                                         "the same share of every epoch (an epoch is as long as the largest "
                                         "folder, smaller ones are drawn again)", choices=("pooled", "equal"))
+    # per-folder weights and repeats (docs/data-features.md)
+    dataset_config: str | None = _flag(None, "a TOML file of [[folder]] tables (path; repeats or weight; loss_weight; "
+                                             "caption_dropout): the run's data folders, in place of --train_data_dir",
+                                       check=_dataset_file_problem)
+    # noise and loss variants (docs/data-features.md)
+    multires_noise_iterations: int = _flag(0, "pyramid noise: add this many levels of coarser noise to each sample's "
+                                              "noise (0 disables; 6 is common)", check=NOT_NEGATIVE)
+    multires_noise_discount: float = _flag(0.3, "pyramid noise: level i is weighted discount^i",
+                                           check=_check(lambda d: 0 < d <= 1, "must be in (0, 1]"))
+    ip_noise_gamma: float = _flag(0.0, "input perturbation: noise the UNet input with noise + gamma x a second draw, "
+                                       "the target keeps the first (0 disables; 0.1 is common)", check=NOT_NEGATIVE)
+    debiased_estimation_loss: bool = _flag(False, "DDPM: weight each sample's loss by 1/sqrt(SNR(t)) "
+                                                  "(v-prediction: 1/sqrt(SNR(t)+1)), SNR capped at 1000")
 
     @property
     def max_epochs(self) -> float | None:
@@ -335,7 +360,12 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     for item in dataclasses.fields(TrainConfig):
         if values[item.name] is None and item.metadata.get("action") == "extend":  # not given
             values[item.name] = list(chosen.get(item.name, _default(item)))
-    return validate(TrainConfig(**values))
+    config = TrainConfig(**values)
+    if config.dataset_config and not config.train_data_dir and not _dataset_file_problem(config.dataset_config):
+        config.train_data_dir = [folder.path for folder in read_dataset_file(config.dataset_config)]
+    elif not config.dataset_config and not config.train_data_dir:
+        raise ConfigError("invalid arguments:\n  --train_data_dir is required (or --dataset_config)")
+    return validate(config)
 
 
 def validate(config: TrainConfig) -> TrainConfig:
@@ -403,6 +433,12 @@ def _data_problems(config: TrainConfig) -> list[str]:
         problems.append("--imgcache_suffix and --txtcache_suffix must differ")
     if config.validation_dir and config.validation_split:
         problems.append("give --validation_dir or --validation_split, not both")
+    if config.dataset_config:
+        listed = [] if _dataset_file_problem(config.dataset_config) else read_dataset_file(config.dataset_config)
+        if listed and config.train_data_dir != [folder.path for folder in listed]:
+            problems.append("give --dataset_config or --train_data_dir, not both (the file lists the folders)")
+        if config.data_balance != "pooled":
+            problems.append("--data_balance: with --dataset_config each folder's repeats or weight say its share")
     return problems
 
 

@@ -7,8 +7,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+import torch
+
 from .bad_data import TrainingError, examples, reference_shapes
 from .config import TrainConfig
+from .data_folders import DataFolder, describe_shares, folder_draws, read_dataset_file
 from .loader import EpochOrder, PairChecks
 from ..sidecar import IMAGE_LATENT_KEY
 from ..tree import UNREADABLE_SHAPE, PairIndex, index_training_pairs, record_latent_shapes
@@ -25,6 +28,7 @@ class RunData:
     total_steps: int  # optimizer steps of the whole run
     left_out_at_start: int  # latents whose headers could not be read (--aspect_buckets)
     pairs_fingerprint: str  # the training pairs' names, in order (a resume must read the same)
+    folders: list[DataFolder] | None = None  # --dataset_config's folders, in --train_data_dir's order
 
 
 def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> RunData:
@@ -40,10 +44,19 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> 
         index, left_out = _index_buckets(index, config.max_bad_fraction, is_main)
     checks = reference_shapes(index, with_latent=not config.aspect_buckets)
     train_index, validation_index = held_out_pairs(config, index)
+    folders, draws = None, None
+    if config.dataset_config:
+        folders = read_dataset_file(config.dataset_config)
+        sizes = torch.bincount(torch.as_tensor(train_index.root_ids(), dtype=torch.long),
+                               minlength=len(folders)).tolist()
+        draws = folder_draws(folders, sizes)
+        if is_main:
+            print(f"[train] --dataset_config {config.dataset_config}: "
+                  f"{describe_shares(folders, sizes, draws, config.caption_dropout)}", file=sys.stderr)
     order = EpochOrder(len(train_index), config.batch_size, config.seed, rank, world,
                        buckets=train_index.shape_ids if config.aspect_buckets else None,
-                       groups=train_index.root_ids() if config.data_balance == "equal" else None,
-                       balance=config.data_balance)
+                       groups=train_index.root_ids() if config.data_balance == "equal" or folders else None,
+                       balance="weighted" if folders else config.data_balance, group_draws=draws)
     if is_main and config.aspect_buckets:
         _print_buckets(order, train_index, config.batch_size)
     if is_main and config.data_balance == "equal":
@@ -57,7 +70,7 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> 
         raise TrainingError(f"{len(train_index)} samples are fewer than one batch of "
                             f"{config.batch_size} per process")
     return RunData(train_index, validation_index, checks, order, batches_per_epoch,
-                   config.max_optimizer_steps(batches_per_epoch), left_out, train_index.fingerprint())
+                   config.max_optimizer_steps(batches_per_epoch), left_out, train_index.fingerprint(), folders)
 
 
 def _index_buckets(index: PairIndex, max_bad_fraction: float, is_main: bool) -> tuple[PairIndex, int]:
