@@ -1,7 +1,7 @@
 """Noise variants drawn per sample in the loader's worker: multi-resolution (pyramid) noise and input
 perturbation; and the debiased-estimation loss weight the objective applies.
 
-Both draws come from a generator of their own, seeded from the sample's key (``objective.sample_key``
+Each draws from a generator of its own, seeded from the sample's key (``objective.sample_key``
 of (seed, epoch, draw)), after and apart from the sample's noise, timestep and dropout draws: they are
 functions of (seed, epoch, sample) alone, so a resumed run draws them again exactly, and switching a
 variant on leaves every other draw as it was.
@@ -59,12 +59,15 @@ def draw_noise_variants(noise: torch.Tensor, key: int, variants: NoiseVariants) 
     """(the sample's noise, its input perturbation g * e or None), drawn from a generator keyed by ``key``."""
     from .objective import sample_key
 
-    generator = torch.Generator().manual_seed(sample_key(key, -1, "noise_variants"))
+    def generator(name: str) -> torch.Generator:  # one per variant: each draws the same with or without the other
+        return torch.Generator().manual_seed(sample_key(key, -1, name))
+
     if variants.multires_iterations:
-        noise = pyramid_noise(noise, generator, variants.multires_iterations, variants.multires_discount)
+        noise = pyramid_noise(noise, generator("multires_noise"), variants.multires_iterations,
+                              variants.multires_discount)
     perturbation = None
     if variants.ip_noise_gamma:
-        perturbation = variants.ip_noise_gamma * torch.randn(noise.shape, generator=generator)
+        perturbation = variants.ip_noise_gamma * torch.randn(noise.shape, generator=generator("ip_noise"))
     return noise, perturbation
 
 
