@@ -79,6 +79,7 @@ def test_sample_images_refuses_a_line_size_the_vae_cannot_make_with_status_2(tin
     assert "--w 33: must be a multiple of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_trainer_draws_prompt_lines_with_their_own_settings(tiny_sd_model, cached_dataset, tmp_path, capsys):
     from cachetrain.commands import train_from_cached
     from tests.training_support import train_args

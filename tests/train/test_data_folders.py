@@ -112,6 +112,7 @@ def test_a_weighted_order_gives_each_folder_its_draws_and_a_fractional_repeat_a_
 # Through the trainer
 
 
+@pytest.mark.slow
 def test_repeats_set_each_folders_share_of_an_epoch_and_the_start_prints_them(tiny_sd_model, two_folders, tmp_path,
                                                                              capsys):
     from cachetrain.commands import train_from_cached
@@ -174,6 +175,7 @@ def test_each_folder_drops_captions_at_its_own_rate(tiny_sd_model, two_folders, 
     assert 0 < dropped == expected < 12
 
 
+@pytest.mark.slow
 def test_a_dataset_file_run_stopped_and_resumed_ends_with_the_weights_of_an_unbroken_run(tiny_sd_model, two_folders,
                                                                                         tmp_path):
     from cachetrain.train.trainer import TrainingError

@@ -156,6 +156,7 @@ VARIANTS = ("--multires_noise_iterations", "6", "--multires_noise_discount", "0.
             "--debiased_estimation_loss")
 
 
+@pytest.mark.slow
 def test_noise_variants_change_what_trains_and_a_stopped_run_resumes_to_the_same_weights(
         tiny_sd_model, cached_dataset, tmp_path):
     common = ("--batch_size", "4", "--gradient_accum", "2", "--max_steps", "8", "--log_every", "1", *VARIANTS)
