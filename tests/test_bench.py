@@ -37,3 +37,10 @@ def test_gpu_encode_bench_runs_the_cache_scripts_encode_code_on_the_tiny_models(
         ("T5 encoder + projection (tiny)", "caption of 16 tokens")]
     assert all(r["items_per_sec"] > 0 for r in results)
     assert results[0]["gflop_per_item"] > 0
+
+
+def test_noise_variants_bench_times_each_variant():
+    out = _run("bench/bench_noise_variants.py", "--shape", "4", "8", "8", "--samples", "2", "--rounds", "1")
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in results] == ["plain", "multires_noise_iterations 6", "ip_noise_gamma 0.1", "both"]
+    assert all(r["us_per_sample"] > 0 for r in results)
