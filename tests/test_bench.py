@@ -51,3 +51,10 @@ def test_lora_bench_times_a_lora_and_a_full_step_and_counts_their_state():
     result = json.loads(out.splitlines()[-1])
     assert result["lora"]["trainable"] < result["full"]["trainable"] and result["step_ratio"] > 0
     assert result["sd15_size"]["parameters"] == 859_520_964 and 0 < result["sd15_size"]["state_ratio"] < 0.01
+
+
+def test_noise_variants_bench_times_each_variant():
+    out = _run("bench/bench_noise_variants.py", "--shape", "4", "8", "8", "--samples", "2", "--rounds", "1")
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in results] == ["plain", "multires_noise_iterations 6", "ip_noise_gamma 0.1", "both"]
+    assert all(r["us_per_sample"] > 0 for r in results)

@@ -22,6 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..atomic import write_atomically
+from .prompts import SamplePrompt, as_sample_prompt
 from .schedulers import SAMPLE_SCHEDULERS, is_flow_config
 
 
@@ -37,6 +38,8 @@ class SampleMetadata:
     guidance_scale: float
     token_length: int | None = None  # the --force_toklen its conditioning was cut or padded to, if any
     scheduler: str | None = None  # the --sample_scheduler / --scheduler name, or the model's own scheduler class
+    width: int | None = None  # the size asked for (a prompt line's --w/--h or the flags); None: the model's own
+    height: int | None = None
 
     def png_info(self) -> PngInfo:
         info = PngInfo()
@@ -175,18 +178,26 @@ def build_sampling_scheduler(name: str, scheduler_config):
 # Drawing
 
 
-def sample_plan(prompts: list[str], *, step: int, seed: int, sampler_steps: int, guidance_scale: float,
-                negative_prompt: str = "", token_length: int | None = None, scheduler_name: str | None = None,
-                increment_seed: bool = True) -> list[tuple[str, SampleMetadata]]:
-    """(file name, metadata) of each sample to draw: prompt i gets seed + i (or ``seed`` for all)."""
-    return [(sample_filename(index, prompt),
-             SampleMetadata(prompt=prompt, negative_prompt=negative_prompt, seed=seed + index if increment_seed else seed,
-                            step=step, sampler_steps=sampler_steps, guidance_scale=guidance_scale,
-                            token_length=token_length, scheduler=scheduler_name))
-            for index, prompt in enumerate(prompts)]
+def sample_plan(prompts: list[str | SamplePrompt], *, step: int, seed: int, sampler_steps: int,
+                guidance_scale: float, negative_prompt: str = "", token_length: int | None = None,
+                scheduler_name: str | None = None, increment_seed: bool = True, width: int | None = None,
+                height: int | None = None) -> list[tuple[str, SampleMetadata]]:
+    """(file name, metadata) of each sample to draw: prompt i gets seed + i (or ``seed`` for all), and
+    the run's settings, but for those its prompts-file line gives."""
+    plan = []
+    for index, given in enumerate(prompts):
+        line = as_sample_prompt(given)
+        own = lambda value, default: default if value is None else value  # noqa: E731
+        plan.append((sample_filename(index, line.prompt), SampleMetadata(
+            prompt=line.prompt, negative_prompt=own(line.negative_prompt, negative_prompt),
+            seed=own(line.seed, seed + index if increment_seed else seed), step=step,
+            sampler_steps=own(line.steps, sampler_steps), guidance_scale=own(line.guidance_scale, guidance_scale),
+            token_length=token_length, scheduler=scheduler_name, width=own(line.width, width),
+            height=own(line.height, height))))
+    return plan
 
 
-def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed: int, sampler_steps: int,
+def draw_samples(pipeline, prompts: list[str | SamplePrompt], out_dir: Path, *, step: int, seed: int, sampler_steps: int,
                  guidance_scale: float, negative_prompt: str = "", device: torch.device,
                  autocast_dtype: torch.dtype | None = None, token_length: int | None = None,
                  scheduler=None, scheduler_name: str | None = None, height: int | None = None,
@@ -198,7 +209,8 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
     ``scheduler`` (from build_sampling_scheduler, named ``scheduler_name``) draws in place of the
     pipeline's own for these samples only; the pipeline keeps its own (it is what checkpoints save).
     ``height``/``width`` default to the pipeline's: the UNet's sample_size (the training size, as the
-    trainer records it) times the VAE's factor.
+    trainer records it) times the VAE's factor. A prompts-file line's own settings (SamplePrompt)
+    replace the arguments for its sample.
     ``on_failure(index, prompt, error)``, if given, is told of an image that could not be drawn, and the
     others are still drawn; without it the first failure raises.
     """
@@ -211,20 +223,21 @@ def draw_samples(pipeline, prompts: list[str], out_dir: Path, *, step: int, seed
     pipeline.set_progress_bar_config(disable=True)
     drawing = scheduler if scheduler is not None else pipeline.scheduler
     name = scheduler_name or type(drawing).__name__
-    size = {key: value for key, value in (("height", height), ("width", width)) if value is not None}
     plan = sample_plan(prompts, step=step, seed=seed, sampler_steps=sampler_steps, guidance_scale=guidance_scale,
                        negative_prompt=negative_prompt, token_length=token_length, scheduler_name=name,
-                       increment_seed=increment_seed)
+                       increment_seed=increment_seed, width=width, height=height)
     with drawing_scheduler(pipeline, drawing):  # a flow scheduler wrapped as the pipeline asks for it
         for index, (filename, metadata) in enumerate(plan):
             path = out_dir / filename
             try:
                 generator = torch.Generator(device=generator_device or device).manual_seed(metadata.seed)
+                size = {key: value for key, value in (("height", metadata.height), ("width", metadata.width))
+                        if value is not None}
                 with torch.no_grad(), autocast:
-                    text = prompt_arguments(pipeline, metadata.prompt, negative_prompt, guidance_scale > 1.0,
-                                            token_length, device)
-                    image = pipeline(**text, num_inference_steps=sampler_steps, guidance_scale=guidance_scale,
-                                     generator=generator, **size).images[0]
+                    text = prompt_arguments(pipeline, metadata.prompt, metadata.negative_prompt,
+                                            metadata.guidance_scale > 1.0, token_length, device)
+                    image = pipeline(**text, num_inference_steps=metadata.sampler_steps,
+                                     guidance_scale=metadata.guidance_scale, generator=generator, **size).images[0]
                 save_sample_png(image, path, metadata)
             except Exception as error:  # CUDA out of memory is a RuntimeError too; a full disk an OSError
                 if on_failure is None:

@@ -31,7 +31,7 @@ class SamplerInputError(ValueError):
 class SampleSettings:
     """How to draw: one value per flag, the same for every folder sampled."""
 
-    prompts: list[str]
+    prompts: list  # str (as written) or SamplePrompt (a prompts-file line and its own settings)
     negative_prompt: str = ""
     seed: int = 1234
     increment_seed: bool = True
@@ -153,7 +153,8 @@ def plan_for(model: str, settings: SampleSettings, step: int) -> tuple[list[tupl
     name = settings.scheduler or own_scheduler_name(model)
     plan = sample_plan(settings.prompts, step=step, seed=settings.seed, sampler_steps=settings.steps,
                        guidance_scale=settings.guidance, negative_prompt=settings.negative_prompt,
-                       token_length=token_length, scheduler_name=name, increment_seed=settings.increment_seed)
+                       token_length=token_length, scheduler_name=name, increment_seed=settings.increment_seed,
+                       width=settings.width, height=settings.height)
     return plan, token_length
 
 
@@ -216,6 +217,11 @@ def sample_model(model: str, out_dir: Path, settings: SampleSettings, step: int 
         value = getattr(settings, flag)
         if value is not None and value % factor:
             raise SamplerInputError(f"--{flag} {value}: must be a multiple of {factor} (the VAE's factor) for {model}")
+    for _, metadata in plan:  # a prompts-file line's own size
+        for letter, value in (("w", metadata.width), ("h", metadata.height)):
+            if value is not None and value % factor:
+                raise SamplerInputError(f"--prompts_file: {metadata.prompt!r} --{letter} {value}: must be a "
+                                        f"multiple of {factor} (the VAE's factor) for {model}")
     scheduler = build_sampling_scheduler(settings.scheduler, pipeline.scheduler.config) if settings.scheduler else None
     return draw_samples(pipeline, settings.prompts, out_dir, step=step, seed=settings.seed,
                         sampler_steps=settings.steps, guidance_scale=settings.guidance,

@@ -29,7 +29,7 @@ from ..cli import ArgumentParser, first_line, print_error
 from ..models.schedulers import SAMPLE_SCHEDULERS
 from ..train.config import TRUST_HELP
 from .folder_sampler import SamplerInputError, SampleSettings, check_model, plan_for, sample_model, step_of
-from ..models.prompts import PromptsFileError, read_prompts_file
+from ..models.prompts import PromptsFileError, SamplePrompt, read_prompts_file
 from ..models.sampling import SampleMetadata, read_sample_metadata
 from ..train.run_dir import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
 
@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "this flag (as the original imgsamplesd.py), and says so")
     parser.add_argument("--prompt", nargs="+", action="extend", default=[],
                         help="one or more prompts (--prompt 'a cat' 'a dog'); repeatable")
-    parser.add_argument("--prompts_file", default=None, help="prompts, one a line (blank lines and # comments skipped)")
+    parser.add_argument("--prompts_file", default=None,
+                        help="prompts, one a line (blank lines and # comments skipped); a line may end with its own "
+                             "--n negative --d seed --l guidance --s steps --w width --h height")
     parser.add_argument("--negative_prompt", default="", help="the negative prompt of every image")
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt, each with its own seed (default 1)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the first image, as the trainer's --sample_seed (default 1234)")
@@ -240,8 +242,11 @@ def settings_from_args(args: argparse.Namespace) -> SampleSettings:
         raise SamplerInputError(f"--vae_scaling {args.vae_scaling}: must be > 0")
     weights = {"auto": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     autocast = torch.bfloat16 if args.dtype == "auto" and device.type == "cuda" else None
+    # a line's own seed gives its copies seed, seed + 1, ... as --seed does with --inc_seed
+    copies = [p if copy == 0 or not isinstance(p, SamplePrompt) or p.seed is None
+              else dataclasses.replace(p, seed=p.seed + copy) for p in prompts for copy in range(args.num_images)]
     return SampleSettings(
-        prompts=[p for p in prompts for _ in range(args.num_images)], negative_prompt=args.negative_prompt,
+        prompts=copies, negative_prompt=args.negative_prompt,
         seed=args.seed, increment_seed=args.inc_seed, scheduler=args.scheduler, steps=args.steps,
         guidance=args.guidance, width=args.width, height=args.height, device=device, weight_dtype=weights,
         autocast_dtype=autocast, token_length=args.force_toklen, use_ema=not args.no_ema, custom=args.custom,

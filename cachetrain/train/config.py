@@ -26,6 +26,7 @@ from .layers import LayerSelection
 from ..models.ldm_layout import is_single_file
 from .presets import PRESETS, describe
 from ..models.prompts import PromptsFileError, read_prompts_file
+from .data_folders import DatasetFileError, read_dataset_file
 from ..sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX
 
 # adamw8, opt_lion, py_lion, d_lion: the original scripts' names and packages; lion: ours (stochastic
@@ -88,6 +89,16 @@ def _prompts_file_problem(path: str | None) -> str | None:
     return None
 
 
+def _dataset_file_problem(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        read_dataset_file(path)
+    except DatasetFileError as error:
+        return str(error)
+    return None
+
+
 def _flag(default: Any = None, help: str = "", check: Check | None = None, **argparse_kwargs: Any):
     metadata = {"help": help, **argparse_kwargs, **({"check": check} if check else {})}
     if isinstance(default, list):
@@ -105,9 +116,9 @@ class TrainConfig:
                                   check=_check(lambda model: not is_single_file(model) or os.path.isfile(model),
                                                "{value}: no such file"))
     is_custom: bool = _flag(False, TRUST_HELP, flags=("--custom", "--is_custom"))
-    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable (--data_balance round_robin: "
-                                          "each use of the flag is one group)", nargs="+", action="extend",
-                                      required=True, by_occurrence=True)
+    train_data_dir: list[str] = _flag([], "folder(s) of sidecar pairs; repeatable, or --dataset_config "
+                                          "(--data_balance round_robin: each use of the flag is one group)",
+                                      nargs="+", action="extend", by_occurrence=True)
     output_dir: str = _flag("output", "where checkpoints, samples, logs and the final model go")
     copy_config: str | None = _flag(None, "a settings file (e.g. the wrapper script) archived into output_dir")
     imgcache_suffix: str = _flag(SD_VAE_SUFFIX, "suffix of the latent sidecars")
@@ -323,6 +334,20 @@ class TrainConfig:
     # which use of --train_data_dir gave each folder (set by the parser, not a flag of its own)
     train_data_groups: list[int] = field(default_factory=list, metadata={"hidden": True})
 
+    # per-folder weights and repeats (docs/data-features.md)
+    dataset_config: str | None = _flag(None, "a TOML file of [[folder]] tables (path; repeats or weight; loss_weight; "
+                                             "caption_dropout): the run's data folders, in place of --train_data_dir",
+                                       check=_dataset_file_problem)
+    # noise and loss variants (docs/data-features.md)
+    multires_noise_iterations: int = _flag(0, "pyramid noise: add this many levels of coarser noise to each sample's "
+                                              "noise (0 disables; 6 is common)", check=NOT_NEGATIVE)
+    multires_noise_discount: float = _flag(0.3, "pyramid noise: level i is weighted discount^i",
+                                           check=_check(lambda d: 0 < d <= 1, "must be in (0, 1]"))
+    ip_noise_gamma: float = _flag(0.0, "input perturbation: noise the UNet input with noise + gamma x a second draw, "
+                                       "the target keeps the first (0 disables; 0.1 is common)", check=NOT_NEGATIVE)
+    debiased_estimation_loss: bool = _flag(False, "DDPM: weight each sample's loss by 1/sqrt(SNR(t)) "
+                                                  "(v-prediction: 1/sqrt(SNR(t)+1)), SNR capped at 1000")
+
     @property
     def max_epochs(self) -> float | None:
         return epochs_in(self.max_steps)
@@ -417,7 +442,12 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         if values[item.name] is None and item.metadata.get("action") == "extend":  # not given
             values[item.name] = list(chosen.get(item.name, _default(item)))
     values["train_data_groups"] = values["train_data_groups"] or []
-    return validate(TrainConfig(**values))
+    config = TrainConfig(**values)
+    if config.dataset_config and not config.train_data_dir and not _dataset_file_problem(config.dataset_config):
+        config.train_data_dir = [folder.path for folder in read_dataset_file(config.dataset_config)]
+    elif not config.dataset_config and not config.train_data_dir:
+        raise ConfigError("invalid arguments:\n  --train_data_dir is required (or --dataset_config)")
+    return validate(config)
 
 
 def validate(config: TrainConfig) -> TrainConfig:
@@ -504,6 +534,12 @@ def _data_problems(config: TrainConfig) -> list[str]:
         problems.append("--imgcache_suffix and --txtcache_suffix must differ")
     if config.validation_dir and config.validation_split:
         problems.append("give --validation_dir or --validation_split, not both")
+    if config.dataset_config:
+        listed = [] if _dataset_file_problem(config.dataset_config) else read_dataset_file(config.dataset_config)
+        if listed and config.train_data_dir != [folder.path for folder in listed]:
+            problems.append("give --dataset_config or --train_data_dir, not both (the file lists the folders)")
+        if config.data_balance != "pooled":
+            problems.append("--data_balance: with --dataset_config each folder's repeats or weight say its share")
     if config.data_balance == "round_robin" and config.aspect_buckets:
         problems.append("--data_balance round_robin takes one latent shape per run; with --aspect_buckets "
                         "use pooled or equal")

@@ -1,5 +1,6 @@
 """Text embeddings a run reads once at the start, not per pair: --force_txtcache's (every step's
-conditioning) and each data root's empty prompt (what --caption_dropout swaps in)."""
+conditioning) and each data root's empty prompt (what --caption_dropout swaps in); and the run's
+NoisePlan that carries them to the loader's workers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import torch
 
 from .bad_data import TrainingError
 from .config import TrainConfig
+from .data_folders import DataFolder
+from .loader import NoisePlan
+from .noise_variants import NoiseVariants
 from ..sidecar import TEXT_EMBEDDING_KEY, SidecarError, empty_prompt_path, read_sidecar
 from ..models.text_encoding import pad_text_embeddings
 
@@ -22,13 +26,32 @@ def forced_embedding(config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | 
     return pad_text_embeddings([embedding], config.force_toklen)
 
 
-def empty_prompt_embeddings(config: TrainConfig) -> list[torch.Tensor]:
-    """The empty prompt's embedding of each data root, in --train_data_dir's order (--caption_dropout)."""
+def empty_prompt_embeddings(config: TrainConfig, needed: list[bool] | None = None) -> list[torch.Tensor | None]:
+    """The empty prompt's embedding of each data root, in --train_data_dir's order (--caption_dropout);
+    None for a root ``needed`` says drops no caption."""
     embeddings = []
-    for root in config.train_data_dir:
+    for number, root in enumerate(config.train_data_dir):
+        if needed is not None and not needed[number]:
+            embeddings.append(None)
+            continue
         path = empty_prompt_path(root, config.txtcache_suffix)
         if not path.exists():
             raise TrainingError(f"--caption_dropout needs the empty prompt's embedding {path}; "
                                 "run the text cache script on that data root again to write it")
         embeddings.append(read_sidecar(path, TEXT_EMBEDDING_KEY, ndim=2))
     return embeddings
+
+
+def noise_plan(config: TrainConfig, folders: list[DataFolder] | None) -> NoisePlan:
+    """What the workers draw per sample: noise (and its variants), timestep, caption dropout (per folder
+    with --dataset_config, whose loss weights ride along)."""
+    dropouts = None if folders is None else [config.caption_dropout if folder.caption_dropout is None
+                                             else folder.caption_dropout for folder in folders]
+    loss_weights = None if folders is None or all(f.loss_weight == 1.0 for f in folders) else [
+        folder.loss_weight for folder in folders]
+    any_dropout = any(dropouts) if dropouts is not None else bool(config.caption_dropout)
+    variants = NoiseVariants(config.multires_noise_iterations, config.multires_noise_discount, config.ip_noise_gamma)
+    return NoisePlan(seed=config.seed, noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
+                     empty_embeddings=empty_prompt_embeddings(config, dropouts and [d > 0 for d in dropouts])
+                     if any_dropout else [],
+                     caption_dropouts=dropouts, loss_weights=loss_weights, variants=variants)

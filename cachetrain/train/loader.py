@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .noise_variants import NoiseVariants, draw_noise_variants
 from .objective import draw_sample_noise, evenly_spread_draws, sample_key
 from ..sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, read_sidecar
 from ..models.text_encoding import pad_text_embeddings
@@ -34,6 +35,9 @@ class NoisePlan:
     caption_dropout: float = 0.0
     empty_embeddings: list[torch.Tensor] = field(default_factory=list)  # one per data root
     fixed_timesteps: bool = False  # validation: timesteps evenly spread over the samples, not random
+    caption_dropouts: list[float] | None = None  # one per data root (--dataset_config), instead of caption_dropout
+    loss_weights: list[float] | None = None  # one per data root (--dataset_config): each sample's loss weight
+    variants: NoiseVariants = field(default_factory=NoiseVariants)  # pyramid noise, input perturbation
 
 
 @dataclass(frozen=True)
@@ -103,21 +107,25 @@ class CachedPairDataset(Dataset):
     def with_noise(self, latent: torch.Tensor, emb: torch.Tensor, epoch: int, i: int, draw: int | None = None):
         """The item tuple of sample i; ``draw`` keys its noise when the sample recurs within an epoch."""
         if self.plan is None:
-            return latent, emb, None, None, i, ""
+            return latent, emb, None, None, i, None, ""
         plan = self.plan
-        noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.noise_offset,
-                                                     sample_key(plan.seed, epoch, i if draw is None else draw))
+        key = sample_key(plan.seed, epoch, i if draw is None else draw)
+        noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.noise_offset, key)
+        perturbation = None
+        if plan.variants.active:
+            noise, perturbation = draw_noise_variants(noise, key, plan.variants)
         if plan.fixed_timesteps:
             timestep = evenly_spread_draws(i, len(self.index))
-        if plan.caption_dropout and uniform < plan.caption_dropout:
+        dropout = plan.caption_dropouts[self.index.root_id(i)] if plan.caption_dropouts else plan.caption_dropout
+        if dropout and uniform < dropout:
             emb = plan.empty_embeddings[self.index.root_id(i)].to(emb.dtype)
-        return latent, emb, noise, timestep, i, ""
+        return latent, emb, noise, timestep, i, perturbation, ""
 
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         pair = self.read(i)
         if isinstance(pair[0], str):
-            return None, None, None, None, i, f"{pair[0]}: {pair[1]}"
+            return None, None, None, None, i, None, f"{pair[0]}: {pair[1]}"
         return self.with_noise(*pair, epoch, i)
 
 
@@ -132,11 +140,14 @@ class Batch:
     sample_ids: list[int] = field(default_factory=list)  # positions in the index, one per row
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of each pair passed over
     tried: int = 0  # pairs read to fill it (good and bad)
+    perturbation: torch.Tensor | None = None  # [B, C, h, w] --ip_noise_gamma's g * e, added to the input's noise
+    loss_weights: torch.Tensor | None = None  # [B] each sample's folder loss weight (--dataset_config)
 
     def pin_memory(self) -> Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(pin(self.latents), pin(self.embeddings), pin(self.noise), pin(self.timesteps), self.skipped,
-                     pin(self.attention_mask), self.sample_ids, self.bad, self.tried)
+                     pin(self.attention_mask), self.sample_ids, self.bad, self.tried, pin(self.perturbation),
+                     pin(self.loss_weights))
 
 
 def _stack(good: list, token_length: int | None, skipped: int) -> Batch:
@@ -152,7 +163,8 @@ def _stack(good: list, token_length: int | None, skipped: int) -> Batch:
     return Batch(torch.stack(latents), context,
                  torch.stack([item[2] for item in good]) if has_noise else None,
                  torch.stack([item[3] for item in good]) if has_noise else None,
-                 skipped=skipped, attention_mask=mask, sample_ids=[item[4] for item in good])
+                 skipped=skipped, attention_mask=mask, sample_ids=[item[4] for item in good],
+                 perturbation=torch.stack([item[5] for item in good]) if good[0][5] is not None else None)
 
 
 def collate_pairs(items, token_length: int | None = None) -> Batch | None:
@@ -169,7 +181,7 @@ def collate_pairs(items, token_length: int | None = None) -> Batch | None:
 
 # -- the order of an epoch --------------------------------------------------------------------
 
-BALANCES = ("pooled", "equal", "round_robin")
+BALANCES = ("pooled", "equal", "round_robin", "weighted")
 
 
 def _generator(seed: int, epoch: int, *parts) -> torch.Generator:
@@ -187,7 +199,9 @@ class EpochOrder:
     - ``groups`` (one number per sample, its data root) with ``balance="equal"``: every group gives
       the same number of draws to each epoch, as many as the largest group has samples; a smaller
       group is drawn again in a fresh order each pass (a repeat gets noise of its own). ``pooled``
-      draws every sample once per epoch.
+      draws every sample once per epoch. ``weighted``: group g gives ``group_draws[g]`` draws
+      (data_folders.folder_draws), in fresh passes the same way; fewer draws than members take a
+      different subset each epoch.
     - ``groups`` with ``balance="round_robin"`` (the original scripts' rule): each group is its own
       stream of batches (passes over the group, each freshly shuffled, its remainder left out), and
       the epoch takes one batch from each group in turn, as many rounds as the smallest group has
@@ -199,9 +213,11 @@ class EpochOrder:
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 buckets=None, groups=None, balance: str = "pooled"):
+                 buckets=None, groups=None, balance: str = "pooled", group_draws: list[int] | None = None):
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+        if (balance == "weighted") != (group_draws is not None):
+            raise ValueError("group_draws go with balance 'weighted' (and it needs them)")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size, self.balance = rank, world_size, balance
         self.bucket_of = (torch.zeros(num_samples, dtype=torch.int32) if buckets is None
@@ -213,9 +229,15 @@ class EpochOrder:
             raise ValueError("one bucket and one group per sample")
         self.num_buckets = int(self.bucket_of.max()) + 1 if num_samples else 0
         self.bucket_sizes = torch.bincount(self.bucket_of.long(), minlength=self.num_buckets)
-        self.group_members = [m for m in (torch.nonzero(self.group_of == g).flatten()
-                                          for g in range(int(self.group_of.max()) + 1 if num_samples else 0))
-                              if len(m)]
+        members = [torch.nonzero(self.group_of == g).flatten()
+                   for g in range(int(self.group_of.max()) + 1 if num_samples else 0)]
+        self.group_ids = [g for g, m in enumerate(members) if len(m)]  # groups with samples
+        self.group_members = [members[g] for g in self.group_ids]
+        if group_draws is not None and len(group_draws) < len(members):
+            raise ValueError("one number of draws per group")
+        self.group_draws = ([int(group_draws[g]) for g in self.group_ids] if group_draws is not None
+                            else [max(len(m) for m in self.group_members)] * len(self.group_members)
+                            if self.group_members else [])
 
     def bucket_members(self, bucket: int) -> torch.Tensor:
         return torch.nonzero(self.bucket_of == bucket).flatten()
@@ -225,7 +247,7 @@ class EpochOrder:
             return self.num_samples
         if self.balance == "round_robin":
             return self.rounds_per_epoch() * len(self.group_members) * self.batch_size
-        return len(self.group_members) * max(len(m) for m in self.group_members)
+        return sum(self.group_draws)
 
     def rounds_per_epoch(self) -> int:
         """round_robin: the batches the smallest group holds (each round takes one from every group)."""
@@ -249,13 +271,12 @@ class EpochOrder:
         if self.balance == "pooled":
             samples = torch.arange(self.num_samples)
             return samples, samples
-        longest = max(len(m) for m in self.group_members)
         samples, draws = [], []
-        for g, members in enumerate(self.group_members):
-            passes = -(-longest // len(members))
+        for g, (members, count) in enumerate(zip(self.group_members, self.group_draws)):
+            passes = -(-count // len(members))
             keys = torch.rand((passes, len(members)), generator=_generator(self.seed, epoch, "group", g))
-            order = keys.argsort(dim=1).flatten()[:longest]  # a fresh permutation per pass
-            pass_number = torch.arange(longest) // len(members)
+            order = keys.argsort(dim=1).flatten()[:count]  # a fresh permutation per pass
+            pass_number = torch.arange(count) // len(members)
             chosen = members[order]
             samples.append(chosen)
             draws.append(chosen + pass_number * self.num_samples)
@@ -312,6 +333,11 @@ class EpochOrder:
         used = self.batches_per_epoch() * self.world_size
         mine = list(range(self.rank, used, self.world_size))
         return mine, rows[mine], row_draws[mine], [row_buckets[i] for i in mine]
+
+
+def folder_identity(order: EpochOrder) -> dict[str, str]:
+    """What a weighted order adds to a checkpoint's data identity: each folder's draws per epoch."""
+    return {"folder_draws": ",".join(map(str, order.group_draws))} if order.balance == "weighted" else {}
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
@@ -406,6 +432,10 @@ class RefillingBatchReader(Dataset):
             return Batch(None, None, None, None, skipped=len(bad), bad=bad, tried=tried)
         batch = _stack(good, self.token_length, len(bad))
         batch.bad, batch.tried = bad, tried
+        plan = self.pairs.plan
+        if plan is not None and plan.loss_weights:
+            index = self.pairs.index
+            batch.loss_weights = torch.tensor([plan.loss_weights[index.root_id(i)] for i in batch.sample_ids])
         return batch
 
 

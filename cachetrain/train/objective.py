@@ -21,6 +21,7 @@ import torch
 
 from ..models.schedulers import is_flow_config, is_flow_scheduler  # noqa: F401  (part of this module's API)
 from .config import LOSS_TYPES, TIMESTEP_SAMPLINGS
+from .noise_variants import debiased_weights
 
 
 def sample_key(seed: int, epoch: int, sample: int) -> int:
@@ -59,7 +60,7 @@ class TrainingInputs:
     noisy: torch.Tensor  # what the UNet sees
     timesteps: torch.Tensor  # [B] what the UNet is told the timestep is
     target: torch.Tensor  # what it should predict
-    weights: torch.Tensor  # [B] per-sample loss weights (min-SNR; ones without it)
+    weights: torch.Tensor  # [B] per-sample loss weights (min-SNR, debiased estimation; ones without them)
 
 
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "mse",
@@ -88,7 +89,10 @@ class _Objective:
     loss_type: str = "mse"
     huber_c: float = 0.1
 
-    def training_inputs(self, latents: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor) -> TrainingInputs:
+    def training_inputs(self, latents: torch.Tensor, noise: torch.Tensor, draws: torch.Tensor,
+                        perturbation: torch.Tensor | None = None) -> TrainingInputs:
+        """``perturbation`` (--ip_noise_gamma's g * e) is added to the noise the input is made with, not
+        to the noise the target is made of."""
         raise NotImplementedError
 
     def losses_for(self, prediction: torch.Tensor, inputs: TrainingInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +117,7 @@ class DiffusionObjective(_Objective):
     """DDPM: x_t = sqrt(a) x0 + sqrt(1 - a) noise, a the cumulative alpha of timestep t."""
 
     def __init__(self, scheduler, snr_gamma: float | None = None, loss_type: str = "mse", huber_c: float = 0.1,
-                 min_timestep: int = 0, max_timestep: int | None = None):
+                 min_timestep: int = 0, max_timestep: int | None = None, debiased_estimation: bool = False):
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(torch.float32)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = scheduler.config.prediction_type
@@ -123,6 +127,7 @@ class DiffusionObjective(_Objective):
             raise ValueError("a zero-terminal-SNR schedule needs v-prediction: at the last step the input is pure "
                              "noise, so an epsilon target teaches nothing; add --prediction_type v_prediction")
         self.snr_gamma = snr_gamma
+        self.debiased_estimation = debiased_estimation
         self.loss_type, self.huber_c = loss_type, huber_c
         self.min_timestep, self.max_timestep = _timestep_range(self.num_train_timesteps, min_timestep, max_timestep)
 
@@ -154,16 +159,23 @@ class DiffusionObjective(_Objective):
         return alpha_bar / (1.0 - alpha_bar)
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """min-SNR-gamma weights: min(snr, g)/snr for epsilon, min(snr, g)/(snr + 1) for v; ones without gamma."""
-        if self.snr_gamma is None:
-            return torch.ones(timesteps.shape, device=timesteps.device)
+        """min-SNR-gamma weights: min(snr, g)/snr for epsilon, min(snr, g)/(snr + 1) for v; ones without gamma;
+        times the debiased-estimation weights when asked for (noise_variants.debiased_weights)."""
+        weights = torch.ones(timesteps.shape, device=timesteps.device)
+        if self.snr_gamma is None and not self.debiased_estimation:
+            return weights
         snr = self.snr(timesteps)
-        clipped = torch.clamp(snr, max=self.snr_gamma)
-        return clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1.0)
+        if self.snr_gamma is not None:
+            clipped = torch.clamp(snr, max=self.snr_gamma)
+            weights = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1.0)
+        if self.debiased_estimation:
+            weights = weights * debiased_weights(snr, self.prediction_type == "v_prediction")
+        return weights
 
-    def training_inputs(self, latents, noise, draws) -> TrainingInputs:
+    def training_inputs(self, latents, noise, draws, perturbation=None) -> TrainingInputs:
         timesteps = self.timesteps_from_draws(draws)
-        return TrainingInputs(self.add_noise(latents, noise, timesteps), timesteps,
+        input_noise = noise if perturbation is None else noise + perturbation
+        return TrainingInputs(self.add_noise(latents, input_noise, timesteps), timesteps,
                               self.target(latents, noise, timesteps), self.loss_weights(timesteps))
 
     def losses(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor):
@@ -229,10 +241,10 @@ class FlowMatchingObjective(_Objective):
         shifted = self.shift * base / (1.0 + (self.shift - 1.0) * base)
         return shifted.clamp(self.min_s, self.max_s)
 
-    def training_inputs(self, latents, noise, draws) -> TrainingInputs:
+    def training_inputs(self, latents, noise, draws, perturbation=None) -> TrainingInputs:
         sigmas = self.sigmas_from_draws(draws)
         s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
-        noisy = (1.0 - s) * latents + s * noise
+        noisy = (1.0 - s) * latents + s * (noise if perturbation is None else noise + perturbation)
         return TrainingInputs(noisy, sigmas * (self.num_train_timesteps - 1), noise - latents,
                               self.loss_weights(sigmas))
 
@@ -301,6 +313,9 @@ def objective_for(scheduler, config) -> DiffusionObjective | FlowMatchingObjecti
     """The objective ``scheduler`` (the model's training schedule) or --objective names, with the run's
     options (``config``: a TrainConfig). Raises ValueError for options of the other kind."""
     kind = objective_kind(scheduler, config.objective)
+    if kind == "flow" and config.debiased_estimation_loss:
+        raise ValueError("--debiased_estimation_loss weights DDPM timesteps by their SNR; this run trains flow "
+                         "matching (--use_snr is its SNR weighting)")
     common = dict(snr_gamma=config.noise_gamma if config.use_snr else None, loss_type=config.loss_type,
                   huber_c=config.huber_c, min_timestep=config.min_timestep, max_timestep=config.max_timestep)
     if kind == "flow":
@@ -311,4 +326,4 @@ def objective_for(scheduler, config) -> DiffusionObjective | FlowMatchingObjecti
     if config.timestep_sampling != "uniform" or config.flow_shift is not None:
         raise ValueError("--timestep_sampling/--flow_shift are flow-matching options; this model trains DDPM "
                          "(add --objective flow to train it as a flow model)")
-    return DiffusionObjective(scheduler, **common)
+    return DiffusionObjective(scheduler, debiased_estimation=config.debiased_estimation_loss, **common)

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .bad_data import REFERENCE_PAIRS, TrainingError, examples, reference_shapes
 from .config import TrainConfig
+from .data_folders import DataFolder, describe_shares, folder_draws, read_dataset_file
 from .loader import EpochOrder, PairChecks
 from ..data_index import Refresh
 from ..indexed_pairs import indexed_training_pairs
@@ -31,6 +33,7 @@ class RunData:
     total_steps: int  # optimizer steps of the whole run
     left_out_at_start: int  # latents whose headers could not be read (--aspect_buckets)
     pairs_fingerprint: str  # the training pairs' names, in order (a resume must read the same)
+    folders: list[DataFolder] | None = None  # --dataset_config's folders, in --train_data_dir's order
 
 
 def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
@@ -81,10 +84,20 @@ def _load_shard_data(config: TrainConfig, rank: int, world: int, is_main: bool) 
 def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, world: int, is_main: bool,
                     left_out: int) -> RunData:
     train_index, validation_index = held_out_pairs(config, index)
+    folders, draws = None, None
+    if config.dataset_config:
+        folders = read_dataset_file(config.dataset_config)
+        sizes = torch.bincount(torch.as_tensor(train_index.root_ids(), dtype=torch.long),
+                               minlength=len(folders)).tolist()
+        draws = folder_draws(folders, sizes)
+        if is_main:
+            print(f"[train] --dataset_config {config.dataset_config}: "
+                  f"{describe_shares(folders, sizes, draws, config.caption_dropout)}", file=sys.stderr)
     order = EpochOrder(len(train_index), config.batch_size, config.seed, rank, world,
                        buckets=train_index.shape_ids if config.aspect_buckets else None,
-                       groups=_groups(train_index, config) if config.data_balance != "pooled" else None,
-                       balance=config.data_balance)
+                       groups=(train_index.root_ids() if folders else
+                               _groups(train_index, config) if config.data_balance != "pooled" else None),
+                       balance="weighted" if folders else config.data_balance, group_draws=draws)
     if is_main and config.aspect_buckets:
         _print_buckets(order, train_index, config.batch_size)
     if is_main and config.data_balance == "equal":
@@ -100,7 +113,7 @@ def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, w
         raise TrainingError(f"{len(train_index)} samples are fewer than one batch of "
                             f"{config.batch_size} per process")
     return RunData(train_index, validation_index, checks, order, batches_per_epoch,
-                   config.max_optimizer_steps(batches_per_epoch), left_out, train_index.fingerprint())
+                   config.max_optimizer_steps(batches_per_epoch), left_out, train_index.fingerprint(), folders)
 
 
 def trained_latent_shape(data: RunData, config: TrainConfig) -> tuple[int, ...] | None:

@@ -1,5 +1,6 @@
 """Drawing a run's samples (--sample_prompt, --sample_prompts_file) with the pipeline around the
-training UNet: at each checkpoint and every --sample_steps.
+training UNet: at each checkpoint and every --sample_steps. A prompts-file line may carry its own
+seed, guidance, steps, size and negative prompt (models/prompts.py).
 
 A prompt that cannot be drawn is reported with its reason and counted (train/failed_samples); training
 goes on. What would make every sample fail is refused before step 1 (``check_sampler_steps`` and the
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from ..cli import first_line
 from .config import ConfigError, TrainConfig
 from .frozen_parts import FrozenParts
-from ..models.prompts import read_prompts_file
+from ..models.prompts import SamplePrompt, read_prompts_file
 from ..models.sampling import build_sampling_scheduler, draw_samples
 from .start_checks import SetupError, sample_scheduler_problem, sampler_steps_problem
 from .step import bf16_autocast
@@ -38,12 +39,22 @@ class SampleDrawer:
         self.failed_samples = 0  # prompts that could not be drawn, over the whole start
 
     def check_sampler_steps(self, pipeline) -> None:
-        """Before step 1: --sampler_steps tried on the scheduler that will draw; SetupError if it cannot."""
-        if self.prompts:
-            drawing = self._drawing_scheduler(pipeline) or pipeline.scheduler
-            problem = sampler_steps_problem(drawing, self.config.sampler_steps)
+        """Before step 1: --sampler_steps (and each prompt line's --s) tried on the scheduler that will
+        draw, and each line's --w/--h against the VAE's factor; SetupError if one cannot work."""
+        if not self.prompts:
+            return
+        drawing = self._drawing_scheduler(pipeline) or pipeline.scheduler
+        for steps in sorted({self.config.sampler_steps} | {p.steps for p in self.prompts if p.steps is not None}):
+            problem = sampler_steps_problem(drawing, steps)
             if problem:
-                raise SetupError(problem)
+                raise SetupError(problem if steps == self.config.sampler_steps
+                                 else f"--sample_prompts_file: --s {steps}: {problem}")
+        factor = getattr(pipeline, "vae_scale_factor", 1)
+        for prompt in self.prompts:
+            for letter, value in (("w", prompt.width), ("h", prompt.height)):
+                if value is not None and value % factor:
+                    raise SetupError(f"--sample_prompts_file: {prompt.prompt!r} --{letter} {value}: must be a "
+                                     f"multiple of {factor} (the VAE's factor)")
 
     def _drawing_scheduler(self, pipeline):
         """The --sample_scheduler built from the pipeline's own config, or None for the pipeline's own."""
@@ -90,7 +101,7 @@ class SampleDrawer:
                        "training goes on")
         finally:
             unet.train(was_training)
-        drawn = [prompt for index, prompt in enumerate(prompts) if index not in failed]
+        drawn = [prompt.prompt for index, prompt in enumerate(prompts) if index not in failed]
         if failed:
             self.failed_samples += len(failed)
             if self.device.type == "cuda":  # what a failed (out-of-memory) sample held goes back to training
@@ -107,7 +118,8 @@ class SampleDrawer:
         return paths
 
 
-def sample_prompts(config: TrainConfig) -> list[str]:
-    """--sample_prompt's prompts, then --sample_prompts_file's (validated when the flags were parsed)."""
-    return list(config.sample_prompt) + (read_prompts_file(config.sample_prompts_file)
-                                         if config.sample_prompts_file else [])
+def sample_prompts(config: TrainConfig) -> list[SamplePrompt]:
+    """--sample_prompt's prompts (as written), then --sample_prompts_file's lines (validated when the
+    flags were parsed)."""
+    return [SamplePrompt(prompt) for prompt in config.sample_prompt] + (
+        read_prompts_file(config.sample_prompts_file) if config.sample_prompts_file else [])

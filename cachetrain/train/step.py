@@ -76,7 +76,13 @@ class TrainStep:
         context = (embeddings * self.text_scale).to(self.dtype)
         noise = batch.noise.to(device, non_blocking=True)
         draws = batch.timesteps.to(device, non_blocking=True)
-        inputs = self.objective.training_inputs(latents, noise, draws)
+        if batch.perturbation is None:
+            inputs = self.objective.training_inputs(latents, noise, draws)
+        else:  # --ip_noise_gamma
+            inputs = self.objective.training_inputs(latents, noise, draws,
+                                                    batch.perturbation.to(device, non_blocking=True))
+        if batch.loss_weights is not None:  # each sample's folder loss weight (--dataset_config)
+            inputs.weights = inputs.weights * batch.loss_weights.to(device, non_blocking=True)
         noisy = inputs.noisy.to(self.dtype)
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)

@@ -31,10 +31,10 @@ from .checkpoint_writer import CheckpointWriter
 from ..cli import print_error
 from .config import TrainConfig, config_to_dict
 from .ema import ema_weights, make_ema
-from .fixed_embeddings import empty_prompt_embeddings, forced_embedding
+from .fixed_embeddings import forced_embedding, noise_plan
 from .frozen_parts import FrozenParts
 from .layers import LayerSelection, apply_layer_selection
-from .loader import CachedPairDataset, NoisePlan, RefillingBatchReader, RunBatches, make_training_loader
+from .loader import CachedPairDataset, RefillingBatchReader, RunBatches, folder_identity, make_training_loader
 from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
 from .packaged_optimizers import evaluation_weights, training_mode
@@ -147,8 +147,7 @@ class TrainingRun:
             self.objective = objective_for(scheduler, config).to(self.device)
         except ValueError as error:
             raise TrainingError(str(error)) from None
-        self.plan = NoisePlan(seed=config.seed, noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
-                              empty_embeddings=empty_prompt_embeddings(config) if config.caption_dropout else [])
+        self.plan = noise_plan(config, self.data.folders)
         self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
                                                                                      config.single_file_config)
         try:
@@ -198,7 +197,7 @@ class TrainingRun:
         """(data, optimizer) identities of this run, as a checkpoint records them (see training_state.py)."""
         return (data_identity(len(self.data.train_index), self.world, self.config.batch_size, self.config.seed,
                               self.data.pairs_fingerprint, aspect_buckets=self.config.aspect_buckets,
-                              data_balance=self.config.data_balance),
+                              data_balance=self.config.data_balance, **folder_identity(self.data.order)),
                 optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable))
 
     def _restore(self) -> tuple[Progress, dict | None]:

@@ -323,7 +323,7 @@ def test_watch_reports_a_pruned_or_broken_checkpoint_and_samples_the_rest(tiny_s
 def test_a_prompts_file_gives_its_lines_in_order_without_blanks_and_comments(tmp_path):
     from cachetrain.models.prompts import PromptsFileError, read_prompts_file
 
-    assert read_prompts_file(_prompts_file(tmp_path)) == [PROMPTS[1], "a green cross on a white background"]
+    assert [p.prompt for p in read_prompts_file(_prompts_file(tmp_path))] == [PROMPTS[1], "a green cross on a white background"]
     (tmp_path / "empty.txt").write_text("# nothing\n\n", encoding="utf-8")
     with pytest.raises(PromptsFileError, match="empty.txt: holds no prompt"):
         read_prompts_file(tmp_path / "empty.txt")
