@@ -237,7 +237,7 @@ def test_help_says_what_the_exit_status_means(capsys):
 
 def test_one_orphan_rule_decides_for_the_builders_prune_and_the_inspector(tmp_path, capsys, tiny_sd_model):
     """Same tree, same verdict: the sidecars --prune removes are exactly those the inspector calls orphans."""
-    from .test_cache_builders import run_captions, run_images
+    from tests.cache.test_cache_builders import run_captions, run_images
 
     root = tmp_path / "data"
     root.mkdir()
