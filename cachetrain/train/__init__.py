@@ -1,7 +1,8 @@
 """Train: sidecar pairs -> a trained UNet, checkpoints and logs (train_from_cached.py).
 
 Owns, in the order a run meets them: flags and presets (``config``, ``presets``, ``layers``), the run's
-data (``run_data``, ``loader``, ``bad_data``, ``validation``, ``fixed_embeddings``), the numerics of a step
+data (``run_data``, ``loader``, ``shard_data`` for packed shards, ``bad_data``, ``validation``,
+``fixed_embeddings``), the numerics of a step
 (``objective``, ``optim``, ``step``, ``telemetry``, ``ema``), the processes (``processes``), what is
 refused before step 1 (``start_checks``), the parts that do not train (``frozen_parts``), when and how to
 save (``save_policy``, ``checkpoint``, ``checkpoint_writer``, ``training_state``, ``run_dir``), samples at

@@ -65,6 +65,7 @@ def _shards(cached_dataset: Path, tmp_path: Path) -> Path:
     return tmp_path / "shards"
 
 
+@pytest.mark.slow
 def test_a_run_from_s3_stopped_and_resumed_ends_with_the_weights_of_a_local_run_and_keeps_its_cache_capped(
         tiny_sd_model, cached_dataset, tmp_path, s3_env):
     shards = _shards(cached_dataset, tmp_path)
@@ -89,6 +90,7 @@ def test_a_run_from_s3_stopped_and_resumed_ends_with_the_weights_of_a_local_run_
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_server_gone_mid_run_stops_with_the_halted_status_naming_it_and_a_resume_finishes_the_same_run(
         tiny_sd_model, cached_dataset, tmp_path, s3_env, capsys):
     shards = _shards(cached_dataset, tmp_path)

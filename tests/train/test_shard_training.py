@@ -27,6 +27,7 @@ def _same_weights(a: Path, b: Path) -> bool:
     return all(torch.equal(wa[name], wb[name]) for name in wa)
 
 
+@pytest.mark.slow
 def test_a_run_from_shards_ends_with_the_weights_of_the_run_from_the_tree_it_was_packed_from(
         tiny_sd_model, cached_dataset, tmp_path):
     shards = _pack(cached_dataset, tmp_path / "shards")
@@ -39,6 +40,7 @@ def test_a_run_from_shards_ends_with_the_weights_of_the_run_from_the_tree_it_was
     assert _same_weights(tmp_path / "tree", tmp_path / "shards-run")
 
 
+@pytest.mark.slow
 def test_a_run_from_shards_stopped_mid_epoch_and_resumed_equals_one_that_never_stopped(
         tiny_sd_model, cached_dataset, tmp_path):
     shards = _pack(cached_dataset, tmp_path / "shards")
@@ -53,6 +55,7 @@ def test_a_run_from_shards_stopped_mid_epoch_and_resumed_equals_one_that_never_s
     assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_a_missing_and_a_cut_short_shard_are_named_and_their_pairs_passed_over(
         tiny_sd_model, cached_dataset, tmp_path, capsys):
     shards = _pack(cached_dataset, tmp_path / "shards")
