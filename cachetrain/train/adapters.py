@@ -122,9 +122,12 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet.add_adapter(_peft_config(spec, list(layers), rank_pattern, alpha_pattern))
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    for parameter in trainable:  # fp32 beside a bf16 base (--bf16_weights): small updates must not round away
+        parameter.data = parameter.data.float()
     if start is not None:
         load_lora_pairs(unet, start)
-    return [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    return trainable
 
 
 def adapter_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .adapters import AdapterError, AdapterSpec, attach_adapter, describe as describe_adapter, load_adapter
+from .adapters import AdapterSpec, attach_adapter, describe as describe_adapter, load_adapter
 from ..models import loading as models
 from . import run_dir
 from .bad_data import BadPairLedger, TrainingError
@@ -134,7 +134,7 @@ class TrainingRun:
                 self.trainable = attach_adapter(unet, self.adapter, config.seed)
             else:
                 self.trainable = apply_layer_selection(unet, LayerSelection.of(config), config.seed)
-        except (ValueError, AdapterError) as error:
+        except ValueError as error:  # an AdapterError too
             raise TrainingError(str(error)) from None
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

@@ -290,3 +290,15 @@ def test_two_processes_train_one_lora_and_keep_it_identical(tiny_sd_model, cache
     assert summary["process_sample_id_sums"][0] != summary["process_sample_id_sums"][1]
     lora = load_file(output / DIFFUSERS_LORA_FILE)
     assert all(value.abs().sum() > 0 for key, value in lora.items() if key.endswith("lora_B.weight"))
+
+
+def test_with_bf16_weights_the_base_stays_bf16_and_the_adapter_trains_in_fp32(tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    result = train(parse_train_args(train_args(tiny_sd_model, cached_dataset, output, "--lora_type", "loha",
+                                               "--lora_rank", "4", "--bf16_weights", "--max_steps", "2",
+                                               "--batch_size", "4")))
+    assert result.exit_status == 0
+    adapter = load_file(output / "unet_adapter" / "adapter_model.safetensors")
+    assert {value.dtype for value in adapter.values()} == {torch.float32}
+    base = load_file(output / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {value.dtype for value in base.values()} == {torch.bfloat16}
