@@ -256,6 +256,17 @@ class TrainConfig:
     data_balance: str = _flag("pooled", "pooled: every pair equally likely; equal: each --train_data_dir gets "
                                         "the same share of every epoch (an epoch is as long as the largest "
                                         "folder, smaller ones are drawn again)", choices=("pooled", "equal"))
+    # data features: horizontal flips and masked loss (caption variants need no flag: each sample draws one)
+    flip_p: float = _flag(0.0, "probability of training a sample on its mirrored latent (latents cached with --flip; "
+                               "images whose caption names a side have none and are never flipped)",
+                          check=_check(lambda p: 0 <= p <= 1, "is a probability in [0, 1]"))
+    masked_loss: bool = _flag(False, "weight each latent cell's loss by its image's cached mask (cached with --mask; "
+                                     "images without a mask weigh 1 everywhere)")
+    masked_loss_unmasked_weight: float = _flag(0.0, "with --masked_loss: the weight of cells outside the mask "
+                                                    "(mask 0); a cell of mask m weighs w + (1 - w) m",
+                                               check=_check(lambda w: 0 <= w <= 1, "is a weight in [0, 1]"))
+    masked_loss_normalize: bool = _flag(False, "with --masked_loss: divide each sample's loss by its mean weight, so "
+                                               "a small mask trains as strongly as a whole image")
 
     @property
     def max_epochs(self) -> float | None:
@@ -403,6 +414,8 @@ def _data_problems(config: TrainConfig) -> list[str]:
         problems.append("--imgcache_suffix and --txtcache_suffix must differ")
     if config.validation_dir and config.validation_split:
         problems.append("give --validation_dir or --validation_split, not both")
+    if not config.masked_loss and (config.masked_loss_unmasked_weight or config.masked_loss_normalize):
+        problems.append("--masked_loss_unmasked_weight and --masked_loss_normalize apply with --masked_loss only")
     return problems
 
 

@@ -7,7 +7,9 @@ replaced by a seeded draw from the rest, so they cost nothing but themselves and
 same batches.
 Each sample's noise, timestep and caption dropout are drawn in the worker from (seed, epoch,
 sample) alone (objective.sample_key), so they too survive a resume, and do not change with batch
-size, gradient accumulation or the number of processes.
+size, gradient accumulation or the number of processes. So are its caption variant (a text sidecar
+may hold several) and whether it trains mirrored (--flip_p), from a draw of their own
+(``data_draws``): runs without variants or flips see the noise they always saw.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .objective import draw_sample_noise, evenly_spread_draws, sample_key
-from ..sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, read_sidecar
+from ..sidecar import (FLIPPED_LATENT_KEY, IMAGE_LATENT_KEY, MASK_KEY, SidecarError, read_sidecar_tensors,
+                       read_text_variants)
 from ..models.text_encoding import pad_text_embeddings
 from ..tree import PairIndex
 
@@ -34,6 +37,14 @@ class NoisePlan:
     caption_dropout: float = 0.0
     empty_embeddings: list[torch.Tensor] = field(default_factory=list)  # one per data root
     fixed_timesteps: bool = False  # validation: timesteps evenly spread over the samples, not random
+    flip_p: float = 0.0  # probability of taking the mirrored latent, where the sidecar holds one
+    masked_loss: bool = False  # read each latent's mask (ones where it has none)
+
+
+def data_draws(seed: int, epoch: int, draw: int) -> tuple[float, float]:
+    """(caption variant draw, flip draw), uniforms in [0, 1) for one sample: a function of (seed, epoch, draw)."""
+    variant, flip = torch.rand(2, generator=_generator(seed, epoch, "data", draw)).tolist()
+    return variant, flip
 
 
 @dataclass(frozen=True)
@@ -64,49 +75,76 @@ class CachedPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[str, str]:
-        """(latent, embedding) of sample i, or (path, reason) when the pair cannot be trained on."""
+    def read(self, i: int) -> tuple | tuple[str, str]:
+        """(latent, caption variants, mirrored latent or None, mask or None) of sample i, or (path, reason)
+        when the pair cannot be trained on. The mirrored latent and the mask are read only when the plan
+        uses them."""
         latent_path, text_path = self.index[i]
+        plan = self.plan
+        wanted = [IMAGE_LATENT_KEY]
+        wanted += [FLIPPED_LATENT_KEY] if plan is not None and plan.flip_p > 0 else []
+        wanted += [MASK_KEY] if plan is not None and plan.masked_loss else []
         try:
-            latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
-            emb = read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
+            image = read_sidecar_tensors(latent_path, wanted)
+            if IMAGE_LATENT_KEY not in image:
+                raise SidecarError(latent_path, f"has no tensor {IMAGE_LATENT_KEY!r}")
+            embeddings = read_text_variants(text_path)
         except SidecarError as error:
             return error.path, error.reason
         except OSError as error:
             return str(error.filename or latent_path), error.strerror or str(error)
+        latent, flipped, mask = image[IMAGE_LATENT_KEY], image.get(FLIPPED_LATENT_KEY), image.get(MASK_KEY)
+        if latent.ndim != 3:
+            return latent_path, f"tensor {IMAGE_LATENT_KEY!r} has shape {tuple(latent.shape)}, expected 3 dims"
+        if flipped is not None and flipped.shape != latent.shape:
+            return latent_path, f"mirrored latent of shape {list(flipped.shape)}, its latent's is {list(latent.shape)}"
+        if mask is not None and tuple(mask.shape) != (1, *latent.shape[1:]):
+            return latent_path, f"mask of shape {list(mask.shape)}, its latent's cells are {list(latent.shape[1:])}"
+        if plan is not None and plan.masked_loss and mask is None:  # no mask: every cell weighs fully
+            mask = torch.ones((1, *latent.shape[1:]), dtype=latent.dtype)
         checks = self.checks
         if checks is None:
-            return latent, emb
+            return latent, embeddings, flipped, mask
         expected = checks.latent_shape or self.index.latent_shape(i)
         if expected is not None and tuple(latent.shape) != expected:
             whose = "the run's" if checks.latent_shape else "its bucket's (read at start)"
             return latent_path, f"latent of shape {list(latent.shape)}, {whose} is {list(expected)}"
-        if checks.text_width is not None and emb.shape[-1] != checks.text_width:
-            return text_path, f"text embedding {emb.shape[-1]} wide, the run's are {checks.text_width}"
-        if not torch.isfinite(latent).all():
+        widths = {emb.shape[-1] for emb in embeddings}
+        if checks.text_width is not None and widths != {checks.text_width}:
+            return text_path, f"text embedding {max(widths - {checks.text_width})} wide, the run's are {checks.text_width}"
+        if not all(bool(torch.isfinite(t).all()) for t in (latent, flipped, mask) if t is not None):
             return latent_path, "latent holds NaN/Inf values"
-        if not torch.isfinite(emb).all():
+        if not all(bool(torch.isfinite(emb).all()) for emb in embeddings):
             return text_path, "text embedding holds NaN/Inf values"
-        return latent, emb
+        return latent, embeddings, flipped, mask
 
-    def with_noise(self, latent: torch.Tensor, emb: torch.Tensor, epoch: int, i: int, draw: int | None = None):
-        """The item tuple of sample i; ``draw`` keys its noise when the sample recurs within an epoch."""
+    def with_noise(self, latent: torch.Tensor, embeddings: list[torch.Tensor], flipped: torch.Tensor | None,
+                   mask: torch.Tensor | None, epoch: int, i: int, draw: int | None = None):
+        """The item tuple of sample i: (latent, embedding, noise, timestep draw, i, mask, problem);
+        ``draw`` keys its draws when the sample recurs within an epoch."""
         if self.plan is None:
-            return latent, emb, None, None, i, ""
+            return latent, embeddings[0], None, None, i, mask, ""
         plan = self.plan
+        key = i if draw is None else draw
         noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.noise_offset,
-                                                     sample_key(plan.seed, epoch, i if draw is None else draw))
+                                                     sample_key(plan.seed, epoch, key))
         if plan.fixed_timesteps:
             timestep = evenly_spread_draws(i, len(self.index))
+        emb = embeddings[0]
+        if len(embeddings) > 1 or (flipped is not None and plan.flip_p > 0):
+            variant_draw, flip_draw = data_draws(plan.seed, epoch, key)
+            emb = embeddings[min(int(variant_draw * len(embeddings)), len(embeddings) - 1)]
+            if flipped is not None and flip_draw < plan.flip_p:
+                latent, mask = flipped, None if mask is None else mask.flip(-1)
         if plan.caption_dropout and uniform < plan.caption_dropout:
             emb = plan.empty_embeddings[self.index.root_id(i)].to(emb.dtype)
-        return latent, emb, noise, timestep, i, ""
+        return latent, emb, noise, timestep, i, mask, ""
 
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         pair = self.read(i)
         if isinstance(pair[0], str):
-            return None, None, None, None, i, f"{pair[0]}: {pair[1]}"
+            return None, None, None, None, i, None, f"{pair[0]}: {pair[1]}"
         return self.with_noise(*pair, epoch, i)
 
 
@@ -121,11 +159,12 @@ class Batch:
     sample_ids: list[int] = field(default_factory=list)  # positions in the index, one per row
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of each pair passed over
     tried: int = 0  # pairs read to fill it (good and bad)
+    masks: torch.Tensor | None = None  # [B, 1, h, w] loss masks (--masked_loss), mirrored with their latent
 
     def pin_memory(self) -> Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(pin(self.latents), pin(self.embeddings), pin(self.noise), pin(self.timesteps), self.skipped,
-                     pin(self.attention_mask), self.sample_ids, self.bad, self.tried)
+                     pin(self.attention_mask), self.sample_ids, self.bad, self.tried, pin(self.masks))
 
 
 def _stack(good: list, token_length: int | None, skipped: int) -> Batch:
@@ -138,10 +177,12 @@ def _stack(good: list, token_length: int | None, skipped: int) -> Batch:
                                         "caches of one run must share resolution and text encoder")
     context, mask = pad_text_embeddings(embeddings, token_length)
     has_noise = good[0][2] is not None
+    has_masks = good[0][5] is not None  # all or none: the plan decides
     return Batch(torch.stack(latents), context,
                  torch.stack([item[2] for item in good]) if has_noise else None,
                  torch.stack([item[3] for item in good]) if has_noise else None,
-                 skipped=skipped, attention_mask=mask, sample_ids=[item[4] for item in good])
+                 skipped=skipped, attention_mask=mask, sample_ids=[item[4] for item in good],
+                 masks=torch.stack([item[5].float() for item in good]) if has_masks else None)
 
 
 def collate_pairs(items, token_length: int | None = None) -> Batch | None:

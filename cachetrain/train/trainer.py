@@ -128,7 +128,8 @@ class TrainingRun:
         except ValueError as error:
             raise TrainingError(str(error)) from None
         self.plan = NoisePlan(seed=config.seed, noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
-                              empty_embeddings=empty_prompt_embeddings(config) if config.caption_dropout else [])
+                              empty_embeddings=empty_prompt_embeddings(config) if config.caption_dropout else [],
+                              flip_p=config.flip_p, masked_loss=config.masked_loss)
         self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
                                                                                      config.single_file_config)
         self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, tuple(config.betas),
@@ -143,7 +144,9 @@ class TrainingRun:
                               qk_weight_parameters(self.bare_unet), vae_scale=self.vae_scale,
                               text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
                               channels_last=config.channels_last, compile_unet=config.compile,
-                              gradient_topk=config.gradient_topk, forced_embedding=forced_embedding(config))
+                              gradient_topk=config.gradient_topk, forced_embedding=forced_embedding(config),
+                              masked_loss=(config.masked_loss_unmasked_weight, config.masked_loss_normalize)
+                              if config.masked_loss else None)
         if self.is_main:
             total = sum(p.numel() for p in self.bare_unet.parameters())
             held_out = self.data.validation_index

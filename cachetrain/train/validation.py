@@ -44,7 +44,7 @@ def validation_loss(index: PairIndex, plan: NoisePlan, checks: PairChecks, confi
                     held_out_errors: Callable[[object], torch.Tensor], device: torch.device) -> float:
     """val/loss: the mean of ``held_out_errors`` (per-sample raw MSE) over the held-out pairs, with the
     noise of VALIDATION_EPOCH and fixed timesteps, without caption dropout; one read back."""
-    dataset = CachedPairDataset(index, dataclasses.replace(plan, fixed_timesteps=True, caption_dropout=0.0),
+    dataset = CachedPairDataset(index, dataclasses.replace(plan, fixed_timesteps=True, caption_dropout=0.0, flip_p=0.0),
                                 epoch=VALIDATION_EPOCH,
                                 checks=dataclasses.replace(checks, latent_shape=None) if config.aspect_buckets
                                 else checks)
