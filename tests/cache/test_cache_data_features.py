@@ -106,20 +106,21 @@ def test_masks_from_a_mask_file_or_the_alpha_channel_are_stored_at_latent_resolu
     pixels.save(data / "alpha.png")
     _picture(data / "none.png")
     assert create_img_sdvae(_cache_args(tiny_sd_model, data, "--resolution", "64", "--mask")) == 0
-    filed = _tensors(data / "filed.img_sdvae")["mask"]
-    assert filed.shape == (1, 32, 32)  # the tiny VAE halves each side
-    expected = torch.zeros(1, 32, 32)
-    expected[..., :16] = 1
-    assert torch.equal(filed, expected)
-    alpha = _tensors(data / "alpha.img_sdvae")["mask"]
-    assert torch.equal(alpha[0, 16:], torch.ones(16, 32)) and torch.equal(alpha[0, :16], torch.zeros(16, 32))
+    filed_sidecar = _tensors(data / "filed.img_sdvae")
+    cells = filed_sidecar["latent"].shape[-1]  # the tiny VAE's latents are smaller than SD's /8
+    expected = torch.zeros(1, cells, cells)
+    expected[..., : cells // 2] = 1
+    assert torch.equal(filed_sidecar["mask"], expected)
+    alpha = _tensors(data / "alpha.img_sdvae")["mask"][0]
+    assert torch.equal(alpha[cells // 2 :], torch.ones(cells // 2, cells))
+    assert torch.equal(alpha[: cells // 2], torch.zeros(cells // 2, cells))
     assert "mask" not in _tensors(data / "none.img_sdvae")
     assert not (data / "filed.mask.img_sdvae").exists()  # a mask is never a source image
     # a new mask file makes its image's sidecar stale
     mask.paste(255, (0, 0, 128, 128))
     mask.save(data / "filed.mask.png")
     assert create_img_sdvae(_cache_args(tiny_sd_model, data, "--resolution", "64", "--mask")) == 0
-    assert torch.equal(_tensors(data / "filed.img_sdvae")["mask"], torch.ones(1, 32, 32))
+    assert torch.equal(_tensors(data / "filed.img_sdvae")["mask"], torch.ones(1, cells, cells))
 
 
 def test_the_inspector_counts_caption_variants_mirrored_latents_and_masks(tiny_sd_model, tmp_path):

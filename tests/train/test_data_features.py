@@ -29,10 +29,10 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _square_on_the_left(rng: random.Random) -> Image.Image:
-    """A red square somewhere in the left third of a blue picture: its mirror image has it on the right."""
+    """A red block in the left half of a blue picture: its mirror image has it on the right."""
     image = Image.new("RGB", (64, 64), (30, 30, 200))
-    x, y = rng.randint(2, 8), rng.randint(4, 36)
-    ImageDraw.Draw(image).rectangle((x, y, x + 18, y + 22), fill=(230, 40, 40))
+    x, y = rng.randint(0, 4), rng.randint(0, 24)
+    ImageDraw.Draw(image).rectangle((x, y, x + 26, y + 38), fill=(230, 40, 40))
     return image
 
 
@@ -45,7 +45,7 @@ def featured_template(tiny_sd_model, tmp_path_factory) -> Path:
     rng = random.Random(4)
     for i in range(16):
         _square_on_the_left(rng).save(data / f"img{i:02d}.png")
-        caption = "a red square" if i % 2 else "a red square\na crimson box on blue"
+        caption = f"a red square {i}" if i % 2 else f"a red square {i}\na crimson box {i} on blue"
         (data / f"img{i:02d}.txt").write_text("a red square on the left" if i == 3 else caption)
         if i % 4 == 0:
             mask = Image.new("L", (64, 64), 0)
@@ -68,14 +68,14 @@ def test_each_sample_trains_on_one_of_its_caption_variants_drawn_per_epoch(tiny_
     contexts = record_unet_text_inputs(monkeypatch)
     assert main(train_args(tiny_sd_model, featured, tmp_path / "run", "--batch_size", "8", "--max_steps", "6")) == 0
     rows = torch.cat(contexts)  # 6 steps x 8 rows: 3 epochs of the 16 samples
-    first = _tensors(featured / "img00.txt_clipl")
-    assert set(first) == {"emb", "emb_1"}
-    uses = [int(sum(torch.equal(row, first[key]) for row in rows)) for key in ("emb", "emb_1")]
-    print(f"img00's variants trained: {uses}")
-    # every variant of every sample is among what the UNet saw, and img00's two both were (3 epochs)
-    variants = [tensor for path in featured.glob("*.txt_clipl") for tensor in _tensors(path).values()]
-    assert all(any(torch.equal(row, variant) for variant in variants) for row in rows)
-    assert sum(uses) == 3 and min(uses) >= 1
+    sidecars = [_tensors(path) for path in sorted(featured.glob("img*.txt_clipl"))]
+    uses = {key: sum(int(torch.equal(row, sidecar[key])) for row in rows for sidecar in sidecars if key in sidecar)
+            for key in ("emb", "emb_1")}
+    print(f"rows trained on a first variant, on a second: {uses}")
+    assert sum(isinstance(sidecar.get("emb_1"), torch.Tensor) for sidecar in sidecars) == 8
+    # each row is one sample's variant (the captions differ), and the 8 two-caption samples drew both kinds
+    assert uses["emb"] + uses["emb_1"] == len(rows) == 48
+    assert uses["emb_1"] >= 4 and uses["emb"] - 24 >= 4  # 24 draws of one-caption samples are all "emb"
 
 
 def test_flip_draws_are_a_function_of_seed_epoch_and_sample_and_carry_the_mask(featured):
@@ -91,7 +91,7 @@ def test_flip_draws_are_a_function_of_seed_epoch_and_sample_and_carry_the_mask(f
             stored = _tensors(Path(index[i][0]))
             flipped = "latent_flipped" in stored and torch.equal(latent, stored["latent_flipped"])
             assert flipped or torch.equal(latent, stored["latent"])
-            expected_mask = stored.get("mask", torch.ones(1, 32, 32))
+            expected_mask = stored.get("mask", torch.ones(1, *latent.shape[1:]))
             assert torch.equal(mask, expected_mask.flip(-1) if flipped else expected_mask)
             draws[(epoch, i)] = flipped
     again = CachedPairDataset(index, NoisePlan(seed=9, flip_p=0.5, masked_loss=True))
@@ -182,3 +182,83 @@ def _denoising_error(unet, model: Path, latents: torch.Tensor, embeddings: torch
             prediction = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, steps, embeddings).sample
         total += (prediction - noise).square().mean(dim=1, keepdim=True)
     return total / len(timesteps)
+
+
+def _held_out_latents(data: Path, model: Path, keys: tuple[str, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The run's held-out quarter (--validation_split 0.25): the latent tensors ``keys`` (scaled as training
+    scales them) and the caption embeddings."""
+    from cachetrain.models.loading import read_vae_scaling_factor
+    from cachetrain.train.validation import split_validation
+    from cachetrain.tree import index_training_pairs
+
+    index, _ = index_training_pairs([data], ".img_sdvae", ".txt_clipl")
+    _, held_out = split_validation(index, 0.25, seed=0)
+    scale = read_vae_scaling_factor(str(model))
+    latents = [torch.stack([_tensors(Path(held_out[i][0]))[key] for i in range(len(held_out))]) * scale
+               for key in keys]
+    embeddings = torch.stack([_tensors(Path(held_out[i][1]))["emb"] for i in range(len(held_out))])
+    return latents, embeddings
+
+
+def _trained_unet(data: Path, model: Path, output: Path, *flags: str):
+    from diffusers import UNet2DConditionModel
+
+    assert main(train_args(model, data, output, "--batch_size", "8", "--max_steps", "40", "--validation_split", "0.25",
+                           *flags)) == 0
+    return UNet2DConditionModel.from_pretrained(output, subfolder="unet").eval()
+
+
+@pytest.mark.slow
+def test_a_run_that_always_flips_learns_the_mirrored_composition(tiny_sd_model, tmp_path):
+    """Every picture has its red block on the left. On held-out pictures, a run with --flip_p 1 (trained only
+    on the mirrored latents) denoises the mirrored composition (block on the right) better, relative to the
+    original, than the same run with --flip_p 0 does."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(0)
+    for i in range(32):
+        _square_on_the_left(rng).save(data / f"img{i:03d}.png")
+        (data / f"img{i:03d}.txt").write_text("a red square")
+    common = ["--model", str(tiny_sd_model), "--data_root", str(data), *CACHE]
+    assert create_img_sdvae(common + ["--resolution", "64", "--flip"]) == 0 and create_clipl(common) == 0
+    (original, mirrored), embeddings = _held_out_latents(data, tiny_sd_model, ("latent", "latent_flipped"))
+    ratios = {}  # held-out error on the mirrored latents / on the originals
+    for flip_p in ("1", "0"):
+        unet = _trained_unet(data, tiny_sd_model, tmp_path / f"run{flip_p}", "--flip_p", flip_p)
+        errors = [_denoising_error(unet, tiny_sd_model, latents, embeddings, (600, 800)).mean().item()
+                  for latents in (original, mirrored)]
+        ratios[flip_p] = errors[1] / errors[0]
+        print(f"--flip_p {flip_p}: held-out error original {errors[0]:.5f}, mirrored {errors[1]:.5f}")
+    assert ratios["1"] < 1 < ratios["0"]
+    assert ratios["1"] < 0.95 * ratios["0"]
+
+
+@pytest.mark.slow
+def test_a_masked_run_learns_inside_its_masks_and_not_outside(tiny_sd_model, tmp_path):
+    """Masks cover the left half of each picture (unmasked weight 0). On held-out pictures, against the same
+    run without --masked_loss: inside the masks the error is about as low, outside it stays higher."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(1)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    for i in range(32):
+        image = _square_on_the_left(rng)
+        x, y = rng.randint(36, 42), rng.randint(4, 36)  # something else, unmasked, on the right
+        ImageDraw.Draw(image).ellipse((x, y, x + 18, y + 22), fill=(40, 220, 60))
+        image.save(data / f"img{i:03d}.png")
+        mask.save(data / f"img{i:03d}.mask.png")
+        (data / f"img{i:03d}.txt").write_text("a red square and a green circle")
+    common = ["--model", str(tiny_sd_model), "--data_root", str(data), *CACHE]
+    assert create_img_sdvae(common + ["--resolution", "64", "--mask"]) == 0 and create_clipl(common) == 0
+    (latents,), embeddings = _held_out_latents(data, tiny_sd_model, ("latent",))
+    half = latents.shape[-1] // 2
+    errors = {}  # (inside the masks, outside)
+    for name, flags in (("masked", ("--masked_loss",)), ("unmasked", ())):
+        cells = _denoising_error(_trained_unet(data, tiny_sd_model, tmp_path / name, *flags), tiny_sd_model,
+                                 latents, embeddings)
+        errors[name] = (cells[..., :half].mean().item(), cells[..., half:].mean().item())
+        print(f"{name}: held-out error inside the masks {errors[name][0]:.5f}, outside {errors[name][1]:.5f}")
+    inside = errors["masked"][0] / errors["unmasked"][0]
+    outside = errors["masked"][1] / errors["unmasked"][1]
+    assert outside > 1.1 * inside
