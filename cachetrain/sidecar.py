@@ -386,7 +386,8 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str],
     """Compare a sidecar's metadata with what the current source and encoder would write.
 
     ``expected`` holds every metadata key that must match (encoder identity and fingerprint,
-    settings, source identity). When only the modification time differs and the sidecar stored
+    settings, source identity); a key whose expected value is None must be absent (a setting given
+    when the sidecar was made and not now, such as --flip). When only the modification time differs and the sidecar stored
     the source's digest, ``source_digest()`` (reading the source) decides: same bytes, "retimed".
     """
     try:
@@ -397,7 +398,8 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str],
         return Freshness("unreadable", error.reason)
     if "cachetrain_format" not in metadata:
         return Freshness("legacy", "written without metadata")
-    differing = [key for key, value in expected.items() if metadata.get(key) != str(value)]
+    differing = [key for key, value in expected.items()
+                 if (key in metadata if value is None else metadata.get(key) != str(value))]
     if not differing:
         return Freshness("fresh")
     if differing == ["source_mtime_ns"] and source_digest is not None and "source_sha256" in metadata:
@@ -407,7 +409,8 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str],
         except OSError:
             pass  # unreadable now: stale, and the rebuild reports why
     key = differing[0]
-    return Freshness("stale", f"{key} is {metadata.get(key)!r}, now {expected[key]!r}")
+    now = "absent" if expected[key] is None else repr(expected[key])
+    return Freshness("stale", f"{key} is {metadata.get(key)!r}, now {now}")
 
 
 def update_metadata(path: os.PathLike | str, changes: dict[str, str]) -> None:

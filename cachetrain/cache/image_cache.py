@@ -169,10 +169,11 @@ class ImageLatentBuilder:
         }
 
     def expected_metadata(self, source: str) -> dict[str, str]:
-        # --flip and --mask add keys only when given: sidecars cached without them stay fresh
+        # --flip and --mask add keys only when given, so sidecars cached without them stay fresh; without
+        # them the keys must be absent (None), so a sidecar cached with them is rebuilt without
         return {**self.settings_metadata(), **image_source_identity(source),
-                **({"flip": flip_state(source, self.caption_suffix)} if self.flip else {}),
-                **(mask_identity(source) if self.masks else {})}
+                "flip": flip_state(source, self.caption_suffix) if self.flip else None,
+                **(mask_identity(source) if self.masks else {"mask_source": None})}
 
     def source_digest(self, source: str) -> dict[str, str]:
         return file_content_digest(source)

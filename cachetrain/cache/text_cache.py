@@ -68,8 +68,10 @@ class TextEmbeddingBuilder:
             **({"caption_variants": "lines"} if self.variants_by_line else {}),
         }
 
-    def expected_metadata(self, source: str) -> dict[str, str]:
-        return {**self.settings_metadata(), **caption_source_identity(read_caption(source, self.caption_suffix))}
+    def expected_metadata(self, source: str) -> dict[str, str | None]:
+        # None: a sidecar cached with --caption_variants is rebuilt by a run without it
+        return {"caption_variants": None, **self.settings_metadata(),
+                **caption_source_identity(read_caption(source, self.caption_suffix))}
 
     def embed(self, prompts: list[str]) -> torch.Tensor | Sequence[torch.Tensor]:
         """[B, T, D] (or B tensors [T_i, D]) for ``prompts``: override for another text encoder."""

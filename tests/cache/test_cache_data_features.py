@@ -89,6 +89,9 @@ def test_flip_stores_the_latent_of_the_mirrored_image_unless_the_caption_names_a
     (data / "sided.txt").write_text("a red square")
     assert create_img_sdvae(_cache_args(tiny_sd_model, data, "--resolution", "64", "--flip")) == 0
     assert "latent_flipped" in _tensors(data / "sided.img_sdvae")
+    # a run without --flip rebuilds the sidecar without the mirrored latent
+    assert create_img_sdvae(_cache_args(tiny_sd_model, data, "--resolution", "64")) == 0
+    assert set(_tensors(data / "sided.img_sdvae")) == {"latent"}
 
 
 def test_masks_from_a_mask_file_or_the_alpha_channel_are_stored_at_latent_resolution(tiny_sd_model, tmp_path):
