@@ -113,7 +113,8 @@ def test_masks_from_a_mask_file_or_the_alpha_channel_are_stored_at_latent_resolu
     cells = filed_sidecar["latent"].shape[-1]  # the tiny VAE's latents are smaller than SD's /8
     expected = torch.zeros(1, cells, cells)
     expected[..., : cells // 2] = 1
-    assert torch.equal(filed_sidecar["mask"], expected)
+    # the mask file is twice the image's size: scaled down (bilinear), its edge column blurs a little
+    assert torch.allclose(filed_sidecar["mask"], expected, atol=0.05)
     alpha = _tensors(data / "alpha.img_sdvae")["mask"][0]
     assert torch.equal(alpha[cells // 2 :], torch.ones(cells // 2, cells))
     assert torch.equal(alpha[: cells // 2], torch.zeros(cells // 2, cells))
