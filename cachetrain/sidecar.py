@@ -1,9 +1,14 @@
 """The sidecar contract: naming, file format, metadata, atomic write, read + validate, freshness.
 
-A sidecar of ``dir/name.ext`` is ``dir/name<suffix>``: one safetensors file holding one tensor
+A sidecar of ``dir/name.ext`` is ``dir/name<suffix>``: one safetensors file holding its main tensor
 (``latent`` [C, H/f, W/f] for images, ``emb`` [T, D] for captions) and, in its header, metadata
 saying what made it and from what. Sidecars written by the original scripts carry no metadata;
 they are still read ("legacy").
+
+Optional tensors ride beside the main one, so a reader that knows only the main one still reads the
+file: an image sidecar may hold ``latent_flipped`` (the mirrored image's latent, --flip) and ``mask``
+[1, H/f, W/f] (loss weights in [0, 1] at latent resolution, --mask); a text sidecar may hold
+``emb_1``, ``emb_2``, ... (further caption variants; ``emb`` is the first).
 """
 
 from __future__ import annotations
@@ -28,6 +33,25 @@ FORMAT_VERSION = "1"
 
 IMAGE_LATENT_KEY = "latent"
 TEXT_EMBEDDING_KEY = "emb"
+FLIPPED_LATENT_KEY = "latent_flipped"  # the horizontally mirrored image's latent (--flip)
+MASK_KEY = "mask"  # [1, h, w] loss weights at latent resolution (--mask)
+# An image's mask file: x.jpg -> x.mask.png (never a source image itself, see is_source_image)
+MASK_STEM_SUFFIX = ".mask"
+MASK_EXTENSION = ".png"
+
+
+def text_variant_key(variant: int) -> str:
+    """The tensor of caption variant ``variant``: ``emb`` for the first (what old readers read), ``emb_N`` after."""
+    return TEXT_EMBEDDING_KEY if variant == 0 else f"{TEXT_EMBEDDING_KEY}_{variant}"
+
+
+def text_variant_count(keys) -> int:
+    """How many caption variants a text sidecar holding tensors ``keys`` has (1 for an old sidecar)."""
+    keys = set(keys)
+    count = 0
+    while text_variant_key(count) in keys:
+        count += 1
+    return count
 
 SD_VAE_SUFFIX = ".img_sdvae"
 SDXL_VAE_SUFFIX = ".img_sdxl"
@@ -91,7 +115,12 @@ def is_source_image(name: str, extensions: tuple[str, ...], sidecar_suffixes: tu
     if extension.lower() not in extensions:
         return False
     stem = stem.lower()
-    return not any(stem.endswith(suffix.lower()) for suffix in (*KNOWN_SUFFIXES, *sidecar_suffixes))
+    return not any(stem.endswith(suffix.lower()) for suffix in (*KNOWN_SUFFIXES, MASK_STEM_SUFFIX, *sidecar_suffixes))
+
+
+def mask_path(image: os.PathLike | str) -> Path:
+    """The mask of ``dir/name.ext`` is ``dir/name.mask.png`` (white trains, black does not)."""
+    return sidecar_path(image, MASK_STEM_SUFFIX + MASK_EXTENSION)
 
 
 def sidecar_sources(files: Iterable[str], suffix: str, extensions: tuple[str, ...]) -> dict[str, str]:
@@ -300,6 +329,39 @@ def read_sidecar(path: os.PathLike | str, key: str, ndim: int = 0) -> torch.Tens
     return tensor
 
 
+def read_sidecar_tensors(path: os.PathLike | str, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Those of ``keys`` a sidecar holds, read in one open; a key it lacks is absent from the result.
+
+    Raises SidecarError if the file is unreadable (FileNotFoundError passes through)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            present = set(handle.keys())
+            return {key: handle.get_tensor(key) for key in keys if key in present}
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+
+
+def read_text_variants(path: os.PathLike | str) -> list[torch.Tensor]:
+    """Every caption variant of a text sidecar ([T_i, D] each, ``emb`` first); one for an old sidecar."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            count = text_variant_count(handle.keys())
+            if count == 0:
+                raise SidecarError(path, f"has no tensor {TEXT_EMBEDDING_KEY!r} (found {list(handle.keys())})")
+            variants = [handle.get_tensor(text_variant_key(v)) for v in range(count)]
+    except (SidecarError, FileNotFoundError):
+        raise
+    except Exception as error:
+        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+    for variant, tensor in enumerate(variants):
+        if tensor.ndim != 2:
+            raise SidecarError(path, f"tensor {text_variant_key(variant)!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected 2 dims")
+    return variants
+
+
 # ---------------------------------------------------------------------------------------------
 # Source identity and freshness
 
@@ -356,7 +418,8 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str],
     """Compare a sidecar's metadata with what the current source and encoder would write.
 
     ``expected`` holds every metadata key that must match (encoder identity and fingerprint,
-    settings, source identity). When only the modification time differs and the sidecar stored
+    settings, source identity); a key whose expected value is None must be absent (a setting given
+    when the sidecar was made and not now, such as --flip). When only the modification time differs and the sidecar stored
     the source's digest, ``source_digest()`` (reading the source) decides: same bytes, "retimed".
     With ``verify``, a sidecar whose metadata all match is also read by content: a source replaced by
     other bytes of the same size and modification time (``touch -r``) is "stale".
@@ -369,7 +432,8 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str],
         return Freshness("unreadable", error.reason)
     if "cachetrain_format" not in metadata:
         return Freshness("legacy", "written without metadata")
-    differing = [key for key, value in expected.items() if metadata.get(key) != str(value)]
+    differing = [key for key, value in expected.items()
+                 if (key in metadata if value is None else metadata.get(key) != str(value))]
     if not differing and verify and source_digest is not None and "source_sha256" in metadata:
         try:
             if source_digest() != {"source_sha256": metadata["source_sha256"]}:
@@ -385,7 +449,8 @@ def check_freshness(path: os.PathLike | str, expected: dict[str, str],
         except OSError:
             pass  # unreadable now: stale, and the rebuild reports why
     key = differing[0]
-    return Freshness("stale", f"{key} is {metadata.get(key)!r}, now {expected[key]!r}")
+    now = "absent" if expected[key] is None else repr(expected[key])
+    return Freshness("stale", f"{key} is {metadata.get(key)!r}, now {now}")
 
 
 def update_metadata(path: os.PathLike | str, changes: dict[str, str]) -> None:

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -30,11 +30,13 @@ from .build import (add_common_cache_flags, add_custom_flag, add_single_file_con
 from .previews import write_previews
 from .summary import CacheSummary
 from .writer import EncodedItem
+from .image_extras import FLIP_STORED, flip_state, latent_mask, load_mask_pixels, mask_identity
 from .images import (CONVERSION_REASONS, ORIENTATION_TAG, ImageRejected, Sizing, load_image, parse_size,
                      read_image_file, size_text, standard_buckets)
 from .shares import agree_on_exit_status, process_device
-from ..sidecar import (DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, content_digest, file_content_digest,
-                      image_source_identity, preview_path, sidecar_path)
+from ..sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, FLIPPED_LATENT_KEY, IMAGE_LATENT_KEY, MASK_KEY,
+                       content_digest, file_content_digest, image_source_identity, mask_path, preview_path,
+                       sidecar_path)
 from ..tree import normalize_extensions
 
 
@@ -44,8 +46,10 @@ class ImageDecodeDataset(Dataset):
     uint8 is a quarter of the bytes of float32 on the way from the worker to the encoder.
     """
 
-    def __init__(self, paths: list[str], sizing: Sizing | int, min_size: int = 0, jpeg_draft: bool = True):
+    def __init__(self, paths: list[str], sizing: Sizing | int, min_size: int = 0, jpeg_draft: bool = True,
+                 with_masks: bool = False):
         self.paths = paths
+        self.with_masks = with_masks  # also each image's mask (x.mask.png or alpha) at the same crop
         self.sizing = sizing if isinstance(sizing, Sizing) else Sizing.square(sizing)
         self.min_size = min_size
         self.jpeg_draft = jpeg_draft
@@ -61,11 +65,15 @@ class ImageDecodeDataset(Dataset):
             identity = image_source_identity(self.paths[i])
             data = read_image_file(self.paths[i])
             prepared = load_image(io.BytesIO(data), self.sizing, self.min_size, self.jpeg_draft)
-            return i, prepared.pixels, prepared.notes, {**identity, **content_digest(data)}, "", ""
         except ImageRejected as error:
-            return i, None, (), None, error.kind, error.reason
+            return i, None, (), None, error.kind, error.reason, None
         except Exception as error:  # any other decode failure is reported per file, never fatal
-            return i, None, (), None, "unreadable", f"{type(error).__name__}: {error}"
+            return i, None, (), None, "unreadable", f"{type(error).__name__}: {error}", None
+        try:
+            mask = load_mask_pixels(self.paths[i], data, self.sizing) if self.with_masks else None
+        except Exception as error:  # a mask that cannot be read: the image is reported, not trained unmasked
+            return i, None, (), None, "unreadable mask", f"{mask_path(self.paths[i]).name}: {error}", None
+        return i, prepared.pixels, prepared.notes, {**identity, **content_digest(data)}, "", "", mask
 
 
 @dataclass
@@ -76,6 +84,7 @@ class DecodedGroup:
     pixels: torch.Tensor  # [B, 3, H, W] uint8
     notes: list[tuple[str, ...]]  # conversions, one tuple per row of ``pixels``
     identities: list[dict[str, str]]  # image_source_identity as read before decoding, one per row
+    masks: list[torch.Tensor | None] = field(default_factory=list)  # uint8 [1, H, W] per row (--mask)
 
 
 @dataclass
@@ -90,7 +99,7 @@ class DecodedBatch:
     rejected: list[tuple[int, str, str]]  # (index, kind, reason)
 
     def pin_memory(self) -> DecodedBatch:
-        return DecodedBatch([DecodedGroup(g.indices, g.pixels.pin_memory(), g.notes, g.identities)
+        return DecodedBatch([DecodedGroup(g.indices, g.pixels.pin_memory(), g.notes, g.identities, g.masks)
                              for g in self.groups], self.rejected)
 
 
@@ -101,10 +110,11 @@ def collate_decoded(items) -> DecodedBatch:
             by_size.setdefault(tuple(item[1].shape), []).append(item)
     groups = [DecodedGroup(indices=[i for i, *_ in good], pixels=torch.stack([pixels for _, pixels, *_ in good]),
                            notes=[notes for _, _, notes, *_ in good],
-                           identities=[identity for _, _, _, identity, *_ in good])
+                           identities=[identity for _, _, _, identity, *_ in good],
+                           masks=[item[6] for item in good])
               for good in by_size.values()]
     return DecodedBatch(groups=groups,
-                        rejected=[(i, kind, reason) for i, pixels, _, _, kind, reason in items if pixels is None])
+                        rejected=[(i, kind, reason) for i, pixels, _, _, kind, reason, _ in items if pixels is None])
 
 
 def pixels_to_vae_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -134,6 +144,9 @@ class ImageLatentBuilder:
     sizing: Sizing | None = None  # None: squares of ``resolution``
     write_preview: bool = False  # also write each latent decoded back, as x<suffix>.webp
     out_suffix: str = ""  # for the preview's name
+    flip: bool = False  # also store the mirrored image's latent (image_extras), unless the caption names a side
+    caption_suffix: str = CAPTION_EXTENSION  # where --flip reads the caption that may opt an image out
+    masks: bool = False  # also store each image's mask at latent resolution (image_extras)
 
     def __post_init__(self):
         check_vae_precision(self.vae.config, self.dtype)
@@ -157,7 +170,11 @@ class ImageLatentBuilder:
         }
 
     def expected_metadata(self, source: str) -> dict[str, str]:
-        return {**self.settings_metadata(), **image_source_identity(source)}
+        # --flip and --mask add keys only when given, so sidecars cached without them stay fresh; without
+        # them the keys must be absent (None), so a sidecar cached with them is rebuilt without
+        return {**self.settings_metadata(), **image_source_identity(source),
+                "flip": flip_state(source, self.caption_suffix) if self.flip else None,
+                **(mask_identity(source) if self.masks else {"mask_source": None})}
 
     def source_digest(self, source: str) -> dict[str, str]:
         return file_content_digest(source)
@@ -183,7 +200,8 @@ class ImageLatentBuilder:
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
         if self.sizing.bucketed:  # one shape per batch, so the VAE runs full batches
             sources = order_by_bucket(sources, self.sizing)
-        decode = ImageDecodeDataset(sources, self.sizing, self.min_size, self.jpeg_draft)
+        decode = ImageDecodeDataset(sources, self.sizing, self.min_size, self.jpeg_draft, with_masks=self.masks)
+        factor = vae_downscale_factor(self.vae.config)
         loader = DataLoader(decode, batch_size=self.batch_size, num_workers=self.num_workers,
                             collate_fn=collate_decoded, pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.num_workers > 0 else None,
@@ -197,19 +215,38 @@ class ImageLatentBuilder:
                     for note in notes:
                         summary.note(sources[i], note, CONVERSION_REASONS.get(note, f"converted from mode {note}"))
                 latents = self.latents_of(group.pixels)
-                finite = torch.isfinite(latents).flatten(1).all(dim=1).cpu()
+                finite = torch.isfinite(latents).flatten(1).all(dim=1)
+                flips = [flip_state(sources[i], self.caption_suffix) if self.flip else "" for i in group.indices]
+                mirrored = [row for row, state in enumerate(flips) if state == FLIP_STORED]
+                flipped = {}
+                if mirrored:  # the mirrored pixels encoded, not the latent mirrored: the VAE is not symmetric
+                    flipped_latents = self.latents_of(group.pixels[mirrored].flip(-1))
+                    finite[mirrored] &= torch.isfinite(flipped_latents).flatten(1).all(dim=1)
+                    flipped = dict(zip(mirrored, flipped_latents.to(self.save_dtype).cpu()))
+                finite = finite.cpu()
                 latents = latents.to(self.save_dtype).cpu()
                 previews = self.preview_of(latents) if self.write_preview else [None] * len(latents)
                 size = {"size": size_text((group.pixels.shape[3], group.pixels.shape[2]))}  # the image's bucket
-                for i, identity, latent, ok, preview in zip(group.indices, group.identities, latents,
-                                                            finite.tolist(), previews):
+                masks = group.masks or [None] * len(latents)
+                for row, (i, identity, latent, ok, preview) in enumerate(zip(group.indices, group.identities,
+                                                                             latents, finite.tolist(), previews)):
                     if not ok:
                         summary.fail(sources[i], "non-finite output",
                                      "the VAE produced NaN/Inf for this image; nothing written")
                         continue
                     extra = {os.fspath(preview_path(sidecar_path(sources[i], self.out_suffix))): preview} \
                         if preview is not None else {}
-                    yield EncodedItem(sources[i], {IMAGE_LATENT_KEY: latent.clone()}, {**settings, **size, **identity},
+                    tensors = {IMAGE_LATENT_KEY: latent.clone()}
+                    extras = {}
+                    if self.flip:
+                        extras["flip"] = flips[row]
+                        if row in flipped:
+                            tensors[FLIPPED_LATENT_KEY] = flipped[row].clone()
+                    if self.masks:
+                        extras.update(mask_identity(sources[i]))
+                        if masks[row] is not None:
+                            tensors[MASK_KEY] = latent_mask(masks[row], factor).to(self.save_dtype)
+                    yield EncodedItem(sources[i], tensors, {**settings, **size, **identity, **extras},
                                       extra_files=extra)
 
 
@@ -292,6 +329,14 @@ def build_parser(defaults: ImageScriptDefaults) -> argparse.ArgumentParser:
                         help="skip images whose short side is under this many pixels (default: upscale them)")
     parser.add_argument("--extensions", nargs="+", default=list(DEFAULT_IMAGE_EXTENSIONS),
                         help="image file extensions to take (case-insensitive)")
+    parser.add_argument("--flip", action="store_true",
+                        help="also store the latent of the horizontally mirrored image (the trainer's --flip_p "
+                             "draws it), except for images whose caption names a side (left/right)")
+    parser.add_argument("--caption_suffix", default=CAPTION_EXTENSION,
+                        help=f"with --flip: the caption of x.jpg is x<caption_suffix> (default {CAPTION_EXTENSION})")
+    parser.add_argument("--mask", action="store_true",
+                        help="also store each image's loss mask at latent resolution: x.mask.png beside x.jpg "
+                             "(white = trained), else the image's alpha channel (the trainer's --masked_loss)")
     add_common_cache_flags(parser, default_batch=8, encoder_dtype_help=(
         "VAE precision: float32 by default, as the original scripts (bfloat16 encodes faster on CUDA but moves "
         "latents by up to 5%% of their std, decoded ~49 dB PSNR from float32; docs/BENCHMARKS.md)"))
@@ -343,7 +388,8 @@ def main(argv: list[str] | None, defaults: ImageScriptDefaults) -> int:
                                      device=device, dtype=dtype, save_dtype=save_dtype,
                                      batch_size=args.batch_size, num_workers=args.num_workers,
                                      min_size=args.min_size, sizing=sizing,
-                                     write_preview=args.write_preview or args.previewonly, out_suffix=args.out_suffix)
+                                     write_preview=args.write_preview or args.previewonly, out_suffix=args.out_suffix,
+                                     flip=args.flip, caption_suffix=args.caption_suffix, masks=args.mask)
     except (ValueError, OSError) as error:  # bad flags, or no VAE where --model / --custom points
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -115,7 +115,7 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
                                 verify=verify)
         if state.status == "retimed":  # store the new time, so the next run needs only a stat again
             try:
-                update_metadata(target, expected)
+                update_metadata(target, {key: value for key, value in expected.items() if value is not None})
             except (OSError, SidecarError) as error:  # e.g. a read-only cache: the latent is still right
                 return source, None, state, f"same bytes, but the new modification time was not stored: {error}"
         return source, None, state, ""

@@ -116,5 +116,5 @@ def main(argv: list[str] | None = None) -> int:
     builder = T5EmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder, model_name=models.model_name(model),
                                  device=device, dtype=dtype, save_dtype=models.parse_dtype(args.save_dtype),
                                  batch_size=args.batch_size, projection=projection, max_length=args.max_length or 0,
-                                 caption_suffix=args.caption_suffix)
+                                 caption_suffix=args.caption_suffix, variants_by_line=args.caption_variants)
     return run_text_cache(builder, args)

@@ -34,7 +34,8 @@ from .summary import CacheSummary, write_problem
 from .writer import EncodedItem
 from .shares import agree_on_exit_status, process_device
 from ..sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, TEXT_EMBEDDING_KEY, CaptionRejected,
-                      caption_source_identity, check_freshness, empty_prompt_path, read_caption, write_sidecar)
+                      caption_source_identity, check_freshness, empty_prompt_path, read_caption, text_variant_key,
+                      write_sidecar)
 from ..models.text_encoding import clip_overlong, encode_clip_prompts
 from ..tree import normalize_extensions
 
@@ -49,6 +50,7 @@ class TextEmbeddingBuilder:
     save_dtype: torch.dtype
     batch_size: int
     caption_suffix: str = CAPTION_EXTENSION  # x.jpg's caption is x<caption_suffix>
+    variants_by_line: bool = False  # --caption_variants: each non-empty line of a caption file is one caption
 
     def __post_init__(self):
         self.encoder_class, self.fingerprint = models.encoder_identity(self.text_encoder)
@@ -63,10 +65,14 @@ class TextEmbeddingBuilder:
             "encoder_fingerprint": self.fingerprint,
             "max_length": str(self.tokenizer.model_max_length),
             "dtype": models.dtype_name(self.save_dtype),
+            # only when asked: sidecars cached without the flag stay fresh
+            **({"caption_variants": "lines"} if self.variants_by_line else {}),
         }
 
-    def expected_metadata(self, source: str) -> dict[str, str]:
-        return {**self.settings_metadata(), **caption_source_identity(read_caption(source, self.caption_suffix))}
+    def expected_metadata(self, source: str) -> dict[str, str | None]:
+        # None: a sidecar cached with --caption_variants is rebuilt by a run without it
+        return {"caption_variants": None, **self.settings_metadata(),
+                **caption_source_identity(read_caption(source, self.caption_suffix))}
 
     def embed(self, prompts: list[str]) -> torch.Tensor | Sequence[torch.Tensor]:
         """[B, T, D] (or B tensors [T_i, D]) for ``prompts``: override for another text encoder."""
@@ -75,6 +81,12 @@ class TextEmbeddingBuilder:
     def overlong(self, prompts: list[str]) -> list[bool]:
         """Which prompts ``embed`` truncates."""
         return clip_overlong(self.tokenizer, prompts)
+
+    def variants_of(self, caption: str) -> list[str]:
+        """The captions one caption file gives: itself, or with --caption_variants each non-empty line."""
+        if not self.variants_by_line:
+            return [caption]
+        return [line.strip() for line in caption.splitlines() if line.strip()] or [""]
 
     def encode(self, sources: list[str], summary: CacheSummary) -> Iterator[EncodedItem]:
         for start in range(0, len(sources), self.batch_size):
@@ -87,13 +99,16 @@ class TextEmbeddingBuilder:
                     summary.fail(source, error.kind, str(error))
             if not captions:
                 continue
-            for source, caption, overlong in zip(batch_sources, captions, self.overlong(captions)):
-                if overlong:
+            variants = [self.variants_of(caption) for caption in captions]
+            prompts = [prompt for group in variants for prompt in group]  # every variant, encoded in one batch
+            overlong = iter(self.overlong(prompts))
+            for source, caption, group in zip(batch_sources, captions, variants):
+                if any([next(overlong) for _ in group]):
                     summary.note(source, "truncated caption",
                                  f"longer than {self.tokenizer.model_max_length} tokens; the rest is cut off")
                 if not caption:
                     summary.note(source, "empty caption", "encoded as the empty prompt")
-            embeddings = self.embed(captions)
+            embeddings = self.embed(prompts)
             # One finiteness check and one device->host copy per batch, not per caption.
             if isinstance(embeddings, torch.Tensor):
                 finite = torch.isfinite(embeddings).flatten(1).all(dim=1).cpu().tolist()
@@ -101,15 +116,21 @@ class TextEmbeddingBuilder:
             else:
                 finite = torch.stack([torch.isfinite(e).all() for e in embeddings]).cpu().tolist()
                 embeddings = [e.to(self.save_dtype).cpu() for e in embeddings]
-            for source, caption, emb, ok in zip(batch_sources, captions, embeddings, finite):
-                if not ok:
+            position = 0
+            for source, caption, group in zip(batch_sources, captions, variants):
+                own = range(position, position + len(group))
+                position += len(group)
+                if not all(finite[k] for k in own):
                     summary.fail(source, "non-finite output",
                                  "the text encoder produced NaN/Inf for this caption; nothing written")
                     continue
                 # the caption's name is recorded (not compared: its sha256 is) so inspect finds the caption
                 metadata = {**self.settings_metadata(), **caption_source_identity(caption), "encoder": self.model_name,
                             "caption_suffix": self.caption_suffix}
-                yield EncodedItem(source, {TEXT_EMBEDDING_KEY: emb.clone()}, metadata)
+                if self.variants_by_line:
+                    metadata["caption_variant_count"] = str(len(group))
+                tensors = {text_variant_key(v): embeddings[k].clone() for v, k in enumerate(own)}
+                yield EncodedItem(source, tensors, metadata)
 
     def write_empty_prompt(self, data_root: str, suffix: str, overwrite: bool, summary: CacheSummary) -> None:
         """The root's empty-prompt sidecar, unless a fresh one is there; a write that fails is counted in
@@ -135,6 +156,9 @@ def build_parser(default_model: str, default_suffix: str, description: str) -> a
     parser.add_argument("--caption_suffix", "--txt_suffix", dest="caption_suffix", default=CAPTION_EXTENSION,
                         help=f"the caption of x.jpg is x<caption_suffix> (default {CAPTION_EXTENSION}; the original "
                              f"T5 scripts' captions are .txtqs). --txt_suffix is the original's name for it")
+    parser.add_argument("--caption_variants", action="store_true",
+                        help="each non-empty line of a caption file is one caption: all are cached in the one "
+                             "sidecar (emb, emb_1, ...) and the trainer draws one per sample")
     add_common_cache_flags(parser, default_batch=64)
     return parser
 
@@ -170,7 +194,7 @@ def main_clip(argv: list[str] | None = None) -> int:
     builder = TextEmbeddingBuilder(tokenizer=tokenizer, text_encoder=text_encoder,
                                    model_name=models.model_name(model), device=device, dtype=dtype,
                                    save_dtype=models.parse_dtype(args.save_dtype), batch_size=args.batch_size,
-                                   caption_suffix=args.caption_suffix)
+                                   caption_suffix=args.caption_suffix, variants_by_line=args.caption_variants)
     return run_text_cache(builder, args)
 
 

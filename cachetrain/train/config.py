@@ -347,6 +347,17 @@ class TrainConfig:
                                        "the target keeps the first (0 disables; 0.1 is common)", check=NOT_NEGATIVE)
     debiased_estimation_loss: bool = _flag(False, "DDPM: weight each sample's loss by 1/sqrt(SNR(t)) "
                                                   "(v-prediction: 1/sqrt(SNR(t)+1)), SNR capped at 1000")
+    # data features: horizontal flips and masked loss (caption variants need no flag: each sample draws one)
+    flip_p: float = _flag(0.0, "probability of training a sample on its mirrored latent (latents cached with --flip; "
+                               "images whose caption names a side have none and are never flipped)",
+                          check=_check(lambda p: 0 <= p <= 1, "is a probability in [0, 1]"))
+    masked_loss: bool = _flag(False, "weight each latent cell's loss by its image's cached mask (cached with --mask; "
+                                     "images without a mask weigh 1 everywhere)")
+    masked_loss_unmasked_weight: float = _flag(0.0, "with --masked_loss: the weight of cells outside the mask "
+                                                    "(mask 0); a cell of mask m weighs w + (1 - w) m",
+                                               check=_check(lambda w: 0 <= w <= 1, "is a weight in [0, 1]"))
+    masked_loss_normalize: bool = _flag(False, "with --masked_loss: divide each sample's loss by its mean weight, so "
+                                               "a small mask trains as strongly as a whole image")
 
     @property
     def max_epochs(self) -> float | None:
@@ -543,6 +554,8 @@ def _data_problems(config: TrainConfig) -> list[str]:
     if config.data_balance == "round_robin" and config.aspect_buckets:
         problems.append("--data_balance round_robin takes one latent shape per run; with --aspect_buckets "
                         "use pooled or equal")
+    if not config.masked_loss and (config.masked_loss_unmasked_weight or config.masked_loss_normalize):
+        problems.append("--masked_loss_unmasked_weight and --masked_loss_normalize apply with --masked_loss only")
     remote = [d for d in config.train_data_dir if "://" in d]
     if remote and len(config.train_data_dir) > 1:
         problems.append(f"--train_data_dir {remote[0]}: a shard URL is the run's only --train_data_dir "

@@ -54,4 +54,5 @@ def noise_plan(config: TrainConfig, folders: list[DataFolder] | None) -> NoisePl
     return NoisePlan(seed=config.seed, noise_offset=config.noise_offset, caption_dropout=config.caption_dropout,
                      empty_embeddings=empty_prompt_embeddings(config, dropouts and [d > 0 for d in dropouts])
                      if any_dropout else [],
-                     caption_dropouts=dropouts, loss_weights=loss_weights, variants=variants)
+                     caption_dropouts=dropouts, loss_weights=loss_weights, variants=variants,
+                     flip_p=config.flip_p, masked_loss=config.masked_loss)

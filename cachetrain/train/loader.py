@@ -7,7 +7,9 @@ replaced by a seeded draw from the rest, so they cost nothing but themselves and
 same batches.
 Each sample's noise, timestep and caption dropout are drawn in the worker from (seed, epoch,
 sample) alone (objective.sample_key), so they too survive a resume, and do not change with batch
-size, gradient accumulation or the number of processes.
+size, gradient accumulation or the number of processes. So are its caption variant (a text sidecar
+may hold several) and whether it trains mirrored (--flip_p), from a draw of their own
+(``data_draws``): runs without variants or flips see the noise they always saw.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .noise_variants import NoiseVariants, draw_noise_variants
 from .objective import draw_sample_noise, evenly_spread_draws, sample_key
-from ..sidecar import IMAGE_LATENT_KEY, TEXT_EMBEDDING_KEY, SidecarError, read_sidecar
+from ..sidecar import (FLIPPED_LATENT_KEY, IMAGE_LATENT_KEY, MASK_KEY, SidecarError, read_sidecar_tensors,
+                       read_text_variants)
 from ..models.text_encoding import pad_text_embeddings
 from ..tree import PairIndex
 
@@ -38,6 +41,14 @@ class NoisePlan:
     caption_dropouts: list[float] | None = None  # one per data root (--dataset_config), instead of caption_dropout
     loss_weights: list[float] | None = None  # one per data root (--dataset_config): each sample's loss weight
     variants: NoiseVariants = field(default_factory=NoiseVariants)  # pyramid noise, input perturbation
+    flip_p: float = 0.0  # probability of taking the mirrored latent, where the sidecar holds one
+    masked_loss: bool = False  # read each latent's mask (ones where it has none)
+
+
+def data_draws(seed: int, epoch: int, draw: int) -> tuple[float, float]:
+    """(caption variant draw, flip draw), uniforms in [0, 1) for one sample: a function of (seed, epoch, draw)."""
+    variant, flip = torch.rand(2, generator=_generator(seed, epoch, "data", draw)).tolist()
+    return variant, flip
 
 
 @dataclass(frozen=True)
@@ -71,61 +82,89 @@ class CachedPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[str, str]:
-        """(latent, embedding) of sample i, or (path, reason) when the pair cannot be trained on."""
+    def read(self, i: int) -> tuple | tuple[str, str]:
+        """(latent, caption variants, mirrored latent or None, mask or None) of sample i, or (path, reason)
+        when the pair cannot be trained on. The mirrored latent and the mask are read only when the plan
+        uses them."""
+        plan = self.plan
+        flipped = mask = None
         if isinstance(self.index, PairIndex):
             latent_path, text_path = self.index[i]
+            wanted = [IMAGE_LATENT_KEY]
+            wanted += [FLIPPED_LATENT_KEY] if plan is not None and plan.flip_p > 0 else []
+            wanted += [MASK_KEY] if plan is not None and plan.masked_loss else []
             try:
-                latent = read_sidecar(latent_path, IMAGE_LATENT_KEY, ndim=3)
+                image = read_sidecar_tensors(latent_path, wanted)
+                if IMAGE_LATENT_KEY not in image:
+                    raise SidecarError(latent_path, f"has no tensor {IMAGE_LATENT_KEY!r}")
                 # image-only data (--force_txtcache): a stand-in the step replaces by the forced embedding
-                emb = NO_TEXT if text_path is None else read_sidecar(text_path, TEXT_EMBEDDING_KEY, ndim=2)
+                embeddings = [NO_TEXT] if text_path is None else read_text_variants(text_path)
             except SidecarError as error:
                 return error.path, error.reason
             except OSError as error:
                 return str(error.filename or latent_path), error.strerror or str(error)
-        else:  # a shard set (shard_data.ShardIndex): the pair is one row
+            latent, flipped, mask = image[IMAGE_LATENT_KEY], image.get(FLIPPED_LATENT_KEY), image.get(MASK_KEY)
+        else:  # a shard set (shard_data.ShardIndex): the pair is one row, with no mirrored latent or mask
             pair = self.index.read_pair(i)
             if isinstance(pair[0], str):
                 return pair
-            latent, emb = pair
+            latent, embeddings = pair[0], [pair[1]]
             latent_path = text_path = self.index.where(i)
+        if latent.ndim != 3:
+            return latent_path, f"tensor {IMAGE_LATENT_KEY!r} has shape {tuple(latent.shape)}, expected 3 dims"
+        if flipped is not None and flipped.shape != latent.shape:
+            return latent_path, f"mirrored latent of shape {list(flipped.shape)}, its latent's is {list(latent.shape)}"
+        if mask is not None and tuple(mask.shape) != (1, *latent.shape[1:]):
+            return latent_path, f"mask of shape {list(mask.shape)}, its latent's cells are {list(latent.shape[1:])}"
+        if plan is not None and plan.masked_loss and mask is None:  # no mask: every cell weighs fully
+            mask = torch.ones((1, *latent.shape[1:]), dtype=latent.dtype)
         checks = self.checks
         if checks is None:
-            return latent, emb
+            return latent, embeddings, flipped, mask
         expected = checks.latent_shape or self.index.latent_shape(i)
         if expected is not None and tuple(latent.shape) != expected:
             whose = "the run's" if checks.latent_shape else "its bucket's (read at start)"
             return latent_path, f"latent of shape {list(latent.shape)}, {whose} is {list(expected)}"
-        if checks.text_width is not None and emb.shape[-1] != checks.text_width:
-            return text_path, f"text embedding {emb.shape[-1]} wide, the run's are {checks.text_width}"
-        if not torch.isfinite(latent).all():
+        widths = {emb.shape[-1] for emb in embeddings}
+        if checks.text_width is not None and widths != {checks.text_width}:
+            return text_path, f"text embedding {max(widths - {checks.text_width})} wide, the run's are {checks.text_width}"
+        if not all(bool(torch.isfinite(t).all()) for t in (latent, flipped, mask) if t is not None):
             return latent_path, "latent holds NaN/Inf values"
-        if not torch.isfinite(emb).all():
+        if not all(bool(torch.isfinite(emb).all()) for emb in embeddings):
             return text_path, "text embedding holds NaN/Inf values"
-        return latent, emb
+        return latent, embeddings, flipped, mask
 
-    def with_noise(self, latent: torch.Tensor, emb: torch.Tensor, epoch: int, i: int, draw: int | None = None):
-        """The item tuple of sample i; ``draw`` keys its noise when the sample recurs within an epoch."""
+    def with_noise(self, latent: torch.Tensor, embeddings: list[torch.Tensor], flipped: torch.Tensor | None,
+                   mask: torch.Tensor | None, epoch: int, i: int, draw: int | None = None):
+        """The item tuple of sample i: (latent, embedding, noise, timestep draw, i, input perturbation, mask,
+        problem); ``draw`` keys its draws when the sample recurs within an epoch."""
         if self.plan is None:
-            return latent, emb, None, None, i, None, ""
+            return latent, embeddings[0], None, None, i, None, mask, ""
         plan = self.plan
-        key = sample_key(plan.seed, epoch, i if draw is None else draw)
+        draw_number = i if draw is None else draw
+        key = sample_key(plan.seed, epoch, draw_number)
         noise, timestep, uniform = draw_sample_noise(tuple(latent.shape), plan.noise_offset, key)
         perturbation = None
         if plan.variants.active:
             noise, perturbation = draw_noise_variants(noise, key, plan.variants)
         if plan.fixed_timesteps:
             timestep = evenly_spread_draws(i, len(self.index))
+        emb = embeddings[0]
+        if len(embeddings) > 1 or (flipped is not None and plan.flip_p > 0):
+            variant_draw, flip_draw = data_draws(plan.seed, epoch, draw_number)
+            emb = embeddings[min(int(variant_draw * len(embeddings)), len(embeddings) - 1)]
+            if flipped is not None and flip_draw < plan.flip_p:
+                latent, mask = flipped, None if mask is None else mask.flip(-1)
         dropout = plan.caption_dropouts[self.index.root_id(i)] if plan.caption_dropouts else plan.caption_dropout
         if dropout and uniform < dropout:
             emb = plan.empty_embeddings[self.index.root_id(i)].to(emb.dtype)
-        return latent, emb, noise, timestep, i, perturbation, ""
+        return latent, emb, noise, timestep, i, perturbation, mask, ""
 
     def __getitem__(self, key: int | tuple[int, int]):
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         pair = self.read(i)
         if isinstance(pair[0], str):
-            return None, None, None, None, i, None, f"{pair[0]}: {pair[1]}"
+            return None, None, None, None, i, None, None, f"{pair[0]}: {pair[1]}"
         return self.with_noise(*pair, epoch, i)
 
 
@@ -142,12 +181,13 @@ class Batch:
     tried: int = 0  # pairs read to fill it (good and bad)
     perturbation: torch.Tensor | None = None  # [B, C, h, w] --ip_noise_gamma's g * e, added to the input's noise
     loss_weights: torch.Tensor | None = None  # [B] each sample's folder loss weight (--dataset_config)
+    masks: torch.Tensor | None = None  # [B, 1, h, w] loss masks (--masked_loss), mirrored with their latent
 
     def pin_memory(self) -> Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(pin(self.latents), pin(self.embeddings), pin(self.noise), pin(self.timesteps), self.skipped,
                      pin(self.attention_mask), self.sample_ids, self.bad, self.tried, pin(self.perturbation),
-                     pin(self.loss_weights))
+                     pin(self.loss_weights), pin(self.masks))
 
 
 def _stack(good: list, token_length: int | None, skipped: int) -> Batch:
@@ -160,11 +200,13 @@ def _stack(good: list, token_length: int | None, skipped: int) -> Batch:
                                         "caches of one run must share resolution and text encoder")
     context, mask = pad_text_embeddings(embeddings, token_length)
     has_noise = good[0][2] is not None
+    has_masks = good[0][6] is not None  # all or none: the plan decides
     return Batch(torch.stack(latents), context,
                  torch.stack([item[2] for item in good]) if has_noise else None,
                  torch.stack([item[3] for item in good]) if has_noise else None,
                  skipped=skipped, attention_mask=mask, sample_ids=[item[4] for item in good],
-                 perturbation=torch.stack([item[5] for item in good]) if good[0][5] is not None else None)
+                 perturbation=torch.stack([item[5] for item in good]) if good[0][5] is not None else None,
+                 masks=torch.stack([item[6].float() for item in good]) if has_masks else None)
 
 
 def collate_pairs(items, token_length: int | None = None) -> Batch | None:

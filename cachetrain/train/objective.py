@@ -63,9 +63,22 @@ class TrainingInputs:
     weights: torch.Tensor  # [B] per-sample loss weights (min-SNR, debiased estimation; ones without them)
 
 
+def masked_loss_weights(masks: torch.Tensor, unmasked_weight: float = 0.0, normalize: bool = False) -> torch.Tensor:
+    """[B, 1, h, w] weights of each latent cell from masks in [0, 1]: w + (1 - w) m, ``w`` the unmasked weight.
+
+    ``normalize`` divides each sample's weights by their mean, so the weighted mean over its cells is the
+    mean over its masked area alone: a small mask then trains as strongly as a whole image. A sample
+    whose weights are all zero stays zero (it teaches nothing)."""
+    weights = unmasked_weight + (1.0 - unmasked_weight) * masks.float()
+    if normalize:
+        weights = weights / weights.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return weights
+
+
 def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str = "mse",
-                    huber_c: float = 0.1) -> torch.Tensor:
-    """[B] mean over each sample's elements of the chosen loss.
+                    huber_c: float = 0.1, cell_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] mean over each sample's elements of the chosen loss (each element times its cell's weight, when
+    ``cell_weights`` [B, 1, h, w] is given: masked_loss_weights).
 
     huber is the pseudo-Huber loss 2c (sqrt(e^2 + c^2) - c): e^2 for small errors, like MSE, and
     2c|e| for large ones, so outliers pull less.
@@ -79,6 +92,8 @@ def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: s
         elementwise = 2 * huber_c * (torch.sqrt(error.square() + huber_c ** 2) - huber_c)
     else:
         raise ValueError(f"unknown loss type {loss_type!r} ({'|'.join(LOSS_TYPES)})")
+    if cell_weights is not None:
+        elementwise = elementwise * cell_weights
     return elementwise.flatten(1).mean(dim=1)
 
 
@@ -95,9 +110,11 @@ class _Objective:
         to the noise the target is made of."""
         raise NotImplementedError
 
-    def losses_for(self, prediction: torch.Tensor, inputs: TrainingInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted loss to optimise, unweighted loss for logging), both scalars."""
-        per_sample = per_sample_loss(prediction, inputs.target, self.loss_type, self.huber_c)
+    def losses_for(self, prediction: torch.Tensor, inputs: TrainingInputs,
+                   cell_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted loss to optimise, loss without the per-sample weights for logging), both scalars;
+        ``cell_weights`` (--masked_loss) weigh both."""
+        per_sample = per_sample_loss(prediction, inputs.target, self.loss_type, self.huber_c, cell_weights)
         return (per_sample * inputs.weights).mean(), per_sample.mean()
 
     def to(self, device: torch.device):

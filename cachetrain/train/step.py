@@ -14,7 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .loader import Batch
-from .objective import TrainingInputs
+from .objective import TrainingInputs, masked_loss_weights, per_sample_loss
 from .optim import keep_top_gradients_, supports_device_skip
 from .telemetry import mean_abs_grad, weight_norm
 
@@ -39,7 +39,7 @@ class TrainStep:
                  qk_params: list, *, vae_scale: float, text_scale: float = 1.0, gradient_clip: float = 0.0,
                  channels_last: bool = False, compile_unet: bool = False, gradient_topk: float | None = None,
                  forced_embedding: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                 loss_divisor: int = 1):
+                 loss_divisor: int = 1, masked_loss: tuple[float, bool] | None = None):
         self.accelerator = accelerator
         self.unet = unet  # as prepared by accelerate (DDP-wrapped when distributed)
         self.forward_unet = torch.compile(unet) if compile_unet else unet
@@ -56,6 +56,7 @@ class TrainStep:
         self.dtype = accelerator.unwrap_model(unet).dtype
         self.gradient_topk = gradient_topk
         self.loss_divisor = loss_divisor  # --scale_loss_with_accum: --gradient_accum, on top of accelerate's own
+        self.masked_loss = masked_loss  # (unmasked weight, normalize) with --masked_loss
         self.forced_embedding = None  # --force_txtcache: one ([1, T, D] embedding, [1, T] mask or None) for all
         if forced_embedding is not None:
             embedding, mask = forced_embedding
@@ -92,10 +93,18 @@ class TrainStep:
             prediction = unet(noisy, inputs.timesteps, context, encoder_attention_mask=mask).sample
         return prediction, inputs
 
+    def cell_weights(self, batch: Batch) -> torch.Tensor | None:
+        """[B, 1, h, w] loss weights from the batch's masks (--masked_loss), on the device; None without."""
+        if self.masked_loss is None or batch.masks is None:
+            return None
+        unmasked_weight, normalize = self.masked_loss
+        return masked_loss_weights(batch.masks.to(self.accelerator.device, non_blocking=True), unmasked_weight,
+                                   normalize)
+
     def forward_backward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward of one micro-batch; returns the (weighted, raw) loss as device scalars."""
         prediction, inputs = self._predict(batch, self.forward_unet)
-        loss, raw_loss = self.objective.losses_for(prediction, inputs)
+        loss, raw_loss = self.objective.losses_for(prediction, inputs, self.cell_weights(batch))
         if self.loss_divisor != 1:
             loss = loss / self.loss_divisor
         self.accelerator.backward(loss)
@@ -103,7 +112,8 @@ class TrainStep:
 
     @torch.no_grad()
     def held_out_errors(self, batch: Batch) -> torch.Tensor:
-        """Per-sample raw MSE of the (unwrapped, eval-mode) UNet on a held-out batch; no gradients."""
+        """Per-sample raw MSE of the (unwrapped, eval-mode) UNet on a held-out batch (weighted by its masks with
+        --masked_loss); no gradients."""
         unet = self.accelerator.unwrap_model(self.unet)
         was_training = unet.training
         unet.eval()
@@ -111,7 +121,7 @@ class TrainStep:
             prediction, inputs = self._predict(batch, unet)
         finally:
             unet.train(was_training)
-        return (prediction.float() - inputs.target).square().flatten(1).mean(dim=1)
+        return per_sample_loss(prediction, inputs.target, "mse", cell_weights=self.cell_weights(batch))
 
     def prepare_update(self, want_qk_grads: bool) -> UpdateCheck:
         """At the synced micro-step: gradient norm (clipped when --gradient_clip > 0), the NaN/Inf skip, then

@@ -168,7 +168,9 @@ class TrainingRun:
                               text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
                               channels_last=config.channels_last, compile_unet=config.compile,
                               gradient_topk=config.gradient_topk, forced_embedding=forced_embedding(config),
-                              loss_divisor=config.gradient_accum if config.scale_loss_with_accum else 1)
+                              loss_divisor=config.gradient_accum if config.scale_loss_with_accum else 1,
+                              masked_loss=(config.masked_loss_unmasked_weight, config.masked_loss_normalize)
+                              if config.masked_loss else None)
         if self.is_main:
             total = sum(p.numel() for p in self.bare_unet.parameters())
             held_out = self.data.validation_index

@@ -46,7 +46,7 @@ def validation_loss(index: PairIndex, plan: NoisePlan, checks: PairChecks, confi
     """val/loss: the mean of ``held_out_errors`` (per-sample raw MSE) over the held-out pairs, with the
     noise of VALIDATION_EPOCH and fixed timesteps, without caption dropout; one read back."""
     dataset = CachedPairDataset(index, dataclasses.replace(plan, fixed_timesteps=True, caption_dropout=0.0,
-                                                              caption_dropouts=None, loss_weights=None),
+                                                              caption_dropouts=None, loss_weights=None, flip_p=0.0),
                                 epoch=VALIDATION_EPOCH,
                                 checks=dataclasses.replace(checks, latent_shape=None) if config.aspect_buckets
                                 else checks)

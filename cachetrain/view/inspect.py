@@ -36,7 +36,8 @@ from ..cli import ArgumentParser
 from . import cache_tools
 from ..sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, KNOWN_SUFFIXES,
                       TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness, file_content_digest,
-                      image_source_identity, is_orphan, read_caption, read_metadata, read_sidecar, sidecar_sources)
+                      FLIPPED_LATENT_KEY, MASK_KEY, image_source_identity, is_orphan, read_caption, read_header,
+                      read_sidecar, sidecar_sources, text_variant_count)
 from ..tree import normalize_extensions, walk_files
 
 # "retimed": usable, the source's bytes are the same under a new modification time (a copy that did
@@ -117,6 +118,7 @@ class SuffixReport:
     token_norm_min: float = float("inf")
     token_norm_max: float = float("-inf")
     embedding_files: int = 0
+    extras: Counter = field(default_factory=Counter)  # caption variants, mirrored latents, masks (data features)
 
     @property
     def usual_shape(self) -> tuple[int, ...] | None:
@@ -186,6 +188,7 @@ class SuffixReport:
             "non_finite_count": self.non_finite_count,
             "non_finite_files": self.non_finite,
             "encoders": dict(self.encoders.most_common()),
+            "extras": dict(self.extras),
         }
         if self.latent_files:
             # the statistics of the channel count most files have (an odd one would not mix with them)
@@ -231,12 +234,14 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, sources: dict[
     report.count += 1
     try:
         key, tensor = read_any_sidecar(path, suffix)
-        metadata = read_metadata(path)
+        header = read_header(path)
+        metadata = dict(header.get("__metadata__") or {})
     except SidecarError as error:
         report.add_status(path, "unreadable", error.reason)
         return
     bucketed = "," in metadata.get("resolution", "")  # cached with aspect buckets: several sizes on purpose
     report.add_tensor(path, key, tensor, metadata.get("size", "?") if bucketed else "")
+    count_extras(report, key, header.keys())
     if metadata:
         report.encoders[f"{metadata.get('encoder', '?')} ({metadata.get('encoder_class', '?')}, "
                         f"fingerprint {metadata.get('encoder_fingerprint', '?')})"] += 1
@@ -258,6 +263,17 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, sources: dict[
     digest = functools.partial(file_content_digest, source) if key == IMAGE_LATENT_KEY else None
     freshness = check_freshness(path, expected, digest)
     report.add_status(path, freshness.status, freshness.reason)
+
+
+def count_extras(report: SuffixReport, key: str, tensors) -> None:
+    """Count what a sidecar holds beside its main tensor (see the sidecar contract)."""
+    if key == TEXT_EMBEDDING_KEY:
+        variants = text_variant_count(tensors)
+        report.extras["caption variants"] += variants
+        report.extras["files with several captions"] += variants > 1
+        return
+    report.extras["mirrored latents"] += FLIPPED_LATENT_KEY in tensors
+    report.extras["masks"] += MASK_KEY in tensors
 
 
 def inspect_cache(roots: list[str], suffixes: list[str] | None = None, show_progress: bool = False,
@@ -330,6 +346,9 @@ def render_text(result: dict) -> str:
                              report["non_finite_count"])
         for encoder, n in report["encoders"].items():
             lines.append(f"  made by {encoder}: {n}")
+        extras = {name: n for name, n in report["extras"].items() if n}
+        if extras.get("files with several captions") or extras.get("mirrored latents") or extras.get("masks"):
+            lines.append("  " + ", ".join(f"{name} {n}" for name, n in extras.items()))
         latent = report.get("latent")
         if latent:
             lines.append(f"  latent channels over {latent['files']} files: mean {_numbers(latent['channel_mean'])}, "
