@@ -1,5 +1,5 @@
 """Noise variants drawn per sample in the loader's worker: multi-resolution (pyramid) noise and input
-perturbation; and the debiased-estimation loss weight the objective applies.
+perturbation. (The debiased-estimation loss weight is the objective's: objective.debiased_weights.)
 
 Each draws from a generator of its own, seeded from the sample's key (``objective.sample_key``
 of (seed, epoch, draw)), after and apart from the sample's noise, timestep and dropout draws: they are
@@ -14,9 +14,6 @@ variant on leaves every other draw as it was.
   that plain Gaussian noise, white at every scale, barely has.
 - Input perturbation (``--ip_noise_gamma g``): the UNet's input is noised with noise + g * e (e another
   Gaussian draw) while the target stays the plain noise (epsilon) or is built from it (v, flow).
-- Debiased estimation (``--debiased_estimation_loss``, DDPM): each sample's loss is weighted by
-  1 / sqrt(SNR(t)) (epsilon) or 1 / sqrt(SNR(t) + 1) (v-prediction), SNR clamped at 1000 so the
-  first timesteps (SNR in the thousands) are not weighted to nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DEBIASED_SNR_CAP = 1000.0
+from .objective import sample_key
 
 
 @dataclass(frozen=True)
@@ -57,8 +54,6 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: i
 
 def draw_noise_variants(noise: torch.Tensor, key: int, variants: NoiseVariants) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the sample's noise, its input perturbation g * e or None), drawn from a generator keyed by ``key``."""
-    from .objective import sample_key
-
     def generator(name: str) -> torch.Generator:  # one per variant: each draws the same with or without the other
         return torch.Generator().manual_seed(sample_key(key, -1, name))
 
@@ -69,9 +64,3 @@ def draw_noise_variants(noise: torch.Tensor, key: int, variants: NoiseVariants) 
     if variants.ip_noise_gamma:
         perturbation = variants.ip_noise_gamma * torch.randn(noise.shape, generator=generator("ip_noise"))
     return noise, perturbation
-
-
-def debiased_weights(snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
-    """[B] debiased-estimation weights of samples whose timesteps have signal-to-noise ratio ``snr``."""
-    capped = snr.clamp(max=DEBIASED_SNR_CAP)
-    return 1.0 / torch.sqrt(capped + 1.0 if v_prediction else capped)

@@ -21,7 +21,8 @@ import torch
 
 from ..models.schedulers import is_flow_config, is_flow_scheduler  # noqa: F401  (part of this module's API)
 from .config import LOSS_TYPES, TIMESTEP_SAMPLINGS
-from .noise_variants import debiased_weights
+
+DEBIASED_SNR_CAP = 1000.0
 
 
 def sample_key(seed: int, epoch: int, sample: int) -> int:
@@ -48,6 +49,14 @@ def draw_sample_noise(shape: tuple[int, ...], noise_offset: float, key: int) -> 
     timestep_draw = torch.rand((), generator=generator)
     uniform = torch.rand((), generator=generator).item()
     return noise, timestep_draw, uniform
+
+
+def debiased_weights(snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """[B] debiased-estimation weights (--debiased_estimation_loss) of samples whose timesteps have
+    signal-to-noise ratio ``snr``: 1 / sqrt(SNR) for epsilon, 1 / sqrt(SNR + 1) for v-prediction, SNR
+    capped at 1000 so the first timesteps (SNR in the thousands) are not weighted to nothing."""
+    capped = snr.clamp(max=DEBIASED_SNR_CAP)
+    return 1.0 / torch.sqrt(capped + 1.0 if v_prediction else capped)
 
 
 def evenly_spread_draws(position: int, count: int) -> torch.Tensor:
@@ -177,7 +186,7 @@ class DiffusionObjective(_Objective):
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """min-SNR-gamma weights: min(snr, g)/snr for epsilon, min(snr, g)/(snr + 1) for v; ones without gamma;
-        times the debiased-estimation weights when asked for (noise_variants.debiased_weights)."""
+        times the debiased-estimation weights when asked for (debiased_weights)."""
         weights = torch.ones(timesteps.shape, device=timesteps.device)
         if self.snr_gamma is None and not self.debiased_estimation:
             return weights
