@@ -87,7 +87,7 @@ def test_flip_draws_are_a_function_of_seed_epoch_and_sample_and_carry_the_mask(f
     draws = {}
     for epoch in range(8):
         for i in range(len(index)):
-            latent, _emb, _noise, _timestep, _i, mask, _problem = dataset[(epoch, i)]
+            latent, _emb, _noise, _timestep, _i, _perturbation, mask, _problem = dataset[(epoch, i)]
             stored = _tensors(Path(index[i][0]))
             flipped = "latent_flipped" in stored and torch.equal(latent, stored["latent_flipped"])
             assert flipped or torch.equal(latent, stored["latent"])
