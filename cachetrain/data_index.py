@@ -30,6 +30,7 @@ import io
 import json
 import os
 import stat
+import sys
 import time
 import zipfile
 from collections.abc import Iterable
@@ -41,6 +42,7 @@ import numpy as np
 from .atomic import write_atomically
 from .sidecar import (CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, T5_SUFFIX,
                       TEXT_EMBEDDING_KEY, SidecarError, is_temporary, read_header)
+from .tree import left_out_reason
 
 INDEX_FORMAT = 1
 INDEX_FOLDER_NAME = ".cachetrain"
@@ -317,9 +319,13 @@ def _list_folder(root: str, folder: _Folder, suffixes: tuple[str, ...]) -> list[
             if entry.is_dir(follow_symlinks=True):
                 subfolders.append(entry.name)
                 continue
-            if not entry.is_file(follow_symlinks=True):  # FIFOs, sockets, devices: never opened
-                continue
-        except OSError:
+        except OSError:  # a loop of links: not a folder; named below if its name matches
+            pass
+        if not entry.name.endswith(suffixes):
+            continue
+        reason = left_out_reason(entry)  # FIFOs, sockets, devices, dead links: named, never opened
+        if reason is not None:
+            print(f"[walk] left out {entry.path}: {reason}", file=sys.stderr)
             continue
         for number, suffix in enumerate(suffixes):
             if entry.name.endswith(suffix) and len(entry.name) > len(suffix):

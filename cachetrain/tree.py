@@ -19,7 +19,7 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted({("." + e.lstrip(".")).lower() for e in extensions}))
 
 
-def _left_out_reason(entry: os.DirEntry) -> str | None:
+def left_out_reason(entry: os.DirEntry) -> str | None:
     """Why a matching name is not walked (None for a regular file or a link to one): reads must never
     meet a file that blocks them (a FIFO, a device) or a link that leads nowhere but round."""
     try:
@@ -85,7 +85,7 @@ def walk_files(root: os.PathLike | str, suffixes: Iterable[str],
                     visited.add(identity)
                     subfolders.append(entry.path)
             elif entry.name.lower().endswith(suffixes):
-                reason = _left_out_reason(entry)
+                reason = left_out_reason(entry)
                 if reason is None:
                     yield entry.path
                 elif left_out is not None:

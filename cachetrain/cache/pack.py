@@ -19,7 +19,6 @@ so any index of pairs can feed it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import temporary_name, write_atomically
-from ..cli import print_error
+from ..cli import ArgumentParser, print_error
 from ..sidecar import CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError
 from ..tree import index_training_pairs
 
@@ -275,8 +274,8 @@ def pack(pairs: Iterable[PackPair], out_dir: os.PathLike | str, roots: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cachetrain-pack",
-                                     description="Pack cached sidecar pairs into Arrow shards the trainer streams.")
+    parser = ArgumentParser(prog="cachetrain-pack",
+                            description="Pack cached sidecar pairs into Arrow shards the trainer streams.")
     parser.add_argument("data_root", nargs="+", help="folders of cached pairs (each is a group for --data_balance)")
     parser.add_argument("--out", required=True, help="the shard folder to write (a repack rewrites only what changed)")
     parser.add_argument("--imgcache_suffix", default=SD_VAE_SUFFIX)

@@ -34,3 +34,16 @@ def test_non_square_latents_give_non_square_samples_and_checkpoints(tiny_sd_mode
                           "--device", "cpu"]) == 0
     later = sorted(out.rglob("*.png"))
     assert later and all(Image.open(path).size == (48, 32) for path in later)
+
+
+def test_with_aspect_buckets_checkpoints_record_the_commonest_bucket_not_the_first_met(tiny_sd_model, tmp_path):
+    from cachetrain.tiny.models import write_random_pairs
+
+    # the rarer shape comes first in the walk: a rule taking the first pair's shape would record [12, 8]
+    write_random_pairs(tmp_path / "data" / "a_tall", 4, latent_shape=(4, 12, 8), folders=1, seed=1)
+    write_random_pairs(tmp_path / "data" / "b_wide", 12, latent_shape=(4, 8, 12), folders=1, seed=2)
+    result = train(parse_train_args(_args(tiny_sd_model, tmp_path / "data", tmp_path / "run", "--batch_size", "4",
+                                          "--max_steps", "1", "--aspect_buckets")))
+    assert result.exit_status == 0
+    config = json.loads((tmp_path / "run" / "checkpoint-00001" / "unet" / "config.json").read_text())
+    assert config["sample_size"] == [8, 12]
