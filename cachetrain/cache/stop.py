@@ -10,32 +10,22 @@ import sys
 
 from tqdm import tqdm
 
+from ..stop_signals import SignalCatcher
+
 
 class CacheStopNow(BaseException):
     """A second signal: leave the encode loop at once. A BaseException, so no ``except Exception`` keeps it."""
 
 
-class CacheStopSignal:
+class CacheStopSignal(SignalCatcher):
     def __init__(self):
+        super().__init__()
         self.requested: str | None = None  # the first signal's name
-        self._previous = {}
 
-    def _handle(self, signum, _frame):
+    def on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.requested:
             raise CacheStopNow(name)
         self.requested = name
         tqdm.write(f"[cache] {name} received: stopping after the current sidecar (send it again to stop now)",
                    file=sys.stderr)
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

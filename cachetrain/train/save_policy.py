@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..stop_signals import SignalCatcher
 from .config import TrainConfig
 from .run_dir import newest_checkpoint_note
 
@@ -32,7 +33,7 @@ class StopNow(BaseException):
         self.signal_name = signal_name
 
 
-class StopSignal:
+class StopSignal(SignalCatcher):
     """Turns Ctrl-C / SIGTERM into 'save a checkpoint at the next optimizer step and exit'; a second
     one into 'out now' (StopNow, raised where the main thread is).
 
@@ -41,12 +42,12 @@ class StopSignal:
     """
 
     def __init__(self, launched: bool | None = None):
+        super().__init__()
         self.requested = False
         self._first_at = 0.0
-        self._previous = {}
         self.launched = any(name in os.environ for name in LAUNCHER_ENV) if launched is None else launched
 
-    def _handle(self, signum, _frame):
+    def on_signal(self, signum: int) -> None:
         now = time.monotonic()
         name = signal.Signals(signum).name
         if self.requested:
@@ -58,18 +59,6 @@ class StopSignal:
         self.requested, self._first_at = True, now
         tqdm.write(f"[train] {name} received: saving a checkpoint at the next step "
                    "(send it again to stop now without one)")
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def agreed_requests(stop: StopSignal, trigger: Path, accelerator) -> tuple[bool, bool]:
