@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -24,16 +23,14 @@ from cachetrain import sidecar
 from cachetrain.cache.summary import CacheSummary
 from cachetrain.cache.writer import BackgroundWriter, EncodedItem
 
-from tests.conftest import REPO_ROOT
+from tests.script_runs import run_script
 from .test_cache_builders import summary_counts
 
 IMAGES = 48
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / script), *args, "--no_progress"], cwd=REPO_ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+def run_cache_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    return run_script(script, *args, "--no_progress")
 
 
 def can_mount(folder: Path) -> bool:
@@ -95,7 +92,7 @@ def test_a_read_only_data_root_is_a_counted_problem_for_both_cache_scripts_not_a
         make_read_only(root)
         data = str(root / "data")
 
-        images = run_script("create_img_sdvae.py", "--model", str(tiny_sd_model), "--data_root", data,
+        images = run_cache_script("create_img_sdvae.py", "--model", str(tiny_sd_model), "--data_root", data,
                             "--resolution", "64", "--num_workers", "0")
         assert_no_traceback(images)
         assert images.returncode == 1, images.stderr
@@ -104,7 +101,7 @@ def test_a_read_only_data_root_is_a_counted_problem_for_both_cache_scripts_not_a
         assert "could not write img00000.img_sdvae: [Errno 30] Read-only file system" in images.stderr
 
         # create_clipl.py also writes the root's empty prompt: one more failure, named, after the captions'
-        captions = run_script("create_clipl.py", "--model", str(tiny_sd_model), "--data_root", data)
+        captions = run_cache_script("create_clipl.py", "--model", str(tiny_sd_model), "--data_root", data)
         assert_no_traceback(captions)
         assert captions.returncode == 1, captions.stderr
         assert f"failed {IMAGES + 1}," in captions.stderr
@@ -119,7 +116,7 @@ def test_a_full_disk_is_counted_the_written_sidecars_stay_and_no_temporary_is_le
     with tmpfs(tmp_path / "small", "2m") as disk:
         shutil.copytree(shapes_dataset, disk / "data")
         fill(disk, leave_pages=5)  # room for a few sidecars
-        result = run_script("create_img_sdvae.py", "--model", str(tiny_sd_model), "--data_root", str(disk / "data"),
+        result = run_cache_script("create_img_sdvae.py", "--model", str(tiny_sd_model), "--data_root", str(disk / "data"),
                             "--resolution", "64", "--num_workers", "0", "--batch_size", "4")
         assert_no_traceback(result)
         assert result.returncode == 1, result.stderr
@@ -152,7 +149,7 @@ def test_an_error_of_safetensors_itself_is_a_counted_write_failure(tmp_path):
 
 
 def test_an_unwritable_report_file_is_refused_at_the_start(tmp_path, tiny_sd_model, shapes_dataset):
-    result = run_script("create_img_sdvae.py", "--model", str(tiny_sd_model), "--data_root", str(shapes_dataset),
+    result = run_cache_script("create_img_sdvae.py", "--model", str(tiny_sd_model), "--data_root", str(shapes_dataset),
                         "--report", str(tmp_path / "no" / "such" / "report.jsonl"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: --report {tmp_path}/no/such/report.jsonl: "

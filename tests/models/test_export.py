@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +20,7 @@ from cachetrain import __version__
 from cachetrain.models import export, ldm_layout, loading as models
 from cachetrain.tiny.models import SD15_STRUCTURE_UNET, build_tiny_sd
 from tests.conftest import cache_shapes
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run_script(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+from tests.script_runs import run_script
 
 
 def error_lines(stderr: str) -> list[str]:

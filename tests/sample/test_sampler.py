@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from cachetrain.models.sampling import SampleMetadata, read_sample_metadata, sample_filename
+from tests.script_runs import run_script
 
 REPO = Path(__file__).resolve().parents[2]
 DDPM_SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
@@ -49,10 +50,8 @@ def tiny_pipeline(tiny_sd_model):
     return models.load_pipeline_around(str(tiny_sd_model), models.load_unet(str(tiny_sd_model)))
 
 
-def _script(*args, cwd=REPO, timeout=180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "sample_images.py", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _script(*args) -> subprocess.CompletedProcess:
+    return run_script("sample_images.py", *args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,7 @@ truncated file and garbage bytes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +18,7 @@ from safetensors.torch import load_file
 
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import TrainingError, train
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.script_runs import run_script
 
 
 def _args(model, data, output, *extra) -> list[str]:
@@ -225,11 +222,8 @@ def test_the_pair_fingerprint_follows_names_and_order_not_where_the_tree_is(cach
 
 
 def _run_script(model, data, output, *extra) -> tuple[subprocess.CompletedProcess, float]:
-    command = [sys.executable, str(REPO / "train_from_cached.py"),
-               *_args(model, data, output, "--max_steps", "1000", *extra)]
     started = time.monotonic()
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=240)
+    done = run_script("train_from_cached.py", *_args(model, data, output, "--max_steps", "1000", *extra))
     return done, time.monotonic() - started
 
 

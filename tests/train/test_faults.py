@@ -22,17 +22,17 @@ import torch
 from safetensors.torch import load_file
 
 from cachetrain.train.run_dir import ExitStatus, exit_status
+from tests.script_runs import run_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_from_cached.py"
 
 
-def _train(model, data, output, *extra, timeout=240) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(SCRIPT), "--pretrained_model", str(model), "--train_data_dir", str(data),
-               "--output_dir", str(output), "--num_workers", "0", "--no_progress", "--learning_rate", "1e-3",
-               "--batch_size", "2", "--save_steps", "0", "--log_every", "1", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _train(model, data, output, *extra) -> subprocess.CompletedProcess:
+    """A run of the script in this process (tests/script_runs.py), as a user starts it."""
+    return run_script(SCRIPT, "--pretrained_model", model, "--train_data_dir", data, "--output_dir", output,
+                      "--num_workers", "0", "--no_progress", "--learning_rate", "1e-3", "--batch_size", "2",
+                      "--save_steps", "0", "--log_every", "1", *extra)
 
 
 def _error_line(done: subprocess.CompletedProcess) -> str:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from cachetrain.train.run_dir import ExitStatus
+from tests.script_runs import run_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "train_from_cached.py"
@@ -32,9 +33,9 @@ def _command(model, data, output, *extra) -> list[str]:
             "--batch_size", "2", "--save_steps", "0", "--log_every", "1", *extra]
 
 
-def _train(model, data, output, *extra, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(model, data, output, *extra), cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+def _train(model, data, output, *extra) -> subprocess.CompletedProcess:
+    """A run of the script in this process (tests/script_runs.py); ``_start`` starts one of its own."""
+    return run_script(*_command(model, data, output, *extra)[1:])
 
 
 def _start(model, data, output, *extra) -> subprocess.Popen:
@@ -116,7 +117,7 @@ def test_a_second_run_in_a_held_output_folder_is_refused_naming_the_holder_and_a
     try:
         _wait_for(output / "tensorboard", first)
         for resume in (["--resume", "auto"], []):  # a requeued job; a fresh start at the same time
-            second = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", *resume, timeout=120)
+            second = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", *resume)
             assert second.returncode == ExitStatus.REFUSED
             assert (f"--output_dir {output} is in use by another run (pid {first.pid} on host "
                     f"{socket.gethostname()}") in _error_line(second)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,7 @@ from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import main, train
 from tests.training_support import train_args as _args
 from tests.training_support import unet_weights as _unet_weights
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.script_runs import run_script
 
 
 def _unet(model: Path):
@@ -134,10 +131,8 @@ def test_force_txtcache_is_padded_by_the_pad_rule_like_every_caption(cached_data
 
 
 def test_force_txtcache_naming_a_missing_file_fails_at_start(tiny_sd_model, cached_dataset, tmp_path):
-    done = subprocess.run([sys.executable, "train_from_cached.py",
-                           *_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--force_txtcache",
-                                  str(tmp_path / "nothing.txt_clipl"))],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run_script("train_from_cached.py", *_args(tiny_sd_model, cached_dataset, tmp_path / "run",
+                                                     "--force_txtcache", str(tmp_path / "nothing.txt_clipl")))
     assert done.returncode == 2
     assert "--force_txtcache" in done.stderr and "nothing.txt_clipl" in done.stderr
     assert "Traceback" not in done.stderr

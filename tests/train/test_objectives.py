@@ -10,7 +10,6 @@ import math
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,8 @@ from cachetrain.train.trainer import train
 from tests.training_support import flow_model_folder
 from tests.training_support import logged as _logged
 from tests.training_support import train_args as _args
+from tests.script_runs import run_script
 from tests.training_support import train_caption_probe
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +30,7 @@ def tiny_flow_model(tiny_sd_model, tmp_path_factory) -> Path:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train_from_cached.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return run_script("train_from_cached.py", *args)
 
 
 def _scheduler_config(folder: Path) -> dict:

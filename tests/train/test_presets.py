@@ -17,6 +17,7 @@ from cachetrain.train.config import parse_train_args
 from cachetrain.train.presets import PRESETS
 
 from tests.conftest import REPO_ROOT
+from tests.script_runs import run_script
 
 REQUIRED = ["--pretrained_model", "m", "--train_data_dir", "d"]
 WRAPPERS = {"train_sd.sh": "sd15", "train_t5.sh": "t5"}
@@ -65,8 +66,7 @@ def test_preset_help_shows_the_presets_values_as_the_defaults(capsys):
 
 
 def test_an_unknown_preset_is_one_line_and_exit_2():
-    done = subprocess.run([sys.executable, "train_from_cached.py", "--preset", "sdxl", *REQUIRED], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = run_script("train_from_cached.py", "--preset", "sdxl", *REQUIRED)
     assert done.returncode == 2
     assert done.stderr.splitlines() == ["train_from_cached.py: error: argument --preset: invalid choice: 'sdxl' "
                                         "(choose from 'sd15', 't5') (see train_from_cached.py --help)"]

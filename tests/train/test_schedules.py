@@ -4,9 +4,6 @@ fractional epochs, the per-epoch schedule, --learning_rate_decay, and exact resu
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +14,8 @@ from cachetrain.train.trainer import train
 from tests.training_support import logged as _logged
 from tests.training_support import train_args as _args
 from tests.training_support import unet_weights as _unet_weights
+from tests.script_runs import run_script
 
-REPO = Path(__file__).resolve().parents[2]
 METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")  # refused: they follow a metric, not steps
 STEP_SCHEDULES = [name for name in SCHEDULERS if name not in METRIC_SCHEDULES]
 
@@ -132,9 +129,8 @@ def test_a_stopped_and_resumed_run_keeps_the_schedule_exactly(tiny_sd_model, cac
     (["--warmup_steps", "half"], "--warmup_steps wants a number of steps or Ne"),
 ])
 def test_schedule_flags_that_cannot_work_fail_at_start(flags, message, tmp_path):
-    done = subprocess.run([sys.executable, "train_from_cached.py", "--pretrained_model", str(tmp_path / "none"),
-                           "--train_data_dir", str(tmp_path), *flags], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    done = run_script("train_from_cached.py", "--pretrained_model", tmp_path / "none", "--train_data_dir", tmp_path,
+                      *flags)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 

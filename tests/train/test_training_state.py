@@ -4,11 +4,7 @@ its format version, old checkpoints still resuming exactly, newer ones refused i
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +14,8 @@ from safetensors.torch import load_file
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.training_state import (TRAINING_STATE_FORMAT, Progress, TrainingState, TrainingStateError,
                                        optimizer_identity)
+from tests.script_runs import run_script
 
-REPO = Path(__file__).resolve().parents[2]
 # the keys the trainer wrote before the format was recorded (and still writes, beside "format")
 KEYS_BEFORE_THE_FORMAT = {"optimizer", "lr_schedule", "rng", "progress", "data", "optimizer_identity", "config", "ema"}
 
@@ -135,11 +131,8 @@ def test_the_script_refuses_a_checkpoint_of_a_newer_format_in_one_line(tiny_sd_m
     train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, "--batch_size", "8", "--max_steps", "1")))
     state_file = output / "checkpoint-00001" / "training_state.pt"
     torch.save({**torch.load(state_file, weights_only=True), "format": TRAINING_STATE_FORMAT + 1}, state_file)
-    done = subprocess.run([sys.executable, "train_from_cached.py",
-                           *_args(tiny_sd_model, cached_dataset, output, "--batch_size", "8", "--max_steps", "2",
-                                  "--resume")],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-                          capture_output=True, text=True, timeout=300)
+    done = run_script("train_from_cached.py", *_args(tiny_sd_model, cached_dataset, output, "--batch_size", "8",
+                                                     "--max_steps", "2", "--resume"))
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
