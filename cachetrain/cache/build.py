@@ -6,12 +6,15 @@ the same way for all of them:
 
 1. walk the data roots once and plan (cache_plan): sources, existing sidecars, fresh ones skipped;
 2. take this process's share (shards): ``--shard I/N`` across machines combined with the torchrun /
-   accelerate rank, so all processes together cover every source exactly once;
+   accelerate rank (one launch may span several nodes), so all processes together cover every source
+   exactly once;
 3. encode in batches (the builder) and write each sidecar atomically on background threads
    (cache_writer);
-4. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up (cache_summary);
-5. bring each root's data index up to date (data_index.refresh): the folders written are scanned again,
-   the rest only where their mtime changed, so the trainer starts from the index.
+4. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up (cache_summary):
+   under a launch, once every process has finished, its first process sums up all of them;
+5. bring each root's data index up to date (data_index.refresh), in one process only, after all have
+   written: the folders written by any process are scanned again, the rest only where their mtime
+   changed, so the trainer starts from the index.
 
 The flags every cache script shares, and the settings made from them, are here too.
 """
@@ -31,7 +34,7 @@ from .plan import drop_name_clashes, find_orphans, handle_orphans, plan, scan_ro
 from .stop import CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
-from .shares import effective_shard, parse_shard, per_process_path, take_shard
+from .shares import effective_shard, gather_from_processes, parse_shard, per_process_path, process_shard, take_shard
 from ..data_index import refresh
 from ..sidecar import CAPTION_EXTENSION, sidecar_path
 
@@ -107,9 +110,20 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
         summary.progress = None
     if stopped:
         summary.stop(stopped, len(todo) - (handled_count(summary) - handled_before))
-    # one writer of each index (other shards' folders are found changed later); a second signal means now
+    written_folders = {os.path.dirname(os.path.abspath(source)) for source in todo}
+    shares = gather_from_processes((summary.share(), sorted(written_folders), stopped_at_once))
+    if shares is not None:  # a launch: every process has finished writing; its first sums up
+        rank, processes = process_shard()
+        summary.process = (rank, processes)
+        for other, (share, folders, at_once) in enumerate(shares):
+            written_folders.update(folders)
+            stopped_at_once = stopped_at_once or at_once
+            if rank == 0 and other != 0:
+                summary.add_share(share)
+    # one writer of each index, once every process of the launch has written (another --shard's folders
+    # are found changed later); a second signal means now
     if settings.shard_index == 0 and not stopped_at_once:
-        update_data_indexes(settings, {os.path.dirname(os.path.abspath(source)) for source in todo})
+        update_data_indexes(settings, written_folders)
     return summary
 
 
