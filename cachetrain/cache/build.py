@@ -21,6 +21,7 @@ The flags every cache script shares, and the settings made from them, are here t
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
 from .shares import effective_shard, gather_from_processes, parse_shard, per_process_path, process_shard, take_shard
 from ..data_index import refresh
+from ..fresh_digests import FreshnessRecord, record_fresh_digests
 from ..sidecar import CAPTION_EXTENSION, sidecar_path
 
 
@@ -83,10 +85,11 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     if settings.shard_index == 0:
         orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix,
                                settings.extensions)
+    record = FreshnessRecord(settings.data_roots, settings.out_suffix)
     todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
-                settings.overwrite, summary, orphans, verify=settings.verify)
+                settings.overwrite, summary, orphans, verify=settings.verify, record=record)
     handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
-    writer = BackgroundWriter(summary)
+    writer = BackgroundWriter(summary, on_written=record.written)
     summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
                             disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
     handled_before = handled_count(summary)
@@ -111,30 +114,38 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     if stopped:
         summary.stop(stopped, len(todo) - (handled_count(summary) - handled_before))
     written_folders = {os.path.dirname(os.path.abspath(source)) for source in todo}
-    shares = gather_from_processes((summary.share(), sorted(written_folders), stopped_at_once))
+    learned = record.learned
+    shares = gather_from_processes((summary.share(), sorted(written_folders), stopped_at_once,
+                                    learned))
     if shares is not None:  # a launch: every process has finished writing; its first sums up
         rank, processes = process_shard()
         summary.process = (rank, processes)
-        for other, (share, folders, at_once) in enumerate(shares):
+        for other, (share, folders, at_once, digests) in enumerate(shares):
             written_folders.update(folders)
             stopped_at_once = stopped_at_once or at_once
+            if other != rank:
+                learned.update(digests)
             if rank == 0 and other != 0:
                 summary.add_share(share)
     # one writer of each index, once every process of the launch has written (another --shard's folders
     # are found changed later); a second signal means now
     if settings.shard_index == 0 and not stopped_at_once:
-        update_data_indexes(settings, written_folders)
+        update_data_indexes(settings, written_folders, learned)
     return summary
 
 
-def update_data_indexes(settings: CacheSettings, written_folders: set[str]) -> None:
-    """Refresh the data index of every root (a failure is reported in one line: the sidecars are written,
-    and a start without an index walks the tree as before)."""
+def update_data_indexes(settings: CacheSettings, written_folders: set[str],
+                        fresh: dict[str, tuple[int, int, int]] | None = None) -> None:
+    """Refresh the data index of every root, with the fresh digests learned (``fresh``: sidecar path ->
+    (size, mtime_ns, digest); fresh_digests). A failure is reported in one line: the sidecars are written,
+    and a start without an index walks the tree as before."""
     for root in settings.data_roots:
         progress = tqdm(unit="folder", desc=f"indexing {root}", disable=not settings.show_progress,
                         dynamic_ncols=True, file=sys.stderr)
         try:
-            done = refresh(root, written_folders, suffixes=(settings.out_suffix,), progress=progress)
+            done = refresh(root, written_folders, suffixes=(settings.out_suffix,), progress=progress,
+                           amend=functools.partial(record_fresh_digests, suffix=settings.out_suffix,
+                                                   digests=fresh or {}))
         except OSError as error:
             print(f"[cache] data index of {root} not updated: {error}", file=sys.stderr)
             continue

@@ -121,7 +121,7 @@ def test_an_unbelievable_index_is_named_in_one_line_ignored_and_rewritten(tiny_s
     assert result.steps == 1 and "48 training pairs" in err
     lines = [line for line in err.splitlines() if "data index of" in line]
     assert len(lines) == 1 and "stored index ignored (" in lines[0] and "walked 5 folders" in lines[0]
-    assert ("unreadable" if spoil == "garbage" else "format 0, this version reads 1") in lines[0]
+    assert ("unreadable" if spoil == "garbage" else "format 0, this version reads 2") in lines[0]
     train(parse_train_args(_args(tiny_sd_model, indexed, tmp_path / "again", "--max_steps", "1")))
     assert "ignored" not in capsys.readouterr().err
 

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""A cache rerun that finds everything fresh: ``create_img_sdvae.py`` over an already-cached tree, and
+where its time goes.
+
+    .venv/bin/python bench/bench_fresh_rerun.py [--images 100000] [--tree /tmp/fresh-rerun-bench] [--profile]
+
+1. once: writes ``--images`` tiny PNGs (8x8; 1,000 per folder) and a tiny model under ``--tree``, and
+   caches them with the real script (``--resolution 8``); a later run reuses the tree when it holds as
+   many images (``tree.json``);
+2. times the real script's rerun start to exit (``--repeats``, best kept) and reads its summary (every
+   image must be skipped fresh);
+3. in this process, times the rerun's phases one by one, as run_cache_build calls them: the walk
+   (scan_roots), loading the VAE, the freshness decisions (plan: a stat of each image and of its sidecar,
+   and a header read where the data index cannot vouch for the sidecar), and the data index update;
+4. ``--profile``: the decisions under cProfile, the top functions by their own time.
+
+The decision rate is images over the walk plus the decisions plus the index update: what grows with
+the tree. The start-up (Python, torch and diffusers imports, the model load) is a fixed cost, given apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import inspect
+import io
+import json
+import os
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PER_FOLDER = 1000
+RESOLUTION = 8
+TREE_RECORD = "tree.json"
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def script_args(model: Path, tree: Path) -> list[str]:
+    return ["--model", str(model), "--data_root", str(tree), "--resolution", str(RESOLUTION), "--no_progress",
+            "--batch_size", "256", "--num_workers", "1"]
+
+
+def prepare(work: Path, images: int) -> Path | None:
+    """The tree (reused when it holds ``images``), cached once by the real script. Returns the seconds
+    the first caching took, or None when reused."""
+    record, tree, model = work / TREE_RECORD, work / "data", work / "model"
+    if record.exists() and json.loads(record.read_text()).get("images") == images:
+        return None
+    shutil.rmtree(work, ignore_errors=True)
+    from PIL import Image
+
+    from cachetrain.tiny.models import build_tiny_sd
+
+    build_tiny_sd(model, seed=0)
+    picture = io.BytesIO()
+    Image.new("RGB", (RESOLUTION, RESOLUTION), (200, 30, 30)).save(picture, format="PNG")
+    for i in range(images):
+        folder = tree / f"f{i // PER_FOLDER:04d}"
+        if i % PER_FOLDER == 0:
+            folder.mkdir(parents=True)
+        (folder / f"i{i:07d}.png").write_bytes(picture.getvalue())
+    started = time.perf_counter()
+    done = run_script(model, tree)
+    if done.returncode != 0:
+        raise SystemExit(f"caching the tree failed ({done.returncode}): {done.stderr[-2000:]}")
+    record.write_text(json.dumps({"images": images}))
+    return round(time.perf_counter() - started, 1)
+
+
+def run_script(model: Path, tree: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "create_img_sdvae.py", *script_args(model, tree)], cwd=REPO,
+                          capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+
+
+def time_script(model: Path, tree: Path, images: int, repeats: int) -> dict:
+    best = None
+    for _ in range(repeats):
+        load = load_average()
+        started = time.perf_counter()
+        done = run_script(model, tree)
+        seconds = time.perf_counter() - started
+        fresh = re.search(r"skipped fresh (\d+)", done.stderr)
+        if done.returncode != 0 or not fresh or int(fresh.group(1)) != images:
+            raise SystemExit(f"the rerun did not find {images} fresh ({done.returncode}): {done.stderr[-2000:]}")
+        if best is None or seconds < best["s"]:
+            best = {"s": round(seconds, 2), "images_per_s": round(images / seconds), "load_average": load}
+    return best
+
+
+def time_phases(model: Path, tree: Path, images: int, profile: bool) -> dict:
+    """The rerun's phases in this process, in run_cache_build's order."""
+    started = time.perf_counter()
+    import torch
+
+    from cachetrain.cache.build import CacheSettings, update_data_indexes
+    from cachetrain.cache.image_cache import ImageLatentBuilder
+    from cachetrain.cache.plan import drop_name_clashes, plan, scan_roots
+    from cachetrain.cache.summary import CacheSummary
+    from cachetrain.models import loading
+    from cachetrain.sidecar import DEFAULT_IMAGE_EXTENSIONS, SD_VAE_SUFFIX
+
+    phases = {"imports": time.perf_counter() - started}
+    settings = CacheSettings([str(tree)], SD_VAE_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, show_progress=False)
+    load = load_average()
+
+    started = time.perf_counter()
+    vae = loading.load_vae(str(model), dtype=torch.float32)
+    builder = ImageLatentBuilder(vae=vae, model_name=loading.model_name(str(model)), resolution=RESOLUTION,
+                                 device=torch.device("cpu"), dtype=torch.float32, save_dtype=torch.float16,
+                                 batch_size=256, num_workers=1, out_suffix=SD_VAE_SUFFIX)
+    phases["model_load"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    scan = scan_roots(settings.data_roots, settings.extensions, settings.out_suffix)
+    sources = drop_name_clashes(scan.sources, None)
+    phases["walk"] = time.perf_counter() - started
+
+    summary = CacheSummary()
+    profiler = cProfile.Profile() if profile else None
+    started = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    with_index = {"data_roots": settings.data_roots} if "data_roots" in inspect.signature(plan).parameters else {}
+    todo = plan(sources, builder.expected_metadata, builder.source_digest, settings.out_suffix, False, summary,
+                [], **with_index)
+    if profiler:
+        profiler.disable()
+    phases["decide"] = time.perf_counter() - started
+    assert todo == [] and summary.counts["fresh"] == images, (len(todo), summary.counts)
+
+    started = time.perf_counter()
+    update_data_indexes(settings, set())
+    phases["index_update"] = time.perf_counter() - started
+
+    per_image = phases["walk"] + phases["decide"] + phases["index_update"]
+    result = {name: round(seconds, 3) for name, seconds in phases.items()}
+    result.update(decision_rate_images_per_s=round(images / per_image), load_average=load)
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+        result["profile"] = text.getvalue()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--tree", default="/tmp/fresh-rerun-bench", help="built once here, reused after")
+    parser.add_argument("--repeats", type=int, default=2, help="script reruns timed (the best is kept)")
+    parser.add_argument("--profile", action="store_true", help="also profile the decisions (cProfile)")
+    args = parser.parse_args()
+    work = Path(args.tree)
+    results: dict = {"images": args.images, "cores": os.cpu_count()}
+    results["first_caching_s"] = prepare(work, args.images)
+    time.sleep(4)  # folders older than the data index's racy window, as in a tree cached a while ago
+    results["script_rerun"] = time_script(work / "model", work / "data", args.images, args.repeats)
+    print("script rerun", results["script_rerun"], flush=True)
+    results["phases"] = time_phases(work / "model", work / "data", args.images, args.profile)
+    profile = results["phases"].pop("profile", None)
+    print(json.dumps(results, indent=1))
+    if profile:
+        print(profile)
+
+
+if __name__ == "__main__":
+    main()
