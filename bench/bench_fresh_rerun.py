@@ -13,7 +13,8 @@ where its time goes.
 3. in this process, times the rerun's phases one by one, as run_cache_build calls them: the walk
    (scan_roots), loading the VAE, the freshness decisions (plan: a stat of each image and of its sidecar,
    and a header read where the data index cannot vouch for the sidecar), and the data index update;
-4. ``--profile``: the decisions under cProfile, the top functions by their own time.
+4. ``--profile``: the decisions under cProfile (the top functions by their own time), and the whole
+   script's rerun under cProfile (by cumulative time).
 
 The decision rate is images over the walk plus the decisions plus the index update: what grows with
 the tree. The start-up (Python, torch and diffusers imports, the model load) is a fixed cost, given apart.
@@ -125,6 +126,14 @@ def time_script(model: Path, tree: Path, images: int, repeats: int) -> dict:
     return best
 
 
+def profile_script(model: Path, tree: Path, lines: int = 30) -> str:
+    """The script's rerun under cProfile (main thread; the freshness threads' work shows as waits)."""
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-s", "cumulative", "create_img_sdvae.py",
+                           *script_args(model, tree)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    return "\n".join(done.stdout.splitlines()[: lines + 8])
+
+
 def time_phases(model: Path, tree: Path, images: int, profile: bool) -> dict:
     """The rerun's phases in this process, in run_cache_build's order."""
     started = time.perf_counter()
@@ -158,9 +167,13 @@ def time_phases(model: Path, tree: Path, images: int, profile: bool) -> dict:
     started = time.perf_counter()
     if profiler:
         profiler.enable()
-    with_index = {"data_roots": settings.data_roots} if "data_roots" in inspect.signature(plan).parameters else {}
+    record = None
+    if "record" in inspect.signature(plan).parameters:  # the data index's fresh digests (absent before them)
+        from cachetrain.fresh_digests import FreshnessRecord
+
+        record = FreshnessRecord(settings.data_roots, settings.out_suffix)
     todo = plan(sources, builder.expected_metadata, builder.source_digest, settings.out_suffix, False, summary,
-                [], **with_index)
+                [], **({"record": record} if record is not None else {}))
     if profiler:
         profiler.disable()
     phases["decide"] = time.perf_counter() - started
@@ -198,6 +211,7 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     if profile:
         print(profile)
+        print(profile_script(work / "model", work / "data"))
 
 
 if __name__ == "__main__":

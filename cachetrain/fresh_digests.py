@@ -13,7 +13,6 @@ header is not read. Anything else (no index, no digest, another digest, another 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import threading
@@ -22,9 +21,10 @@ from .data_index import IndexError_, IndexTable, folder_stems, read_index
 
 
 def freshness_digest(expected: dict) -> int:
-    """A non-zero 64-bit digest of expected metadata (keys whose value must be absent included)."""
-    items = sorted((key, None if value is None else str(value)) for key, value in expected.items())
-    digest = int.from_bytes(hashlib.blake2b(json.dumps(items).encode(), digest_size=8).digest(), "little")
+    """A non-zero 64-bit digest of expected metadata (keys whose value must be absent included). Runs once
+    per source of a rerun: plain string joins, no JSON (metadata holds no NUL, \x01 or \x02)."""
+    text = "\0".join(key + ("\x01" if value is None else "\x02" + str(value)) for key, value in sorted(expected.items()))
+    digest = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
     return digest or 1
 
 
@@ -86,19 +86,23 @@ class FreshnessRecord:
         self.expected_keys: dict[str, tuple[str, ...]] = {}  # due source -> the keys its sidecar must match
         self._key_sets: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple per distinct key set
         self._tables: list[tuple[str, FolderRows, int]] = []  # (root + os.sep, rows, column)
-        for root in roots:
-            root = os.path.abspath(root)
+        for given in roots:
+            root = os.path.abspath(given)
             try:
                 table = read_index(root, index_dir)
             except (IndexError_, OSError) as error:
                 print(f"[cache] data index of {root} not used to skip header reads: {error}", file=sys.stderr)
                 continue
             if table is not None and suffix in table.suffixes and table.fresh_digests.any():
-                self._tables.append((root.rstrip(os.sep) + os.sep, FolderRows(table), table.suffixes.index(suffix)))
+                rows, column = FolderRows(table), table.suffixes.index(suffix)
+                # the root as given first: the walk's paths start with it, so no abspath per file
+                for prefix in dict.fromkeys((given.rstrip(os.sep) + os.sep, root.rstrip(os.sep) + os.sep)):
+                    self._tables.append((prefix, rows, column))
 
     def is_fresh(self, sidecar: str, digest: int) -> bool:
         """True when an index recorded ``digest`` for ``sidecar`` at the size and mtime it has now."""
-        sidecar = os.path.abspath(sidecar)
+        if not any(sidecar.startswith(prefix) for prefix, _, _ in self._tables):
+            sidecar = os.path.abspath(sidecar)
         for prefix, rows, column in self._tables:
             if not sidecar.startswith(prefix):
                 continue

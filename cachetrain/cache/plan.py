@@ -115,13 +115,13 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
             expected = expected_metadata(source)
         except (OSError, ValueError) as error:
             return source, error, None, ""
-        target = sidecar_path(source, out_suffix)
+        target = os.path.splitext(source)[0] + out_suffix  # sidecar_path's rule, without a Path per file
         if overwrite:
             return source, None, Freshness("missing"), ""
         digest = None
         if record is not None:
             digest = freshness_digest(expected)
-            if record.is_fresh(os.fspath(target), digest):
+            if record.is_fresh(target, digest):
                 return source, None, FRESH_BY_INDEX, ""
             try:
                 before = os.stat(target)
@@ -135,7 +135,7 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
                     after = os.stat(target)
                     if (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns,
                                                                             before.st_ino):
-                        record.learn(os.fspath(target), digest, after)
+                        record.learn(target, digest, after)
                 except OSError:
                     pass
             elif state.status != "legacy":

@@ -98,3 +98,5 @@ def test_two_nodes_cache_disjoint_shares_to_the_bytes_of_one_process_and_index_e
     table = read_index(str(shapes_dataset))  # merged once, by node 0, after both had written
     assert table is not None and len(table) == IMAGES_IN_DATASET
     assert table.pair_count(".img_sdvae", ".txt_clipl") == IMAGES_IN_DATASET
+    for suffix in (".img_sdvae", ".txt_clipl"):  # both nodes' sidecars recorded fresh for the next rerun
+        assert (table.fresh_digests[:, table.suffixes.index(suffix)] != 0).sum() == IMAGES_IN_DATASET
