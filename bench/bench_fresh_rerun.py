@@ -11,12 +11,12 @@ where its time goes.
 2. times the real script's rerun start to exit (``--repeats``, best kept) and reads its summary (every
    image must be skipped fresh);
 3. in this process, times the rerun's phases one by one, as run_cache_build calls them: the walk
-   (scan_roots), loading the VAE, the freshness decisions (plan: a stat of each image and of its sidecar,
+   (scan_roots), loading the VAE, the orphan check, the freshness decisions (plan: a stat of each image and of its sidecar,
    and a header read where the data index cannot vouch for the sidecar), and the data index update;
 4. ``--profile``: the decisions under cProfile (the top functions by their own time), and the whole
    script's rerun under cProfile (by cumulative time).
 
-The decision rate is images over the walk plus the decisions plus the index update: what grows with
+The decision rate is images over the walk, the orphan check, the decisions and the index update: what grows with
 the tree. The start-up (Python, torch and diffusers imports, the model load) is a fixed cost, given apart.
 """
 
@@ -141,6 +141,7 @@ def time_phases(model: Path, tree: Path, images: int, profile: bool) -> dict:
 
     from cachetrain.cache.build import CacheSettings, update_data_indexes
     from cachetrain.cache.image_cache import ImageLatentBuilder
+    from cachetrain.cache import plan as plan_module
     from cachetrain.cache.plan import drop_name_clashes, plan, scan_roots
     from cachetrain.cache.summary import CacheSummary
     from cachetrain.models import loading
@@ -161,6 +162,15 @@ def time_phases(model: Path, tree: Path, images: int, profile: bool) -> dict:
     scan = scan_roots(settings.data_roots, settings.extensions, settings.out_suffix)
     sources = drop_name_clashes(scan.sources, None)
     phases["walk"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if "scan_orphans" in dir(plan_module):
+        orphans = plan_module.scan_orphans(scan, settings.out_suffix)
+    else:
+        orphans = plan_module.find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix,
+                                           settings.extensions)
+    assert orphans == []
+    phases["orphans"] = time.perf_counter() - started
 
     summary = CacheSummary()
     profiler = cProfile.Profile() if profile else None
@@ -183,7 +193,7 @@ def time_phases(model: Path, tree: Path, images: int, profile: bool) -> dict:
     update_data_indexes(settings, set())
     phases["index_update"] = time.perf_counter() - started
 
-    per_image = phases["walk"] + phases["decide"] + phases["index_update"]
+    per_image = phases["walk"] + phases["orphans"] + phases["decide"] + phases["index_update"]
     result = {name: round(seconds, 3) for name, seconds in phases.items()}
     result.update(decision_rate_images_per_s=round(images / per_image), load_average=load)
     if profiler:

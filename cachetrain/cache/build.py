@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from .plan import drop_name_clashes, find_orphans, handle_orphans, plan, scan_roots
+from .plan import drop_name_clashes, handle_orphans, plan, scan_orphans, scan_roots
 from .stop import CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
@@ -83,8 +83,7 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
     orphans = []
     if settings.shard_index == 0:
-        orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix,
-                               settings.extensions)
+        orphans = scan_orphans(scan, settings.out_suffix)
     record = FreshnessRecord(settings.data_roots, settings.out_suffix)
     todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
                 settings.overwrite, summary, orphans, verify=settings.verify, record=record)

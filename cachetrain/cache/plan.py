@@ -91,6 +91,14 @@ def find_orphans(sidecars: list[str], images: list[str], out_suffix: str, extens
     return [sidecar for sidecar in sidecars if is_orphan(sidecar, out_suffix, sources)]
 
 
+def scan_orphans(scan: TreeScan, out_suffix: str) -> list[str]:
+    """find_orphans for a scan_roots result, whose sources and other images are source images by the same
+    rule already (is_source_image): their stems, without classifying every name a second time."""
+    stems = {os.path.splitext(path)[0] for path in scan.sources}
+    stems.update(os.path.splitext(path)[0] for path in scan.other_images)
+    return [sidecar for sidecar in scan.sidecars if is_orphan(sidecar, out_suffix, stems)]
+
+
 def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
          source_digest: Callable[[str], dict[str, str]] | None, out_suffix: str, overwrite: bool,
          summary: CacheSummary, orphans: list[str] | None = None, verify: bool = False,
