@@ -13,7 +13,10 @@ the rescan after adding pairs to one folder, the index file format, and resident
 5. writes the 1M table as npz and as parquet (pyarrow, when installed): size and read time;
 6. builds a ``--table_pairs`` table in memory (no files: names like the tree's), stores it, and in a fresh
    process reads it and pairs it as a start does: time and RSS growth per pair.
-Deletes the tree unless --keep.
+Deletes the tree unless --keep. A tree already at --tree (written by an earlier run with --keep or
+--prepare, with the same --pairs) is reused: step 4's added pairs are removed first, so each run starts
+from the same tree. ``--prepare`` writes the tree and the model and stops (to time them later, on an idle
+machine).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PER_FOLDER = 1000
+ADDED_FOLDER = "f00007"  # step 4 adds its pairs here
+TREE_RECORD = "tree.json"  # what an existing tree holds, so a rerun reuses only a tree of the same size
 
 
 def write_tree(root: Path, pairs: int, start: int = 0, folder: str | None = None) -> None:
@@ -50,6 +55,22 @@ def write_tree(root: Path, pairs: int, start: int = 0, folder: str | None = None
             handle.write(latent)
         with open(where / f"s{i:08d}.txt_clipl", "wb") as handle:
             handle.write(emb)
+
+
+def prepare_tree(work: Path, tree: Path, pairs: int) -> float | None:
+    """Reuse the tree at ``tree`` when it holds ``pairs`` pairs (minus what step 4 added last time), else
+    write it anew. Returns the seconds spent writing, or None when reused."""
+    record = work / TREE_RECORD
+    if tree.exists() and record.exists() and json.loads(record.read_text()).get("pairs") == pairs:
+        for added in range(pairs, pairs + PER_FOLDER):
+            for suffix in (".img_sdvae", ".txt_clipl"):
+                (tree / ADDED_FOLDER / f"s{added:08d}{suffix}").unlink(missing_ok=True)
+        return None
+    shutil.rmtree(work, ignore_errors=True)
+    started = time.perf_counter()
+    write_tree(tree, pairs)
+    record.write_text(json.dumps({"pairs": pairs}))
+    return round(time.perf_counter() - started, 1)
 
 
 def timed(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -176,19 +197,20 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1_000_000)
     parser.add_argument("--table_pairs", type=int, default=10_000_000)
     parser.add_argument("--tree", default="/tmp/index-bench")
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the tree for the next run")
+    parser.add_argument("--prepare", action="store_true", help="write the tree and the model, then stop (keeps them)")
     args = parser.parse_args()
     work = Path(args.tree)
     tree, model = work / "data", work / "model"
     results: dict = {"pairs": args.pairs}
-    if not tree.exists():
-        started = time.perf_counter()
-        write_tree(tree, args.pairs)
-        results["write_tree_s"] = round(time.perf_counter() - started, 1)
+    results["write_tree_s"] = prepare_tree(work, tree, args.pairs)
     if not model.exists():
         from cachetrain.tiny.models import build_tiny_sd
 
         build_tiny_sd(model, seed=0)
+    if args.prepare:
+        print(json.dumps(results))
+        return
     time.sleep(4)  # folders older than the index's racy window, as in a tree cached a while ago
     seconds, rss, err = timed([sys.executable, "-m", "cachetrain.index_command", str(tree), "--no_progress", "--rebuild"])
     results["index_build"] = {"s": round(seconds, 1), "peak_rss_gb": round(rss, 2)}
@@ -200,7 +222,7 @@ def main() -> None:
         runs[name] = {"s": round(seconds, 1), "peak_rss_gb": round(rss, 2), "says": index_lines(err)}
         print(name, runs[name], flush=True)
     results["train_2_steps"] = runs
-    write_tree(tree, PER_FOLDER, start=args.pairs, folder="f00007")
+    write_tree(tree, PER_FOLDER, start=args.pairs, folder=ADDED_FOLDER)
     seconds, rss, err = train_start(model, tree, work / "out", "--aspect_buckets")
     results["after_adding_1000_pairs_to_one_folder"] = {"s": round(seconds, 1), "says": index_lines(err)}
     seconds, rss, err = train_start(model, tree, work / "out", "--aspect_buckets")

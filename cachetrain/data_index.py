@@ -13,8 +13,11 @@ sidecar suffix, so a pair is a row with both columns present:
   staleness rule), ``folder_row_ends`` (rows of folder f end at this row);
 - per row (sorted by name within a folder): ``stem_names`` / ``stem_name_ends``;
 - per row and suffix: ``file_sizes``, ``file_mtime_ns``, ``header_ndims`` (ABSENT, UNREADABLE,
-  NO_TENSOR or the tensor's dimension count) and ``header_shapes`` (the first 3 dims of the ``latent``
-  or ``emb`` tensor).
+  NO_TENSOR or the tensor's dimension count), ``header_shapes`` (the first 3 dims of the ``latent``
+  or ``emb`` tensor) and ``fresh_digests``: 0, or the digest of the metadata a cache build found the
+  sidecar fresh for, at the size and mtime in the same row (cache/plan.py: a rerun that finds the
+  sidecar at that size and mtime and expects that digest needs no header read). A row rescanned at the
+  same size and mtime keeps its digest.
 
 A folder's rows are trusted while the folder's mtime and inode are what the index recorded: every
 create, delete or rename of an entry (sidecar writers rename their temporaries) changes a folder's
@@ -33,7 +36,7 @@ import stat
 import sys
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,7 +47,7 @@ from .sidecar import (CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_S
                       TEXT_EMBEDDING_KEY, SidecarError, is_temporary, read_header)
 from .tree import left_out_reason
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: fresh_digests
 INDEX_FOLDER_NAME = ".cachetrain"
 INDEX_FILE_NAME = "data-index.npz"
 INDEX_DIR_ENV = "CACHETRAIN_INDEX_DIR"  # where indexes of read-only roots live (default below)
@@ -114,8 +117,13 @@ class IndexTable:
     file_mtime_ns: np.ndarray  # int64 [N, K]
     header_ndims: np.ndarray  # int8 [N, K]
     header_shapes: np.ndarray  # int32 [N, K, 3]
+    fresh_digests: np.ndarray | None = None  # uint64 [N, K]; None: all 0
     folder_devices: np.ndarray | None = None  # this start's stat, not stored: tells overlapping roots apart
     _folder_list: list[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.fresh_digests is None:
+            self.fresh_digests = np.zeros(self.file_sizes.shape, np.uint64)
 
     def folders(self) -> list[str]:
         if self._folder_list is None:
@@ -138,7 +146,7 @@ class IndexTable:
 
 _ARRAYS = ("folder_names", "folder_name_ends", "folder_parents", "folder_mtime_ns", "folder_inodes",
            "folder_row_ends", "stem_names", "stem_name_ends", "file_sizes", "file_mtime_ns", "header_ndims",
-           "header_shapes")
+           "header_shapes", "fresh_digests")
 
 
 def write_index(table: IndexTable, path: str) -> None:
@@ -170,7 +178,8 @@ def load_index_file(path: str, root: str) -> IndexTable:
     consistent = (len(table.folder_parents) == len(table.folder_mtime_ns) == len(table.folder_inodes)
                   == len(table.folder_row_ends) == folders
                   and (folders == 0 or int(table.folder_row_ends[-1]) == rows)
-                  and table.header_ndims.shape == table.file_sizes.shape == table.file_mtime_ns.shape == (rows, width)
+                  and table.header_ndims.shape == table.file_sizes.shape == table.file_mtime_ns.shape
+                  == table.fresh_digests.shape == (rows, width)
                   and table.header_shapes.shape == (rows, width, 3))
     if not consistent:
         raise IndexError_("its arrays disagree in length")
@@ -198,6 +207,7 @@ class _Folder:
     inode: int
     device: int
     old_number: int | None = None  # rows come from the old index
+    previous_number: int | None = None  # a changed folder's number in the old index (digests carried over)
     files: list[tuple[str, int]] = field(default_factory=list)  # (file name, suffix number): to read
     rows: dict | None = None  # stem -> [(size, mtime, ndim, shape)] per suffix, once read
 
@@ -266,6 +276,7 @@ def scan_tree(root: str, old: IndexTable | None, suffixes: tuple[str, ...], forc
         number = len(ordered)
         ordered.append(folder)
         old_number = old_numbers.get(folder.name)
+        folder.previous_number = old_number
         if (old_number is not None and folder.name not in forced
                 and int(old.folder_mtime_ns[old_number]) == folder.mtime_ns
                 and int(old.folder_inodes[old_number]) == folder.inode):
@@ -335,7 +346,7 @@ def _list_folder(root: str, folder: _Folder, suffixes: tuple[str, ...]) -> list[
 
 def _assemble(root: str, old: IndexTable | None, suffixes: tuple[str, ...], ordered: list[_Folder]) -> IndexTable:
     width = len(suffixes)
-    stems, sizes, mtimes, ndims, shapes, row_ends = [], [], [], [], [], []
+    stems, sizes, mtimes, ndims, shapes, digests, row_ends = [], [], [], [], [], [], []
     old_stems = None
     total = 0
     for folder in ordered:
@@ -347,7 +358,7 @@ def _assemble(root: str, old: IndexTable | None, suffixes: tuple[str, ...], orde
             ends = old.stem_name_ends[start:end]
             stems.append((old_stems[first: int(ends[-1])] if end > start else b"", ends - first))
             for column, source in ((sizes, old.file_sizes), (mtimes, old.file_mtime_ns), (ndims, old.header_ndims),
-                                   (shapes, old.header_shapes)):
+                                   (shapes, old.header_shapes), (digests, old.fresh_digests)):
                 column.append(source[start:end])
             total += end - start
         else:
@@ -365,6 +376,7 @@ def _assemble(root: str, old: IndexTable | None, suffixes: tuple[str, ...], orde
             blob, ends = _blob(names)
             stems.append((blob.tobytes(), ends))
             sizes.append(size), mtimes.append(mtime), ndims.append(ndim), shapes.append(shape)
+            digests.append(_carried_digests(old, folder.previous_number, names, size, mtime, suffixes))
             total += count
         row_ends.append(total)
     offset, blob_parts, end_parts = 0, [], []
@@ -384,16 +396,50 @@ def _assemble(root: str, old: IndexTable | None, suffixes: tuple[str, ...], orde
         file_sizes=join(sizes, np.zeros((0, width), np.int64)), file_mtime_ns=join(mtimes, np.zeros((0, width), np.int64)),
         header_ndims=join(ndims, np.zeros((0, width), np.int8)),
         header_shapes=join(shapes, np.zeros((0, width, 3), np.int32)),
+        fresh_digests=join(digests, np.zeros((0, width), np.uint64)),
         folder_devices=np.array([folder.device for folder in ordered], np.uint64),
         _folder_list=[folder.name for folder in ordered])
 
 
+def _carried_digests(old: IndexTable | None, old_number: int | None, names: list[str], size: np.ndarray,
+                     mtime: np.ndarray, suffixes: tuple[str, ...]) -> np.ndarray:
+    """The digests of a rescanned folder's rows: the old row's, where its file has the same size and mtime."""
+    carried = np.zeros(size.shape, np.uint64)
+    if old is None or old_number is None:
+        return carried
+    start, end = old.folder_rows(old_number)
+    if start == end or not old.fresh_digests[start:end].any():
+        return carried
+    old_rows = folder_stems(old, start, end)
+    for column, suffix in enumerate(suffixes):
+        if suffix not in old.suffixes:
+            continue
+        old_column = old.suffixes.index(suffix)
+        for row, name in enumerate(names):
+            old_row = old_rows.get(name)
+            if (old_row is not None and old.fresh_digests[old_row, old_column]
+                    and old.file_sizes[old_row, old_column] == size[row, column]
+                    and old.file_mtime_ns[old_row, old_column] == mtime[row, column]):
+                carried[row, column] = old.fresh_digests[old_row, old_column]
+    return carried
+
+
+def folder_stems(table: IndexTable, start: int, end: int) -> dict[str, int]:
+    """stem -> row of the rows start..end (one folder's)."""
+    first = int(table.stem_name_ends[start - 1]) if start else 0
+    ends = table.stem_name_ends[start:end] - first
+    blob = table.stem_names[first: int(table.stem_name_ends[end - 1])]
+    return {name: start + row for row, name in enumerate(_names(blob, ends))}
+
+
 def refresh(root: str, folders: Iterable[str] | None = None, suffixes: Iterable[str] = (), write: bool = True,
-            index_dir: str | None = None, progress=None, rebuild: bool = False) -> Refresh:
+            index_dir: str | None = None, progress=None, rebuild: bool = False,
+            amend: Callable[[IndexTable], int] | None = None) -> Refresh:
     """Bring the index of ``root`` up to date and (``write``) store it: ``folders`` (absolute or relative
     to the root) are scanned again whatever their mtime, every other folder only when changed. A stored
     index that cannot be believed, or that lacks one of ``suffixes``, is rebuilt from the tree; so is
-    every index with ``rebuild``."""
+    every index with ``rebuild``. ``amend``: changes the table before it is stored (a cache build's fresh
+    digests: fresh_digests.record_fresh_digests) and returns how many rows it changed."""
     root = os.path.abspath(root)
     started = time.perf_counter()
     ignored = None
@@ -408,9 +454,10 @@ def refresh(root: str, folders: Iterable[str] | None = None, suffixes: Iterable[
     forced = ["" if name == "." else name for name in forced if not name.startswith("..")]
     location = writable_location(root, index_dir) if write else None
     table, scanned = scan_tree(root, old, wanted, forced, progress)
+    learned = amend(table) if amend is not None else 0
     result = Refresh(table, scanned, len(table.folder_name_ends), had_index=old is not None, ignored=ignored,
                      seconds=time.perf_counter() - started)
-    if location is not None and (scanned or old is None):
+    if location is not None and (scanned or old is None or learned):
         try:
             write_index(table, location)
             result.written_to = location

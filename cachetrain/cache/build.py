@@ -6,18 +6,22 @@ the same way for all of them:
 
 1. walk the data roots once and plan (cache_plan): sources, existing sidecars, fresh ones skipped;
 2. take this process's share (shards): ``--shard I/N`` across machines combined with the torchrun /
-   accelerate rank, so all processes together cover every source exactly once;
+   accelerate rank (one launch may span several nodes), so all processes together cover every source
+   exactly once;
 3. encode in batches (the builder) and write each sidecar atomically on background threads
    (cache_writer);
-4. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up (cache_summary);
-5. bring each root's data index up to date (data_index.refresh): the folders written are scanned again,
-   the rest only where their mtime changed, so the trainer starts from the index.
+4. report sidecars whose source is gone (orphans; removed with ``--prune``) and sum up (cache_summary):
+   under a launch, once every process has finished, its first process sums up all of them;
+5. bring each root's data index up to date (data_index.refresh), in one process only, after all have
+   written: the folders written by any process are scanned again, the rest only where their mtime
+   changed, so the trainer starts from the index.
 
 The flags every cache script shares, and the settings made from them, are here too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -27,12 +31,13 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from .plan import drop_name_clashes, find_orphans, handle_orphans, plan, scan_roots
+from .plan import drop_name_clashes, handle_orphans, plan, scan_orphans, scan_roots
 from .stop import CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
-from .shares import effective_shard, parse_shard, per_process_path, take_shard
+from .shares import effective_shard, gather_from_processes, parse_shard, per_process_path, process_shard, take_shard
 from ..data_index import refresh
+from ..fresh_digests import FreshnessRecord, record_fresh_digests
 from ..sidecar import CAPTION_EXTENSION, sidecar_path
 
 
@@ -78,12 +83,12 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
     orphans = []
     if settings.shard_index == 0:
-        orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix,
-                               settings.extensions)
+        orphans = scan_orphans(scan, settings.out_suffix)
+    record = FreshnessRecord(settings.data_roots, settings.out_suffix)
     todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
-                settings.overwrite, summary, orphans, verify=settings.verify)
+                settings.overwrite, summary, orphans, verify=settings.verify, record=record)
     handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
-    writer = BackgroundWriter(summary)
+    writer = BackgroundWriter(summary, on_written=record.written)
     summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
                             disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
     handled_before = handled_count(summary)
@@ -107,20 +112,39 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
         summary.progress = None
     if stopped:
         summary.stop(stopped, len(todo) - (handled_count(summary) - handled_before))
-    # one writer of each index (other shards' folders are found changed later); a second signal means now
+    written_folders = {os.path.dirname(os.path.abspath(source)) for source in todo}
+    learned = record.learned
+    shares = gather_from_processes((summary.share(), sorted(written_folders), stopped_at_once,
+                                    learned))
+    if shares is not None:  # a launch: every process has finished writing; its first sums up
+        rank, processes = process_shard()
+        summary.process = (rank, processes)
+        for other, (share, folders, at_once, digests) in enumerate(shares):
+            written_folders.update(folders)
+            stopped_at_once = stopped_at_once or at_once
+            if other != rank:
+                learned.update(digests)
+            if rank == 0 and other != 0:
+                summary.add_share(share)
+    # one writer of each index, once every process of the launch has written (another --shard's folders
+    # are found changed later); a second signal means now
     if settings.shard_index == 0 and not stopped_at_once:
-        update_data_indexes(settings, {os.path.dirname(os.path.abspath(source)) for source in todo})
+        update_data_indexes(settings, written_folders, learned)
     return summary
 
 
-def update_data_indexes(settings: CacheSettings, written_folders: set[str]) -> None:
-    """Refresh the data index of every root (a failure is reported in one line: the sidecars are written,
-    and a start without an index walks the tree as before)."""
+def update_data_indexes(settings: CacheSettings, written_folders: set[str],
+                        fresh: dict[str, tuple[int, int, int]] | None = None) -> None:
+    """Refresh the data index of every root, with the fresh digests learned (``fresh``: sidecar path ->
+    (size, mtime_ns, digest); fresh_digests). A failure is reported in one line: the sidecars are written,
+    and a start without an index walks the tree as before."""
     for root in settings.data_roots:
         progress = tqdm(unit="folder", desc=f"indexing {root}", disable=not settings.show_progress,
                         dynamic_ncols=True, file=sys.stderr)
         try:
-            done = refresh(root, written_folders, suffixes=(settings.out_suffix,), progress=progress)
+            done = refresh(root, written_folders, suffixes=(settings.out_suffix,), progress=progress,
+                           amend=functools.partial(record_fresh_digests, suffix=settings.out_suffix,
+                                                   digests=fresh or {}))
         except OSError as error:
             print(f"[cache] data index of {root} not updated: {error}", file=sys.stderr)
             continue

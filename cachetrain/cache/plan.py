@@ -26,6 +26,7 @@ from .summary import FAILURES_SHOWN, CacheSummary, write_problem_kind
 from ..sidecar import (DEFAULT_IMAGE_EXTENSIONS, Freshness, SidecarError, check_freshness,
                       is_abandoned_temporary_content, is_orphan, is_source_image, sidecar_path, sidecar_sources,
                       update_metadata)
+from ..fresh_digests import FreshnessRecord, freshness_digest
 from ..tree import walk_files
 
 # Freshness checks run on this many threads, this many files per task.
@@ -33,6 +34,7 @@ PLAN_THREADS = 8
 PLAN_CHUNK = 512
 # A temporary sidecar this old belongs to a writer that died (a live one renames it within ms).
 TEMPORARY_GRACE_SECONDS = 60.0
+FRESH_BY_INDEX = Freshness("fresh", "by the data index's fresh digest")
 
 
 @dataclass
@@ -89,9 +91,18 @@ def find_orphans(sidecars: list[str], images: list[str], out_suffix: str, extens
     return [sidecar for sidecar in sidecars if is_orphan(sidecar, out_suffix, sources)]
 
 
+def scan_orphans(scan: TreeScan, out_suffix: str) -> list[str]:
+    """find_orphans for a scan_roots result, whose sources and other images are source images by the same
+    rule already (is_source_image): their stems, without classifying every name a second time."""
+    stems = {os.path.splitext(path)[0] for path in scan.sources}
+    stems.update(os.path.splitext(path)[0] for path in scan.other_images)
+    return [sidecar for sidecar in scan.sidecars if is_orphan(sidecar, out_suffix, stems)]
+
+
 def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
          source_digest: Callable[[str], dict[str, str]] | None, out_suffix: str, overwrite: bool,
-         summary: CacheSummary, orphans: list[str] | None = None, verify: bool = False) -> list[str]:
+         summary: CacheSummary, orphans: list[str] | None = None, verify: bool = False,
+         record: FreshnessRecord | None = None) -> list[str]:
     """The sources whose sidecar must be (re)built; counts the fresh and legacy ones it skips.
 
     ``expected_metadata`` and ``source_digest`` are the builder's (see cache_build.CacheBuilder).
@@ -99,8 +110,12 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
     (a deleted caption), the existing sidecar is added to ``orphans``. The checks (a stat and a
     header read per file) run on threads: on network storage each is a round trip. ``verify`` (--verify)
     also hashes every source whose sidecar looks fresh: a read of every byte, for content swapped under the
-    same size and modification time.
+    same size and modification time. ``record`` (fresh_digests.FreshnessRecord): a sidecar that the data
+    index recorded fresh for the same expected metadata, at the size and mtime it has now, is fresh without
+    its header being read; the ones found fresh by reading are learned, and the due ones' expected keys
+    kept (``record.expected_keys``), so the run's end can record them too. Not used with ``verify``.
     """
+    record = None if verify or overwrite else record
 
     def check(source: str) -> tuple[str, Exception | None, Freshness | None, str]:
         """(source, its problem, its sidecar's freshness, a note for the summary); runs on a thread."""
@@ -108,11 +123,31 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
             expected = expected_metadata(source)
         except (OSError, ValueError) as error:
             return source, error, None, ""
-        target = sidecar_path(source, out_suffix)
+        target = os.path.splitext(source)[0] + out_suffix  # sidecar_path's rule, without a Path per file
         if overwrite:
             return source, None, Freshness("missing"), ""
+        digest = None
+        if record is not None:
+            digest = freshness_digest(expected)
+            if record.is_fresh(target, digest):
+                return source, None, FRESH_BY_INDEX, ""
+            try:
+                before = os.stat(target)
+            except OSError:
+                before = None
         state = check_freshness(target, expected, functools.partial(source_digest, source) if source_digest else None,
                                 verify=verify)
+        if record is not None:
+            if state.status == "fresh" and before is not None:
+                try:  # learned only when the file read is the one stat'ed (not replaced meanwhile)
+                    after = os.stat(target)
+                    if (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns,
+                                                                            before.st_ino):
+                        record.learn(target, digest, after)
+                except OSError:
+                    pass
+            elif state.status != "legacy":
+                record.expect(source, expected)
         if state.status == "retimed":  # store the new time, so the next run needs only a stat again
             try:
                 update_metadata(target, {key: value for key, value in expected.items() if value is not None})

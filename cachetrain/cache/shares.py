@@ -53,20 +53,40 @@ def take_shard(items: list[str], shard_index: int, shard_count: int) -> list[str
     return items[shard_index::shard_count]
 
 
-def agree_on_exit_status(status: int) -> int:
-    """Under torchrun / accelerate launch: wait for every process, and give all of them the worst status.
-
-    torchrun stops the other processes as soon as one exits non-zero, so a process that finished
-    its share with a few bad files would otherwise kill the others mid-run.
-    """
+def launch_group():
+    """torch.distributed with the gloo group of this torchrun / accelerate launch started (once), or None
+    when this process was not started by a launcher (or by tests that set only RANK / WORLD_SIZE)."""
     _rank, world = process_shard()
-    if world <= 1 or "MASTER_ADDR" not in os.environ:  # not started by a launcher (or by tests)
-        return status
+    if world <= 1 or "MASTER_ADDR" not in os.environ:
+        return None
     import torch.distributed as dist
 
     if not dist.is_initialized():
         # Shares take hours on large trees and finish at different times: wait as long as it takes.
         dist.init_process_group("gloo", timeout=timedelta(days=7))
+    return dist
+
+
+def gather_from_processes(value) -> list | None:
+    """Every process's ``value`` (picklable), in rank order, in every process; None when not launched."""
+    dist = launch_group()
+    if dist is None:
+        return None
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def agree_on_exit_status(status: int) -> int:
+    """Under torchrun / accelerate launch: wait for every process, and give all of them the worst status.
+
+    torchrun stops the other processes as soon as one exits non-zero, so a process that finished
+    its share with a few bad files would otherwise kill the others mid-run (or the main process while it
+    merges the data index).
+    """
+    dist = launch_group()
+    if dist is None:
+        return status
     worst = torch.tensor([status])
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     dist.destroy_process_group()

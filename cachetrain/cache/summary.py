@@ -39,6 +39,7 @@ class CacheSummary:
     stop_reason: str = ""  # why the run stopped before encoding everything ("" when it did not)
     started: float = field(default_factory=time.monotonic)
     progress: tqdm | None = None
+    process: tuple[int, int] = (0, 1)  # (rank, processes) of a launch; rank 0 sums up all of them
 
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] += n
@@ -92,6 +93,19 @@ class CacheSummary:
         self.counts["not_attempted"] += not_attempted
         tqdm.write(f"[cache] stopped: {reason}; {not_attempted} files not attempted", file=sys.stderr)
 
+    def share(self) -> dict:
+        """What this process counted, to be summed by the launch's first process (``add_share``)."""
+        return {"counts": dict(self.counts), "failure_kinds": dict(self.failure_kinds), "notes": dict(self.notes),
+                "failures": self.failures, "stop_reason": self.stop_reason}
+
+    def add_share(self, share: dict) -> None:
+        """Add another process's ``share()``: counts summed, the first failures kept, a stop kept."""
+        self.counts.update(share["counts"])
+        self.failure_kinds.update(share["failure_kinds"])
+        self.notes.update(share["notes"])
+        self.failures.extend(share["failures"][: FAILURES_SHOWN - len(self.failures)])
+        self.stop_reason = self.stop_reason or share["stop_reason"]
+
     @property
     def ok(self) -> bool:
         """True when every input has a usable sidecar (fresh, or legacy kept on purpose)."""
@@ -104,7 +118,12 @@ class CacheSummary:
         elapsed = time.monotonic() - self.started
         c = self.counts
         handled = c["written"] + c["failed"] + c["skipped"]
-        lines = [
+        rank, processes = self.process
+        if rank > 0:  # its share only: the launch's first process prints the sum
+            return (f"[cache] process {rank} of {processes}: written {c['written']}, skipped fresh {c['fresh']}, "
+                    f"failed {c['failed']} (process 0 sums up all {processes})")
+        lines = [] if processes == 1 else [f"all {processes} processes of the launch:"]
+        lines += [
             f"written {c['written']} (rebuilt stale {c['stale']}), skipped fresh {c['fresh']}, "
             f"legacy kept {c['legacy']}, failed {c['failed']}, skipped on request {c['skipped']}",
             f"elapsed {elapsed:.1f} s; {handled / elapsed if elapsed > 0 else 0.0:.1f} files/s encoded or rejected, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,16 +51,18 @@ class BackgroundWriter:
     ``stop_reason`` says so and the run stops encoding: hours of work would all be thrown away.
     """
 
-    def __init__(self, summary: CacheSummary, max_pending: int = 64):
+    def __init__(self, summary: CacheSummary, max_pending: int = 64,
+                 on_written: Callable[[str, str, dict], None] | None = None):
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sidecar-writer")
-        self._pending: list[tuple[str, str, Future]] = []
+        self._pending: list[tuple[str, str, Future, dict]] = []
+        self._on_written = on_written  # (source, sidecar, its metadata) of each sidecar written
         self._summary = summary
         self._max_pending = max_pending
         self._disk_full_in_a_row = 0
         self.stop_reason = ""
 
     def submit(self, target: str, item: EncodedItem) -> None:
-        self._pending.append((item.source, target, self._pool.submit(write_item, target, item)))
+        self._pending.append((item.source, target, self._pool.submit(write_item, target, item), item.metadata))
         if len(self._pending) >= self._max_pending:
             self._collect(wait_for=len(self._pending) // 2)
         else:  # take what is done already, so a full disk is noticed early
@@ -70,7 +73,7 @@ class BackgroundWriter:
 
     def _collect(self, wait_for: int) -> None:
         done, self._pending = self._pending[:wait_for], self._pending[wait_for:]
-        for source, target, future in done:
+        for source, target, future, metadata in done:
             try:
                 future.result()
             except ExtraFileFailed as error:  # the sidecar is there and counts as written
@@ -87,6 +90,8 @@ class BackgroundWriter:
                     self.stop_reason = f"the disk is full ({DISK_FULL_STOP} sidecar writes in a row failed)"
                 continue
             self._disk_full_in_a_row = 0
+            if self._on_written is not None:
+                self._on_written(source, target, metadata)
             self._summary.count("written")
             if self._summary.progress is not None:
                 self._summary.progress.update(1)

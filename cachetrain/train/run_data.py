@@ -43,7 +43,7 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
     if len(config.train_data_dir) == 1 and is_shard_location(config.train_data_dir[0]):
         return _load_shard_data(config, rank, world, is_main)
     text_suffix = None if config.force_txtcache else config.txtcache_suffix  # forced: image-only data trains
-    index, unpaired = _find_pairs(config, text_suffix, is_main, wait_for_main)
+    index, unpaired, validation = _find_pairs(config, text_suffix, is_main, wait_for_main)
     if len(index) == 0:
         wanted = f"a {config.imgcache_suffix}" if text_suffix is None else \
             f"both a {config.imgcache_suffix} and a {config.txtcache_suffix}"
@@ -58,7 +58,9 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
     elif index.shape_ids is not None:
         index.shapes, index.shape_ids = [], None  # shapes matter to buckets alone
     checks = reference_shapes(index, with_latent=not config.aspect_buckets)
-    return _order_run_data(config, index, checks, rank, world, is_main, left_out)
+    if validation is not None and not config.aspect_buckets and validation.shape_ids is not None:
+        validation.shapes, validation.shape_ids = [], None
+    return _order_run_data(config, index, checks, rank, world, is_main, left_out, validation)
 
 
 def _load_shard_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> RunData:
@@ -82,8 +84,8 @@ def _load_shard_data(config: TrainConfig, rank: int, world: int, is_main: bool) 
 
 
 def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, world: int, is_main: bool,
-                    left_out: int) -> RunData:
-    train_index, validation_index = held_out_pairs(config, index)
+                    left_out: int, validation_dir_index: PairIndex | None = None) -> RunData:
+    train_index, validation_index = held_out_pairs(config, index, validation_dir_index)
     folders, draws = None, None
     if config.dataset_config:
         folders = read_dataset_file(config.dataset_config)
@@ -125,29 +127,43 @@ def trained_latent_shape(data: RunData, config: TrainConfig) -> tuple[int, ...] 
 
 
 def _find_pairs(config: TrainConfig, text_suffix: str | None, is_main: bool,
-                wait_for_main: Callable[[], None] | None) -> tuple[PairIndex, dict[str, int]]:
-    """The run's pairs: from the data indexes (refreshed where folders changed) or, with --data_index
-    off or image-only data (--force_txtcache: the index records pairs), by walking every folder."""
-    roots, suffixes = config.train_data_dir, (config.imgcache_suffix, text_suffix)
+                wait_for_main: Callable[[], None] | None) -> tuple[PairIndex, dict[str, int], PairIndex | None]:
+    """The run's pairs and --validation_dir's: from the data indexes (refreshed where folders changed)
+    or, with --data_index off or image-only data (--force_txtcache: the index records pairs), by walking
+    every folder. With ``wait_for_main`` the main process refreshes both before the others read them."""
+    suffixes = (config.imgcache_suffix, text_suffix)
+    root_sets = [config.train_data_dir] + ([config.validation_dir] if config.validation_dir else [])
     if config.data_index == "off" or text_suffix is None:
-        return index_training_pairs(roots, *suffixes)
+        found = [index_training_pairs(roots, *suffixes) for roots in root_sets]
+    else:
+        found = _indexed_pairs(config, root_sets, suffixes, is_main, wait_for_main)
+    (index, unpaired), validation = found[0], (found[1][0] if len(found) > 1 else None)
+    return index, unpaired, validation
+
+
+def _indexed_pairs(config: TrainConfig, root_sets: list[list[str]], suffixes, is_main: bool,
+                   wait_for_main: Callable[[], None] | None) -> list[tuple[PairIndex, dict[str, int]]]:
     report = _report_refresh if is_main else None
+
+    def find(write: bool, report) -> list[tuple[PairIndex, dict[str, int]]]:
+        results = [indexed_training_pairs(roots, *suffixes, write=write, index_dir=config.data_index_dir,
+                                          report=report) for roots in root_sets]
+        return [(result.index, result.unpaired) for result in results]
+
     if wait_for_main is None:
-        found = indexed_training_pairs(roots, *suffixes, index_dir=config.data_index_dir, report=report)
-        return found.index, found.unpaired
+        return find(True, report)
     failure, found = None, None
     if is_main:
         try:
-            found = indexed_training_pairs(roots, *suffixes, index_dir=config.data_index_dir, report=report)
+            found = find(True, report)
         except Exception as error:  # noqa: BLE001  (raised after the barrier, which the others wait at)
             failure = error
     wait_for_main()
     if failure is not None:
         raise failure
     if found is None:  # the others read what the main process wrote and check it; they never write
-        found = indexed_training_pairs(roots, *suffixes, write=False, index_dir=config.data_index_dir,
-                                       report=_report_own_walk)
-    return found.index, found.unpaired
+        found = find(False, _report_own_walk)
+    return found
 
 
 def _report_own_walk(root: str, done: Refresh) -> None:

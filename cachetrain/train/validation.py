@@ -27,16 +27,21 @@ def split_validation(index: PairIndex, fraction: float, seed: int) -> tuple[Pair
     return index.subset(sorted(order[held_out:])), index.subset(sorted(order[:held_out]))
 
 
-def held_out_pairs(config: TrainConfig, index: PairIndex) -> tuple[PairIndex, PairIndex | None]:
-    """(pairs to train on, held-out pairs or None) as --validation_split or --validation_dir say."""
+def held_out_pairs(config: TrainConfig, index: PairIndex, validation_dir_index: PairIndex | None = None
+                   ) -> tuple[PairIndex, PairIndex | None]:
+    """(pairs to train on, held-out pairs or None) as --validation_split or --validation_dir say.
+    ``validation_dir_index``: --validation_dir's pairs as already found (from its data index); walked
+    here when not given."""
     train_index, validation_index = split_validation(index, config.validation_split, config.seed)
     if config.validation_dir:
-        validation_index, _ = index_training_pairs(config.validation_dir, config.imgcache_suffix,
-                                                   None if config.force_txtcache else
-                                                   config.txtcache_suffix)
+        validation_index = validation_dir_index
+        if validation_index is None:
+            validation_index, _ = index_training_pairs(config.validation_dir, config.imgcache_suffix,
+                                                       None if config.force_txtcache else
+                                                       config.txtcache_suffix)
         if len(validation_index) == 0:
             raise TrainingError(f"--validation_dir {config.validation_dir}: no sample has both sidecars there")
-        if config.aspect_buckets:
+        if config.aspect_buckets and validation_index.shape_ids is None:
             record_latent_shapes(validation_index, IMAGE_LATENT_KEY)  # unreadable ones: named at val/loss
     return train_index, validation_index
 

@@ -48,3 +48,31 @@ def test_a_sidecar_removed_by_hand_and_rebuilt_by_a_rerun_is_in_the_index_as_reb
     assert removed.exists()
     assert _recorded(cached_dataset, removed) == _actual(removed)
     assert read_index(str(cached_dataset)).pair_count(".img_sdvae", ".txt_clipl") == 48
+
+
+def _rerun(model, root, *extra) -> int:
+    return create_img_sdvae(["--model", str(model), "--data_root", str(root), "--num_workers", "0", "--no_progress",
+                             "--save_dtype", "float32", "--resolution", "64", *extra])
+
+
+def test_a_fresh_rerun_decides_from_the_index_without_reading_a_header_and_verify_still_reads(
+        tiny_sd_model, cached_dataset, capsys):
+    table = read_index(str(cached_dataset))
+    assert (table.fresh_digests[:, table.suffixes.index(".img_sdvae")] != 0).sum() == 48  # recorded when written
+    # a header spoiled in place, at the same size and mtime: only a read of it would notice
+    spoiled = sorted((cached_dataset / "part1").glob("*.img_sdvae"))[3]
+    info = os.stat(spoiled)
+    with open(spoiled, "r+b") as handle:
+        handle.write(b"\xff" * 8)
+    os.utime(spoiled, ns=(info.st_atime_ns, info.st_mtime_ns))
+    touched = sorted((cached_dataset / "part3").glob("*.jpg"))[0]  # a source with a new mtime: read again
+    os.utime(touched, ns=(info.st_atime_ns, os.stat(touched).st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert _rerun(tiny_sd_model, cached_dataset) == 0
+    err = capsys.readouterr().err
+    assert "skipped fresh 48" in err and "fresh by content 1" in err  # the touched image: compared by content
+    assert open(spoiled, "rb").read(8) == b"\xff" * 8  # decided from the index: never read
+    assert _rerun(tiny_sd_model, cached_dataset, "--verify") == 0  # --verify reads every header and source
+    err = capsys.readouterr().err
+    assert "written 1 (rebuilt stale 1), skipped fresh 47" in err
+    assert open(spoiled, "rb").read(8) != b"\xff" * 8

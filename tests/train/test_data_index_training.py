@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_an_unbelievable_index_is_named_in_one_line_ignored_and_rewritten(tiny_s
     assert result.steps == 1 and "48 training pairs" in err
     lines = [line for line in err.splitlines() if "data index of" in line]
     assert len(lines) == 1 and "stored index ignored (" in lines[0] and "walked 5 folders" in lines[0]
-    assert ("unreadable" if spoil == "garbage" else "format 0, this version reads 1") in lines[0]
+    assert ("unreadable" if spoil == "garbage" else "format 0, this version reads 2") in lines[0]
     train(parse_train_args(_args(tiny_sd_model, indexed, tmp_path / "again", "--max_steps", "1")))
     assert "ignored" not in capsys.readouterr().err
 
@@ -160,3 +161,33 @@ def test_of_two_processes_only_the_main_one_walks_and_both_train_alike(tiny_sd_m
     assert "this process walked" not in done.stderr
     first, second = _summary(output)["process_weight_checksums"]
     assert first == second
+
+
+def _val_losses(result) -> list[float]:
+    return [entry["val/loss"] for entry in result.logged if "val/loss" in entry]
+
+
+def test_a_validation_dir_comes_from_its_index_and_a_changed_folder_of_it_is_walked_again(
+        tiny_sd_model, indexed, tmp_path, capsys):
+    held_out = tmp_path / "held_out"
+    for part in ("part2", "part3"):
+        shutil.copytree(indexed / part, held_out / part)
+    (held_out / INDEX_FOLDER_NAME).mkdir()
+    age_folders(held_out)
+    assert index_command([str(held_out), "--no_progress"]) == 0
+    run = ("--max_steps", "1", "--validation_dir", str(held_out))
+    indexed_run = train(parse_train_args(_args(tiny_sd_model, indexed, tmp_path / "a", *run)))
+    err = capsys.readouterr().err
+    assert f"data index of {held_out}: 3 folders, 0 changed since indexed" in err  # nothing of it walked
+    walked_run = train(parse_train_args(_args(tiny_sd_model, indexed, tmp_path / "b", *run, "--data_index", "off")))
+    assert _val_losses(indexed_run) == _val_losses(walked_run) and len(_val_losses(indexed_run)) == 2
+    # a pair added to one folder of it after indexing: that folder alone is walked, and the pair is held out
+    first = sorted((indexed / "part0").glob("*.img_sdvae"))[0]
+    for source in (first, first.with_suffix(".txt_clipl")):
+        shutil.copy(source, held_out / "part3" / f"added{source.suffix}")
+    capsys.readouterr()
+    stale_run = train(parse_train_args(_args(tiny_sd_model, indexed, tmp_path / "c", *run)))
+    err = capsys.readouterr().err
+    assert f"data index of {held_out}: 3 folders, 1 changed since indexed and walked again" in err
+    walked_again = train(parse_train_args(_args(tiny_sd_model, indexed, tmp_path / "d", *run, "--data_index", "off")))
+    assert _val_losses(stale_run) == _val_losses(walked_again) != _val_losses(walked_run)
