@@ -206,14 +206,10 @@ def test_sidecars_written_by_the_cache_builders_are_fresh_until_their_source_cha
 
 
 def test_the_exit_status_is_zero_for_a_sound_cache_and_one_for_each_kind_of_broken_file(cached_dataset):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = subprocess.run([sys.executable, "-m", "cachetrain.inspect", str(cached_dataset), "--no_progress"],
-                             capture_output=True, text=True, env=env, timeout=120)
-    assert command.returncode == 0, command.stderr
-
     def inspect_status() -> int:
         return cache_inspect.main([str(cached_dataset), "--no_progress"])
 
+    assert inspect_status() == 0
     latents = sorted(cached_dataset.rglob("*.img_sdvae"))
     stale_image = sorted(cached_dataset.rglob("*.jpg"))[5]
     Image.new("RGB", (70, 70), (9, 9, 9)).save(stale_image)  # stale is for the cache scripts to fix, not broken
