@@ -93,7 +93,7 @@ def test_own_optimizers_skip_on_the_device_when_found_inf_is_set():
 
 def test_bf16_weights_train_in_bf16_and_lower_the_loss(tiny_sd_model, cached_dataset, tmp_path):
     result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--bf16_weights",
-                                          "--batch_size", "8", "--max_steps", "24", "--log_every", "6")))
+                                          "--batch_size", "4", "--max_steps", "24", "--log_every", "6")))
     losses = [value for _, value in _logged(result, "train/loss")]
     assert losses[-1] < 0.6 * losses[0], losses
     weights = _unet_weights(tmp_path / "run")
