@@ -7,8 +7,8 @@ names and shapes as LyCORIS' own modules, so the file is PEFT's tensors under ko
 - LoHa: ``hada_w1_a`` [out, r], ``hada_w1_b`` [r, in(*k*k)], ``hada_w2_a``, ``hada_w2_b``; the change is
   ``alpha / r * (w1_a @ w1_b) * (w2_a @ w2_b)``, in PEFT and in LyCORIS alike.
 - LoKr: ``lokr_w1`` (or ``lokr_w1_a``/``lokr_w1_b``) and ``lokr_w2`` (or ``lokr_w2_a``/``lokr_w2_b``); the change
-  is ``scale * kron(w1, w2)``. Readers of this layout (LyCORIS, ComfyUI, diffusers' LoKr conversion) take the
-  scale as ``alpha / r`` when a factor is low-rank, and as 1 when both factors are full matrices; PEFT
+  is ``scale * kron(w1, w2)``. LyCORIS' loader and diffusers' LoKr conversion take the scale as
+  ``alpha / r`` when a factor is low-rank, and as 1 when both factors are full matrices; PEFT
   scales by ``alpha / r`` always. A layer with two full factors is therefore written with PEFT's scale
   multiplied into ``lokr_w1`` and ``alpha = r`` (what LyCORIS itself writes for such a layer).
 """

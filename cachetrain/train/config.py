@@ -566,7 +566,8 @@ def _data_problems(config: TrainConfig) -> list[str]:
 def _adapter_problems(config: TrainConfig) -> list[str]:
     adapter_flags = [name for name in ("lora_weights", "save_kohya_lora") if getattr(config, name)]
     if not config.lora_type:
-        return [f"--{name} needs --lora_type lora" for name in adapter_flags]
+        return [f"--{name} needs --lora_type {'lora' if name == 'lora_weights' else 'lora, loha or lokr'}"
+                for name in adapter_flags]
     problems = []
     if config.save_single_file:
         problems.append("--save_single_file writes a whole model; an adapter run saves its adapter "

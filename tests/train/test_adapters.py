@@ -298,7 +298,7 @@ def test_adapter_faults_are_refused_in_one_line_before_step_1(lora_run, sd15_mod
 def test_adapter_flags_without_an_adapter_are_refused():
     from cachetrain.train.config import ConfigError
 
-    with pytest.raises(ConfigError, match="--save_kohya_lora needs --lora_type lora"):
+    with pytest.raises(ConfigError, match="--save_kohya_lora needs --lora_type lora, loha or lokr"):
         parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--save_kohya_lora"])
     with pytest.raises(ConfigError, match="--save_single_file writes a whole model"):
         parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--lora_type", "lora",
