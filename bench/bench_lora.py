@@ -7,7 +7,8 @@ backward, optimizer step. Timed as the median of windows of steps after warm-up,
 alternating window by window so both see the same load on a shared machine. The state is the bytes
 of the trainable parameters, their gradients and the optimizer's state after two steps; the same
 ratio for the SD1.5 UNet itself is counted on the meta device (no weights are made). The defaults
-run in about a minute on an idle 2-core machine; the last two lines printed are the goals' figures.
+take 16 steps of each mode (2 warm-up, 4 windows of 3, 2 for the state) at batch 8; the last two lines
+printed are the goals' figures.
 
     .venv/bin/python bench/bench_lora.py [--rank 16] [--batch 8] [--windows 4] [--steps 3]
 
