@@ -97,12 +97,13 @@ if [ "$MODE" = sd ]; then
 fi
 if [ "$LORA" = 1 ]; then
     # A concept the base never saw: triangles, in the base's colours. The LoRA trains on the base's
-    # final model (its v-prediction scheduler comes with it); only the adapter's weights change.
+    # final model (its v-prediction scheduler comes with it); only the adapter's weights change. The
+    # base's circles and squares beside the triangles keep it from drawing a triangle for every shape.
     LORA_STEPS="${DEMO_LORA_STEPS:-150}"
     LORA_PROMPTS=("a red triangle on a blue background" "a yellow triangle on a black background"
                   "a red circle on a blue background")
     echo "[demo] LoRA: triangles, a shape the base model never saw"
-    $PY -m cachetrain.tiny data "$DEMO/lora_data" --count 256 --shapes triangle --colours red yellow \
+    $PY -m cachetrain.tiny data "$DEMO/lora_data" --count 384 --shapes triangle circle square --colours red yellow \
         --backgrounds blue black --centred
     $PY create_img_sdvae.py --model "$DEMO/tiny-sd" --data_root "$DEMO/lora_data" --resolution 64 --num_workers 2
     $PY create_clipl.py --model "$DEMO/tiny-sd" --data_root "$DEMO/lora_data"

@@ -6,9 +6,17 @@ Both runs go through the trainer's own pieces: the adapter attached by cachetrai
 backward, optimizer step. Timed as the median of windows of steps after warm-up, the two modes
 alternating window by window so both see the same load on a shared machine. The state is the bytes
 of the trainable parameters, their gradients and the optimizer's state after two steps; the same
-ratio for the SD1.5 UNet itself is counted on the meta device (no weights are made).
+ratio for the SD1.5 UNet itself is counted on the meta device (no weights are made). The defaults
+take 16 steps of each mode (2 warm-up, 4 windows of 3, 2 for the state) at batch 8; the last two lines
+printed are the goals' figures.
 
-    .venv/bin/python bench/bench_lora.py [--rank 16] [--batch 8] [--windows 5] [--steps 5]
+    .venv/bin/python bench/bench_lora.py [--rank 16] [--batch 8] [--windows 4] [--steps 3]
+
+``--sd15_t5 WORKDIR``: the T5 model's setup (SDXL VAE, T5 through the projection, preset t5) with a
+UNet of SD1.5's size (random weights from SD1.5's config, cross-attention 768) trains a LoRA at batch 1
+through train_from_cached.py: 2 steps and a checkpoint, a resume to step 3, then (``--full``) one full
+step; each run's peak RSS and wall time from /usr/bin/time -v. Needs ~4 GB of memory for the LoRA
+runs, ~15 GB for the full one, and ~10 GB of disk in WORKDIR; minutes per run on 2 cores.
 """
 
 from __future__ import annotations
@@ -83,11 +91,19 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--targets", nargs="+", default=["attention"])
-    parser.add_argument("--windows", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5, help="steps per window")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="steps per window")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--sd15_t5", metavar="WORKDIR", help="the SD1.5-size T5-model runs (see above) in WORKDIR")
+    parser.add_argument("--full", action="store_true", help="--sd15_t5: also one full step (needs ~15 GB)")
+    parser.add_argument("--latent", type=int, default=32, help="--sd15_t5: latent side (image side x4)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.sd15_t5:
+        from bench_lora_sd15 import run_sd15_t5
+
+        run_sd15_t5(Path(args.sd15_t5), rank=args.rank, latent=args.latent, full=args.full)
+        return
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
@@ -113,6 +129,12 @@ def main() -> None:
     result["state_ratio"] = result["lora"]["state_bytes"] / result["full"]["state_bytes"]
     result["sd15_size"] = sd15_size_counts(args.rank, args.targets)
     print(json.dumps(result))
+    full, lora = result["full"], result["lora"]
+    print(f"step time: LoRA {lora['step_s']:.3f} s / full {full['step_s']:.3f} s = {result['step_ratio']:.2f} "
+          f"(goal <= 0.7; batch {args.batch}, rank {args.rank}, load average {result['load_average']:.1f})")
+    print(f"trainable state: LoRA {lora['state_bytes'] / 1e6:.2f} MB / full {full['state_bytes'] / 1e6:.1f} MB = "
+          f"{100 * result['state_ratio']:.2f}% on the tiny UNet; on SD1.5's UNet (counted) "
+          f"{100 * result['sd15_size']['state_ratio']:.2f}% (goal <= 2%)")
 
 
 if __name__ == "__main__":

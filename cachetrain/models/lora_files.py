@@ -231,10 +231,18 @@ def kohya_metadata(pairs: dict[str, LowRankPair], *, title: str, resolution: int
     values = lora_config_values(pairs)
     convolutions = [pair for pair in pairs.values() if pair.down.dim() == 4 and pair.down.shape[-1] > 1]
     network_args = {"conv_dim": str(convolutions[0].rank), "conv_alpha": str(convolutions[0].alpha)} if convolutions else {}
+    return network_metadata("networks.lora", values["r"], values["lora_alpha"], network_args, title=title,
+                            resolution=resolution, steps=steps, prediction_type=prediction_type)
+
+
+def network_metadata(network_module: str, rank: int, alpha: float, network_args: dict[str, str], *, title: str,
+                     resolution: int | None = None, steps: int | None = None,
+                     prediction_type: str = "epsilon") -> dict[str, str]:
+    """The header of a kohya-layout adapter file: sd-scripts' ss_* keys and the ModelSpec keys."""
     metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(values["r"]),
-        "ss_network_alpha": str(values["lora_alpha"]),
+        "ss_network_module": network_module,
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
         "ss_output_name": title,

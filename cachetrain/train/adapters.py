@@ -8,7 +8,7 @@ layer, is refused before step 1 with one line.
 
 A LoRA checkpoint holds the adapter in diffusers' layout (``pytorch_lora_weights.safetensors``, and
 with --save_kohya_lora the kohya/A1111 file); LoHa and LoKr in PEFT's own folder (``unet_adapter/``:
-adapter_config.json + adapter_model.safetensors). The base UNet beside it is the frozen one, written
+adapter_config.json + adapter_model.safetensors), and with --save_kohya_lora in LyCORIS' kohya-layout file. The base UNet beside it is the frozen one, written
 once per start and hard-linked into every checkpoint.
 """
 
@@ -23,6 +23,7 @@ import torch
 from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
 from ..models.lora_files import (DIFFUSERS_LORA_FILE, LAYER_GROUPS, KOHYA_LORA_FILE, LoraFileError, LowRankPair, adaptable_layers,
                                  kohya_metadata, read_lora, write_diffusers_lora, write_kohya_lora)
+from ..models.lycoris_files import lycoris_metadata, lycoris_tensors, write_lycoris_file
 
 ADAPTER_TYPES = ("lora", "loha", "lokr")
 
@@ -204,9 +205,24 @@ def write_adapter(unet: torch.nn.Module, spec: AdapterSpec, folder: Path, kohya:
 
     target = folder / PEFT_ADAPTER_COMPONENT
     target.mkdir(parents=True, exist_ok=True)
-    unet.peft_config["default"].save_pretrained(target)
-    tensors = {key: value.detach().contiguous() for key, value in adapter_state(unet).items()}
+    config = unet.peft_config["default"]
+    config.save_pretrained(target)
+    state = adapter_state(unet)
+    tensors = {key: value.detach().contiguous() for key, value in state.items()}
     write_atomically(target / "adapter_model.safetensors", save(tensors))
+    if kohya:
+        def rank_of(name: str) -> int:
+            return config.rank_pattern.get(name, config.r)
+
+        def alpha_of(name: str) -> float:
+            return config.alpha_pattern.get(name, config.alpha)
+
+        layers = adaptable_layers(unet)
+        convolutions = sorted(name for name in {key.rsplit(".", 1)[0] for key in state}
+                              if isinstance(layers[name], torch.nn.Conv2d) and layers[name].kernel_size != (1, 1))
+        write_lycoris_file(folder / KOHYA_LORA_FILE, lycoris_tensors(state, rank_of, alpha_of), lycoris_metadata(
+            spec.kind, config.r, config.alpha, rank_of(convolutions[0]) if convolutions else None, title=title,
+            resolution=unet.config.sample_size * 8, steps=steps, prediction_type=prediction_type))
 
 
 def load_adapter(unet: torch.nn.Module, spec: AdapterSpec, folder: Path) -> None:

@@ -322,8 +322,8 @@ class TrainConfig:
                                         "full-match regex)", nargs="+", action="extend")
     lora_weights: str | None = _flag(None, "start the LoRA from this file or folder (either layout); its layers, "
                                            "rank and alpha replace --lora_targets/--lora_rank/--lora_alpha")
-    save_kohya_lora: bool = _flag(False, "also write the LoRA as lora_kohya.safetensors (kohya/A1111 layout, "
-                                         "for ComfyUI and A1111) into each checkpoint")
+    save_kohya_lora: bool = _flag(False, "also write the adapter as lora_kohya.safetensors (kohya/A1111 layout, "
+                                         "LyCORIS keys for LoHa/LoKr; for ComfyUI and A1111) into each checkpoint")
 
     # the original scripts' flags: loss scaling and the learning-rate-free optimizers' d0
     scale_loss_with_accum: bool = _flag(False, "divide each micro-batch's loss by --gradient_accum, on top of the "
@@ -566,13 +566,14 @@ def _data_problems(config: TrainConfig) -> list[str]:
 def _adapter_problems(config: TrainConfig) -> list[str]:
     adapter_flags = [name for name in ("lora_weights", "save_kohya_lora") if getattr(config, name)]
     if not config.lora_type:
-        return [f"--{name} needs --lora_type lora" for name in adapter_flags]
+        return [f"--{name} needs --lora_type {'lora' if name == 'lora_weights' else 'lora, loha or lokr'}"
+                for name in adapter_flags]
     problems = []
     if config.save_single_file:
         problems.append("--save_single_file writes a whole model; an adapter run saves its adapter "
                         "(--save_kohya_lora for the A1111/ComfyUI file; cachetrain-lora merge makes a model)")
-    if config.lora_type != "lora" and adapter_flags:
-        problems.append(f"--{adapter_flags[0]} is for --lora_type lora (LoHa/LoKr are saved in PEFT's folder)")
+    if config.lora_type != "lora" and config.lora_weights:
+        problems.append("--lora_weights starts from a LoRA file; it is for --lora_type lora")
     selection = LayerSelection.of(config)
     if selection.targetted_training or selection.reinitialises_some():
         problems.append("--lora_type trains an adapter on a frozen UNet; --targetted_training and --reinit_* "

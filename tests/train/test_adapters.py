@@ -187,6 +187,71 @@ def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15
     assert (adapted - plain).abs().max() > 1e-6
 
 
+
+def _peft_adapted_unet(checkpoint: Path):
+    """The checkpoint's base UNet with its PEFT LoHa/LoKr folder attached, as the trainer saved it."""
+    from diffusers import UNet2DConditionModel
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet").eval()
+    folder = checkpoint / "unet_adapter"
+    unet.add_adapter(PeftConfig.from_pretrained(folder))
+    set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"))
+    return unet
+
+
+@pytest.mark.parametrize("kind,rank,full_factors", [("loha", 4, None), ("lokr", 4, True), ("lokr", 2, False)])
+def test_loha_and_lokr_kohya_files_apply_in_lycoris_as_peft_applies_them(sd15_model, sd15_cached, tmp_path,
+                                                                        monkeypatch, kind, rank, full_factors):
+    """LyCORIS' own loader reads the file (its lora_unet_ names) onto the base UNet and adds, layer by layer and
+    in the UNet's output, what PEFT's layers add. LoKr at rank 4 has two full factors in the narrow layers (LyCORIS
+    applies no alpha to those: PEFT's scale is baked in) and a low-rank second one (alpha / rank applies) in the
+    wider ones; at rank 2 every second factor is low-rank."""
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights
+
+    output = tmp_path / "run"
+    result = train(parse_train_args(train_args(
+        sd15_model, sd15_cached, output, "--lora_type", kind, "--lora_rank", str(rank), "--lora_alpha", "1",
+        "--lora_targets", "attention", "conv", "--batch_size", "2", "--max_steps", "1", "--save_kohya_lora")))
+    assert result.exit_status == 0
+    checkpoint = output / "checkpoint-00001"
+    kohya_file = checkpoint / KOHYA_LORA_FILE
+    with safe_open(str(kohya_file), framework="pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"])["algo"] == kind
+    if kind == "lokr":
+        assert any(key.endswith(".lokr_w2_b") for key in keys)  # a low-rank second factor
+        assert any(key.endswith(".lokr_w2") for key in keys) == full_factors
+    peft_unet = _peft_adapted_unet(checkpoint)
+    peft_changes = {name: module.get_delta_weight("default").detach()
+                    for name, module in peft_unet.named_modules() if isinstance(module, BaseTunerLayer)}
+
+    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet").eval()
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")  # the UIs' prefix of UNet layers
+    network, _ = create_lycoris_from_weights(1.0, str(kohya_file), unet)
+    assert len(network.loras) == len(peft_changes)  # every layer of the file found its UNet layer
+    largest = max(change.abs().max() for change in peft_changes.values())
+    assert largest > 0  # the adapter trained
+    for module in network.loras:  # the change LyCORIS' forward adds to the layer's weight
+        change = peft_changes[next(name for name in peft_changes if "lora_unet_" + name.replace(".", "_") == module.lora_name)]
+        theirs = module.get_weight(change.shape).detach() * module.multiplier
+        # to the rounding of an fp16 file (the mid block's self-attention sees one token: its to_q/to_k get
+        # no gradient, their factors stay near fp16's smallest numbers)
+        assert (theirs - change).abs().max() <= 2e-3 * change.abs().max() + 1e-3 * largest, module.lora_name
+    inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+              torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        plain = unet(*inputs).sample
+        network.apply_to()
+        theirs, ours = unet(*inputs).sample, peft_unet(*inputs).sample
+    assert (ours - plain).abs().max() > 1e-5  # the adapter changes the output ...
+    assert (theirs - ours).abs().max() < 0.05 * (ours - plain).abs().max()  # ... and LyCORIS' by the same
+
+
 def _foreign_lora(tmp_path: Path) -> Path:
     """A LoRA made for the 2-level tiny UNet (other widths): an adapter of another base."""
     from diffusers import UNet2DConditionModel
@@ -233,7 +298,7 @@ def test_adapter_faults_are_refused_in_one_line_before_step_1(lora_run, sd15_mod
 def test_adapter_flags_without_an_adapter_are_refused():
     from cachetrain.train.config import ConfigError
 
-    with pytest.raises(ConfigError, match="--save_kohya_lora needs --lora_type lora"):
+    with pytest.raises(ConfigError, match="--save_kohya_lora needs --lora_type lora, loha or lokr"):
         parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--save_kohya_lora"])
     with pytest.raises(ConfigError, match="--save_single_file writes a whole model"):
         parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--lora_type", "lora",
