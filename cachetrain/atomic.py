@@ -7,6 +7,7 @@ a reader sees the old file or the new one, never a truncated mix.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -38,3 +39,27 @@ def write_atomically(path: os.PathLike | str, data: bytes | str, mode: int | Non
         except OSError:  # a read-only folder: there is no temporary to remove, and the first error is the one
             pass
         raise
+
+
+def write_tensors_atomically(path: os.PathLike | str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file replaced in one rename, written from the tensors' own memory: safetensors'
+    save_file streams them, where save() first builds the whole file as one bytes object (twice the
+    model's size at the peak: 7 GB more for an fp32 SD1.5 UNet). save_file writes its own temporary
+    (``.tmpXXXXXX``) and renames it; it does so inside a ``.partial-`` folder of ours, so a killed write
+    leaves only a name that says what it is."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    folder = temporary_name(path)
+    try:
+        folder.mkdir()
+        written = folder / path.name
+        save_file(tensors, written, metadata=metadata)
+        descriptor = os.open(written, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(written, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -20,7 +20,7 @@ import torch
 
 from .. import __version__
 from . import ldm_layout
-from ..atomic import write_atomically
+from ..atomic import write_tensors_atomically
 from ..checkpoint_layout import CHECKPOINT_PATTERN, EMA_COMPONENT, TRAINED_COMPONENT, TRAINING_STATE_FILE
 from ..cli import ArgumentParser, print_error
 from .loading import parse_dtype
@@ -180,11 +180,8 @@ def export_single_file(source: Path | str, out: Path | str, dtype: str = "fp16",
     if zero_snr:
         metadata["cachetrain.zero_terminal_snr"] = "true"
 
-    from safetensors.torch import save
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    # serialised here and written once: safetensors' save_file leaves its own temporary behind if killed
-    write_atomically(out, save(tensors, metadata=metadata))
+    write_tensors_atomically(out, tensors, metadata)
     return {"parts": parts, "metadata": metadata, "tensors": len(tensors), "note": note}
 
 

@@ -178,14 +178,12 @@ def base_unet_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def write_base_unet(unet: torch.nn.Module, folder: Path) -> None:
     """The base UNet as a diffusers UNet folder (config + weights): what every checkpoint links as unet/."""
-    from safetensors.torch import save
-
-    from ..atomic import write_atomically
+    from ..atomic import write_tensors_atomically
 
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_config(folder)
     tensors = {key: value.detach().contiguous() for key, value in base_unet_state(unet).items()}
-    write_atomically(folder / "diffusion_pytorch_model.safetensors", save(tensors))
+    write_tensors_atomically(folder / "diffusion_pytorch_model.safetensors", tensors)
 
 
 def write_adapter(unet: torch.nn.Module, spec: AdapterSpec, folder: Path, kohya: bool = False,
