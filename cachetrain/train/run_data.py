@@ -14,7 +14,8 @@ import torch
 from .bad_data import REFERENCE_PAIRS, TrainingError, examples, reference_shapes
 from .config import TrainConfig
 from .data_folders import DataFolder, describe_shares, folder_draws, read_dataset_file
-from .loader import EpochOrder, PairChecks
+from .epoch_order import EpochOrder
+from .loader import PairChecks
 from ..data_index import Refresh
 from ..indexed_pairs import indexed_training_pairs
 from ..sidecar import IMAGE_LATENT_KEY

@@ -34,7 +34,8 @@ from .ema import ema_weights, make_ema
 from .fixed_embeddings import forced_embedding, noise_plan
 from .frozen_parts import FrozenParts
 from .layers import LayerSelection, apply_layer_selection
-from .loader import CachedPairDataset, RefillingBatchReader, RunBatches, folder_identity, make_training_loader
+from .epoch_order import RunBatches, folder_identity
+from .loader import CachedPairDataset, RefillingBatchReader, make_training_loader
 from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
 from .packaged_optimizers import evaluation_weights, training_mode
