@@ -107,6 +107,10 @@ class EpochOrder:
             return self._epoch_rows
         return self.whole_rows() // self.world_size * self.world_size
 
+    def set_rows_per_epoch(self, rows: int) -> None:
+        """Keep a resumed run's rows per epoch (its checkpoint's), whatever the process count now."""
+        self._epoch_rows = rows
+
     def batches_per_epoch(self) -> int:
         """Batches of each process per epoch (rounded down where the rows do not share evenly)."""
         return self.rows_per_epoch() // self.world_size
