@@ -46,7 +46,7 @@ from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_no
 from .run_lock import RunLock, RunLockedError, is_main_launch_process
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopNow, StopSignal, agreed_requests
-from .shard_data import ShardStoreUnreachable, unreachable_stop_message
+from .shard_data import ShardIndex, ShardStoreUnreachable, unreachable_stop_message
 from .start_checks import SetupError, start_problem
 from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
@@ -160,7 +160,8 @@ class TrainingRun:
             self.objective = objective_for(scheduler, config).to(self.device)
         except ValueError as error:
             raise TrainingError(str(error)) from None
-        self.plan = noise_plan(config, self.data.folders)
+        shards = self.data.train_index if isinstance(self.data.train_index, ShardIndex) else None
+        self.plan = noise_plan(config, self.data.folders, shards)
         self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
                                                                                      config.single_file_config)
         try:
