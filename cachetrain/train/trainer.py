@@ -31,6 +31,7 @@ from .bad_data import BadPairLedger, TrainingError
 from .checkpoint_writer import CheckpointWriter
 from ..cli import print_error
 from .config import TrainConfig, config_to_dict
+from .elastic import SavedLayout, TrainedSampleLog, launched_processes, resumed_accumulation, speak
 from .ema import ema_weights, make_ema
 from .fixed_embeddings import forced_embedding, noise_plan
 from .frozen_parts import FrozenParts
@@ -51,7 +52,6 @@ from .start_checks import SetupError, start_problem
 from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
 from .training_state import Progress, TrainingState, TrainingStateError, data_identity, optimizer_identity
-from .elastic import SavedLayout, TrainedSampleLog, launched_processes, resumed_accumulation, speak
 from .validation import validation_loss
 
 
