@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cachetrain.train.loader import CachedPairDataset, NoisePlan, epoch_batches, make_loader  # noqa: E402
+from cachetrain.train.epoch_order import epoch_batches  # noqa: E402
+from cachetrain.train.loader import CachedPairDataset, NoisePlan, make_loader  # noqa: E402
 from cachetrain.sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX  # noqa: E402
 from cachetrain.tiny.models import write_random_pairs  # noqa: E402
 from cachetrain.tree import index_training_pairs  # noqa: E402

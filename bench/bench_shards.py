@@ -29,8 +29,8 @@ import torch  # noqa: E402
 from cachetrain.cache.pack import main as pack_main  # noqa: E402
 from cachetrain.sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX  # noqa: E402
 from cachetrain.tiny.models import write_random_pairs  # noqa: E402
-from cachetrain.train.loader import (CachedPairDataset, EpochOrder, NoisePlan, RefillingBatchReader,  # noqa: E402
-                                     RunBatches, make_training_loader)
+from cachetrain.train.epoch_order import EpochOrder, RunBatches  # noqa: E402
+from cachetrain.train.loader import CachedPairDataset, NoisePlan, RefillingBatchReader, make_training_loader  # noqa: E402
 from cachetrain.train.shard_data import ShardIndex, ShardStore  # noqa: E402
 from cachetrain.tree import index_training_pairs  # noqa: E402
 

@@ -9,7 +9,8 @@ latent and text embedding as raw bytes with shape and dtype, caption, and each s
 Which pairs go into which shard depends only on their keys (a cut after each key whose hash falls
 in 1/N of the range; N = --pairs_per_shard), so a pair added or removed changes only its own shard.
 The manifest (``shards.json``) lists every shard's rows (key, data root, latent shape) for the
-trainer; ``sources.json`` records each shard's sidecars by size and mtime, so a repack after a
+trainer, and each data root's empty-prompt embedding (what --caption_dropout swaps in), copied into
+the shard set as ``empty_prompt-<root number><text suffix>``; ``sources.json`` records each shard's sidecars by size and mtime, so a repack after a
 re-cache rewrites only the shards whose sidecars changed. Bad pairs are named and
 left out (and recorded, so a repaired pair is packed next time).
 
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from ..atomic import temporary_name, write_atomically
 from ..cli import ArgumentParser, print_error
-from ..sidecar import CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY, SidecarError
+from ..sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY,
+                       SidecarError, empty_prompt_path)
 from ..tree import index_training_pairs
 
 MANIFEST_NAME = "shards.json"  # what a run reads: the shards and their rows
@@ -216,6 +218,21 @@ def read_sources(folder: Path) -> dict | None:
     return manifest
 
 
+def copy_empty_prompts(roots: list[str], text_suffix: str, out: Path) -> list[str | None]:
+    """Each data root's empty-prompt sidecar copied into the shard set, byte for byte; its name there, in
+    the roots' order (None for a root whose text cache wrote none: --caption_dropout on it is refused)."""
+    names: list[str | None] = []
+    for number, root in enumerate(roots):
+        source = empty_prompt_path(root, text_suffix)
+        if not source.is_file():
+            names.append(None)
+            continue
+        name = f"empty_prompt-{number}{text_suffix}"
+        write_atomically(out / name, source.read_bytes())
+        names.append(name)
+    return names
+
+
 @dataclass
 class PackReport:
     shards: int
@@ -259,6 +276,7 @@ def pack(pairs: Iterable[PackPair], out_dir: os.PathLike | str, roots: list[str]
         print(f"[pack] left out {path}: {reason}", file=sys.stderr)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "image_suffix": image_suffix,
                 "text_suffix": text_suffix, "roots": [os.path.basename(os.path.normpath(r)) for r in roots],
+                "empty_prompts": copy_empty_prompts(roots, text_suffix, out),
                 "shards": [shard["shard"] for shard in shards]}
     write_atomically(out / SOURCES_NAME, json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
                                                      "shards": shards}, separators=(",", ":")))

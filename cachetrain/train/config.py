@@ -358,24 +358,29 @@ class TrainConfig:
                                                check=_check(lambda w: 0 <= w <= 1, "is a weight in [0, 1]"))
     masked_loss_normalize: bool = _flag(False, "with --masked_loss: divide each sample's loss by its mean weight, so "
                                                "a small mask trains as strongly as a whole image")
+    # elastic resume: a debug record of what each process trained (docs/reliability.md)
+    log_sample_ids: bool = _flag(False, "write each micro-batch's (step, rank, epoch, row, sample ids) to "
+                                        "trained_samples.rank<R>.jsonl in --output_dir (a debug record; off by default)")
 
     @property
     def max_epochs(self) -> float | None:
         return epochs_in(self.max_steps)
 
-    def max_optimizer_steps(self, batches_per_epoch: int) -> int:
-        """--max_steps in optimizer steps, turning Ne into N epochs' worth of steps (N may be fractional)."""
+    def max_optimizer_steps(self, batches_per_epoch: int, processes: int = 1) -> int:
+        """--max_steps in optimizer steps, turning Ne into N epochs' worth of steps (N may be fractional).
+        ``batches_per_epoch``: the micro-batches of all ``processes`` together (the same on any count
+        that keeps the global batch)."""
         epochs = self.max_epochs
         if epochs is None:
             return int(self.max_steps)
-        return max(1, int(epochs * batches_per_epoch) // self.gradient_accum)
+        return max(1, int(epochs * batches_per_epoch) // (self.gradient_accum * processes))
 
-    def warmup_optimizer_steps(self, batches_per_epoch: int) -> int:
+    def warmup_optimizer_steps(self, batches_per_epoch: int, processes: int = 1) -> int:
         """--warmup_steps in optimizer steps (Ne: N epochs' worth, rounded down)."""
         epochs = epochs_in(self.warmup_steps)
         if epochs is None:
             return int(self.warmup_steps)
-        return int(epochs * batches_per_epoch) // self.gradient_accum
+        return int(epochs * batches_per_epoch) // (self.gradient_accum * processes)
 
 
 def epochs_in(length: str) -> float | None:

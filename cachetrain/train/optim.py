@@ -312,16 +312,17 @@ def keep_top_gradients_(parameters: list[torch.Tensor], fraction: float) -> None
 
 
 def run_lr_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, batches_per_epoch: int, total_steps: int,
-                    speaks: bool = False):
+                    speaks: bool = False, processes: int = 1):
     """The run's schedule, of ``total_steps`` optimizer steps; with --scheduler_at_epoch it is stepped
-    once per epoch, so its length and warm-up count epochs. ``speaks``: say what --scheduler constant with
-    a warm-up does (it warms up), so that no flag seems ignored."""
-    warmup, length = config.warmup_optimizer_steps(batches_per_epoch), total_steps
+    once per epoch, so its length and warm-up count epochs. ``batches_per_epoch``: the micro-batches of
+    all ``processes`` together. ``speaks``: say what --scheduler constant with a warm-up does (it warms
+    up), so that no flag seems ignored."""
+    warmup, length = config.warmup_optimizer_steps(batches_per_epoch, processes), total_steps
     if speaks and config.scheduler == "constant" and warmup > 0:
         print(f"[train] --scheduler constant with --warmup_steps {config.warmup_steps}: the LR rises over the "
               "warm-up, then stays constant (constant_with_warmup)", file=sys.stderr)
     if config.scheduler_at_epoch:
-        steps_per_epoch = batches_per_epoch / config.gradient_accum
+        steps_per_epoch = batches_per_epoch / (config.gradient_accum * processes)
         warmup, length = round(warmup / steps_per_epoch), math.ceil(length / steps_per_epoch)
     return build_lr_schedule(config.scheduler, optimizer, warmup, length, config.min_lr_ratio,
                              config.num_cycles, config.rex_start_factor)

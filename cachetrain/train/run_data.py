@@ -14,7 +14,9 @@ import torch
 from .bad_data import REFERENCE_PAIRS, TrainingError, examples, reference_shapes
 from .config import TrainConfig
 from .data_folders import DataFolder, describe_shares, folder_draws, read_dataset_file
-from .loader import EpochOrder, PairChecks
+from .elastic import SavedLayout
+from .epoch_order import EpochOrder
+from .loader import PairChecks
 from ..data_index import Refresh
 from ..indexed_pairs import indexed_training_pairs
 from ..sidecar import IMAGE_LATENT_KEY
@@ -29,7 +31,7 @@ class RunData:
     validation_index: PairIndex | None
     checks: PairChecks  # what every pair of the run must be
     order: EpochOrder
-    batches_per_epoch: int  # per process
+    rows_per_epoch: int  # batches of all processes together: the same on every start of the run
     total_steps: int  # optimizer steps of the whole run
     left_out_at_start: int  # latents whose headers could not be read (--aspect_buckets)
     pairs_fingerprint: str  # the training pairs' names, in order (a resume must read the same)
@@ -37,11 +39,12 @@ class RunData:
 
 
 def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
-                  wait_for_main: Callable[[], None] | None = None) -> RunData:
+                  wait_for_main: Callable[[], None] | None = None, resumed: SavedLayout | None = None) -> RunData:
     """``wait_for_main``: a barrier of all processes; with it the main process refreshes the data index
-    first and the others then read it, so that only one process walks changed folders."""
+    first and the others then read it, so that only one process walks changed folders. ``resumed``: the
+    checkpoint's layout, whose rows per epoch the run keeps."""
     if len(config.train_data_dir) == 1 and is_shard_location(config.train_data_dir[0]):
-        return _load_shard_data(config, rank, world, is_main)
+        return _load_shard_data(config, rank, world, is_main, resumed)
     text_suffix = None if config.force_txtcache else config.txtcache_suffix  # forced: image-only data trains
     index, unpaired, validation = _find_pairs(config, text_suffix, is_main, wait_for_main)
     if len(index) == 0:
@@ -60,10 +63,11 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
     checks = reference_shapes(index, with_latent=not config.aspect_buckets)
     if validation is not None and not config.aspect_buckets and validation.shape_ids is not None:
         validation.shapes, validation.shape_ids = [], None
-    return _order_run_data(config, index, checks, rank, world, is_main, left_out, validation)
+    return _order_run_data(config, index, checks, rank, world, is_main, left_out, validation, resumed)
 
 
-def _load_shard_data(config: TrainConfig, rank: int, world: int, is_main: bool) -> RunData:
+def _load_shard_data(config: TrainConfig, rank: int, world: int, is_main: bool,
+                     resumed: SavedLayout | None) -> RunData:
     """The run's data from a shard set: its manifest gives the pairs, shapes and data roots."""
     store = ShardStore(config.train_data_dir[0], config.shard_cache_dir, config.shard_cache_gb * 1e9,
                        config.shard_retries)
@@ -80,11 +84,12 @@ def _load_shard_data(config: TrainConfig, rank: int, world: int, is_main: bool) 
                         text_width=index.text_widths[0])
     if is_main:
         print(f"[train] {len(index)} pairs in {len(index.shard_names)} shards at {store.location}", file=sys.stderr)
-    return _order_run_data(config, index, checks, rank, world, is_main, 0)
+    return _order_run_data(config, index, checks, rank, world, is_main, 0, resumed=resumed)
 
 
 def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, world: int, is_main: bool,
-                    left_out: int, validation_dir_index: PairIndex | None = None) -> RunData:
+                    left_out: int, validation_dir_index: PairIndex | None = None,
+                    resumed: SavedLayout | None = None) -> RunData:
     train_index, validation_index = held_out_pairs(config, index, validation_dir_index)
     folders, draws = None, None
     if config.dataset_config:
@@ -110,12 +115,14 @@ def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, w
               file=sys.stderr)
     if config.data_balance == "round_robin":
         _describe_round_robin(order, config, is_main)
-    batches_per_epoch = order.batches_per_epoch()
-    if batches_per_epoch == 0:
+    if resumed is not None:  # the run's epochs keep their rows, on any number of processes
+        order.set_rows_per_epoch(min(resumed.epoch_rows_for(order.whole_rows()), order.whole_rows()))
+    rows = order.rows_per_epoch()
+    if rows < world or rows == 0:
         raise TrainingError(f"{len(train_index)} samples are fewer than one batch of "
                             f"{config.batch_size} per process")
-    return RunData(train_index, validation_index, checks, order, batches_per_epoch,
-                   config.max_optimizer_steps(batches_per_epoch), left_out, train_index.fingerprint(), folders)
+    return RunData(train_index, validation_index, checks, order, rows,
+                   config.max_optimizer_steps(rows, world), left_out, train_index.fingerprint(), folders)
 
 
 def trained_latent_shape(data: RunData, config: TrainConfig) -> tuple[int, ...] | None:

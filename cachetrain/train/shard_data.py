@@ -230,6 +230,7 @@ class ShardIndex:
                  shapes: list[tuple[int, ...]], text_widths: list[int]):
         self.store, self.shard_names, self.shard_bytes = store, shard_names, shard_bytes
         self.roots, self.shapes, self.text_widths = roots, shapes, text_widths
+        self.empty_prompts: list[str | None] = []  # per data root: its empty-prompt file in the set, or None
         self.shard_of, self.row_of, self.root_of, self.shape_ids = array("I"), array("I"), array("I"), array("H")
         self.sample_numbers = array("I")  # per sample: its row number in the whole set (the fingerprint)
         self.keys_digest = ""  # every shard's keys, in order
@@ -247,6 +248,7 @@ class ShardIndex:
         shapes: dict[tuple[int, ...], int] = {}
         widths: dict[int, int] = {}
         index = cls(store, [], [], list(manifest.get("roots", [])), [], [])
+        index.empty_prompts = list(manifest.get("empty_prompts", []))  # sets packed before: none
         left_out, shard_digests = [], hashlib.sha256()
         for number, shard in enumerate(manifest["shards"]):
             index.shard_names.append(shard["name"])
@@ -292,6 +294,7 @@ class ShardIndex:
             part.shape_ids.append(self.shape_ids[i])
             part.sample_numbers.append(self.sample_numbers[i])
         part.keys_digest = self.keys_digest
+        part.empty_prompts = self.empty_prompts
         return part
 
     def fingerprint(self) -> str:

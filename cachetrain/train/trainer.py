@@ -15,6 +15,7 @@ step and an epoch, the save sequence, and the end of a run that every process mu
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,13 @@ from .bad_data import BadPairLedger, TrainingError
 from .checkpoint_writer import CheckpointWriter
 from ..cli import print_error
 from .config import TrainConfig, config_to_dict
+from .elastic import SavedLayout, TrainedSampleLog, launched_processes, resumed_accumulation, speak
 from .ema import ema_weights, make_ema
 from .fixed_embeddings import forced_embedding, noise_plan
 from .frozen_parts import FrozenParts
 from .layers import LayerSelection, apply_layer_selection
-from .loader import CachedPairDataset, RefillingBatchReader, RunBatches, folder_identity, make_training_loader
+from .epoch_order import RunBatches, folder_identity
+from .loader import CachedPairDataset, RefillingBatchReader, make_training_loader
 from .objective import objective_for
 from .optim import build_optimizer, run_lr_schedule
 from .packaged_optimizers import evaluation_weights, training_mode
@@ -44,7 +47,7 @@ from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_no
 from .run_lock import RunLock, RunLockedError, is_main_launch_process
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopNow, StopSignal, agreed_requests
-from .shard_data import ShardStoreUnreachable, unreachable_stop_message
+from .shard_data import ShardIndex, ShardStoreUnreachable, unreachable_stop_message
 from .start_checks import SetupError, start_problem
 from .step import TrainStep, UpdateCheck
 from .telemetry import StepHealth, Telemetry, qk_weight_parameters
@@ -84,8 +87,16 @@ class TrainingRun:
             raise
 
     def _set_up(self) -> None:
+        self.resume_from = run_dir.resolve_resume(self.config.resume, self.output_dir)
+        self.saved_state, self.saved_layout, elastic_note = None, None, None
+        if self.resume_from is not None:  # read first: its layout decides the accumulation and the epochs
+            self.saved_state = self._read_training_state()
+            self.saved_layout = SavedLayout.of(self.saved_state)
+            accumulation, elastic_note = resumed_accumulation(
+                self.saved_layout, launched_processes(), self.config.gradient_accum,
+                self.config.scale_loss_with_accum, self.resume_from)
+            self.config = dataclasses.replace(self.config, gradient_accum=accumulation)
         config = self.config
-        self.resume_from = run_dir.resolve_resume(config.resume, self.output_dir)
         problem = start_problem(config)
         if problem:
             raise TrainingError(problem)
@@ -93,11 +104,12 @@ class TrainingRun:
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        speak(elastic_note, self.is_main)
         if self.is_main:
             run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
             ckpt.remove_partial_saves(self.output_dir)
         self.data = load_run_data(config, self.rank, self.world, self.is_main,
-                                   self.accelerator.wait_for_everyone if self.world > 1 else None)
+                                   self.accelerator.wait_for_everyone if self.world > 1 else None, self.saved_layout)
         self.total_steps = self.data.total_steps
         self._load_model()
         self.progress, ema_state = self._restore() if self.resume_from is not None else (Progress(), None)
@@ -120,6 +132,7 @@ class TrainingRun:
         self.sample_count = 0
         self.skipped_before = self.progress.skipped_samples  # bad pairs passed over by earlier starts
         self.bad_pairs = BadPairLedger(config.max_bad_fraction, config.aspect_buckets)  # ... and by this start
+        self.sample_log = TrainedSampleLog(self.output_dir, self.rank, config.log_sample_ids)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -147,7 +160,8 @@ class TrainingRun:
             self.objective = objective_for(scheduler, config).to(self.device)
         except ValueError as error:
             raise TrainingError(str(error)) from None
-        self.plan = noise_plan(config, self.data.folders)
+        shards = self.data.train_index if isinstance(self.data.train_index, ShardIndex) else None
+        self.plan = noise_plan(config, self.data.folders, shards)
         self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
                                                                                      config.single_file_config)
         try:
@@ -159,8 +173,8 @@ class TrainingRun:
             raise TrainingError(str(error)) from None
         # stepped by hand once per optimizer step (accelerate would step it once per process), or once
         # per epoch with --scheduler_at_epoch
-        batches_per_epoch = self.data.batches_per_epoch
-        self.lr_schedule = run_lr_schedule(config, self.optimizer, batches_per_epoch, self.total_steps, self.is_main)
+        rows = self.data.rows_per_epoch
+        self.lr_schedule = run_lr_schedule(config, self.optimizer, rows, self.total_steps, self.is_main, self.world)
         self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
         self.bare_unet = accelerator.unwrap_model(self.unet)
         self.step = TrainStep(accelerator, self.unet, self.optimizer, self.objective, self.trainable,
@@ -176,7 +190,8 @@ class TrainingRun:
             held_out = self.data.validation_index
             print(f"[train] {len(self.data.train_index)} training pairs"
                   f"{f', {len(held_out)} held out' if held_out else ''}; "
-                  f"{batches_per_epoch} batches/epoch/process x {self.world} process(es); {self.total_steps} "
+                  f"{rows // self.world if rows % self.world == 0 else f'{rows / self.world:.2f}'} "
+                  f"batches/epoch/process x {self.world} process(es); {self.total_steps} "
                   f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
                   f"of {total:,}{describe_adapter(self.bare_unet, self.adapter)}", file=sys.stderr)
 
@@ -199,15 +214,19 @@ class TrainingRun:
         """(data, optimizer) identities of this run, as a checkpoint records them (see training_state.py)."""
         return (data_identity(len(self.data.train_index), self.world, self.config.batch_size, self.config.seed,
                               self.data.pairs_fingerprint, aspect_buckets=self.config.aspect_buckets,
-                              data_balance=self.config.data_balance, **folder_identity(self.data.order)),
+                              data_balance=self.config.data_balance, epoch_rows=self.data.rows_per_epoch,
+                              **folder_identity(self.data.order)),
                 optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable))
+
+    def _read_training_state(self) -> TrainingState:
+        try:
+            return ckpt.load_training_state(self.resume_from)
+        except TrainingStateError as error:
+            raise TrainingError(str(error)) from None
 
     def _restore(self) -> tuple[Progress, dict | None]:
         """The checkpoint's weights, optimizer, schedule and RNGs put back; (its progress, its EMA state)."""
-        try:
-            state = ckpt.load_training_state(self.resume_from)
-        except TrainingStateError as error:
-            raise TrainingError(str(error)) from None
+        state, self.saved_state = self.saved_state, None  # held no longer than needed
         problem = state.resume_problem(*self._identities(), self.resume_from)
         if problem:
             raise TrainingError(problem)
@@ -221,6 +240,7 @@ class TrainingRun:
             self.bare_unet.load_state_dict(trained.state_dict())
             del trained
         restored = state.apply(self.optimizer, self.lr_schedule)
+        restored.batch_in_epoch = self.saved_layout.rows_done(restored)  # rows of all processes, as now counted
         training_mode(self.optimizer)  # schedule-free: the saved evaluation weights back to the stepped ones
         if self.is_main:
             print(f"[train] resumed from {self.resume_from} at step {restored.step}", file=sys.stderr)
@@ -294,15 +314,19 @@ class TrainingRun:
         micro_batches = 0
         try:
             for batch in loader:
-                progress.batch_in_epoch += 1
+                if self.sample_log.file is not None:
+                    row = progress.batch_in_epoch + self.rank  # this process's row of the stream
+                    self.sample_log.record(progress.step + 1, progress.epoch + row // data.rows_per_epoch,
+                                           row % data.rows_per_epoch, batch.sample_ids)
+                progress.batch_in_epoch += self.world  # the processes took the next rows, one each
                 micro_batches += 1
                 if self.interrupt_after_batches is not None and micro_batches >= self.interrupt_after_batches:
                     stop.requested = True
                 self.bad_pairs.record(batch)
                 stepped = self._train_on(batch, bar)
-                if progress.batch_in_epoch == data.batches_per_epoch:
+                if progress.batch_in_epoch >= data.rows_per_epoch:  # may end inside a micro-step (elastic)
                     progress.epoch += 1
-                    progress.batch_in_epoch = 0
+                    progress.batch_in_epoch -= data.rows_per_epoch
                     self._after_epoch()
                 if stepped and (self._after_step(stop) or progress.step >= self.total_steps):
                     break
@@ -349,7 +373,7 @@ class TrainingRun:
             "unet/L2_norm": check.weight_norm,
             **self.health.window_scalars(),
             "train/skipped_samples": self._skipped_samples(),
-            "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / self.data.batches_per_epoch),
+            "train/epoch": torch.tensor(progress.epoch + progress.batch_in_epoch / self.data.rows_per_epoch),
         })
         progress.skipped_steps = int(values["train/skipped_steps"])
         progress.skipped_samples = int(values["train/skipped_samples"])
@@ -462,6 +486,7 @@ class TrainingRun:
         self.result.exit_status = self._exit_status()
         bar.close()
         self.telemetry.close()
+        self.sample_log.close()
         # the main process may still be writing the final model: tearing the process group down
         # under it aborted another process now and then (~1 run in 10 with two CPU processes)
         end_processes(self.accelerator, self.result.exit_status)

@@ -34,7 +34,9 @@ class Progress:
 
     step: int = 0  # optimizer steps taken
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    # rows (micro-batches) of this epoch already consumed, by all processes together; checkpoints
+    # without data "epoch_rows" counted each process's (elastic.SavedLayout reads both)
+    batch_in_epoch: int = 0
     skipped_samples: int = 0  # bad pairs passed over (and replaced), by all processes
     skipped_steps: int = 0  # optimizer steps skipped for NaN/Inf gradients
 
@@ -97,7 +99,8 @@ class TrainingState:
                     f"{data.get('pairs')}; their names or order differ: pairs_sha256 was {saved_data['pairs_sha256']}, "
                     f"now {data.get('pairs_sha256')}); the data order would not continue where it stopped. Resume on "
                     f"the same data, or start a new run from its weights with --pretrained_model {checkpoint}.")
-        changed = describe_changes(saved_data, data)
+        # another process count continues the same order (elastic.py decides how)
+        changed = describe_changes({key: value for key, value in saved_data.items() if key != "processes"}, data)
         if changed:
             return (f"--resume {checkpoint}: {changed}; the data order would not continue where it stopped. "
                     f"Resume with the same settings and data.")
@@ -123,7 +126,8 @@ def data_identity(pairs: int, processes: int, batch_size: int, seed: int, pairs_
 
     ``pairs_sha256`` is the pair list's fingerprint (names, in order: PairIndex.fingerprint), so data
     that changed but kept its count is told apart; ``order`` holds the settings that shape the order
-    (aspect buckets, data balance)."""
+    (aspect buckets, data balance, rows per epoch). ``processes`` is recorded, not compared: a resume
+    on another count goes on with the same order (elastic.py)."""
     identity = {"pairs": pairs, "processes": processes, "batch_size": batch_size, "seed": seed}
     if pairs_sha256 is not None:
         identity["pairs_sha256"] = pairs_sha256

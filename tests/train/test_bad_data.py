@@ -85,7 +85,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_a_bad_pair_is_replaced_from_the_rest_the_same_way_every_time(cached_dataset):
-    from cachetrain.train.loader import CachedPairDataset, EpochOrder, NoisePlan, PairChecks, RefillingBatchReader, RunBatches
+    from cachetrain.train.epoch_order import EpochOrder, RunBatches
+    from cachetrain.train.loader import CachedPairDataset, NoisePlan, PairChecks, RefillingBatchReader
     from cachetrain.tree import index_training_pairs
 
     bad_files = _spoil(cached_dataset)
@@ -138,7 +139,7 @@ def test_bad_pairs_are_named_once_counted_and_training_goes_on(tiny_sd_model, ca
 
 
 def test_a_whole_batch_of_bad_pairs_is_counted_in_the_summary(tiny_sd_model, cached_dataset, tmp_path):
-    from cachetrain.train.loader import EpochOrder
+    from cachetrain.train.epoch_order import EpochOrder
 
     # spoil exactly the pairs of the first batch of epoch 0 (and no others): its replacements are good
     from cachetrain.tree import index_training_pairs

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from cachetrain.train.config import parse_train_args
-from cachetrain.train.loader import EpochOrder
+from cachetrain.train.epoch_order import EpochOrder
 from cachetrain.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,7 +201,8 @@ def test_equal_balance_shares_of_two_processes_are_disjoint_draws_of_the_same_ep
 
 
 def test_a_latent_whose_shape_left_its_bucket_after_the_start_is_bad_data(two_shapes):
-    from cachetrain.train.loader import CachedPairDataset, PairChecks, RefillingBatchReader, RunBatches
+    from cachetrain.train.epoch_order import RunBatches
+    from cachetrain.train.loader import CachedPairDataset, PairChecks, RefillingBatchReader
     from cachetrain.sidecar import read_metadata, write_sidecar
     from cachetrain.tree import index_training_pairs, record_latent_shapes
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cachetrain.train.config import ConfigError, parse_train_args
-from cachetrain.train.loader import EpochOrder
+from cachetrain.train.epoch_order import EpochOrder
 from cachetrain.train.trainer import train
 from tests.training_support import logged, record_unet_text_inputs, unet_weights
 

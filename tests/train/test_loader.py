@@ -13,7 +13,7 @@ from tests.training_support import train_args as _args
 
 
 def test_each_process_takes_a_disjoint_equal_share_of_every_epoch():
-    from cachetrain.train.loader import epoch_batches
+    from cachetrain.train.epoch_order import epoch_batches
 
     shares = [epoch_batches(50, 4, seed=1, epoch=3, rank=r, world_size=2) for r in range(2)]
     flat = [sorted(i for batch in share for i in batch) for share in shares]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cachetrain.train.config import ConfigError, parse_train_args
-from cachetrain.train.loader import EpochOrder
+from cachetrain.train.epoch_order import EpochOrder
 from cachetrain.train.trainer import TrainingError, train
 from tests.training_support import logged as _logged
 from tests.training_support import train_args as _args

@@ -88,3 +88,26 @@ def test_aspect_buckets_and_equal_balance_come_from_the_manifest(tiny_sd_model, 
     assert "aspect buckets" in shard_log
     assert from_shards.steps == from_tree.steps == 3
     assert _same_weights(tmp_path / "tree", tmp_path / "shards-run")
+
+
+def test_caption_dropout_from_shards_swaps_in_the_empty_prompt_the_pack_carried(tiny_sd_model, cached_dataset,
+                                                                                tmp_path, capsys):
+    from cachetrain.sidecar import CLIP_L_SUFFIX, empty_prompt_path
+    from cachetrain.train.trainer import main
+
+    shards = _pack(cached_dataset, tmp_path / "shards")
+    carried = shards / json.loads((shards / "shards.json").read_text())["empty_prompts"][0]
+    assert carried.read_bytes() == empty_prompt_path(cached_dataset, CLIP_L_SUFFIX).read_bytes()
+    flags = ("--batch_size", "8", "--max_steps", "2", "--caption_dropout", "0.5")
+    for data, output in ((shards, "from-shards"), (cached_dataset, "from-tree")):
+        assert main(_args(tiny_sd_model, data, tmp_path / output, *flags)) == 0
+    assert _same_weights(tmp_path / "from-shards", tmp_path / "from-tree")  # the same captions dropped, alike
+    assert main(_args(tiny_sd_model, shards, tmp_path / "no-dropout", *flags[:-2])) == 0
+    assert not _same_weights(tmp_path / "from-shards", tmp_path / "no-dropout")
+    # a set packed from a tree whose text cache wrote no empty prompt: refused at start, naming what to do
+    empty_prompt_path(cached_dataset, CLIP_L_SUFFIX).unlink()
+    bare = _pack(cached_dataset, tmp_path / "bare")
+    capsys.readouterr()
+    assert main(_args(tiny_sd_model, bare, tmp_path / "refused", *flags)) == 2
+    assert "--caption_dropout needs the empty prompt's embedding of data root cached; the shard set" in \
+        capsys.readouterr().err
