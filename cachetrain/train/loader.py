@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .noise_variants import NoiseVariants, draw_noise_variants
-from .epoch_order import EpochOrder, draw_generator
+from .epoch_order import EpochOrder, RunBatches, draw_generator
 from .objective import draw_sample_noise, evenly_spread_draws, sample_key
 from ..sidecar import (FLIPPED_LATENT_KEY, IMAGE_LATENT_KEY, MASK_KEY, SidecarError, read_sidecar_tensors,
                        read_text_variants)
