@@ -1,18 +1,16 @@
 """The trainer's flags, defaults and validation, in one place.
 
 Each field of TrainConfig is one command-line flag (same name, the seed's names); its help text, and
-the check of its own value, sit in the field's metadata. Rules that tie flags together follow the
-class, one function per concern; the layer-selection rules are layers.py's. ``parse_train_args`` builds
-the parser from the fields (a --preset replacing their defaults: presets.py), parses, and validates
-before anything heavy is loaded. Its length (over 400 lines) is the ~100 flags, each with its help
-and check; the rules between them are short and grouped by concern.
+the check of its own value, sit in the field's metadata. The rules that tie flags together are
+config_rules.py's (the layer-selection rules layers.py's). ``parse_train_args`` builds the parser from
+the fields (a --preset replacing their defaults: presets.py), parses, and validates before anything
+heavy is loaded. Its length (over 400 lines) is the ~130 flags, each with its help and check.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import re
 import typing
@@ -22,18 +20,16 @@ from typing import Any
 
 from ..cli import ArgumentParser
 from ..models.schedulers import SAMPLE_SCHEDULERS
-from .layers import LayerSelection
 from ..models.ldm_layout import is_single_file
 from .presets import PRESETS, describe
 from ..models.prompts import PromptsFileError, read_prompts_file
-from .data_folders import DatasetFileError, read_dataset_file
+from .data_folders import read_dataset_file
+from .config_rules import combination_problems, dataset_file_problem
 from ..sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX
 
 # adamw8, opt_lion, py_lion, d_lion: the original scripts' names and packages; lion: ours (stochastic
 # rounding for --bf16_weights); prodigy, schedulefree: learning-rate-free optimizers from their packages
 OPTIMIZERS = ("adamw", "adamw8", "lion", "opt_lion", "py_lion", "d_lion", "prodigy", "schedulefree")
-ROUNDING_OPTIMIZERS = ("adamw", "lion")  # the ones that keep bf16 weights with stochastic rounding
-INITIAL_D_OPTIMIZERS = ("d_lion", "prodigy")  # the ones that take --initial_d (their d0)
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial",
               "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay", "cosine_warmup_with_min_lr",
               "reduce_lr_on_plateau", "greedy", "linear_with_min_lr", "rex")
@@ -85,16 +81,6 @@ def _prompts_file_problem(path: str | None) -> str | None:
     try:
         read_prompts_file(path)
     except PromptsFileError as error:
-        return str(error)
-    return None
-
-
-def _dataset_file_problem(path: str | None) -> str | None:
-    if not path:
-        return None
-    try:
-        read_dataset_file(path)
-    except DatasetFileError as error:
         return str(error)
     return None
 
@@ -337,7 +323,7 @@ class TrainConfig:
     # per-folder weights and repeats (docs/data-features.md)
     dataset_config: str | None = _flag(None, "a TOML file of [[folder]] tables (path; repeats or weight; loss_weight; "
                                              "caption_dropout): the run's data folders, in place of --train_data_dir",
-                                       check=_dataset_file_problem)
+                                       check=dataset_file_problem)
     # noise and loss variants (docs/data-features.md)
     multires_noise_iterations: int = _flag(0, "pyramid noise: add this many levels of coarser noise to each sample's "
                                               "noise (0 disables; 6 is common)", check=NOT_NEGATIVE)
@@ -459,7 +445,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
             values[item.name] = list(chosen.get(item.name, _default(item)))
     values["train_data_groups"] = values["train_data_groups"] or []
     config = TrainConfig(**values)
-    if config.dataset_config and not config.train_data_dir and not _dataset_file_problem(config.dataset_config):
+    if config.dataset_config and not config.train_data_dir and not dataset_file_problem(config.dataset_config):
         config.train_data_dir = [folder.path for folder in read_dataset_file(config.dataset_config)]
     elif not config.dataset_config and not config.train_data_dir:
         raise ConfigError("invalid arguments:\n  --train_data_dir is required (or --dataset_config)")
@@ -471,119 +457,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     then the rules that tie flags together."""
     problems = [f"--{item.name} {problem}" for item in dataclasses.fields(config)
                 if (check := item.metadata.get("check")) and (problem := check(getattr(config, item.name)))]
-    problems += _non_finite_problems(config)
-    for rules in (_model_problems, _schedule_problems, _objective_problems, _precision_problems, _data_problems,
-                  _adapter_problems):
-        problems += rules(config)
-    problems += LayerSelection.of(config).problems()
+    problems += combination_problems(config)
     if problems:
         raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
     return config
-
-
-def _non_finite_problems(config: TrainConfig) -> list[str]:
-    """nan / inf given to any number flag: accepted, they would poison the loss and halt the run later."""
-    problems = []
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
-        if bad:
-            problems.append(f"--{item.name} {' '.join(str(v) for v in values)}: must be a finite number")
-    return problems
-
-
-def _model_problems(config: TrainConfig) -> list[str]:
-    if config.single_file_config and not is_single_file(config.pretrained_model):
-        return ["--single_file_config applies to a single-file (.safetensors) --pretrained_model only"]
-    return []
-
-
-def _schedule_problems(config: TrainConfig) -> list[str]:
-    if config.learning_rate_decay and config.scheduler != "constant":
-        return ["--learning_rate_decay applies to --scheduler constant only"]
-    return []
-
-
-def _objective_problems(config: TrainConfig) -> list[str]:
-    problems = []
-    defaults = {item.name: _default(item) for item in dataclasses.fields(TrainConfig)}
-    flow_only = [name for name in ("timestep_sampling", "logit_mean", "logit_std", "min_sigma", "flow_shift")
-                 if getattr(config, name) != defaults[name]]
-    if config.objective == "ddpm" and flow_only:
-        problems.append(f"--{' --'.join(flow_only)}: flow-matching options; this run trains --objective ddpm")
-    if config.objective == "flow" and (config.prediction_type or config.zero_terminal_snr):
-        problems.append("--prediction_type and --zero_terminal_snr are DDPM options; flow matching predicts "
-                        "noise - x0 and already ends at pure noise")
-    if config.zero_terminal_snr and config.prediction_type == "epsilon":
-        problems.append("--zero_terminal_snr needs v-prediction: at the pure-noise last step an epsilon target "
-                        "teaches nothing; use --prediction_type v_prediction")
-    if config.min_timestep < 0 or (config.max_timestep is not None and config.max_timestep < config.min_timestep):
-        problems.append("--min_timestep/--max_timestep: need 0 <= min <= max")
-    if config.use_snr and config.noise_gamma <= 0:
-        problems.append("--noise_gamma must be > 0 with --use_snr")
-    return problems
-
-
-def optimizer_precision_problem(optimizer: str, bf16_weights: bool) -> str | None:
-    """Only our adamw and lion round bf16 weights stochastically; the others round to nearest (or keep
-    fp32 state beside them), so small updates vanish. Asked at start (validate) and by
-    optim.build_optimizer, for callers that build an optimizer without the flags."""
-    if bf16_weights and optimizer not in ROUNDING_OPTIMIZERS:
-        return (f"--bf16_weights needs --optimizer adamw or lion (stochastic rounding); {optimizer} rounds "
-                "to nearest")
-    return None
-
-
-def _precision_problems(config: TrainConfig) -> list[str]:
-    problems = ["--bf16_weights and --fp32 contradict each other"] if config.bf16_weights and config.fp32 else []
-    optimizer_problem = optimizer_precision_problem(config.optimizer, config.bf16_weights)
-    if config.initial_d is not None and config.optimizer not in INITIAL_D_OPTIMIZERS:
-        problems.append(f"--initial_d applies to --optimizer {' or '.join(INITIAL_D_OPTIMIZERS)}, "
-                        f"not {config.optimizer}")
-    return problems + ([optimizer_problem] if optimizer_problem else [])
-
-
-def _data_problems(config: TrainConfig) -> list[str]:
-    problems = []
-    if config.imgcache_suffix == config.txtcache_suffix:
-        problems.append("--imgcache_suffix and --txtcache_suffix must differ")
-    if config.validation_dir and config.validation_split:
-        problems.append("give --validation_dir or --validation_split, not both")
-    if config.dataset_config:
-        listed = [] if _dataset_file_problem(config.dataset_config) else read_dataset_file(config.dataset_config)
-        if listed and config.train_data_dir != [folder.path for folder in listed]:
-            problems.append("give --dataset_config or --train_data_dir, not both (the file lists the folders)")
-        if config.data_balance != "pooled":
-            problems.append("--data_balance: with --dataset_config each folder's repeats or weight say its share")
-    if config.data_balance == "round_robin" and config.aspect_buckets:
-        problems.append("--data_balance round_robin takes one latent shape per run; with --aspect_buckets "
-                        "use pooled or equal")
-    if not config.masked_loss and (config.masked_loss_unmasked_weight or config.masked_loss_normalize):
-        problems.append("--masked_loss_unmasked_weight and --masked_loss_normalize apply with --masked_loss only")
-    remote = [d for d in config.train_data_dir if "://" in d]
-    if remote and len(config.train_data_dir) > 1:
-        problems.append(f"--train_data_dir {remote[0]}: a shard URL is the run's only --train_data_dir "
-                        "(pack several data roots into one shard set)")
-    return problems
-
-
-def _adapter_problems(config: TrainConfig) -> list[str]:
-    adapter_flags = [name for name in ("lora_weights", "save_kohya_lora") if getattr(config, name)]
-    if not config.lora_type:
-        return [f"--{name} needs --lora_type {'lora' if name == 'lora_weights' else 'lora, loha or lokr'}"
-                for name in adapter_flags]
-    problems = []
-    if config.save_single_file:
-        problems.append("--save_single_file writes a whole model; an adapter run saves its adapter "
-                        "(--save_kohya_lora for the A1111/ComfyUI file; cachetrain-lora merge makes a model)")
-    if config.lora_type != "lora" and config.lora_weights:
-        problems.append("--lora_weights starts from a LoRA file; it is for --lora_type lora")
-    selection = LayerSelection.of(config)
-    if selection.targetted_training or selection.reinitialises_some():
-        problems.append("--lora_type trains an adapter on a frozen UNet; --targetted_training and --reinit_* "
-                        "select UNet layers to train and do not apply")
-    return problems
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

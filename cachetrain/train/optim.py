@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from .config import TrainConfig, optimizer_precision_problem
+from .config import TrainConfig
+from .config_rules import optimizer_precision_problem
 from .packaged_optimizers import PACKAGED_OPTIMIZERS, OptimizerUnavailable, build_packaged_optimizer
 
 INT32_LOW_16_BITS_CLEARED = -65536  # 0xFFFF0000 as a signed int32
@@ -203,7 +204,7 @@ def build_optimizer(name: str, parameters, learning_rate: float, betas: tuple[fl
                     initial_d: float | None = None) -> torch.optim.Optimizer:
     """The optimizer ``name`` (see config.OPTIMIZERS); betas and weight decay left None are its own defaults."""
     parameters = [p for p in parameters if p.requires_grad]
-    if problem := optimizer_precision_problem(name, bf16_weights):  # the rule lives with the flags
+    if problem := optimizer_precision_problem(name, bf16_weights):  # the rule lives with the flag rules
         raise RuntimeError(problem)
     if name in PACKAGED_OPTIMIZERS:
         try:
