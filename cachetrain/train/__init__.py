@@ -1,6 +1,6 @@
 """Train: sidecar pairs -> a trained UNet, checkpoints and logs (train_from_cached.py).
 
-Owns, in the order a run meets them: flags and presets (``config``, ``presets``, ``layers``), the run's
+Owns, in the order a run meets them: flags and presets (``config``, ``config_rules``, ``presets``, ``layers``), the run's
 data (``run_data``, ``epoch_order``, ``loader``, ``shard_data`` for packed shards, ``bad_data``, ``validation``,
 ``fixed_embeddings``), the numerics of a step
 (``objective``, ``optim``, ``step``, ``telemetry``, ``ema``), the processes (``processes``), what is
