@@ -32,6 +32,7 @@ from .stop import CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
 from .shares import effective_shard, parse_shard, per_process_path, take_shard
+from ..bounded_read import DEFAULT_READ_TIMEOUT, set_read_timeout
 from ..data_index import refresh
 from ..sidecar import CAPTION_EXTENSION, sidecar_path
 
@@ -161,6 +162,9 @@ def add_common_cache_flags(parser, default_batch: int, encoder_dtype_help: str |
     parser.add_argument("--verify", action="store_true",
                         help="read and hash every image whose sidecar looks fresh (same size and modification "
                              "time) and rebuild those whose bytes changed; reads the whole dataset")
+    parser.add_argument("--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                        help="seconds one file's read may take before the file is named and passed over (a hung "
+                             "network or FUSE mount; 0: no bound)")
 
 
 # What a bare --custom leaves in args.custom: "--model is itself the custom pipeline folder".
@@ -221,6 +225,10 @@ def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> C
     for root in args.data_root:
         if not os.path.isdir(root):
             raise ValueError(f"--data_root {root}: no such folder")
+    read_timeout = getattr(args, "read_timeout", DEFAULT_READ_TIMEOUT)
+    if not read_timeout >= 0 or read_timeout == float("inf"):
+        raise ValueError(f"--read_timeout {read_timeout}: must be a finite number of seconds >= 0 (0: no bound)")
+    set_read_timeout(read_timeout)  # every read of this process and of its DataLoader workers
     report_path = per_process_path(args.report)
     if report_path:
         try:

@@ -27,6 +27,7 @@ from ..models.ldm_layout import is_single_file
 from .presets import PRESETS, describe
 from ..models.prompts import PromptsFileError, read_prompts_file
 from .data_folders import DatasetFileError, read_dataset_file
+from ..bounded_read import DEFAULT_READ_TIMEOUT
 from ..sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX
 
 # adamw8, opt_lion, py_lion, d_lion: the original scripts' names and packages; lion: ours (stochastic
@@ -358,6 +359,9 @@ class TrainConfig:
                                                check=_check(lambda w: 0 <= w <= 1, "is a weight in [0, 1]"))
     masked_loss_normalize: bool = _flag(False, "with --masked_loss: divide each sample's loss by its mean weight, so "
                                                "a small mask trains as strongly as a whole image")
+    # reads that never return (a hung network or FUSE mount): docs/reliability.md
+    read_timeout: float = _flag(DEFAULT_READ_TIMEOUT, "seconds a sidecar read may take before its pair is named and "
+                                                      "skipped as bad (0: no bound)", check=NOT_NEGATIVE)
 
     @property
     def max_epochs(self) -> float | None:
