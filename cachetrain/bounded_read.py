@@ -45,6 +45,14 @@ class ReadTimedOut(OSError):
         return f"{self.filename}: {self.strerror}"
 
 
+class ReadAbandoned(ReadTimedOut):
+    """A read no longer waited for: the process is stopping (abandon_waits)."""
+
+    def __init__(self, path: os.PathLike | str):
+        super().__init__(path, 0)
+        self.strerror = "not waited for: stopping"
+
+
 def set_read_timeout(seconds: float) -> None:
     """The bound on every read of this process from now on (0: none, reads run in the caller's thread)."""
     global _read_timeout
@@ -63,6 +71,7 @@ class _Worker:
     def __init__(self):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.abandoned = False  # its caller was told to stop waiting: never handed another job
         threading.Thread(target=self._run, name="cachetrain-bounded-read", daemon=True).start()
 
     def _run(self) -> None:
@@ -78,13 +87,15 @@ class _Worker:
 _local = threading.local()
 _unanswered: dict[str, float] = {}  # path -> the bound it did not answer within
 _idle: list[_Worker] = []
-_idle_lock = threading.Lock()
+_busy: set[_Worker] = set()  # workers a caller waits for now
+_idle_lock = threading.RLock()  # re-entrant: abandon_waits may run in a signal handler
+_ABANDONED = (False, None)  # handed to a waiting caller in place of a result by abandon_waits
 
 
 def _forget_workers_after_fork() -> None:
     """A forked child has none of its parent's threads: start its own when it first reads."""
-    global _idle, _idle_lock
-    _idle, _idle_lock = [], threading.Lock()
+    global _idle, _busy, _idle_lock
+    _idle, _busy, _idle_lock = [], set(), threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -103,20 +114,35 @@ def call_bounded(path: os.PathLike | str, function: Callable[..., T], *args, tim
     if key in _unanswered:
         raise ReadTimedOut(path, _unanswered[key])
     with _idle_lock:
-        worker = _idle.pop() if _idle else None
-    if worker is None:
-        worker = _Worker()
+        worker = _idle.pop() if _idle else _Worker()
+        _busy.add(worker)
     worker.jobs.put((function, args))
     try:
-        finished, value = worker.results.get(timeout=timeout)
+        result = worker.results.get(timeout=timeout)
     except queue.Empty:
         _unanswered[key] = timeout
         raise ReadTimedOut(path, timeout) from None  # the worker stays stuck in that read, abandoned
+    finally:
+        with _idle_lock:
+            _busy.discard(worker)
+    if result is _ABANDONED:
+        raise ReadAbandoned(path)
     with _idle_lock:
-        _idle.append(worker)
+        if not worker.abandoned:  # else an _ABANDONED may still be on its way to it
+            _idle.append(worker)
+    finished, value = result
     if finished:
         return value
     raise value
+
+
+def abandon_waits() -> None:
+    """Stop waiting for the reads in progress: each of their callers gets ReadAbandoned at once (a stop of the
+    whole run, where no result will be used). Callable from a signal handler."""
+    with _idle_lock:
+        for worker in _busy:
+            worker.abandoned = True
+            worker.results.put(_ABANDONED)
 
 
 class NotRegularFile(OSError):

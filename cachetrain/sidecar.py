@@ -179,7 +179,7 @@ def read_caption(image_path: str, caption_suffix: str = CAPTION_EXTENSION) -> st
     except FileNotFoundError:
         raise CaptionRejected("no caption", f"no caption file {path.name}", source_gone=True) from None
     except ReadTimedOut as error:
-        raise CaptionRejected("did not answer", f"caption {path.name} {error.strerror}") from None
+        raise CaptionRejected("no answer", f"caption {path.name} {error.strerror}") from None
     except OSError as error:
         raise CaptionRejected("unreadable caption", f"cannot read {path.name}: {error}") from None
     try:

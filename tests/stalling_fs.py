@@ -3,8 +3,10 @@
 Run as a process of its own (``python -m tests.stalling_fs SOURCE MOUNTPOINT NAME...``): it mounts SOURCE
 at MOUNTPOINT through FUSE (mfusepy over libfuse), and a read() of any file whose name is among
 NAME never returns. Everything else (listing, stat, other files' reads) answers at once, as on a mount where
-one file's server is stuck. ``stalling_mount`` (a context manager) starts it, waits for the mount, and
-always takes it down: the process killed (every pending read then fails) and the mount detached lazily.
+one file's server is stuck. Each read that stalls is logged, one line, to ``stalled_reads_log(MOUNTPOINT)``
+(a test waits for it to know the reader is stuck). ``stalling_mount`` (a context manager) starts the server,
+waits for the mount, and always takes it down: the process killed (every pending read then fails) and the
+mount detached lazily.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def fuse_unavailable_reason() -> str | None:
     except (ImportError, OSError, EnvironmentError) as error:
         return f"no FUSE binding or libfuse here ({error}); install fuse3 and mfusepy"
     return None
+
+
+def stalled_reads_log(mountpoint: Path) -> Path:
+    """Where the server notes each read it leaves unanswered (beside the mount point)."""
+    return Path(mountpoint).with_name(Path(mountpoint).name + ".stalled-reads")
 
 
 def _unmount(mountpoint: Path) -> None:
@@ -106,6 +113,8 @@ def _serve(source: str, mountpoint: str, stalled_names: set[str]) -> None:
 
         def read(self, path, size, offset, fh):
             if os.path.basename(path) in stalled_names:
+                with open(stalled_reads_log(Path(mountpoint)), "a") as log:
+                    log.write(path + "\n")
                 never.wait()  # the read that never returns
             return passed_on(os.pread, fh, size, offset)
 

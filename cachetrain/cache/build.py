@@ -73,45 +73,76 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     summary = CacheSummary(report_path=settings.report_path)
     if settings.report_path:
         open(settings.report_path, "w").close()  # a report describes one run
-    scan = scan_roots(settings.data_roots, settings.extensions, settings.out_suffix)
+    todo, encoded, writer = [], None, None
+    stopped, stopped_at_once, handled_before, not_attempted = None, False, 0, 0
+    try:
+        with CacheStopSignal() as stop:
+            try:
+                todo, not_attempted = _plan_build(builder, settings, summary, stop)
+                if stop.requested:  # before any encoding: nothing was written
+                    stopped = f"{stop.requested} received while {stop.phase}"
+                else:
+                    stop.phase = None
+                    writer = BackgroundWriter(summary)
+                    summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
+                                            disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
+                    handled_before = handled_count(summary)
+                    encoded = builder.encode(todo, summary)
+                    for item in encoded:
+                        writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
+                        if writer.stop_reason or stop.requested:
+                            stopped = writer.stop_reason or f"{stop.requested} received"
+                            break
+            except CacheStopNow as signal_name:
+                stopped, stopped_at_once = f"{signal_name} received twice, stopped at once", True
+                if writer is None:  # still walking or checking: what was found and not decided
+                    not_attempted = stop.found - (_decided(summary) - stop.decided_before)
+    finally:
+        if hasattr(encoded, "close"):
+            encoded.close()  # a generator: ends its decode workers when the loop ended early
+        if writer is not None:
+            writer.close()
+        if summary.progress is not None:
+            summary.progress.close()
+            summary.progress = None
+    if stopped:
+        if writer is not None:
+            not_attempted = len(todo) - (handled_count(summary) - handled_before)
+        summary.stop(stopped, not_attempted)
+    # one writer of each index (other shards' folders are found changed later); a stop before encoding
+    # or a second signal means now
+    if settings.shard_index == 0 and writer is not None and not stopped_at_once:
+        update_data_indexes(settings, {os.path.dirname(os.path.abspath(source)) for source in todo})
+    return summary
+
+
+def _plan_build(builder: CacheBuilder, settings: CacheSettings, summary: CacheSummary,
+                stop: CacheStopSignal) -> tuple[list[str], int]:
+    """The walk, the freshness checks and the orphans: (the sources to encode, 0). Stopped by a first signal:
+    ([], how many files found were left undecided), nothing written or removed."""
+    scan = scan_roots(settings.data_roots, settings.extensions, settings.out_suffix, stop.should_stop)
     all_sources = drop_name_clashes(scan.sources, summary if settings.shard_index == 0 else None)
     sources = take_shard(all_sources, settings.shard_index, settings.shard_count)
+    stop.found, stop.decided_before = len(sources), _decided(summary)
+    if stop.requested:
+        return [], len(sources)
+    stop.phase = "checking which sidecars are fresh"
     # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
     orphans = []
     if settings.shard_index == 0:
         orphans = find_orphans(scan.sidecars, scan.sources + scan.other_images, settings.out_suffix,
                                settings.extensions)
     todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
-                settings.overwrite, summary, orphans, verify=settings.verify)
+                settings.overwrite, summary, orphans, verify=settings.verify, should_stop=stop.should_stop)
+    if stop.requested:
+        return [], len(sources) - (_decided(summary) - stop.decided_before)
     handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
-    writer = BackgroundWriter(summary)
-    summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
-                            disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
-    handled_before = handled_count(summary)
-    encoded = builder.encode(todo, summary)
-    stopped, stopped_at_once = None, False
-    try:
-        with CacheStopSignal() as stop:
-            try:
-                for item in encoded:
-                    writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
-                    if writer.stop_reason or stop.requested:
-                        stopped = writer.stop_reason or f"{stop.requested} received"
-                        break
-            except CacheStopNow as signal_name:
-                stopped, stopped_at_once = f"{signal_name} received twice, stopped at once", True
-    finally:
-        if hasattr(encoded, "close"):
-            encoded.close()  # a generator: ends its decode workers when the loop ended early
-        writer.close()
-        summary.progress.close()
-        summary.progress = None
-    if stopped:
-        summary.stop(stopped, len(todo) - (handled_count(summary) - handled_before))
-    # one writer of each index (other shards' folders are found changed later); a second signal means now
-    if settings.shard_index == 0 and not stopped_at_once:
-        update_data_indexes(settings, {os.path.dirname(os.path.abspath(source)) for source in todo})
-    return summary
+    return todo, 0
+
+
+def _decided(summary: CacheSummary) -> int:
+    """Sources whose outcome the freshness checks settled (fresh, legacy kept, or failed)."""
+    return summary.counts["fresh"] + summary.counts["legacy"] + summary.counts["failed"]
 
 
 def update_data_indexes(settings: CacheSettings, written_folders: set[str]) -> None:

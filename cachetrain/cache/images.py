@@ -232,7 +232,7 @@ def read_image_file(path: os.PathLike | str) -> bytes:
     try:
         return read_file_bytes(path)  # within the read bound (--read_timeout): a hung mount's file is named
     except ReadTimedOut as error:
-        raise ImageRejected("did not answer", error.strerror) from None
+        raise ImageRejected("no answer", error.strerror) from None
 
 
 def load_image(path: os.PathLike | str | BinaryIO, resolution: int | Sizing, min_size: int = 0,

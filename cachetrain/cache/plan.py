@@ -43,11 +43,13 @@ class TreeScan:
     other_images: list[str]  # images with extensions this run was told to leave alone
 
 
-def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: str) -> TreeScan:
+def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: str,
+               should_stop: Callable[[], bool] = lambda: False) -> TreeScan:
     """One walk per root finds the sources and the existing sidecars together.
 
     Images of the default extensions that ``extensions`` leaves out are found too: their sidecars
-    are not orphans just because this run does not cache them.
+    are not orphans just because this run does not cache them. When ``should_stop()`` turns true (a
+    stop signal) the walk ends where it is, with what it found so far.
     """
     scan = TreeScan([], [], [], [])
     out_suffix_lower = out_suffix.lower()
@@ -58,6 +60,8 @@ def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: st
             raise FileNotFoundError(f"data root not found: {root}")
         for path in walk_files(root, (*extensions, *DEFAULT_IMAGE_EXTENSIONS, out_suffix),
                                temporaries=scan.temporaries, visited=walked):
+            if should_stop():
+                return scan
             name = os.path.basename(path)
             if name.lower().endswith(out_suffix_lower):
                 scan.sidecars.append(path)
@@ -91,7 +95,8 @@ def find_orphans(sidecars: list[str], images: list[str], out_suffix: str, extens
 
 def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
          source_digest: Callable[[str], dict[str, str]] | None, out_suffix: str, overwrite: bool,
-         summary: CacheSummary, orphans: list[str] | None = None, verify: bool = False) -> list[str]:
+         summary: CacheSummary, orphans: list[str] | None = None, verify: bool = False,
+         should_stop: Callable[[], bool] = lambda: False) -> list[str]:
     """The sources whose sidecar must be (re)built; counts the fresh and legacy ones it skips.
 
     ``expected_metadata`` and ``source_digest`` are the builder's (see cache_build.CacheBuilder).
@@ -99,7 +104,8 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
     (a deleted caption), the existing sidecar is added to ``orphans``. The checks (a stat and a
     header read per file) run on threads: on network storage each is a round trip. ``verify`` (--verify)
     also hashes every source whose sidecar looks fresh: a read of every byte, for content swapped under the
-    same size and modification time.
+    same size and modification time. When ``should_stop()`` turns true (a stop signal) the sources not
+    checked yet are passed over: the caller discards the plan.
     """
 
     def check(source: str) -> tuple[str, Exception | None, Freshness | None, str]:
@@ -121,13 +127,15 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
         return source, None, state, ""
 
     def check_chunk(chunk: list[str]) -> list[tuple[str, Exception | None, Freshness | None, str]]:
-        return [check(source) for source in chunk]
+        return [check(source) for source in chunk if not should_stop()]
 
     todo = []
     chunks = (sources[i : i + PLAN_CHUNK] for i in range(0, len(sources), PLAN_CHUNK))
     with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="freshness") as pool:
         # map() keeps the order; chunks keep the number of futures small for millions of files.
         for results in pool.map(check_chunk, chunks):
+            if should_stop():  # stopping: the checks cut short decide nothing
+                break
             for source, error, state, note in results:
                 if note:
                     summary.time_not_stored(source, note)
