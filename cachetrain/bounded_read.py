@@ -36,9 +36,7 @@ class ReadTimedOut(OSError):
     """A read that did not finish within the bound; ``filename`` names the file."""
 
     def __init__(self, path: os.PathLike | str, timeout: float):
-        super().__init__(f"did not answer within {timeout:g} s", os.fspath(path))
-        self.strerror = f"did not answer within {timeout:g} s"
-        self.filename = os.fspath(path)
+        super().__init__(errno.ETIMEDOUT, f"did not answer within {timeout:g} s", os.fspath(path))
         self.timeout = timeout
 
     def __str__(self) -> str:
