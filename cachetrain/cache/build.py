@@ -195,7 +195,7 @@ def add_common_cache_flags(parser, default_batch: int, encoder_dtype_help: str |
                              "time) and rebuild those whose bytes changed; reads the whole dataset")
     parser.add_argument("--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT,
                         help="seconds one file's read may take before the file is named and passed over (a hung "
-                             "network or FUSE mount; 0: no bound)")
+                             "network or FUSE mount; 0: no bound; default %(default)g)")
 
 
 # What a bare --custom leaves in args.custom: "--model is itself the custom pipeline folder".
