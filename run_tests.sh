@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup_env.sh
 ./scripts/setup_browser.sh || echo "[setup] continuing without chromium: the browser tests will be skipped" >&2
+./scripts/setup_system_tools.sh || true
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest -n "${CACHETRAIN_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -33,8 +33,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="the first warms the page cache and is not timed")
+    parser.add_argument("--read_timeout", type=float, default=None,
+                        help="the bound on each read, as the trainer's flag (0: reads unbounded, in the worker itself)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.read_timeout is not None:
+        from cachetrain.bounded_read import set_read_timeout
+
+        set_read_timeout(args.read_timeout)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as folder:
         root = Path(folder)
         write_random_pairs(root, args.pairs, (4, 64, 64), (77, 768), torch.float16, folders=16)

@@ -13,21 +13,20 @@ file: an image sidecar may hold ``latent_flipped`` (the mirrored image's latent,
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
-import stat
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as deserialize
 from safetensors.torch import save as serialize
 
 from .atomic import write_atomically
+from .bounded_read import NotRegularFile, ReadTimedOut, call_bounded, open_regular, read_file_bytes
 
 FORMAT_VERSION = "1"
 
@@ -172,39 +171,15 @@ class CaptionRejected(ValueError):
         self.source_gone = source_gone  # no caption at all: an old text sidecar is an orphan
 
 
-class NotRegularFile(OSError):
-    """A path that is not a regular file (a named pipe, a socket, a device, a link loop): never read, since
-    a read of a pipe or of a file that never answers would block forever."""
-
-
-def open_regular(path: os.PathLike | str):
-    """Open a regular file (or a link to one) for reading, without ever blocking on what is not one:
-    opened non-blocking (a FIFO then opens at once), and refused with NotRegularFile unless fstat says
-    regular. FileNotFoundError passes through."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise NotRegularFile(error.errno, "a loop of symbolic links", os.fspath(path)) from None
-        raise
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(descriptor)
-        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a socket or device"
-        raise NotRegularFile(errno.EINVAL, f"not a regular file: {kind}", os.fspath(path))
-    if hasattr(os, "set_blocking"):
-        os.set_blocking(descriptor, True)
-    return os.fdopen(descriptor, "rb")
-
-
 def read_caption(image_path: str, caption_suffix: str = CAPTION_EXTENSION) -> str:
     """The stripped text of the image's caption file; CaptionRejected with the reason if unusable."""
     path = caption_path(image_path, caption_suffix)
     try:
-        with open_regular(path) as handle:
-            raw = handle.read()
+        raw = read_file_bytes(path)  # within the read bound: a caption on a hung mount is named, not waited for
     except FileNotFoundError:
         raise CaptionRejected("no caption", f"no caption file {path.name}", source_gone=True) from None
+    except ReadTimedOut as error:
+        raise CaptionRejected("no answer", f"caption {path.name} {error.strerror}") from None
     except OSError as error:
         raise CaptionRejected("unreadable caption", f"cannot read {path.name}: {error}") from None
     try:
@@ -273,14 +248,8 @@ def write_sidecar(path: os.PathLike | str, tensors: dict[str, torch.Tensor], met
 MAX_HEADER_BYTES = 1 << 20
 
 
-def read_header(path: os.PathLike | str) -> dict:
-    """The safetensors header of a sidecar (its tensors' entries and ``__metadata__``). Raises
-    SidecarError if unreadable.
-
-    Reads only the header (no mmap of the data), and checks that the file is as long as the header
-    says: a truncated copy is caught here, not when training reads it. Planning a cache run and
-    indexing a bucketed training set call this once per file, so it must stay cheap.
-    """
+def _read_header_bytes(path: os.PathLike | str) -> tuple[bytes, int, int]:
+    """(the header's bytes, the length the prefix claims, the file's size): the reads read_header makes."""
     try:
         handle = open_regular(path)  # FileNotFoundError passes through: "missing", not "unreadable"
     except NotRegularFile as error:
@@ -292,8 +261,25 @@ def read_header(path: os.PathLike | str) -> dict:
         header_size = int.from_bytes(prefix, "little")
         if header_size > MAX_HEADER_BYTES:
             raise SidecarError(path, f"not a readable safetensors file (header claims {header_size} bytes)")
-        raw_header = handle.read(header_size)
-        file_size = os.fstat(handle.fileno()).st_size
+        return handle.read(header_size), header_size, os.fstat(handle.fileno()).st_size
+
+
+def read_header(path: os.PathLike | str) -> dict:
+    """The safetensors header of a sidecar (its tensors' entries and ``__metadata__``). Raises
+    SidecarError if unreadable, or if the read does not finish within the read bound (bounded_read).
+
+    Reads only the header (no mmap of the data), and checks that the file is as long as the header
+    says: a truncated copy is caught here, not when training reads it. Planning a cache run and
+    indexing a bucketed training set call this once per file, so it must stay cheap.
+    """
+    try:
+        raw_header, header_size, file_size = call_bounded(path, _read_header_bytes, path)
+    except ReadTimedOut as error:
+        raise SidecarError(path, error.strerror) from None
+    return _parse_header(path, raw_header, header_size, file_size)
+
+
+def _parse_header(path: os.PathLike | str, raw_header: bytes, header_size: int, file_size: int) -> dict:
     try:
         header = json.loads(raw_header)
         data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
@@ -305,6 +291,31 @@ def read_header(path: os.PathLike | str) -> dict:
     return header
 
 
+def read_sidecar_file(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a sidecar and its metadata, from one read of the whole file within the read bound.
+
+    The bytes are read first and parsed afterwards (not memory-mapped): a mapped file that never answers
+    would block inside the parser, beyond the bound's reach. Raises SidecarError if the file is
+    unreadable, not a safetensors file, or did not answer in time; FileNotFoundError passes through."""
+    try:
+        data = read_file_bytes(path)
+    except ReadTimedOut as error:
+        raise SidecarError(path, error.strerror) from None
+    except NotRegularFile as error:
+        raise SidecarError(path, error.strerror) from None
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise SidecarError(path, f"cannot be read ({error.strerror or error})") from None
+    header_size = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    try:
+        tensors = deserialize(data)
+    except Exception as error:  # safetensors' own error for bytes it cannot use
+        raise SidecarError(path, f"not a readable safetensors file ({error})") from None
+    metadata = _parse_header(path, data[8:8 + header_size], header_size, len(data)).get("__metadata__") or {}
+    return tensors, dict(metadata)
+
+
 def read_metadata(path: os.PathLike | str) -> dict[str, str]:
     """The header metadata of a sidecar ({} for a legacy one). Raises SidecarError if unreadable."""
     return dict(read_header(path).get("__metadata__") or {})
@@ -312,18 +323,10 @@ def read_metadata(path: os.PathLike | str) -> dict[str, str]:
 
 def read_sidecar(path: os.PathLike | str, key: str, ndim: int = 0) -> torch.Tensor:
     """Read the tensor ``key`` of a sidecar, checking that it is there and has ``ndim`` dims."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            if key not in keys:
-                raise SidecarError(path, f"has no tensor {key!r} (found {keys})")
-            tensor = handle.get_tensor(key)
-    except SidecarError:
-        raise
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+    tensors, _metadata = read_sidecar_file(path)
+    if key not in tensors:
+        raise SidecarError(path, f"has no tensor {key!r} (found {list(tensors)})")
+    tensor = tensors[key]
     if ndim and tensor.ndim != ndim:
         raise SidecarError(path, f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {ndim} dims")
     return tensor
@@ -333,28 +336,17 @@ def read_sidecar_tensors(path: os.PathLike | str, keys: Iterable[str]) -> dict[s
     """Those of ``keys`` a sidecar holds, read in one open; a key it lacks is absent from the result.
 
     Raises SidecarError if the file is unreadable (FileNotFoundError passes through)."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            present = set(handle.keys())
-            return {key: handle.get_tensor(key) for key in keys if key in present}
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+    tensors, _metadata = read_sidecar_file(path)
+    return {key: tensors[key] for key in keys if key in tensors}
 
 
 def read_text_variants(path: os.PathLike | str) -> list[torch.Tensor]:
     """Every caption variant of a text sidecar ([T_i, D] each, ``emb`` first); one for an old sidecar."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            count = text_variant_count(handle.keys())
-            if count == 0:
-                raise SidecarError(path, f"has no tensor {TEXT_EMBEDDING_KEY!r} (found {list(handle.keys())})")
-            variants = [handle.get_tensor(text_variant_key(v)) for v in range(count)]
-    except (SidecarError, FileNotFoundError):
-        raise
-    except Exception as error:
-        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+    tensors, _metadata = read_sidecar_file(path)
+    count = text_variant_count(tensors)
+    if count == 0:
+        raise SidecarError(path, f"has no tensor {TEXT_EMBEDDING_KEY!r} (found {list(tensors)})")
+    variants = [tensors[text_variant_key(v)] for v in range(count)]
     for variant, tensor in enumerate(variants):
         if tensor.ndim != 2:
             raise SidecarError(path, f"tensor {text_variant_key(variant)!r} has shape {tuple(tensor.shape)}, "
@@ -381,12 +373,17 @@ def content_digest(data: bytes) -> dict[str, str]:
     return {"source_sha256": hashlib.sha256(data).hexdigest()}
 
 
-def file_content_digest(path: os.PathLike | str) -> dict[str, str]:
+def _file_sha256(path: os.PathLike | str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return {"source_sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def file_content_digest(path: os.PathLike | str) -> dict[str, str]:
+    """The sha256 of a file's bytes, read within the read bound (ReadTimedOut, an OSError, if not)."""
+    return {"source_sha256": call_bounded(path, _file_sha256, path)}
 
 
 def caption_source_identity(text: str) -> dict[str, str]:
@@ -457,12 +454,5 @@ def update_metadata(path: os.PathLike | str, changes: dict[str, str]) -> None:
     """Rewrite a sidecar (atomically) with some metadata values changed; its tensors stay as they are.
 
     Raises SidecarError if the sidecar cannot be read back, OSError if it cannot be written."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # safetensors' own error for a header it cannot use
-        raise SidecarError(path, f"not a readable safetensors file ({error})") from error
+    tensors, metadata = read_sidecar_file(path)
     write_sidecar(path, tensors, {**metadata, **changes})

@@ -58,3 +58,8 @@ def test_noise_variants_bench_times_each_variant():
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in results] == ["plain", "multires_noise_iterations 6", "ip_noise_gamma 0.1", "both"]
     assert all(r["us_per_sample"] > 0 for r in results)
+
+
+def test_the_bounded_read_bench_reads_with_and_without_the_bound():
+    out = _run("bench/bench_bounded_read.py", "--reads", "20", "--rounds", "1")
+    assert "bounded:" in out and "unbounded:" in out and "the bound costs" in out

@@ -36,6 +36,7 @@ from .stop import CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
 from .shares import effective_shard, gather_from_processes, parse_shard, per_process_path, process_shard, take_shard
+from ..bounded_read import DEFAULT_READ_TIMEOUT, set_read_timeout
 from ..data_index import refresh
 from ..fresh_digests import FreshnessRecord, record_fresh_digests
 from ..sidecar import CAPTION_EXTENSION, sidecar_path
@@ -77,60 +78,92 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     summary = CacheSummary(report_path=settings.report_path)
     if settings.report_path:
         open(settings.report_path, "w").close()  # a report describes one run
-    scan = scan_roots(settings.data_roots, settings.extensions, settings.out_suffix)
-    all_sources = drop_name_clashes(scan.sources, summary if settings.shard_index == 0 else None)
-    sources = take_shard(all_sources, settings.shard_index, settings.shard_count)
-    # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
-    orphans = []
-    if settings.shard_index == 0:
-        orphans = scan_orphans(scan, settings.out_suffix)
     record = FreshnessRecord(settings.data_roots, settings.out_suffix)
-    todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
-                settings.overwrite, summary, orphans, verify=settings.verify, record=record)
-    handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
-    writer = BackgroundWriter(summary, on_written=record.written)
-    summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
-                            disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
-    handled_before = handled_count(summary)
-    encoded = builder.encode(todo, summary)
-    stopped, stopped_at_once = None, False
+    todo, encoded, writer = [], None, None
+    stopped, stopped_at_once, handled_before, not_attempted = None, False, 0, 0
     try:
         with CacheStopSignal() as stop:
             try:
-                for item in encoded:
-                    writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
-                    if writer.stop_reason or stop.requested:
-                        stopped = writer.stop_reason or f"{stop.requested} received"
-                        break
+                todo, not_attempted = _plan_build(builder, settings, summary, stop, record)
+                if stop.requested:  # before any encoding: nothing was written
+                    stopped = f"{stop.requested} received while {stop.phase}"
+                else:
+                    stop.phase = None
+                    writer = BackgroundWriter(summary, on_written=record.written)
+                    summary.progress = tqdm(total=len(todo), unit="file", desc=f"caching {settings.out_suffix}",
+                                            disable=not settings.show_progress, dynamic_ncols=True, file=sys.stderr)
+                    handled_before = handled_count(summary)
+                    encoded = builder.encode(todo, summary)
+                    for item in encoded:
+                        writer.submit(os.fspath(sidecar_path(item.source, settings.out_suffix)), item)
+                        if writer.stop_reason or stop.requested:
+                            stopped = writer.stop_reason or f"{stop.requested} received"
+                            break
             except CacheStopNow as signal_name:
                 stopped, stopped_at_once = f"{signal_name} received twice, stopped at once", True
+                if writer is None:  # still walking or checking: what was found and not decided
+                    not_attempted = stop.found - (_decided(summary) - stop.decided_before)
     finally:
         if hasattr(encoded, "close"):
             encoded.close()  # a generator: ends its decode workers when the loop ended early
-        writer.close()
-        summary.progress.close()
-        summary.progress = None
+        if writer is not None:
+            writer.close()
+        if summary.progress is not None:
+            summary.progress.close()
+            summary.progress = None
     if stopped:
-        summary.stop(stopped, len(todo) - (handled_count(summary) - handled_before))
-    written_folders = {os.path.dirname(os.path.abspath(source)) for source in todo}
+        if writer is not None:
+            not_attempted = len(todo) - (handled_count(summary) - handled_before)
+        summary.stop(stopped, not_attempted)
+    written_folders = {os.path.dirname(os.path.abspath(source)) for source in todo} if writer is not None else set()
     learned = record.learned
-    shares = gather_from_processes((summary.share(), sorted(written_folders), stopped_at_once,
-                                    learned))
+    # a stop before encoding or a second signal: no index is written now (nothing new was written)
+    index_now = writer is not None and not stopped_at_once
+    shares = gather_from_processes((summary.share(), sorted(written_folders), index_now, learned))
     if shares is not None:  # a launch: every process has finished writing; its first sums up
         rank, processes = process_shard()
         summary.process = (rank, processes)
-        for other, (share, folders, at_once, digests) in enumerate(shares):
+        for other, (share, folders, other_index_now, digests) in enumerate(shares):
             written_folders.update(folders)
-            stopped_at_once = stopped_at_once or at_once
+            index_now = index_now and other_index_now
             if other != rank:
                 learned.update(digests)
             if rank == 0 and other != 0:
                 summary.add_share(share)
     # one writer of each index, once every process of the launch has written (another --shard's folders
-    # are found changed later); a second signal means now
-    if settings.shard_index == 0 and not stopped_at_once:
+    # are found changed later)
+    if settings.shard_index == 0 and index_now:
         update_data_indexes(settings, written_folders, learned)
     return summary
+
+
+def _plan_build(builder: CacheBuilder, settings: CacheSettings, summary: CacheSummary,
+                stop: CacheStopSignal, record: FreshnessRecord) -> tuple[list[str], int]:
+    """The walk, the freshness checks and the orphans: (the sources to encode, 0). Stopped by a first signal:
+    ([], how many files found were left undecided), nothing written or removed."""
+    scan = scan_roots(settings.data_roots, settings.extensions, settings.out_suffix, stop.should_stop)
+    all_sources = drop_name_clashes(scan.sources, summary if settings.shard_index == 0 else None)
+    sources = take_shard(all_sources, settings.shard_index, settings.shard_count)
+    stop.found, stop.decided_before = len(sources), _decided(summary)
+    if stop.requested:
+        return [], len(sources)
+    stop.phase = "checking which sidecars are fresh"
+    # Orphans are a property of the whole tree: one process (shard 0) reports and prunes them.
+    orphans = []
+    if settings.shard_index == 0:
+        orphans = scan_orphans(scan, settings.out_suffix)
+    todo = plan(sources, builder.expected_metadata, getattr(builder, "source_digest", None), settings.out_suffix,
+                settings.overwrite, summary, orphans, verify=settings.verify, record=record,
+                should_stop=stop.should_stop)
+    if stop.requested:
+        return [], len(sources) - (_decided(summary) - stop.decided_before)
+    handle_orphans(orphans, scan.temporaries if settings.shard_index == 0 else [], settings.prune, summary)
+    return todo, 0
+
+
+def _decided(summary: CacheSummary) -> int:
+    """Sources whose outcome the freshness checks settled (fresh, legacy kept, or failed)."""
+    return summary.counts["fresh"] + summary.counts["legacy"] + summary.counts["failed"]
 
 
 def update_data_indexes(settings: CacheSettings, written_folders: set[str],
@@ -185,6 +218,9 @@ def add_common_cache_flags(parser, default_batch: int, encoder_dtype_help: str |
     parser.add_argument("--verify", action="store_true",
                         help="read and hash every image whose sidecar looks fresh (same size and modification "
                              "time) and rebuild those whose bytes changed; reads the whole dataset")
+    parser.add_argument("--read_timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                        help="seconds one file's read may take before the file is named and passed over (a hung "
+                             "network or FUSE mount; 0: no bound; default %(default)g)")
 
 
 # What a bare --custom leaves in args.custom: "--model is itself the custom pipeline folder".
@@ -245,6 +281,10 @@ def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> C
     for root in args.data_root:
         if not os.path.isdir(root):
             raise ValueError(f"--data_root {root}: no such folder")
+    read_timeout = getattr(args, "read_timeout", DEFAULT_READ_TIMEOUT)
+    if not read_timeout >= 0 or read_timeout == float("inf"):
+        raise ValueError(f"--read_timeout {read_timeout}: must be a finite number of seconds >= 0 (0: no bound)")
+    set_read_timeout(read_timeout)  # every read of this process and of its DataLoader workers
     report_path = per_process_path(args.report)
     if report_path:
         try:

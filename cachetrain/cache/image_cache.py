@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..bounded_read import call_bounded
 from ..models import loading as models
 from ..cli import ArgumentParser
 from .build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, custom_model_source,
@@ -258,13 +259,16 @@ def bucket_of(path: str, sizing: Sizing) -> int:
     """The position in ``sizing.sizes`` of the image's bucket, from its header alone; -1 if unreadable
     (the decode then reports why)."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if image.getexif().get(ORIENTATION_TAG, 1) >= 5:
-                width, height = height, width
+        width, height = call_bounded(path, _oriented_size, path)  # a header that never comes: -1, as unreadable
         return sizing.sizes.index(sizing.size_for(width, height))
     except Exception:
         return -1
+
+
+def _oriented_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as image:
+        width, height = image.size
+        return (height, width) if image.getexif().get(ORIENTATION_TAG, 1) >= 5 else (width, height)
 
 
 def order_by_bucket(sources: list[str], sizing: Sizing) -> list[str]:

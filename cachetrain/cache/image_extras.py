@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ..bounded_read import read_file_bytes
 from .images import ORIENTATION_TAG, Sizing, cover_scale
 from ..sidecar import CAPTION_EXTENSION, CaptionRejected, mask_path, read_caption
 
@@ -93,7 +94,7 @@ def load_mask_pixels(source: str, image_bytes: bytes, sizing: Sizing) -> torch.T
             if alpha is None:
                 return None
     if alpha is None:
-        with Image.open(path) as mask_file:
+        with Image.open(io.BytesIO(read_file_bytes(path))) as mask_file:  # within the read bound
             mask_file.load()
             alpha = ImageOps.exif_transpose(mask_file).convert("L")
         if alpha.size != oriented_size:  # a mask drawn at another size covers the same picture

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..bounded_read import ReadTimedOut, read_file_bytes
+
 # Alpha is composited on this colour rather than dropped (dropping turns transparent areas into
 # whatever colour the encoder left in them, often black).
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -227,8 +229,10 @@ def read_image_file(path: os.PathLike | str) -> bytes:
         raise ImageRejected("empty file", "the file has zero bytes")
     if size > MAX_IMAGE_FILE_BYTES:
         raise ImageRejected("too large", f"{size} bytes, over the {MAX_IMAGE_FILE_BYTES} an image file may have")
-    with open(path, "rb") as handle:
-        return handle.read()
+    try:
+        return read_file_bytes(path)  # within the read bound (--read_timeout): a hung mount's file is named
+    except ReadTimedOut as error:
+        raise ImageRejected("no answer", error.strerror) from None
 
 
 def load_image(path: os.PathLike | str | BinaryIO, resolution: int | Sizing, min_size: int = 0,

@@ -45,11 +45,13 @@ class TreeScan:
     other_images: list[str]  # images with extensions this run was told to leave alone
 
 
-def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: str) -> TreeScan:
+def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: str,
+               should_stop: Callable[[], bool] = lambda: False) -> TreeScan:
     """One walk per root finds the sources and the existing sidecars together.
 
     Images of the default extensions that ``extensions`` leaves out are found too: their sidecars
-    are not orphans just because this run does not cache them.
+    are not orphans just because this run does not cache them. When ``should_stop()`` turns true (a
+    stop signal) the walk ends where it is, with what it found so far.
     """
     scan = TreeScan([], [], [], [])
     out_suffix_lower = out_suffix.lower()
@@ -60,6 +62,8 @@ def scan_roots(roots: Iterable[str], extensions: tuple[str, ...], out_suffix: st
             raise FileNotFoundError(f"data root not found: {root}")
         for path in walk_files(root, (*extensions, *DEFAULT_IMAGE_EXTENSIONS, out_suffix),
                                temporaries=scan.temporaries, visited=walked):
+            if should_stop():
+                return scan
             name = os.path.basename(path)
             if name.lower().endswith(out_suffix_lower):
                 scan.sidecars.append(path)
@@ -102,7 +106,7 @@ def scan_orphans(scan: TreeScan, out_suffix: str) -> list[str]:
 def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
          source_digest: Callable[[str], dict[str, str]] | None, out_suffix: str, overwrite: bool,
          summary: CacheSummary, orphans: list[str] | None = None, verify: bool = False,
-         record: FreshnessRecord | None = None) -> list[str]:
+         record: FreshnessRecord | None = None, should_stop: Callable[[], bool] = lambda: False) -> list[str]:
     """The sources whose sidecar must be (re)built; counts the fresh and legacy ones it skips.
 
     ``expected_metadata`` and ``source_digest`` are the builder's (see cache_build.CacheBuilder).
@@ -114,6 +118,8 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
     index recorded fresh for the same expected metadata, at the size and mtime it has now, is fresh without
     its header being read; the ones found fresh by reading are learned, and the due ones' expected keys
     kept (``record.expected_keys``), so the run's end can record them too. Not used with ``verify``.
+    When ``should_stop()`` turns true (a stop signal) the sources not checked yet are passed over: the
+    caller discards the plan.
     """
     record = None if verify or overwrite else record
 
@@ -156,13 +162,15 @@ def plan(sources: list[str], expected_metadata: Callable[[str], dict[str, str]],
         return source, None, state, ""
 
     def check_chunk(chunk: list[str]) -> list[tuple[str, Exception | None, Freshness | None, str]]:
-        return [check(source) for source in chunk]
+        return [check(source) for source in chunk if not should_stop()]
 
     todo = []
     chunks = (sources[i : i + PLAN_CHUNK] for i in range(0, len(sources), PLAN_CHUNK))
     with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="freshness") as pool:
         # map() keeps the order; chunks keep the number of futures small for millions of files.
         for results in pool.map(check_chunk, chunks):
+            if should_stop():  # stopping: the checks cut short decide nothing
+                break
             for source, error, state, note in results:
                 if note:
                     summary.time_not_stored(source, note)

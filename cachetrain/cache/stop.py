@@ -1,6 +1,8 @@
 """Ctrl-C / SIGTERM during a cache build: the first stops after the sidecar in hand (what is written stays,
 the summary says how many files were not attempted); a second stops at once (CacheStopNow), the writes
-already queued still finished or removed, never half a file.
+already queued still finished or removed, never half a file. Before encoding (the walk, the freshness
+checks) nothing is written yet: the first stops the walk or the checks at once, reads in progress no longer
+waited for, and the summary follows.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import sys
 
 from tqdm import tqdm
 
+from ..bounded_read import abandon_waits
 from ..stop_signals import SignalCatcher
 
 
@@ -21,11 +24,21 @@ class CacheStopSignal(SignalCatcher):
     def __init__(self):
         super().__init__()
         self.requested: str | None = None  # the first signal's name
+        self.phase: str | None = "walking the data roots"  # what the build does before encoding; None: encoding
+        self.found = self.decided_before = 0  # sources found by the walk; outcomes counted before the checks
 
     def on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.requested:
             raise CacheStopNow(name)
         self.requested = name
+        if self.phase:
+            abandon_waits()  # a freshness check's read of a file that does not answer: its result is not needed
+            tqdm.write(f"[cache] {name} received while {self.phase}: stopping before any encoding "
+                       "(send it again to stop now)", file=sys.stderr)
+            return
         tqdm.write(f"[cache] {name} received: stopping after the current sidecar (send it again to stop now)",
                    file=sys.stderr)
+
+    def should_stop(self) -> bool:
+        return self.requested is not None

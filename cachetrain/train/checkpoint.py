@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_atomically
+from ..reflink import reflink
 from ..checkpoint_layout import (CHECKPOINT_PATTERN, EMA_COMPONENT, FROZEN_DIR_NAME, TRAINED_COMPONENT,  # noqa: F401
                                  TRAINING_STATE_FILE, checkpoint_dir, latest_checkpoint, list_checkpoints)
 from .training_state import TrainingState
@@ -127,21 +128,30 @@ def remove_partial_saves(output_dir: Path) -> list[Path]:
     return leftovers
 
 
-def link_tree(source: Path, destination: Path) -> None:
-    """Hard-link every file of ``source`` into ``destination`` (copy where links are not possible).
+def link_tree(source: Path, destination: Path, own_copies: bool = False) -> set[str]:
+    """Hard-link every file of ``source`` into ``destination`` (copy where links are not possible); with
+    ``own_copies``, reflink each file first (a copy-on-write clone: a file of its own at no cost), and hard-link
+    only where the file system has no reflinks. Returns how the files were made ("reflink", "hard link", "copy").
 
-    The links share their data: write new files next to them rather than editing them in place.
+    Hard links share their data: write new files next to them rather than editing them in place.
     """
+    made = set()
     for folder, _subfolders, files in os.walk(source):
         target_folder = destination / Path(folder).relative_to(source)
         target_folder.mkdir(parents=True, exist_ok=True)
         for name in files:
             if name == FROZEN_SOURCE_FILE:
                 continue
+            if own_copies and reflink(Path(folder) / name, target_folder / name):
+                made.add("reflink")
+                continue
             try:
                 os.link(Path(folder) / name, target_folder / name)
+                made.add("hard link")
             except OSError:
                 shutil.copy2(Path(folder) / name, target_folder / name)
+                made.add("copy")
+    return made
 
 
 def write_model_folder(destination: Path, unet, frozen_dir: Path, write_trained=None) -> None:
@@ -181,8 +191,11 @@ def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: T
     return destination
 
 
-def publish_final(final_checkpoint: Path, output_dir: Path) -> None:
-    """The final model at the top of output_dir, as a pipeline folder (hard links to the last checkpoint)."""
+def publish_final(final_checkpoint: Path, output_dir: Path) -> set[str]:
+    """The final model at the top of output_dir, as a pipeline folder: its files reflinks of the last
+    checkpoint's where the file system has them (files of their own), hard links where not. Returns how
+    its files were made (link_tree's words)."""
+    made = set()
     for entry in final_checkpoint.iterdir():
         if entry.name == TRAINING_STATE_FILE or entry.suffix == ".png":
             continue
@@ -192,10 +205,11 @@ def publish_final(final_checkpoint: Path, output_dir: Path) -> None:
         elif target.exists():
             target.unlink()
         if entry.is_dir():
-            link_tree(entry, target)
+            made |= link_tree(entry, target, own_copies=True)
         else:  # small files (model_index.json): never half-written
             write_atomically(target, entry.read_bytes())
         flush_to_disk(target)
+    return made
 
 
 def load_training_state(checkpoint: Path) -> TrainingState:

@@ -25,6 +25,7 @@ from .presets import PRESETS, describe
 from ..models.prompts import PromptsFileError, read_prompts_file
 from .data_folders import read_dataset_file
 from .config_rules import combination_problems, dataset_file_problem
+from ..bounded_read import DEFAULT_READ_TIMEOUT
 from ..sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX
 
 # adamw8, opt_lion, py_lion, d_lion: the original scripts' names and packages; lion: ours (stochastic
@@ -347,6 +348,9 @@ class TrainConfig:
     # elastic resume: a debug record of what each process trained (docs/reliability.md)
     log_sample_ids: bool = _flag(False, "write each micro-batch's (step, rank, epoch, row, sample ids) to "
                                         "trained_samples.rank<R>.jsonl in --output_dir (a debug record; off by default)")
+    # reads that never return (a hung network or FUSE mount): docs/reliability.md
+    read_timeout: float = _flag(DEFAULT_READ_TIMEOUT, "seconds a sidecar read may take before its pair is named and "
+                                                      "skipped as bad (0: no bound)", check=NOT_NEGATIVE)
 
     @property
     def max_epochs(self) -> float | None:

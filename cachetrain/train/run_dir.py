@@ -150,14 +150,16 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
 
 def write_end_summary(output_dir: Path, *, steps: int, interrupted: bool, processes: int, checksums: list[float],
                       shares: list[list[float]], skipped_before: int, left_out, checkpoints: list[Path],
-                      failed_saves: list[int], failed_samples, final_saved: bool, exit_status: int) -> None:
+                      failed_saves: list[int], failed_samples, final_saved: bool, exit_status: int,
+                      bad_files: dict[str, str] | None = None) -> None:
     """train_summary.json of a run that reached its end or a stop; ``shares`` per process: (sample id sum,
-    sample count, bad pairs skipped). A full disk is said in one line: the status and the log still tell."""
+    sample count, bad pairs skipped); ``bad_files``: path -> reason of those the main process passed over. A full disk is said in one line: the status and the log still tell."""
     summary = {"steps": steps, "interrupted": interrupted, "processes": processes,
                "process_weight_checksums": checksums,
                "process_sample_id_sums": [share[0] for share in shares],
                "process_sample_counts": [share[1] for share in shares],
                "skipped_samples": skipped_before + int(sum(share[2] for share in shares)),
+               "bad_files": dict(bad_files or {}),
                "left_out_at_start": left_out, "checkpoints": [str(path) for path in checkpoints],
                "failed_saves": failed_saves, "failed_samples": failed_samples, "final_model_saved": final_saved,
                "exit_status": exit_status}
@@ -229,10 +231,20 @@ def publish_final_model(output_dir: Path, step: int, saved: bool = True) -> bool
         return False
     final = ckpt.checkpoint_dir(output_dir, step)
     try:
-        ckpt.publish_final(final, output_dir)
+        made = ckpt.publish_final(final, output_dir)
     except OSError as error:
         print(f"[train] could not write the final model into {output_dir} ({error.strerror or error}); "
               f"its checkpoint {final.name} is whole", file=sys.stderr)
         return False
-    print(f"[train] final model in {output_dir}", file=sys.stderr)
+    print(f"[train] final model in {output_dir} ({final_model_files_note(made, final.name)})", file=sys.stderr)
     return True
+
+
+def final_model_files_note(made: set[str], checkpoint: str) -> str:
+    """How the final model's files were made, for its line: own copies, or hard links shared with the checkpoint."""
+    if "hard link" in made:
+        return (f"its weights are hard links to {checkpoint}'s files: this file system has no reflinks, so "
+                "damage to one is damage to both; copy it elsewhere before editing it in place")
+    if "reflink" in made:
+        return f"its files are reflinks of {checkpoint}'s: copies of their own that share blocks until written"
+    return f"its files are copies of {checkpoint}'s"

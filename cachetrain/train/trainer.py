@@ -44,6 +44,7 @@ from .packaged_optimizers import evaluation_weights, training_mode
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
 from .run_data import load_run_data, trained_latent_shape
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
+from ..bounded_read import set_read_timeout
 from .run_lock import RunLock, RunLockedError, is_main_launch_process
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopNow, StopSignal, agreed_requests
@@ -100,6 +101,7 @@ class TrainingRun:
         problem = start_problem(config)
         if problem:
             raise TrainingError(problem)
+        set_read_timeout(config.read_timeout)  # every sidecar read of this process and its loader workers
         self.accelerator = make_accelerator(config)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -482,7 +484,7 @@ class TrainingRun:
                                       skipped_before=self.skipped_before, left_out=self.data.left_out_at_start,
                                       checkpoints=self.result.checkpoints, failed_saves=self.result.failed_saves,
                                       failed_samples=self.drawer.failed_samples, final_saved=self.result.final_saved,
-                                      exit_status=self._exit_status())
+                                      exit_status=self._exit_status(), bad_files=self.bad_pairs.named)
         self.result.exit_status = self._exit_status()
         bar.close()
         self.telemetry.close()

@@ -17,6 +17,7 @@ from cachetrain import sidecar
 from cachetrain.tiny.models import make_shapes_dataset
 
 from tests.conftest import REPO_ROOT
+from tests.stalling_fs import fuse_unavailable_reason, stalled_reads_log, stalling_mount
 
 IMAGES = 60
 
@@ -60,3 +61,43 @@ def test_a_signal_stops_a_cache_script_with_its_summary_and_a_second_stops_it_at
     rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert len(list(root.rglob("*.img_sdvae"))) == IMAGES
+
+
+@pytest.mark.skipif(fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason()))
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGINT, signal.SIGTERM)], ids=["once", "twice"])
+def test_a_signal_while_checking_freshness_stops_before_any_encoding_with_the_summary(cached_dataset, tiny_sd_model,
+                                                                                      tmp_path, signals):
+    """The freshness checks held up by a sidecar whose read never returns (a real FUSE mount): the script is still
+    deciding what to encode when the signals come, and must stop then, not after the read's bound (120 s)."""
+    latents = sorted(cached_dataset.rglob("*.img_sdvae"))
+    before = {path: path.stat().st_mtime_ns for path in cached_dataset.rglob("*")}
+    with stalling_mount(cached_dataset, tmp_path / "mount", [latents[7].name]) as mount:
+        command = [sys.executable, str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(tiny_sd_model),
+                   "--data_root", str(mount), "--resolution", "64", "--save_dtype", "float32", "--num_workers", "0",
+                   "--no_progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not stalled_reads_log(mount).exists():  # the check of that sidecar is waiting for its read
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "the script read no sidecar within 240 s"
+                time.sleep(0.05)
+            for sent in signals:  # the second at once: the first alone ends the run within a second
+                process.send_signal(sent)
+            _out, err = process.communicate(timeout=60)  # well within the read bound (120 s) it did not wait for
+        finally:
+            if process.poll() is None:
+                process.kill()
+    process.wait(timeout=60)
+    assert "Traceback" not in err, err[-3000:]
+    assert process.returncode == 1, err[-3000:]
+    assert "SIGINT received while checking which sidecars are fresh: stopping before any encoding" in err
+    reason = ("SIGTERM received twice, stopped at once" if len(signals) == 2
+              else "SIGINT received while checking which sidecars are fresh")
+    stopped = re.search(rf"\[cache\] stopped: {reason}; (\d+) files not attempted", err)
+    assert stopped, err[-3000:]
+    assert 1 <= int(stopped.group(1)) <= len(latents)
+    after = {path: path.stat().st_mtime_ns for path in cached_dataset.rglob("*")}
+    assert after == before  # nothing written, rebuilt or removed: no sidecar, no temporary, no data index

@@ -131,6 +131,39 @@ def test_a_second_run_in_a_held_output_folder_is_refused_naming_the_holder_and_a
     assert json.loads((output / "train_summary.json").read_text())["steps"] == 2
 
 
+def _torchrun(model, data, output, *extra, timeout=300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *_command(model, data, output, *extra)[1:]]
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_is_refused_from_a_held_folder_and_takes_the_lock_once_itself(tiny_sd_model,
+                                                                                       cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    first = _start(tiny_sd_model, cached_dataset, output, "--max_steps", "100000")
+    try:
+        _wait_for(output / "tensorboard", first)
+        refused = _torchrun(tiny_sd_model, cached_dataset, output, "--max_steps", "2", "--resume", "auto")
+        assert first.poll() is None  # the holder trains on, untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    assert refused.returncode != 0  # torchrun's own status for a failed process (the main one exits 2)
+    holder = f"--output_dir {output} is in use by another run (pid {first.pid} on host {socket.gethostname()}"
+    assert [line for line in refused.stderr.splitlines() if holder in line] == [f"error: {holder}, holding "
+            ".run.lock); wait for it to end, stop it, or choose another --output_dir"]  # one line, the main process's
+    assert not list(output.glob("checkpoint-*")) and not (output / "train_summary.json").exists()
+    # the folder free again, a two-process run takes it once (a second process taking it would be refused)
+    done = _torchrun(tiny_sd_model, cached_dataset, output, "--max_steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "is in use by another run" not in done.stderr
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2 and summary["exit_status"] == ExitStatus.FINISHED
+    pid, host = (output / ".run.lock").read_text().split()
+    assert host == socket.gethostname() and int(pid) != first.pid
+
+
 # -- a second signal ----------------------------------------------------------------------------------------------
 
 def test_a_second_signal_stops_at_once_without_a_checkpoint_naming_the_newest_with_its_own_status(
