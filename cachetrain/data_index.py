@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .atomic import write_atomically
+from .bounded_read import ReadTimedOut
 from .sidecar import (CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, T5_SUFFIX,
                       TEXT_EMBEDDING_KEY, SidecarError, is_temporary, read_header)
 from .tree import left_out_reason
@@ -219,6 +220,8 @@ def _file_record(path: str) -> tuple[int, int, int, tuple[int, ...]]:
         return 0, 0, UNREADABLE, ()
     try:
         header = read_header(path)
+    except ReadTimedOut:
+        raise  # not a verdict on the file: _read_folder leaves its folder unbelieved
     except (OSError, SidecarError):
         return info.st_size, info.st_mtime_ns, UNREADABLE, ()
     entry = header.get(IMAGE_LATENT_KEY) or header.get(TEXT_EMBEDDING_KEY)
@@ -233,7 +236,13 @@ def _read_folder(root: str, folder: _Folder, width: int) -> None:
     base = os.path.join(root, folder.name) if folder.name else root
     rows: dict[str, list] = {}
     for name, (suffix_number, stem) in folder.files:
-        rows.setdefault(stem, [None] * width)[suffix_number] = _file_record(os.path.join(base, name))
+        path = os.path.join(base, name)
+        try:
+            record = _file_record(path)
+        except ReadTimedOut:  # a read that did not answer (or a stop): unreadable now, and read again next time
+            record = (0, 0, UNREADABLE, ())
+            folder.mtime_ns = UNVERIFIED_MTIME
+        rows.setdefault(stem, [None] * width)[suffix_number] = record
     folder.rows = rows
 
 

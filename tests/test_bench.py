@@ -48,7 +48,8 @@ def test_shard_bench_packs_streams_and_starts_from_a_manifest():
 
 def test_lora_bench_times_a_lora_and_a_full_step_and_counts_their_state():
     out = _run("bench/bench_lora.py", "--windows", "1", "--steps", "1", "--warmup", "1", "--batch", "2")
-    result = json.loads(out.splitlines()[-1])
+    [result] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert out.splitlines()[-2].startswith("step time: LoRA ") and out.splitlines()[-1].startswith("trainable state:")
     assert result["lora"]["trainable"] < result["full"]["trainable"] and result["step_ratio"] > 0
     assert result["sd15_size"]["parameters"] == 859_520_964 and 0 < result["sd15_size"]["state_ratio"] < 0.01
 

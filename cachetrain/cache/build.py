@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .plan import drop_name_clashes, handle_orphans, plan, scan_orphans, scan_roots
-from .stop import CacheStopNow, CacheStopSignal
+from .stop import UPDATING_INDEX, CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
 from .shares import effective_shard, gather_from_processes, parse_shard, per_process_path, process_shard, take_shard
@@ -133,7 +133,13 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     # one writer of each index, once every process of the launch has written (another --shard's folders
     # are found changed later)
     if settings.shard_index == 0 and index_now:
-        update_data_indexes(settings, written_folders, learned)
+        try:
+            with CacheStopSignal() as stop:
+                stop.phase = UPDATING_INDEX
+                update_data_indexes(settings, written_folders, learned)
+        except CacheStopNow as signal_name:
+            print(f"[cache] {signal_name} received twice: the data index was left as it was (the next start walks "
+                  "the folders that changed)", file=sys.stderr)
     return summary
 
 

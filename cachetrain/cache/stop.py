@@ -2,7 +2,9 @@
 the summary says how many files were not attempted); a second stops at once (CacheStopNow), the writes
 already queued still finished or removed, never half a file. Before encoding (the walk, the freshness
 checks) nothing is written yet: the first stops the walk or the checks at once, reads in progress no longer
-waited for, and the summary follows.
+waited for, and the summary follows. After encoding (the data index's update) the first stops waiting for
+reads that do not answer (their folders are read again at the next start); the second leaves the index as
+it was.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from tqdm import tqdm
 
 from ..bounded_read import abandon_waits
 from ..stop_signals import SignalCatcher
+
+
+UPDATING_INDEX = "updating the data index"
 
 
 class CacheStopNow(BaseException):
@@ -32,6 +37,11 @@ class CacheStopSignal(SignalCatcher):
         if self.requested:
             raise CacheStopNow(name)
         self.requested = name
+        if self.phase == UPDATING_INDEX:  # every sidecar is written: only the index's reads are left
+            abandon_waits()
+            tqdm.write(f"[cache] {name} received while {self.phase}: files it could not read are read again at the "
+                       "next start (send it again to stop now)", file=sys.stderr)
+            return
         if self.phase:
             abandon_waits()  # a freshness check's read of a file that does not answer: its result is not needed
             tqdm.write(f"[cache] {name} received while {self.phase}: stopping before any encoding "

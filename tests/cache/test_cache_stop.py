@@ -5,6 +5,7 @@ is left, there is no traceback, and a rerun finishes the rest."""
 from __future__ import annotations
 
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from cachetrain import sidecar
+from cachetrain.data_index import INDEX_FOLDER_NAME
 from cachetrain.tiny.models import make_shapes_dataset
 
 from tests.conftest import REPO_ROOT
@@ -70,6 +72,7 @@ def test_a_signal_while_checking_freshness_stops_before_any_encoding_with_the_su
     """The freshness checks held up by a sidecar whose read never returns (a real FUSE mount): the script is still
     deciding what to encode when the signals come, and must stop then, not after the read's bound (120 s)."""
     latents = sorted(cached_dataset.rglob("*.img_sdvae"))
+    shutil.rmtree(cached_dataset / INDEX_FOLDER_NAME)  # else the index vouches for the fresh ones: no header is read
     before = {path: path.stat().st_mtime_ns for path in cached_dataset.rglob("*")}
     with stalling_mount(cached_dataset, tmp_path / "mount", [latents[7].name]) as mount:
         command = [sys.executable, str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(tiny_sd_model),
@@ -101,3 +104,34 @@ def test_a_signal_while_checking_freshness_stops_before_any_encoding_with_the_su
     assert 1 <= int(stopped.group(1)) <= len(latents)
     after = {path: path.stat().st_mtime_ns for path in cached_dataset.rglob("*")}
     assert after == before  # nothing written, rebuilt or removed: no sidecar, no temporary, no data index
+
+
+@pytest.mark.skipif(fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason()))
+def test_a_signal_while_the_data_index_is_updated_stops_waiting_for_a_read_that_does_not_answer(cached_dataset,
+                                                                                                tiny_sd_model, tmp_path):
+    """Every sidecar fresh by the index, then the index's update (the mount's folders look changed) meets a header
+    whose read never returns: a first Ctrl-C ends the run within seconds, not after the read's bound (120 s)."""
+    latents = sorted(cached_dataset.rglob("*.img_sdvae"))
+    with stalling_mount(cached_dataset, tmp_path / "mount", [latents[7].name]) as mount:
+        command = [sys.executable, str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(tiny_sd_model),
+                   "--data_root", str(mount), "--resolution", "64", "--save_dtype", "float32", "--num_workers", "0",
+                   "--no_progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not stalled_reads_log(mount).exists():
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "the script read no sidecar within 240 s"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            _out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert "Traceback" not in err, err[-3000:]
+    assert process.returncode == 0, err[-3000:]  # every sidecar is there and fresh
+    assert f"skipped fresh {len(latents)}" in err
+    assert ("SIGINT received while updating the data index: files it could not read are read again at the next "
+            "start") in err
