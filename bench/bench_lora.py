@@ -34,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def build(mode: str, rank: int, targets: list[str]):
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD1.5's UNet otherwise
+
+
+def build(mode: str, rank: int, targets: list[str], sd15: bool = False):
     from diffusers import UNet2DConditionModel
 
     from cachetrain.tiny.models import SD15_STRUCTURE_UNET
@@ -42,7 +45,7 @@ def build(mode: str, rank: int, targets: list[str]):
     from cachetrain.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_STRUCTURE_UNET).train()
+    unet = UNet2DConditionModel(**(SD15_UNET if sd15 else SD15_STRUCTURE_UNET)).train()
     if mode == "lora":
         trainable = attach_adapter(unet, AdapterSpec(kind="lora", rank=rank, alpha=rank, targets=targets), seed=0)
     else:
@@ -86,6 +89,36 @@ def sd15_size_counts(rank: int, targets: list[str]) -> dict:
     return {"parameters": total, "lora_parameters": adapter, "lora_layers": len(layers), "state_ratio": adapter / total}
 
 
+def sd15_step_ratio(args) -> None:
+    """A LoRA step against a full step on SD1.5's UNet: one mode built, warmed, timed and freed before the
+    other (both at once would not fit a small machine), so a quiet machine is needed."""
+    import gc
+
+    generator = torch.Generator().manual_seed(1)
+    side, n = args.latent, args.batch
+    batch = (torch.randn(n, 4, side, side, generator=generator), torch.randint(0, 1000, (n,), generator=generator),
+             torch.randn(n, 77, 768, generator=generator), torch.randn(n, 4, side, side, generator=generator))
+    result = {"unet": "sd15", "rank": args.rank, "targets": args.targets, "batch": n, "latent": side}
+    for mode in ("full", "lora"):
+        unet, trainable, optimizer, total = build(mode, args.rank, args.targets, sd15=True)
+        for _ in range(args.warmup):
+            step(unet, optimizer, batch)
+        times = []
+        for _ in range(args.windows):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(unet, optimizer, batch)
+            times.append((time.perf_counter() - start) / args.steps)
+        result[mode] = {"step_s": statistics.median(times), "trainable": sum(p.numel() for p in trainable),
+                        "parameters": total, "load_average": os.getloadavg()[0]}
+        del unet, trainable, optimizer
+        gc.collect()
+    result["step_ratio"] = result["lora"]["step_s"] / result["full"]["step_s"]
+    print(json.dumps(result))
+    print(f"step time on the SD1.5 UNet: LoRA {result['lora']['step_s']:.2f} s / full {result['full']['step_s']:.2f} s "
+          f"= {result['step_ratio']:.2f} (goal <= 0.7; batch {n}, {side}x{side} latents, rank {args.rank})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", type=int, default=16)
@@ -96,7 +129,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sd15_t5", metavar="WORKDIR", help="the SD1.5-size T5-model runs (see above) in WORKDIR")
     parser.add_argument("--full", action="store_true", help="--sd15_t5: also one full step (needs ~15 GB)")
-    parser.add_argument("--latent", type=int, default=32, help="--sd15_t5: latent side (image side x4)")
+    parser.add_argument("--latent", type=int, default=32, help="--sd15_t5, --sd15_steps: latent side")
+    parser.add_argument("--sd15_steps", action="store_true",
+                        help="the step ratio on the SD1.5 UNet itself (random weights; one mode after the other, "
+                             "~20 GB at the peak; --batch 1 --latent 32 --windows 2 --steps 2 advised on a CPU)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.sd15_t5:
@@ -107,6 +143,9 @@ def main() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
+    if args.sd15_steps:
+        sd15_step_ratio(args)
+        return
     generator = torch.Generator().manual_seed(1)
     batch = (torch.randn(args.batch, 4, 16, 16, generator=generator), torch.randint(0, 1000, (args.batch,), generator=generator),
              torch.randn(args.batch, 77, 32, generator=generator), torch.randn(args.batch, 4, 16, 16, generator=generator))
