@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,33 @@ def test_a_signal_stops_a_cache_script_with_its_summary_and_a_second_stops_it_at
     assert len(list(root.rglob("*.img_sdvae"))) == IMAGES
 
 
+def _signalled_over_a_stalled_mount(data: Path, model: Path, mount: Path, stalled: str,
+                                    signals: tuple) -> subprocess.Popen:
+    """create_img_sdvae.py over ``data`` seen through a FUSE mount where ``stalled``'s read never returns; the
+    ``signals`` sent once that read has begun. The finished process, its stderr in ``.err``."""
+    with stalling_mount(data, mount, [stalled]) as mounted:
+        command = [sys.executable, str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(model),
+                   "--data_root", str(mounted), "--resolution", "64", "--save_dtype", "float32", "--num_workers", "0",
+                   "--no_progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not stalled_reads_log(mounted).exists():  # a check of that sidecar is waiting for its read
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "the script read no sidecar within 240 s"
+                time.sleep(0.05)
+            for sent in signals:  # the second at once: the first alone ends the run within a second
+                process.send_signal(sent)
+            _out, process.err = process.communicate(timeout=60)  # well within the read bound (120 s)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    process.wait(timeout=60)
+    return process
+
+
 @pytest.mark.skipif(fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason()))
 @pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGINT, signal.SIGTERM)], ids=["once", "twice"])
 def test_a_signal_while_checking_freshness_stops_before_any_encoding_with_the_summary(cached_dataset, tiny_sd_model,
@@ -74,26 +102,9 @@ def test_a_signal_while_checking_freshness_stops_before_any_encoding_with_the_su
     latents = sorted(cached_dataset.rglob("*.img_sdvae"))
     shutil.rmtree(cached_dataset / INDEX_FOLDER_NAME)  # else the index vouches for the fresh ones: no header is read
     before = {path: path.stat().st_mtime_ns for path in cached_dataset.rglob("*")}
-    with stalling_mount(cached_dataset, tmp_path / "mount", [latents[7].name]) as mount:
-        command = [sys.executable, str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(tiny_sd_model),
-                   "--data_root", str(mount), "--resolution", "64", "--save_dtype", "float32", "--num_workers", "0",
-                   "--no_progress"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
-        try:
-            deadline = time.monotonic() + 240
-            while not stalled_reads_log(mount).exists():  # the check of that sidecar is waiting for its read
-                assert process.poll() is None, process.stderr.read()
-                assert time.monotonic() < deadline, "the script read no sidecar within 240 s"
-                time.sleep(0.05)
-            for sent in signals:  # the second at once: the first alone ends the run within a second
-                process.send_signal(sent)
-            _out, err = process.communicate(timeout=60)  # well within the read bound (120 s) it did not wait for
-        finally:
-            if process.poll() is None:
-                process.kill()
-    process.wait(timeout=60)
+    process = _signalled_over_a_stalled_mount(cached_dataset, tiny_sd_model, tmp_path / "mount", latents[7].name,
+                                              signals)
+    err = process.err
     assert "Traceback" not in err, err[-3000:]
     assert process.returncode == 1, err[-3000:]
     assert "SIGINT received while checking which sidecars are fresh: stopping before any encoding" in err
@@ -112,24 +123,9 @@ def test_a_signal_while_the_data_index_is_updated_stops_waiting_for_a_read_that_
     """Every sidecar fresh by the index, then the index's update (the mount's folders look changed) meets a header
     whose read never returns: a first Ctrl-C ends the run within seconds, not after the read's bound (120 s)."""
     latents = sorted(cached_dataset.rglob("*.img_sdvae"))
-    with stalling_mount(cached_dataset, tmp_path / "mount", [latents[7].name]) as mount:
-        command = [sys.executable, str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(tiny_sd_model),
-                   "--data_root", str(mount), "--resolution", "64", "--save_dtype", "float32", "--num_workers", "0",
-                   "--no_progress"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
-        try:
-            deadline = time.monotonic() + 240
-            while not stalled_reads_log(mount).exists():
-                assert process.poll() is None, process.stderr.read()
-                assert time.monotonic() < deadline, "the script read no sidecar within 240 s"
-                time.sleep(0.05)
-            process.send_signal(signal.SIGINT)
-            _out, err = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
+    process = _signalled_over_a_stalled_mount(cached_dataset, tiny_sd_model, tmp_path / "mount", latents[7].name,
+                                              (signal.SIGINT,))
+    err = process.err
     assert "Traceback" not in err, err[-3000:]
     assert process.returncode == 0, err[-3000:]  # every sidecar is there and fresh
     assert f"skipped fresh {len(latents)}" in err
