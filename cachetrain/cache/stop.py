@@ -35,6 +35,9 @@ class CacheStopSignal(SignalCatcher):
     def on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.requested:
+            # again here: this handler may have interrupted the first one's abandon_waits halfway (signals
+            # sent back to back), and a read still waited for would hold the stop up to the read bound
+            abandon_waits()
             raise CacheStopNow(name)
         self.requested = name
         if self.phase == UPDATING_INDEX:  # every sidecar is written: only the index's reads are left
