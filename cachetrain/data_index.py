@@ -220,9 +220,10 @@ def _file_record(path: str) -> tuple[int, int, int, tuple[int, ...]]:
         return 0, 0, UNREADABLE, ()
     try:
         header = read_header(path)
-    except ReadTimedOut:
-        raise  # not a verdict on the file: _read_folder leaves its folder unbelieved
-    except (OSError, SidecarError):
+    except (OSError, SidecarError) as error:
+        timed_out = error if isinstance(error, ReadTimedOut) else error.__cause__
+        if isinstance(timed_out, ReadTimedOut):
+            raise timed_out from None  # no verdict on the file: _read_folder leaves its folder unbelieved
         return info.st_size, info.st_mtime_ns, UNREADABLE, ()
     entry = header.get(IMAGE_LATENT_KEY) or header.get(TEXT_EMBEDDING_KEY)
     try:

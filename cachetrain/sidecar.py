@@ -274,8 +274,8 @@ def read_header(path: os.PathLike | str) -> dict:
     """
     try:
         raw_header, header_size, file_size = call_bounded(path, _read_header_bytes, path)
-    except ReadTimedOut as error:
-        raise SidecarError(path, error.strerror) from None
+    except ReadTimedOut as error:  # kept as the cause: a read that did not answer is no verdict on the file
+        raise SidecarError(path, error.strerror) from error
     return _parse_header(path, raw_header, header_size, file_size)
 
 

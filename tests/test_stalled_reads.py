@@ -113,3 +113,31 @@ def test_the_image_cache_script_names_an_image_that_never_answers_and_caches_the
     assert written == set(images) - {stuck_image}
     for path in shapes_dataset.rglob("*.img_sdvae"):
         assert sidecar.read_sidecar(path, "latent", ndim=3).shape[0] == 4
+
+
+INDEX_PROBE = r"""
+import json, sys
+from cachetrain import bounded_read
+from cachetrain.data_index import refresh
+bounded_read.set_read_timeout(2)
+first = refresh(sys.argv[1], index_dir=sys.argv[2])
+second = refresh(sys.argv[1], index_dir=sys.argv[2])
+print(json.dumps({"first": first.scanned, "second": second.scanned, "written": first.written_to is not None}))
+"""
+
+
+@needs_fuse
+def test_a_header_read_that_times_out_leaves_its_folder_to_be_read_again_not_believed(cached_dataset, tmp_path):
+    """The data index never keeps "unreadable" for a file that only did not answer: the folder holding it is
+    scanned again at the next refresh, the others come from the index."""
+    stalled = sorted(cached_dataset.rglob("*.img_sdvae"))[7]
+    folder = stalled.parent.relative_to(cached_dataset).as_posix()
+    an_hour_ago = time.time() - 3600  # older than the index's racy window: a folder is believed by its mtime
+    for path in [cached_dataset, *(p for p in cached_dataset.rglob("*") if p.is_dir())]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    with stalling_mount(cached_dataset, tmp_path / "mount", [stalled.name]) as mount:
+        done = _run("-c", INDEX_PROBE, str(mount), str(tmp_path / "index"), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["written"] and folder in result["first"] and len(result["first"]) > 1
+    assert result["second"] == [folder]
