@@ -21,8 +21,10 @@ sidecar suffix, so a pair is a row with both columns present:
 
 A folder's rows are trusted while the folder's mtime and inode are what the index recorded: every
 create, delete or rename of an entry (sidecar writers rename their temporaries) changes a folder's
-mtime. A folder changed within RACY_SECONDS of being scanned is recorded as unverified (its mtime may
-not have ticked yet), so it is scanned again next time. A file rewritten in place, without a rename,
+mtime. A folder changed within RACY_SECONDS of being listed may change again without its mtime
+ticking, so it is listed a second time once RACY_SECONDS have passed since that change (at the end of
+a long scan): the same entries (names and inodes) and the same mtime make it believed; otherwise it is
+recorded as unverified and scanned again next time. A file rewritten in place, without a rename,
 escapes the rule: the trainer's loader still checks every latent against its recorded shape.
 """
 
@@ -54,6 +56,7 @@ INDEX_FILE_NAME = "data-index.npz"
 INDEX_DIR_ENV = "CACHETRAIN_INDEX_DIR"  # where indexes of read-only roots live (default below)
 DEFAULT_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
 RACY_SECONDS = 3.0  # coarser than any filesystem's mtime tick (FAT: 2 s)
+RACY_NS = int(RACY_SECONDS * 1e9)
 UNVERIFIED_MTIME = -1
 ABSENT, UNREADABLE, NO_TENSOR = -1, -2, 0  # header_ndims values that are not a dimension count
 SCAN_THREADS = 16  # folders scanned at once: header reads wait on storage, not the CPU
@@ -211,6 +214,7 @@ class _Folder:
     previous_number: int | None = None  # a changed folder's number in the old index (digests carried over)
     files: list[tuple[str, int]] = field(default_factory=list)  # (file name, suffix number): to read
     rows: dict | None = None  # stem -> [(size, mtime, ndim, shape)] per suffix, once read
+    entries: tuple | None = None  # a racy folder's listing ((name, inode), ...), compared again at the end
 
 
 def _file_record(path: str) -> tuple[int, int, int, tuple[int, ...]]:
@@ -293,7 +297,7 @@ def scan_tree(root: str, old: IndexTable | None, suffixes: tuple[str, ...], forc
             folder.old_number = old_number
             children = old_children.get(old_number, [])
         else:
-            children = _list_folder(root, folder, suffixes)
+            children = _list_folder(root, folder, suffixes, racy=folder.mtime_ns >= now_ns - RACY_NS)
         found = []
         for child in children:
             name = os.path.join(folder.name, child) if folder.name else child
@@ -313,9 +317,8 @@ def scan_tree(root: str, old: IndexTable | None, suffixes: tuple[str, ...], forc
         for _ in pool.map(lambda folder: _read_folder(root, folder, len(suffixes)), to_read):
             if progress is not None:
                 progress.update(1)
-    racy_after = now_ns - int(RACY_SECONDS * 1e9)
     for folder in to_read:
-        if folder.mtime_ns >= racy_after:
+        if folder.entries is not None and not _still_listed(root, folder):
             folder.mtime_ns = UNVERIFIED_MTIME
     if not to_read and old is not None and [folder.old_number for folder in ordered] == list(range(len(old.folders()))):
         # nothing changed: the stored arrays as they are (no copy of a 10M-row table at every start)
@@ -324,14 +327,17 @@ def scan_tree(root: str, old: IndexTable | None, suffixes: tuple[str, ...], forc
     return _assemble(root, old, suffixes, ordered), [folder.name for folder in to_read]
 
 
-def _list_folder(root: str, folder: _Folder, suffixes: tuple[str, ...]) -> list[str]:
-    """The subfolder names of one folder (sorted), recording its sidecar files in ``folder.files``."""
+def _list_folder(root: str, folder: _Folder, suffixes: tuple[str, ...], racy: bool = False) -> list[str]:
+    """The subfolder names of one folder (sorted), recording its sidecar files in ``folder.files`` (and,
+    ``racy``, its listing in ``folder.entries``)."""
     path = os.path.join(root, folder.name) if folder.name else root
     try:
         with os.scandir(path) as entries:
             entries = sorted(entries, key=lambda e: e.name)
     except OSError:
         return []
+    if racy:
+        folder.entries = tuple((entry.name, entry.inode()) for entry in entries)
     subfolders = []
     for entry in entries:
         if entry.name.startswith(".") or is_temporary(entry.name):
@@ -352,6 +358,21 @@ def _list_folder(root: str, folder: _Folder, suffixes: tuple[str, ...]) -> list[
             if entry.name.endswith(suffix) and len(entry.name) > len(suffix):
                 folder.files.append((entry.name, (number, entry.name[: -len(suffix)])))
     return subfolders
+
+
+def _still_listed(root: str, folder: _Folder) -> bool:
+    """Whether a racy folder is unchanged since its listing, asked once its last change is RACY_SECONDS
+    old (any later change then ticks its mtime); False while it is younger."""
+    if time.time_ns() < folder.mtime_ns + RACY_NS:
+        return False
+    path = os.path.join(root, folder.name) if folder.name else root
+    try:
+        info = os.stat(path)
+        with os.scandir(path) as entries:
+            listing = tuple(sorted((entry.name, entry.inode()) for entry in entries))
+    except OSError:
+        return False
+    return info.st_mtime_ns == folder.mtime_ns and info.st_ino == folder.inode and listing == folder.entries
 
 
 def _assemble(root: str, old: IndexTable | None, suffixes: tuple[str, ...], ordered: list[_Folder]) -> IndexTable:
@@ -442,6 +463,13 @@ def folder_stems(table: IndexTable, start: int, end: int) -> dict[str, int]:
     return {name: start + row for row, name in enumerate(_names(blob, ends))}
 
 
+def _same_rows(table: IndexTable, old: IndexTable) -> bool:
+    """Whether a rescan found what the stored index already says (a racy folder listed again, still
+    unverified): rewriting a 10M-row index for that would cost every start a second."""
+    return table.suffixes == old.suffixes and all(np.array_equal(getattr(table, name), getattr(old, name))
+                                                  for name in _ARRAYS)
+
+
 def refresh(root: str, folders: Iterable[str] | None = None, suffixes: Iterable[str] = (), write: bool = True,
             index_dir: str | None = None, progress=None, rebuild: bool = False,
             amend: Callable[[IndexTable], int] | None = None) -> Refresh:
@@ -467,7 +495,8 @@ def refresh(root: str, folders: Iterable[str] | None = None, suffixes: Iterable[
     learned = amend(table) if amend is not None else 0
     result = Refresh(table, scanned, len(table.folder_name_ends), had_index=old is not None, ignored=ignored,
                      seconds=time.perf_counter() - started)
-    if location is not None and (scanned or old is None or learned):
+    changed = old is None or learned or (scanned and not _same_rows(table, old))
+    if location is not None and changed:
         try:
             write_index(table, location)
             result.written_to = location

@@ -5,12 +5,15 @@ ignored; and the ``cachetrain-index`` command for trees cached without one."""
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cachetrain import data_index
 from cachetrain.commands import data_index as index_command
 from cachetrain.data_index import INDEX_FOLDER_NAME, INDEX_FILE_NAME, IndexError_, read_index, refresh
 from cachetrain.indexed_pairs import indexed_training_pairs
@@ -103,6 +106,63 @@ def test_a_folder_changed_just_before_indexing_is_walked_again_next_time(tree):
     assert refresh(str(tree)).scanned == ["part0", "part0/part0"]
     # still within the filesystem's mtime tick of the scan: not trusted yet
     assert refresh(str(tree)).scanned == ["part0", "part0/part0"]
+
+
+class SlowScan:
+    """A progress bar whose every folder takes ``seconds`` (a long scan) and may change the tree meanwhile."""
+
+    def __init__(self, seconds: float, meanwhile=None):
+        self.seconds, self.meanwhile = seconds, meanwhile
+
+    def reset(self, total):
+        pass
+
+    def update(self, count):
+        time.sleep(self.seconds)
+        if self.meanwhile is not None:
+            self.meanwhile()
+            self.meanwhile = None
+
+
+def test_a_folder_changed_just_before_a_long_scan_is_believed_once_it_has_settled(tree, monkeypatch):
+    monkeypatch.setattr(data_index, "RACY_NS", int(0.3e9))
+    write_random_pairs(tree / "part0", 1, latent_shape=(4, 4, 4), text_shape=(7, 8), folders=1, seed=4)
+    done = refresh(str(tree), progress=SlowScan(0.1))  # the scan outlasts the racy window: listed again
+    assert (done.table.folder_mtime_ns != data_index.UNVERIFIED_MTIME).all()
+    assert refresh(str(tree)).scanned == []
+
+
+def test_a_racy_folder_changed_within_its_mtime_tick_is_walked_again(tree, monkeypatch):
+    """On a filesystem whose mtime ticks coarsely, a file added during the scan may leave the folder's
+    mtime as it was: the second listing sees the new entry."""
+    monkeypatch.setattr(data_index, "RACY_NS", int(0.3e9))
+    write_random_pairs(tree / "part0", 1, latent_shape=(4, 4, 4), text_shape=(7, 8), folders=1, seed=4)
+    folder = tree / "part0" / "part0"
+    before = os.stat(folder)
+
+    def add_a_pair_within_the_tick():
+        write_random_pairs(folder, 1, latent_shape=(4, 4, 4), text_shape=(7, 8), folders=1, seed=5)
+        shutil.move(folder / "part0" / "s000000.img_sdvae", folder / "late.img_sdvae")
+        shutil.move(folder / "part0" / "s000000.txt_clipl", folder / "late.txt_clipl")
+        shutil.rmtree(folder / "part0")
+        os.utime(folder, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    done = refresh(str(tree), progress=SlowScan(0.1, add_a_pair_within_the_tick))
+    folders = done.table.folders()
+    assert done.table.folder_mtime_ns[folders.index("part0/part0")] == data_index.UNVERIFIED_MTIME
+    found = indexed_training_pairs([str(tree)], *SUFFIXES)
+    assert "part0/part0" in found.refreshes[0].scanned
+    assert str(folder / "late.img_sdvae") in [found.index[i][0] for i in range(len(found.index))]
+
+
+def test_a_rescan_that_finds_what_the_index_says_does_not_rewrite_it(tree):
+    write_random_pairs(tree / "part0", 1, latent_shape=(4, 4, 4), text_shape=(7, 8), folders=1, seed=4)
+    first = refresh(str(tree))
+    assert first.written_to == str(index_file(tree))
+    written = index_file(tree).stat().st_mtime_ns
+    again = refresh(str(tree))  # the racy folders walked again, found as they were
+    assert again.scanned == ["part0", "part0/part0"] and again.written_to is None
+    assert index_file(tree).stat().st_mtime_ns == written
 
 
 @pytest.mark.parametrize("spoil", ["truncated", "garbage", "other_format", "killed_writer"])
