@@ -82,7 +82,9 @@ def test_an_old_checkpoint_resumes_to_the_weights_the_old_code_reached(premove, 
     expected = load_file(PREMOVE / run / "checkpoint-00004" / "unet" / "diffusion_pytorch_model.safetensors")
     assert reached.keys() == expected.keys()
     for key in expected:
-        assert torch.equal(reached[key], expected[key]), key
+        # another torch build may round the last bit otherwise (seen: 1.2e-7 on weights near 1); a resume
+        # that lost its optimizer state, step or data position is off by the learning rate's order (1e-3)
+        torch.testing.assert_close(reached[key], expected[key], rtol=1e-6, atol=1e-6, msg=key)
     index = json.loads((output / "checkpoint-00004" / "model_index.json").read_text())
     if run == "t5run":  # a new save names the kept path, as old ones do
         assert index["t5_projection"] == ["cachetrain.t5", "T5Projection"]
