@@ -93,6 +93,9 @@ def _flag(default: Any = None, help: str = "", check: Check | None = None, **arg
     return field(default=default, metadata=metadata)
 
 
+DYNAMO_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")  # torch's own, as kohya's --dynamo_backend
+
+
 @dataclass
 class TrainConfig:
     # what to train, on what, and where to write
@@ -203,6 +206,8 @@ class TrainConfig:
     bf16_weights: bool = _flag(False, "weights, grads and optimizer state in bf16, stochastic rounding on the update")
     allow_tf32: bool = _flag(False, "allow TF32 matmuls on CUDA")
     compile: bool = _flag(False, "torch.compile the UNet (slow first steps, faster after)")
+    dynamo_backend: str = _flag("inductor", "with --compile: torch.compile's backend (inductor generates kernels; "
+                                            "aot_eager traces without code generation)", choices=DYNAMO_BACKENDS)
     channels_last: bool = _flag(False, "UNet and latents in channels-last memory format (faster convolutions on GPU)")
     # layer selections
     reinit_unet: bool = _flag(False, "re-initialise the whole UNet (train from scratch, seeded)")
