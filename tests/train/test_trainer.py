@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -271,6 +272,9 @@ def test_two_process_cpu_training_keeps_weights_identical(tiny_sd_model, cached_
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the run's lock taken once, by the main process (a second process taking it would have been refused)
+    assert "is in use by another run" not in done.stderr
+    assert (output / ".run.lock").read_text().split()[1] == socket.gethostname()
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 6
     first, second = summary["process_weight_checksums"]
