@@ -165,7 +165,20 @@ def test_a_rescan_that_finds_what_the_index_says_does_not_rewrite_it(tree):
     assert index_file(tree).stat().st_mtime_ns == written
 
 
-@pytest.mark.parametrize("spoil", ["truncated", "garbage", "other_format", "killed_writer"])
+def test_the_index_read_in_place_holds_what_numpy_reads_from_the_file(tree):
+    """The start maps each array where it lies in the file; numpy's own reader is the reference."""
+    from cachetrain.data_index import _ARRAYS
+
+    refresh(str(tree))
+    table = read_index(str(tree))
+    with np.load(index_file(tree), allow_pickle=False) as stored:
+        assert sorted(stored.files) == sorted([*_ARRAYS, "meta"])
+        for name in _ARRAYS:
+            assert getattr(table, name).dtype == stored[name].dtype, name
+            np.testing.assert_array_equal(getattr(table, name), stored[name], err_msg=name)
+
+
+@pytest.mark.parametrize("spoil", ["truncated", "garbage", "other_format", "compressed", "killed_writer"])
 def test_an_index_that_cannot_be_believed_is_ignored_and_rebuilt(tree, spoil):
     refresh(str(tree))
     stored = index_file(tree)
@@ -178,6 +191,10 @@ def test_an_index_that_cannot_be_believed_is_ignored_and_rebuilt(tree, spoil):
             arrays = dict(kept)
         arrays["meta"] = np.frombuffer(b'{"format": 99, "root": "/", "suffixes": []}', np.uint8)
         np.savez(stored, **arrays)
+    elif spoil == "compressed":  # the same arrays, as another tool might rewrite them
+        with np.load(stored) as kept:
+            arrays = dict(kept)
+        np.savez_compressed(stored, **arrays)
     else:  # a killed writer's temporary beside the good index: never read
         (stored.parent / f".{INDEX_FILE_NAME}.partial-0123abcd").write_bytes(b"half")
     if spoil != "killed_writer":
