@@ -7,9 +7,11 @@ policy's: save_policy.agreed_requests.)
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -81,10 +83,14 @@ def gather_shares(accelerator, unet: torch.nn.Module, sample_id_sum: int, sample
     return accelerator.gather(checksum).cpu().tolist(), accelerator.gather(shares).cpu()
 
 
-def end_processes(accelerator, exit_status: int, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+def end_processes(accelerator, exit_status: int, grace_seconds: float = SHUTDOWN_GRACE_SECONDS,
+                  release: Callable[[], None] | None = None) -> None:
     """Wait for every process, then tear the process group down. By now the run's files are written and
     its exit status is known, so a teardown that hangs (destroying a process group now and then does,
-    with no error) must not hold the job: after ``grace_seconds`` the process leaves with that status."""
+    with no error) must not hold the job: after ``grace_seconds`` the process leaves with that status.
+    ``release`` drops the caller's references to the DDP-wrapped model first, so that its reducer is freed
+    here, under the watchdog: freed later (when the run object goes), it joined gloo's threads with the
+    group gone and hung there for good (seen on a two-node run)."""
     if accelerator.num_processes == 1:
         accelerator.end_training()
         return
@@ -93,6 +99,10 @@ def end_processes(accelerator, exit_status: int, grace_seconds: float = SHUTDOWN
     watchdog.start()
     try:
         accelerator.wait_for_everyone()
+        if release is not None:
+            release()
+        accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
+        gc.collect()
         accelerator.end_training()
     finally:
         watchdog.cancel()

@@ -279,7 +279,7 @@ class TrainingRun:
             if self.is_main:
                 run_dir.finish_finished_run(self.output_dir, self.resume_from, self.progress.step)
             self.result.final_saved = True
-            end_processes(self.accelerator, ExitStatus.FINISHED)
+            end_processes(self.accelerator, ExitStatus.FINISHED, release=self._drop_wrapped_unet)
             return self.result
         bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step",
                    disable=not self.is_main or self.config.no_progress, dynamic_ncols=True)
@@ -492,8 +492,13 @@ class TrainingRun:
         self.sample_log.close()
         # the main process may still be writing the final model: tearing the process group down
         # under it aborted another process now and then (~1 run in 10 with two CPU processes)
-        end_processes(self.accelerator, self.result.exit_status)
+        end_processes(self.accelerator, self.result.exit_status, release=self._drop_wrapped_unet)
         self.result.steps = self.progress.step
+
+    def _drop_wrapped_unet(self) -> None:
+        """The run's holders of the DDP-wrapped UNet, dropped at its end (processes.end_processes says why);
+        the trained weights stay in bare_unet."""
+        self.unet = self.step = None
 
     def _exit_status(self) -> int:
         return run_dir.exit_status(stopped=self.result.interrupted, failed_saves=len(self.result.failed_saves),
