@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .atomic import write_atomically
-from .bounded_read import ReadTimedOut
+from .bounded_read import ReadTimedOut, call_bounded_each
 from .sidecar import (CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, T5_SUFFIX,
                       TEXT_EMBEDDING_KEY, SidecarError, is_temporary, read_header)
 from .tree import left_out_reason
@@ -249,16 +249,14 @@ class _Folder:
 
 
 def _file_record(path: str) -> tuple[int, int, int, tuple[int, ...]]:
+    """(size, mtime, dims, shape) of one sidecar; runs on a bounded-read worker (read_header then reads directly)."""
     try:
         info = os.stat(path)
     except OSError:
         return 0, 0, UNREADABLE, ()
     try:
         header = read_header(path)
-    except (OSError, SidecarError) as error:
-        timed_out = error if isinstance(error, ReadTimedOut) else error.__cause__
-        if isinstance(timed_out, ReadTimedOut):
-            raise timed_out from None  # no verdict on the file: _read_folder leaves its folder unbelieved
+    except (OSError, SidecarError):
         return info.st_size, info.st_mtime_ns, UNREADABLE, ()
     entry = header.get(IMAGE_LATENT_KEY) or header.get(TEXT_EMBEDDING_KEY)
     try:
@@ -269,12 +267,14 @@ def _file_record(path: str) -> tuple[int, int, int, tuple[int, ...]]:
 
 
 def _read_folder(root: str, folder: _Folder, width: int) -> None:
+    """The folder's files' records, read in one hand-over to a bounded-read worker (one per file costs more than
+    the reads)."""
     base = os.path.join(root, folder.name) if folder.name else root
+    answers = call_bounded_each([os.path.join(base, name) for name, _ in folder.files], _file_record)
     rows: dict[str, list] = {}
-    for name, (suffix_number, stem) in folder.files:
-        path = os.path.join(base, name)
+    for (_, (suffix_number, stem)), answer in zip(folder.files, answers):
         try:
-            record = _file_record(path)
+            record = answer.result()
         except ReadTimedOut:  # a read that did not answer (or a stop): unreadable now, and read again next time
             record = (0, 0, UNREADABLE, ())
             folder.mtime_ns = UNVERIFIED_MTIME

@@ -141,3 +141,52 @@ def test_a_header_read_that_times_out_leaves_its_folder_to_be_read_again_not_bel
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["written"] and folder in result["first"] and len(result["first"]) > 1
     assert result["second"] == [folder]
+
+
+FOLDER_PROBE = r"""
+import json, sys
+from cachetrain import bounded_read
+from cachetrain.data_index import folder_stems, refresh
+bounded_read.set_read_timeout(float(sys.argv[3]))
+first = refresh(sys.argv[1], index_dir=sys.argv[2])
+table = first.table
+number = table.folders().index(sys.argv[4])
+records = {}
+for stem, row in folder_stems(table, *table.folder_rows(number)).items():
+    for column, suffix in enumerate(table.suffixes):
+        dims = int(table.header_ndims[row, column])
+        if dims != -1:  # ABSENT
+            records[stem + suffix] = [dims, table.header_shapes[row, column, :max(dims, 0)].tolist()]
+second = refresh(sys.argv[1], index_dir=sys.argv[2])
+print(json.dumps({"seconds": first.seconds, "records": records, "folder_mtime": int(table.folder_mtime_ns[number]),
+                  "second": second.scanned}))
+"""
+
+
+@needs_fuse
+def test_a_stalled_sidecar_costs_its_folder_one_read_bound_and_the_folders_other_sidecars_are_indexed(
+        cached_dataset, tmp_path):
+    """The index reads a folder's headers in one hand-over to a bounded worker: the first sidecar of a folder
+    never answers, the reads queued behind it go on on a fresh worker, and the whole refresh takes about one read
+    bound, not one per file."""
+    from cachetrain.data_index import UNREADABLE, UNVERIFIED_MTIME
+
+    folder = sorted(path for path in cached_dataset.iterdir() if path.is_dir() and not path.name.startswith("."))[1]
+    sidecars = sorted(path for path in folder.iterdir() if path.suffix in (".img_sdvae", ".txt_clipl"))
+    stalled = sidecars[0]  # read first: every other sidecar of the folder waits behind it
+    expected = {}
+    for path in sidecars[1:]:
+        shape = next(entry["shape"] for key, entry in sidecar.read_header(path).items() if key != "__metadata__")
+        expected[path.name] = [len(shape), shape[:3]]
+    an_hour_ago = time.time() - 3600  # older than the index's racy window: a folder is believed by its mtime
+    for path in [cached_dataset, *(p for p in cached_dataset.rglob("*") if p.is_dir())]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    bound = 2
+    with stalling_mount(cached_dataset, tmp_path / "mount", [stalled.name]) as mount:
+        done = _run("-c", FOLDER_PROBE, str(mount), str(tmp_path / "index"), str(bound), folder.name, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert len(sidecars) >= 20 and result["records"] == {**expected, stalled.name: [UNREADABLE, []]}
+    assert result["folder_mtime"] == UNVERIFIED_MTIME  # no verdict on the stalled file: read again next time
+    assert result["second"] == [folder.name]
+    assert result["seconds"] < bound * len(sidecars) / 2  # one bound for the folder, not one per sidecar behind it
