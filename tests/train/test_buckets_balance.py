@@ -163,7 +163,12 @@ def test_buckets_with_equal_folders_and_a_bad_file_resume_exactly(tiny_sd_model,
 
 
 def test_two_processes_share_bucketed_batches_and_count_bad_pairs_together(tiny_sd_model, two_shapes, tmp_path):
+    """Also the data index under two processes: with none yet, only the main process walks (and reads the
+    headers), the other takes the main's index without walking."""
+    from cachetrain.data_index import INDEX_FILE_NAME, INDEX_FOLDER_NAME
     from cachetrain.sidecar import read_metadata, write_sidecar
+
+    (two_shapes / INDEX_FOLDER_NAME / INDEX_FILE_NAME).unlink()
 
     for path in (sorted((two_shapes / "part0").glob("*.img_sdvae"))[1], sorted((two_shapes / "part1").glob(
             "*.img_sdvae"))[2]):
@@ -177,6 +182,8 @@ def test_two_processes_share_bucketed_batches_and_count_bad_pairs_together(tiny_
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("data index of") == 1 and "no index yet; walked 5 folders" in done.stderr
+    assert "this process walked" not in done.stderr
     summary = _summary(output)
     first, second = summary["process_weight_checksums"]
     assert first == second

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,6 @@ from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import train
 from tests.test_data_index import age_folders
 
-REPO = Path(__file__).resolve().parents[2]
 WIDE = (4, 16, 24)
 
 
@@ -147,20 +144,7 @@ def test_a_read_only_root_keeps_its_index_in_the_named_folder_or_is_walked_as_be
         os.system(f"umount {read_only}")
 
 
-@pytest.mark.slow
-def test_of_two_processes_only_the_main_one_walks_and_both_train_alike(tiny_sd_model, indexed, tmp_path):
-    (indexed / INDEX_FOLDER_NAME / INDEX_FILE_NAME).unlink()
-    output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "train_from_cached.py"), *_args(tiny_sd_model, indexed, output, "--aspect_buckets",
-                                                          "--max_steps", "2")]
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.count("data index of") == 1 and "no index yet; walked 5 folders" in done.stderr
-    assert "this process walked" not in done.stderr
-    first, second = _summary(output)["process_weight_checksums"]
-    assert first == second
+# Two processes over one index (only the main one walks): test_buckets_balance's two-process run.
 
 
 def _val_losses(result) -> list[float]:
