@@ -4,7 +4,8 @@ The folders are the stages, in the order data flows (a stage imports only stages
 
   (root)   the contracts every stage shares: sidecar files (``sidecar``), walking a data tree (``tree``),
            the names inside a run folder (``checkpoint_layout``), atomic writes, the CLI helpers (``cli``),
-           reads with a time bound (``bounded_read``), copies by reflink (``reflink``)
+           reads with a time bound (``bounded_read``), copies by reflink (``reflink``), the data index of a
+           tree (``data_index`` keeps it current, ``index_table`` its arrays and file, ``indexed_pairs``)
   models/  loading and building pipelines, model file formats and export, drawing a sample
   cache/   images and captions -> sidecars                       (create_img_*.py, create_*cache*.py)
   train/   sidecar pairs -> a trained UNet and its checkpoints   (train_from_cached.py)

@@ -1,8 +1,8 @@
 """The data index: one small file per data root that says what its sidecars are, so a start reads it
 instead of walking millions of files and reading their headers.
 
-Format (version INDEX_FORMAT): an uncompressed numpy ``.npz`` (zip of ``.npy`` arrays, read with
-``allow_pickle=False``), ``ROOT/.cachetrain/data-index.npz`` (a hidden folder: walks skip it, and
+Format (``index_table.INDEX_FORMAT``; index_table.py writes and reads it): an uncompressed numpy
+``.npz`` (zip of ``.npy`` arrays), ``ROOT/.cachetrain/data-index.npz`` (a hidden folder: walks skip it, and
 writing the index there leaves the root folder's mtime alone). One row
 per *stem* (``dir/name`` of ``dir/name.img_sdvae`` + ``dir/name.txt_clipl``), columns per tracked
 sidecar suffix, so a pair is a row with both columns present:
@@ -31,27 +31,24 @@ escapes the rule: the trainer's loader still checks every latent against its rec
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import stat
-import struct
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import write_atomically
 from .bounded_read import ReadTimedOut, call_bounded_each
 from .sidecar import (CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, T5_SUFFIX,
                       TEXT_EMBEDDING_KEY, SidecarError, is_temporary, read_header)
+from .index_table import (  # noqa: F401  (the table's names, importable from here as before)
+    _ARRAYS, ABSENT, NO_TENSOR, UNREADABLE, IndexError_, IndexTable, _blob, folder_stems, load_index_file,
+    write_index)
 from .tree import left_out_reason
 
-INDEX_FORMAT = 2  # 2: fresh_digests
 INDEX_FOLDER_NAME = ".cachetrain"
 INDEX_FILE_NAME = "data-index.npz"
 INDEX_DIR_ENV = "CACHETRAIN_INDEX_DIR"  # where indexes of read-only roots live (default below)
@@ -59,12 +56,7 @@ DEFAULT_SUFFIXES = (SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, CLIP_L_SUFFIX, T5_SUFFIX)
 RACY_SECONDS = 3.0  # coarser than any filesystem's mtime tick (FAT: 2 s)
 RACY_NS = int(RACY_SECONDS * 1e9)
 UNVERIFIED_MTIME = -1
-ABSENT, UNREADABLE, NO_TENSOR = -1, -2, 0  # header_ndims values that are not a dimension count
 SCAN_THREADS = 16  # folders scanned at once: header reads wait on storage, not the CPU
-
-
-class IndexError_(ValueError):
-    """An index file that cannot be believed (unreadable, another format, another root)."""
 
 
 def default_index_dir() -> str:
@@ -88,137 +80,6 @@ def writable_location(root: str, index_dir: str | None = None) -> str:
     except OSError:
         return elsewhere
     return beside if os.access(os.path.dirname(beside), os.W_OK) else elsewhere
-
-
-def _names(blob: np.ndarray, ends: np.ndarray) -> list[str]:
-    raw, start, names = blob.tobytes(), 0, []
-    for end in ends.tolist():
-        names.append(raw[start:end].decode("utf-8", "surrogateescape"))
-        start = end
-    return names
-
-
-def _blob(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    encoded = [name.encode("utf-8", "surrogateescape") for name in names]
-    ends = np.cumsum([len(e) for e in encoded], dtype=np.int64) if encoded else np.zeros(0, np.int64)
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), ends
-
-
-@dataclass
-class IndexTable:
-    """The index of one root in memory: numpy arrays, names as one blob + end offsets."""
-
-    root: str
-    suffixes: tuple[str, ...]
-    folder_names: np.ndarray  # uint8 blob
-    folder_name_ends: np.ndarray  # int64 [F]
-    folder_parents: np.ndarray  # int32 [F], -1 for the root
-    folder_mtime_ns: np.ndarray  # int64 [F]
-    folder_inodes: np.ndarray  # uint64 [F]
-    folder_row_ends: np.ndarray  # int64 [F]
-    stem_names: np.ndarray  # uint8 blob
-    stem_name_ends: np.ndarray  # int64 [N]
-    file_sizes: np.ndarray  # int64 [N, K]
-    file_mtime_ns: np.ndarray  # int64 [N, K]
-    header_ndims: np.ndarray  # int8 [N, K]
-    header_shapes: np.ndarray  # int32 [N, K, 3]
-    fresh_digests: np.ndarray | None = None  # uint64 [N, K]; None: all 0
-    folder_devices: np.ndarray | None = None  # this start's stat, not stored: tells overlapping roots apart
-    _folder_list: list[str] | None = field(default=None, repr=False)
-
-    def __post_init__(self):
-        if self.fresh_digests is None:
-            self.fresh_digests = np.zeros(self.file_sizes.shape, np.uint64)
-
-    def folders(self) -> list[str]:
-        if self._folder_list is None:
-            self._folder_list = _names(self.folder_names, self.folder_name_ends)
-        return self._folder_list
-
-    def folder_rows(self, number: int) -> tuple[int, int]:
-        return (int(self.folder_row_ends[number - 1]) if number else 0), int(self.folder_row_ends[number])
-
-    def __len__(self) -> int:
-        return len(self.stem_name_ends)
-
-    def pair_count(self, image_suffix: str, text_suffix: str) -> int:
-        image, text = self.suffixes.index(image_suffix), self.suffixes.index(text_suffix)
-        return int(((self.header_ndims[:, image] != ABSENT) & (self.header_ndims[:, text] != ABSENT)).sum())
-
-    def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in _ARRAYS)
-
-
-_ARRAYS = ("folder_names", "folder_name_ends", "folder_parents", "folder_mtime_ns", "folder_inodes",
-           "folder_row_ends", "stem_names", "stem_name_ends", "file_sizes", "file_mtime_ns", "header_ndims",
-           "header_shapes", "fresh_digests")
-
-
-def write_index(table: IndexTable, path: str) -> None:
-    """Write ``table`` to ``path`` in one rename: a killed writer leaves the old index or none."""
-    meta = {"format": INDEX_FORMAT, "root": table.root, "suffixes": list(table.suffixes), "written": time.time()}
-    buffer = io.BytesIO()
-    np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-             **{name: getattr(table, name) for name in _ARRAYS})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_atomically(path, buffer.getvalue(), fsync=False)
-
-
-def _mapped_npz(path: str) -> dict[str, np.ndarray]:
-    """Every array of an uncompressed ``.npz``, memory-mapped copy-on-write where it lies in the zip: a start
-    reads only the pages of the columns it uses (at 10M pairs, the sizes, mtimes and digests it does not use
-    are most of the file), and a change to an array (a cache build's digests) stays in this process."""
-    arrays = {}
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
-        for member in archive.infolist():
-            if member.compress_type != zipfile.ZIP_STORED or not member.filename.endswith(".npy"):
-                raise ValueError(f"{member.filename}: not a stored .npy")
-            handle.seek(member.header_offset)
-            local = handle.read(30)  # the local file header, then the name and the extra field
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise ValueError(f"{member.filename}: no local header")
-            name_length, extra_length = struct.unpack("<HH", local[26:30])
-            start = member.header_offset + 30 + name_length + extra_length
-            handle.seek(start)
-            version = np.lib.format.read_magic(handle)
-            shape, fortran_order, dtype = (np.lib.format.read_array_header_1_0(handle) if version == (1, 0)
-                                           else np.lib.format.read_array_header_2_0(handle))
-            if dtype.hasobject:
-                raise ValueError(f"{member.filename}: holds objects")
-            count = int(np.prod(shape))
-            if handle.tell() + count * dtype.itemsize > start + member.compress_size:
-                raise ValueError(f"{member.filename}: shorter than its header says")
-            order = "F" if fortran_order else "C"
-            arrays[member.filename[:-4]] = (np.memmap(path, dtype, "c", handle.tell(), shape, order) if count
-                                            else np.zeros(shape, dtype, order=order))
-    return arrays
-
-
-def load_index_file(path: str, root: str) -> IndexTable:
-    """Read one index file; raises IndexError_ naming why it cannot be believed."""
-    try:
-        stored = _mapped_npz(path)
-        meta = json.loads(np.asarray(stored["meta"]).tobytes())
-        if meta.get("format") != INDEX_FORMAT:
-            raise IndexError_(f"format {meta.get('format')!r}, this version reads {INDEX_FORMAT}")
-        arrays = {name: stored[name] for name in _ARRAYS}
-    except IndexError_:
-        raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, struct.error) as error:
-        raise IndexError_(f"unreadable ({error})") from None
-    # the root it names may differ (a tree moved or mounted elsewhere): names are relative, and the
-    # staleness rule (mtime and inode of every folder) tells a moved copy from the original
-    table = IndexTable(os.path.abspath(root), tuple(meta["suffixes"]), **arrays)
-    folders, rows, width = len(table.folder_name_ends), len(table.stem_name_ends), len(table.suffixes)
-    consistent = (len(table.folder_parents) == len(table.folder_mtime_ns) == len(table.folder_inodes)
-                  == len(table.folder_row_ends) == folders
-                  and (folders == 0 or int(table.folder_row_ends[-1]) == rows)
-                  and table.header_ndims.shape == table.file_sizes.shape == table.file_mtime_ns.shape
-                  == table.fresh_digests.shape == (rows, width)
-                  and table.header_shapes.shape == (rows, width, 3))
-    if not consistent:
-        raise IndexError_("its arrays disagree in length")
-    return table
 
 
 def read_index(root: str, index_dir: str | None = None) -> IndexTable | None:
@@ -484,14 +345,6 @@ def _carried_digests(old: IndexTable | None, old_number: int | None, names: list
                     and old.file_mtime_ns[old_row, old_column] == mtime[row, column]):
                 carried[row, column] = old.fresh_digests[old_row, old_column]
     return carried
-
-
-def folder_stems(table: IndexTable, start: int, end: int) -> dict[str, int]:
-    """stem -> row of the rows start..end (one folder's)."""
-    first = int(table.stem_name_ends[start - 1]) if start else 0
-    ends = table.stem_name_ends[start:end] - first
-    blob = table.stem_names[first: int(table.stem_name_ends[end - 1])]
-    return {name: start + row for row, name in enumerate(_names(blob, ends))}
 
 
 def _same_rows(table: IndexTable, old: IndexTable) -> bool:

@@ -167,7 +167,7 @@ def test_a_rescan_that_finds_what_the_index_says_does_not_rewrite_it(tree):
 
 def test_the_index_read_in_place_holds_what_numpy_reads_from_the_file(tree):
     """The start maps each array where it lies in the file; numpy's own reader is the reference."""
-    from cachetrain.data_index import _ARRAYS
+    from cachetrain.index_table import _ARRAYS
 
     refresh(str(tree))
     table = read_index(str(tree))
