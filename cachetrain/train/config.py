@@ -206,8 +206,10 @@ class TrainConfig:
     bf16_weights: bool = _flag(False, "weights, grads and optimizer state in bf16, stochastic rounding on the update")
     allow_tf32: bool = _flag(False, "allow TF32 matmuls on CUDA")
     compile: bool = _flag(False, "torch.compile the UNet (slow first steps, faster after)")
-    dynamo_backend: str = _flag("inductor", "with --compile: torch.compile's backend (inductor generates kernels; "
-                                            "aot_eager traces without code generation)", choices=DYNAMO_BACKENDS)
+    dynamo_backend: str | None = _flag(None, "torch.compile's backend, kohya's flag: given alone it turns --compile "
+                                             "on, 'no' turns it off; with --compile the default is inductor (it "
+                                             "generates kernels; aot_eager traces without)",
+                                       choices=("no", *DYNAMO_BACKENDS))
     channels_last: bool = _flag(False, "UNet and latents in channels-last memory format (faster convolutions on GPU)")
     # layer selections
     reinit_unet: bool = _flag(False, "re-initialise the whole UNet (train from scratch, seeded)")
@@ -356,6 +358,13 @@ class TrainConfig:
     # reads that never return (a hung network or FUSE mount): docs/reliability.md
     read_timeout: float = _flag(DEFAULT_READ_TIMEOUT, "seconds a sidecar read may take before its pair is named and "
                                                       "skipped as bad (0: no bound)", check=NOT_NEGATIVE)
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The backend the UNet is compiled with, or None for no torch.compile."""
+        if self.dynamo_backend == "no":
+            return None
+        return self.dynamo_backend or ("inductor" if self.compile else None)
 
     @property
     def max_epochs(self) -> float | None:

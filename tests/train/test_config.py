@@ -102,3 +102,11 @@ def test_adamw8_with_bf16_weights_is_one_rule_for_the_flags_and_the_optimizer_bu
         build_optimizer("adamw8", [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))], 1e-4, (0.9, 0.999),
                         0.0, bf16_weights=True)
     assert str(refused.value) == flags_problem.strip() and "stochastic rounding" in flags_problem
+
+
+@pytest.mark.parametrize("flags, backend", [
+    ((), None), (("--compile",), "inductor"), (("--dynamo_backend", "aot_eager"), "aot_eager"),
+    (("--compile", "--dynamo_backend", "aot_eager"), "aot_eager"), (("--compile", "--dynamo_backend", "no"), None),
+])
+def test_kohyas_dynamo_backend_alone_compiles_and_no_turns_compilation_off(flags, backend):
+    assert parse_train_args([*REQUIRED, *flags]).compile_backend == backend

@@ -62,8 +62,8 @@ def test_speed_flags_train_the_same_model(tiny_sd_model, cached_dataset, tmp_pat
     plain = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "plain", *common)))
     plain_layouts, layouts[:] = list(layouts), []
     counters.clear()
-    extra = ("--dynamo_backend", "aot_eager") if flag == "--compile" else ()
-    fast = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "fast", *common, flag, *extra)))
+    flags = ("--dynamo_backend", "aot_eager") if flag == "--compile" else (flag,)  # kohya's flag alone compiles
+    fast = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "fast", *common, *flags)))
     # the flag did take effect
     if flag == "--channels_last":
         assert set(plain_layouts) == {(False, False)} and set(layouts) == {(True, True)}
