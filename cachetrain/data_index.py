@@ -45,8 +45,8 @@ from .bounded_read import ReadTimedOut, call_bounded_each
 from .sidecar import (CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, SDXL_VAE_SUFFIX, T5_SUFFIX,
                       TEXT_EMBEDDING_KEY, SidecarError, is_temporary, read_header)
 from .index_table import (  # noqa: F401  (the table's names, importable from here as before)
-    _ARRAYS, ABSENT, NO_TENSOR, UNREADABLE, IndexError_, IndexTable, _blob, folder_stems, load_index_file,
-    write_index)
+    ABSENT, NO_TENSOR, TABLE_ARRAYS, UNREADABLE, IndexError_, IndexTable, encode_names, folder_stems,
+    load_index_file, write_index)
 from .tree import left_out_reason
 
 INDEX_FOLDER_NAME = ".cachetrain"
@@ -296,7 +296,7 @@ def _assemble(root: str, old: IndexTable | None, suffixes: tuple[str, ...], orde
                     if record is not None:
                         size[row, column], mtime[row, column], ndim[row, column] = record[:3]
                         shape[row, column, : len(record[3])] = record[3]
-            blob, ends = _blob(names)
+            blob, ends = encode_names(names)
             stems.append((blob.tobytes(), ends))
             sizes.append(size), mtimes.append(mtime), ndims.append(ndim), shapes.append(shape)
             digests.append(_carried_digests(old, folder.previous_number, names, size, mtime, suffixes))
@@ -307,7 +307,7 @@ def _assemble(root: str, old: IndexTable | None, suffixes: tuple[str, ...], orde
         blob_parts.append(blob)
         end_parts.append(np.asarray(ends, np.int64) + offset)
         offset += len(blob)
-    folder_blob, folder_ends = _blob([folder.name for folder in ordered])
+    folder_blob, folder_ends = encode_names([folder.name for folder in ordered])
     join = lambda parts, empty: np.concatenate(parts) if parts else empty  # noqa: E731
     return IndexTable(
         root=root, suffixes=suffixes, folder_names=folder_blob, folder_name_ends=folder_ends,
@@ -351,7 +351,7 @@ def _same_rows(table: IndexTable, old: IndexTable) -> bool:
     """Whether a rescan found what the stored index already says (a racy folder listed again, still
     unverified): rewriting a 10M-row index for that would cost every start a second."""
     return table.suffixes == old.suffixes and all(np.array_equal(getattr(table, name), getattr(old, name))
-                                                  for name in _ARRAYS)
+                                                  for name in TABLE_ARRAYS)
 
 
 def refresh(root: str, folders: Iterable[str] | None = None, suffixes: Iterable[str] = (), write: bool = True,

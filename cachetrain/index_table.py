@@ -29,7 +29,7 @@ class IndexError_(ValueError):
     """An index file that cannot be believed (unreadable, another format, another root)."""
 
 
-def _names(blob: np.ndarray, ends: np.ndarray) -> list[str]:
+def decode_names(blob: np.ndarray, ends: np.ndarray) -> list[str]:
     raw, start, names = blob.tobytes(), 0, []
     for end in ends.tolist():
         names.append(raw[start:end].decode("utf-8", "surrogateescape"))
@@ -37,7 +37,7 @@ def _names(blob: np.ndarray, ends: np.ndarray) -> list[str]:
     return names
 
 
-def _blob(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def encode_names(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     encoded = [name.encode("utf-8", "surrogateescape") for name in names]
     ends = np.cumsum([len(e) for e in encoded], dtype=np.int64) if encoded else np.zeros(0, np.int64)
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), ends
@@ -71,7 +71,7 @@ class IndexTable:
 
     def folders(self) -> list[str]:
         if self._folder_list is None:
-            self._folder_list = _names(self.folder_names, self.folder_name_ends)
+            self._folder_list = decode_names(self.folder_names, self.folder_name_ends)
         return self._folder_list
 
     def folder_rows(self, number: int) -> tuple[int, int]:
@@ -85,10 +85,10 @@ class IndexTable:
         return int(((self.header_ndims[:, image] != ABSENT) & (self.header_ndims[:, text] != ABSENT)).sum())
 
     def nbytes(self) -> int:
-        return sum(getattr(self, name).nbytes for name in _ARRAYS)
+        return sum(getattr(self, name).nbytes for name in TABLE_ARRAYS)
 
 
-_ARRAYS = ("folder_names", "folder_name_ends", "folder_parents", "folder_mtime_ns", "folder_inodes",
+TABLE_ARRAYS = ("folder_names", "folder_name_ends", "folder_parents", "folder_mtime_ns", "folder_inodes",
            "folder_row_ends", "stem_names", "stem_name_ends", "file_sizes", "file_mtime_ns", "header_ndims",
            "header_shapes", "fresh_digests")
 
@@ -98,7 +98,7 @@ def write_index(table: IndexTable, path: str) -> None:
     meta = {"format": INDEX_FORMAT, "root": table.root, "suffixes": list(table.suffixes), "written": time.time()}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-             **{name: getattr(table, name) for name in _ARRAYS})
+             **{name: getattr(table, name) for name in TABLE_ARRAYS})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomically(path, buffer.getvalue(), fsync=False)
 
@@ -140,7 +140,7 @@ def load_index_file(path: str, root: str) -> IndexTable:
         meta = json.loads(np.asarray(stored["meta"]).tobytes())
         if meta.get("format") != INDEX_FORMAT:
             raise IndexError_(f"format {meta.get('format')!r}, this version reads {INDEX_FORMAT}")
-        arrays = {name: stored[name] for name in _ARRAYS}
+        arrays = {name: stored[name] for name in TABLE_ARRAYS}
     except IndexError_:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, struct.error) as error:
@@ -165,4 +165,4 @@ def folder_stems(table: IndexTable, start: int, end: int) -> dict[str, int]:
     first = int(table.stem_name_ends[start - 1]) if start else 0
     ends = table.stem_name_ends[start:end] - first
     blob = table.stem_names[first: int(table.stem_name_ends[end - 1])]
-    return {name: start + row for row, name in enumerate(_names(blob, ends))}
+    return {name: start + row for row, name in enumerate(decode_names(blob, ends))}

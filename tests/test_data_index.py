@@ -167,13 +167,13 @@ def test_a_rescan_that_finds_what_the_index_says_does_not_rewrite_it(tree):
 
 def test_the_index_read_in_place_holds_what_numpy_reads_from_the_file(tree):
     """The start maps each array where it lies in the file; numpy's own reader is the reference."""
-    from cachetrain.index_table import _ARRAYS
+    from cachetrain.index_table import TABLE_ARRAYS
 
     refresh(str(tree))
     table = read_index(str(tree))
     with np.load(index_file(tree), allow_pickle=False) as stored:
-        assert sorted(stored.files) == sorted([*_ARRAYS, "meta"])
-        for name in _ARRAYS:
+        assert sorted(stored.files) == sorted([*TABLE_ARRAYS, "meta"])
+        for name in TABLE_ARRAYS:
             assert getattr(table, name).dtype == stored[name].dtype, name
             np.testing.assert_array_equal(getattr(table, name), stored[name], err_msg=name)
 
