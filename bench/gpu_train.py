@@ -133,7 +133,7 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
     objective = DiffusionObjective(DDPMScheduler(**SD15_SCHEDULE)).to(device)
     step = TrainStep(accelerator, unet, optimizer, objective, trainable,
                      qk_weight_parameters(accelerator.unwrap_model(unet)), vae_scale=0.18215, gradient_clip=1.0,
-                     channels_last=config.channels_last, compile_unet="inductor" if config.compile else None)
+                     channels_last=config.channels_last, compile_backend="inductor" if config.compile else None)
     batch = synthetic_batch(config.batch_size, unet_config["sample_size"], text_shape, pin=cuda)
 
     def one_step():

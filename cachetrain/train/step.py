@@ -37,12 +37,12 @@ class UpdateCheck:
 class TrainStep:
     def __init__(self, accelerator, unet, optimizer, objective, trainable: list,
                  qk_params: list, *, vae_scale: float, text_scale: float = 1.0, gradient_clip: float = 0.0,
-                 channels_last: bool = False, compile_unet: str | None = None, gradient_topk: float | None = None,
+                 channels_last: bool = False, compile_backend: str | None = None, gradient_topk: float | None = None,
                  forced_embedding: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                  loss_divisor: int = 1, masked_loss: tuple[float, bool] | None = None):
         self.accelerator = accelerator
         self.unet = unet  # as prepared by accelerate (DDP-wrapped when distributed)
-        self.forward_unet = torch.compile(unet, backend=compile_unet) if compile_unet else unet  # a backend name
+        self.forward_unet = torch.compile(unet, backend=compile_backend) if compile_backend else unet
         self.optimizer = optimizer
         self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)
         self.device_skip = supports_device_skip(self.inner_optimizer)

@@ -183,7 +183,7 @@ class TrainingRun:
                               qk_weight_parameters(self.bare_unet), vae_scale=self.vae_scale,
                               text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
                               channels_last=config.channels_last,
-                              compile_unet=config.compile_backend,
+                              compile_backend=config.compile_backend,
                               gradient_topk=config.gradient_topk, forced_embedding=forced_embedding(config),
                               loss_divisor=config.gradient_accum if config.scale_loss_with_accum else 1,
                               masked_loss=(config.masked_loss_unmasked_weight, config.masked_loss_normalize)
