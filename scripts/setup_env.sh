@@ -28,6 +28,11 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 echo "[setup] installing requirements"
 pip_install -r requirements.txt -r requirements-test.txt
+# bitsandbytes (--optimizer adamw8, tested) goes to a folder of its own, not site-packages: where it is
+# importable, diffusers and peft import it in every process, and it imports torch's compiler (2 s of each
+# script start here). The tests that use it put this folder on their path (tests/conftest.py).
+"$VENV/bin/python" -m pip uninstall -q -y bitsandbytes 2>/dev/null || true
+pip_install --no-deps --upgrade --target "$VENV/optional-packages" "bitsandbytes>=0.50"
 echo "[setup] installing cachetrain (editable) and its commands"
 pip_install --no-deps -e .
 echo "$WANT" > "$STAMP"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,13 @@ os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# bitsandbytes (--optimizer adamw8) is installed beside site-packages, not in it (scripts/setup_env.sh):
+# where it is importable, every process that imports diffusers or peft imports it, 2 s of each script
+# start. This process, where the adamw8 tests run, has it; a test that starts a process gives it this path.
+OPTIONAL_PACKAGES = Path(sys.prefix) / "optional-packages"
+if OPTIONAL_PACKAGES.is_dir():
+    sys.path.append(str(OPTIONAL_PACKAGES))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
