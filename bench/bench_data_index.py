@@ -16,7 +16,8 @@ the rescan after adding pairs to one folder, the index file format, and resident
 Deletes the tree unless --keep. A tree already at --tree (written by an earlier run with --keep or
 --prepare, with the same --pairs) is reused: step 4's added pairs are removed first, so each run starts
 from the same tree. ``--prepare`` writes the tree and the model and stops (to time them later, on an idle
-machine).
+machine); ``--index_current_only N`` builds the index, times step 3's runs with the index current N times
+each, and stops (keeping the tree).
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def main() -> None:
     parser.add_argument("--tree", default="/tmp/index-bench")
     parser.add_argument("--keep", action="store_true", help="keep the tree for the next run")
     parser.add_argument("--prepare", action="store_true", help="write the tree and the model, then stop (keeps them)")
+    parser.add_argument("--index_current_only", type=int, metavar="REPEATS", default=0,
+                        help="after the index build, time only the starts with the index current, each REPEATS "
+                             "times (what a fixed start costs shows in the spread), then stop (the tree is kept)")
     args = parser.parse_args()
     work = Path(args.tree)
     tree, model = work / "data", work / "model"
@@ -215,6 +219,15 @@ def main() -> None:
     seconds, rss, err = timed([sys.executable, "-m", "cachetrain.index_command", str(tree), "--no_progress", "--rebuild"])
     results["index_build"] = {"s": round(seconds, 1), "peak_rss_gb": round(rss, 2)}
     runs = {}
+    if args.index_current_only:
+        for repeat in range(args.index_current_only):
+            for name, extra in (("index_no_buckets", ()), ("index_buckets", ("--aspect_buckets",))):
+                seconds, rss, err = train_start(model, tree, work / "out", *extra)
+                runs.setdefault(name, []).append({"s": round(seconds, 1), "peak_rss_gb": round(rss, 2),
+                                                  "says": index_lines(err)})
+                print(name, runs[name][-1], flush=True)
+        print(json.dumps({**results, "train_2_steps": runs}, indent=1))
+        return
     for name, extra in (("index_no_buckets", ()), ("index_buckets", ("--aspect_buckets",)),
                         ("off_no_buckets", ("--data_index", "off")),
                         ("off_buckets", ("--data_index", "off", "--aspect_buckets"))):
