@@ -5,12 +5,13 @@ One optimizer step = ``gradient_accum`` micro-batches (accelerate's accumulate),
 device and are read back once per ``log_every`` steps; NaN/Inf gradients make the optimizer skip its
 step on the device, with no host sync.
 
-Set-up and the loop live here; what they use has its own home: the run's data (run_data), validation,
-when to save (save_policy), writing checkpoints (checkpoint_writer) and their training state
-(training_state), samples (sample_drawer), the checks before step 1 (start_checks), the run folder (run_dir),
-the processes and what they agree on (processes), the LR schedule's length (optim). What is left
-is the order of things: set-up, the micro-batch loop, what follows an optimizer
-step and an epoch, the save sequence, and the end of a run that every process must reach together.
+Set-up and the loop live here; what they use has its own home: the run's data (run_data), the model and
+what trains it (run_model), validation, when to save (save_policy), writing checkpoints (checkpoint_writer)
+and their training state (training_state), samples (sample_drawer), the checks before step 1
+(start_checks), the run folder (run_dir), the processes and what they agree on (processes), the LR
+schedule's length (optim). What is left is the order of things: set-up, the micro-batch loop, what
+follows an optimizer step and an epoch, the save sequence, and the end of a run that every process must
+reach together.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .adapters import AdapterSpec, attach_adapter, describe as describe_adapter, load_adapter
+from .adapters import load_adapter
 from ..models import loading as models
 from . import run_dir
 from .bad_data import BadPairLedger, TrainingError
@@ -33,25 +34,22 @@ from ..cli import print_error
 from .config import TrainConfig, config_to_dict
 from .elastic import SavedLayout, TrainedSampleLog, launched_processes, resumed_accumulation, speak
 from .ema import ema_weights, make_ema
-from .fixed_embeddings import forced_embedding, noise_plan
 from .frozen_parts import FrozenParts
-from .layers import LayerSelection, apply_layer_selection
 from .epoch_order import RunBatches, folder_identity
 from .loader import CachedPairDataset, RefillingBatchReader, make_training_loader
-from .objective import objective_for
-from .optim import build_optimizer, run_lr_schedule
 from .packaged_optimizers import evaluation_weights, training_mode
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
 from .run_data import load_run_data, trained_latent_shape
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from ..bounded_read import set_read_timeout
 from .run_lock import RunLock, RunLockedError, is_main_launch_process
+from .run_model import load_run_model
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopNow, StopSignal, agreed_requests
-from .shard_data import ShardIndex, ShardStoreUnreachable, unreachable_stop_message
+from .shard_data import ShardStoreUnreachable, unreachable_stop_message
 from .start_checks import SetupError, start_problem
-from .step import TrainStep, UpdateCheck
-from .telemetry import StepHealth, Telemetry, qk_weight_parameters
+from .step import UpdateCheck
+from .telemetry import StepHealth, Telemetry
 from .training_state import Progress, TrainingState, TrainingStateError, data_identity, optimizer_identity
 from .validation import validation_loss
 
@@ -139,64 +137,10 @@ class TrainingRun:
     # -- set-up -----------------------------------------------------------------------------
 
     def _load_model(self) -> None:
-        config, accelerator = self.config, self.accelerator
-        weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
-        unet = models.load_unet(config.pretrained_model, dtype=weight_dtype,
-                                single_file_config=config.single_file_config)
-        self.adapter = AdapterSpec.of(config)
-        try:
-            if self.adapter is not None:  # the UNet frozen, the adapter's layers train
-                self.trainable = attach_adapter(unet, self.adapter, config.seed)
-            else:
-                self.trainable = apply_layer_selection(unet, LayerSelection.of(config), config.seed)
-        except ValueError as error:  # an AdapterError too
-            raise TrainingError(str(error)) from None
-        if config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        if config.channels_last:
-            unet.to(memory_format=torch.channels_last)
-        unet.train()
-        try:
-            scheduler = models.load_training_scheduler(config.pretrained_model, config.prediction_type,
-                                                       config.zero_terminal_snr, config.single_file_config)
-            self.objective = objective_for(scheduler, config).to(self.device)
-        except ValueError as error:
-            raise TrainingError(str(error)) from None
-        shards = self.data.train_index if isinstance(self.data.train_index, ShardIndex) else None
-        self.plan = noise_plan(config, self.data.folders, shards)
-        self.vae_scale = config.vae_scaling_factor or models.read_vae_scaling_factor(config.pretrained_model,
-                                                                                     config.single_file_config)
-        try:
-            self.optimizer = build_optimizer(config.optimizer, self.trainable, config.learning_rate, config.betas,
-                                             config.weight_decay, initial_d=config.initial_d,
-                                             # an adapter trains in fp32 (PEFT's) beside bf16 base weights
-                                             bf16_weights=config.bf16_weights and self.adapter is None)
-        except RuntimeError as error:  # its package is missing
-            raise TrainingError(str(error)) from None
-        # stepped by hand once per optimizer step (accelerate would step it once per process), or once
-        # per epoch with --scheduler_at_epoch
-        rows = self.data.rows_per_epoch
-        self.lr_schedule = run_lr_schedule(config, self.optimizer, rows, self.total_steps, self.is_main, self.world)
-        self.unet, self.optimizer = accelerator.prepare(unet, self.optimizer)
-        self.bare_unet = accelerator.unwrap_model(self.unet)
-        self.step = TrainStep(accelerator, self.unet, self.optimizer, self.objective, self.trainable,
-                              qk_weight_parameters(self.bare_unet), vae_scale=self.vae_scale,
-                              text_scale=config.text_scaling_factor, gradient_clip=config.gradient_clip,
-                              channels_last=config.channels_last,
-                              compile_backend=config.compile_backend,
-                              gradient_topk=config.gradient_topk, forced_embedding=forced_embedding(config),
-                              loss_divisor=config.gradient_accum if config.scale_loss_with_accum else 1,
-                              masked_loss=(config.masked_loss_unmasked_weight, config.masked_loss_normalize)
-                              if config.masked_loss else None)
-        if self.is_main:
-            total = sum(p.numel() for p in self.bare_unet.parameters())
-            held_out = self.data.validation_index
-            print(f"[train] {len(self.data.train_index)} training pairs"
-                  f"{f', {len(held_out)} held out' if held_out else ''}; "
-                  f"{rows // self.world if rows % self.world == 0 else f'{rows / self.world:.2f}'} "
-                  f"batches/epoch/process x {self.world} process(es); {self.total_steps} "
-                  f"optimizer steps; trainable parameters: {sum(p.numel() for p in self.trainable):,} "
-                  f"of {total:,}{describe_adapter(self.bare_unet, self.adapter)}", file=sys.stderr)
+        model = load_run_model(self.config, self.accelerator, self.data)
+        self.adapter, self.trainable, self.plan = model.adapter, model.trainable, model.plan
+        self.optimizer, self.lr_schedule = model.optimizer, model.lr_schedule
+        self.unet, self.bare_unet, self.step = model.unet, model.bare_unet, model.step
 
     def _prepare_saves(self) -> None:
         """Refuse now what would make a save or a sample fail later (the main process checks: it alone
