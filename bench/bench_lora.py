@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--sd15_t5", metavar="WORKDIR", help="the SD1.5-size T5-model runs (see above) in WORKDIR")
     parser.add_argument("--full", action="store_true", help="--sd15_t5: also one full step (needs ~15 GB)")
     parser.add_argument("--latent", type=int, default=32, help="--sd15_t5, --sd15_steps: latent side")
+    parser.add_argument("--tiny_latent", type=int, default=16, help="the tiny UNet's latent side (16: 128 px through "
+                        "an SD VAE; 64 would be 512 px)")
     parser.add_argument("--sd15_steps", action="store_true",
                         help="the step ratio on the SD1.5 UNet itself (random weights; one mode after the other, "
                              "~20 GB at the peak; --batch 1 --latent 32 --windows 2 --steps 2 advised on a CPU)")
@@ -147,8 +149,10 @@ def main() -> None:
         sd15_step_ratio(args)
         return
     generator = torch.Generator().manual_seed(1)
-    batch = (torch.randn(args.batch, 4, 16, 16, generator=generator), torch.randint(0, 1000, (args.batch,), generator=generator),
-             torch.randn(args.batch, 77, 32, generator=generator), torch.randn(args.batch, 4, 16, 16, generator=generator))
+    side = args.tiny_latent
+    batch = (torch.randn(args.batch, 4, side, side, generator=generator),
+             torch.randint(0, 1000, (args.batch,), generator=generator),
+             torch.randn(args.batch, 77, 32, generator=generator), torch.randn(args.batch, 4, side, side, generator=generator))
     runs = {mode: build(mode, args.rank, args.targets) for mode in ("full", "lora")}
     for unet, _, optimizer, _ in runs.values():
         for _ in range(args.warmup):
@@ -160,7 +164,8 @@ def main() -> None:
             for _ in range(args.steps):
                 step(unet, optimizer, batch)
             times[mode].append((time.perf_counter() - start) / args.steps)
-    result = {"rank": args.rank, "targets": args.targets, "batch": args.batch, "load_average": os.getloadavg()[0]}
+    result = {"rank": args.rank, "targets": args.targets, "batch": args.batch, "latent": side,
+              "load_average": os.getloadavg()[0]}
     for mode, (unet, trainable, optimizer, total) in runs.items():
         result[mode] = {"step_s": statistics.median(times[mode]), "trainable": sum(p.numel() for p in trainable),
                         "parameters": total, "state_bytes": state_bytes(trainable, optimizer, batch, unet)}
@@ -170,7 +175,7 @@ def main() -> None:
     print(json.dumps(result))
     full, lora = result["full"], result["lora"]
     print(f"step time: LoRA {lora['step_s']:.3f} s / full {full['step_s']:.3f} s = {result['step_ratio']:.2f} "
-          f"(goal <= 0.7; batch {args.batch}, rank {args.rank}, load average {result['load_average']:.1f})")
+          f"(goal <= 0.7; batch {args.batch}, {side}x{side} latents, rank {args.rank}, load average {result['load_average']:.1f})")
     print(f"trainable state: LoRA {lora['state_bytes'] / 1e6:.2f} MB / full {full['state_bytes'] / 1e6:.1f} MB = "
           f"{100 * result['state_ratio']:.2f}% on the tiny UNet; on SD1.5's UNet (counted) "
           f"{100 * result['sd15_size']['state_ratio']:.2f}% (goal <= 2%)")
