@@ -13,15 +13,18 @@ from tests.conftest import OPTIONAL_PACKAGES
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(OPTIONAL_PACKAGES)}  # adamw8
+def _run(*args: str, optional_packages: bool = False) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if optional_packages:  # bitsandbytes, for --optimizer adamw8
+        env["PYTHONPATH"] = str(OPTIONAL_PACKAGES)
     done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def test_gpu_train_bench_runs_the_trainer_step_on_the_tiny_unet():
-    out = _run("bench/gpu_train.py", "--tiny", "--steps", "1", "--windows", "1", "--warmup", "1")
+    out = _run("bench/gpu_train.py", "--tiny", "--steps", "1", "--windows", "1", "--warmup", "1",
+               optional_packages=True)
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     # the default set at batch 4, without compilation (minutes on a CPU), each configuration once
     assert [r["config"] for r in results] == ["b4-nockpt-fp32m-adamw", "b4-ckpt-bf16w-adamw",
