@@ -22,7 +22,6 @@ from ..models import ldm_layout, loading as models
 from .summary import CacheSummary
 from .writer import EncodedItem
 from ..sidecar import T5_SUFFIX, CaptionRejected, read_caption
-from ..models.t5 import load_t5_text_parts
 from .text_cache import TextEmbeddingBuilder, build_parser, encoder_device_and_dtype, run_text_cache
 from ..models.text_encoding import encode_t5_prompts, t5_overlong
 
@@ -107,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if dtype == torch.float16:  # T5's activations overflow fp16: every caption would come out NaN
         print("error: T5 overflows in float16; use --dtype bfloat16 or float32", file=sys.stderr)
         return 2
+    from ..models.t5 import load_t5_text_parts  # here, not at the top: it imports diffusers (4 s of --help)
+
     try:
         # trusted always: this script exists for custom pipelines (as the original, it implies --custom)
         tokenizer, text_encoder, projection = load_t5_text_parts(model, dtype, trust_remote_code=True)
