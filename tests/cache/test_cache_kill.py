@@ -12,6 +12,7 @@ from cachetrain import sidecar
 from cachetrain.tiny.models import make_shapes_dataset
 
 from tests.conftest import REPO_ROOT
+from tests.script_runs import run_script
 
 IMAGES = 60
 
@@ -57,7 +58,8 @@ def test_sigkill_mid_run_leaves_only_valid_sidecars_and_a_rerun_completes(tmp_pa
     leftovers = [p for p in temporaries if sidecar.is_abandoned_temporary_content(p)]
     assert len(leftovers) == len(temporaries) - 1
 
-    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # the rerun needs no process of its own: the script's function in this one, as its file calls it
+    rerun = run_script(*command[1:])
     assert rerun.returncode == 0, rerun.stderr
     assert f"leftover temporaries of killed writers {len(leftovers)}, removed {len(leftovers)}" in rerun.stderr
     assert [p.name for p in root.rglob("*") if sidecar.is_temporary(p.name)] == [".tmpMyNote"]

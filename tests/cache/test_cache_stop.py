@@ -20,6 +20,7 @@ from cachetrain.data_index import INDEX_FOLDER_NAME
 from cachetrain.tiny.models import make_shapes_dataset
 
 from tests.conftest import REPO_ROOT
+from tests.script_runs import run_script
 from tests.stalling_fs import fuse_unavailable_reason, stalled_reads_log, stalling_mount
 
 IMAGES = 60
@@ -61,7 +62,8 @@ def test_a_signal_stops_a_cache_script_with_its_summary_and_a_second_stops_it_at
         assert sidecar.read_sidecar(path, "latent", ndim=3).shape == (4, 32, 32)
     assert not [p for p in root.rglob("*") if sidecar.is_temporary(p.name)]
 
-    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # the rerun needs no process of its own: the script's function in this one, as its file calls it
+    rerun = run_script(*command[1:])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert len(list(root.rglob("*.img_sdvae"))) == IMAGES
 
