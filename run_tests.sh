@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up (once) and run the test suite. Extra arguments go to pytest (e.g. -k sidecar; -n 0 for one process).
-# Two worker processes by default (CACHETRAIN_TEST_WORKERS): each test uses one core (OMP_NUM_THREADS=1);
-# each file's tests run in one worker, which builds the session's tiny models once for itself.
+# Three worker processes by default (CACHETRAIN_TEST_WORKERS), even on two cores: each test uses one core
+# (OMP_NUM_THREADS=1), and a quarter of the two workers' time went to waiting on the processes their tests
+# start (imports, signals, servers, torchrun); the third fills it. Each file's tests run in one worker,
+# which builds the session's tiny models once for itself.
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup_env.sh
 ./scripts/setup_browser.sh || echo "[setup] continuing without chromium: the browser tests will be skipped" >&2
 ./scripts/setup_system_tools.sh || true
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -n "${CACHETRAIN_TEST_WORKERS:-2}" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -n "${CACHETRAIN_TEST_WORKERS:-3}" --dist loadfile "$@"
