@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (once) and run the test suite. Extra arguments go to pytest (e.g. -k sidecar; -n 0 for one process).
 # Three worker processes by default (CACHETRAIN_TEST_WORKERS), even on two cores: each test uses one core
-# (OMP_NUM_THREADS=1), and a quarter of the two workers' time went to waiting on the processes their tests
-# start (imports, signals, servers, torchrun); the third fills it. Each file's tests run in one worker,
+# (OMP_NUM_THREADS=1), but with two workers the cores stood idle a quarter of the run while tests waited on
+# the processes they start (torchrun, signals, servers, polls); the third fills that time. Each file's tests run in one worker,
 # which builds the session's tiny models once for itself; --no-loadscope-reorder keeps the order
 # tests/conftest.py gives the files (those with slow tests first), which xdist would otherwise replace by
 # the number of tests in each (a one-test file of 50 s then started last and ran alone).
