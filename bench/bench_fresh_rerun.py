@@ -30,7 +30,6 @@ import json
 import os
 import pstats
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -82,7 +81,8 @@ def write_cached_tree(model: Path, tree: Path, images: int) -> None:
 
     from cachetrain.cache.image_cache import ImageLatentBuilder
     from cachetrain.models import loading
-    from cachetrain.sidecar import IMAGE_LATENT_KEY, SD_VAE_SUFFIX, content_digest, image_source_identity, write_sidecar
+    from cachetrain.freshness import content_digest, image_source_identity
+    from cachetrain.sidecar import IMAGE_LATENT_KEY, SD_VAE_SUFFIX, write_sidecar
 
     builder = ImageLatentBuilder(vae=loading.load_vae(str(model), dtype=torch.float32),
                                  model_name=loading.model_name(str(model)), resolution=RESOLUTION,

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cachetrain.cache.plan import plan, scan_roots  # noqa: E402
 from cachetrain.cache.summary import CacheSummary  # noqa: E402
-from cachetrain.sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, SD_VAE_SUFFIX, image_source_identity,  # noqa: E402
-                                write_sidecar)
+from cachetrain.freshness import image_source_identity  # noqa: E402
+from cachetrain.sidecar import CAPTION_EXTENSION, CLIP_L_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, SD_VAE_SUFFIX, write_sidecar  # noqa: E402
 from cachetrain.tree import index_training_pairs  # noqa: E402
 
 FILES_PER_IMAGE = 4  # image, caption, latent sidecar, text sidecar

@@ -2,7 +2,7 @@
 """What the cache scripts' --verify costs: sha256 of every image, on the freshness check's threads.
 
 Writes --files files of --megabytes each (random bytes, the size of a typical training JPEG), then hashes
-them all with sidecar.file_content_digest on cache.plan.PLAN_THREADS threads, as plan() does with --verify.
+them all with freshness.file_content_digest on cache.plan.PLAN_THREADS threads, as plan() does with --verify.
 Reports MB/s and files/s. The files were just written, so they come from the page cache: this is the
 hashing rate, an upper bound; on cold or network storage the read rate of the disk bounds it instead.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cachetrain.cache.plan import PLAN_THREADS  # noqa: E402
-from cachetrain.sidecar import file_content_digest  # noqa: E402
+from cachetrain.freshness import file_content_digest  # noqa: E402
 
 
 def main() -> None:

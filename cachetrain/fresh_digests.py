@@ -1,7 +1,7 @@
 """Fresh digests: what lets a cache rerun decide "fresh" from the data index, without reading headers.
 
 A cache build decides a sidecar is fresh when its metadata holds what the builder expects now (the
-encoder, the settings, the source's size and mtime: sidecar.check_freshness). Having decided so by
+encoder, the settings, the source's size and mtime: freshness.check_freshness). Having decided so by
 reading the header, or having written the sidecar itself, it records in the data index, in the
 sidecar's row, the digest of what was expected (``freshness_digest``) beside the sidecar's size and
 mtime. The next run computes the digest of what it expects; where the row holds the same digest and a

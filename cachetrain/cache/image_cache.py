@@ -35,9 +35,9 @@ from .image_extras import FLIP_STORED, flip_state, latent_mask, load_mask_pixels
 from .images import (CONVERSION_REASONS, ORIENTATION_TAG, ImageRejected, Sizing, load_image, parse_size,
                      read_image_file, size_text, standard_buckets)
 from .shares import agree_on_exit_status, process_device
+from ..freshness import content_digest, file_content_digest, image_source_identity
 from ..sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, FLIPPED_LATENT_KEY, IMAGE_LATENT_KEY, MASK_KEY,
-                       content_digest, file_content_digest, image_source_identity, mask_path, preview_path,
-                       sidecar_path)
+                       mask_path, preview_path, sidecar_path)
 from ..tree import normalize_extensions
 
 

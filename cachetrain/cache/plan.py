@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from .summary import FAILURES_SHOWN, CacheSummary, write_problem_kind
-from ..sidecar import (DEFAULT_IMAGE_EXTENSIONS, Freshness, SidecarError, check_freshness,
-                      is_abandoned_temporary_content, is_orphan, is_source_image, sidecar_path, sidecar_sources,
-                      update_metadata)
+from ..freshness import Freshness, check_freshness
+from ..sidecar import (DEFAULT_IMAGE_EXTENSIONS, SidecarError, is_abandoned_temporary_content, is_orphan,
+                      is_source_image, sidecar_path, sidecar_sources, update_metadata)
 from ..fresh_digests import FreshnessRecord, freshness_digest
 from ..tree import walk_files
 

@@ -33,9 +33,9 @@ from .build import (add_common_cache_flags, add_custom_flag, add_single_file_con
 from .summary import CacheSummary, write_problem
 from .writer import EncodedItem
 from .shares import agree_on_exit_status, process_device
+from ..freshness import caption_source_identity, check_freshness
 from ..sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, DEFAULT_IMAGE_EXTENSIONS, TEXT_EMBEDDING_KEY, CaptionRejected,
-                      caption_source_identity, check_freshness, empty_prompt_path, read_caption, text_variant_key,
-                      write_sidecar)
+                      empty_prompt_path, read_caption, text_variant_key, write_sidecar)
 from ..models.text_encoding import clip_overlong, encode_clip_prompts
 from ..tree import normalize_extensions
 

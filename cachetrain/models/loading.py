@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import ldm_layout, pipeline_code
-from ..sidecar import config_fingerprint
+from ..freshness import config_fingerprint
 
 # The hub repositories our defaults and examples name: kept here alone, so a moved repository is one edit.
 # (runwayml/stable-diffusion-v1-5 was taken down in 2024; this is the maintained copy diffusers' docs use.)

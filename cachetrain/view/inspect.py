@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from ..cli import ArgumentParser
 from . import cache_tools
+from ..freshness import caption_source_identity, check_freshness, file_content_digest, image_source_identity
 from ..sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, KNOWN_SUFFIXES,
-                      TEXT_EMBEDDING_KEY, SidecarError, caption_source_identity, check_freshness, file_content_digest,
-                      FLIPPED_LATENT_KEY, MASK_KEY, image_source_identity, is_orphan, read_caption, read_header,
-                      read_sidecar, sidecar_sources, text_variant_count)
+                      TEXT_EMBEDDING_KEY, SidecarError, FLIPPED_LATENT_KEY, MASK_KEY, is_orphan, read_caption,
+                      read_header, read_sidecar, sidecar_sources, text_variant_count)
 from ..tree import normalize_extensions, walk_files
 
 # "retimed": usable, the source's bytes are the same under a new modification time (a copy that did

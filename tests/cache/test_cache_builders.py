@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import create_img_sdvae
 import create_img_sdxl
-from cachetrain import sidecar
+from cachetrain import freshness, sidecar
 from cachetrain.cache.image_cache import main as image_main
 from cachetrain.cache.shares import effective_shard, parse_shard, take_shard
 from cachetrain.cache.text_cache import empty_prompt_path, main_clip
@@ -238,7 +238,7 @@ def test_each_data_root_gets_the_empty_prompt_embedding_once(capsys, tiny_sd_mod
     tokenizer, text_encoder = load_clip_text_encoder(str(tiny_sd_model))
     expected = encode_clip_prompts(tokenizer, text_encoder, [""])[0]
     assert torch.allclose(sidecar.read_sidecar(path, "emb", ndim=2), expected, atol=1e-6)
-    assert sidecar.read_metadata(path)["caption_sha256"] == sidecar.caption_source_identity("")["caption_sha256"]
+    assert sidecar.read_metadata(path)["caption_sha256"] == freshness.caption_source_identity("")["caption_sha256"]
     written_at = path.stat().st_mtime_ns
     run_captions(capsys, tiny_sd_model, cached_dataset)
     assert path.stat().st_mtime_ns == written_at  # fresh: not rewritten

@@ -10,7 +10,7 @@ import sys
 from PIL import Image
 
 from cachetrain.view import inspect as cache_inspect
-from cachetrain import sidecar
+from cachetrain import freshness, sidecar
 from cachetrain.cache.text_cache import main_clip
 
 from tests.conftest import REPO_ROOT
@@ -46,7 +46,7 @@ def test_captions_named_as_the_original_names_them_are_cached_inspected_and_neve
     assert status == 0 and counts["stale"] == 1 and counts["written"] == 1
     rebuilt = sidecar.read_metadata(first_caption.with_suffix(".txt_clipl"))
     assert rebuilt["caption_suffix"] == ".txtqs"
-    assert rebuilt["caption_sha256"] == sidecar.caption_source_identity("a new caption")["caption_sha256"]
+    assert rebuilt["caption_sha256"] == freshness.caption_source_identity("a new caption")["caption_sha256"]
     # inspect finds the captions of sidecars that record their suffix; the flag names them for all the others
     report = cache_inspect.inspect_cache([str(cached_dataset)], [".txt_clipl"])["suffixes"][".txt_clipl"]
     assert report["status"]["fresh"] == 1 and report["status"]["orphan"] == IMAGES_IN_DATASET - 1

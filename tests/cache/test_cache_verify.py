@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from cachetrain import sidecar
+from cachetrain import freshness, sidecar
 from cachetrain.view import inspect as cache_inspect
 
 from .test_cache_builders import run_images
@@ -37,7 +37,7 @@ def test_verify_rebuilds_an_image_replaced_under_the_same_size_and_time_which_th
     status, counts, _err = run_images(capsys, tiny_sd_model, cached_dataset, "--verify")
     assert status == 0 and counts["written"] == 1 and counts["stale"] == 1
     assert sidecar.read_metadata(latent)["source_sha256"] != stored_digest
-    assert sidecar.read_metadata(latent)["source_sha256"] == sidecar.file_content_digest(image)["source_sha256"]
+    assert sidecar.read_metadata(latent)["source_sha256"] == freshness.file_content_digest(image)["source_sha256"]
 
     status, counts, _err = run_images(capsys, tiny_sd_model, cached_dataset, "--verify")
     assert status == 0 and counts["written"] == 0  # every byte read again, nothing changed

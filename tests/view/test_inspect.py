@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cachetrain.view import inspect as cache_inspect
-from cachetrain.sidecar import caption_source_identity, image_source_identity, write_sidecar
+from cachetrain.freshness import caption_source_identity, image_source_identity
+from cachetrain.sidecar import write_sidecar
 
 ENCODER = {"kind": "image_latent", "encoder": "tiny", "encoder_class": "AutoencoderKL", "encoder_fingerprint": "abc",
            "resolution": "64"}
