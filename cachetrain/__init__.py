@@ -2,7 +2,8 @@
 
 The folders are the stages, in the order data flows (a stage imports only stages before it):
 
-  (root)   the contracts every stage shares: sidecar files (``sidecar``), walking a data tree (``tree``),
+  (root)   the contracts every stage shares: sidecar files (``sidecar``) and whether one is current for
+           its source (``freshness``, ``fresh_digests``), walking a data tree (``tree``),
            the names inside a run folder (``checkpoint_layout``), atomic writes, the CLI helpers (``cli``),
            reads with a time bound (``bounded_read``), copies by reflink (``reflink``), the data index of a
            tree (``data_index`` keeps it current, ``index_table`` its arrays and file, ``indexed_pairs``)
