@@ -31,7 +31,11 @@ pip_install -r requirements.txt -r requirements-test.txt
 # bitsandbytes (--optimizer adamw8, tested) goes to a folder of its own, not site-packages: where it is
 # importable, diffusers and peft import it in every process, and it imports torch's compiler (2 s of each
 # script start here). The tests that use it put this folder on their path (tests/conftest.py).
-"$VENV/bin/python" -m pip uninstall -q -y bitsandbytes 2>/dev/null || true
+# One installed into site-packages (by an older set-up, or by a user for adamw8) is kept, with a word.
+if "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('bitsandbytes') is None)"; then
+    echo "[setup] note: bitsandbytes is in $VENV's site-packages: kept; every process that imports diffusers" \
+         "imports it (~2 s a start); '$VENV/bin/pip uninstall bitsandbytes' if you do not use --optimizer adamw8"
+fi
 pip_install --no-deps --upgrade --target "$VENV/optional-packages" "bitsandbytes>=0.50"
 echo "[setup] installing cachetrain (editable) and its commands"
 pip_install --no-deps -e .
