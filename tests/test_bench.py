@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(*args: str, optional_packages: bool = False) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if optional_packages:  # bitsandbytes, for --optimizer adamw8
-        env["PYTHONPATH"] = str(OPTIONAL_PACKAGES)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(OPTIONAL_PACKAGES)]))
     done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
