@@ -7,10 +7,15 @@ backward, optimizer step. Timed as the median of windows of steps after warm-up,
 alternating window by window so both see the same load on a shared machine. The state is the bytes
 of the trainable parameters, their gradients and the optimizer's state after two steps; the same
 ratio for the SD1.5 UNet itself is counted on the meta device (no weights are made). The defaults
-take 16 steps of each mode (2 warm-up, 4 windows of 3, 2 for the state) at batch 8; the last two lines
-printed are the goals' figures.
+take 16 steps of each mode (2 warm-up, 4 windows of 3, 2 for the state) at batch 8; the two lines after the
+first JSON line are the goals' figures on the tiny UNet.
 
-    .venv/bin/python bench/bench_lora.py [--rank 16] [--batch 8] [--windows 4] [--steps 3]
+    .venv/bin/python bench/bench_lora.py [--rank 16] [--batch 8] [--windows 4] [--steps 3] [--widths W ...]
+
+``--widths 32 64 96 128``: then the same pair of steps, timed the same way, on UNets of SD1.5's own structure
+(widths W-2W-4W-4W, 2 layers per block, 8 heads, cross-attention 768) between the tiny UNet and SD1.5's
+(W = 320), to show at which size the goals hold; the state there is counted (AdamW in fp32 keeps 16 bytes
+per trainable parameter in both modes); one JSON line and one line of figures per width.
 
 ``--sd15_t5 WORKDIR``: the T5 model's setup (SDXL VAE, T5 through the projection, preset t5) with a
 UNet of SD1.5's size (random weights from SD1.5's config, cross-attention 768) trains a LoRA at batch 1
@@ -37,7 +42,12 @@ import torch  # noqa: E402
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD1.5's UNet otherwise
 
 
-def build(mode: str, rank: int, targets: list[str], sd15: bool = False):
+def sd15_at_width(width: int, latent: int) -> dict:
+    """SD1.5's UNet config (diffusers' defaults) with its widths 320-640-1280-1280 scaled to W-2W-4W-4W."""
+    return dict(sample_size=latent, cross_attention_dim=768, block_out_channels=(width, 2 * width, 4 * width, 4 * width))
+
+
+def build(mode: str, rank: int, targets: list[str], sd15: bool = False, config: dict | None = None):
     from diffusers import UNet2DConditionModel
 
     from cachetrain.tiny.models import SD15_STRUCTURE_UNET
@@ -45,7 +55,7 @@ def build(mode: str, rank: int, targets: list[str], sd15: bool = False):
     from cachetrain.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(SD15_UNET if sd15 else SD15_STRUCTURE_UNET)).train()
+    unet = UNet2DConditionModel(**(config or (SD15_UNET if sd15 else SD15_STRUCTURE_UNET))).train()
     if mode == "lora":
         trainable = attach_adapter(unet, AdapterSpec(kind="lora", rank=rank, alpha=rank, targets=targets), seed=0)
     else:
@@ -61,6 +71,53 @@ def step(unet, optimizer, batch) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def random_batch(n: int, side: int, context_width: int) -> tuple:
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(n, 4, side, side, generator=generator), torch.randint(0, 1000, (n,), generator=generator),
+            torch.randn(n, 77, context_width, generator=generator), torch.randn(n, 4, side, side, generator=generator))
+
+
+def alternating_medians(runs: dict, batch, args) -> dict[str, float]:
+    """Median seconds per step of each run after warm-up, the runs taking turns window by window so a
+    shared machine's load falls on both alike."""
+    for unet, _, optimizer, _ in runs.values():
+        for _ in range(args.warmup):
+            step(unet, optimizer, batch)
+    times: dict[str, list[float]] = {mode: [] for mode in runs}
+    for _ in range(args.windows):
+        for mode, (unet, _, optimizer, _) in runs.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(unet, optimizer, batch)
+            times[mode].append((time.perf_counter() - start) / args.steps)
+    return {mode: statistics.median(values) for mode, values in times.items()}
+
+
+def width_sweep(args) -> None:
+    """The step and state ratios on SD1.5-structure UNets of the given base widths, one line each."""
+    import gc
+
+    batch = random_batch(args.batch, args.tiny_latent, 768)
+    for width in args.widths:
+        config = sd15_at_width(width, args.tiny_latent)
+        runs = {mode: build(mode, args.rank, args.targets, config=config) for mode in ("full", "lora")}
+        medians = alternating_medians(runs, batch, args)
+        trainable = {mode: sum(p.numel() for p in run[1]) for mode, run in runs.items()}
+        result = {"width": width, "block_out_channels": config["block_out_channels"], "rank": args.rank,
+                  "targets": args.targets, "batch": args.batch, "latent": args.tiny_latent,
+                  "parameters": runs["full"][3], "lora_parameters": trainable["lora"],
+                  "full_step_s": medians["full"], "lora_step_s": medians["lora"],
+                  "step_ratio": medians["lora"] / medians["full"], "state_ratio": trainable["lora"] / trainable["full"],
+                  "load_average": os.getloadavg()[0]}
+        print(json.dumps(result))
+        print(f"width {width}-{2 * width}-{4 * width}-{4 * width} ({runs['full'][3] / 1e6:.1f}M parameters): "
+              f"LoRA step {medians['lora']:.3f} s / full {medians['full']:.3f} s = {result['step_ratio']:.2f}, "
+              f"state {100 * result['state_ratio']:.2f}% (goals <= 0.7 and <= 2%; load average "
+              f"{result['load_average']:.1f})", flush=True)
+        del runs
+        gc.collect()
 
 
 def state_bytes(trainable, optimizer, batch, unet) -> int:
@@ -94,10 +151,8 @@ def sd15_step_ratio(args) -> None:
     other (both at once would not fit a small machine), so a quiet machine is needed."""
     import gc
 
-    generator = torch.Generator().manual_seed(1)
     side, n = args.latent, args.batch
-    batch = (torch.randn(n, 4, side, side, generator=generator), torch.randint(0, 1000, (n,), generator=generator),
-             torch.randn(n, 77, 768, generator=generator), torch.randn(n, 4, side, side, generator=generator))
+    batch = random_batch(n, side, 768)
     result = {"unet": "sd15", "rank": args.rank, "targets": args.targets, "batch": n, "latent": side}
     for mode in ("full", "lora"):
         unet, trainable, optimizer, total = build(mode, args.rank, args.targets, sd15=True)
@@ -135,6 +190,8 @@ def main() -> None:
     parser.add_argument("--sd15_steps", action="store_true",
                         help="the step ratio on the SD1.5 UNet itself (random weights; one mode after the other, "
                              "~20 GB at the peak; --batch 1 --latent 32 --windows 2 --steps 2 advised on a CPU)")
+    parser.add_argument("--widths", type=int, nargs="+", metavar="W",
+                        help="then SD1.5-structure UNets of widths W-2W-4W-4W (W a multiple of 32)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.sd15_t5:
@@ -148,26 +205,14 @@ def main() -> None:
     if args.sd15_steps:
         sd15_step_ratio(args)
         return
-    generator = torch.Generator().manual_seed(1)
     side = args.tiny_latent
-    batch = (torch.randn(args.batch, 4, side, side, generator=generator),
-             torch.randint(0, 1000, (args.batch,), generator=generator),
-             torch.randn(args.batch, 77, 32, generator=generator), torch.randn(args.batch, 4, side, side, generator=generator))
+    batch = random_batch(args.batch, side, 32)
     runs = {mode: build(mode, args.rank, args.targets) for mode in ("full", "lora")}
-    for unet, _, optimizer, _ in runs.values():
-        for _ in range(args.warmup):
-            step(unet, optimizer, batch)
-    times: dict[str, list[float]] = {mode: [] for mode in runs}
-    for _ in range(args.windows):
-        for mode, (unet, _, optimizer, _) in runs.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(unet, optimizer, batch)
-            times[mode].append((time.perf_counter() - start) / args.steps)
+    medians = alternating_medians(runs, batch, args)
     result = {"rank": args.rank, "targets": args.targets, "batch": args.batch, "latent": side,
               "load_average": os.getloadavg()[0]}
     for mode, (unet, trainable, optimizer, total) in runs.items():
-        result[mode] = {"step_s": statistics.median(times[mode]), "trainable": sum(p.numel() for p in trainable),
+        result[mode] = {"step_s": medians[mode], "trainable": sum(p.numel() for p in trainable),
                         "parameters": total, "state_bytes": state_bytes(trainable, optimizer, batch, unet)}
     result["step_ratio"] = result["lora"]["step_s"] / result["full"]["step_s"]
     result["state_ratio"] = result["lora"]["state_bytes"] / result["full"]["state_bytes"]
@@ -178,7 +223,10 @@ def main() -> None:
           f"(goal <= 0.7; batch {args.batch}, {side}x{side} latents, rank {args.rank}, load average {result['load_average']:.1f})")
     print(f"trainable state: LoRA {lora['state_bytes'] / 1e6:.2f} MB / full {full['state_bytes'] / 1e6:.1f} MB = "
           f"{100 * result['state_ratio']:.2f}% on the tiny UNet; on SD1.5's UNet (counted) "
-          f"{100 * result['sd15_size']['state_ratio']:.2f}% (goal <= 2%)")
+          f"{100 * result['sd15_size']['state_ratio']:.2f}% (goal <= 2%)", flush=True)
+    if args.widths:
+        del runs
+        width_sweep(args)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,17 @@ def test_shard_bench_packs_streams_and_starts_from_a_manifest():
 
 
 def test_lora_bench_times_a_lora_and_a_full_step_and_counts_their_state():
-    out = _run("bench/bench_lora.py", "--windows", "1", "--steps", "1", "--warmup", "1", "--batch", "2")
-    [result] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert out.splitlines()[-2].startswith("step time: LoRA ") and out.splitlines()[-1].startswith("trainable state:")
-    assert result["lora"]["trainable"] < result["full"]["trainable"] and result["step_ratio"] > 0
-    assert result["sd15_size"]["parameters"] == 859_520_964 and 0 < result["sd15_size"]["state_ratio"] < 0.01
+    out = _run("bench/bench_lora.py", "--windows", "1", "--steps", "1", "--warmup", "1", "--batch", "2",
+               "--widths", "32")
+    lines = out.splitlines()
+    tiny, width_32 = [json.loads(line) for line in lines if line.startswith("{")]
+    assert lines[1].startswith("step time: LoRA ") and lines[2].startswith("trainable state:")
+    assert tiny["lora"]["trainable"] < tiny["full"]["trainable"] and tiny["step_ratio"] > 0
+    assert tiny["sd15_size"]["parameters"] == 859_520_964 and 0 < tiny["sd15_size"]["state_ratio"] < 0.01
+    # the sweep's UNet is SD1.5's structure at a tenth of its widths; its LoRA is the trainer's, on attention
+    assert width_32["block_out_channels"] == [32, 64, 128, 128] and width_32["step_ratio"] > 0
+    assert width_32["lora_parameters"] == 672_768 and 0.06 < width_32["state_ratio"] < 0.07
+    assert lines[-1].startswith("width 32-64-128-128 (10.4M parameters): LoRA step ")
 
 
 def test_noise_variants_bench_times_each_variant():
