@@ -147,3 +147,44 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (argv, lines)
     assert not any((tmp_path / name).exists() for name in "abcde")
+
+
+def test_a_locon_written_by_lycoris_merges_and_starts_a_run_as_lycoris_applies_it(sd15_model, tmp_path, monkeypatch):
+    """A file our code did not write: LyCORIS' LoRA/LoCon network (every Linear and Conv2d of the UNet, 3x3
+    convolutions included, rank 4, alpha 2) saved by its own save_weights under the UIs' lora_unet_ names.
+    Merged by `cachetrain-lora merge`, and attached as a --lora_weights start, it changes the UNet's output
+    as LyCORIS' forward does."""
+    from lycoris.wrapper import LycorisNetwork, create_lycoris
+
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter, describe
+
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+    unet = _unet(sd15_model).eval()
+    network = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2, algo="lora")
+    network.apply_to()  # (its layers become its parameters here)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if "lora_up" in name:  # LyCORIS starts them at zero, which would change nothing
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    file = tmp_path / "locon.safetensors"
+    network.save_weights(str(file), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+              torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        theirs = unet(*inputs).sample
+        plain = _unet(sd15_model).eval()(*inputs).sample
+    assert (theirs - plain).abs().max() > 1e-3
+
+    out = tmp_path / "merged"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(file), "--out", str(out)]) == 0
+    merged = _unet(out).eval()
+    assert len(read_lora(file, adaptable_layers(merged))) == len(network.loras)  # conv_in, time embedding too
+    started = _unet(sd15_model).train()
+    spec = AdapterSpec(kind="lora", rank=16, alpha=16, start_weights=str(file))
+    attach_adapter(started, spec, seed=0)
+    assert (spec.rank, spec.alpha) == (4, 2) and f"on {len(network.loras)} layers" in describe(started, spec)
+    with torch.no_grad():
+        ours_merged, ours_started = merged(*inputs).sample, started.eval()(*inputs).sample
+    assert torch.allclose(ours_merged, theirs, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(ours_started, theirs, atol=1e-5, rtol=1e-4)
