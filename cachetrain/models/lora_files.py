@@ -149,8 +149,9 @@ def _pairs_from_kohya(tensors: dict[str, torch.Tensor], layers: dict[str, torch.
             continue
         parts.setdefault(module, {})[suffix] = tensor
     if unknown:
-        kind = " (a text-encoder LoRA: only UNet LoRAs are read)" if unknown[0].startswith("lora_te") else ""
-        raise LoraFileError(f"{file}: {len(unknown)} key(s) this UNet has no place for, e.g. {unknown[0]}{kind}")
+        example = next((key for key in unknown if _unread_kind(key)), unknown[0])
+        raise LoraFileError(f"{file}: {len(unknown)} key(s) this UNet has no place for, e.g. {example}"
+                            f"{_unread_kind(example)}")
     pairs = {}
     for module, found in parts.items():
         if ".lora_down.weight" not in found or ".lora_up.weight" not in found:
@@ -159,6 +160,17 @@ def _pairs_from_kohya(tensors: dict[str, torch.Tensor], layers: dict[str, torch.
         alpha = float(found[".alpha"]) if ".alpha" in found else float(down.shape[0])
         pairs[module] = LowRankPair(down=down, up=up, alpha=alpha)
     return pairs
+
+
+def _unread_kind(key: str) -> str:
+    """What a kohya-layout key we do not read belongs to, for the message ('' when nothing known)."""
+    if key.startswith("lora_te"):
+        return " (a text-encoder LoRA: only UNet LoRAs are read)"
+    if ".hada_" in key or ".lokr_" in key:
+        return " (a LyCORIS LoHa/LoKr: only LoRA and LoCon files are read)"
+    if key.endswith(".dora_scale"):
+        return " (DoRA: its magnitude vectors are not read, only LoRA and LoCon)"
+    return ""
 
 
 def _pairs_from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str],

@@ -129,6 +129,12 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
     tensors = load_file(odd)
     tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 32)
     save_file(tensors, odd)
+    to_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({**load_file(random_lora / KOHYA_LORA_FILE), f"{to_q}.dora_scale": torch.ones(32, 1)},
+              tmp_path / "dora.safetensors")
+    save_file({f"{to_q}.hada_w1_a": torch.zeros(32, 4), f"{to_q}.hada_w1_b": torch.zeros(4, 32),
+               f"{to_q}.hada_w2_a": torch.zeros(32, 4), f"{to_q}.hada_w2_b": torch.zeros(4, 32),
+               f"{to_q}.alpha": torch.tensor(4.0)}, tmp_path / "loha.safetensors")
     cases = [
         (["merge", "--model", str(tiny_sd_model), "--lora", str(random_lora), "--out", str(tmp_path / "a")],
          "is not in this UNet"),  # another base: its layers are not there
@@ -136,6 +142,10 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
          "a text-encoder LoRA"),
         (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
          "no such LoRA file"),
+        (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "loha.safetensors"), "--out",
+          str(tmp_path / "f")], f"4 key(s) this UNet has no place for, e.g. {to_q}.hada_w1_a (a LyCORIS LoHa/LoKr"),
+        (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "dora.safetensors"), "--out",
+          str(tmp_path / "g")], f"1 key(s) this UNet has no place for, e.g. {to_q}.dora_scale (DoRA"),
         (["extract", "--base", str(sd15_model), "--tuned", str(tiny_sd_model), "--rank", "2", "--out",
           str(tmp_path / "d")], "differs in shape"),
         (["extract", "--base", str(sd15_model), "--tuned", str(sd15_model), "--rank", "2", "--out",
@@ -146,7 +156,7 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
         assert lora_command(argv) == 2, argv
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (argv, lines)
-    assert not any((tmp_path / name).exists() for name in "abcde")
+    assert not any((tmp_path / name).exists() for name in "abcdefg")
 
 
 def test_a_locon_written_by_lycoris_merges_and_starts_a_run_as_lycoris_applies_it(sd15_model, tmp_path, monkeypatch):
