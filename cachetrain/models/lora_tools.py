@@ -4,9 +4,11 @@
     cachetrain-lora extract --base BASE --tuned TUNED --rank 16 --out OUT [--targets attention feedforward conv]
 
 BASE / TUNED are pipeline folders (a checkpoint, a run's final model) or SD1.5 single files; LORA is
-a LoRA in either layout (a folder holding pytorch_lora_weights.safetensors, or a kohya/A1111 file).
+a LoRA in either layout (a folder holding pytorch_lora_weights.safetensors, or a kohya/A1111 file), or a
+LoHa/LoKr run's checkpoint (PEFT's folder ``unet_adapter/`` in it, or that folder itself).
 
-merge adds ``scale * alpha / rank * up @ down`` to each adapted weight and writes OUT: a pipeline
+merge adds ``scale`` times each adapted layer's change (a LoRA's ``alpha / rank * up @ down``; a LoHa's or
+LoKr's as PEFT's own layers compute it) to its weight and writes OUT: a pipeline
 folder, or with OUT ending in .safetensors a single file in the original SD layout. The result is a
 model like any other (``--pretrained_model OUT``).
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
 from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_layers, kohya_metadata, read_lora,
@@ -37,11 +40,68 @@ class LoraToolError(ValueError):
 
 def merge_into_unet(unet: torch.nn.Module, pairs: dict[str, LowRankPair], scale: float = 1.0) -> None:
     """Add each pair's change to its layer's weight, in place (computed in fp32, stored in the weight's dtype)."""
+    merge_changes(unet, {name: pair.delta() for name, pair in pairs.items()}, scale)
+
+
+def merge_changes(unet: torch.nn.Module, changes: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    """Add ``scale`` times each layer's change (in the weight's shape) to its weight, in place."""
     layers = adaptable_layers(unet)
     with torch.no_grad():
-        for name, pair in pairs.items():
+        for name, change in changes.items():
             weight = layers[name].weight
-            weight.copy_((weight.float() + pair.delta(scale).to(weight.device)).to(weight.dtype))
+            weight.copy_((weight.float() + scale * change.float().to(weight.device)).to(weight.dtype))
+
+
+def peft_adapter_folder(source: Path) -> Path | None:
+    """The PEFT folder (adapter_config.json + adapter_model.safetensors) of a LoHa/LoKr checkpoint given as
+    the checkpoint or as the folder itself; None for anything else (a LoRA)."""
+    for folder in (source / PEFT_ADAPTER_COMPONENT, source):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
+
+
+def peft_adapter_changes(unet: torch.nn.Module, folder: Path) -> dict[str, torch.Tensor]:
+    """Each adapted layer's weight change as PEFT's own LoHa/LoKr layers compute it: they are attached to
+    ``unet``, loaded from ``folder``, asked for their change and taken off again (the UNet is left as it was).
+    LoraFileError for a folder whose layers or shapes this UNet does not have."""
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    name = "merged_adapter"
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+        unet.add_adapter(config, adapter_name=name)
+        result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"), adapter_name=name)
+    except (ValueError, RuntimeError, OSError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if line.startswith("size mismatch")), lines[0])  # torch's detail line
+        raise LoraFileError(f"{folder}: not an adapter for this UNet ({reason[:300]})") from None
+    unexpected = [key for key in result.unexpected_keys if "hada_" in key or "lokr_" in key or "lora_" in key]
+    if unexpected:
+        raise LoraFileError(f"{folder}: {len(unexpected)} key(s) this UNet has no place for, e.g. {unexpected[0]}")
+    changes = {}
+    with torch.no_grad():
+        for module_name, module in list(unet.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                changes[module_name] = module.get_delta_weight(name).detach().float()
+                parent, _, child = module_name.rpartition(".")
+                setattr(unet.get_submodule(parent), child, module.get_base_layer())
+    unet.peft_config.pop(name, None)
+    if not unet.peft_config:
+        unet._hf_peft_config_loaded = False
+    return changes
+
+
+def adapter_changes(unet: torch.nn.Module, source: Path | str) -> dict[str, torch.Tensor]:
+    """The per-layer weight changes (at scale 1) of the adapter in ``source``: a LoRA in either layout, or a
+    LoHa/LoKr checkpoint's PEFT folder."""
+    folder = peft_adapter_folder(Path(source))
+    if folder is not None:
+        return peft_adapter_changes(unet, folder)
+    return {name: pair.delta() for name, pair in read_lora(source, adaptable_layers(unet)).items()}
 
 
 def _load_unet(model: str):
@@ -56,8 +116,8 @@ def _load_unet(model: str):
 def merge(model: str, lora: str, out: str, scale: float = 1.0) -> int:
     """Merge ``lora`` into ``model`` and write ``out``; the number of layers changed."""
     unet = _load_unet(model)
-    pairs = read_lora(lora, adaptable_layers(unet))
-    merge_into_unet(unet, pairs, scale)
+    changes = adapter_changes(unet, lora)
+    merge_changes(unet, changes, scale)
     out_path = Path(out)
     if out_path.suffix == ".safetensors":
         with tempfile.TemporaryDirectory(dir=out_path.parent) as staging:
@@ -68,7 +128,7 @@ def merge(model: str, lora: str, out: str, scale: float = 1.0) -> int:
             export_single_file(folder, out_path, dtype="fp32")
     else:
         _write_pipeline(model, unet, out_path)
-    return len(pairs)
+    return len(changes)
 
 
 def _write_pipeline(model: str, unet, folder: Path) -> None:
@@ -151,11 +211,12 @@ def extract(base: str, tuned: str, rank: int, out: str, targets: list[str]) -> E
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="cachetrain-lora", description="Merge a LoRA into a model, or extract one from two models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    merging = commands.add_parser("merge", help="merge a LoRA into a model folder or single file")
+    merging = commands.add_parser("merge", help="merge a LoRA (or a LoHa/LoKr checkpoint) into a model folder or single file")
     merging.add_argument("--model", required=True, help="pipeline folder or SD1.5 .safetensors to merge into")
-    merging.add_argument("--lora", required=True, help="LoRA folder (pytorch_lora_weights.safetensors) or kohya file")
+    merging.add_argument("--lora", required=True, help="LoRA folder (pytorch_lora_weights.safetensors) or kohya file, "
+                         "or a LoHa/LoKr checkpoint (its unet_adapter/ folder)")
     merging.add_argument("--out", required=True, help="pipeline folder to write, or a .safetensors single file")
-    merging.add_argument("--scale", type=float, default=1.0, help="strength of the LoRA")
+    merging.add_argument("--scale", type=float, default=1.0, help="strength of the adapter")
     extracting = commands.add_parser("extract", help="extract a LoRA from the difference of two models (SVD)")
     extracting.add_argument("--base", required=True, help="the model before training (folder or single file)")
     extracting.add_argument("--tuned", required=True, help="the model after training")

@@ -189,16 +189,19 @@ def load_sampling_pipeline(model: str, settings: SampleSettings):
 
 
 def merge_checkpoint_adapter(unet, folder: Path, use_ema: bool) -> None:
-    """An adapter run's checkpoint (a LoRA beside its base UNet): the LoRA (its EMA when it has one,
-    unless --no_ema) merged into ``unet``, so samples show what the run's own samples showed."""
+    """An adapter run's checkpoint (a LoRA, LoHa or LoKr beside its base UNet): the adapter (its EMA when
+    it has one, unless --no_ema) merged into ``unet``, so samples show what the run's own samples showed."""
     from ..checkpoint_layout import ADAPTER_EMA_COMPONENT
-    from ..models.lora_files import DIFFUSERS_LORA_FILE, adaptable_layers, read_lora
-    from ..models.lora_tools import merge_into_unet
+    from ..models.lora_files import DIFFUSERS_LORA_FILE
+    from ..models.lora_tools import adapter_changes, merge_changes, peft_adapter_folder
+
+    def holds_adapter(candidate: Path) -> bool:
+        return (candidate / DIFFUSERS_LORA_FILE).is_file() or peft_adapter_folder(candidate) is not None
 
     ema = folder / ADAPTER_EMA_COMPONENT
-    source = ema if use_ema and (ema / DIFFUSERS_LORA_FILE).is_file() else folder
-    if (source / DIFFUSERS_LORA_FILE).is_file():
-        merge_into_unet(unet, read_lora(source, adaptable_layers(unet)))
+    source = ema if use_ema and holds_adapter(ema) else folder
+    if holds_adapter(source):
+        merge_changes(unet, adapter_changes(unet, source))
 
 
 def sample_model(model: str, out_dir: Path, settings: SampleSettings, step: int | None = None) -> list[Path]:

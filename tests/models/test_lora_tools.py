@@ -135,7 +135,17 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
     save_file({f"{to_q}.hada_w1_a": torch.zeros(32, 4), f"{to_q}.hada_w1_b": torch.zeros(4, 32),
                f"{to_q}.hada_w2_a": torch.zeros(32, 4), f"{to_q}.hada_w2_b": torch.zeros(4, 32),
                f"{to_q}.alpha": torch.tensor(4.0)}, tmp_path / "loha.safetensors")
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter, write_adapter
+
+    other_base = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+    loha = AdapterSpec(kind="loha", rank=2, alpha=2)
+    attach_adapter(other_base, loha, seed=0)
+    write_adapter(other_base, loha, tmp_path / "other-loha")
     cases = [
+        (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "other-loha"), "--out", str(tmp_path / "h")],
+         "other-loha/unet_adapter: not an adapter for this UNet (size mismatch for "),  # a LoHa checkpoint of another base
         (["merge", "--model", str(tiny_sd_model), "--lora", str(random_lora), "--out", str(tmp_path / "a")],
          "is not in this UNet"),  # another base: its layers are not there
         (["merge", "--model", str(sd15_model), "--lora", str(odd), "--out", str(tmp_path / "b")],
@@ -156,7 +166,7 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
         assert lora_command(argv) == 2, argv
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (argv, lines)
-    assert not any((tmp_path / name).exists() for name in "abcdefg")
+    assert not any((tmp_path / name).exists() for name in "abcdefgh")
 
 
 def test_a_locon_written_by_lycoris_merges_and_starts_a_run_as_lycoris_applies_it(sd15_model, tmp_path, monkeypatch):
