@@ -132,6 +132,18 @@ def test_diffusers_load_lora_weights_draws_what_our_merge_draws(lora_run, sd15_m
     assert np.abs(our_image - base_image).max() > 1e-3  # the adapter changes the picture
 
 
+def test_a_single_file_export_of_an_adapter_checkpoint_is_refused_naming_the_merge(lora_run, tmp_path, capsys):
+    """Its unet/ is the frozen base: the file would hold none of what the run trained."""
+    from cachetrain.export import main as export_main
+
+    checkpoint = lora_run / "checkpoint-00003"
+    capsys.readouterr()
+    assert export_main([str(checkpoint), str(tmp_path / "model.safetensors")]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith(f"error: {checkpoint}: an adapter run's model") and "cachetrain-lora merge" in line
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_sample_images_on_an_adapter_checkpoint_draws_the_runs_own_sample(lora_run, tmp_path):
     checkpoint = lora_run / "checkpoint-00003"
     drawn = _sampled(checkpoint, tmp_path / "drawn")
