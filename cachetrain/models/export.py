@@ -21,11 +21,10 @@ import torch
 from .. import __version__
 from . import ldm_layout
 from ..atomic import write_tensors_atomically
-from ..checkpoint_layout import (CHECKPOINT_PATTERN, EMA_COMPONENT, PEFT_ADAPTER_COMPONENT, TRAINED_COMPONENT,
-                                 TRAINING_STATE_FILE)
+from ..checkpoint_layout import CHECKPOINT_PATTERN, EMA_COMPONENT, TRAINED_COMPONENT, TRAINING_STATE_FILE
 from ..cli import ArgumentParser, print_error
 from .loading import parse_dtype
-from .lora_files import DIFFUSERS_LORA_FILE
+from .lora_files import holds_adapter
 from .schedulers import is_flow_config
 
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
@@ -57,7 +56,7 @@ def _check_source(source: Path, ema: bool, unet_only: bool) -> dict:
             state = "has no config.json" if (source / part).is_dir() else "is missing"
             raise ExportError(f"{source}: its model_index.json names the part '{part}', but {source / part}/ "
                               f"{state} (copy the whole folder, or pass --unet_only)")
-    if (source / DIFFUSERS_LORA_FILE).is_file() or (source / PEFT_ADAPTER_COMPONENT).is_dir():
+    if holds_adapter(source):
         # its unet/ is the frozen base: an export would hold none of what the run trained
         raise ExportError(f"{source}: an adapter run's model, whose unet/ is the untrained base; merge the adapter "
                           f"into a single file with `cachetrain-lora merge --model {source} --lora {source} "

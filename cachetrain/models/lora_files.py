@@ -12,6 +12,9 @@ and an alpha; the layer's change is ``alpha / rank * up @ down``. In memory a Lo
   ``lora_unet_NAME_WITH_UNDERSCORES.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and the
   ``ss_*`` (kohya) and ``modelspec.*`` metadata keys those tools show.
 
+An adapter run's folder (checkpoint or final model) holds the first of these, or for LoHa/LoKr PEFT's
+folder ``unet_adapter/``, beside a ``unet/`` that is the frozen base (``holds_adapter``).
+
 Reading either checks every key against the UNet the LoRA is for: a key we do not know, a layer the
 UNet lacks or a shape it does not have raise LoraFileError naming the file and the first such key.
 """
@@ -28,6 +31,7 @@ import torch
 
 from .. import __version__
 from ..atomic import write_atomically
+from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"  # the kohya-layout copy a checkpoint holds with --save_kohya_lora
@@ -104,6 +108,22 @@ def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module]
 
 
 # -- reading ----------------------------------------------------------------------------------
+
+def peft_adapter_folder(source: Path) -> Path | None:
+    """The PEFT folder (adapter_config.json + adapter_model.safetensors) of a LoHa/LoKr checkpoint given as
+    the checkpoint or as the folder itself; None for anything else (a LoRA)."""
+    for folder in (source / PEFT_ADAPTER_COMPONENT, source):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
+
+
+def holds_adapter(folder: Path | str) -> bool:
+    """Whether a model folder is an adapter run's (a checkpoint or final model): a LoRA file, or a LoHa/LoKr
+    PEFT folder, beside a unet/ that is the frozen base."""
+    folder = Path(folder)
+    return folder.is_dir() and ((folder / DIFFUSERS_LORA_FILE).is_file() or peft_adapter_folder(folder) is not None)
+
 
 def lora_file_in(path: Path | str) -> Path:
     """The safetensors file of a LoRA given as a file or as a folder holding pytorch_lora_weights.safetensors."""

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
-from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_layers, kohya_metadata, read_lora,
-                         write_diffusers_lora, write_kohya_lora)
+from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_layers, kohya_metadata,
+                         peft_adapter_folder, read_lora, write_diffusers_lora, write_kohya_lora)
 
 class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
@@ -50,15 +49,6 @@ def merge_changes(unet: torch.nn.Module, changes: dict[str, torch.Tensor], scale
         for name, change in changes.items():
             weight = layers[name].weight
             weight.copy_((weight.float() + scale * change.float().to(weight.device)).to(weight.dtype))
-
-
-def peft_adapter_folder(source: Path) -> Path | None:
-    """The PEFT folder (adapter_config.json + adapter_model.safetensors) of a LoHa/LoKr checkpoint given as
-    the checkpoint or as the folder itself; None for anything else (a LoRA)."""
-    for folder in (source / PEFT_ADAPTER_COMPONENT, source):
-        if (folder / "adapter_config.json").is_file():
-            return folder
-    return None
 
 
 def peft_adapter_changes(unet: torch.nn.Module, folder: Path) -> dict[str, torch.Tensor]:

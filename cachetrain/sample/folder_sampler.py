@@ -192,11 +192,8 @@ def merge_checkpoint_adapter(unet, folder: Path, use_ema: bool) -> None:
     """An adapter run's checkpoint (a LoRA, LoHa or LoKr beside its base UNet): the adapter (its EMA when
     it has one, unless --no_ema) merged into ``unet``, so samples show what the run's own samples showed."""
     from ..checkpoint_layout import ADAPTER_EMA_COMPONENT
-    from ..models.lora_files import DIFFUSERS_LORA_FILE
-    from ..models.lora_tools import adapter_changes, merge_changes, peft_adapter_folder
-
-    def holds_adapter(candidate: Path) -> bool:
-        return (candidate / DIFFUSERS_LORA_FILE).is_file() or peft_adapter_folder(candidate) is not None
+    from ..models.lora_files import holds_adapter
+    from ..models.lora_tools import adapter_changes, merge_changes
 
     ema = folder / ADAPTER_EMA_COMPONENT
     source = ema if use_ema and holds_adapter(ema) else folder

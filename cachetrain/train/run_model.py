@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import loading as models
+from ..models.lora_files import holds_adapter
 from .adapters import AdapterSpec, attach_adapter, describe as describe_adapter
 from .bad_data import TrainingError
 from .config import TrainConfig
@@ -40,12 +41,28 @@ class RunModel:
     step: TrainStep
 
 
+def check_base_model(config: TrainConfig, adapter: AdapterSpec | None, is_main: bool) -> None:
+    """An adapter run's model as --pretrained_model: its unet/ is the untrained base, so a full run from it
+    would drop what that run trained (TrainingError, naming the merge); a new adapter on it gets a note."""
+    model = config.pretrained_model
+    if config.lora_weights or not holds_adapter(model):
+        return
+    if adapter is None:
+        raise TrainingError(f"--pretrained_model {model}: an adapter run's model, whose unet/ is the untrained base; "
+                            f"to train the whole UNet from what that run learned, merge it first (cachetrain-lora "
+                            f"merge --model {model} --lora {model} --out MERGED, then --pretrained_model MERGED)")
+    if is_main:
+        print(f"[train] note: {model} holds a trained adapter this run does not start from (it trains a new one on "
+              f"the base); --lora_weights {model} starts from a LoRA", file=sys.stderr)
+
+
 def load_run_model(config: TrainConfig, accelerator, data) -> RunModel:
     """The UNet and everything that trains it, from ``config`` and the run's data (run_data.RunData)."""
     device, world = accelerator.device, accelerator.num_processes
     weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
-    unet = models.load_unet(config.pretrained_model, dtype=weight_dtype, single_file_config=config.single_file_config)
     adapter = AdapterSpec.of(config)
+    check_base_model(config, adapter, accelerator.is_main_process)
+    unet = models.load_unet(config.pretrained_model, dtype=weight_dtype, single_file_config=config.single_file_config)
     try:
         if adapter is not None:  # the UNet frozen, the adapter's layers train
             trainable = attach_adapter(unet, adapter, config.seed)

@@ -329,6 +329,20 @@ def test_adapter_faults_are_refused_in_one_line_before_step_1(lora_run, sd15_mod
     assert not list(output.glob("checkpoint-*")) and not (output / "tensorboard").exists()
 
 
+def test_a_full_run_from_an_adapter_runs_model_is_refused_naming_the_merge(lora_run, sd15_cached, tmp_path, capsys):
+    """Its unet/ is the untrained base: a full run from it would drop what the adapter learned, unsaid."""
+    capsys.readouterr()
+    assert main(train_args(lora_run, sd15_cached, tmp_path / "run", "--max_steps", "1", "--batch_size", "4")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"--pretrained_model {lora_run}: an adapter run's model" in errors[0]
+    assert f"cachetrain-lora merge --model {lora_run} --lora {lora_run}" in errors[0]
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    # a new adapter on its base trains, with a note that the model's own adapter is not its start
+    assert main(train_args(lora_run, sd15_cached, tmp_path / "new", "--max_steps", "1", "--batch_size", "4",
+                           "--lora_type", "lora", "--lora_rank", "2")) == 0
+    assert f"[train] note: {lora_run} holds a trained adapter this run does not start from" in capsys.readouterr().err
+
+
 def test_adapter_flags_without_an_adapter_are_refused():
     from cachetrain.train.config import ConfigError
 
