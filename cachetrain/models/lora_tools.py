@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint_layout import ADAPTER_EMA_COMPONENT, EMA_COMPONENT, PEFT_ADAPTER_COMPONENT, TRAINING_STATE_FILE
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
-from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_layers, kohya_metadata,
-                         peft_adapter_folder, read_lora, write_diffusers_lora, write_kohya_lora)
+from .lora_files import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LAYER_GROUPS, LoraFileError, LowRankPair,
+                         adaptable_layers, kohya_metadata, peft_adapter_folder, read_lora, write_diffusers_lora,
+                         write_kohya_lora)
 
 class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
@@ -131,9 +133,10 @@ def _write_pipeline(model: str, unet, folder: Path) -> None:
 
             load_single_file_pipeline_around(model, unet).save_pretrained(staging)
         else:
-            shutil.copytree(model, staging, ignore=shutil.ignore_patterns("unet", "unet_ema", "training_state.pt",
-                                                                           "*.png", "pytorch_lora_weights.safetensors",
-                                                                           "lora_kohya.safetensors"))
+            # an adapter run's folder: its adapter, now merged, and its EMA are left behind with the resume state
+            shutil.copytree(model, staging, ignore=shutil.ignore_patterns(
+                "unet", EMA_COMPONENT, TRAINING_STATE_FILE, "*.png", DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE,
+                PEFT_ADAPTER_COMPONENT, ADAPTER_EMA_COMPONENT))
             unet.save_pretrained(staging / "unet", safe_serialization=True)
         if folder.exists():
             shutil.rmtree(folder)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cachetrain.commands import lora as lora_command
-from cachetrain.models.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, adaptable_layers, read_lora
+from cachetrain.models.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, adaptable_layers, holds_adapter, read_lora
 from cachetrain.models.lora_tools import merge_into_unet
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import main, train
@@ -217,6 +217,7 @@ def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15
     with torch.no_grad():
         ours = UNet2DConditionModel.from_pretrained(merged, subfolder="unet").eval()(*inputs).sample
     assert (ours - adapted).abs().max() < 0.01 * (adapted - plain).abs().max()
+    assert not holds_adapter(merged)  # a plain model: it trains in full and exports
     drawn = _sampled(checkpoint, tmp_path / "drawn")
     trained = np.asarray(Image.open(next(checkpoint.glob("sample-*.png"))), dtype=np.int16)
     assert np.abs(drawn - trained).max() <= 1
