@@ -64,6 +64,16 @@ def load_clip_text_encoder(model: str, dtype: torch.dtype = torch.float32, singl
     return tokenizer, text_encoder
 
 
+def quiet_loading() -> None:
+    """No progress bar per component or weight file loaded (diffusers', transformers'): for commands whose
+    output is their own lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_unet(model: str, dtype: torch.dtype = torch.float32, single_file_config: str | None = None):
     from diffusers import UNet2DConditionModel
 

@@ -37,7 +37,12 @@ DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"  # the kohya-layout copy a checkpoint holds with --save_kohya_lora
 KOHYA_PREFIX = "lora_unet_"
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+KOHYA_TEXT_ENCODER_PREFIX = "lora_te_"  # SD1's CLIP text encoder, as sd-scripts names its layers
 DIFFUSERS_PREFIX = "unet."
+DIFFUSERS_TEXT_ENCODER_PREFIX = "text_encoder."
+UNET_PART, TEXT_ENCODER_PART = "unet", "text_encoder"
+TEXT_ENCODER_NOTE = (" (a text-encoder LoRA: only its UNet part is read here, the captions being cached; "
+                     "cachetrain-lora merge applies both)")
 # diffusers' current (PEFT) names and its older ones
 DIFFUSERS_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
                       ".lora.up.weight": "up"}
@@ -95,11 +100,12 @@ def layer_weight_shape(layer: torch.nn.Module) -> tuple[int, ...]:
     return tuple(layer.weight.shape)
 
 
-def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module], source: str) -> None:
-    """Every pair names a layer of this UNet and fits its shape, else LoraFileError (another base)."""
+def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module], source: str,
+               model: str = "UNet") -> None:
+    """Every pair names a layer of this model and fits its shape, else LoraFileError (another base)."""
     for name, pair in pairs.items():
         if name not in layers:
-            raise LoraFileError(f"{source}: layer {name} is not in this UNet (an adapter of another model?)")
+            raise LoraFileError(f"{source}: layer {name} is not in this {model} (an adapter of another model?)")
         weight = layer_weight_shape(layers[name])
         delta = (pair.up.shape[0], *pair.down.shape[1:])
         if tuple(delta) != weight:
@@ -136,30 +142,61 @@ def lora_file_in(path: Path | str) -> Path:
 
 
 def read_lora(path: Path | str, layers: dict[str, torch.nn.Module]) -> dict[str, LowRankPair]:
-    """The LoRA in ``path`` (either layout, told apart by its keys), checked against ``layers``."""
-    from safetensors import safe_open
-
-    file = lora_file_in(path)
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-            metadata = handle.metadata() or {}
-    except Exception as error:
-        raise LoraFileError(f"{file}: not a readable safetensors file ({type(error).__name__})") from None
-    if any(key.startswith(KOHYA_PREFIX) for key in tensors):
-        pairs = _pairs_from_kohya(tensors, layers, file)
-    else:
-        pairs = _pairs_from_diffusers(tensors, metadata, file)
-    if not pairs:
-        raise LoraFileError(f"{file}: holds no UNet LoRA layers")
-    check_fits(pairs, layers, str(file))
+    """The UNet LoRA in ``path`` (either layout, told apart by its keys), checked against ``layers``; a file
+    with a text-encoder part is refused (read_lora_parts reads both)."""
+    pairs, _ = read_lora_parts(path, layers)
     return pairs
 
 
-def _pairs_from_kohya(tensors: dict[str, torch.Tensor], layers: dict[str, torch.nn.Module],
-                      file: Path) -> dict[str, LowRankPair]:
-    by_kohya_name = {kohya_name(name): name for name in layers}
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+def read_lora_parts(path: Path | str, layers: dict[str, torch.nn.Module],
+                    text_encoder_layers: dict[str, torch.nn.Module] | None = None
+                    ) -> tuple[dict[str, LowRankPair], dict[str, LowRankPair]]:
+    """(the UNet's pairs, the text encoder's pairs) of the LoRA in ``path``, each checked against its model's
+    layers; without ``text_encoder_layers`` a text-encoder part is refused, naming it."""
+    file = lora_file_in(path)
+    tensors, metadata = _read_safetensors(file)
+    models = {UNET_PART: layers}
+    if text_encoder_layers is not None:
+        models[TEXT_ENCODER_PART] = text_encoder_layers
+    if any(key.startswith(KOHYA_PREFIX) or key.startswith(KOHYA_TEXT_ENCODER_PREFIX) for key in tensors):
+        parts = _pairs_from_kohya(tensors, models, file)
+    else:
+        parts = _pairs_from_diffusers(tensors, metadata, models, file)
+    if not parts[UNET_PART] and not parts.get(TEXT_ENCODER_PART):
+        raise LoraFileError(f"{file}: holds no UNet LoRA layers")
+    for part, pairs in parts.items():
+        check_fits(pairs, models[part], str(file), "UNet" if part == UNET_PART else "text encoder")
+    return parts[UNET_PART], parts.get(TEXT_ENCODER_PART, {})
+
+
+def has_text_encoder_part(path: Path | str) -> bool:
+    """Whether a LoRA file (a PEFT folder is not one) holds layers of the text encoder as well."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(lora_file_in(path)), framework="pt") as handle:
+            return any(key.startswith((KOHYA_TEXT_ENCODER_PREFIX, DIFFUSERS_TEXT_ENCODER_PREFIX)) for key in handle.keys())
+    except Exception:  # read_lora_parts says what is wrong with it
+        return False
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    except Exception as error:
+        raise LoraFileError(f"{file}: not a readable safetensors file ({type(error).__name__})") from None
+
+
+def _pairs_from_kohya(tensors: dict[str, torch.Tensor], models: dict[str, dict[str, torch.nn.Module]],
+                      file: Path) -> dict[str, dict[str, LowRankPair]]:
+    prefixes = {UNET_PART: KOHYA_PREFIX, TEXT_ENCODER_PART: KOHYA_TEXT_ENCODER_PREFIX}
+    by_kohya_name = {prefixes[part] + alias.replace(".", "_"): (part, name)
+                     for part, layers in models.items() for alias, name in _layer_aliases(part, layers).items()}
+    found_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    stems = {}  # the file's own name of each layer, for messages
     unknown = []
     for key, tensor in tensors.items():
         suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
@@ -167,25 +204,39 @@ def _pairs_from_kohya(tensors: dict[str, torch.Tensor], layers: dict[str, torch.
         if module is None:
             unknown.append(key)
             continue
-        parts.setdefault(module, {})[suffix] = tensor
+        found_parts.setdefault(module, {})[suffix] = tensor
+        stems[module] = key[: -len(suffix)]
     if unknown:
         example = next((key for key in unknown if _unread_kind(key)), unknown[0])
         raise LoraFileError(f"{file}: {len(unknown)} key(s) this UNet has no place for, e.g. {example}"
                             f"{_unread_kind(example)}")
-    pairs = {}
-    for module, found in parts.items():
+    parts: dict[str, dict[str, LowRankPair]] = {part: {} for part in models}
+    for (part, module), found in found_parts.items():
         if ".lora_down.weight" not in found or ".lora_up.weight" not in found:
-            raise LoraFileError(f"{file}: {kohya_name(module)} lacks its lora_down or lora_up weight")
+            raise LoraFileError(f"{file}: {stems[(part, module)]} lacks its lora_down or lora_up weight")
         down, up = found[".lora_down.weight"], found[".lora_up.weight"]
         alpha = float(found[".alpha"]) if ".alpha" in found else float(down.shape[0])
-        pairs[module] = LowRankPair(down=down, up=up, alpha=alpha)
-    return pairs
+        parts[part][module] = LowRankPair(down=down, up=up, alpha=alpha)
+    return parts
+
+
+def _layer_aliases(part: str, layers: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """The names a file may give each layer -> the layer's own name. The CLIP text encoder's layers are
+    ``text_model.encoder.layers.N...`` in transformers 4 (and in every sd-scripts file) and
+    ``encoder.layers.N...`` in transformers 5: either name finds the layer."""
+    if part != TEXT_ENCODER_PART:
+        return {name: name for name in layers}
+    aliases = {}
+    for name in layers:
+        short = name.removeprefix("text_model.")
+        aliases[short] = aliases["text_model." + short] = name
+    return aliases
 
 
 def _unread_kind(key: str) -> str:
     """What a kohya-layout key we do not read belongs to, for the message ('' when nothing known)."""
     if key.startswith("lora_te"):
-        return " (a text-encoder LoRA: only UNet LoRAs are read)"
+        return TEXT_ENCODER_NOTE
     if ".hada_" in key or ".lokr_" in key:
         return " (a LyCORIS LoHa/LoKr: only LoRA and LoCon files are read)"
     if key.endswith(".dora_scale"):
@@ -194,32 +245,36 @@ def _unread_kind(key: str) -> str:
 
 
 def _pairs_from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                          file: Path) -> dict[str, LowRankPair]:
-    config = _unet_config(metadata)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+                          models: dict[str, dict[str, torch.nn.Module]], file: Path) -> dict[str, dict[str, LowRankPair]]:
+    prefixes = {UNET_PART: DIFFUSERS_PREFIX, TEXT_ENCODER_PART: DIFFUSERS_TEXT_ENCODER_PREFIX}
+    found_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         suffix = next((s for s in DIFFUSERS_SUFFIXES if key.endswith(s)), None)
-        if not key.startswith(DIFFUSERS_PREFIX) or suffix is None:
-            kind = " (a text-encoder LoRA: only UNet LoRAs are read)" if key.startswith("text_encoder") else ""
+        part = next((part for part in models if key.startswith(prefixes[part])), None)
+        if part is None or suffix is None:
+            kind = TEXT_ENCODER_NOTE if key.startswith(DIFFUSERS_TEXT_ENCODER_PREFIX) else ""
             raise LoraFileError(f"{file}: key {key} is not a UNet LoRA weight we know{kind}")
-        parts.setdefault(key[len(DIFFUSERS_PREFIX): -len(suffix)], {})[DIFFUSERS_SUFFIXES[suffix]] = tensor
-    pairs = {}
-    for module, found in parts.items():
+        module = key[len(prefixes[part]): -len(suffix)]
+        module = _layer_aliases(part, models[part]).get(module, module)
+        found_parts.setdefault((part, module), {})[DIFFUSERS_SUFFIXES[suffix]] = tensor
+    configs = {part: _part_config(metadata, prefixes[part]) for part in models}
+    parts: dict[str, dict[str, LowRankPair]] = {part: {} for part in models}
+    for (part, module), found in found_parts.items():
         if set(found) != {"down", "up"}:
             raise LoraFileError(f"{file}: {module} lacks its down (lora_A) or up (lora_B) weight")
-        rank = found["down"].shape[0]
+        rank, config = found["down"].shape[0], configs[part]
         alpha = float(config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", rank)))
-        pairs[module] = LowRankPair(down=found["down"], up=found["up"], alpha=alpha)
-    return pairs
+        parts[part][module] = LowRankPair(down=found["down"], up=found["up"], alpha=alpha)
+    return parts
 
 
-def _unet_config(metadata: dict[str, str]) -> dict:
-    """The UNet's LoraConfig values of a diffusers file's header ({} when it has none: alpha = rank)."""
+def _part_config(metadata: dict[str, str], prefix: str) -> dict:
+    """One model's LoraConfig values of a diffusers file's header ({} when it has none: alpha = rank)."""
     try:
         packed = json.loads(metadata.get(METADATA_KEY, "{}"))
     except ValueError:
         return {}
-    return {key[len(DIFFUSERS_PREFIX):]: value for key, value in packed.items() if key.startswith(DIFFUSERS_PREFIX)}
+    return {key[len(prefix):]: value for key, value in packed.items() if key.startswith(prefix)}
 
 
 # -- writing ----------------------------------------------------------------------------------

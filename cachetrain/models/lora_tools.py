@@ -8,7 +8,8 @@ a LoRA in either layout (a folder holding pytorch_lora_weights.safetensors, or a
 LoHa/LoKr run's checkpoint (PEFT's folder ``unet_adapter/`` in it, or that folder itself).
 
 merge adds ``scale`` times each adapted layer's change (a LoRA's ``alpha / rank * up @ down``; a LoHa's or
-LoKr's as PEFT's own layers compute it) to its weight and writes OUT: a pipeline
+LoKr's as PEFT's own layers compute it) to its weight, the text encoder's too where a LoRA has a part for it
+(``lora_te_*`` / ``text_encoder.*`` keys), and writes OUT: a pipeline
 folder, or with OUT ending in .safetensors a single file in the original SD layout. The result is a
 model like any other (``--pretrained_model OUT``).
 
@@ -32,8 +33,8 @@ from ..checkpoint_layout import ADAPTER_EMA_COMPONENT, EMA_COMPONENT, PEFT_ADAPT
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
 from .lora_files import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LAYER_GROUPS, LoraFileError, LowRankPair,
-                         adaptable_layers, kohya_metadata, peft_adapter_folder, read_lora, write_diffusers_lora,
-                         write_kohya_lora)
+                         adaptable_layers, has_text_encoder_part, kohya_metadata, peft_adapter_folder, read_lora,
+                         read_lora_parts, write_diffusers_lora, write_kohya_lora)
 
 class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
@@ -105,39 +106,71 @@ def _load_unet(model: str):
         raise LoraToolError(f"{model}: no UNet loads from it ({type(error).__name__})") from None
 
 
-def merge(model: str, lora: str, out: str, scale: float = 1.0) -> int:
-    """Merge ``lora`` into ``model`` and write ``out``; the number of layers changed."""
+def _load_text_encoder(model: str):
+    from .loading import load_clip_text_encoder
+
+    try:
+        return load_clip_text_encoder(model)[1]
+    except Exception as error:
+        raise LoraToolError(f"{model}: the LoRA has a text-encoder part, and no CLIP text encoder loads from "
+                            f"this model ({type(error).__name__})") from None
+
+
+@dataclass
+class MergeReport:
+    unet_layers: int
+    text_encoder_layers: int
+
+
+def merge(model: str, lora: str, out: str, scale: float = 1.0) -> MergeReport:
+    """Merge ``lora`` into ``model`` (its UNet, and its text encoder where the LoRA has a part for it, as
+    kohya files from sd-scripts often do) and write ``out``."""
     unet = _load_unet(model)
-    changes = adapter_changes(unet, lora)
+    text_encoder, text_changes = None, {}
+    if has_text_encoder_part(lora):
+        text_encoder = _load_text_encoder(model)
+        pairs, text_pairs = read_lora_parts(lora, adaptable_layers(unet), adaptable_layers(text_encoder))
+        changes = {name: pair.delta() for name, pair in pairs.items()}
+        text_changes = {name: pair.delta() for name, pair in text_pairs.items()}
+        merge_changes(text_encoder, text_changes, scale)
+    else:
+        changes = adapter_changes(unet, lora)
     merge_changes(unet, changes, scale)
     out_path = Path(out)
     if out_path.suffix == ".safetensors":
         with tempfile.TemporaryDirectory(dir=out_path.parent) as staging:
             folder = Path(staging) / "model"
-            _write_pipeline(model, unet, folder)
+            _write_pipeline(model, unet, folder, text_encoder)
             from .export import export_single_file
 
             export_single_file(folder, out_path, dtype="fp32")
     else:
-        _write_pipeline(model, unet, out_path)
-    return len(changes)
+        _write_pipeline(model, unet, out_path, text_encoder)
+    return MergeReport(unet_layers=len(changes), text_encoder_layers=len(text_changes))
 
 
-def _write_pipeline(model: str, unet, folder: Path) -> None:
-    """The model's pipeline folder with ``unet`` in it (written to a staging name, then renamed)."""
+def _write_pipeline(model: str, unet, folder: Path, text_encoder=None) -> None:
+    """The model's pipeline folder with ``unet`` (and ``text_encoder`` when given) in it (written to a staging
+    name, then renamed)."""
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         if ldm_layout.is_single_file(model):
             from .loading import load_single_file_pipeline_around
 
-            load_single_file_pipeline_around(model, unet).save_pretrained(staging)
+            pipeline = load_single_file_pipeline_around(model, unet)
+            if text_encoder is not None:
+                pipeline.text_encoder = text_encoder
+            pipeline.save_pretrained(staging)
         else:
             # an adapter run's folder: its adapter, now merged, and its EMA are left behind with the resume state
+            replaced = ["unet"] + (["text_encoder"] if text_encoder is not None else [])
             shutil.copytree(model, staging, ignore=shutil.ignore_patterns(
-                "unet", EMA_COMPONENT, TRAINING_STATE_FILE, "*.png", DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE,
+                *replaced, EMA_COMPONENT, TRAINING_STATE_FILE, "*.png", DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE,
                 PEFT_ADAPTER_COMPONENT, ADAPTER_EMA_COMPONENT))
             unet.save_pretrained(staging / "unet", safe_serialization=True)
+            if text_encoder is not None:
+                text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
@@ -222,10 +255,15 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .loading import quiet_loading
+
+    quiet_loading()
     try:
         if args.command == "merge":
-            count = merge(args.model, args.lora, args.out, args.scale)
-            print(f"[lora] merged {count} layer(s) of {args.lora} (scale {args.scale:g}) into {args.out}")
+            report = merge(args.model, args.lora, args.out, args.scale)
+            text = f" and {report.text_encoder_layers} of the text encoder" if report.text_encoder_layers else ""
+            print(f"[lora] merged {report.unet_layers} UNet layer(s){text} of {args.lora} (scale {args.scale:g}) "
+                  f"into {args.out}")
             return 0
         if args.rank < 1:
             raise LoraToolError("--rank must be >= 1")

@@ -169,7 +169,7 @@ def load_sampling_pipeline(model: str, settings: SampleSettings):
 
     from ..models import loading as models
 
-    _quiet_loading()
+    models.quiet_loading()  # a watcher's log is one line per checkpoint
     subfolder = "unet"
     if settings.use_ema and _is_local(model) and (Path(model) / ckpt.EMA_COMPONENT).is_dir():
         subfolder = ckpt.EMA_COMPONENT
@@ -229,12 +229,3 @@ def sample_model(model: str, out_dir: Path, settings: SampleSettings, step: int 
                         autocast_dtype=settings.autocast_dtype, token_length=token_length, scheduler=scheduler,
                         scheduler_name=plan[0][1].scheduler, height=settings.height, width=settings.width,
                         increment_seed=settings.increment_seed, generator_device=settings.seed_device)
-
-
-def _quiet_loading() -> None:
-    """No progress bar per component loaded: a watcher's log is one line per checkpoint."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()

@@ -149,7 +149,7 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
         (["merge", "--model", str(tiny_sd_model), "--lora", str(random_lora), "--out", str(tmp_path / "a")],
          "is not in this UNet"),  # another base: its layers are not there
         (["merge", "--model", str(sd15_model), "--lora", str(odd), "--out", str(tmp_path / "b")],
-         "a text-encoder LoRA"),
+         "lora_te_text_model_encoder_layers_0_mlp_fc1 lacks its lora_down or lora_up weight"),
         (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
          "no such LoRA file"),
         (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "loha.safetensors"), "--out",
@@ -208,3 +208,75 @@ def test_a_locon_written_by_lycoris_merges_and_starts_a_run_as_lycoris_applies_i
         ours_merged, ours_started = merged(*inputs).sample, started.eval()(*inputs).sample
     assert torch.allclose(ours_merged, theirs, atol=1e-5, rtol=1e-4)
     assert torch.allclose(ours_started, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def lora_with_text_encoder(sd15_model, tmp_path_factory) -> Path:
+    """A LoRA of the UNet's attention (rank 4, alpha 2) and the text encoder's (rank 4, alpha 8), written by
+    diffusers' own save_lora_weights from PEFT layers (keys unet.* and text_encoder.*), and the same LoRA in
+    sd-scripts' kohya names (lora_unet_*, lora_te_text_model_*; one alpha per layer) beside it."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    pipeline = StableDiffusionPipeline.from_pretrained(sd15_model, safety_checker=None, requires_safety_checker=False)
+    unet_config = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    text_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])
+    pipeline.unet.add_adapter(unet_config)
+    inject_adapter_in_model(text_config, pipeline.text_encoder)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for model in (pipeline.unet, pipeline.text_encoder):
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:  # PEFT starts them at zero
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    folder = tmp_path_factory.mktemp("lora-te") / "diffusers"
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(pipeline.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipeline.text_encoder),
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
+    kohya = {}
+    for key, tensor in load_file(folder / "pytorch_lora_weights.safetensors").items():
+        part, rest = key.split(".", 1)
+        module, which = rest.rsplit(".lora_", 1)
+        module = module.removeprefix("text_model.")
+        name = ("lora_te_text_model_" if part == "text_encoder" else "lora_unet_") + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if which == 'A.weight' else 'lora_up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(8.0 if part == "text_encoder" else 2.0)
+    save_file(kohya, folder.parent / "kohya.safetensors", metadata={"ss_network_module": "networks.lora"})
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["diffusers folder", "kohya file"])
+def test_merge_applies_a_loras_text_encoder_part_as_diffusers_fuse_lora_does(sd15_model, lora_with_text_encoder,
+                                                                             tmp_path, layout):
+    from diffusers import StableDiffusionPipeline
+
+    source = lora_with_text_encoder if layout == "diffusers folder" else lora_with_text_encoder.parent / "kohya.safetensors"
+    out = tmp_path / "merged"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(source), "--out", str(out)]) == 0
+    theirs = StableDiffusionPipeline.from_pretrained(sd15_model, safety_checker=None, requires_safety_checker=False)
+    theirs.load_lora_weights(source)
+    theirs.fuse_lora()
+    ours = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    base = StableDiffusionPipeline.from_pretrained(sd15_model, safety_checker=None, requires_safety_checker=False)
+    for part in ("unet", "text_encoder"):
+        our_layers, their_layers = adaptable_layers(getattr(ours, part)), adaptable_layers(getattr(theirs, part))
+        base_layers = adaptable_layers(getattr(base, part))
+        changed = 0
+        for name, layer in our_layers.items():
+            assert torch.allclose(layer.weight, their_layers[name].weight, atol=1e-6, rtol=0), (part, name)
+            changed += not torch.equal(layer.weight, base_layers[name].weight)
+        # every attention projection (and the text encoder's fc1) of the tiny model: 128 of the UNet, 10 of the TE
+        assert changed == {"unet": 128, "text_encoder": 10}[part], part
+
+
+def test_a_loras_text_encoder_part_is_refused_as_a_training_start(sd15_model, lora_with_text_encoder):
+    """The captions' embeddings are cached: a text-encoder part could not apply to them."""
+    from cachetrain.train.adapters import AdapterError, AdapterSpec, attach_adapter
+
+    spec = AdapterSpec(kind="lora", rank=4, alpha=4, start_weights=str(lora_with_text_encoder))
+    with pytest.raises(AdapterError, match=r"key text_encoder\.\S+ is not a UNet LoRA weight we know \(a text-encoder "
+                                           r"LoRA: only its UNet part is read here"):
+        attach_adapter(_unet(sd15_model), spec, seed=0)
