@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", metavar="W",
                         help="then SD1.5-structure UNets of widths W-2W-4W-4W (W a multiple of 32)")
     args = parser.parse_args()
+    if any(width < 32 or width % 32 for width in args.widths or ()):
+        parser.error("--widths: each width a multiple of 32 (SD1.5's 32 groups in each GroupNorm)")
     torch.set_num_threads(1)
     if args.sd15_t5:
         from bench_lora_sd15 import run_sd15_t5

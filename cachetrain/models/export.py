@@ -24,7 +24,7 @@ from ..atomic import write_tensors_atomically
 from ..checkpoint_layout import CHECKPOINT_PATTERN, EMA_COMPONENT, TRAINED_COMPONENT, TRAINING_STATE_FILE
 from ..cli import ArgumentParser, print_error
 from .loading import parse_dtype
-from .lora_files import holds_adapter
+from .lora_files import adapter_to_merge, holds_adapter
 from .schedulers import is_flow_config
 
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
@@ -59,8 +59,8 @@ def _check_source(source: Path, ema: bool, unet_only: bool) -> dict:
     if holds_adapter(source):
         # its unet/ is the frozen base: an export would hold none of what the run trained
         raise ExportError(f"{source}: an adapter run's model, whose unet/ is the untrained base; merge the adapter "
-                          f"into a single file with `cachetrain-lora merge --model {source} --lora {source} "
-                          f"--out OUT.safetensors`, or take its LoRA file as it is")
+                          f"into a single file with `cachetrain-lora merge --model {source} --lora "
+                          f"{adapter_to_merge(source)} --out OUT.safetensors`, or take its LoRA file as it is")
     unet_folder = source / (EMA_COMPONENT if ema else TRAINED_COMPONENT)
     if not (unet_folder / "config.json").is_file():
         what = "--ema: no EMA weights (unet_ema/; train with --ema_decay)" if ema else "no unet/ folder"

@@ -31,7 +31,8 @@ import torch
 
 from .. import __version__
 from ..atomic import write_atomically
-from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
+from ..checkpoint_layout import ADAPTER_EMA_COMPONENT, PEFT_ADAPTER_COMPONENT
+from .ldm_layout import CLIP_TEXT_MODEL_LEVEL
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_FILE = "lora_kohya.safetensors"  # the kohya-layout copy a checkpoint holds with --save_kohya_lora
@@ -41,6 +42,7 @@ KOHYA_TEXT_ENCODER_PREFIX = "lora_te_"  # SD1's CLIP text encoder, as sd-scripts
 DIFFUSERS_PREFIX = "unet."
 DIFFUSERS_TEXT_ENCODER_PREFIX = "text_encoder."
 UNET_PART, TEXT_ENCODER_PART = "unet", "text_encoder"
+TEXT_ENCODER_KEY_STARTS = (KOHYA_TEXT_ENCODER_PREFIX, DIFFUSERS_TEXT_ENCODER_PREFIX)
 TEXT_ENCODER_NOTE = (" (a text-encoder LoRA: only its UNet part is read here, the captions being cached; "
                      "cachetrain-lora merge applies both)")
 # diffusers' current (PEFT) names and its older ones
@@ -78,9 +80,9 @@ class LowRankPair:
         return (scale * self.alpha / self.rank) * product.reshape(shape)
 
 
-def kohya_name(module_name: str) -> str:
+def kohya_name(module_name: str, prefix: str = KOHYA_PREFIX) -> str:
     """``down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
-    return KOHYA_PREFIX + module_name.replace(".", "_")
+    return prefix + module_name.replace(".", "_")
 
 
 def adaptable_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -109,7 +111,7 @@ def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module]
         weight = layer_weight_shape(layers[name])
         delta = (pair.up.shape[0], *pair.down.shape[1:])
         if tuple(delta) != weight:
-            raise LoraFileError(f"{source}: {name} changes a weight of shape {list(delta)}, this UNet's is "
+            raise LoraFileError(f"{source}: {name} changes a weight of shape {list(delta)}, this {model}'s is "
                                 f"{list(weight)} (an adapter of another base model)")
 
 
@@ -131,6 +133,13 @@ def holds_adapter(folder: Path | str) -> bool:
     return folder.is_dir() and ((folder / DIFFUSERS_LORA_FILE).is_file() or peft_adapter_folder(folder) is not None)
 
 
+def adapter_to_merge(folder: Path | str) -> Path:
+    """What of an adapter run's folder to merge for the model its samples show: the adapter's EMA
+    (``adapter_ema/``) when the run kept one, else the adapter itself."""
+    ema = Path(folder) / ADAPTER_EMA_COMPONENT
+    return ema if holds_adapter(ema) else Path(folder)
+
+
 def lora_file_in(path: Path | str) -> Path:
     """The safetensors file of a LoRA given as a file or as a folder holding pytorch_lora_weights.safetensors."""
     path = Path(path)
@@ -149,16 +158,18 @@ def read_lora(path: Path | str, layers: dict[str, torch.nn.Module]) -> dict[str,
 
 
 def read_lora_parts(path: Path | str, layers: dict[str, torch.nn.Module],
-                    text_encoder_layers: dict[str, torch.nn.Module] | None = None
+                    text_encoder_layers: dict[str, torch.nn.Module] | None = None, drop_text_encoder: bool = False
                     ) -> tuple[dict[str, LowRankPair], dict[str, LowRankPair]]:
     """(the UNet's pairs, the text encoder's pairs) of the LoRA in ``path``, each checked against its model's
-    layers; without ``text_encoder_layers`` a text-encoder part is refused, naming it."""
+    layers; without ``text_encoder_layers`` a text-encoder part is refused, naming it, unless dropped."""
     file = lora_file_in(path)
     tensors, metadata = _read_safetensors(file)
+    if drop_text_encoder:
+        tensors = {key: value for key, value in tensors.items() if not key.startswith(TEXT_ENCODER_KEY_STARTS)}
     models = {UNET_PART: layers}
     if text_encoder_layers is not None:
         models[TEXT_ENCODER_PART] = text_encoder_layers
-    if any(key.startswith(KOHYA_PREFIX) or key.startswith(KOHYA_TEXT_ENCODER_PREFIX) for key in tensors):
+    if any(key.startswith((KOHYA_PREFIX, "lora_te")) for key in tensors):
         parts = _pairs_from_kohya(tensors, models, file)
     else:
         parts = _pairs_from_diffusers(tensors, metadata, models, file)
@@ -175,7 +186,7 @@ def has_text_encoder_part(path: Path | str) -> bool:
 
     try:
         with safe_open(str(lora_file_in(path)), framework="pt") as handle:
-            return any(key.startswith((KOHYA_TEXT_ENCODER_PREFIX, DIFFUSERS_TEXT_ENCODER_PREFIX)) for key in handle.keys())
+            return any(key.startswith(TEXT_ENCODER_KEY_STARTS) for key in handle.keys())
     except Exception:  # read_lora_parts says what is wrong with it
         return False
 
@@ -193,10 +204,10 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 def _pairs_from_kohya(tensors: dict[str, torch.Tensor], models: dict[str, dict[str, torch.nn.Module]],
                       file: Path) -> dict[str, dict[str, LowRankPair]]:
     prefixes = {UNET_PART: KOHYA_PREFIX, TEXT_ENCODER_PART: KOHYA_TEXT_ENCODER_PREFIX}
-    by_kohya_name = {prefixes[part] + alias.replace(".", "_"): (part, name)
+    by_kohya_name = {kohya_name(alias, prefixes[part]): (part, name)
                      for part, layers in models.items() for alias, name in _layer_aliases(part, layers).items()}
     found_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    stems = {}  # the file's own name of each layer, for messages
+    stems: dict[tuple[str, str], str] = {}  # the file's own name of each layer, for messages
     unknown = []
     for key, tensor in tensors.items():
         suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
@@ -204,12 +215,14 @@ def _pairs_from_kohya(tensors: dict[str, torch.Tensor], models: dict[str, dict[s
         if module is None:
             unknown.append(key)
             continue
+        stem = stems.setdefault(module, key[: -len(suffix)])
+        if stem != key[: -len(suffix)]:
+            raise LoraFileError(f"{file}: {stem} and {key[: -len(suffix)]} name the same layer")
         found_parts.setdefault(module, {})[suffix] = tensor
-        stems[module] = key[: -len(suffix)]
     if unknown:
-        example = next((key for key in unknown if _unread_kind(key)), unknown[0])
+        example = next((key for key in unknown if _unread_kind(key, models)), unknown[0])
         raise LoraFileError(f"{file}: {len(unknown)} key(s) this UNet has no place for, e.g. {example}"
-                            f"{_unread_kind(example)}")
+                            f"{_unread_kind(example, models)}")
     parts: dict[str, dict[str, LowRankPair]] = {part: {} for part in models}
     for (part, module), found in found_parts.items():
         if ".lora_down.weight" not in found or ".lora_up.weight" not in found:
@@ -228,18 +241,21 @@ def _layer_aliases(part: str, layers: dict[str, torch.nn.Module]) -> dict[str, s
         return {name: name for name in layers}
     aliases = {}
     for name in layers:
-        short = name.removeprefix("text_model.")
-        aliases[short] = aliases["text_model." + short] = name
+        short = name.removeprefix(CLIP_TEXT_MODEL_LEVEL)
+        aliases[short] = aliases[CLIP_TEXT_MODEL_LEVEL + short] = name
     return aliases
 
 
-def _unread_kind(key: str) -> str:
-    """What a kohya-layout key we do not read belongs to, for the message ('' when nothing known)."""
-    if key.startswith("lora_te"):
-        return TEXT_ENCODER_NOTE
+def _unread_kind(key: str, models: dict) -> str:
+    """What a key we do not read belongs to, for the message ('' when nothing known)."""
+    if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")):
+        return " (an SDXL LoRA: its two text encoders are not SD1.5's)"
+    if key.startswith(("lora_te_", DIFFUSERS_TEXT_ENCODER_PREFIX)):
+        return "" if TEXT_ENCODER_PART in models else TEXT_ENCODER_NOTE
     if ".hada_" in key or ".lokr_" in key:
-        return " (a LyCORIS LoHa/LoKr: only LoRA and LoCon files are read)"
-    if key.endswith(".dora_scale"):
+        return (" (a LyCORIS LoHa/LoKr: only LoRA and LoCon files are read; a LoHa/LoKr run's checkpoint "
+                "merges from its unet_adapter/ folder)")
+    if key.endswith(".dora_scale") or "lora_magnitude_vector" in key:
         return " (DoRA: its magnitude vectors are not read, only LoRA and LoCon)"
     return ""
 
@@ -247,23 +263,27 @@ def _unread_kind(key: str) -> str:
 def _pairs_from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                           models: dict[str, dict[str, torch.nn.Module]], file: Path) -> dict[str, dict[str, LowRankPair]]:
     prefixes = {UNET_PART: DIFFUSERS_PREFIX, TEXT_ENCODER_PART: DIFFUSERS_TEXT_ENCODER_PREFIX}
+    aliases = {part: _layer_aliases(part, layers) for part, layers in models.items()}
     found_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    names_in_file: dict[tuple[str, str], str] = {}  # the file's own name of each layer: its config's keys
     for key, tensor in tensors.items():
         suffix = next((s for s in DIFFUSERS_SUFFIXES if key.endswith(s)), None)
         part = next((part for part in models if key.startswith(prefixes[part])), None)
         if part is None or suffix is None:
-            kind = TEXT_ENCODER_NOTE if key.startswith(DIFFUSERS_TEXT_ENCODER_PREFIX) else ""
-            raise LoraFileError(f"{file}: key {key} is not a UNet LoRA weight we know{kind}")
-        module = key[len(prefixes[part]): -len(suffix)]
-        module = _layer_aliases(part, models[part]).get(module, module)
-        found_parts.setdefault((part, module), {})[DIFFUSERS_SUFFIXES[suffix]] = tensor
+            raise LoraFileError(f"{file}: key {key} is not a UNet LoRA weight we know{_unread_kind(key, models)}")
+        in_file = key[len(prefixes[part]): -len(suffix)]
+        module = (part, aliases[part].get(in_file, in_file))
+        if names_in_file.setdefault(module, in_file) != in_file:
+            raise LoraFileError(f"{file}: {names_in_file[module]} and {in_file} name the same layer")
+        found_parts.setdefault(module, {})[DIFFUSERS_SUFFIXES[suffix]] = tensor
     configs = {part: _part_config(metadata, prefixes[part]) for part in models}
     parts: dict[str, dict[str, LowRankPair]] = {part: {} for part in models}
     for (part, module), found in found_parts.items():
+        in_file = names_in_file[(part, module)]
         if set(found) != {"down", "up"}:
-            raise LoraFileError(f"{file}: {module} lacks its down (lora_A) or up (lora_B) weight")
+            raise LoraFileError(f"{file}: {in_file} lacks its down (lora_A) or up (lora_B) weight")
         rank, config = found["down"].shape[0], configs[part]
-        alpha = float(config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", rank)))
+        alpha = float(config.get("alpha_pattern", {}).get(in_file, config.get("lora_alpha", rank)))
         parts[part][module] = LowRankPair(down=found["down"], up=found["up"], alpha=alpha)
     return parts
 

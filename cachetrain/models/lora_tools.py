@@ -21,6 +21,7 @@ the kohya/A1111 layout, else a diffusers folder.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import tempfile
@@ -33,16 +34,11 @@ from ..checkpoint_layout import ADAPTER_EMA_COMPONENT, EMA_COMPONENT, PEFT_ADAPT
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
 from .lora_files import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LAYER_GROUPS, LoraFileError, LowRankPair,
-                         adaptable_layers, has_text_encoder_part, kohya_metadata, peft_adapter_folder, read_lora,
-                         read_lora_parts, write_diffusers_lora, write_kohya_lora)
+                         adaptable_layers, adapter_to_merge, has_text_encoder_part, holds_adapter, kohya_metadata,
+                         peft_adapter_folder, read_lora, read_lora_parts, write_diffusers_lora, write_kohya_lora)
 
 class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
-
-
-def merge_into_unet(unet: torch.nn.Module, pairs: dict[str, LowRankPair], scale: float = 1.0) -> None:
-    """Add each pair's change to its layer's weight, in place (computed in fp32, stored in the weight's dtype)."""
-    merge_changes(unet, {name: pair.delta() for name, pair in pairs.items()}, scale)
 
 
 def merge_changes(unet: torch.nn.Module, changes: dict[str, torch.Tensor], scale: float = 1.0) -> None:
@@ -55,37 +51,60 @@ def merge_changes(unet: torch.nn.Module, changes: dict[str, torch.Tensor], scale
 
 
 def peft_adapter_changes(unet: torch.nn.Module, folder: Path) -> dict[str, torch.Tensor]:
-    """Each adapted layer's weight change as PEFT's own LoHa/LoKr layers compute it: they are attached to
-    ``unet``, loaded from ``folder``, asked for their change and taken off again (the UNet is left as it was).
-    LoraFileError for a folder whose layers or shapes this UNet does not have."""
+    """Each adapted layer's weight change (fp32) as PEFT's own LoHa/LoKr layers compute it: they are attached
+    to ``unet``, loaded from ``folder``, asked for their change and taken off again, so the UNet is left as it
+    was whatever happens. LoraFileError for a folder that is not a LoHa/LoKr of this UNet."""
     from peft import PeftConfig
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    name = "merged_adapter"
     try:
         config = PeftConfig.from_pretrained(str(folder))
-        unet.add_adapter(config, adapter_name=name)
-        result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"), adapter_name=name)
-    except (ValueError, RuntimeError, OSError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        reason = next((line for line in lines if line.startswith("size mismatch")), lines[0])  # torch's detail line
-        raise LoraFileError(f"{folder}: not an adapter for this UNet ({reason[:300]})") from None
-    unexpected = [key for key in result.unexpected_keys if "hada_" in key or "lokr_" in key or "lora_" in key]
-    if unexpected:
-        raise LoraFileError(f"{folder}: {len(unexpected)} key(s) this UNet has no place for, e.g. {unexpected[0]}")
-    changes = {}
-    with torch.no_grad():
-        for module_name, module in list(unet.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                changes[module_name] = module.get_delta_weight(name).detach().float()
-                parent, _, child = module_name.rpartition(".")
-                setattr(unet.get_submodule(parent), child, module.get_base_layer())
-    unet.peft_config.pop(name, None)
-    if not unet.peft_config:
+    except Exception as error:
+        raise LoraFileError(f"{folder}: not a readable PEFT adapter folder ({type(error).__name__})") from None
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind not in ("LOHA", "LOKR"):  # a LoRA lies in pytorch_lora_weights.safetensors; DoRA and others are not read
+        raise LoraFileError(f"{folder}: a PEFT {kind} adapter; the folders read here are LoHa and LoKr")
+    name = "merged_adapter"
+    try:
+        try:
+            unet.add_adapter(config, adapter_name=name)
+            result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"), adapter_name=name)
+        except Exception as error:  # a shape of another base, a damaged file
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+            reason = next((line for line in lines if line.startswith("size mismatch")), lines[0])  # torch's detail line
+            raise LoraFileError(f"{folder}: not an adapter for this UNet ({reason[:300]})") from None
+        unread = [key for key in result.unexpected_keys if re.search(r"(hada|lokr)_", key)]
+        missing = [key for key in result.missing_keys if re.search(rf"(hada|lokr)_\w+\.{name}", key)]
+        if unread or missing:
+            which = f"{len(unread)} key(s) this UNet has no place for, e.g. {unread[0]}" if unread else \
+                f"no weights for {len(missing)} of its layers' tensors, e.g. {missing[0]}"
+            raise LoraFileError(f"{folder}: {which}")
+        changes = {}
+        with torch.no_grad():
+            for module_name, module in unet.named_modules():
+                if isinstance(module, BaseTunerLayer):
+                    for parameter_name, parameter in module.named_parameters():
+                        if not parameter_name.startswith("base_layer."):  # in fp32 beside a half-precision base
+                            parameter.data = parameter.data.float()
+                    changes[module_name] = module.get_delta_weight(name).detach().float()
+        return changes
+    finally:
+        _take_off_peft_layers(unet, name)
+
+
+def _take_off_peft_layers(unet: torch.nn.Module, name: str) -> None:
+    """Put each PEFT-wrapped layer's own base layer back in its place and forget the adapter's config."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module_name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = module_name.rpartition(".")
+            setattr(unet.get_submodule(parent), child, module.get_base_layer())
+    getattr(unet, "peft_config", {}).pop(name, None)
+    if not getattr(unet, "peft_config", None):
         unet._hf_peft_config_loaded = False
-    return changes
 
 
 def adapter_changes(unet: torch.nn.Module, source: Path | str) -> dict[str, torch.Tensor]:
@@ -107,13 +126,22 @@ def _load_unet(model: str):
 
 
 def _load_text_encoder(model: str):
+    """The model's CLIP text encoder, for a LoRA's text-encoder part (LoraToolError for a model whose text
+    encoder is another kind, as the T5 model's)."""
+    import json
+
     from .loading import load_clip_text_encoder
 
+    config = Path(model) / "text_encoder" / "config.json"
+    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else "clip_text_model"
+    if kind != "clip_text_model":
+        raise LoraToolError(f"{model}: the LoRA has a part for SD1.5's CLIP text encoder, and this model's is "
+                            f"{kind}; --unet_only merges the UNet's part alone")
     try:
         return load_clip_text_encoder(model)[1]
     except Exception as error:
         raise LoraToolError(f"{model}: the LoRA has a text-encoder part, and no CLIP text encoder loads from "
-                            f"this model ({type(error).__name__})") from None
+                            f"this model ({type(error).__name__}); --unet_only merges the UNet's part alone") from None
 
 
 @dataclass
@@ -122,17 +150,24 @@ class MergeReport:
     text_encoder_layers: int
 
 
-def merge(model: str, lora: str, out: str, scale: float = 1.0) -> MergeReport:
+def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool = False) -> MergeReport:
     """Merge ``lora`` into ``model`` (its UNet, and its text encoder where the LoRA has a part for it, as
-    kohya files from sd-scripts often do) and write ``out``."""
+    kohya files from sd-scripts often do, unless ``unet_only``) and write ``out``."""
+    if holds_adapter(model) and not Path(lora).resolve().is_relative_to(Path(model).resolve()):
+        # its unet/ is the untrained base: the result would hold the other LoRA and not this run's adapter
+        raise LoraToolError(f"{model}: an adapter run's model, whose unet/ is the untrained base; merge its own "
+                            f"adapter first (--lora {adapter_to_merge(model)}), then {lora} into the result")
     unet = _load_unet(model)
     text_encoder, text_changes = None, {}
-    if has_text_encoder_part(lora):
+    if has_text_encoder_part(lora) and not unet_only:
         text_encoder = _load_text_encoder(model)
         pairs, text_pairs = read_lora_parts(lora, adaptable_layers(unet), adaptable_layers(text_encoder))
         changes = {name: pair.delta() for name, pair in pairs.items()}
         text_changes = {name: pair.delta() for name, pair in text_pairs.items()}
         merge_changes(text_encoder, text_changes, scale)
+    elif unet_only and peft_adapter_folder(Path(lora)) is None:
+        pairs, _ = read_lora_parts(lora, adaptable_layers(unet), drop_text_encoder=True)
+        changes = {name: pair.delta() for name, pair in pairs.items()}
     else:
         changes = adapter_changes(unet, lora)
     merge_changes(unet, changes, scale)
@@ -243,6 +278,8 @@ def build_parser() -> ArgumentParser:
                          "or a LoHa/LoKr checkpoint (its unet_adapter/ folder)")
     merging.add_argument("--out", required=True, help="pipeline folder to write, or a .safetensors single file")
     merging.add_argument("--scale", type=float, default=1.0, help="strength of the adapter")
+    merging.add_argument("--unet_only", action="store_true",
+                         help="merge the UNet's part alone, leaving out a text-encoder part the LoRA has")
     extracting = commands.add_parser("extract", help="extract a LoRA from the difference of two models (SVD)")
     extracting.add_argument("--base", required=True, help="the model before training (folder or single file)")
     extracting.add_argument("--tuned", required=True, help="the model after training")
@@ -260,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_loading()
     try:
         if args.command == "merge":
-            report = merge(args.model, args.lora, args.out, args.scale)
+            report = merge(args.model, args.lora, args.out, args.scale, args.unet_only)
             text = f" and {report.text_encoder_layers} of the text encoder" if report.text_encoder_layers else ""
             print(f"[lora] merged {report.unet_layers} UNet layer(s){text} of {args.lora} (scale {args.scale:g}) "
                   f"into {args.out}")

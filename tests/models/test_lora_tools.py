@@ -161,6 +161,17 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
         (["extract", "--base", str(sd15_model), "--tuned", str(sd15_model), "--rank", "2", "--out",
           str(tmp_path / "e")], "do not differ"),
     ]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from cachetrain.models.lora_files import LoraFileError
+    from cachetrain.models.lora_tools import peft_adapter_changes
+
+    unet = _unet(sd15_model)
+    before = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    with pytest.raises(LoraFileError, match="size mismatch"):
+        peft_adapter_changes(unet, tmp_path / "other-loha" / "unet_adapter")
+    assert not any(isinstance(module, BaseTunerLayer) for module in unet.modules())  # taken off again
+    assert unet.state_dict().keys() == before.keys() and all(torch.equal(unet.state_dict()[k], before[k]) for k in before)
     for argv, message in cases:
         capsys.readouterr()
         assert lora_command(argv) == 2, argv
@@ -218,6 +229,7 @@ def lora_with_text_encoder(sd15_model, tmp_path_factory) -> Path:
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     pipeline = StableDiffusionPipeline.from_pretrained(sd15_model, safety_checker=None, requires_safety_checker=False)
@@ -245,15 +257,26 @@ def lora_with_text_encoder(sd15_model, tmp_path_factory) -> Path:
         kohya[f"{name}.{'lora_down' if which == 'A.weight' else 'lora_up'}.weight"] = tensor
         kohya[f"{name}.alpha"] = torch.tensor(8.0 if part == "text_encoder" else 2.0)
     save_file(kohya, folder.parent / "kohya.safetensors", metadata={"ss_network_module": "networks.lora"})
+    # the diffusers file as transformers 4 named the text encoder's layers (text_model.encoder...)
+    older = folder.parent / "diffusers-transformers4"
+    older.mkdir()
+    with safe_open(str(folder / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        header = handle.metadata()
+    renamed = {key.replace("text_encoder.", "text_encoder.text_model.", 1) if not key.startswith("text_encoder.text_model.")
+               and key.startswith("text_encoder.") else key: tensor
+               for key, tensor in load_file(folder / "pytorch_lora_weights.safetensors").items()}
+    save_file(renamed, older / "pytorch_lora_weights.safetensors", metadata=header)
     return folder
 
 
-@pytest.mark.parametrize("layout", ["diffusers folder", "kohya file"])
+@pytest.mark.parametrize("layout", ["diffusers folder", "diffusers folder, transformers 4 names", "kohya file"])
 def test_merge_applies_a_loras_text_encoder_part_as_diffusers_fuse_lora_does(sd15_model, lora_with_text_encoder,
                                                                              tmp_path, layout):
     from diffusers import StableDiffusionPipeline
 
-    source = lora_with_text_encoder if layout == "diffusers folder" else lora_with_text_encoder.parent / "kohya.safetensors"
+    source = {"diffusers folder": lora_with_text_encoder,
+              "diffusers folder, transformers 4 names": lora_with_text_encoder.parent / "diffusers-transformers4",
+              "kohya file": lora_with_text_encoder.parent / "kohya.safetensors"}[layout]
     out = tmp_path / "merged"
     assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(source), "--out", str(out)]) == 0
     theirs = StableDiffusionPipeline.from_pretrained(sd15_model, safety_checker=None, requires_safety_checker=False)
@@ -280,3 +303,37 @@ def test_a_loras_text_encoder_part_is_refused_as_a_training_start(sd15_model, lo
     with pytest.raises(AdapterError, match=r"key text_encoder\.\S+ is not a UNet LoRA weight we know \(a text-encoder "
                                            r"LoRA: only its UNet part is read here"):
         attach_adapter(_unet(sd15_model), spec, seed=0)
+
+
+def test_a_text_encoder_part_meets_a_model_without_clip_in_one_line_and_unet_only_leaves_it_out(
+        sd15_model, lora_with_text_encoder, tiny_t5_model, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    capsys.readouterr()
+    assert lora_command(["merge", "--model", str(tiny_t5_model), "--lora", str(lora_with_text_encoder),
+                         "--out", str(tmp_path / "t5")]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "a part for SD1.5's CLIP text encoder, and this model's is t5" in line and "--unet_only" in line
+    assert not (tmp_path / "t5").exists()
+    out = tmp_path / "unet-only"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(lora_with_text_encoder), "--out", str(out),
+                         "--unet_only"]) == 0
+    merged = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    base = StableDiffusionPipeline.from_pretrained(sd15_model, safety_checker=None, requires_safety_checker=False)
+    base_text = dict(base.text_encoder.named_parameters())
+    assert all(torch.equal(tensor, base_text[name]) for name, tensor in merged.text_encoder.named_parameters())
+    base_unet = dict(base.unet.named_parameters())
+    assert sum(not torch.equal(tensor, base_unet[name]) for name, tensor in merged.unet.named_parameters()) == 128
+
+
+def test_merging_another_lora_into_an_adapter_runs_model_is_refused(sd15_model, random_lora, tmp_path, capsys):
+    """Its unet/ is the untrained base: the result would hold the other LoRA without the run's own."""
+    run_model = tmp_path / "adapter-run"
+    shutil.copytree(sd15_model, run_model)
+    shutil.copy(random_lora / "pytorch_lora_weights.safetensors", run_model)
+    capsys.readouterr()
+    assert lora_command(["merge", "--model", str(run_model), "--lora", str(random_lora / KOHYA_LORA_FILE),
+                         "--out", str(tmp_path / "out")]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert f"{run_model}: an adapter run's model" in line and f"merge its own adapter first (--lora {run_model})" in line
+    assert lora_command(["merge", "--model", str(run_model), "--lora", str(run_model), "--out", str(tmp_path / "own")]) == 0

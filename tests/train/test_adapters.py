@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cachetrain.commands import lora as lora_command
 from cachetrain.models.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, adaptable_layers, holds_adapter, read_lora
-from cachetrain.models.lora_tools import merge_into_unet
+from cachetrain.models.lora_tools import merge_changes
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import main, train
 from tests.conftest import cache_shapes
@@ -122,7 +122,7 @@ def test_diffusers_load_lora_weights_draws_what_our_merge_draws(lora_run, sd15_m
     ours = _base_pipeline(sd15_model)
     pairs = read_lora(source, adaptable_layers(ours.unet))
     assert len(pairs) == len(read_lora(checkpoint, adaptable_layers(ours.unet)))
-    merge_into_unet(ours.unet, pairs)
+    merge_changes(ours.unet, {name: pair.delta() for name, pair in pairs.items()})
     their_layers, our_layers = adaptable_layers(theirs.unet), adaptable_layers(ours.unet)
     for name in pairs:
         assert torch.allclose(their_layers[name].weight, our_layers[name].weight, atol=1e-6, rtol=0), name
@@ -221,6 +221,9 @@ def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15
     drawn = _sampled(checkpoint, tmp_path / "drawn")
     trained = np.asarray(Image.open(next(checkpoint.glob("sample-*.png"))), dtype=np.int16)
     assert np.abs(drawn - trained).max() <= 1
+    base_only = tmp_path / "base-only" / checkpoint.name  # the same checkpoint without its adapter draws otherwise
+    shutil.copytree(checkpoint, base_only, ignore=shutil.ignore_patterns("unet_adapter"))
+    assert np.abs(_sampled(base_only, tmp_path / "drawn-base") - trained).max() > 8
 
 
 def _peft_adapted_unet(checkpoint: Path):
