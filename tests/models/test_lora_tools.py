@@ -336,4 +336,5 @@ def test_merging_another_lora_into_an_adapter_runs_model_is_refused(sd15_model, 
                          "--out", str(tmp_path / "out")]) == 2
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert f"{run_model}: an adapter run's model" in line and f"merge its own adapter first (--lora {run_model})" in line
+    assert not (tmp_path / "out").exists()
     assert lora_command(["merge", "--model", str(run_model), "--lora", str(run_model), "--out", str(tmp_path / "own")]) == 0
