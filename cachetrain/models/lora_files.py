@@ -126,6 +126,13 @@ def peft_adapter_folder(source: Path) -> Path | None:
     return None
 
 
+def state_load_problem(error: Exception) -> str:
+    """The line of a failed load_state_dict (or file read) that says what is wrong: torch's first
+    'size mismatch for KEY: ...' line when there is one, else the error's first line, for a one-line message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return next((line for line in lines if line.startswith("size mismatch")), lines[0])[:300]
+
+
 def holds_adapter(folder: Path | str) -> bool:
     """Whether a model folder is an adapter run's (a checkpoint or final model): a LoRA file, or a LoHa/LoKr
     PEFT folder, beside a unet/ that is the frozen base."""

@@ -35,7 +35,8 @@ from ..cli import ArgumentParser, print_error
 from . import ldm_layout
 from .lora_files import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LAYER_GROUPS, LoraFileError, LowRankPair,
                          adaptable_layers, adapter_to_merge, has_text_encoder_part, holds_adapter, kohya_metadata,
-                         peft_adapter_folder, read_lora, read_lora_parts, write_diffusers_lora, write_kohya_lora)
+                         peft_adapter_folder, read_lora, read_lora_parts, state_load_problem, write_diffusers_lora,
+                         write_kohya_lora)
 
 class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
@@ -72,9 +73,7 @@ def peft_adapter_changes(unet: torch.nn.Module, folder: Path) -> dict[str, torch
             unet.add_adapter(config, adapter_name=name)
             result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"), adapter_name=name)
         except Exception as error:  # a shape of another base, a damaged file
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-            reason = next((line for line in lines if line.startswith("size mismatch")), lines[0])  # torch's detail line
-            raise LoraFileError(f"{folder}: not an adapter for this UNet ({reason[:300]})") from None
+            raise LoraFileError(f"{folder}: not an adapter for this UNet ({state_load_problem(error)})") from None
         unread = [key for key in result.unexpected_keys if re.search(r"(hada|lokr)_", key)]
         missing = [key for key in result.missing_keys if re.search(rf"(hada|lokr)_\w+\.{name}", key)]
         if unread or missing:

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
-from ..models.lora_files import (DIFFUSERS_LORA_FILE, LAYER_GROUPS, KOHYA_LORA_FILE, LoraFileError, LowRankPair, adaptable_layers,
-                                 kohya_metadata, read_lora, write_diffusers_lora, write_kohya_lora)
+from ..models.lora_files import (DIFFUSERS_LORA_FILE, LAYER_GROUPS, KOHYA_LORA_FILE, LoraFileError, LowRankPair,
+                                 adaptable_layers, kohya_metadata, peft_adapter_folder, read_lora, state_load_problem,
+                                 write_diffusers_lora, write_kohya_lora)
 from ..models.lycoris_files import lycoris_metadata, lycoris_tensors, write_lycoris_file
 
 ADAPTER_TYPES = ("lora", "loha", "lokr")
@@ -101,15 +102,19 @@ def _peft_config(spec: AdapterSpec, names: list[str], rank_pattern: dict | None 
 
 def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[torch.nn.Parameter]:
     """Freeze the UNet, attach the adapter (seeded, or from --lora_weights), return its parameters."""
-    layers = target_layers(unet, spec)
     start = None
     if spec.start_weights:
+        folder = peft_adapter_folder(Path(spec.start_weights))
+        if folder is not None:
+            return _attach_from_peft_folder(unet, spec, folder)
         try:
             start = read_lora(spec.start_weights, adaptable_layers(unet))
         except LoraFileError as error:
             raise AdapterError(f"--lora_weights {error}") from None
         if spec.kind != "lora":
-            raise AdapterError("--lora_weights starts from a LoRA file; it needs --lora_type lora")
+            raise AdapterError(f"--lora_weights {spec.start_weights}: a LoRA; it starts a --lora_type lora run")
+    layers = target_layers(unet, spec)
+    if start is not None:
         every_layer = adaptable_layers(unet)
         layers = {name: every_layer[name] for name in start}  # the file's layers, whatever the flags name
     check_rank(layers, spec.rank if start is None else min(pair.rank for pair in start.values()))
@@ -128,6 +133,42 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
         parameter.data = parameter.data.float()
     if start is not None:
         load_lora_pairs(unet, start)
+    return trainable
+
+
+def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: Path) -> list[torch.nn.Parameter]:
+    """--lora_weights of a LoHa/LoKr run's checkpoint: its own PEFT config (layers, rank, alpha; the dropout
+    of this run's flags) attached and its weights loaded, as a resume of that run would."""
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(folder))
+    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    if kind != spec.kind:
+        raise AdapterError(f"--lora_weights {folder}: a {kind} adapter; it starts a --lora_type {kind} run")
+    every_layer = adaptable_layers(unet)
+    targets = [] if isinstance(config.target_modules, str) else config.target_modules  # a regex is PEFT's to match
+    absent = sorted(target for target in targets  # names or, as PEFT shortens a long list, name endings
+                    if not any(name == target or name.endswith("." + target) for name in every_layer))
+    if absent:
+        raise AdapterError(f"--lora_weights {folder}: layer {absent[0]} is not in this UNet (an adapter of another model?)")
+    config.module_dropout, config.inference_mode = spec.dropout, False  # this run's dropout; it trains
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # the start values are overwritten: the run's random stream is left alone
+        unet.add_adapter(config)
+    try:
+        result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"))
+    except Exception as error:  # a shape of another base, a damaged file
+        raise AdapterError(f"--lora_weights {folder}: not an adapter for this UNet ({state_load_problem(error)})") from None
+    missing = [key for key in result.missing_keys if re.search(r"\.(hada|lokr)_", key)]
+    if missing:
+        raise AdapterError(f"--lora_weights {folder}: no weights for {len(missing)} of the adapter's tensors, "
+                           f"e.g. {missing[0]}")
+    spec.rank, spec.alpha = config.r, config.alpha
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    for parameter in trainable:  # fp32 beside a bf16 base, as a fresh adapter
+        parameter.data = parameter.data.float()
     return trainable
 
 

@@ -128,14 +128,11 @@ def _data_problems(config) -> list[str]:
 def _adapter_problems(config) -> list[str]:
     adapter_flags = [name for name in ("lora_weights", "save_kohya_lora") if getattr(config, name)]
     if not config.lora_type:
-        return [f"--{name} needs --lora_type {'lora' if name == 'lora_weights' else 'lora, loha or lokr'}"
-                for name in adapter_flags]
+        return [f"--{name} needs --lora_type lora, loha or lokr" for name in adapter_flags]
     problems = []
     if config.save_single_file:
         problems.append("--save_single_file writes a whole model; an adapter run saves its adapter "
                         "(--save_kohya_lora for the A1111/ComfyUI file; cachetrain-lora merge makes a model)")
-    if config.lora_type != "lora" and config.lora_weights:
-        problems.append("--lora_weights starts from a LoRA file; it is for --lora_type lora")
     selection = LayerSelection.of(config)
     if selection.targetted_training or selection.reinitialises_some():
         problems.append("--lora_type trains an adapter on a frozen UNet; --targetted_training and --reinit_* "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import loading as models
-from ..models.lora_files import DIFFUSERS_LORA_FILE, adapter_to_merge, holds_adapter
+from ..models.lora_files import adapter_to_merge, holds_adapter
 from .adapters import AdapterSpec, attach_adapter, describe as describe_adapter
 from .bad_data import TrainingError
 from .config import TrainConfig
@@ -53,10 +53,8 @@ def check_base_model(config: TrainConfig, adapter: AdapterSpec | None, is_main: 
                             f"merge --model {model} --lora {adapter_to_merge(model)} --out MERGED, then "
                             f"--pretrained_model MERGED)")
     if is_main:
-        start = f"; --lora_weights {adapter_to_merge(model)} starts from it" \
-            if (adapter_to_merge(model) / DIFFUSERS_LORA_FILE).is_file() else ""
         print(f"[train] note: {model} holds a trained adapter this run does not start from (it trains a new one on "
-              f"the base){start}", file=sys.stderr)
+              f"the base); --lora_weights {adapter_to_merge(model)} starts from it", file=sys.stderr)
 
 
 def load_run_model(config: TrainConfig, accelerator, data) -> RunModel:

@@ -171,6 +171,12 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
     with pytest.raises(LoraFileError, match="size mismatch"):
         peft_adapter_changes(unet, tmp_path / "other-loha" / "unet_adapter")
     assert not any(isinstance(module, BaseTunerLayer) for module in unet.modules())  # taken off again
+    from cachetrain.train.adapters import AdapterError
+
+    with pytest.raises(AdapterError, match=r"--lora_weights \S+other-loha/unet_adapter: not an adapter for this UNet "
+                                           r"\(size mismatch for "):  # as a training start
+        attach_adapter(_unet(sd15_model), AdapterSpec(kind="loha", rank=2, alpha=2,
+                                                      start_weights=str(tmp_path / "other-loha")), seed=0)
     assert unet.state_dict().keys() == before.keys() and all(torch.equal(unet.state_dict()[k], before[k]) for k in before)
     for argv, message in cases:
         capsys.readouterr()

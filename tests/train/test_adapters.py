@@ -224,6 +224,15 @@ def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15
     base_only = tmp_path / "base-only" / checkpoint.name  # the same checkpoint without its adapter draws otherwise
     shutil.copytree(checkpoint, base_only, ignore=shutil.ignore_patterns("unet_adapter"))
     assert np.abs(_sampled(base_only, tmp_path / "drawn-base") - trained).max() > 8
+    # a new run starts from the checkpoint's adapter (--lora_weights): a step of lr 1e-12 leaves it as it was
+    started = tmp_path / "started"
+    assert main(train_args(sd15_model, sd15_cached, started, "--lora_type", kind, "--lora_weights", str(checkpoint),
+                           "--learning_rate", "1e-12", "--max_steps", "1", "--batch_size", "4")) == 0
+    again = load_file(started / "unet_adapter" / "adapter_model.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.allclose(again[k], tensors[k], atol=1e-6) for k in tensors)
+    other = "lokr" if kind == "loha" else "loha"
+    assert main(train_args(sd15_model, sd15_cached, tmp_path / "other", "--lora_type", other, "--lora_weights",
+                           str(checkpoint), "--max_steps", "1")) == 2
 
 
 def _peft_adapted_unet(checkpoint: Path):
