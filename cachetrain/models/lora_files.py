@@ -170,7 +170,7 @@ def read_lora_parts(path: Path | str, layers: dict[str, torch.nn.Module],
     """(the UNet's pairs, the text encoder's pairs) of the LoRA in ``path``, each checked against its model's
     layers; without ``text_encoder_layers`` a text-encoder part is refused, naming it, unless dropped."""
     file = lora_file_in(path)
-    tensors, metadata = _read_safetensors(file)
+    tensors, metadata = read_safetensors(file)
     if drop_text_encoder:
         tensors = {key: value for key, value in tensors.items() if not key.startswith(TEXT_ENCODER_KEY_STARTS)}
     models = {UNET_PART: layers}
@@ -198,7 +198,7 @@ def has_text_encoder_part(path: Path | str) -> bool:
         return False
 
 
-def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     try:
@@ -260,8 +260,8 @@ def _unread_kind(key: str, models: dict) -> str:
     if key.startswith(("lora_te_", DIFFUSERS_TEXT_ENCODER_PREFIX)):
         return "" if TEXT_ENCODER_PART in models else TEXT_ENCODER_NOTE
     if ".hada_" in key or ".lokr_" in key:
-        return (" (a LyCORIS LoHa/LoKr: only LoRA and LoCon files are read; a LoHa/LoKr run's checkpoint "
-                "merges from its unet_adapter/ folder)")
+        return (" (a LyCORIS LoHa/LoKr: cachetrain-lora merge reads these; a run starts from a LoRA file or "
+                "from a LoHa/LoKr run's checkpoint)")
     if key.endswith(".dora_scale") or "lora_magnitude_vector" in key:
         return " (DoRA: its magnitude vectors are not read, only LoRA and LoCon)"
     return ""

@@ -4,8 +4,9 @@
     cachetrain-lora extract --base BASE --tuned TUNED --rank 16 --out OUT [--targets attention feedforward conv]
 
 BASE / TUNED are pipeline folders (a checkpoint, a run's final model) or SD1.5 single files; LORA is
-a LoRA in either layout (a folder holding pytorch_lora_weights.safetensors, or a kohya/A1111 file), or a
-LoHa/LoKr run's checkpoint (PEFT's folder ``unet_adapter/`` in it, or that folder itself).
+a LoRA in either layout (a folder holding pytorch_lora_weights.safetensors, or a kohya/A1111 file), a
+LoHa/LoKr run's checkpoint (PEFT's folder ``unet_adapter/`` in it, or that folder itself), or a LoHa/LoKr
+file in LyCORIS' layout.
 
 merge adds ``scale`` times each adapted layer's change (a LoRA's ``alpha / rank * up @ down``; a LoHa's or
 LoKr's as PEFT's own layers compute it) to its weight, the text encoder's too where a LoRA has a part for it
@@ -33,6 +34,7 @@ import torch
 from ..checkpoint_layout import ADAPTER_EMA_COMPONENT, EMA_COMPONENT, PEFT_ADAPTER_COMPONENT, TRAINING_STATE_FILE
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
+from .lycoris_files import is_lycoris_file, lycoris_changes
 from .lora_files import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LAYER_GROUPS, LoraFileError, LowRankPair,
                          adaptable_layers, adapter_to_merge, has_text_encoder_part, holds_adapter, kohya_metadata,
                          peft_adapter_folder, read_lora, read_lora_parts, state_load_problem, write_diffusers_lora,
@@ -158,7 +160,9 @@ def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool =
                             f"adapter first (--lora {adapter_to_merge(model)}), then {lora} into the result")
     unet = _load_unet(model)
     text_encoder, text_changes = None, {}
-    if has_text_encoder_part(lora) and not unet_only:
+    if is_lycoris_file(lora):  # a LoHa/LoKr in LyCORIS' layout: ours (--save_kohya_lora) or another tool's
+        changes = lycoris_changes(lora, adaptable_layers(unet), drop_text_encoder=unet_only)
+    elif has_text_encoder_part(lora) and not unet_only:
         text_encoder = _load_text_encoder(model)
         pairs, text_pairs = read_lora_parts(lora, adaptable_layers(unet), adaptable_layers(text_encoder))
         changes = {name: pair.delta() for name, pair in pairs.items()}
@@ -274,7 +278,7 @@ def build_parser() -> ArgumentParser:
     merging = commands.add_parser("merge", help="merge a LoRA (or a LoHa/LoKr checkpoint) into a model folder or single file")
     merging.add_argument("--model", required=True, help="pipeline folder or SD1.5 .safetensors to merge into")
     merging.add_argument("--lora", required=True, help="LoRA folder (pytorch_lora_weights.safetensors) or kohya file, "
-                         "or a LoHa/LoKr checkpoint (its unet_adapter/ folder)")
+                         "a LoHa/LoKr checkpoint (its unet_adapter/ folder) or a LyCORIS LoHa/LoKr file")
     merging.add_argument("--out", required=True, help="pipeline folder to write, or a .safetensors single file")
     merging.add_argument("--scale", type=float, default=1.0, help="strength of the adapter")
     merging.add_argument("--unet_only", action="store_true",

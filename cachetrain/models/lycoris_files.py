@@ -1,5 +1,8 @@
 """LoHa and LoKr in the LyCORIS single-file layout that A1111, Forge, ComfyUI and sd-scripts load.
 
+Written here for the trainer's checkpoints (``--save_kohya_lora``), and read here for ``cachetrain-lora merge``
+(``lycoris_changes``: each layer's change by the formulas below, as LyCORIS' own modules compute it).
+
 The trainer's LoHa/LoKr layers are PEFT's (``LoHaConfig``, ``LoKrConfig``); their tensors carry the same
 names and shapes as LyCORIS' own modules, so the file is PEFT's tensors under kohya's layer names
 (``lora_unet_<module with _ for .>.<part>``) plus one ``.alpha`` scalar per layer:
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_atomically
-from .lora_files import kohya_name, network_metadata
+from .lora_files import KOHYA_PREFIX, LoraFileError, kohya_name, lora_file_in, network_metadata, read_safetensors
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -75,3 +78,74 @@ def write_lycoris_file(path: Path | str, tensors: dict[str, torch.Tensor], metad
     write_atomically(path, save(tensors, metadata=metadata))
     return path
 
+
+
+def is_lycoris_file(path: Path | str) -> bool:
+    """Whether a file (not a folder) holds LyCORIS LoHa/LoKr tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return any(key.rsplit(".", 1)[-1] in LOHA_PARTS + LOKR_PARTS for key in handle.keys())
+    except Exception:  # not a safetensors file: the LoRA reader says so
+        return False
+
+
+def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
+                    drop_text_encoder: bool = False) -> dict[str, torch.Tensor]:
+    """Each UNet layer's change (fp32, in its weight's shape) of a LoHa/LoKr file in LyCORIS' layout, as
+    LyCORIS' modules compute it; LoraFileError naming the file and key for what is not read here (Tucker
+    factors, a text-encoder part unless dropped, a layer this UNet lacks or a shape it does not have)."""
+    file = lora_file_in(path)
+    tensors, _ = read_safetensors(file)
+    by_kohya_name = {kohya_name(name): name for name in layers}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem, part = key.rsplit(".", 1) if "." in key else (key, "")
+        if stem.startswith("lora_te"):
+            if drop_text_encoder:
+                continue
+            raise LoraFileError(f"{file}: {key} belongs to a text-encoder part, which is not merged from a LyCORIS "
+                                f"file; --unet_only merges the UNet's part")
+        if not stem.startswith(KOHYA_PREFIX) or stem not in by_kohya_name:
+            raise LoraFileError(f"{file}: key {key} names no layer of this UNet (an adapter of another model?)")
+        if part not in LOHA_PARTS + LOKR_PARTS + ("alpha",):
+            raise LoraFileError(f"{file}: key {key} is not a LoHa or LoKr tensor read here")
+        grouped.setdefault(stem, {})[part] = tensor.float()
+    changes = {}
+    for stem, parts in grouped.items():
+        name = by_kohya_name[stem]
+        shape = tuple(layers[name].weight.shape)
+        try:  # the change as [out, in * k * k]
+            change = _loha_change(parts) if "hada_w1_a" in parts else _lokr_change(parts)
+        except (KeyError, RuntimeError) as error:
+            raise LoraFileError(f"{file}: {stem} is not a LoHa/LoKr read here ({type(error).__name__}: {error})") from None
+        if change.shape[0] != shape[0] or change.numel() != layers[name].weight.numel():
+            raise LoraFileError(f"{file}: {stem} changes a weight of shape {list(change.shape)}, this UNet's is "
+                                f"{list(shape)} (an adapter of another base model)")
+        changes[name] = change.reshape(shape)
+    return changes
+
+
+def _loha_change(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "hada_t1" in parts or "hada_t2" in parts:
+        raise RuntimeError("Tucker factors (hada_t1/hada_t2) are not read")
+    rank = parts["hada_w1_b"].shape[0]
+    scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+    return scale * (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+
+
+def _lokr_change(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """kron(w1, w2) with both as matrices: a convolution's [out, in, k, k] second factor flattened to
+    [out, in * k * k] gives the same numbers as LyCORIS' 4-d product, flattened the same way."""
+    if "lokr_t2" in parts:
+        raise RuntimeError("Tucker factors (lokr_t2) are not read")
+    w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"] @ parts["lokr_w1_b"]
+    w2 = parts["lokr_w2"].flatten(1) if "lokr_w2" in parts else parts["lokr_w2_a"] @ parts["lokr_w2_b"]
+    low_rank = next((parts[key].shape[0] for key in ("lokr_w1_b", "lokr_w2_b") if key in parts), None)
+    # LyCORIS scales by alpha / rank where a factor is low-rank, not at all where both are full matrices
+    scale = float(parts["alpha"]) / low_rank if low_rank is not None and "alpha" in parts else 1.0
+    return scale * torch.kron(w1, w2)

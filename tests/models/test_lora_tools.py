@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from cachetrain.commands import lora as lora_command
-from cachetrain.models.lora_files import KOHYA_LORA_FILE, adaptable_layers, kohya_metadata, read_lora, write_kohya_lora
+from cachetrain.models.lora_files import (KOHYA_LORA_FILE, LoraFileError, adaptable_layers, kohya_metadata, read_lora,
+                                         write_kohya_lora)
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +134,13 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
     to_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file({**load_file(random_lora / KOHYA_LORA_FILE), f"{to_q}.dora_scale": torch.ones(32, 1)},
               tmp_path / "dora.safetensors")
-    save_file({f"{to_q}.hada_w1_a": torch.zeros(32, 4), f"{to_q}.hada_w1_b": torch.zeros(4, 32),
-               f"{to_q}.hada_w2_a": torch.zeros(32, 4), f"{to_q}.hada_w2_b": torch.zeros(4, 32),
+    # a LyCORIS LoHa of a wider model: to_q is 64 x 64 there, 32 x 32 here
+    save_file({f"{to_q}.hada_w1_a": torch.zeros(64, 4), f"{to_q}.hada_w1_b": torch.zeros(4, 64),
+               f"{to_q}.hada_w2_a": torch.zeros(64, 4), f"{to_q}.hada_w2_b": torch.zeros(4, 64),
                f"{to_q}.alpha": torch.tensor(4.0)}, tmp_path / "loha.safetensors")
+    with pytest.raises(LoraFileError, match=r"e\.g\. \S+hada_w1_a \(a LyCORIS LoHa/LoKr: cachetrain-lora merge reads "
+                                            r"these; a run starts from a LoRA file"):
+        read_lora(tmp_path / "loha.safetensors", layers)  # as --lora_weights reads it
     from diffusers import UNet2DConditionModel
 
     from cachetrain.train.adapters import AdapterSpec, attach_adapter, write_adapter
@@ -153,7 +159,7 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
         (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
          "no such LoRA file"),
         (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "loha.safetensors"), "--out",
-          str(tmp_path / "f")], f"4 key(s) this UNet has no place for, e.g. {to_q}.hada_w1_a (a LyCORIS LoHa/LoKr"),
+          str(tmp_path / "f")], f"{to_q} changes a weight of shape [64, 64], this UNet's is [32, 32]"),
         (["merge", "--model", str(sd15_model), "--lora", str(tmp_path / "dora.safetensors"), "--out",
           str(tmp_path / "g")], f"1 key(s) this UNet has no place for, e.g. {to_q}.dora_scale (DoRA"),
         (["extract", "--base", str(sd15_model), "--tuned", str(tiny_sd_model), "--rank", "2", "--out",
@@ -163,7 +169,6 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
     ]
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from cachetrain.models.lora_files import LoraFileError
     from cachetrain.models.lora_tools import peft_adapter_changes
 
     unet = _unet(sd15_model)
@@ -225,6 +230,43 @@ def test_a_locon_written_by_lycoris_merges_and_starts_a_run_as_lycoris_applies_i
         ours_merged, ours_started = merged(*inputs).sample, started.eval()(*inputs).sample
     assert torch.allclose(ours_merged, theirs, atol=1e-5, rtol=1e-4)
     assert torch.allclose(ours_started, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_a_loha_or_lokr_written_by_lycoris_merges_as_lycoris_applies_it(sd15_model, tmp_path, monkeypatch, algo):
+    """LyCORIS' own LoHa/LoKr network (every Linear and Conv2d, rank 4, alpha 2; LoKr with its default factor,
+    so full and low-rank factors both occur) saved by its save_weights, merged by `cachetrain-lora merge`:
+    the merged UNet's output is the one LyCORIS' forward gives."""
+    from lycoris.wrapper import LycorisNetwork, create_lycoris
+
+    from cachetrain.models.lycoris_files import lycoris_changes
+
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+    unet = _unet(sd15_model).eval()
+    network = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2, conv_dim=4, conv_alpha=2, algo=algo)
+    network.apply_to()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in network.parameters():  # some factors start at zero, which would change nothing
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    file = tmp_path / f"{algo}.safetensors"
+    network.save_weights(str(file), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    with safe_open(str(file), framework="pt") as handle:
+        keys = set(handle.keys())
+    if algo == "lokr":
+        assert any(key.endswith(".lokr_w2") for key in keys) and any(key.endswith(".lokr_w2_b") for key in keys)
+    inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+              torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        theirs = unet(*inputs).sample
+        plain = _unet(sd15_model).eval()(*inputs).sample
+    out = tmp_path / "merged"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(file), "--out", str(out)]) == 0
+    with torch.no_grad():
+        ours = _unet(out).eval()(*inputs).sample
+    assert (theirs - plain).abs().max() > 1e-2
+    assert (ours - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max())
+    assert len(lycoris_changes(file, adaptable_layers(_unet(sd15_model)))) == len(network.loras)
 
 
 @pytest.fixture(scope="module")

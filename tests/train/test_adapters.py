@@ -289,6 +289,13 @@ def test_loha_and_lokr_kohya_files_apply_in_lycoris_as_peft_applies_them(sd15_mo
         # to the rounding of an fp16 file (the mid block's self-attention sees one token: its to_q/to_k get
         # no gradient, their factors stay near fp16's smallest numbers)
         assert (theirs - change).abs().max() <= 2e-3 * change.abs().max() + 1e-3 * largest, module.lora_name
+    # our reader of that layout (cachetrain-lora merge) finds the same change in every layer
+    from cachetrain.models.lycoris_files import lycoris_changes
+
+    read_back = lycoris_changes(kohya_file, adaptable_layers(unet))
+    assert read_back.keys() == peft_changes.keys()
+    for name, change in peft_changes.items():
+        assert (read_back[name] - change).abs().max() <= 2e-3 * change.abs().max() + 1e-3 * largest, name
     inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
               torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
