@@ -133,6 +133,33 @@ def state_load_problem(error: Exception) -> str:
     return next((line for line in lines if line.startswith("size mismatch")), lines[0])[:300]
 
 
+def read_peft_adapter_config(folder: Path):
+    """The PeftConfig of a LoHa/LoKr folder as the trainer writes it (LoraFileError for an unreadable one, or
+    one of another PEFT type: a LoRA lies in pytorch_lora_weights.safetensors, DoRA and others are not read)."""
+    from peft import PeftConfig
+
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except Exception as error:
+        raise LoraFileError(f"{folder}: not a readable PEFT adapter folder ({state_load_problem(error)})") from None
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind not in ("LOHA", "LOKR"):
+        raise LoraFileError(f"{folder}: a PEFT {kind} adapter; the adapter folders read here are LoHa and LoKr")
+    return config
+
+
+def peft_load_problem(result, adapter_name: str) -> str | None:
+    """What set_peft_model_state_dict's result says is wrong with a LoHa/LoKr folder's weights, if anything:
+    tensors of layers the UNet lacks (a model with fewer blocks), or layers left without their tensors."""
+    unread = [key for key in result.unexpected_keys if re.search(r"(hada|lokr)_", key)]
+    if unread:
+        return f"{len(unread)} key(s) this UNet has no place for, e.g. {unread[0]}"
+    missing = [key for key in result.missing_keys if re.search(rf"(hada|lokr)_\w+\.{re.escape(adapter_name)}$", key)]
+    if missing:
+        return f"no weights for {len(missing)} of its layers' tensors, e.g. {missing[0]}"
+    return None
+
+
 def holds_adapter(folder: Path | str) -> bool:
     """Whether a model folder is an adapter run's (a checkpoint or final model): a LoRA file, or a LoHa/LoKr
     PEFT folder, beside a unet/ that is the frozen base."""
@@ -235,7 +262,7 @@ def _pairs_from_kohya(tensors: dict[str, torch.Tensor], models: dict[str, dict[s
         if ".lora_down.weight" not in found or ".lora_up.weight" not in found:
             raise LoraFileError(f"{file}: {stems[(part, module)]} lacks its lora_down or lora_up weight")
         down, up = found[".lora_down.weight"], found[".lora_up.weight"]
-        alpha = float(found[".alpha"]) if ".alpha" in found else float(down.shape[0])
+        alpha = float(found.get(".alpha", 0)) or float(down.shape[0])  # none or 0: alpha = rank, as sd-scripts reads it
         parts[part][module] = LowRankPair(down=down, up=up, alpha=alpha)
     return parts
 

@@ -22,7 +22,6 @@ the kohya/A1111 layout, else a diffusers folder.
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import tempfile
@@ -37,8 +36,8 @@ from . import ldm_layout
 from .lycoris_files import is_lycoris_file, lycoris_changes
 from .lora_files import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LAYER_GROUPS, LoraFileError, LowRankPair,
                          adaptable_layers, adapter_to_merge, has_text_encoder_part, holds_adapter, kohya_metadata,
-                         peft_adapter_folder, read_lora, read_lora_parts, state_load_problem, write_diffusers_lora,
-                         write_kohya_lora)
+                         peft_adapter_folder, peft_load_problem, read_lora, read_lora_parts, read_peft_adapter_config,
+                         state_load_problem, write_diffusers_lora, write_kohya_lora)
 
 class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
@@ -57,18 +56,11 @@ def peft_adapter_changes(unet: torch.nn.Module, folder: Path) -> dict[str, torch
     """Each adapted layer's weight change (fp32) as PEFT's own LoHa/LoKr layers compute it: they are attached
     to ``unet``, loaded from ``folder``, asked for their change and taken off again, so the UNet is left as it
     was whatever happens. LoraFileError for a folder that is not a LoHa/LoKr of this UNet."""
-    from peft import PeftConfig
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-    except Exception as error:
-        raise LoraFileError(f"{folder}: not a readable PEFT adapter folder ({type(error).__name__})") from None
-    kind = str(getattr(config.peft_type, "value", config.peft_type))
-    if kind not in ("LOHA", "LOKR"):  # a LoRA lies in pytorch_lora_weights.safetensors; DoRA and others are not read
-        raise LoraFileError(f"{folder}: a PEFT {kind} adapter; the folders read here are LoHa and LoKr")
+    config = read_peft_adapter_config(folder)
     name = "merged_adapter"
     try:
         try:
@@ -76,12 +68,9 @@ def peft_adapter_changes(unet: torch.nn.Module, folder: Path) -> dict[str, torch
             result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"), adapter_name=name)
         except Exception as error:  # a shape of another base, a damaged file
             raise LoraFileError(f"{folder}: not an adapter for this UNet ({state_load_problem(error)})") from None
-        unread = [key for key in result.unexpected_keys if re.search(r"(hada|lokr)_", key)]
-        missing = [key for key in result.missing_keys if re.search(rf"(hada|lokr)_\w+\.{name}", key)]
-        if unread or missing:
-            which = f"{len(unread)} key(s) this UNet has no place for, e.g. {unread[0]}" if unread else \
-                f"no weights for {len(missing)} of its layers' tensors, e.g. {missing[0]}"
-            raise LoraFileError(f"{folder}: {which}")
+        problem = peft_load_problem(result, name)
+        if problem:
+            raise LoraFileError(f"{folder}: {problem}")
         changes = {}
         with torch.no_grad():
             for module_name, module in unet.named_modules():

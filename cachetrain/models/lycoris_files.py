@@ -27,6 +27,7 @@ from .lora_files import KOHYA_PREFIX, LoraFileError, kohya_name, lora_file_in, n
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LORA_PARTS = ("lora_down.weight", "lora_up.weight")  # LoCon layers a LyCORIS file may hold beside LoHa/LoKr ones
 LYCORIS_NETWORK_MODULE = "lycoris.kohya"  # what sd-scripts records for a LyCORIS network
 
 
@@ -104,7 +105,7 @@ def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
     by_kohya_name = {kohya_name(name): name for name in layers}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        stem, part = key.rsplit(".", 1) if "." in key else (key, "")
+        stem, _, part = key.partition(".")  # lora_unet_<layer>.<part>, the part itself may hold dots (lora_down.weight)
         if stem.startswith("lora_te"):
             if drop_text_encoder:
                 continue
@@ -112,15 +113,16 @@ def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
                                 f"file; --unet_only merges the UNet's part")
         if not stem.startswith(KOHYA_PREFIX) or stem not in by_kohya_name:
             raise LoraFileError(f"{file}: key {key} names no layer of this UNet (an adapter of another model?)")
-        if part not in LOHA_PARTS + LOKR_PARTS + ("alpha",):
-            raise LoraFileError(f"{file}: key {key} is not a LoHa or LoKr tensor read here")
+        if part not in LOHA_PARTS + LOKR_PARTS + LORA_PARTS + ("alpha",):
+            raise LoraFileError(f"{file}: key {key} is not a LoRA, LoHa or LoKr tensor read here")
         grouped.setdefault(stem, {})[part] = tensor.float()
     changes = {}
     for stem, parts in grouped.items():
         name = by_kohya_name[stem]
         shape = tuple(layers[name].weight.shape)
-        try:  # the change as [out, in * k * k]
-            change = _loha_change(parts) if "hada_w1_a" in parts else _lokr_change(parts)
+        try:  # the change as [out, in * k * k]; a file may mix LoRA (LoCon) layers in
+            change = _loha_change(parts) if "hada_w1_a" in parts else \
+                _lokr_change(parts) if any(part.startswith("lokr_") for part in parts) else _lora_change(parts)
         except (KeyError, RuntimeError) as error:
             raise LoraFileError(f"{file}: {stem} is not a LoHa/LoKr read here ({type(error).__name__}: {error})") from None
         if change.shape[0] != shape[0] or change.numel() != layers[name].weight.numel():
@@ -130,11 +132,20 @@ def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
     return changes
 
 
+def _alpha_over_rank(parts: dict[str, torch.Tensor], rank: int) -> float:
+    """A layer's scale: alpha / rank, with no alpha or an alpha of 0 read as alpha = rank (LyCORIS, sd-scripts)."""
+    return (float(parts.get("alpha", 0)) or rank) / rank
+
+
+def _lora_change(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    down, up = parts["lora_down.weight"].flatten(1), parts["lora_up.weight"].flatten(1)
+    return _alpha_over_rank(parts, down.shape[0]) * (up @ down)
+
+
 def _loha_change(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     if "hada_t1" in parts or "hada_t2" in parts:
         raise RuntimeError("Tucker factors (hada_t1/hada_t2) are not read")
-    rank = parts["hada_w1_b"].shape[0]
-    scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
+    scale = _alpha_over_rank(parts, parts["hada_w1_b"].shape[0])
     return scale * (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
 
 
@@ -144,8 +155,8 @@ def _lokr_change(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     if "lokr_t2" in parts:
         raise RuntimeError("Tucker factors (lokr_t2) are not read")
     w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"] @ parts["lokr_w1_b"]
-    w2 = parts["lokr_w2"].flatten(1) if "lokr_w2" in parts else parts["lokr_w2_a"] @ parts["lokr_w2_b"]
+    w2 = parts["lokr_w2"].flatten(1) if "lokr_w2" in parts else parts["lokr_w2_a"] @ parts["lokr_w2_b"].flatten(1)
     low_rank = next((parts[key].shape[0] for key in ("lokr_w1_b", "lokr_w2_b") if key in parts), None)
     # LyCORIS scales by alpha / rank where a factor is low-rank, not at all where both are full matrices
-    scale = float(parts["alpha"]) / low_rank if low_rank is not None and "alpha" in parts else 1.0
+    scale = _alpha_over_rank(parts, low_rank) if low_rank is not None else 1.0
     return scale * torch.kron(w1, w2)

@@ -22,8 +22,8 @@ import torch
 
 from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
 from ..models.lora_files import (DIFFUSERS_LORA_FILE, LAYER_GROUPS, KOHYA_LORA_FILE, LoraFileError, LowRankPair,
-                                 adaptable_layers, kohya_metadata, peft_adapter_folder, read_lora, state_load_problem,
-                                 write_diffusers_lora, write_kohya_lora)
+                                 adaptable_layers, kohya_metadata, peft_adapter_folder, peft_load_problem, read_lora,
+                                 read_peft_adapter_config, state_load_problem, write_diffusers_lora, write_kohya_lora)
 from ..models.lycoris_files import lycoris_metadata, lycoris_tensors, write_lycoris_file
 
 ADAPTER_TYPES = ("lora", "loha", "lokr")
@@ -139,12 +139,14 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
 def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: Path) -> list[torch.nn.Parameter]:
     """--lora_weights of a LoHa/LoKr run's checkpoint: its own PEFT config (layers, rank, alpha; the dropout
     of this run's flags) attached and its weights loaded, as a resume of that run would."""
-    from peft import PeftConfig
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    config = PeftConfig.from_pretrained(str(folder))
-    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    try:
+        config = read_peft_adapter_config(folder)
+    except LoraFileError as error:
+        raise AdapterError(f"--lora_weights {error}") from None
+    kind = config.peft_type.value.lower()
     if kind != spec.kind:
         raise AdapterError(f"--lora_weights {folder}: a {kind} adapter; it starts a --lora_type {kind} run")
     every_layer = adaptable_layers(unet)
@@ -157,18 +159,17 @@ def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: P
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # the start values are overwritten: the run's random stream is left alone
         unet.add_adapter(config)
+    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    for parameter in trainable:  # fp32 beside a bf16 base, before the start is loaded: nothing rounds to bf16
+        parameter.data = parameter.data.float()
     try:
         result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"))
     except Exception as error:  # a shape of another base, a damaged file
         raise AdapterError(f"--lora_weights {folder}: not an adapter for this UNet ({state_load_problem(error)})") from None
-    missing = [key for key in result.missing_keys if re.search(r"\.(hada|lokr)_", key)]
-    if missing:
-        raise AdapterError(f"--lora_weights {folder}: no weights for {len(missing)} of the adapter's tensors, "
-                           f"e.g. {missing[0]}")
+    problem = peft_load_problem(result, "default")
+    if problem:
+        raise AdapterError(f"--lora_weights {folder}: {problem}")
     spec.rank, spec.alpha = config.r, config.alpha
-    trainable = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    for parameter in trainable:  # fp32 beside a bf16 base, as a fresh adapter
-        parameter.data = parameter.data.float()
     return trainable
 
 
@@ -250,11 +251,13 @@ def write_adapter(unet: torch.nn.Module, spec: AdapterSpec, folder: Path, kohya:
     tensors = {key: value.detach().contiguous() for key, value in state.items()}
     write_atomically(target / "adapter_model.safetensors", save(tensors))
     if kohya:
-        def rank_of(name: str) -> int:
-            return config.rank_pattern.get(name, config.r)
+        from peft.utils.other import get_pattern_key
+
+        def rank_of(name: str) -> int:  # the patterns' keys match as PEFT matches them (a name's ending, a regex)
+            return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
 
         def alpha_of(name: str) -> float:
-            return config.alpha_pattern.get(name, config.alpha)
+            return config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.alpha)
 
         layers = adaptable_layers(unet)
         convolutions = sorted(name for name in {key.rsplit(".", 1)[0] for key in state}

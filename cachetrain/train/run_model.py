@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..models import loading as models
-from ..models.lora_files import adapter_to_merge, holds_adapter
+from ..models.lora_files import DIFFUSERS_LORA_FILE, adapter_to_merge, holds_adapter
 from .adapters import AdapterSpec, attach_adapter, describe as describe_adapter
 from .bad_data import TrainingError
 from .config import TrainConfig
@@ -53,16 +54,22 @@ def check_base_model(config: TrainConfig, adapter: AdapterSpec | None, is_main: 
                             f"merge --model {model} --lora {adapter_to_merge(model)} --out MERGED, then "
                             f"--pretrained_model MERGED)")
     if is_main:
+        source = adapter_to_merge(model)
+        kind = "lora" if (source / DIFFUSERS_LORA_FILE).is_file() else "loha or lokr (as that run's)"
         print(f"[train] note: {model} holds a trained adapter this run does not start from (it trains a new one on "
-              f"the base); --lora_weights {adapter_to_merge(model)} starts from it", file=sys.stderr)
+              f"the base); --lora_type {kind} --lora_weights {source} starts from it", file=sys.stderr)
 
 
-def load_run_model(config: TrainConfig, accelerator, data) -> RunModel:
+def load_run_model(config: TrainConfig, accelerator, data, resume_from: Path | None = None) -> RunModel:
     """The UNet and everything that trains it, from ``config`` and the run's data (run_data.RunData)."""
     device, world = accelerator.device, accelerator.num_processes
     weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
     adapter = AdapterSpec.of(config)
     check_base_model(config, adapter, accelerator.is_main_process)
+    if adapter is not None and adapter.start_weights and resume_from is not None:
+        # the checkpoint holds the adapter in the start's own layout (and the weights that matter): a resume needs
+        # no start file, which a save limit may have pruned if it was a checkpoint of this run
+        adapter.start_weights = str(resume_from)
     unet = models.load_unet(config.pretrained_model, dtype=weight_dtype, single_file_config=config.single_file_config)
     try:
         if adapter is not None:  # the UNet frozen, the adapter's layers train

@@ -137,7 +137,7 @@ class TrainingRun:
     # -- set-up -----------------------------------------------------------------------------
 
     def _load_model(self) -> None:
-        model = load_run_model(self.config, self.accelerator, self.data)
+        model = load_run_model(self.config, self.accelerator, self.data, self.resume_from)
         self.adapter, self.trainable, self.plan = model.adapter, model.trainable, model.plan
         self.optimizer, self.lr_schedule = model.optimizer, model.lr_schedule
         self.unet, self.bare_unet, self.step = model.unet, model.bare_unet, model.step

@@ -269,6 +269,53 @@ def test_a_loha_or_lokr_written_by_lycoris_merges_as_lycoris_applies_it(sd15_mod
     assert len(lycoris_changes(file, adaptable_layers(_unet(sd15_model)))) == len(network.loras)
 
 
+def test_lycoris_files_with_low_rank_first_factors_two_full_factors_or_alpha_0_merge_as_lycoris_computes(sd15_model,
+                                                                                                       tmp_path):
+    """Variants LyCORIS' modules write or read, each layer's change against the module's own get_weight: LoKr with
+    both factors low-rank (decompose_both), LoKr with two full factors and an alpha that is not its rank (LyCORIS
+    applies no scale there), LoHa with alpha 0 (read as alpha = rank), and a LoCon layer in the same file."""
+    from lycoris.modules.locon import LoConModule
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+    from safetensors.torch import save_file
+
+    from cachetrain.models.lora_files import kohya_name
+    from cachetrain.models.lycoris_files import lycoris_changes
+
+    layers = adaptable_layers(_unet(sd15_model))
+    attention = "down_blocks.0.attentions.0.transformer_blocks.0.attn1."
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        modules = {
+            attention + "to_q": LokrModule("q", layers[attention + "to_q"], 1.0, lora_dim=1, alpha=0.5, decompose_both=True),
+            attention + "to_k": LokrModule.make_module_from_state_dict(
+                "k", layers[attention + "to_k"], torch.randn(4, 4, generator=generator), None, None,
+                torch.randn(8, 8, generator=generator), None, None, None, None, torch.tensor(7.0), None),
+            attention + "to_v": LohaModule.make_module_from_state_dict(
+                "v", layers[attention + "to_v"], *(torch.randn(*shape, generator=generator) for shape in
+                                                   ((32, 2), (2, 32), (32, 2), (2, 32))), None, None, torch.tensor(0.0), None),
+            "down_blocks.0.resnets.0.conv1": LoConModule("c", layers["down_blocks.0.resnets.0.conv1"], 1.0, lora_dim=2,
+                                                         alpha=1),
+        }
+        for module in modules.values():
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    assert hasattr(modules[attention + "to_q"], "lokr_w1_a") and hasattr(modules[attention + "to_q"], "lokr_w2_a")
+    tensors = {f"{kohya_name(name)}.{key}": tensor.clone() for name, module in modules.items()
+               for key, tensor in module.state_dict().items() if key != "scalar"}
+    tensors[f"{kohya_name(attention + 'to_k')}.alpha"] = torch.tensor(7.0)  # as other tools may write them (the
+    tensors[f"{kohya_name(attention + 'to_v')}.alpha"] = torch.tensor(0.0)  # modules keep what they read them as)
+    file = tmp_path / "variants.safetensors"
+    save_file(tensors, file)
+    ours = lycoris_changes(file, layers)
+    assert ours.keys() == modules.keys()
+    for name, module in modules.items():
+        theirs = module.get_weight(layers[name].weight.shape).detach() * module.multiplier if not isinstance(
+            module, LoConModule) else module.get_diff_weight(module.multiplier)[0].detach()
+        assert torch.allclose(ours[name], theirs.reshape(ours[name].shape), atol=1e-5, rtol=1e-4), name
+        assert theirs.abs().max() > 1e-2, name
+
+
 @pytest.fixture(scope="module")
 def lora_with_text_encoder(sd15_model, tmp_path_factory) -> Path:
     """A LoRA of the UNet's attention (rank 4, alpha 2) and the text encoder's (rank 4, alpha 8), written by

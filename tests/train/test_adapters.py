@@ -184,7 +184,8 @@ def test_a_run_starts_from_an_existing_lora_with_its_rank_and_alpha(lora_run, sd
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,marker", [("loha", "hada_w1_a"), ("lokr", "lokr_w1")])
-def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15_cached, tmp_path, kind, marker):
+def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15_cached, tmp_path, capsys, kind,
+                                                                marker):
     from diffusers import UNet2DConditionModel
     from peft import PeftConfig
     from peft.utils import set_peft_model_state_dict
@@ -224,15 +225,25 @@ def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15
     base_only = tmp_path / "base-only" / checkpoint.name  # the same checkpoint without its adapter draws otherwise
     shutil.copytree(checkpoint, base_only, ignore=shutil.ignore_patterns("unet_adapter"))
     assert np.abs(_sampled(base_only, tmp_path / "drawn-base") - trained).max() > 8
-    # a new run starts from the checkpoint's adapter (--lora_weights): a step of lr 1e-12 leaves it as it was
-    started = tmp_path / "started"
-    assert main(train_args(sd15_model, sd15_cached, started, "--lora_type", kind, "--lora_weights", str(checkpoint),
-                           "--learning_rate", "1e-12", "--max_steps", "1", "--batch_size", "4")) == 0
-    again = load_file(started / "unet_adapter" / "adapter_model.safetensors")
+    # a new run starts from the checkpoint's adapter (--lora_weights; its base in bf16, the adapter not rounded to
+    # it): steps of lr 1e-12 leave it as it was, also over a stop and a --resume after the start folder is gone
+    start, started = tmp_path / "start", tmp_path / "started"
+    shutil.copytree(checkpoint, start)
+    begin = ("--lora_type", kind, "--lora_weights", str(start), "--bf16_weights", "--learning_rate", "1e-12",
+             "--max_steps", "2", "--save_steps", "1", "--batch_size", "4")
+    assert train(parse_train_args(train_args(sd15_model, sd15_cached, started, *begin)),
+                 interrupt_after_batches=1).steps == 1
+    shutil.rmtree(start)
+    assert main(train_args(sd15_model, sd15_cached, started, *begin, "--resume")) == 0
+    again = load_file(started / "checkpoint-00002" / "unet_adapter" / "adapter_model.safetensors")
     assert again.keys() == tensors.keys() and all(torch.allclose(again[k], tensors[k], atol=1e-6) for k in tensors)
     other = "lokr" if kind == "loha" else "loha"
+    capsys.readouterr()
     assert main(train_args(sd15_model, sd15_cached, tmp_path / "other", "--lora_type", other, "--lora_weights",
                            str(checkpoint), "--max_steps", "1")) == 2
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"a {kind} adapter; it starts a --lora_type {kind} run" in error
+    assert not list((tmp_path / "other").glob("checkpoint-*"))
 
 
 def _peft_adapted_unet(checkpoint: Path):
