@@ -225,6 +225,8 @@ def test_loha_and_lokr_train_through_peft_and_save_peft_folders(sd15_model, sd15
     base_only = tmp_path / "base-only" / checkpoint.name  # the same checkpoint without its adapter draws otherwise
     shutil.copytree(checkpoint, base_only, ignore=shutil.ignore_patterns("unet_adapter"))
     assert np.abs(_sampled(base_only, tmp_path / "drawn-base") - trained).max() > 8
+    if kind == "lokr":  # the start below reads a PEFT folder the same way for either kind
+        return
     # a new run starts from the checkpoint's adapter (--lora_weights; its base in bf16, the adapter not rounded to
     # it): steps of lr 1e-12 leave it as it was, also over a stop and a --resume after the start folder is gone
     start, started = tmp_path / "start", tmp_path / "started"
