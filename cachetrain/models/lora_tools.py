@@ -43,6 +43,11 @@ class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
 
 
+def pair_changes(pairs: dict[str, LowRankPair]) -> dict[str, torch.Tensor]:
+    """Each LoRA pair's change to its layer's weight, at scale 1."""
+    return {name: pair.delta() for name, pair in pairs.items()}
+
+
 def merge_changes(unet: torch.nn.Module, changes: dict[str, torch.Tensor], scale: float = 1.0) -> None:
     """Add ``scale`` times each layer's change (in the weight's shape) to its weight, in place."""
     layers = adaptable_layers(unet)
@@ -103,7 +108,7 @@ def adapter_changes(unet: torch.nn.Module, source: Path | str) -> dict[str, torc
     folder = peft_adapter_folder(Path(source))
     if folder is not None:
         return peft_adapter_changes(unet, folder)
-    return {name: pair.delta() for name, pair in read_lora(source, adaptable_layers(unet)).items()}
+    return pair_changes(read_lora(source, adaptable_layers(unet)))
 
 
 def _load_unet(model: str):
@@ -154,12 +159,11 @@ def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool =
     elif has_text_encoder_part(lora) and not unet_only:
         text_encoder = _load_text_encoder(model)
         pairs, text_pairs = read_lora_parts(lora, adaptable_layers(unet), adaptable_layers(text_encoder))
-        changes = {name: pair.delta() for name, pair in pairs.items()}
-        text_changes = {name: pair.delta() for name, pair in text_pairs.items()}
+        changes, text_changes = pair_changes(pairs), pair_changes(text_pairs)
         merge_changes(text_encoder, text_changes, scale)
     elif unet_only and peft_adapter_folder(Path(lora)) is None:
         pairs, _ = read_lora_parts(lora, adaptable_layers(unet), drop_text_encoder=True)
-        changes = {name: pair.delta() for name, pair in pairs.items()}
+        changes = pair_changes(pairs)
     else:
         changes = adapter_changes(unet, lora)
     merge_changes(unet, changes, scale)

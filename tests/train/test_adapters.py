@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cachetrain.commands import lora as lora_command
 from cachetrain.models.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, adaptable_layers, holds_adapter, read_lora
-from cachetrain.models.lora_tools import merge_changes
+from cachetrain.models.lora_tools import merge_changes, pair_changes
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import main, train
 from tests.conftest import cache_shapes
@@ -122,7 +122,7 @@ def test_diffusers_load_lora_weights_draws_what_our_merge_draws(lora_run, sd15_m
     ours = _base_pipeline(sd15_model)
     pairs = read_lora(source, adaptable_layers(ours.unet))
     assert len(pairs) == len(read_lora(checkpoint, adaptable_layers(ours.unet)))
-    merge_changes(ours.unet, {name: pair.delta() for name, pair in pairs.items()})
+    merge_changes(ours.unet, pair_changes(pairs))
     their_layers, our_layers = adaptable_layers(theirs.unet), adaptable_layers(ours.unet)
     for name in pairs:
         assert torch.allclose(their_layers[name].weight, our_layers[name].weight, atol=1e-6, rtol=0), name
