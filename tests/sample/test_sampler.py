@@ -406,9 +406,12 @@ def test_ctrl_c_stops_a_waiting_watcher_in_one_line_with_status_130(tmp_path):
     import signal
 
     (tmp_path / "run").mkdir()
+    # a suite started in the background (`... &`) hands its children Ctrl-C ignored, and Python then keeps
+    # it ignored; the terminal a user presses Ctrl-C in starts the watcher with the default
     watcher = subprocess.Popen([sys.executable, "sample_images.py", "--watch", str(tmp_path / "run"), "--prompt", "x",
                                 "--device", "cpu", "--poll", "0.1"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert "waiting for the next checkpoint" in watcher.stderr.readline()
         watcher.send_signal(signal.SIGINT)
