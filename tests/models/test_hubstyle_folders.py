@@ -19,6 +19,7 @@ import pytest
 
 from cachetrain import sidecar
 from tests.conftest import REPO_ROOT
+from tests.script_runs import run_script
 from tests.hubstyle_support import (PIPELINE_CLASS, PROJECTION_CLASS, VARIANTS, write_hubstyle_folder,
                                     write_t5_encoder_folder)
 
@@ -208,17 +209,22 @@ def refusals(hubstyle_folders, tmp_path_factory):
     (no_projection_class / "t5_projection" / "hub_projection.py").write_text("import torch\n", encoding="utf-8")
     syntax_error = broken("syntax-error", "root-projection")
     (syntax_error / "pipeline.py").write_text("import torch\nclass HubT5Pipeline(:\n    pass\n", encoding="utf-8")
-    cases = {
-        "cache: no pipeline.py": (no_pipeline_code, ["create_t5cache_768.py", "--model", str(no_pipeline_code),
-                                                     *cache_flags(root)]),
+    # folder code the scripts import (diffusers copies it into a modules cache): each in a process of its own
+    loading = {
         "cache: no projection class": (no_projection_class, ["create_t5cache_768.py", "--model",
                                                              str(no_projection_class), *cache_flags(root)]),
         "train: syntax error": (syntax_error, [*train_flags(syntax_error, root, scratch / "run-a"), "--is_custom"]),
+    }
+    # refused before any folder code is imported: in this process, as tests/script_runs.py runs scripts
+    not_loading = {
+        "cache: no pipeline.py": (no_pipeline_code, ["create_t5cache_768.py", "--model", str(no_pipeline_code),
+                                                     *cache_flags(root)]),
         "train: not trusted": (hubstyle_folders["module-projection"],
                                train_flags(hubstyle_folders["module-projection"], root, scratch / "run-b")),
     }
-    results = run_all({name: command for name, (_, command) in cases.items()}, scratch)
-    return {name: (folder, results[name], scratch) for name, (folder, _) in cases.items()}
+    results = run_all({name: command for name, (_, command) in loading.items()}, scratch)
+    results.update({name: run_script(*command) for name, (_, command) in not_loading.items()})
+    return {name: (folder, results[name], scratch) for name, (folder, _) in {**loading, **not_loading}.items()}
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
