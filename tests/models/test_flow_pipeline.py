@@ -60,7 +60,8 @@ def test_a_flow_checkpoint_loaded_plainly_draws_the_sample_the_trainer_drew(tiny
     checkpoint = run / "checkpoint-00002"
     (drawn,) = checkpoint.glob("*.png")
     metadata = read_sample_metadata(drawn)
-    folders = {checkpoint: tmp_path / "checkpoint.png", run: tmp_path / "final.png"}  # and the run's final model
+    # the checkpoint and the run's final model, each drawn into a file of its own
+    folders = {checkpoint: tmp_path / "checkpoint.png", run: tmp_path / "final.png"}
     for folder in folders:
         index = json.loads((folder / "model_index.json").read_text())
         assert index["_class_name"] == "StableDiffusionFlowPipeline"

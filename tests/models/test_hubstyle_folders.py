@@ -19,9 +19,9 @@ import pytest
 
 from cachetrain import sidecar
 from tests.conftest import REPO_ROOT
-from tests.script_runs import run_script
 from tests.hubstyle_support import (PIPELINE_CLASS, PROJECTION_CLASS, VARIANTS, write_hubstyle_folder,
                                     write_t5_encoder_folder)
+from tests.script_runs import run_script
 
 PROMPT = "a red circle on a blue background"
 
