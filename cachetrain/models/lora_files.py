@@ -287,8 +287,7 @@ def _unread_kind(key: str, models: dict) -> str:
     if key.startswith(("lora_te_", DIFFUSERS_TEXT_ENCODER_PREFIX)):
         return "" if TEXT_ENCODER_PART in models else TEXT_ENCODER_NOTE
     if ".hada_" in key or ".lokr_" in key:
-        return (" (a LyCORIS LoHa/LoKr: cachetrain-lora merge reads these; a run starts from a LoRA file or "
-                "from a LoHa/LoKr run's checkpoint)")
+        return " (a LyCORIS LoHa/LoKr: cachetrain-lora merge and a --lora_type loha|lokr run read these)"
     if key.endswith(".dora_scale") or "lora_magnitude_vector" in key:
         return " (DoRA: its magnitude vectors are not read, only LoRA and LoCon)"
     return ""

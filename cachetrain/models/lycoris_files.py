@@ -1,7 +1,8 @@
 """LoHa and LoKr in the LyCORIS single-file layout that A1111, Forge, ComfyUI and sd-scripts load.
 
 Written here for the trainer's checkpoints (``--save_kohya_lora``), and read here for ``cachetrain-lora merge``
-(``lycoris_changes``: each layer's change by the formulas below, as LyCORIS' own modules compute it).
+(``lycoris_changes``: each layer's change by the formulas below, as LyCORIS' own modules compute it) and for a
+run's start (``read_lycoris_start``: PEFT's config values and tensors that make PEFT's layers compute the same).
 
 The trainer's LoHa/LoKr layers are PEFT's (``LoHaConfig``, ``LoKrConfig``); their tensors carry the same
 names and shapes as LyCORIS' own modules, so the file is PEFT's tensors under kohya's layer names
@@ -18,6 +19,7 @@ names and shapes as LyCORIS' own modules, so the file is PEFT's tensors under ko
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,11 +97,10 @@ def is_lycoris_file(path: Path | str) -> bool:
         return False
 
 
-def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
-                    drop_text_encoder: bool = False) -> dict[str, torch.Tensor]:
-    """Each UNet layer's change (fp32, in its weight's shape) of a LoHa/LoKr file in LyCORIS' layout, as
-    LyCORIS' modules compute it; LoraFileError naming the file and key for what is not read here (Tucker
-    factors, a text-encoder part unless dropped, a layer this UNet lacks or a shape it does not have)."""
+def _layer_parts(path: Path | str, layers: dict[str, torch.nn.Module], text_encoder_hint: str,
+                 drop_text_encoder: bool = False) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+    """(the file, {UNet layer name: {part: fp32 tensor}}) of a file in LyCORIS' layout; LoraFileError naming the
+    file and key for a text-encoder part unless dropped, a layer this UNet lacks or a tensor no algorithm here has."""
     file = lora_file_in(path)
     tensors, _ = read_safetensors(file)
     by_kohya_name = {kohya_name(name): name for name in layers}
@@ -109,20 +110,28 @@ def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
         if stem.startswith("lora_te"):
             if drop_text_encoder:
                 continue
-            raise LoraFileError(f"{file}: {key} belongs to a text-encoder part, which is not merged from a LyCORIS "
-                                f"file; --unet_only merges the UNet's part")
+            raise LoraFileError(f"{file}: {key} belongs to a text-encoder part, {text_encoder_hint}")
         if not stem.startswith(KOHYA_PREFIX) or stem not in by_kohya_name:
             raise LoraFileError(f"{file}: key {key} names no layer of this UNet (an adapter of another model?)")
         if part not in LOHA_PARTS + LOKR_PARTS + LORA_PARTS + ("alpha",):
             raise LoraFileError(f"{file}: key {key} is not a LoRA, LoHa or LoKr tensor read here")
-        grouped.setdefault(stem, {})[part] = tensor.float()
+        grouped.setdefault(by_kohya_name[stem], {})[part] = tensor.float()
+    return file, grouped
+
+
+def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
+                    drop_text_encoder: bool = False) -> dict[str, torch.Tensor]:
+    """Each UNet layer's change (fp32, in its weight's shape) of a LoHa/LoKr file in LyCORIS' layout, as
+    LyCORIS' modules compute it; LoraFileError naming the file and key for what is not read here (Tucker
+    factors, a text-encoder part unless dropped, a layer this UNet lacks or a shape it does not have)."""
+    file, grouped = _layer_parts(path, layers, "which is not merged from a LyCORIS file; --unet_only merges the "
+                                               "UNet's part", drop_text_encoder)
     changes = {}
-    for stem, parts in grouped.items():
-        name = by_kohya_name[stem]
-        shape = tuple(layers[name].weight.shape)
+    for name, parts in grouped.items():
+        stem, shape = kohya_name(name), tuple(layers[name].weight.shape)
         try:  # the change as [out, in * k * k]; a file may mix LoRA (LoCon) layers in
-            change = _loha_change(parts) if "hada_w1_a" in parts else \
-                _lokr_change(parts) if any(part.startswith("lokr_") for part in parts) else _lora_change(parts)
+            change = _loha_change(parts) if _kind_of(parts) == "loha" else \
+                _lokr_change(parts) if _kind_of(parts) == "lokr" else _lora_change(parts)
         except (KeyError, RuntimeError) as error:
             raise LoraFileError(f"{file}: {stem} is not a LoHa/LoKr read here ({type(error).__name__}: {error})") from None
         if change.shape[0] != shape[0] or change.numel() != layers[name].weight.numel():
@@ -130,6 +139,120 @@ def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
                                 f"{list(shape)} (an adapter of another base model)")
         changes[name] = change.reshape(shape)
     return changes
+
+
+def _kind_of(parts: dict[str, torch.Tensor]) -> str:
+    """loha, lokr or lora (a LoCon layer) by a layer's tensors' names."""
+    if any(part.startswith("hada_") for part in parts):
+        return "loha"
+    return "lokr" if any(part.startswith("lokr_") for part in parts) else "lora"
+
+
+@dataclass
+class LycorisStart:
+    """A LoHa/LoKr file in LyCORIS' layout as PEFT's adapter: the values of PEFT's config that give its layers
+    the file's shapes and scales, and the file's tensors under PEFT's names (``NAME.hada_w1_a`` ...)."""
+    kind: str  # loha | lokr
+    state: dict[str, torch.Tensor]
+    ranks: dict[str, int]  # each layer's PEFT r
+    alphas: dict[str, float]  # each layer's PEFT alpha: PEFT scales by alpha / r
+    decompose_both: bool = False  # LoKr: a first factor is low-rank too
+    decompose_factor: int = -1  # LoKr: how each side is split into the two factors' sides
+
+
+def read_lycoris_start(path: Path | str, layers: dict[str, torch.nn.Module]) -> LycorisStart:
+    """A LoHa/LoKr file in LyCORIS' layout (ours or another tool's) as the start of a PEFT adapter on ``layers``;
+    LoraFileError naming the file and layer for what PEFT's LoHa/LoKr cannot hold as the file computes it: LoCon
+    layers or both kinds in one file, Tucker factors, a LoKr split PEFT does not make, a layer without all its
+    factors, a text-encoder part."""
+    file, grouped = _layer_parts(path, layers, "which a run does not start from (the captions' embeddings are "
+                                               "cached without it)")
+    kinds = {name: _kind_of(parts) for name, parts in grouped.items()}
+    if not kinds:
+        raise LoraFileError(f"{file}: holds no UNet adapter layers")
+    kind = "loha" if "loha" in kinds.values() else "lokr" if "lokr" in kinds.values() else "lora"
+    if kind == "lora":
+        raise LoraFileError(f"{file}: holds LoRA layers, no LoHa/LoKr ones (--lora_type lora starts from it)")
+    if len(set(kinds.values())) > 1:
+        other = next(name for name, found in kinds.items() if found != kind)
+        raise LoraFileError(f"{file}: {kohya_name(other)} is a {kinds[other]} layer beside {kind} layers; a run starts "
+                            f"from a file of one kind (cachetrain-lora merge reads such a file)")
+    start = LycorisStart(kind=kind, state={}, ranks={}, alphas={})
+    for name, parts in grouped.items():
+        stem, weight = kohya_name(name), layers[name].weight
+        tucker = sorted(part for part in parts if part in ("hada_t1", "hada_t2", "lokr_t2"))
+        if tucker:
+            raise LoraFileError(f"{file}: {stem} has Tucker factors ({', '.join(tucker)}), which are not read here")
+        needed = _missing_factor(kind, parts)
+        if needed:
+            raise LoraFileError(f"{file}: {stem} lacks {needed}")
+        change = _loha_change(parts) if kind == "loha" else _lokr_change(parts)
+        if change.shape[0] != weight.shape[0] or change.numel() != weight.numel():
+            raise LoraFileError(f"{file}: {stem} changes a weight of shape {list(change.shape)}, this UNet's is "
+                                f"{list(weight.shape)} (an adapter of another base model)")
+        start.ranks[name], start.alphas[name] = _peft_rank_and_alpha(kind, parts)
+        start.state.update({f"{name}.{part}": tensor for part, tensor in parts.items() if part != "alpha"})
+    if kind == "lokr":
+        start.decompose_both = any("lokr_w1_a" in parts for parts in grouped.values())
+        start.decompose_factor = _decompose_factor(file, grouped, layers)
+    return start
+
+
+def _missing_factor(kind: str, parts: dict[str, torch.Tensor]) -> str | None:
+    if kind == "loha":
+        absent = [part for part in LOHA_PARTS[:4] if part not in parts]
+        return ", ".join(absent) or None
+    for side in ("lokr_w1", "lokr_w2"):
+        if side not in parts and not (f"{side}_a" in parts and f"{side}_b" in parts):
+            return f"{side} (or {side}_a and {side}_b)"
+    return None
+
+
+def _peft_rank_and_alpha(kind: str, parts: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """The r and alpha a PEFT layer needs to have the file's factors and apply the file's scale. LoKr with two
+    full factors: r large enough that PEFT makes both full, and alpha = r, since LyCORIS applies no scale there."""
+    if kind == "loha":
+        rank = parts["hada_w1_b"].shape[0]
+        return rank, float(parts.get("alpha", 0)) or float(rank)
+    low_rank = next((parts[key].shape[0] for key in ("lokr_w1_b", "lokr_w2_b") if key in parts), None)
+    if low_rank is not None:
+        return low_rank, float(parts.get("alpha", 0)) or float(low_rank)
+    full = max(max(parts["lokr_w1"].shape), max(parts["lokr_w2"].shape[:2]), 1)
+    return full, float(full)
+
+
+def _factor_sides(parts: dict[str, torch.Tensor], layer: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(w1's rows, w1's columns, w2's rows, w2's columns without the kernel) of a LoKr layer."""
+    w1_rows = (parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"]).shape[0]
+    w1_columns = (parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_b"]).shape[1]
+    w2_rows = (parts["lokr_w2"] if "lokr_w2" in parts else parts["lokr_w2_a"]).shape[0]
+    kernel = layer.weight[0, 0].numel() if layer.weight.dim() == 4 else 1
+    w2_columns = parts["lokr_w2"].shape[1] if "lokr_w2" in parts else parts["lokr_w2_b"].shape[1] // kernel
+    return w1_rows, w1_columns, w2_rows, w2_columns
+
+
+def _decompose_factor(file: Path, grouped: dict[str, dict[str, torch.Tensor]],
+                      layers: dict[str, torch.nn.Module]) -> int:
+    """PEFT's one decompose_factor that splits every layer's sides as the file's factors do (LyCORIS' factor -1,
+    its default, is PEFT's -1); LoraFileError naming a layer when none does."""
+    from peft.tuners.lokr.layer import factorization
+
+    sides = {name: _factor_sides(parts, layers[name]) for name, parts in grouped.items()}
+    candidates = [-1] + sorted({side for a, b, _, _ in sides.values() for side in (a, b)})
+
+    def splits(factor: int, name: str) -> bool:
+        weight = layers[name].weight
+        a, b, c, d = sides[name]
+        return factorization(weight.shape[0], factor) == (a, c) and factorization(weight.shape[1], factor) == (b, d)
+
+    for factor in candidates:
+        if all(splits(factor, name) for name in sides):
+            return factor
+    name = next(name for name in sides if not splits(-1, name))
+    a, b, c, d = sides[name]
+    raise LoraFileError(f"{file}: {kohya_name(name)} splits its weight {list(layers[name].weight.shape[:2])} into "
+                        f"factors {a}x{b} and {c}x{d}, which no decompose factor of PEFT's LoKr makes for every layer "
+                        f"of the file (an adapter of another base model, or LyCORIS' factor larger than a side's root)")
 
 
 def _alpha_over_rank(parts: dict[str, torch.Tensor], rank: int) -> float:

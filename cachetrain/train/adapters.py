@@ -15,6 +15,7 @@ once per start and hard-linked into every checkpoint.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
 from ..models.lora_files import (DIFFUSERS_LORA_FILE, LAYER_GROUPS, KOHYA_LORA_FILE, LoraFileError, LowRankPair,
                                  adaptable_layers, kohya_metadata, peft_adapter_folder, peft_load_problem, read_lora,
                                  read_peft_adapter_config, state_load_problem, write_diffusers_lora, write_kohya_lora)
-from ..models.lycoris_files import lycoris_metadata, lycoris_tensors, write_lycoris_file
+from ..models.lycoris_files import (is_lycoris_file, lycoris_metadata, lycoris_tensors, read_lycoris_start,
+                                    write_lycoris_file)
 
 ADAPTER_TYPES = ("lora", "loha", "lokr")
 
@@ -90,14 +92,24 @@ def check_rank(layers: dict[str, torch.nn.Module], rank: int) -> None:
 
 
 def _peft_config(spec: AdapterSpec, names: list[str], rank_pattern: dict | None = None,
-                 alpha_pattern: dict | None = None):
+                 alpha_pattern: dict | None = None, **lokr_split):
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     if spec.kind == "lora":
         return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names,
                           init_lora_weights=True, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
     kind = LoHaConfig if spec.kind == "loha" else LoKrConfig
-    return kind(r=spec.rank, alpha=spec.alpha, module_dropout=spec.dropout, target_modules=names, init_weights=True)
+    return kind(r=spec.rank, alpha=spec.alpha, module_dropout=spec.dropout, target_modules=names, init_weights=True,
+                rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **lokr_split)
+
+
+def _rank_and_alpha_patterns(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict, dict]:
+    """A start's per-layer ranks and alphas as PEFT's config holds them: the most common rank (and its layers'
+    most common alpha) as r and alpha, the layers that differ in rank_pattern and alpha_pattern."""
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas[name] for name in ranks if ranks[name] == rank).most_common(1)[0][0]
+    return (rank, alpha, {name: value for name, value in ranks.items() if value != rank},
+            {name: value for name, value in alphas.items() if value != alpha})
 
 
 def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[torch.nn.Parameter]:
@@ -107,6 +119,8 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
         folder = peft_adapter_folder(Path(spec.start_weights))
         if folder is not None:
             return _attach_from_peft_folder(unet, spec, folder)
+        if is_lycoris_file(spec.start_weights):
+            return _attach_from_lycoris_file(unet, spec, Path(spec.start_weights))
         try:
             start = read_lora(spec.start_weights, adaptable_layers(unet))
         except LoraFileError as error:
@@ -121,10 +135,8 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
     unet.requires_grad_(False)
     rank_pattern = alpha_pattern = None
     if start is not None:  # the file decides rank and alpha of each layer
-        spec.rank = max(pair.rank for pair in start.values())
-        spec.alpha = next(pair.alpha for pair in start.values() if pair.rank == spec.rank)
-        rank_pattern = {name: pair.rank for name, pair in start.items() if pair.rank != spec.rank}
-        alpha_pattern = {name: pair.alpha for name, pair in start.items() if pair.alpha != spec.alpha}
+        spec.rank, spec.alpha, rank_pattern, alpha_pattern = _rank_and_alpha_patterns(
+            {name: pair.rank for name, pair in start.items()}, {name: pair.alpha for name, pair in start.items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet.add_adapter(_peft_config(spec, list(layers), rank_pattern, alpha_pattern))
@@ -139,7 +151,6 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
 def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: Path) -> list[torch.nn.Parameter]:
     """--lora_weights of a LoHa/LoKr run's checkpoint: its own PEFT config (layers, rank, alpha; the dropout
     of this run's flags) attached and its weights loaded, as a resume of that run would."""
-    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     try:
@@ -156,6 +167,36 @@ def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: P
     if absent:
         raise AdapterError(f"--lora_weights {folder}: layer {absent[0]} is not in this UNet (an adapter of another model?)")
     config.module_dropout, config.inference_mode = spec.dropout, False  # this run's dropout; it trains
+    try:
+        state = load_file(folder / "adapter_model.safetensors")
+    except Exception as error:  # a damaged file
+        raise AdapterError(f"--lora_weights {folder}: not an adapter for this UNet ({state_load_problem(error)})") from None
+    spec.rank, spec.alpha = config.r, config.alpha
+    return _attach_and_load(unet, config, state, folder)
+
+
+def _attach_from_lycoris_file(unet: torch.nn.Module, spec: AdapterSpec, file: Path) -> list[torch.nn.Parameter]:
+    """--lora_weights of a LoHa/LoKr file in LyCORIS' layout (--save_kohya_lora's, or another tool's): PEFT's
+    layers of the file's kind on the file's layers, with the ranks, alphas and LoKr split that give them the
+    file's tensors and the change LyCORIS computes from them; the weights loaded."""
+    try:
+        start = read_lycoris_start(file, adaptable_layers(unet))
+    except LoraFileError as error:
+        raise AdapterError(f"--lora_weights {error}") from None
+    if start.kind != spec.kind:
+        raise AdapterError(f"--lora_weights {file}: a {start.kind} adapter; it starts a --lora_type {start.kind} run")
+    spec.rank, spec.alpha, rank_pattern, alpha_pattern = _rank_and_alpha_patterns(start.ranks, start.alphas)
+    lokr_split = dict(decompose_both=start.decompose_both, decompose_factor=start.decompose_factor) \
+        if start.kind == "lokr" else {}
+    config = _peft_config(spec, sorted(start.ranks), rank_pattern, alpha_pattern, **lokr_split)
+    return _attach_and_load(unet, config, start.state, file)
+
+
+def _attach_and_load(unet: torch.nn.Module, config, state: dict[str, torch.Tensor],
+                     source: Path) -> list[torch.nn.Parameter]:
+    """The frozen UNet with a LoHa/LoKr of ``config`` attached and ``state`` (PEFT's names) loaded into it."""
+    from peft.utils import set_peft_model_state_dict
+
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # the start values are overwritten: the run's random stream is left alone
         unet.add_adapter(config)
@@ -163,13 +204,12 @@ def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: P
     for parameter in trainable:  # fp32 beside a bf16 base, before the start is loaded: nothing rounds to bf16
         parameter.data = parameter.data.float()
     try:
-        result = set_peft_model_state_dict(unet, load_file(folder / "adapter_model.safetensors"))
-    except Exception as error:  # a shape of another base, a damaged file
-        raise AdapterError(f"--lora_weights {folder}: not an adapter for this UNet ({state_load_problem(error)})") from None
+        result = set_peft_model_state_dict(unet, state)
+    except Exception as error:  # a shape of another base
+        raise AdapterError(f"--lora_weights {source}: not an adapter for this UNet ({state_load_problem(error)})") from None
     problem = peft_load_problem(result, "default")
     if problem:
-        raise AdapterError(f"--lora_weights {folder}: {problem}")
-    spec.rank, spec.alpha = config.r, config.alpha
+        raise AdapterError(f"--lora_weights {source}: {problem}")
     return trainable
 
 

@@ -314,9 +314,10 @@ class TrainConfig:
                                     nargs="+", action="extend", choices=("attention", "feedforward", "conv"))
     lora_modules: list[str] = _flag([], "more layers by name (a module-name suffix such as attn2.to_k, or a "
                                         "full-match regex)", nargs="+", action="extend")
-    lora_weights: str | None = _flag(None, "start the adapter from this LoRA file or folder (either layout), or "
-                                           "a LoHa/LoKr run's checkpoint (its unet_adapter/); its layers, rank and "
-                                           "alpha replace --lora_targets/--lora_rank/--lora_alpha")
+    lora_weights: str | None = _flag(None, "start the adapter from this LoRA file or folder (either layout), a "
+                                           "LoHa/LoKr file in LyCORIS' layout, or a LoHa/LoKr run's checkpoint (its "
+                                           "unet_adapter/); its layers, rank and alpha replace --lora_targets/"
+                                           "--lora_rank/--lora_alpha")
     save_kohya_lora: bool = _flag(False, "also write the adapter as lora_kohya.safetensors (kohya/A1111 layout, "
                                          "LyCORIS keys for LoHa/LoKr; for ComfyUI and A1111) into each checkpoint")
 

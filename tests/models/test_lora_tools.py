@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 
 from cachetrain.commands import lora as lora_command
-from cachetrain.models.lora_files import (KOHYA_LORA_FILE, LoraFileError, adaptable_layers, kohya_metadata, read_lora,
-                                         write_kohya_lora)
+from cachetrain.models.lora_files import (KOHYA_LORA_FILE, LoraFileError, adaptable_layers, kohya_metadata, kohya_name,
+                                         read_lora, write_kohya_lora)
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +138,17 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
     save_file({f"{to_q}.hada_w1_a": torch.zeros(64, 4), f"{to_q}.hada_w1_b": torch.zeros(4, 64),
                f"{to_q}.hada_w2_a": torch.zeros(64, 4), f"{to_q}.hada_w2_b": torch.zeros(4, 64),
                f"{to_q}.alpha": torch.tensor(4.0)}, tmp_path / "loha.safetensors")
-    with pytest.raises(LoraFileError, match=r"e\.g\. \S+hada_w1_a \(a LyCORIS LoHa/LoKr: cachetrain-lora merge reads "
-                                            r"these; a run starts from a LoRA file"):
-        read_lora(tmp_path / "loha.safetensors", layers)  # as --lora_weights reads it
+    with pytest.raises(LoraFileError, match=r"e\.g\. \S+hada_w1_a \(a LyCORIS LoHa/LoKr: cachetrain-lora merge and "
+                                            r"a --lora_type loha\|lokr run read these\)"):
+        read_lora(tmp_path / "loha.safetensors", layers)  # as a LoRA reader meets it
     from diffusers import UNet2DConditionModel
 
-    from cachetrain.train.adapters import AdapterSpec, attach_adapter, write_adapter
+    from cachetrain.train.adapters import AdapterError, AdapterSpec, attach_adapter, write_adapter
+
+    with pytest.raises(AdapterError, match=rf"--lora_weights \S+loha.safetensors: {to_q} changes a weight of shape "
+                                           rf"\[64, 64\], this UNet's is \[32, 32\] \(an adapter of another base model\)"):
+        attach_adapter(_unet(sd15_model), AdapterSpec(kind="loha", rank=2, alpha=2,  # as a training start
+                                                      start_weights=str(tmp_path / "loha.safetensors")), seed=0)
 
     other_base = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
     loha = AdapterSpec(kind="loha", rank=2, alpha=2)
@@ -176,8 +181,6 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
     with pytest.raises(LoraFileError, match="size mismatch"):
         peft_adapter_changes(unet, tmp_path / "other-loha" / "unet_adapter")
     assert not any(isinstance(module, BaseTunerLayer) for module in unet.modules())  # taken off again
-    from cachetrain.train.adapters import AdapterError
-
     with pytest.raises(AdapterError, match=r"--lora_weights \S+other-loha/unet_adapter: not an adapter for this UNet "
                                            r"\(size mismatch for "):  # as a training start
         attach_adapter(_unet(sd15_model), AdapterSpec(kind="loha", rank=2, alpha=2,
@@ -233,13 +236,16 @@ def test_a_locon_written_by_lycoris_merges_and_starts_a_run_as_lycoris_applies_i
 
 
 @pytest.mark.parametrize("algo", ["loha", "lokr"])
-def test_a_loha_or_lokr_written_by_lycoris_merges_as_lycoris_applies_it(sd15_model, tmp_path, monkeypatch, algo):
+def test_a_loha_or_lokr_written_by_lycoris_merges_and_starts_a_run_as_lycoris_applies_it(sd15_model, tmp_path,
+                                                                                       monkeypatch, algo):
     """LyCORIS' own LoHa/LoKr network (every Linear and Conv2d, rank 4, alpha 2; LoKr with its default factor,
-    so full and low-rank factors both occur) saved by its save_weights, merged by `cachetrain-lora merge`:
-    the merged UNet's output is the one LyCORIS' forward gives."""
+    so full and low-rank factors both occur) saved by its save_weights. Merged by `cachetrain-lora merge`, and
+    attached as a --lora_weights start of a run of its kind, it changes the UNet's output as LyCORIS' forward
+    does; a run of the other kind is refused, naming the file's."""
     from lycoris.wrapper import LycorisNetwork, create_lycoris
 
     from cachetrain.models.lycoris_files import lycoris_changes
+    from cachetrain.train.adapters import AdapterError, AdapterSpec, attach_adapter, describe
 
     monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
     unet = _unet(sd15_model).eval()
@@ -262,11 +268,21 @@ def test_a_loha_or_lokr_written_by_lycoris_merges_as_lycoris_applies_it(sd15_mod
         plain = _unet(sd15_model).eval()(*inputs).sample
     out = tmp_path / "merged"
     assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(file), "--out", str(out)]) == 0
+    started = _unet(sd15_model)
+    spec = AdapterSpec(kind=algo, rank=16, alpha=16, start_weights=str(file))
+    trainable = attach_adapter(started, spec, seed=0)
     with torch.no_grad():
         ours = _unet(out).eval()(*inputs).sample
+        ours_started = started.eval()(*inputs).sample
     assert (theirs - plain).abs().max() > 1e-2
     assert (ours - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max())
+    assert (ours_started - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max())
     assert len(lycoris_changes(file, adaptable_layers(_unet(sd15_model)))) == len(network.loras)
+    assert f"on {len(network.loras)} layers" in describe(started, spec)
+    assert sum(p.numel() for p in trainable) == sum(p.numel() for p in network.parameters())
+    other = "lokr" if algo == "loha" else "loha"
+    with pytest.raises(AdapterError, match=f"{file}: a {algo} adapter; it starts a --lora_type {algo} run"):
+        attach_adapter(_unet(sd15_model), AdapterSpec(kind=other, rank=4, alpha=4, start_weights=str(file)), seed=0)
 
 
 def test_lycoris_files_with_low_rank_first_factors_two_full_factors_or_alpha_0_merge_as_lycoris_computes(sd15_model,
@@ -279,7 +295,6 @@ def test_lycoris_files_with_low_rank_first_factors_two_full_factors_or_alpha_0_m
     from lycoris.modules.lokr import LokrModule
     from safetensors.torch import save_file
 
-    from cachetrain.models.lora_files import kohya_name
     from cachetrain.models.lycoris_files import lycoris_changes
 
     layers = adaptable_layers(_unet(sd15_model))
@@ -314,6 +329,73 @@ def test_lycoris_files_with_low_rank_first_factors_two_full_factors_or_alpha_0_m
             module, LoConModule) else module.get_diff_weight(module.multiplier)[0].detach()
         assert torch.allclose(ours[name], theirs.reshape(ours[name].shape), atol=1e-5, rtol=1e-4), name
         assert theirs.abs().max() > 1e-2, name
+
+
+def _lycoris_file(modules: dict, path: Path) -> Path:
+    """LyCORIS modules' tensors under the UIs' lora_unet_ names, as its save_weights writes them."""
+    from safetensors.torch import save_file
+
+    save_file({f"{kohya_name(name)}.{key}": tensor.detach().clone().contiguous() for name, module in modules.items()
+               for key, tensor in module.state_dict().items() if key != "scalar"}, path)
+    return path
+
+
+def test_lokr_with_a_factor_and_low_rank_first_factors_starts_a_run_as_lycoris_computes_it(sd15_model, tmp_path):
+    """LyCORIS' LokrModule with factor 4 and both factors low-rank (decompose_both), on two attention projections
+    and a 3x3 convolution: attached as a --lora_weights start, each PEFT layer's change is the module's own."""
+    from lycoris.modules.lokr import LokrModule
+
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter
+
+    layers = adaptable_layers(_unet(sd15_model))
+    names = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+             "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_v", "down_blocks.1.resnets.0.conv1"]
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        modules = {name: LokrModule(name, layers[name], 1.0, lora_dim=1, alpha=3, decompose_both=True, factor=4)
+                   for name in names}
+        for module in modules.values():
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    assert all(hasattr(module, "lokr_w1_a") and hasattr(module, "lokr_w2_a") for module in modules.values())
+    started = _unet(sd15_model)
+    spec = AdapterSpec(kind="lokr", rank=16, alpha=16, start_weights=str(_lycoris_file(modules, tmp_path / "f.safetensors")))
+    attach_adapter(started, spec, seed=0)
+    assert (spec.rank, spec.alpha) == (1, 3)
+    for name, module in modules.items():
+        theirs = module.get_weight(layers[name].weight.shape).detach() * module.multiplier
+        ours = started.get_submodule(name).get_delta_weight("default").detach()
+        assert theirs.abs().max() > 1e-2 and torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), name
+
+
+def test_lycoris_files_peft_cannot_hold_as_they_compute_are_refused_as_a_start_naming_the_layer(sd15_model, tmp_path):
+    """Factor 16 (LyCORIS splits a 32-wide side 2 x 16 and a 64-wide one 4 x 16; no one factor of PEFT's LoKr
+    makes both), Tucker factors, a LoKr layer beside LoHa ones: one AdapterError each, naming the file and layer."""
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    from cachetrain.train.adapters import AdapterError, AdapterSpec, attach_adapter
+
+    layers = adaptable_layers(_unet(sd15_model))
+    narrow, wide = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                    "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q")
+    conv = "down_blocks.1.resnets.0.conv1"
+    files = {
+        "factor": ("lokr", {name: LokrModule(name, layers[name], lora_dim=2, factor=16) for name in (narrow, wide)},
+                   f"{kohya_name(narrow)} splits its weight [32, 32] into factors 2x2 and 16x16, which no decompose "
+                   f"factor of PEFT's LoKr makes"),
+        "tucker": ("loha", {conv: LohaModule(conv, layers[conv], lora_dim=2, use_tucker=True)},
+                   f"{kohya_name(conv)} has Tucker factors (hada_t1, hada_t2), which are not read here"),
+        "mixed": ("loha", {narrow: LohaModule(narrow, layers[narrow], lora_dim=2),
+                           wide: LokrModule(wide, layers[wide], lora_dim=2)},
+                  f"{kohya_name(wide)} is a lokr layer beside loha layers; a run starts from a file of one kind"),
+    }
+    for case, (kind, modules, message) in files.items():
+        file = _lycoris_file(modules, tmp_path / f"{case}.safetensors")
+        with pytest.raises(AdapterError) as refused:
+            attach_adapter(_unet(sd15_model), AdapterSpec(kind=kind, rank=4, alpha=4, start_weights=str(file)), seed=0)
+        assert str(refused.value).startswith(f"--lora_weights {file}: ") and message in str(refused.value), case
+        assert "\n" not in str(refused.value)
 
 
 @pytest.fixture(scope="module")

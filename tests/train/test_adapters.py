@@ -309,6 +309,29 @@ def test_loha_and_lokr_kohya_files_apply_in_lycoris_as_peft_applies_them(sd15_mo
     assert read_back.keys() == peft_changes.keys()
     for name, change in peft_changes.items():
         assert (read_back[name] - change).abs().max() <= 2e-3 * change.abs().max() + 1e-3 * largest, name
+    # and it starts a run (--lora_weights): PEFT's layers attached from the file change each layer as the run's did
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter
+
+    started = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+    attach_adapter(started, AdapterSpec(kind=kind, rank=16, alpha=16, start_weights=str(kohya_file)), seed=0)
+    started_changes = {name: module.get_delta_weight("default").detach()
+                       for name, module in started.named_modules() if isinstance(module, BaseTunerLayer)}
+    assert started_changes.keys() == peft_changes.keys()
+    for name, change in peft_changes.items():
+        assert (started_changes[name] - change).abs().max() <= 2e-3 * change.abs().max() + 1e-3 * largest, name
+    if kind == "lokr" and full_factors:
+        # through the trainer, with layers of two ranks (a PEFT config with a rank_pattern): a run from the file,
+        # stopped and resumed, keeps it (lr 1e-12) in its PEFT folder and in the LyCORIS file it writes again
+        started_run = tmp_path / "started"
+        begin = ("--lora_type", "lokr", "--lora_weights", str(kohya_file), "--learning_rate", "1e-12",
+                 "--max_steps", "2", "--save_steps", "1", "--batch_size", "2", "--save_kohya_lora")
+        assert train(parse_train_args(train_args(sd15_model, sd15_cached, started_run, *begin)),
+                     interrupt_after_batches=1).steps == 1
+        assert main(train_args(sd15_model, sd15_cached, started_run, *begin, "--resume")) == 0
+        written_again = lycoris_changes(started_run / "checkpoint-00002" / KOHYA_LORA_FILE, adaptable_layers(unet))
+        assert written_again.keys() == peft_changes.keys()
+        for name, change in peft_changes.items():
+            assert (written_again[name] - change).abs().max() <= 4e-3 * change.abs().max() + 2e-3 * largest, name
     inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
               torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
