@@ -19,6 +19,7 @@ names and shapes as LyCORIS' own modules, so the file is PEFT's tensors under ko
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .lora_files import KOHYA_PREFIX, LoraFileError, kohya_name, lora_file_in, n
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+TUCKER_PARTS = ("hada_t1", "hada_t2", "lokr_t2")  # LyCORIS' use_tucker, PEFT's use_effective_conv2d
 LORA_PARTS = ("lora_down.weight", "lora_up.weight")  # LoCon layers a LyCORIS file may hold beside LoHa/LoKr ones
 LYCORIS_NETWORK_MODULE = "lycoris.kohya"  # what sd-scripts records for a LyCORIS network
 
@@ -122,8 +124,8 @@ def _layer_parts(path: Path | str, layers: dict[str, torch.nn.Module], text_enco
 def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
                     drop_text_encoder: bool = False) -> dict[str, torch.Tensor]:
     """Each UNet layer's change (fp32, in its weight's shape) of a LoHa/LoKr file in LyCORIS' layout, as
-    LyCORIS' modules compute it; LoraFileError naming the file and key for what is not read here (Tucker
-    factors, a text-encoder part unless dropped, a layer this UNet lacks or a shape it does not have)."""
+    LyCORIS' modules compute it; LoraFileError naming the file and key for what is not read here (a
+    text-encoder part unless dropped, a layer this UNet lacks or a shape it does not have)."""
     file, grouped = _layer_parts(path, layers, "which is not merged from a LyCORIS file; --unet_only merges the "
                                                "UNet's part", drop_text_encoder)
     changes = {}
@@ -158,13 +160,14 @@ class LycorisStart:
     alphas: dict[str, float]  # each layer's PEFT alpha: PEFT scales by alpha / r
     decompose_both: bool = False  # LoKr: a first factor is low-rank too
     decompose_factor: int = -1  # LoKr: how each side is split into the two factors' sides
+    tucker: bool = False  # k x k convolutions' low-rank factors in Tucker form (PEFT's use_effective_conv2d)
 
 
 def read_lycoris_start(path: Path | str, layers: dict[str, torch.nn.Module]) -> LycorisStart:
     """A LoHa/LoKr file in LyCORIS' layout (ours or another tool's) as the start of a PEFT adapter on ``layers``;
     LoraFileError naming the file and layer for what PEFT's LoHa/LoKr cannot hold as the file computes it: LoCon
-    layers or both kinds in one file, Tucker factors, a LoKr split PEFT does not make, a layer without all its
-    factors, a text-encoder part."""
+    layers or both kinds in one file, a LoKr split PEFT does not make, a layer without all its factors, a
+    text-encoder part."""
     file, grouped = _layer_parts(path, layers, "which a run does not start from (the captions' embeddings are "
                                                "cached without it)")
     kinds = {name: _kind_of(parts) for name, parts in grouped.items()}
@@ -180,9 +183,6 @@ def read_lycoris_start(path: Path | str, layers: dict[str, torch.nn.Module]) -> 
     start = LycorisStart(kind=kind, state={}, ranks={}, alphas={})
     for name, parts in grouped.items():
         stem, weight = kohya_name(name), layers[name].weight
-        tucker = sorted(part for part in parts if part in ("hada_t1", "hada_t2", "lokr_t2"))
-        if tucker:
-            raise LoraFileError(f"{file}: {stem} has Tucker factors ({', '.join(tucker)}), which are not read here")
         needed = _missing_factor(kind, parts)
         if needed:
             raise LoraFileError(f"{file}: {stem} lacks {needed}")
@@ -192,6 +192,7 @@ def read_lycoris_start(path: Path | str, layers: dict[str, torch.nn.Module]) -> 
                                 f"{list(weight.shape)} (an adapter of another base model)")
         start.ranks[name], start.alphas[name] = _peft_rank_and_alpha(kind, parts)
         start.state.update({f"{name}.{part}": tensor for part, tensor in parts.items() if part != "alpha"})
+    start.tucker = any(part in parts for parts in grouped.values() for part in TUCKER_PARTS)
     if kind == "lokr":
         start.decompose_both = any("lokr_w1_a" in parts for parts in grouped.values())
         start.decompose_factor = _decompose_factor(file, grouped, layers)
@@ -200,8 +201,11 @@ def read_lycoris_start(path: Path | str, layers: dict[str, torch.nn.Module]) -> 
 
 def _missing_factor(kind: str, parts: dict[str, torch.Tensor]) -> str | None:
     if kind == "loha":
-        absent = [part for part in LOHA_PARTS[:4] if part not in parts]
+        tucker = ("hada_t1", "hada_t2") if "hada_t1" in parts or "hada_t2" in parts else ()
+        absent = [part for part in LOHA_PARTS[:4] + tucker if part not in parts]
         return ", ".join(absent) or None
+    if "lokr_t2" in parts and not ("lokr_w2_a" in parts and "lokr_w2_b" in parts):
+        return "lokr_w2_a and lokr_w2_b beside its lokr_t2"
     for side in ("lokr_w1", "lokr_w2"):
         if side not in parts and not (f"{side}_a" in parts and f"{side}_b" in parts):
             return f"{side} (or {side}_a and {side}_b)"
@@ -225,8 +229,10 @@ def _factor_sides(parts: dict[str, torch.Tensor], layer: torch.nn.Module) -> tup
     """(w1's rows, w1's columns, w2's rows, w2's columns without the kernel) of a LoKr layer."""
     w1_rows = (parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"]).shape[0]
     w1_columns = (parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_b"]).shape[1]
+    if "lokr_t2" in parts:  # Tucker form: w2_a [r, out_k], w2_b [r, in_n]
+        return w1_rows, w1_columns, parts["lokr_w2_a"].shape[1], parts["lokr_w2_b"].shape[1]
     w2_rows = (parts["lokr_w2"] if "lokr_w2" in parts else parts["lokr_w2_a"]).shape[0]
-    kernel = layer.weight[0, 0].numel() if layer.weight.dim() == 4 else 1
+    kernel = math.prod(layer.weight.shape[2:])  # k * k of a convolution, 1 of a Linear
     w2_columns = parts["lokr_w2"].shape[1] if "lokr_w2" in parts else parts["lokr_w2_b"].shape[1] // kernel
     return w1_rows, w1_columns, w2_rows, w2_columns
 
@@ -265,21 +271,35 @@ def _lora_change(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return _alpha_over_rank(parts, down.shape[0]) * (up @ down)
 
 
+def _tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A convolution's factor from LyCORIS' Tucker form, flattened to [out, in * k * k]: the core [r, r, k, k]
+    with ``up`` [r, out] on its first mode and ``down`` [r, in] on its second (LyCORIS' rebuild_tucker, PEFT's
+    make_weight_cp)."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", core, up, down).flatten(1)
+
+
 def _loha_change(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "hada_t1" in parts or "hada_t2" in parts:
-        raise RuntimeError("Tucker factors (hada_t1/hada_t2) are not read")
     scale = _alpha_over_rank(parts, parts["hada_w1_b"].shape[0])
+    if "hada_t1" in parts or "hada_t2" in parts:  # use_tucker on a k x k convolution
+        return scale * _tucker(parts["hada_t1"], parts["hada_w1_a"], parts["hada_w1_b"]) * \
+            _tucker(parts["hada_t2"], parts["hada_w2_a"], parts["hada_w2_b"])
     return scale * (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+
+
+def _lokr_second_factor(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """w2 as a matrix [out_k, in_n (* k * k)]: full, low-rank, or low-rank in Tucker form (use_tucker)."""
+    if "lokr_w2" in parts:
+        return parts["lokr_w2"].flatten(1)
+    if "lokr_t2" in parts:
+        return _tucker(parts["lokr_t2"], parts["lokr_w2_a"], parts["lokr_w2_b"])
+    return parts["lokr_w2_a"] @ parts["lokr_w2_b"].flatten(1)
 
 
 def _lokr_change(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """kron(w1, w2) with both as matrices: a convolution's [out, in, k, k] second factor flattened to
     [out, in * k * k] gives the same numbers as LyCORIS' 4-d product, flattened the same way."""
-    if "lokr_t2" in parts:
-        raise RuntimeError("Tucker factors (lokr_t2) are not read")
     w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"] @ parts["lokr_w1_b"]
-    w2 = parts["lokr_w2"].flatten(1) if "lokr_w2" in parts else parts["lokr_w2_a"] @ parts["lokr_w2_b"].flatten(1)
     low_rank = next((parts[key].shape[0] for key in ("lokr_w1_b", "lokr_w2_b") if key in parts), None)
     # LyCORIS scales by alpha / rank where a factor is low-rank, not at all where both are full matrices
     scale = _alpha_over_rank(parts, low_rank) if low_rank is not None else 1.0
-    return scale * torch.kron(w1, w2)
+    return scale * torch.kron(w1, _lokr_second_factor(parts))

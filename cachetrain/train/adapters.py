@@ -92,7 +92,7 @@ def check_rank(layers: dict[str, torch.nn.Module], rank: int) -> None:
 
 
 def _peft_config(spec: AdapterSpec, names: list[str], rank_pattern: dict | None = None,
-                 alpha_pattern: dict | None = None, **lokr_split):
+                 alpha_pattern: dict | None = None, **lycoris_options):
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     if spec.kind == "lora":
@@ -100,7 +100,7 @@ def _peft_config(spec: AdapterSpec, names: list[str], rank_pattern: dict | None 
                           init_lora_weights=True, rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})
     kind = LoHaConfig if spec.kind == "loha" else LoKrConfig
     return kind(r=spec.rank, alpha=spec.alpha, module_dropout=spec.dropout, target_modules=names, init_weights=True,
-                rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **lokr_split)
+                rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, **lycoris_options)
 
 
 def _rank_and_alpha_patterns(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict, dict]:
@@ -177,8 +177,8 @@ def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: P
 
 def _attach_from_lycoris_file(unet: torch.nn.Module, spec: AdapterSpec, file: Path) -> list[torch.nn.Parameter]:
     """--lora_weights of a LoHa/LoKr file in LyCORIS' layout (--save_kohya_lora's, or another tool's): PEFT's
-    layers of the file's kind on the file's layers, with the ranks, alphas and LoKr split that give them the
-    file's tensors and the change LyCORIS computes from them; the weights loaded."""
+    layers of the file's kind on the file's layers, with the ranks, alphas, LoKr split and Tucker form that give
+    them the file's tensors and the change LyCORIS computes from them; the weights loaded."""
     try:
         start = read_lycoris_start(file, adaptable_layers(unet))
     except LoraFileError as error:
@@ -186,9 +186,10 @@ def _attach_from_lycoris_file(unet: torch.nn.Module, spec: AdapterSpec, file: Pa
     if start.kind != spec.kind:
         raise AdapterError(f"--lora_weights {file}: a {start.kind} adapter; it starts a --lora_type {start.kind} run")
     spec.rank, spec.alpha, rank_pattern, alpha_pattern = _rank_and_alpha_patterns(start.ranks, start.alphas)
-    lokr_split = dict(decompose_both=start.decompose_both, decompose_factor=start.decompose_factor) \
-        if start.kind == "lokr" else {}
-    config = _peft_config(spec, sorted(start.ranks), rank_pattern, alpha_pattern, **lokr_split)
+    options = {"use_effective_conv2d": start.tucker}  # the k x k convolutions' factors in Tucker form
+    if start.kind == "lokr":
+        options.update(decompose_both=start.decompose_both, decompose_factor=start.decompose_factor)
+    config = _peft_config(spec, sorted(start.ranks), rank_pattern, alpha_pattern, **options)
     return _attach_and_load(unet, config, start.state, file)
 
 

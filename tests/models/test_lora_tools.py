@@ -368,9 +368,47 @@ def test_lokr_with_a_factor_and_low_rank_first_factors_starts_a_run_as_lycoris_c
         assert theirs.abs().max() > 1e-2 and torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_tucker_factors_merge_and_start_a_run_as_lycoris_computes_them(sd15_model, tmp_path, algo):
+    """LyCORIS' use_tucker: a 3x3 convolution's low-rank factors as a core [r, r, 3, 3] between two [r, side]
+    matrices (LoHa: both halves; LoKr: its second factor), beside an attention projection that has none. Each
+    layer's change as read for a merge, and as PEFT's layers (use_effective_conv2d) compute it when the file
+    starts a run, is the module's own."""
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    from cachetrain.models.lycoris_files import lycoris_changes
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter
+
+    module_class = LohaModule if algo == "loha" else LokrModule
+    layers = adaptable_layers(_unet(sd15_model))
+    names = ["down_blocks.2.resnets.0.conv1", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        modules = {name: module_class(name, layers[name], 1.0, lora_dim=2, alpha=1, use_tucker=True) for name in names}
+        for module in modules.values():
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    conv, attention = (modules[name].state_dict().keys() for name in names)
+    assert {"hada_t1", "hada_t2"} <= conv if algo == "loha" else "lokr_t2" in conv
+    assert not any(key.endswith(("_t1", "_t2")) for key in attention)
+    file = _lycoris_file(modules, tmp_path / f"{algo}-tucker.safetensors")
+    merged = lycoris_changes(file, layers)
+    started = _unet(sd15_model)
+    attach_adapter(started, AdapterSpec(kind=algo, rank=16, alpha=16, start_weights=str(file)), seed=0)
+    for name, module in modules.items():
+        theirs = (module.get_weight(layers[name].weight.shape).detach() * module.multiplier).reshape(
+            layers[name].weight.shape)
+        ours = started.get_submodule(name).get_delta_weight("default").detach()
+        assert theirs.abs().max() > 1e-2, name
+        assert torch.allclose(merged[name], theirs, atol=1e-5, rtol=1e-4), name
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), name
+
+
 def test_lycoris_files_peft_cannot_hold_as_they_compute_are_refused_as_a_start_naming_the_layer(sd15_model, tmp_path):
     """Factor 16 (LyCORIS splits a 32-wide side 2 x 16 and a 64-wide one 4 x 16; no one factor of PEFT's LoKr
-    makes both), Tucker factors, a LoKr layer beside LoHa ones: one AdapterError each, naming the file and layer."""
+    makes both), a LoKr layer beside LoHa ones, a LoHa layer without one of its factors: one AdapterError each,
+    naming the file and layer."""
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
@@ -379,19 +417,22 @@ def test_lycoris_files_peft_cannot_hold_as_they_compute_are_refused_as_a_start_n
     layers = adaptable_layers(_unet(sd15_model))
     narrow, wide = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
                     "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q")
-    conv = "down_blocks.1.resnets.0.conv1"
     files = {
         "factor": ("lokr", {name: LokrModule(name, layers[name], lora_dim=2, factor=16) for name in (narrow, wide)},
                    f"{kohya_name(narrow)} splits its weight [32, 32] into factors 2x2 and 16x16, which no decompose "
                    f"factor of PEFT's LoKr makes"),
-        "tucker": ("loha", {conv: LohaModule(conv, layers[conv], lora_dim=2, use_tucker=True)},
-                   f"{kohya_name(conv)} has Tucker factors (hada_t1, hada_t2), which are not read here"),
         "mixed": ("loha", {narrow: LohaModule(narrow, layers[narrow], lora_dim=2),
                            wide: LokrModule(wide, layers[wide], lora_dim=2)},
                   f"{kohya_name(wide)} is a lokr layer beside loha layers; a run starts from a file of one kind"),
+        "incomplete": ("loha", {narrow: LohaModule(narrow, layers[narrow], lora_dim=2)},
+                       f"{kohya_name(narrow)} lacks hada_w2_b"),
     }
     for case, (kind, modules, message) in files.items():
         file = _lycoris_file(modules, tmp_path / f"{case}.safetensors")
+        if case == "incomplete":
+            from safetensors.torch import load_file, save_file
+
+            save_file({key: value for key, value in load_file(file).items() if not key.endswith("hada_w2_b")}, file)
         with pytest.raises(AdapterError) as refused:
             attach_adapter(_unet(sd15_model), AdapterSpec(kind=kind, rank=4, alpha=4, start_weights=str(file)), seed=0)
         assert str(refused.value).startswith(f"--lora_weights {file}: ") and message in str(refused.value), case
