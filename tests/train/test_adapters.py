@@ -263,7 +263,7 @@ def _peft_adapted_unet(checkpoint: Path):
 
 @pytest.mark.parametrize("kind,rank,full_factors", [("loha", 4, None), ("lokr", 4, True), ("lokr", 2, False)])
 def test_loha_and_lokr_kohya_files_apply_in_lycoris_as_peft_applies_them(sd15_model, sd15_cached, tmp_path,
-                                                                        monkeypatch, kind, rank, full_factors):
+                                                                        monkeypatch, capsys, kind, rank, full_factors):
     """LyCORIS' own loader reads the file (its lora_unet_ names) onto the base UNet and adds, layer by layer and
     in the UNet's output, what PEFT's layers add. LoKr at rank 4 has two full factors in the narrow layers (LyCORIS
     applies no alpha to those: PEFT's scale is baked in) and a low-rank second one (alpha / rank applies) in the
@@ -332,6 +332,13 @@ def test_loha_and_lokr_kohya_files_apply_in_lycoris_as_peft_applies_them(sd15_mo
         assert written_again.keys() == peft_changes.keys()
         for name, change in peft_changes.items():
             assert (written_again[name] - change).abs().max() <= 4e-3 * change.abs().max() + 2e-3 * largest, name
+        # given to a run of the other kind: one line naming the file's kind, status 2, before step 1
+        capsys.readouterr()
+        assert main(train_args(sd15_model, sd15_cached, tmp_path / "other", "--lora_type", "loha", "--lora_weights",
+                               str(kohya_file), "--max_steps", "1")) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: --lora_weights {kohya_file}: a lokr adapter; it starts a --lora_type lokr run"]
+        assert not list((tmp_path / "other").glob("checkpoint-*"))
     inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
               torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
