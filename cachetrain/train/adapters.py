@@ -207,7 +207,8 @@ def _attach_and_load(unet: torch.nn.Module, config, state: dict[str, torch.Tenso
     try:
         result = set_peft_model_state_dict(unet, state)
     except Exception as error:  # a shape of another base
-        raise AdapterError(f"--lora_weights {source}: not an adapter for this UNet ({state_load_problem(error)})") from None
+        raise AdapterError(f"--lora_weights {source}: not an adapter for this UNet "
+                           f"({state_load_problem(error)})") from None
     problem = peft_load_problem(result, "default")
     if problem:
         raise AdapterError(f"--lora_weights {source}: {problem}")

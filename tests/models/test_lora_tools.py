@@ -145,8 +145,9 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
 
     from cachetrain.train.adapters import AdapterError, AdapterSpec, attach_adapter, write_adapter
 
-    with pytest.raises(AdapterError, match=rf"--lora_weights \S+loha.safetensors: {to_q} changes a weight of shape "
-                                           rf"\[64, 64\], this UNet's is \[32, 32\] \(an adapter of another base model\)"):
+    with pytest.raises(AdapterError, match=rf"--lora_weights \S+loha.safetensors: {to_q} changes a weight of "
+                                           rf"shape \[64, 64\], this UNet's is \[32, 32\] \(an adapter of another "
+                                           rf"base model\)"):
         attach_adapter(_unet(sd15_model), AdapterSpec(kind="loha", rank=2, alpha=2,  # as a training start
                                                       start_weights=str(tmp_path / "loha.safetensors")), seed=0)
 
@@ -358,8 +359,9 @@ def test_lokr_with_a_factor_and_low_rank_first_factors_starts_a_run_as_lycoris_c
             for parameter in module.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     assert all(hasattr(module, "lokr_w1_a") and hasattr(module, "lokr_w2_a") for module in modules.values())
+    file = _lycoris_file(modules, tmp_path / "lokr.safetensors")
     started = _unet(sd15_model)
-    spec = AdapterSpec(kind="lokr", rank=16, alpha=16, start_weights=str(_lycoris_file(modules, tmp_path / "f.safetensors")))
+    spec = AdapterSpec(kind="lokr", rank=16, alpha=16, start_weights=str(file))
     attach_adapter(started, spec, seed=0)
     assert (spec.rank, spec.alpha) == (1, 3)
     for name, module in modules.items():
@@ -390,7 +392,7 @@ def test_tucker_factors_merge_and_start_a_run_as_lycoris_computes_them(sd15_mode
             for parameter in module.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     conv, attention = (modules[name].state_dict().keys() for name in names)
-    assert {"hada_t1", "hada_t2"} <= conv if algo == "loha" else "lokr_t2" in conv
+    assert ({"hada_t1", "hada_t2"} <= conv) if algo == "loha" else ("lokr_t2" in conv)
     assert not any(key.endswith(("_t1", "_t2")) for key in attention)
     file = _lycoris_file(modules, tmp_path / f"{algo}-tucker.safetensors")
     merged = lycoris_changes(file, layers)
@@ -411,6 +413,7 @@ def test_lycoris_files_peft_cannot_hold_as_they_compute_are_refused_as_a_start_n
     naming the file and layer."""
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
+    from safetensors.torch import load_file, save_file
 
     from cachetrain.train.adapters import AdapterError, AdapterSpec, attach_adapter
 
@@ -430,8 +433,6 @@ def test_lycoris_files_peft_cannot_hold_as_they_compute_are_refused_as_a_start_n
     for case, (kind, modules, message) in files.items():
         file = _lycoris_file(modules, tmp_path / f"{case}.safetensors")
         if case == "incomplete":
-            from safetensors.torch import load_file, save_file
-
             save_file({key: value for key, value in load_file(file).items() if not key.endswith("hada_w2_b")}, file)
         with pytest.raises(AdapterError) as refused:
             attach_adapter(_unet(sd15_model), AdapterSpec(kind=kind, rank=4, alpha=4, start_weights=str(file)), seed=0)

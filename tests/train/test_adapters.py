@@ -321,7 +321,7 @@ def test_loha_and_lokr_kohya_files_apply_in_lycoris_as_peft_applies_them(sd15_mo
         assert (started_changes[name] - change).abs().max() <= 2e-3 * change.abs().max() + 1e-3 * largest, name
     if kind == "lokr" and full_factors:
         # through the trainer, with layers of two ranks (a PEFT config with a rank_pattern): a run from the file,
-        # stopped and resumed, keeps it (lr 1e-12) in its PEFT folder and in the LyCORIS file it writes again
+        # stopped and resumed from its PEFT folder, keeps it (lr 1e-12) into the LyCORIS file it writes again
         started_run = tmp_path / "started"
         begin = ("--lora_type", "lokr", "--lora_weights", str(kohya_file), "--learning_rate", "1e-12",
                  "--max_steps", "2", "--save_steps", "1", "--batch_size", "2", "--save_kohya_lora")
