@@ -20,6 +20,7 @@ from cachetrain.cache.image_cache import main as image_main
 from cachetrain.cache.shares import effective_shard, parse_shard, take_shard
 from cachetrain.cache.text_cache import empty_prompt_path, main_clip
 from cachetrain.tiny.models import TINY_VAE, load_clip_tokenizer
+from tests.conftest import CACHED_LATENT_SHAPE, CACHED_RESOLUTION
 
 IMAGES_IN_DATASET = 48
 SUMMARY_LINE = re.compile(
@@ -36,8 +37,8 @@ def summary_counts(stderr: str) -> dict[str, int]:
 
 def run_images(capsys, model, root, *extra, defaults=create_img_sdvae.DEFAULTS) -> tuple[int, dict[str, int], str]:
     capsys.readouterr()
-    status = image_main(["--model", str(model), "--data_root", str(root), "--resolution", "64", "--num_workers", "0",
-                         "--no_progress", "--save_dtype", "float32", *extra], defaults)
+    status = image_main(["--model", str(model), "--data_root", str(root), "--resolution", str(CACHED_RESOLUTION),
+                         "--num_workers", "0", "--no_progress", "--save_dtype", "float32", *extra], defaults)
     err = capsys.readouterr().err
     return status, summary_counts(err) if status != 2 else {}, err
 
@@ -164,7 +165,7 @@ def test_create_img_sdxl_takes_the_vae_of_a_custom_pipeline_and_writes_img_sdxl(
     assert status == 0 and counts["written"] == IMAGES_IN_DATASET
     written = sidecars(shapes_dataset, ".img_sdxl")
     assert len(written) == IMAGES_IN_DATASET and not sidecars(shapes_dataset, ".img_sdvae")
-    assert sidecar.read_sidecar(written[0], "latent", ndim=3).shape == (4, 16, 16)
+    assert sidecar.read_sidecar(written[0], "latent", ndim=3).shape == CACHED_LATENT_SHAPE
     assert sidecar.read_metadata(written[0])["encoder"] == os.path.abspath(sdxl_shaped_vae)
 
 
@@ -178,10 +179,10 @@ def test_the_sdxl_vae_is_refused_in_float16_with_a_clear_message(capsys, shapes_
 
 def test_legacy_sidecars_are_kept_unless_overwrite(capsys, tiny_sd_model, cached_dataset):
     legacy = cached_dataset / "part3" / "img00003.img_sdvae"
-    save_file({"latent": torch.full((4, 16, 16), 7.0)}, legacy)  # as the original scripts wrote them
+    save_file({"latent": torch.full(CACHED_LATENT_SHAPE, 7.0)}, legacy)  # as the original scripts wrote them
     status, counts, _ = run_images(capsys, tiny_sd_model, cached_dataset)
     assert status == 0 and counts["legacy"] == 1 and counts["written"] == 0
-    assert torch.equal(sidecar.read_sidecar(legacy, "latent"), torch.full((4, 16, 16), 7.0))
+    assert torch.equal(sidecar.read_sidecar(legacy, "latent"), torch.full(CACHED_LATENT_SHAPE, 7.0))
 
     status, counts, _ = run_images(capsys, tiny_sd_model, cached_dataset, "--overwrite")
     assert status == 0 and counts["written"] == IMAGES_IN_DATASET and counts["legacy"] == 0
@@ -196,7 +197,7 @@ def test_unreadable_and_truncated_sidecars_are_rebuilt(capsys, tiny_sd_model, ca
     status, counts, _ = run_images(capsys, tiny_sd_model, cached_dataset)
     assert status == 0 and counts["written"] == counts["stale"] == 2
     for path in (garbage, truncated):
-        assert sidecar.read_sidecar(path, "latent", ndim=3).shape == (4, 16, 16)
+        assert sidecar.read_sidecar(path, "latent", ndim=3).shape == CACHED_LATENT_SHAPE
 
 
 def test_orphan_sidecars_are_reported_and_removed_only_with_prune(capsys, tiny_sd_model, cached_dataset):

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from cachetrain.commands import create_clipl, create_img_sdvae
 from cachetrain.sidecar import read_metadata, read_text_variants
+from tests.conftest import CACHED_RESOLUTION
 
 COMMON = ["--num_workers", "0", "--no_progress", "--save_dtype", "float32"]
 
@@ -148,7 +149,8 @@ def test_the_inspector_counts_caption_variants_mirrored_latents_and_masks(tiny_s
 @pytest.mark.parametrize("flag", ["--flip", "--mask"])
 def test_caches_made_without_flip_or_mask_stay_fresh_until_the_flag_is_given(tiny_sd_model, cached_dataset, flag,
                                                                              capsys):
-    assert create_img_sdvae(_cache_args(tiny_sd_model, cached_dataset, "--resolution", "64")) == 0
+    assert create_img_sdvae(_cache_args(tiny_sd_model, cached_dataset, "--resolution", str(CACHED_RESOLUTION))) == 0
     assert "written 0 " in capsys.readouterr().err
-    assert create_img_sdvae(_cache_args(tiny_sd_model, cached_dataset, "--resolution", "64", flag)) == 0
+    assert create_img_sdvae(_cache_args(tiny_sd_model, cached_dataset, "--resolution", str(CACHED_RESOLUTION),
+                                        flag)) == 0
     assert "written 48 " in capsys.readouterr().err

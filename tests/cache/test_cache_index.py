@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from cachetrain.commands import create_img_sdvae
 from cachetrain.data_index import read_index
+from tests.conftest import CACHED_RESOLUTION
 
 
 def _recorded(root, path):
@@ -44,7 +45,8 @@ def test_a_sidecar_removed_by_hand_and_rebuilt_by_a_rerun_is_in_the_index_as_reb
     removed = sorted((cached_dataset / "part2").glob("*.img_sdvae"))[4]
     removed.unlink()
     assert create_img_sdvae(["--model", str(tiny_sd_model), "--data_root", str(cached_dataset), "--num_workers",
-                             "0", "--no_progress", "--save_dtype", "float16", "--resolution", "64"]) == 0
+                             "0", "--no_progress", "--save_dtype", "float16",
+                             "--resolution", str(CACHED_RESOLUTION)]) == 0
     assert removed.exists()
     assert _recorded(cached_dataset, removed) == _actual(removed)
     assert read_index(str(cached_dataset)).pair_count(".img_sdvae", ".txt_clipl") == 48
@@ -52,7 +54,7 @@ def test_a_sidecar_removed_by_hand_and_rebuilt_by_a_rerun_is_in_the_index_as_reb
 
 def _rerun(model, root, *extra) -> int:
     return create_img_sdvae(["--model", str(model), "--data_root", str(root), "--num_workers", "0", "--no_progress",
-                             "--save_dtype", "float32", "--resolution", "64", *extra])
+                             "--save_dtype", "float32", "--resolution", str(CACHED_RESOLUTION), *extra])
 
 
 def test_a_fresh_rerun_decides_from_the_index_without_reading_a_header_and_verify_still_reads(

@@ -19,7 +19,7 @@ from cachetrain import sidecar
 from cachetrain.data_index import INDEX_FOLDER_NAME
 from cachetrain.tiny.models import make_shapes_dataset
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import CACHED_RESOLUTION, REPO_ROOT
 from tests.script_runs import run_script
 from tests.stalling_fs import fuse_unavailable_reason, stalled_reads_log, stalling_mount
 
@@ -74,8 +74,8 @@ def _signalled_over_a_stalled_mount(data: Path, model: Path, mount: Path, stalle
     ``signals`` sent once that read has begun. The finished process, its stderr in ``.err``."""
     with stalling_mount(data, mount, [stalled]) as mounted:
         command = [sys.executable, str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(model),
-                   "--data_root", str(mounted), "--resolution", "64", "--save_dtype", "float32", "--num_workers", "0",
-                   "--no_progress"]
+                   "--data_root", str(mounted), "--resolution", str(CACHED_RESOLUTION), "--save_dtype", "float32",
+                   "--num_workers", "0", "--no_progress"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from cachetrain import sidecar
 from cachetrain.data_index import read_index
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import CACHED_RESOLUTION, REPO_ROOT
 
 IMAGES_IN_DATASET = 48
 
@@ -81,7 +81,7 @@ def test_two_nodes_cache_disjoint_shares_to_the_bytes_of_one_process_and_index_e
         tiny_sd_model, shapes_dataset, _cached_template):
     common = ["--model", str(tiny_sd_model), "--data_root", str(shapes_dataset), "--num_workers", "0",
               "--no_progress", "--save_dtype", "float32"]
-    for script, suffix, extra in (("create_img_sdvae.py", ".img_sdvae", ["--resolution", "64"]),
+    for script, suffix, extra in (("create_img_sdvae.py", ".img_sdvae", ["--resolution", str(CACHED_RESOLUTION)]),
                                   ("create_clipl.py", ".txt_clipl", [])):
         node0, node1 = _two_nodes(script, *common, *extra)
         assert (node0.returncode, node1.returncode) == (0, 0), node0.stderr[-3000:] + node1.stderr[-3000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cachetrain import sidecar
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import CACHED_RESOLUTION, REPO_ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -40,7 +40,7 @@ def test_the_image_cache_script_replaces_a_fifo_sidecar_and_names_link_loops_ins
                                                                                                  tiny_sd_model):
     image, fifo, loops = _plant_faults(cached_dataset)
     done = _run(str(REPO_ROOT / "create_img_sdvae.py"), "--model", str(tiny_sd_model), "--data_root",
-                str(cached_dataset), "--resolution", "64", "--num_workers", "0", "--no_progress",
+                str(cached_dataset), "--resolution", str(CACHED_RESOLUTION), "--num_workers", "0", "--no_progress",
                 "--save_dtype", "float32")
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == 0, done.stderr[-3000:]

@@ -34,7 +34,8 @@ def sd15_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sd15_cached(sd15_model, _shapes_template, tmp_path_factory) -> Path:
-    return cache_shapes(sd15_model, _shapes_template, tmp_path_factory.mktemp("sd15-cached") / "data")
+    return cache_shapes(sd15_model, _shapes_template, tmp_path_factory.mktemp("sd15-cached") / "data",
+                        resolution=64)  # SD1.5's VAE structure downsamples 8x: 8x8 latents
 
 
 TRAIN_FLAGS = ("--num_workers", "0", "--no_progress", "--learning_rate", "1e-3", "--batch_size", "4",

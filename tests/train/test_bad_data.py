@@ -1,6 +1,6 @@
 """Bad data is named once, passed over and replaced; never fatal, never a loop; resume compares the pair list.
 
-Bad files are written here by hand into a copy of the cached dataset (48 pairs of 4x16x16 latents and
+Bad files are written here by hand into a copy of the cached dataset (48 pairs of 4x8x8 latents and
 77x32 CLIP embeddings): a latent of another shape, NaN/Inf values, an embedding of another width, a
 truncated file and garbage bytes.
 """
@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import TrainingError, train
+from tests.conftest import CACHED_LATENT_SHAPE
 from tests.script_runs import run_script
 
 
@@ -50,13 +51,13 @@ def _truncate(path: Path) -> None:
 def _spoil(data: Path) -> dict[str, str]:
     """Six kinds of bad pair, the very first pair of the index among them; returns path -> what it is."""
     latents, texts = _latents(data), _texts(data)
-    _rewrite(latents[0], "latent", torch.zeros(4, 8, 8))
-    _rewrite(latents[5], "latent", torch.full((4, 16, 16), float("nan")))
+    _rewrite(latents[0], "latent", torch.zeros(4, 4, 4))
+    _rewrite(latents[5], "latent", torch.full(CACHED_LATENT_SHAPE, float("nan")))
     _truncate(latents[9])
     texts[14].write_bytes(b"this is no safetensors file at all")
     _rewrite(texts[20], "emb", torch.zeros(77, 16))
     _rewrite(texts[30], "emb", torch.full((77, 32), float("inf")))
-    return {str(latents[0]): "latent of shape [4, 8, 8], the run's is [4, 16, 16]",
+    return {str(latents[0]): "latent of shape [4, 4, 4], the run's is [4, 8, 8]",
             str(latents[5]): "latent holds NaN/Inf values",
             str(latents[9]): "not a readable safetensors file",
             str(texts[14]): "not a readable safetensors file",
@@ -97,11 +98,12 @@ def test_a_bad_pair_is_replaced_from_the_rest_the_same_way_every_time(cached_dat
     def one_epoch():
         order = EpochOrder(len(index), 4, seed=3)
         reader = RefillingBatchReader(CachedPairDataset(index, NoisePlan(seed=3),
-                                                        checks=PairChecks((4, 16, 16), 32)), order)
+                                                        checks=PairChecks(CACHED_LATENT_SHAPE, 32)), order)
         return [reader[key] for key in RunBatches(order, epochs=1)]
 
     batches = one_epoch()
-    assert len(batches) == 12 and all(batch.latents.shape == (4, 4, 16, 16) for batch in batches)  # sizes kept
+    assert len(batches) == 12  # sizes kept
+    assert all(batch.latents.shape == (4, *CACHED_LATENT_SHAPE) for batch in batches)
     trained = [i for batch in batches for i in batch.sample_ids]
     assert not set(trained) & bad_samples
     named = {path for batch in batches for path, _ in batch.bad}
@@ -147,7 +149,7 @@ def test_a_whole_batch_of_bad_pairs_is_counted_in_the_summary(tiny_sd_model, cac
     index, _ = index_training_pairs([cached_dataset], ".img_sdvae", ".txt_clipl")
     first_batch = EpochOrder(len(index), 4, seed=0).epoch(0)[1][0].tolist()
     for i in first_batch:
-        _rewrite(Path(index[i][0]), "latent", torch.full((4, 16, 16), float("nan")))
+        _rewrite(Path(index[i][0]), "latent", torch.full(CACHED_LATENT_SHAPE, float("nan")))
     output = tmp_path / "run"
     train(parse_train_args(_args(tiny_sd_model, cached_dataset, output, "--max_steps", "1", "--log_every", "1")))
     summary = _summary(output)
@@ -248,7 +250,7 @@ def test_data_that_cannot_be_trained_on_stops_the_script_with_one_line(tiny_sd_m
         if spoil == "garbage":
             path.write_bytes(b"\x00garbage" * 4)
         elif spoil == "nan":
-            _rewrite(path, "latent", torch.full((4, 16, 16), float("nan")))
+            _rewrite(path, "latent", torch.full(CACHED_LATENT_SHAPE, float("nan")))
         elif number % 2:
             _rewrite(path, "latent", torch.zeros(4, 16, 24))
     output = tmp_path / "run"

@@ -1,7 +1,7 @@
 """Aspect-ratio buckets and balanced data folders: each batch one shape, every group its share, exact resume.
 
-The cached dataset (48 pairs in part0..part3, latents 4x16x16) gets a second shape by rewriting the
-latents of part1 and part3 as 4x16x24, as a bucketed cache would have written them.
+The cached dataset (48 pairs in part0..part3, latents 4x8x8) gets a second shape by rewriting the
+latents of part1 and part3 as 4x8x12, as a bucketed cache would have written them.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.epoch_order import EpochOrder
 from cachetrain.train.trainer import train
+from tests.conftest import CACHED_LATENT_SHAPE
 
 REPO = Path(__file__).resolve().parents[2]
-WIDE = (4, 16, 24)
+WIDE = (4, 8, 12)
 
 
 def _args(model, output, *extra) -> list[str]:
@@ -117,7 +118,7 @@ def test_aspect_buckets_train_on_several_shapes_and_print_the_bucket_counts(tiny
     result = train(parse_train_args(_args(tiny_sd_model, output, "--train_data_dir", str(two_shapes),
                                           "--aspect_buckets", "--max_steps", "1e", "--log_every", "1")))
     err = capsys.readouterr().err
-    assert "[train] 2 aspect buckets (latent shape: pairs): 4x16x24: 24, 4x16x16: 23" in err, err  # largest first
+    assert "[train] 2 aspect buckets (latent shape: pairs): 4x8x12: 24, 4x8x8: 23" in err, err  # largest first
     assert f"left out {unreadable}: not a readable safetensors file" in err
     # 23 // 4 + 24 // 4 = 11 batches; the one-shape remainder of each bucket sits the epoch out
     assert "11 batches/epoch/process" in err and result.steps == 11
@@ -129,14 +130,14 @@ def test_aspect_buckets_train_on_several_shapes_and_print_the_bucket_counts(tiny
 
 def test_buckets_with_equal_folders_and_a_bad_file_resume_exactly(tiny_sd_model, two_shapes, tmp_path, capsys):
     small, large = tmp_path / "small", tmp_path / "large"
-    shutil.move(two_shapes / "part0", small)  # 12 pairs, 4x16x16
+    shutil.move(two_shapes / "part0", small)  # 12 pairs, 4x8x8
     large.mkdir()
-    for part in ("part1", "part2", "part3"):  # 36 pairs: 24 of 4x16x24, 12 of 4x16x16
+    for part in ("part1", "part2", "part3"):  # 36 pairs: 24 of 4x8x12, 12 of 4x8x8
         shutil.move(two_shapes / part, large / part)
     from cachetrain.sidecar import read_metadata, write_sidecar
 
     spoiled = sorted((large / "part2").glob("*.img_sdvae"))[3]
-    write_sidecar(spoiled, {"latent": torch.full((4, 16, 16), float("nan"))}, read_metadata(spoiled))
+    write_sidecar(spoiled, {"latent": torch.full(CACHED_LATENT_SHAPE, float("nan"))}, read_metadata(spoiled))
     common = ("--train_data_dir", str(small), str(large), "--aspect_buckets", "--data_balance", "equal",
               "--gradient_accum", "2", "--max_steps", "10", "--log_every", "1", "--max_bad_fraction", "0.5")
     straight = train(parse_train_args(_args(tiny_sd_model, tmp_path / "straight", *common)))
@@ -214,14 +215,14 @@ def test_a_latent_whose_shape_left_its_bucket_after_the_start_is_bad_data(two_sh
     from cachetrain.tree import index_training_pairs, record_latent_shapes
 
     index, _ = index_training_pairs([two_shapes], ".img_sdvae", ".txt_clipl")
-    assert record_latent_shapes(index, "latent") == [] and sorted(index.shapes) == [(4, 16, 16), WIDE]
-    moved = index[0][0]  # recorded as 4x16x16, then rewritten by another cache run
+    assert record_latent_shapes(index, "latent") == [] and sorted(index.shapes) == [CACHED_LATENT_SHAPE, WIDE]
+    moved = index[0][0]  # recorded as 4x8x8, then rewritten by another cache run
     write_sidecar(moved, {"latent": torch.zeros(WIDE)}, read_metadata(moved))
     order = EpochOrder(len(index), 4, seed=0, buckets=index.shape_ids)
     reader = RefillingBatchReader(CachedPairDataset(index, checks=PairChecks(text_width=32)), order)
     batches = [reader[key] for key in RunBatches(order, epochs=1)]
     bad = [entry for batch in batches for entry in batch.bad]
     # both buckets hold 24 pairs, 6 whole batches: every pair is met, the moved one as bad data
-    assert bad == [(moved, "latent of shape [4, 16, 24], its bucket's (read at start) is [4, 16, 16]")]
+    assert bad == [(moved, "latent of shape [4, 8, 12], its bucket's (read at start) is [4, 8, 8]")]
     assert sum(len(batch.sample_ids) for batch in batches) == 48
     assert all(len({tuple(t.shape) for t in batch.latents}) == 1 for batch in batches)

@@ -18,6 +18,7 @@ import torch
 from cachetrain.train.config import ConfigError, parse_train_args
 from cachetrain.train.epoch_order import EpochOrder
 from cachetrain.train.trainer import train
+from tests.conftest import CACHED_LATENT_SHAPE
 from tests.training_support import logged, record_unet_text_inputs, unet_weights
 
 
@@ -147,7 +148,7 @@ def test_a_folder_with_loss_weight_zero_teaches_nothing(tiny_sd_model, two_folde
     first = train(parse_train_args(_args(tiny_sd_model, tmp_path / "first", dataset_file, *common)))
     generator = torch.Generator().manual_seed(9)
     for path in sorted(small.glob("*.img_sdvae")):  # other latents in the loss-weight-0 folder
-        write_sidecar(path, {"latent": torch.randn((4, 16, 16), generator=generator) * 5}, read_metadata(path))
+        write_sidecar(path, {"latent": torch.randn(CACHED_LATENT_SHAPE, generator=generator) * 5}, read_metadata(path))
     second = train(parse_train_args(_args(tiny_sd_model, tmp_path / "second", dataset_file, *common)))
     a, b = unet_weights(tmp_path / "first"), unet_weights(tmp_path / "second")
     assert all(torch.allclose(a[name], b[name], rtol=0, atol=1e-7) for name in a)
@@ -170,7 +171,7 @@ def test_each_folder_drops_captions_at_its_own_rate(tiny_sd_model, two_folders, 
     # expected: the small folder's samples whose dropout draw of this epoch is below 0.5; none of the large one
     order = EpochOrder(48, 4, seed=0, groups=[0] * 12 + [1] * 36, balance="weighted", group_draws=[12, 36])
     _, samples, draws, _ = order.epoch(0)
-    expected = sum(draw_sample_noise((4, 16, 16), 0.0, sample_key(0, 0, d))[2] < 0.5
+    expected = sum(draw_sample_noise(CACHED_LATENT_SHAPE, 0.0, sample_key(0, 0, d))[2] < 0.5
                    for s, d in zip(samples.flatten().tolist(), draws.flatten().tolist()) if s < 12)
     assert 0 < dropped == expected < 12
 

@@ -8,6 +8,7 @@ import torch
 
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import main, train
+from tests.conftest import CACHED_LATENT_SHAPE
 from tests.training_support import record_unet_text_inputs
 from tests.training_support import train_args as _args
 
@@ -36,7 +37,7 @@ def test_caption_dropout_swaps_in_the_data_roots_empty_prompt(cached_dataset):
     dropped = 0
     for i in range(len(dataset)):
         emb = dataset[i][1]
-        expect_drop = draw_sample_noise((4, 16, 16), 0.0, sample_key(5, 0, i))[2] < 0.5
+        expect_drop = draw_sample_noise(CACHED_LATENT_SHAPE, 0.0, sample_key(5, 0, i))[2] < 0.5
         own = read_sidecar(index[i][1], "emb")
         assert torch.equal(emb, empty if expect_drop else own)
         dropped += expect_drop
@@ -52,7 +53,7 @@ def test_caption_dropout_trains_the_drawn_fraction_on_the_empty_prompt_and_needs
     empty = read_sidecar(cached_dataset / ".empty_prompt.txt_clipl", "emb").float()
     captions = [read_sidecar(path, "emb").float() for path in sorted(cached_dataset.rglob("*.txt_clipl"))]
     # seed 0: each of the 48 pairs has its own draw; below 0.5 it trains on the empty prompt
-    expected = sum(draw_sample_noise((4, 16, 16), 0.0, sample_key(0, 0, i))[2] < 0.5 for i in range(48))
+    expected = sum(draw_sample_noise(CACHED_LATENT_SHAPE, 0.0, sample_key(0, 0, i))[2] < 0.5 for i in range(48))
     assert 12 <= expected <= 36
     for dropout, dropped in (("0.5", expected), ("0.0", 0)):
         calls.clear()

@@ -95,6 +95,8 @@ def test_bf16_weights_train_in_bf16_and_lower_the_loss(tiny_sd_model, cached_dat
     result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--bf16_weights",
                                           "--batch_size", "4", "--max_steps", "24", "--log_every", "6")))
     losses = [value for _, value in _logged(result, "train/loss")]
-    assert losses[-1] < 0.6 * losses[0], losses
+    # each logged loss is a 6-step window's mean, still noisy at batch 4: the last two against the first; a run
+    # whose updates rounded away in bf16 stays near its first loss
+    assert sum(losses[-2:]) / 2 < 0.75 * losses[0], losses
     weights = _unet_weights(tmp_path / "run")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}

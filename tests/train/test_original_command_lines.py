@@ -7,6 +7,7 @@ import json
 import shutil
 
 from cachetrain.commands import train_from_cached
+from tests.conftest import CACHED_LATENT_SHAPE
 
 
 def _run(argv: list[str]) -> int:
@@ -46,7 +47,7 @@ def test_an_original_command_line_with_each_flag_taken_from_it_runs(tiny_sd_mode
                    "--num_workers", "0", "--no_progress", "--save_steps", "0"])
     assert status == 0
     saved = json.loads((output / "checkpoint-00003" / "unet" / "config.json").read_text())
-    assert saved["sample_size"] == 16  # the tiny cache's square latents
+    assert saved["sample_size"] == CACHED_LATENT_SHAPE[-1]  # the cache's square latents
 
 
 def test_the_original_train_t5_wrappers_flags_parse_with_their_meaning():

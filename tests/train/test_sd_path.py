@@ -12,6 +12,7 @@ from cachetrain.cache.image_cache import main as image_main
 from cachetrain.sidecar import empty_prompt_path
 from cachetrain.cache.text_cache import main_clip
 from create_img_sdvae import DEFAULTS as SDVAE_DEFAULTS
+from tests.conftest import CACHED_RESOLUTION
 from tests.training_support import fixed_batch_loss
 
 
@@ -41,11 +42,13 @@ def test_cache_scripts_write_one_valid_sidecar_per_image_and_caption(tiny_sd_mod
     assert Path(empty_prompt_path(str(shapes_dataset), ".txt_clipl")).exists()
 
 
-def test_stored_latent_is_the_unscaled_posterior_mean_of_the_prepared_image(tiny_sd_model, cached_dataset):
+def test_stored_latent_is_the_unscaled_posterior_mean_of_the_prepared_image(tiny_sd_model, shapes_dataset):
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    image = sorted(cached_dataset.rglob("*.jpg"))[0]
+    folder = shapes_dataset / "part0"
+    assert image_main(_cache_args(tiny_sd_model, folder, "--resolution", "64"), SDVAE_DEFAULTS) == 0
+    image = sorted(folder.glob("*.jpg"))[0]
     with Image.open(image) as opened:  # already 64x64 RGB: nothing to resize or crop
         pixels = torch.tensor(list(opened.convert("RGB").getdata()), dtype=torch.float32)
     pixels = pixels.view(64, 64, 3).permute(2, 0, 1) / 127.5 - 1.0
@@ -61,12 +64,13 @@ def test_rerun_skips_fresh_sidecars_and_overwrite_rebuilds_them(tiny_sd_model, c
     texts = _sidecars(cached_dataset, ".txt_clipl")
     before = {p: p.stat().st_mtime_ns for p in latents + texts}
 
-    assert image_main(_cache_args(tiny_sd_model, cached_dataset, "--resolution", "64"), SDVAE_DEFAULTS) == 0
+    assert image_main(_cache_args(tiny_sd_model, cached_dataset, "--resolution", str(CACHED_RESOLUTION)),
+                      SDVAE_DEFAULTS) == 0
     assert main_clip(_cache_args(tiny_sd_model, cached_dataset)) == 0
     assert {p: p.stat().st_mtime_ns for p in latents + texts} == before
 
-    assert image_main(_cache_args(tiny_sd_model, cached_dataset, "--resolution", "64", "--overwrite"),
-                      SDVAE_DEFAULTS) == 0
+    assert image_main(_cache_args(tiny_sd_model, cached_dataset, "--resolution", str(CACHED_RESOLUTION),
+                                  "--overwrite"), SDVAE_DEFAULTS) == 0
     assert main_clip(_cache_args(tiny_sd_model, cached_dataset, "--overwrite")) == 0
     assert all(p.stat().st_mtime_ns != before[p] for p in latents + texts)
 

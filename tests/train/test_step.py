@@ -11,6 +11,7 @@ import torch
 
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import train
+from tests.conftest import CACHED_LATENT_SHAPE
 from tests.training_support import logged as _logged
 from tests.training_support import train_args as _args
 from tests.training_support import unet_weights as _unet_weights
@@ -81,7 +82,7 @@ def test_nan_gradients_skip_the_step_and_are_counted(tiny_sd_model, cached_datas
     # finite but huge, so the loader lets it through (NaN/Inf latents are bad data, skipped in the
     # worker); the UNet's activations overflow and the gradients come out NaN/Inf
     poisoned = sorted(cached_dataset.rglob("*.img_sdvae"))[0]
-    write_sidecar(poisoned, {"latent": torch.full((4, 16, 16), 3e38)}, read_metadata(poisoned))
+    write_sidecar(poisoned, {"latent": torch.full(CACHED_LATENT_SHAPE, 3e38)}, read_metadata(poisoned))
     result = train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
                                           "--max_steps", "12", "--log_every", "12", "--optimizer", optimizer)))
     skipped = _logged(result, "train/skipped_steps")

@@ -21,6 +21,7 @@ import torch
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.processes import check_process_count
 from cachetrain.train.trainer import TrainingError, main, train
+from tests.conftest import CACHED_LATENT_SHAPE
 from tests.training_support import logged as _logged
 from tests.training_support import train_args as _args
 from tests.training_support import train_caption_probe
@@ -231,7 +232,8 @@ def test_a_run_of_bad_steps_stops_with_a_clear_message(tiny_sd_model, cached_dat
     from cachetrain.sidecar import read_metadata, write_sidecar
 
     for path in cached_dataset.rglob("*.img_sdvae"):
-        write_sidecar(path, {"latent": torch.full((4, 16, 16), 3e38)}, read_metadata(path))  # finite: not bad data
+        # finite: not bad data
+        write_sidecar(path, {"latent": torch.full(CACHED_LATENT_SHAPE, 3e38)}, read_metadata(path))
     with pytest.raises(TrainingError, match=r"3 optimizer steps in a row had NaN/Inf gradients"):
         train(parse_train_args(_args(tiny_sd_model, cached_dataset, tmp_path / "run", "--batch_size", "8",
                                      "--max_steps", "20", "--log_every", "3", "--max_bad_steps", "3")))
