@@ -13,7 +13,7 @@ from cachetrain.view import inspect as cache_inspect
 from cachetrain import freshness, sidecar
 from cachetrain.cache.text_cache import main_clip
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import CACHED_RESOLUTION, REPO_ROOT
 from .test_cache_builders import IMAGES_IN_DATASET, run_images, summary_counts
 
 
@@ -70,7 +70,7 @@ def test_write_preview_writes_the_decoded_latent_beside_each_sidecar_and_preview
     previews = sorted(shapes_dataset.rglob("*.img_sdvae.webp"))
     assert len(previews) == IMAGES_IN_DATASET
     with Image.open(previews[0]) as preview:
-        assert preview.format == "WEBP" and preview.size == (64, 64)
+        assert preview.format == "WEBP" and preview.size == (CACHED_RESOLUTION, CACHED_RESOLUTION)  # run_images' size
     assert oct(os.stat(previews[0]).st_mode & 0o777) == oct(sidecar.FILE_MODE)
     # the original's previews, also of other suffixes: neither sources (no x.img_sdvae.img_sdvae) nor orphans
     Image.new("RGB", (64, 64)).save(shapes_dataset / "part1" / "img00001.img_sdxl.png")
