@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .plan import drop_name_clashes, handle_orphans, plan, scan_orphans, scan_roots
-from .stop import UPDATING_INDEX, CacheStopNow, CacheStopSignal
+from .stop import FINISHING, UPDATING_INDEX, CacheStopNow, CacheStopSignal
 from .summary import CacheSummary, handled_count
 from .writer import BackgroundWriter, EncodedItem
 from .shares import effective_shard, gather_from_processes, parse_shard, per_process_path, process_shard, take_shard
@@ -81,8 +81,10 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
     record = FreshnessRecord(settings.data_roots, settings.out_suffix)
     todo, encoded, writer = [], None, None
     stopped, stopped_at_once, handled_before, not_attempted = None, False, 0, 0
-    try:
-        with CacheStopSignal() as stop:
+    # one catcher from the walk to the data index: a signal anywhere in the build is its first or its second,
+    # never met by the default handlers (a traceback, or a kill that leaves no summary)
+    with CacheStopSignal() as stop:
+        try:
             try:
                 todo, not_attempted = _plan_build(builder, settings, summary, stop, record)
                 if stop.requested:  # before any encoding: nothing was written
@@ -100,47 +102,58 @@ def run_cache_build(builder: CacheBuilder, settings: CacheSettings) -> CacheSumm
                             stopped = writer.stop_reason or f"{stop.requested} received"
                             break
             except CacheStopNow as signal_name:
+                stop.interruptible = False
                 stopped, stopped_at_once = f"{signal_name} received twice, stopped at once", True
                 if writer is None:  # still walking or checking: what was found and not decided
                     not_attempted = stop.found - (_decided(summary) - stop.decided_before)
-    finally:
-        if hasattr(encoded, "close"):
-            encoded.close()  # a generator: ends its decode workers when the loop ended early
-        if writer is not None:
-            writer.close()
-        if summary.progress is not None:
-            summary.progress.close()
-            summary.progress = None
-    if stopped:
-        if writer is not None:
-            not_attempted = len(todo) - (handled_count(summary) - handled_before)
-        summary.stop(stopped, not_attempted)
-    written_folders = {os.path.dirname(os.path.abspath(source)) for source in todo} if writer is not None else set()
-    learned = record.learned
-    # a stop before encoding or a second signal: no index is written now (nothing new was written)
-    index_now = writer is not None and not stopped_at_once
-    shares = gather_from_processes((summary.share(), sorted(written_folders), index_now, learned))
-    if shares is not None:  # a launch: every process has finished writing; its first sums up
-        rank, processes = process_shard()
-        summary.process = (rank, processes)
-        for other, (share, folders, other_index_now, digests) in enumerate(shares):
-            written_folders.update(folders)
-            index_now = index_now and other_index_now
-            if other != rank:
-                learned.update(digests)
-            if rank == 0 and other != 0:
-                summary.add_share(share)
-    # one writer of each index, once every process of the launch has written (another --shard's folders
-    # are found changed later)
-    if settings.shard_index == 0 and index_now:
-        try:
-            with CacheStopSignal() as stop:
-                stop.phase = UPDATING_INDEX
+        finally:
+            stop.interruptible, stop.phase = False, FINISHING  # queued writes finish, decoders end: never halfway
+            if hasattr(encoded, "close"):
+                encoded.close()  # a generator: ends its decode workers when the loop ended early
+            if writer is not None:
+                writer.close()
+            if summary.progress is not None:
+                summary.progress.close()
+                summary.progress = None
+        if stop.again and not stopped_at_once:  # the second signal came while the writes finished
+            stopped, stopped_at_once = f"{stop.again} received twice, stopped at once", True
+        if stopped:
+            if writer is not None:
+                not_attempted = len(todo) - (handled_count(summary) - handled_before)
+            summary.stop(stopped, not_attempted)
+        written_folders = {os.path.dirname(os.path.abspath(source)) for source in todo} if writer is not None else set()
+        learned = record.learned
+        # a stop before encoding or a second signal: no index is written now (nothing new was written)
+        index_now = writer is not None and not stopped_at_once
+        shares = gather_from_processes((summary.share(), sorted(written_folders), index_now, learned))
+        if shares is not None:  # a launch: every process has finished writing; its first sums up
+            rank, processes = process_shard()
+            summary.process = (rank, processes)
+            for other, (share, folders, other_index_now, digests) in enumerate(shares):
+                written_folders.update(folders)
+                index_now = index_now and other_index_now
+                if other != rank:
+                    learned.update(digests)
+                if rank == 0 and other != 0:
+                    summary.add_share(share)
+        if stop.again and not stopped_at_once:  # the second signal came while the launch summed up
+            _index_left(stop.again)
+            index_now = False
+        # one writer of each index, once every process of the launch has written (another --shard's folders
+        # are found changed later)
+        if settings.shard_index == 0 and index_now:
+            stop.phase, stop.interruptible = UPDATING_INDEX, True
+            try:
                 update_data_indexes(settings, written_folders, learned)
-        except CacheStopNow as signal_name:
-            print(f"[cache] {signal_name} received twice: the data index was left as it was (the next start walks "
-                  "the folders that changed)", file=sys.stderr)
+            except CacheStopNow as signal_name:
+                stop.interruptible = False
+                _index_left(str(signal_name))
     return summary
+
+
+def _index_left(signal_name: str) -> None:
+    print(f"[cache] {signal_name} received twice: the data index was left as it was (the next start walks the "
+          "folders that changed)", file=sys.stderr)
 
 
 def _plan_build(builder: CacheBuilder, settings: CacheSettings, summary: CacheSummary,

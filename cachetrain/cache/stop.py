@@ -19,6 +19,7 @@ from ..stop_signals import SignalCatcher
 
 
 UPDATING_INDEX = "updating the data index"
+FINISHING = "finishing the writes"
 
 
 class CacheStopNow(BaseException):
@@ -31,6 +32,10 @@ class CacheStopSignal(SignalCatcher):
         self.requested: str | None = None  # the first signal's name
         self.phase: str | None = "walking the data roots"  # what the build does before encoding; None: encoding
         self.found = self.decided_before = 0  # sources found by the walk; outcomes counted before the checks
+        # False while the writer and the decoders close and while a launch sums up, which must not be left
+        # halfway: a second signal then raises nothing, it is kept in ``again`` and the index is not updated
+        self.interruptible = True
+        self.again: str | None = None  # a second signal's name
 
     def on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -38,12 +43,19 @@ class CacheStopSignal(SignalCatcher):
             # again here: this handler may have interrupted the first one's abandon_waits halfway (signals
             # sent back to back), and a read still waited for would hold the stop up to the read bound
             abandon_waits()
-            raise CacheStopNow(name)
+            self.again = name
+            if self.interruptible:
+                raise CacheStopNow(name)
+            return
         self.requested = name
         if self.phase == UPDATING_INDEX:  # every sidecar is written: only the index's reads are left
             abandon_waits()
             tqdm.write(f"[cache] {name} received while {self.phase}: files it could not read are read again at the "
                        "next start (send it again to stop now)", file=sys.stderr)
+            return
+        if self.phase == FINISHING:  # every sidecar is encoded: the queued writes finish, then the index
+            tqdm.write(f"[cache] {name} received while {self.phase}: they are kept (send it again to leave the data "
+                       "index as it is)", file=sys.stderr)
             return
         if self.phase:
             abandon_waits()  # a freshness check's read of a file that does not answer: its result is not needed

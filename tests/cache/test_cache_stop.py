@@ -95,6 +95,42 @@ def _signalled_over_a_stalled_mount(data: Path, model: Path, mount: Path, stalle
     return process
 
 
+def test_a_second_signal_while_the_queued_writes_finish_is_still_the_builds_second(shapes_dataset, tiny_sd_model,
+                                                                                    capsys, monkeypatch):
+    """After the loop a first signal stopped, the queued writes finish and the decoders end before the summary:
+    a second signal landing then (raised here from the writer's close, this process being the script) meets
+    the build's own handler, not the default one that would end the process with no summary. It says the
+    stop was at once, leaves the data index unwritten, and the status is the stop's."""
+    import threading
+
+    from cachetrain.cache.writer import BackgroundWriter
+
+    assert threading.current_thread() is threading.main_thread()  # where the build installs its handlers
+    submit, close, submitted = BackgroundWriter.submit, BackgroundWriter.close, []
+
+    def submit_then_signal(writer, target, item):
+        submit(writer, target, item)
+        submitted.append(target)
+        if len(submitted) == 3:  # the first: the loop stops after the sidecar in hand
+            signal.raise_signal(signal.SIGINT)
+
+    def close_after_a_second_signal(writer):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the build's catcher is still there
+        signal.raise_signal(signal.SIGTERM)
+        close(writer)
+
+    monkeypatch.setattr(BackgroundWriter, "submit", submit_then_signal)
+    monkeypatch.setattr(BackgroundWriter, "close", close_after_a_second_signal)
+    capsys.readouterr()
+    done = run_script("create_img_sdvae.py", "--model", str(tiny_sd_model), "--data_root", str(shapes_dataset),
+                      "--resolution", str(CACHED_RESOLUTION), "--num_workers", "0", "--no_progress")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "[cache] stopped: SIGTERM received twice, stopped at once; 45 files not attempted" in done.stderr
+    assert len(list(shapes_dataset.rglob("*.img_sdvae"))) == 3
+    assert not (shapes_dataset / INDEX_FOLDER_NAME).exists()
+    assert not [p for p in shapes_dataset.rglob("*") if sidecar.is_temporary(p.name)]
+
+
 @pytest.mark.skipif(fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason()))
 @pytest.mark.parametrize("signals", [(signal.SIGINT,)], ids=["once"])
 def test_a_signal_while_checking_freshness_stops_before_any_encoding_with_the_summary(cached_dataset, tiny_sd_model,
