@@ -2,9 +2,10 @@
 the summary says how many files were not attempted); a second stops at once (CacheStopNow), the writes
 already queued still finished or removed, never half a file. Before encoding (the walk, the freshness
 checks) nothing is written yet: the first stops the walk or the checks at once, reads in progress no longer
-waited for, and the summary follows. After encoding (the data index's update) the first stops waiting for
-reads that do not answer (their folders are read again at the next start); the second leaves the index as
-it was.
+waited for, and the summary follows. While the queued writes finish a second raises nothing (they must not
+stop halfway): it is kept, the summary says the stop was at once, and the index is not updated. After
+encoding (the data index's update) the first stops waiting for reads that do not answer (their folders are
+read again at the next start); the second leaves the index as it was. One catcher spans the whole build.
 """
 
 from __future__ import annotations
