@@ -170,7 +170,8 @@ def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: P
     try:
         state = load_file(folder / "adapter_model.safetensors")
     except Exception as error:  # a damaged file
-        raise AdapterError(f"--lora_weights {folder}: not an adapter for this UNet ({state_load_problem(error)})") from None
+        raise AdapterError(f"--lora_weights {folder}: not an adapter for this UNet "
+                           f"({state_load_problem(error)})") from None
     spec.rank, spec.alpha = config.r, config.alpha
     return _attach_and_load(unet, config, state, folder)
 
