@@ -82,13 +82,15 @@ def test_an_adapter_run_trains_only_the_adapter_and_keeps_the_base_unet(lora_run
     saved = load_file(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
     assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)  # frozen, plain names
     lora = load_file(checkpoint / DIFFUSERS_LORA_FILE)
-    # at 8x8 latents the mid block sees one token: its self-attention's softmax is 1 whatever q and k are,
-    # so their adapters get no gradient; every other up matrix started at zero and was trained
+    # every up matrix started at zero and was trained, but at 8x8 latents the mid block sees one token: its
+    # self-attention's softmax is 1 whatever q and k are, so their adapters' gradient is 0, or on some CPUs'
+    # attention kernels a rounding error that AdamW scales up to a full step: they may be either
     single_token = ("mid_block.attentions.0.transformer_blocks.0.attn1.to_q.",
                     "mid_block.attentions.0.transformer_blocks.0.attn1.to_k.")
     ups = {key: value for key, value in lora.items() if key.endswith("lora_B.weight")}
-    trained = [key for key, value in ups.items() if value.abs().sum() > 0]
-    assert sorted(set(ups) - set(trained)) == sorted(key for key in ups if any(part in key for part in single_token))
+    untrained = {key for key, value in ups.items() if not value.abs().sum() > 0}
+    assert untrained <= {key for key in ups if any(part in key for part in single_token)}, sorted(untrained)
+    trained = set(ups) - untrained
     assert len(trained) > 20
     assert any(key.endswith("resnets.0.conv1.lora_A.weight") for key in lora)  # --lora_targets conv: LoCon
     assert (checkpoint / "adapter_ema" / DIFFUSERS_LORA_FILE).is_file() and not (checkpoint / "unet_ema").exists()
