@@ -82,9 +82,9 @@ def test_an_adapter_run_trains_only_the_adapter_and_keeps_the_base_unet(lora_run
     saved = load_file(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
     assert saved.keys() == base.keys() and all(torch.equal(saved[k], base[k]) for k in base)  # frozen, plain names
     lora = load_file(checkpoint / DIFFUSERS_LORA_FILE)
-    # every up matrix started at zero and was trained, but at 8x8 latents the mid block sees one token: its
-    # self-attention's softmax is 1 whatever q and k are, so their adapters' gradient is 0, or on some CPUs'
-    # attention kernels a rounding error that AdamW scales up to a full step: they may be either
+    # every up matrix started at zero and every one must have trained but two: at 8x8 latents the mid block
+    # sees one token, its self-attention's softmax is 1 whatever q and k are, so their adapters' gradient is 0
+    # (or, on some CPUs' attention kernels, a rounding error that AdamW scales up to a full step)
     single_token = ("mid_block.attentions.0.transformer_blocks.0.attn1.to_q.",
                     "mid_block.attentions.0.transformer_blocks.0.attn1.to_k.")
     ups = {key: value for key, value in lora.items() if key.endswith("lora_B.weight")}
