@@ -6,11 +6,15 @@ synthetic in-memory batches (64x64x4 latents, 77x768 text, pinned host memory as
 them) through cachetrain.train.step.TrainStep - the code train_from_cached.py runs - and prints per
 configuration: images/s (median over timed windows after warm-up), MFU against 2.41 TFLOP per image
 and the device's peak, peak allocated and reserved memory, host syncs seen in the timed steps, and
-the card's name. ``--tiny`` runs the tiny UNet on CPU so the script stays tested without a GPU.
+the card's name. Configurations named ``-loraR`` train a rank-R LoRA on the attention projections
+instead (attached by cachetrain.train.adapters, as ``--lora_type lora`` does; the base frozen, in bf16
+with ``bf16w``, the adapter and its AdamW state in fp32); their MFU is left out, since a LoRA step
+skips the frozen weights' gradients that the 2.41 TFLOP count holds. ``--tiny`` runs the tiny UNet
+on CPU (LoRA rank at most 8) so the script stays tested without a GPU.
 
     .venv/bin/python bench/gpu_train.py                       # the default set of configurations
     .venv/bin/python bench/gpu_train.py --grid                # every combination
-    .venv/bin/python bench/gpu_train.py --only b64-ckpt-bf16w-adamw
+    .venv/bin/python bench/gpu_train.py --only b64-ckpt-bf16w-adamw b64-nockpt-bf16w-adamw-lora32
     .venv/bin/python bench/gpu_train.py --tiny --steps 3      # CPU smoke run
 """
 
@@ -52,20 +56,27 @@ class BenchConfig:
     optimizer: str
     compile: bool
     channels_last: bool = False
+    lora_rank: int = 0  # > 0: a LoRA of this rank on the attention projections trains, the UNet frozen
 
     @property
     def name(self) -> str:
         return (f"b{self.batch_size}-{'ckpt' if self.checkpointing else 'nockpt'}-"
                 f"{'bf16w' if self.bf16_weights else 'fp32m'}-{self.optimizer}"
-                f"{'-compile' if self.compile else ''}{'-cl' if self.channels_last else ''}")
+                f"{'-compile' if self.compile else ''}{'-cl' if self.channels_last else ''}"
+                f"{f'-lora{self.lora_rank}' if self.lora_rank else ''}")
 
 
-# In order of what the goals need, since a time limit may cut the tail: the speed baseline, the two
+# In order of what the goals need, since a time limit may cut the tail: the speed baseline, a rank-32
+# LoRA beside it (bf16 base as with --bf16_weights, fp32 base under autocast as without), the two
 # memory-goal set-ups, then the variants that may be faster (channels-last, compiled: slow to start).
+LORA_RANK = 32
 DEFAULT_CONFIGS = [
     BenchConfig(64, False, False, "adamw", False),
+    BenchConfig(64, False, True, "adamw", False, lora_rank=LORA_RANK),
+    BenchConfig(64, False, False, "adamw", False, lora_rank=LORA_RANK),
     BenchConfig(64, True, True, "adamw", False),
     BenchConfig(64, True, False, "adamw8", False),
+    BenchConfig(64, True, True, "adamw", False, lora_rank=LORA_RANK),
     BenchConfig(64, False, False, "adamw", False, channels_last=True),
     BenchConfig(64, False, False, "adamw", True),
     BenchConfig(32, False, False, "adamw", False),
@@ -111,6 +122,7 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
     from cachetrain.train.step import TrainStep
     from cachetrain.train.telemetry import qk_weight_parameters
     from cachetrain.tiny.models import TINY_UNET
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter
 
     device = accelerator.device
     cuda = device.type == "cuda"
@@ -121,14 +133,19 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
         unet = UNet2DConditionModel(**unet_config)
     if config.bf16_weights:
         unet.to(torch.bfloat16)
+    if config.lora_rank:  # as the trainer's load_run_model: attach, then checkpointing and layout
+        trainable = attach_adapter(unet, AdapterSpec(kind="lora", rank=config.lora_rank, alpha=config.lora_rank),
+                                   seed=0)
+    else:
+        trainable = [p for p in unet.parameters() if p.requires_grad]
     if config.checkpointing:
         unet.enable_gradient_checkpointing()
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)
     unet.train()
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    # an adapter trains in fp32 beside a bf16 base, as in the trainer
     optimizer = build_optimizer(config.optimizer, trainable, 1e-5, (0.9, 0.999), 0.01,
-                                bf16_weights=config.bf16_weights)
+                                bf16_weights=config.bf16_weights and not config.lora_rank)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     objective = DiffusionObjective(DDPMScheduler(**SD15_SCHEDULE)).to(device)
     step = TrainStep(accelerator, unet, optimizer, objective, trainable,
@@ -164,13 +181,14 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
             torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught)
     images_per_sec = statistics.median(window_rates)
-    result = {"config": config.name, "images_per_sec": round(images_per_sec, 2), "host_syncs_in_timed_steps": syncs}
+    result = {"config": config.name, "images_per_sec": round(images_per_sec, 2), "host_syncs_in_timed_steps": syncs,
+              "trainable_parameters": sum(p.numel() for p in trainable)}
     if cuda:
         name = torch.cuda.get_device_name(device)
         peak = device_peak_tflops(name, args.peak_tflops)
         result.update(card=name, peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2))
-        if peak and not args.tiny:
+        if peak and not args.tiny and not config.lora_rank:
             result["mfu"] = round(images_per_sec * TFLOP_PER_IMAGE / peak, 3)
     else:
         result["card"] = "cpu (tiny UNet)" if args.tiny else "cpu"
@@ -199,6 +217,9 @@ def main() -> None:
     configs = grid() if args.grid else DEFAULT_CONFIGS
     if args.only:  # names as on the GPU (b32/b64); --tiny runs them at a small batch
         known = {c.name: c for base in grid() for c in (base, dataclasses.replace(base, channels_last=True))}
+        known |= {c.name: c for c in DEFAULT_CONFIGS}
+        known |= {c.name: c for base in grid() if base.optimizer == "adamw"
+                  for c in [dataclasses.replace(base, lora_rank=LORA_RANK)]}
         unknown = [name for name in args.only if name not in known]
         if unknown:
             parser.error(f"unknown configuration {', '.join(unknown)}; names look like {DEFAULT_CONFIGS[0].name} "
@@ -208,7 +229,9 @@ def main() -> None:
         configs = [dataclasses.replace(c, compile=False) for c in configs]
         configs = list(dict.fromkeys(configs))
         if args.tiny:
-            configs = [dataclasses.replace(c, batch_size=min(c.batch_size, 4)) for c in configs]
+            # the tiny UNet's layers are 32 wide: its LoRA is rank 8 at most
+            configs = [dataclasses.replace(c, batch_size=min(c.batch_size, 4), lora_rank=min(c.lora_rank, 8))
+                       for c in configs]
             configs = list(dict.fromkeys(configs))
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu'}; torch {torch.__version__}; "

@@ -4,6 +4,7 @@
 #   WHEELS=.whl   wheels to install first (from scripts/offline_wheels.sh), for a machine without network
 #   PYTHON=python3   the interpreter whose torch sees the GPU
 #   TRAIN_ARGS / ENCODE_ARGS   more flags for bench/gpu_train.py / bench/gpu_encode.py (e.g. --tiny)
+#   TRAIN_SECONDS=320 / ENCODE_SECONDS=140   each part's time limit (a short lease wants less)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-bench-results}"
@@ -19,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 # the versions the figures were taken with; a package that does not import shows here, not minutes later
 "$PYTHON" -c 'import importlib.metadata as m, sys
 print("python", sys.version.split()[0])
-for name in ("torch", "diffusers", "transformers", "huggingface-hub", "accelerate", "bitsandbytes", "lion-pytorch"):
+for name in ("torch", "diffusers", "transformers", "huggingface-hub", "accelerate", "peft", "bitsandbytes", "lion-pytorch"):
     try:
         print(name, m.version(name))
     except m.PackageNotFoundError:
@@ -27,7 +28,7 @@ for name in ("torch", "diffusers", "transformers", "huggingface-hub", "accelerat
 import diffusers, cachetrain.train.step' 2>&1 | tee "$OUT_DIR/versions.txt"
 # training first: it is the goal; each part has its own limit so one slow part cannot eat the other's time
 # shellcheck disable=SC2086
-timeout 320 "$PYTHON" bench/gpu_train.py --json "$OUT_DIR/gpu_train.jsonl" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_train.log"
+timeout "${TRAIN_SECONDS:-320}" "$PYTHON" bench/gpu_train.py --json "$OUT_DIR/gpu_train.jsonl" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_train.log"
 # shellcheck disable=SC2086
-timeout 140 "$PYTHON" bench/gpu_encode.py ${ENCODE_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_encode.log"
+timeout "${ENCODE_SECONDS:-140}" "$PYTHON" bench/gpu_encode.py ${ENCODE_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_encode.log"
 echo "results in $OUT_DIR/"

@@ -26,11 +26,17 @@ def test_gpu_train_bench_runs_the_trainer_step_on_the_tiny_unet():
     out = _run("bench/gpu_train.py", "--tiny", "--steps", "1", "--windows", "1", "--warmup", "1",
                optional_packages=True)
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    # the default set at batch 4, without compilation (minutes on a CPU), each configuration once
-    assert [r["config"] for r in results] == ["b4-nockpt-fp32m-adamw", "b4-ckpt-bf16w-adamw",
-                                             "b4-ckpt-fp32m-adamw8", "b4-nockpt-fp32m-adamw-cl",
-                                             "b4-ckpt-bf16w-lion", "b4-nockpt-bf16w-adamw"]
+    # the default set at batch 4, without compilation (minutes on a CPU), each configuration once; the
+    # LoRA ones at rank 8 (the tiny UNet's layers are 32 wide)
+    assert [r["config"] for r in results] == ["b4-nockpt-fp32m-adamw", "b4-nockpt-bf16w-adamw-lora8",
+                                             "b4-nockpt-fp32m-adamw-lora8", "b4-ckpt-bf16w-adamw",
+                                             "b4-ckpt-fp32m-adamw8", "b4-ckpt-bf16w-adamw-lora8",
+                                             "b4-nockpt-fp32m-adamw-cl", "b4-ckpt-bf16w-lion", "b4-nockpt-bf16w-adamw"]
     assert all(r["images_per_sec"] > 0 and r["card"] == "cpu (tiny UNet)" for r in results)
+    trainable = {r["config"]: r["trainable_parameters"] for r in results}
+    # a LoRA configuration trains the adapter alone (the trainer's attach_adapter), a full one every weight
+    assert (trainable["b4-nockpt-bf16w-adamw-lora8"] == trainable["b4-ckpt-bf16w-adamw-lora8"]
+            < trainable["b4-nockpt-fp32m-adamw"] / 10)
 
 
 def test_gpu_encode_bench_runs_the_cache_scripts_encode_code_on_the_tiny_models():
