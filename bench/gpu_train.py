@@ -9,7 +9,9 @@ and the device's peak, peak allocated and reserved memory, host syncs seen in th
 the card's name. Configurations named ``-loraR`` train a rank-R LoRA on the attention projections
 instead (attached by cachetrain.train.adapters, as ``--lora_type lora`` does; the base frozen, in bf16
 with ``bf16w``, the adapter and its AdamW state in fp32); their MFU is left out, since a LoRA step
-skips the frozen weights' gradients that the 2.41 TFLOP count holds. ``--tiny`` runs the tiny UNet
+skips the frozen weights' gradients that the 2.41 TFLOP count holds. ``--profile N`` profiles N more
+steps per configuration: the share of kernel time by kind (attention, convolution, matmul, ...) and
+the top kernels. ``--tiny`` runs the tiny UNet
 on CPU (LoRA rank at most 8) so the script stays tested without a GPU.
 
     .venv/bin/python bench/gpu_train.py                       # the default set of configurations
@@ -26,6 +28,7 @@ import gc
 import itertools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -114,6 +117,43 @@ def synthetic_batch(batch_size: int, latent_size: int, text_shape: tuple[int, in
     return batch.pin_memory() if pin else batch
 
 
+# kernel (or, on CPU, operator) names by what they do, to say where a step's time goes
+KERNEL_KINDS = [
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
+    ("convolution", re.compile(r"conv|cudnn|implicit|wgrad|dgrad|fprop", re.I)),  # cuDNN's are implicit gemms
+    ("matmul", re.compile(r"gemm|matmul|\bmm\b|addmm|bmm|xmma|cutlass|nvjet|cublas", re.I)),
+    ("optimizer and clipping", re.compile(r"adam|multi_tensor|foreach|lion", re.I)),
+    ("normalization", re.compile(r"norm|welford|moments", re.I)),
+]
+
+
+def profile_steps(one_step, steps: int, cuda: bool) -> dict:
+    """Share of device time (CPU time without a GPU) by kind of kernel over ``steps`` steps, and the top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as profiler:
+        for _ in range(steps):
+            one_step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:  # kernels only: the operators that launch them carry their kernels' time too, which would count it twice;
+        # CUPTI's "Command Buffer Full" marks a full launch queue (the host ahead of the GPU), not a kernel's time
+        events = [(event.key, event.self_device_time_total) for event in profiler.key_averages()
+                  if event.device_type == DeviceType.CUDA and event.key != "Command Buffer Full"]
+    else:
+        events = [(event.key, event.self_cpu_time_total) for event in profiler.key_averages()]
+    total = sum(us for _, us in events) or 1
+    kinds: dict[str, float] = {}
+    for name, us in events:
+        kind = next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "elementwise and other")
+        kinds[kind] = kinds.get(kind, 0) + us
+    top = sorted(events, key=lambda event: -event[1])[:10]
+    return {"ms_per_step": round(total / 1000 / steps, 2),
+            "share_by_kind": {kind: round(us / total, 3) for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [[name[:90], round(us / total, 3)] for name, us in top]}
+
+
 def run_config(config: BenchConfig, accelerator, args) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -166,7 +206,6 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
         one_step()
     synchronize()
     window_rates = []
-    syncs = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if cuda:
@@ -179,9 +218,13 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
             window_rates.append(args.steps * config.batch_size / (time.perf_counter() - start))
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        sync_warnings = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = len(sync_warnings)
+    # where each sync was asked for (the Python line that called the op), so a sync names its source
+    sync_sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in sync_warnings})
     images_per_sec = statistics.median(window_rates)
     result = {"config": config.name, "images_per_sec": round(images_per_sec, 2), "host_syncs_in_timed_steps": syncs,
+              **({"host_sync_sites": sync_sites} if sync_sites else {}),
               "trainable_parameters": sum(p.numel() for p in trainable)}
     if cuda:
         name = torch.cuda.get_device_name(device)
@@ -192,6 +235,8 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
             result["mfu"] = round(images_per_sec * TFLOP_PER_IMAGE / peak, 3)
     else:
         result["card"] = "cpu (tiny UNet)" if args.tiny else "cpu"
+    if args.profile:
+        result["profile"] = profile_steps(one_step, args.profile, cuda)
     accelerator.free_memory()  # drops accelerate's references; the rest go when this function returns
     return result
 
@@ -205,6 +250,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=3, help="timed windows (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile happens here)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's bf16 peak, for MFU")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many steps: device time by kind of kernel, the top kernels")
     parser.add_argument("--json", default=None, help="also append one JSON line per configuration here")
     args = parser.parse_args()
     from accelerate import Accelerator

@@ -39,6 +39,23 @@ def test_gpu_train_bench_runs_the_trainer_step_on_the_tiny_unet():
             < trainable["b4-nockpt-fp32m-adamw"] / 10)
 
 
+
+def test_gpu_train_bench_profiles_where_a_full_and_a_lora_step_spend_their_time():
+    out = _run("bench/gpu_train.py", "--tiny", "--steps", "1", "--windows", "1", "--warmup", "1", "--profile", "1",
+               "--only", "b64-nockpt-fp32m-adamw", "b64-nockpt-bf16w-adamw-lora32")
+    full, lora = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert (full["config"], lora["config"]) == ("b4-nockpt-fp32m-adamw", "b4-nockpt-bf16w-adamw-lora8")
+    for result in (full, lora):
+        shares = result["profile"]["share_by_kind"]
+        assert shares["attention"] > 0 and shares["convolution"] > 0 and shares["matmul"] > 0
+        # the profiled time is the step's, each operator counted once (an operator's time counted with the
+        # operators it calls would be twice the step or more)
+        timed_ms = 1000 * 4 / result["images_per_sec"]
+        assert 0.5 < result["profile"]["ms_per_step"] / timed_ms < 1.5
+    # a full step updates a million weights, a LoRA step 43 thousand: the optimizer's share shrinks
+    assert lora["profile"]["share_by_kind"]["optimizer and clipping"] < full["profile"]["share_by_kind"]["optimizer and clipping"]
+
+
 def test_gpu_encode_bench_runs_the_cache_scripts_encode_code_on_the_tiny_models():
     out = _run("bench/gpu_encode.py", "--tiny", "--windows", "1", "--calls", "1", "--warmup", "1")
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
