@@ -11,8 +11,8 @@ instead (attached by cachetrain.train.adapters, as ``--lora_type lora`` does; th
 with ``bf16w``, the adapter and its AdamW state in fp32); their MFU is left out, since a LoRA step
 skips the frozen weights' gradients that the 2.41 TFLOP count holds. ``--profile N`` profiles N more
 steps per configuration: the share of kernel time by kind (attention, convolution, matmul, ...) and
-the top kernels. ``--tiny`` runs the tiny UNet
-on CPU (LoRA rank at most 8) so the script stays tested without a GPU.
+the top kernels. ``--tiny`` runs the tiny UNet on CPU (LoRA rank at most 8) so the script stays tested
+without a GPU.
 
     .venv/bin/python bench/gpu_train.py                       # the default set of configurations
     .venv/bin/python bench/gpu_train.py --grid                # every combination
@@ -157,12 +157,12 @@ def profile_steps(one_step, steps: int, cuda: bool) -> dict:
 def run_config(config: BenchConfig, accelerator, args) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter
     from cachetrain.train.objective import DiffusionObjective
     from cachetrain.train.optim import build_optimizer
     from cachetrain.train.step import TrainStep
     from cachetrain.train.telemetry import qk_weight_parameters
     from cachetrain.tiny.models import TINY_UNET
-    from cachetrain.train.adapters import AdapterSpec, attach_adapter
 
     device = accelerator.device
     cuda = device.type == "cuda"
@@ -220,7 +220,7 @@ def run_config(config: BenchConfig, accelerator, args) -> dict:
             torch.cuda.set_sync_debug_mode("default")
         sync_warnings = [w for w in caught if "synchroniz" in str(w.message)]
     syncs = len(sync_warnings)
-    # where each sync was asked for (the Python line that called the op), so a sync names its source
+    # the Python line running when each sync was reported (the op's caller, where Python made the call)
     sync_sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in sync_warnings})
     images_per_sec = statistics.median(window_rates)
     result = {"config": config.name, "images_per_sec": round(images_per_sec, 2), "host_syncs_in_timed_steps": syncs,

@@ -4,7 +4,7 @@
 #   WHEELS=.whl   wheels to install first (from scripts/offline_wheels.sh), for a machine without network
 #   PYTHON=python3   the interpreter whose torch sees the GPU
 #   TRAIN_ARGS / ENCODE_ARGS   more flags for bench/gpu_train.py / bench/gpu_encode.py (e.g. --tiny)
-#   TRAIN_SECONDS=320 / ENCODE_SECONDS=140   each part's time limit (a short lease wants less)
+#   TRAIN_SECONDS=320 / ENCODE_SECONDS=140   each part's time limit in seconds (lower where the GPU is lent for less)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-bench-results}"
