@@ -42,9 +42,9 @@ def test_gpu_train_bench_runs_the_trainer_step_on_the_tiny_unet():
 
 def test_gpu_train_bench_profiles_where_a_full_and_a_lora_step_spend_their_time():
     out = _run("bench/gpu_train.py", "--tiny", "--steps", "1", "--windows", "1", "--warmup", "1", "--profile", "1",
-               "--only", "b64-nockpt-fp32m-adamw", "b64-nockpt-bf16w-adamw-lora32")
+               "--only", "b64-nockpt-fp32m-adamw", "b64-nockpt-fp32m-adamw-lora32")
     full, lora = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert (full["config"], lora["config"]) == ("b4-nockpt-fp32m-adamw", "b4-nockpt-bf16w-adamw-lora8")
+    assert (full["config"], lora["config"]) == ("b4-nockpt-fp32m-adamw", "b4-nockpt-fp32m-adamw-lora8")
     for result in (full, lora):
         shares = result["profile"]["share_by_kind"]
         assert shares["attention"] > 0 and shares["convolution"] > 0 and shares["matmul"] > 0
