@@ -5,6 +5,7 @@ Everything is offline: HF_HUB_OFFLINE is set and the hub cache points into a tem
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -12,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 _HF_HOME = tempfile.mkdtemp(prefix="cachetrain-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # each process that imports this removes its own
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
