@@ -12,6 +12,7 @@ cannot be reached after retries stops the run (ShardStoreUnreachable).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -164,12 +165,21 @@ class ShardStore:
 
     def manifest(self) -> dict:
         where = _join(self.location, MANIFEST_NAME)
+        made_cache_dir = self.remote and not os.path.isdir(self.cache_dir)
         try:
             if self.remote:
                 os.makedirs(self.cache_dir, exist_ok=True)
                 local = os.path.join(self.cache_dir, MANIFEST_NAME)
                 temporary = f"{local}.partial-{os.getpid()}"
-                self._download_with_retries(where, temporary)
+                try:
+                    self._download_with_retries(where, temporary)
+                except OSError:
+                    with contextlib.suppress(OSError):  # a refused start leaves no half file, no empty folder
+                        os.unlink(temporary)
+                    if made_cache_dir:
+                        with contextlib.suppress(OSError):  # another process may be filling it
+                            os.rmdir(self.cache_dir)
+                    raise
                 os.replace(temporary, local)
             else:
                 local = where

@@ -64,6 +64,9 @@ def test_a_url_the_server_has_no_manifest_for_is_refused_in_one_line_with_status
                                                                                  served, capsys):
     folder, url = served
     folder.mkdir()
-    assert main(_args(tiny_sd_model, url, tmp_path / "run", "--shard_retries", "2")) == 2
+    cache = tmp_path / "cache"
+    assert main(_args(tiny_sd_model, url, tmp_path / "run", "--shard_retries", "2",
+                      "--shard_cache_dir", str(cache))) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and url in errors[0] and "no shard manifest shards.json there" in errors[0]
+    assert not cache.exists()  # the refused start made its cache folder and took it away again

@@ -145,7 +145,8 @@ def test_credentials_the_store_refuses_stop_the_start_in_one_line_with_status_2(
                     break
             time.sleep(0.1)
         s3_env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        status = main(_args(tiny_sd_model, f"s3://{BUCKET}/sd15/shards", tmp_path / "run", "--shard_retries", "2"))
+        status = main(_args(tiny_sd_model, f"s3://{BUCKET}/sd15/shards", tmp_path / "run", "--shard_retries", "2",
+                            "--shard_cache_dir", str(tmp_path / "cache")))
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -153,3 +154,4 @@ def test_credentials_the_store_refuses_stop_the_start_in_one_line_with_status_2(
     assert status == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"s3://{BUCKET}/sd15/shards" in lines[0] and "access refused" in lines[0]
+    assert not (tmp_path / "cache").exists()
