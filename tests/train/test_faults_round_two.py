@@ -228,8 +228,7 @@ def test_export_of_a_folder_missing_its_vae_names_the_missing_part(tiny_sd_model
     model = tmp_path / "model"
     shutil.copytree(tiny_sd_model, model)
     shutil.rmtree(model / "vae")
-    done = subprocess.run([sys.executable, "-m", "cachetrain.export", str(model), str(tmp_path / "out.safetensors")],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    done = run_script("-m", "cachetrain.export", str(model), str(tmp_path / "out.safetensors"))
     assert done.returncode == 2
     assert f"{model}: its model_index.json names the part 'vae', but {model / 'vae'}/ is missing" in _error_line(done)
     assert not (tmp_path / "out.safetensors").exists()

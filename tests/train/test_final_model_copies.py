@@ -7,15 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cachetrain.reflink import reflink
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+from tests.script_runs import run_script
 
 
 def _mount(kind: str, folder: Path, tmp: Path) -> str | None:
@@ -71,10 +68,9 @@ def test_the_final_model_says_whether_its_files_are_its_own_or_shared_with_the_l
                                                                                               cached_dataset):
     kind, folder = mounted
     output = folder / "run"
-    done = subprocess.run([sys.executable, str(REPO / "train_from_cached.py"), "--pretrained_model", str(tiny_sd_model),
-                           "--train_data_dir", str(cached_dataset), "--output_dir", str(output), "--num_workers", "0",
-                           "--no_progress", "--batch_size", "2", "--max_steps", "1", "--save_steps", "0"],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    done = run_script("train_from_cached.py", "--pretrained_model", str(tiny_sd_model), "--train_data_dir",
+                      str(cached_dataset), "--output_dir", str(output), "--num_workers", "0", "--no_progress",
+                      "--batch_size", "2", "--max_steps", "1", "--save_steps", "0")
     assert done.returncode == 0, done.stderr[-3000:]
     final, in_checkpoint = (output / "unet" / "diffusion_pytorch_model.safetensors",
                             output / "checkpoint-00001" / "unet" / "diffusion_pytorch_model.safetensors")
