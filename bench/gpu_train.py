@@ -277,7 +277,7 @@ def main() -> None:
         configs = list(dict.fromkeys(configs))
         if args.tiny:
             # the tiny UNet's layers are 32 wide: its LoRA is rank 8 at most
-            configs = [dataclasses.replace(c, batch_size=min(c.batch_size, 4), lora_rank=min(c.lora_rank, 8))
+            configs = [dataclasses.replace(c, batch_size=min(c.batch_size, 2), lora_rank=min(c.lora_rank, 8))
                        for c in configs]
             configs = list(dict.fromkeys(configs))
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)

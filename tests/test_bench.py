@@ -26,30 +26,30 @@ def test_gpu_train_bench_runs_the_trainer_step_on_the_tiny_unet():
     out = _run("bench/gpu_train.py", "--tiny", "--steps", "1", "--windows", "1", "--warmup", "1",
                optional_packages=True)
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    # the default set at batch 4, without compilation (minutes on a CPU), each configuration once; the
+    # the default set at batch 2, without compilation (minutes on a CPU), each configuration once; the
     # LoRA ones at rank 8 (the tiny UNet's layers are 32 wide)
-    assert [r["config"] for r in results] == ["b4-nockpt-fp32m-adamw", "b4-nockpt-bf16w-adamw-lora8",
-                                             "b4-nockpt-fp32m-adamw-lora8", "b4-ckpt-bf16w-adamw",
-                                             "b4-ckpt-fp32m-adamw8", "b4-ckpt-bf16w-adamw-lora8",
-                                             "b4-nockpt-fp32m-adamw-cl", "b4-ckpt-bf16w-lion", "b4-nockpt-bf16w-adamw"]
+    assert [r["config"] for r in results] == ["b2-nockpt-fp32m-adamw", "b2-nockpt-bf16w-adamw-lora8",
+                                             "b2-nockpt-fp32m-adamw-lora8", "b2-ckpt-bf16w-adamw",
+                                             "b2-ckpt-fp32m-adamw8", "b2-ckpt-bf16w-adamw-lora8",
+                                             "b2-nockpt-fp32m-adamw-cl", "b2-ckpt-bf16w-lion", "b2-nockpt-bf16w-adamw"]
     assert all(r["images_per_sec"] > 0 and r["card"] == "cpu (tiny UNet)" for r in results)
     trainable = {r["config"]: r["trainable_parameters"] for r in results}
     # a LoRA configuration trains the adapter alone (the trainer's attach_adapter), a full one every weight
-    assert (trainable["b4-nockpt-bf16w-adamw-lora8"] == trainable["b4-ckpt-bf16w-adamw-lora8"]
-            < trainable["b4-nockpt-fp32m-adamw"] / 10)
+    assert (trainable["b2-nockpt-bf16w-adamw-lora8"] == trainable["b2-ckpt-bf16w-adamw-lora8"]
+            < trainable["b2-nockpt-fp32m-adamw"] / 10)
 
 
 def test_gpu_train_bench_profiles_where_a_full_and_a_lora_step_spend_their_time():
     out = _run("bench/gpu_train.py", "--tiny", "--steps", "1", "--windows", "1", "--warmup", "1", "--profile", "1",
                "--only", "b64-nockpt-fp32m-adamw", "b64-nockpt-fp32m-adamw-lora32")
     full, lora = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert (full["config"], lora["config"]) == ("b4-nockpt-fp32m-adamw", "b4-nockpt-fp32m-adamw-lora8")
+    assert (full["config"], lora["config"]) == ("b2-nockpt-fp32m-adamw", "b2-nockpt-fp32m-adamw-lora8")
     for result in (full, lora):
         shares = result["profile"]["share_by_kind"]
         assert shares["attention"] > 0 and shares["convolution"] > 0 and shares["matmul"] > 0
         # the profiled time is the step's, each operator counted once (an operator's time counted with the
         # operators it calls would be twice the step or more)
-        timed_ms = 1000 * 4 / result["images_per_sec"]  # batch 4 (the "b4" of its name)
+        timed_ms = 1000 * 2 / result["images_per_sec"]  # batch 2 (the "b2" of its name)
         assert 0.5 < result["profile"]["ms_per_step"] / timed_ms < 1.5
     # a full step updates a million weights, a LoRA step 43 thousand: the optimizer's share shrinks
     optimizer_share = {run: result["profile"]["share_by_kind"]["optimizer and clipping"]
