@@ -19,6 +19,16 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:8]}")
 
 
+def prove_writable(folder: os.PathLike | str) -> None:
+    """Make ``folder`` (and its parents) and write and remove a small file in it: OSError when it cannot
+    hold a file, before any long work whose result would have nowhere to go."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    write_atomically(probe, b"ok")  # flushed: a full disk fails here, not at the real write
+    probe.unlink()
+
+
 def write_atomically(path: os.PathLike | str, data: bytes | str, mode: int | None = None, fsync: bool = True) -> None:
     """Replace ``path`` by ``data`` in one rename; on any failure the old file (if any) is untouched."""
     path = Path(path)

@@ -22,6 +22,7 @@ UNet lacks or a shape it does not have raise LoraFileError naming the file and t
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -109,6 +110,11 @@ def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module]
         if name not in layers:
             raise LoraFileError(f"{source}: layer {name} is not in this {model} (an adapter of another model?)")
         weight = layer_weight_shape(layers[name])
+        if pair.up.dim() < 2 or pair.down.dim() < 2 or pair.up.shape[1] != pair.down.shape[0]:
+            raise LoraFileError(f"{source}: {name}'s up and down weights do not make a pair (shapes "
+                                f"{list(pair.up.shape)} and {list(pair.down.shape)}: their ranks differ)")
+        if not (torch.isfinite(pair.up).all() and torch.isfinite(pair.down).all() and math.isfinite(pair.alpha)):
+            raise LoraFileError(f"{source}: {name} holds NaN or infinite values")
         delta = (pair.up.shape[0], *pair.down.shape[1:])
         if tuple(delta) != weight:
             raise LoraFileError(f"{source}: {name} changes a weight of shape {list(delta)}, this {model}'s is "
@@ -262,6 +268,9 @@ def _pairs_from_kohya(tensors: dict[str, torch.Tensor], models: dict[str, dict[s
         if ".lora_down.weight" not in found or ".lora_up.weight" not in found:
             raise LoraFileError(f"{file}: {stems[(part, module)]} lacks its lora_down or lora_up weight")
         down, up = found[".lora_down.weight"], found[".lora_up.weight"]
+        if ".alpha" in found and found[".alpha"].numel() != 1:
+            raise LoraFileError(f"{file}: {stems[(part, module)]}.alpha holds {found['.alpha'].numel()} values; "
+                                "an alpha is one number")
         alpha = float(found.get(".alpha", 0)) or float(down.shape[0])  # none or 0: alpha = rank, as sd-scripts reads it
         parts[part][module] = LowRankPair(down=down, up=up, alpha=alpha)
     return parts

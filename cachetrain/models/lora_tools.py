@@ -22,6 +22,8 @@ the kohya/A1111 layout, else a diffusers folder.
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import sys
 import tempfile
@@ -30,14 +32,16 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_layout import ADAPTER_EMA_COMPONENT, EMA_COMPONENT, PEFT_ADAPTER_COMPONENT, TRAINING_STATE_FILE
+from ..atomic import prove_writable
+from ..checkpoint_layout import TRAINING_STATE_FILE, latest_checkpoint
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
 from .lycoris_files import is_lycoris_file, lycoris_changes
-from .lora_files import (DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, LAYER_GROUPS, LoraFileError, LowRankPair,
-                         adaptable_layers, adapter_to_merge, has_text_encoder_part, holds_adapter, kohya_metadata,
-                         peft_adapter_folder, peft_load_problem, read_lora, read_lora_parts, read_peft_adapter_config,
-                         state_load_problem, write_diffusers_lora, write_kohya_lora)
+from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_layers, adapter_to_merge,
+                         has_text_encoder_part, holds_adapter, kohya_metadata, peft_adapter_folder, peft_load_problem,
+                         read_lora, read_lora_parts, read_peft_adapter_config, state_load_problem, write_diffusers_lora,
+                         write_kohya_lora)
+
 
 class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
@@ -123,8 +127,6 @@ def _load_unet(model: str):
 def _load_text_encoder(model: str):
     """The model's CLIP text encoder, for a LoRA's text-encoder part (LoraToolError for a model whose text
     encoder is another kind, as the T5 model's)."""
-    import json
-
     from .loading import load_clip_text_encoder
 
     config = Path(model) / "text_encoder" / "config.json"
@@ -139,6 +141,43 @@ def _load_text_encoder(model: str):
                             f"this model ({type(error).__name__}); --unet_only merges the UNet's part alone") from None
 
 
+def check_out(out: str, sources: dict[str, str], replaces_folder: bool) -> Path:
+    """``--out``, checked before anything loads: it is not an input, nor inside one or around one; a
+    .safetensors is not a folder and a folder not a file; a folder the output replaces holds a model and
+    nothing else of a run's; and a file can be written where the output goes (its parents are made)."""
+    out_path = Path(out)
+    resolved = out_path.resolve()
+    for flag, source in sources.items():
+        source_path = Path(source).resolve()
+        if resolved == source_path or resolved.is_relative_to(source_path) or source_path.is_relative_to(resolved):
+            raise LoraToolError(f"--out {out}: is, lies inside or holds {flag} {source}; write the result elsewhere")
+    if out_path.suffix == ".safetensors":
+        if out_path.is_dir():
+            raise LoraToolError(f"--out {out}: an existing folder; a .safetensors output is one file")
+    elif out_path.exists() and not out_path.is_dir():
+        raise LoraToolError(f"--out {out}: an existing file; name a folder, or a .safetensors file")
+    elif replaces_folder and out_path.is_dir() and any(out_path.iterdir()):
+        problem = _not_replaceable(out_path)
+        if problem:
+            raise LoraToolError(f"--out {out}: {problem}, and the merged model would replace the whole folder; "
+                                "choose another --out")
+    writes_into = out_path if (out_path.is_dir() and not replaces_folder) else out_path.parent
+    try:
+        prove_writable(writes_into)
+    except OSError as error:
+        raise LoraToolError(f"--out {out}: cannot be written in {writes_into} ({error.strerror or error})") from None
+    return out_path
+
+
+def _not_replaceable(folder: Path) -> str | None:
+    """Why a folder must not be replaced by a merged model: it holds no model, or a training run."""
+    if not (folder / "model_index.json").is_file():
+        return "a folder that holds no model (no model_index.json)"
+    if (folder / TRAINING_STATE_FILE).exists() or latest_checkpoint(folder) is not None:
+        return "a training run's folder (checkpoints, resume state)"
+    return None
+
+
 @dataclass
 class MergeReport:
     unet_layers: int
@@ -148,6 +187,15 @@ class MergeReport:
 def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool = False) -> MergeReport:
     """Merge ``lora`` into ``model`` (its UNet, and its text encoder where the LoRA has a part for it, as
     kohya files from sd-scripts often do, unless ``unet_only``) and write ``out``."""
+    if not math.isfinite(scale):
+        raise LoraToolError(f"--scale {scale}: must be a finite number")
+    out_path = check_out(out, {"--model": model, "--lora": lora}, replaces_folder=True)
+    unet_config = Path(model) / "unet" / "config.json"
+    if out_path.suffix == ".safetensors" and unet_config.is_file():
+        problem = ldm_layout.unet_layout_problem(json.loads(unet_config.read_text(encoding="utf-8")))
+        if problem:
+            raise LoraToolError(f"--out {out}: {model}'s UNet has no single-file layout ({problem}); write a "
+                                "folder instead")
     if holds_adapter(model) and not Path(lora).resolve().is_relative_to(Path(model).resolve()):
         # its unet/ is the untrained base: the result would hold the other LoRA and not this run's adapter
         raise LoraToolError(f"{model}: an adapter run's model, whose unet/ is the untrained base; merge its own "
@@ -166,8 +214,9 @@ def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool =
         changes = pair_changes(pairs)
     else:
         changes = adapter_changes(unet, lora)
+    for changed in (changes, text_changes):
+        _check_finite(changed, lora)
     merge_changes(unet, changes, scale)
-    out_path = Path(out)
     if out_path.suffix == ".safetensors":
         with tempfile.TemporaryDirectory(dir=out_path.parent) as staging:
             folder = Path(staging) / "model"
@@ -178,6 +227,13 @@ def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool =
     else:
         _write_pipeline(model, unet, out_path, text_encoder)
     return MergeReport(unet_layers=len(changes), text_encoder_layers=len(text_changes))
+
+
+def _check_finite(changes: dict[str, torch.Tensor], source: str) -> None:
+    """A NaN or infinite change would make every image the merged model draws black or noise."""
+    for name, change in changes.items():
+        if not torch.isfinite(change).all():
+            raise LoraToolError(f"--lora {source}: its change to layer {name} holds NaN or infinite values")
 
 
 def _write_pipeline(model: str, unet, folder: Path, text_encoder=None) -> None:
@@ -194,11 +250,7 @@ def _write_pipeline(model: str, unet, folder: Path, text_encoder=None) -> None:
                 pipeline.text_encoder = text_encoder
             pipeline.save_pretrained(staging)
         else:
-            # an adapter run's folder: its adapter, now merged, and its EMA are left behind with the resume state
-            replaced = ["unet"] + (["text_encoder"] if text_encoder is not None else [])
-            shutil.copytree(model, staging, ignore=shutil.ignore_patterns(
-                *replaced, EMA_COMPONENT, TRAINING_STATE_FILE, "*.png", DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE,
-                PEFT_ADAPTER_COMPONENT, ADAPTER_EMA_COMPONENT))
+            _copy_pipeline_parts(Path(model), staging, replaced={"unet"} | ({"text_encoder"} if text_encoder else set()))
             unet.save_pretrained(staging / "unet", safe_serialization=True)
             if text_encoder is not None:
                 text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
@@ -208,6 +260,21 @@ def _write_pipeline(model: str, unet, folder: Path, text_encoder=None) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _copy_pipeline_parts(model: Path, staging: Path, replaced: set[str]) -> None:
+    """The pipeline of ``model`` alone: model_index.json, the parts it names (but ``replaced``) and its own
+    code (a hub-style folder's pipeline.py); a run folder's checkpoints, logs, lock, resume state, adapter
+    and samples stay behind."""
+    staging.mkdir(parents=True)
+    shutil.copy2(model / "model_index.json", staging / "model_index.json")
+    index = json.loads((model / "model_index.json").read_text(encoding="utf-8"))
+    for part, value in index.items():
+        if part.startswith("_") or part in replaced or not isinstance(value, list) or not (model / part).is_dir():
+            continue
+        shutil.copytree(model / part, staging / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for code in model.glob("*.py"):
+        shutil.copy2(code, staging / code.name)
 
 
 @dataclass
@@ -253,6 +320,7 @@ def extract_pairs(base: torch.nn.Module, tuned: torch.nn.Module, rank: int, targ
 
 
 def extract(base: str, tuned: str, rank: int, out: str, targets: list[str]) -> Extraction:
+    check_out(out, {"--base": base, "--tuned": tuned}, replaces_folder=False)
     base_unet, tuned_unet = _load_unet(base), _load_unet(tuned)
     result = extract_pairs(base_unet, tuned_unet, rank, targets)
     out_path = Path(out)

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from .checkpoint_check import checkpoint_damage
-from ..atomic import write_atomically
+from ..atomic import prove_writable, write_atomically
 
 TRIGGER_FILE = "trigger.checkpoint"
 SUMMARY_FILE = "train_summary.json"
@@ -47,10 +47,7 @@ def check_output_dir(output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise RunDirError(f"--output_dir {output_dir} is an existing file, not a folder; name a folder")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
-        write_atomically(probe, b"ok")
-        probe.unlink()
+        prove_writable(output_dir)
     except OSError as error:
         raise RunDirError(f"--output_dir {output_dir} cannot be written ({error.strerror or error}); "
                           "checkpoints and the final model could not be saved there") from None

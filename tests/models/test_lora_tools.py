@@ -195,6 +195,117 @@ def test_merge_and_extract_faults_end_in_one_line_and_status_2(sd15_model, rando
     assert not any((tmp_path / name).exists() for name in "abcdefgh")
 
 
+@pytest.fixture(scope="module")
+def lora_run(sd15_model, tmp_path_factory) -> Path:
+    """A finished 2-step LoRA run of the SD1.5-structure model (read-only for the tests): its output folder
+    as the trainer leaves it (checkpoints, tensorboard, the run's records, the adapter beside the base)."""
+    from cachetrain.tiny.models import write_random_pairs
+    from cachetrain.train.config import parse_train_args
+    from cachetrain.train.trainer import train
+    from tests.training_support import train_args
+
+    root = tmp_path_factory.mktemp("lora-run")
+    write_random_pairs(root / "data", 4, latent_shape=(4, 8, 8), folders=1)
+    result = train(parse_train_args(train_args(sd15_model, root / "data", root / "run", "--max_steps", "2",
+                                               "--save_steps", "1", "--batch_size", "2", "--lora_type", "lora",
+                                               "--lora_rank", "2")))
+    assert result.exit_status == 0
+    return root / "run"
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_merge_and_extract_refuse_an_out_that_would_replace_or_lose_files(sd15_model, random_lora, lora_run, tmp_path,
+                                                                          capsys):
+    """--out is checked before anything loads: never one of the inputs, never a folder of other things or a
+    run's folder (a merge replaces its --out folder whole), a file where a folder goes and the reverse."""
+    photos = tmp_path / "photos"  # a folder of the user's own files
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"not really a picture")
+    run_copy = tmp_path / "run-copy"
+    shutil.copytree(lora_run, run_copy)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    (tmp_path / "folder.safetensors").mkdir()
+    before = {folder: _tree(folder) for folder in (photos, run_copy, sd15_model, random_lora)}
+    merge = ["merge", "--model", str(sd15_model), "--lora", str(random_lora)]
+    extract = ["extract", "--base", str(sd15_model), "--tuned", str(sd15_model), "--rank", "2"]
+    cases = [
+        (merge + ["--out", str(photos)], f"--out {photos}: a folder that holds no model (no model_index.json), "
+                                         "and the merged model would replace the whole folder"),
+        (["merge", "--model", str(run_copy), "--lora", str(run_copy), "--out", str(run_copy)],
+         f"--out {run_copy}: is, lies inside or holds --model {run_copy}"),  # "in place"
+        (merge + ["--out", str(run_copy)], f"--out {run_copy}: a training run's folder (checkpoints, resume state)"),
+        (merge + ["--out", str(sd15_model / "merged")], "lies inside or holds --model"),
+        (["merge", "--model", str(run_copy), "--lora", str(run_copy), "--out", str(tmp_path)],
+         f"--out {tmp_path}: is, lies inside or holds --model {run_copy}"),  # a folder around an input
+        (merge + ["--out", str(a_file)], f"--out {a_file}: an existing file; name a folder"),
+        (merge + ["--out", str(tmp_path / "folder.safetensors")], "an existing folder; a .safetensors output is one file"),
+        (merge + ["--out", str(tmp_path / "m"), "--scale", "nan"], "--scale nan: must be a finite number"),
+        (extract + ["--out", str(a_file)], f"--out {a_file}: an existing file"),
+        (extract + ["--out", str(tmp_path / "folder.safetensors")], "an existing folder"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert lora_command(argv) == 2, argv
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (argv, lines)
+    assert {folder: _tree(folder) for folder in before} == before  # every input and every file left as it was
+    assert a_file.read_text() == "keep me" and not (tmp_path / "m").exists()
+
+
+def test_merging_a_run_folder_writes_its_pipeline_and_nothing_else_of_the_run(sd15_model, lora_run, tmp_path):
+    out = tmp_path / "merged"
+    assert lora_command(["merge", "--model", str(lora_run), "--lora", str(lora_run), "--out", str(out)]) == 0
+    # what a pipeline folder holds, as the model it started from: no checkpoints, logs, lock, adapter, resume state
+    assert sorted(path.name for path in out.iterdir()) == sorted(path.name for path in sd15_model.iterdir())
+    merged, base = adaptable_layers(_unet(out)), adaptable_layers(_unet(sd15_model))
+    assert any(not torch.equal(merged[name].weight, base[name].weight) for name in base)  # the adapter is in it
+
+
+def test_a_lora_with_non_finite_values_a_vector_alpha_or_unmatched_ranks_is_refused_naming_the_layer(
+        sd15_model, random_lora, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    to_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = load_file(random_lora / KOHYA_LORA_FILE)
+    broken = {
+        "nan": {**tensors, f"{to_q}.lora_up.weight": torch.full_like(tensors[f"{to_q}.lora_up.weight"], float("nan"))},
+        "vector-alpha": {**tensors, f"{to_q}.alpha": torch.ones(4)},
+        "ranks": {**tensors, f"{to_q}.lora_down.weight": torch.zeros(5, *tensors[f"{to_q}.lora_down.weight"].shape[1:])},
+    }
+    messages = {"nan": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q holds NaN or infinite values",
+                "vector-alpha": f"{to_q}.alpha holds 4 values; an alpha is one number",
+                "ranks": "to_q's up and down weights do not make a pair"}
+    for name, file_tensors in broken.items():
+        save_file(file_tensors, tmp_path / f"{name}.safetensors")
+        capsys.readouterr()
+        assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(tmp_path / f"{name}.safetensors"),
+                             "--out", str(tmp_path / f"out-{name}")]) == 2, name
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"{name}.safetensors" in lines[0] and messages[name] in lines[0], (name, lines)
+        assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_a_merge_into_a_single_file_of_a_model_without_that_layout_is_refused_before_merging(tiny_sd_model, tmp_path,
+                                                                                              capsys):
+    from diffusers import UNet2DConditionModel
+
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter, write_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet")
+    spec = AdapterSpec(kind="lora", rank=2, alpha=2)
+    attach_adapter(unet, spec, seed=0)
+    write_adapter(unet, spec, tmp_path / "lora")
+    assert lora_command(["merge", "--model", str(tiny_sd_model), "--lora", str(tmp_path / "lora"), "--out",
+                         str(tmp_path / "out.safetensors")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "UNet has no single-file layout" in lines[0] and "write a folder instead" in lines[0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lora"]
+
+
 def test_a_locon_written_by_lycoris_merges_and_starts_a_run_as_lycoris_applies_it(sd15_model, tmp_path, monkeypatch):
     """A file our code did not write: LyCORIS' LoRA/LoCon network (every Linear and Conv2d of the UNet, 3x3
     convolutions included, rank 4, alpha 2) saved by its own save_weights under the UIs' lora_unet_ names.
