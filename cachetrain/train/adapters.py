@@ -318,7 +318,11 @@ def load_adapter(unet: torch.nn.Module, spec: AdapterSpec, folder: Path) -> None
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(unet, load_file(folder / PEFT_ADAPTER_COMPONENT / "adapter_model.safetensors"))
+    weights = folder / PEFT_ADAPTER_COMPONENT / "adapter_model.safetensors"
+    try:  # safetensors' own error for a cut file is neither a ValueError nor an OSError
+        set_peft_model_state_dict(unet, load_file(weights))
+    except Exception as error:
+        raise LoraFileError(f"{weights}: {state_load_problem(error)}") from None
 
 
 def describe(unet: torch.nn.Module, spec: AdapterSpec | None) -> str:

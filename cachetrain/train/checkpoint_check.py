@@ -3,8 +3,9 @@
 A bad copy, a partial rsync or bit rot leaves a checkpoint folder that looks complete but whose
 ``training_state.pt`` or weights are cut short. A resume reads: ``training_state.pt`` (a zip archive:
 every member is read and its CRC checked), the UNet's (and its EMA's) ``config.json`` and weights
-(``*.safetensors``: the header read and the file's length checked against it). The cost is one read of
-the training state, which the resume reads anyway.
+(``*.safetensors``: the header read and the file's length checked against it), and an adapter run's adapter
+and its EMA (a LoRA file, or a LoHa/LoKr PEFT folder). The cost is one read of the training state, which the
+resume reads anyway.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import zipfile
 from pathlib import Path
 
-from ..checkpoint_layout import EMA_COMPONENT, TRAINED_COMPONENT, TRAINING_STATE_FILE
+from ..checkpoint_layout import (ADAPTER_EMA_COMPONENT, EMA_COMPONENT, PEFT_ADAPTER_COMPONENT, TRAINED_COMPONENT,
+                                 TRAINING_STATE_FILE)
+from ..models.lora_files import DIFFUSERS_LORA_FILE
 from ..sidecar import SidecarError, read_header
 
 
@@ -38,12 +41,41 @@ def _weights_damage(folder: Path) -> str | None:
     if not weights:
         return f"{folder.name}/ holds no .safetensors weights"
     for path in weights:
-        try:
-            read_header(path)
-        except SidecarError as error:
-            return f"{folder.name}/{path.name} is damaged ({error.reason})"
-        except OSError as error:
-            return f"{folder.name}/{path.name} cannot be read ({error.strerror or error})"
+        problem = _file_damage(path, f"{folder.name}/{path.name}")
+        if problem:
+            return problem
+    return None
+
+
+def _file_damage(path: Path, name: str) -> str | None:
+    try:
+        read_header(path)
+    except SidecarError as error:
+        return f"{name} is damaged ({error.reason})"
+    except OSError as error:
+        return f"{name} cannot be read ({error.strerror or error})"
+    return None
+
+
+def _adapter_damage(checkpoint: Path) -> str | None:
+    """An adapter run's adapter and its EMA: a LoRA file, or a LoHa/LoKr PEFT folder (its config and weights)."""
+    for folder in (checkpoint, checkpoint / ADAPTER_EMA_COMPONENT):
+        lora = folder / DIFFUSERS_LORA_FILE
+        if lora.exists():
+            problem = _file_damage(lora, str(lora.relative_to(checkpoint)))
+            if problem:
+                return problem
+        peft = folder / PEFT_ADAPTER_COMPONENT
+        if peft.exists():
+            config = peft / "adapter_config.json"
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                return f"{config.relative_to(checkpoint)} is missing or damaged ({error})"
+            weights = peft / "adapter_model.safetensors"
+            problem = _file_damage(weights, str(weights.relative_to(checkpoint)))
+            if problem:
+                return problem
     return None
 
 
@@ -59,4 +91,4 @@ def checkpoint_damage(checkpoint: Path) -> str | None:
             problem = _weights_damage(folder) if folder.is_dir() else f"no {part}/ folder"
             if problem:
                 return problem
-    return _state_damage(state)
+    return _adapter_damage(checkpoint) or _state_damage(state)

@@ -99,6 +99,30 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_resume_and_refused_when_named
             torch.testing.assert_close(_unet(output)[name], tensor, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind, damaged", [("lora", "pytorch_lora_weights.safetensors"),
+                                           ("loha", "unet_adapter/adapter_model.safetensors")])
+def test_a_damaged_adapter_in_the_newest_checkpoint_is_skipped_by_resume_and_refused_when_named(
+        tiny_sd_model, cached_dataset, tmp_path, kind, damaged):
+    output = tmp_path / "run"
+    adapter = ("--lora_type", kind, "--lora_rank", "2")
+    assert _train(tiny_sd_model, cached_dataset, output, *adapter, "--max_steps", "4", "--save_steps", "2").returncode == 0
+    whole_final = load_file(output / damaged)
+    newest = output / "checkpoint-00004"
+    _truncate(newest / damaged)
+
+    named = _train(tiny_sd_model, cached_dataset, output, *adapter, "--max_steps", "4", "--resume", str(newest))
+    assert named.returncode == ExitStatus.REFUSED
+    assert f"--resume {newest}: damaged checkpoint: {damaged} is damaged" in _error_line(named)
+
+    done = _train(tiny_sd_model, cached_dataset, output, *adapter, "--max_steps", "4", "--resume", "auto")
+    assert done.returncode == ExitStatus.FINISHED, done.stderr[-3000:]
+    assert f"--resume auto: skipped checkpoint-00004, damaged: {damaged} is damaged" in done.stderr
+    assert f"resumed from {output / 'checkpoint-00002'} at step 2" in done.stderr
+    resumed = load_file(output / damaged)  # the final adapter: the unbroken run's
+    assert resumed.keys() == whole_final.keys()
+    assert all(torch.equal(resumed[name], whole_final[name]) for name in whole_final)
+
+
 def test_a_folder_whose_every_checkpoint_is_damaged_is_refused_in_one_line(tiny_sd_model, cached_dataset, tmp_path):
     output = tmp_path / "run"
     assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "2").returncode == 0
