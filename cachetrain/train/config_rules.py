@@ -17,6 +17,8 @@ from .layers import LayerSelection
 ROUNDING_OPTIMIZERS = ("adamw", "lion")  # the ones that keep bf16 weights with stochastic rounding
 INITIAL_D_OPTIMIZERS = ("d_lion", "prodigy")  # the ones that take --initial_d (their d0)
 FLOW_ONLY_FLAGS = ("timestep_sampling", "logit_mean", "logit_std", "min_sigma", "flow_shift")
+ADAPTER_FLAGS = ("lora_weights", "save_kohya_lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                 "lora_modules")
 
 
 def combination_problems(config) -> list[str]:
@@ -57,6 +59,16 @@ def _model_problems(config) -> list[str]:
     return []
 
 
+def _given(config, names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` (in that order) whose value is not the flag's default: flags the user set."""
+    fields = {item.name: item for item in dataclasses.fields(config)}
+
+    def default(item):
+        return item.default_factory() if item.default is dataclasses.MISSING else item.default
+
+    return [name for name in names if getattr(config, name) != default(fields[name])]
+
+
 def _schedule_problems(config) -> list[str]:
     if config.learning_rate_decay and config.scheduler != "constant":
         return ["--learning_rate_decay applies to --scheduler constant only"]
@@ -65,8 +77,7 @@ def _schedule_problems(config) -> list[str]:
 
 def _objective_problems(config) -> list[str]:
     problems = []
-    defaults = {item.name: item.default for item in dataclasses.fields(config) if item.name in FLOW_ONLY_FLAGS}
-    flow_only = [name for name in FLOW_ONLY_FLAGS if getattr(config, name) != defaults[name]]
+    flow_only = _given(config, FLOW_ONLY_FLAGS)
     if config.objective == "ddpm" and flow_only:
         problems.append(f"--{' --'.join(flow_only)}: flow-matching options; this run trains --objective ddpm")
     if config.objective == "flow" and (config.prediction_type or config.zero_terminal_snr):
@@ -126,9 +137,8 @@ def _data_problems(config) -> list[str]:
 
 
 def _adapter_problems(config) -> list[str]:
-    adapter_flags = [name for name in ("lora_weights", "save_kohya_lora") if getattr(config, name)]
-    if not config.lora_type:
-        return [f"--{name} needs --lora_type lora, loha or lokr" for name in adapter_flags]
+    if not config.lora_type:  # without it the whole UNet trains: an adapter's settings would be dropped unsaid
+        return [f"--{name} needs --lora_type lora, loha or lokr" for name in _given(config, ADAPTER_FLAGS)]
     problems = []
     if config.save_single_file:
         problems.append("--save_single_file writes a whole model; an adapter run saves its adapter "

@@ -414,6 +414,14 @@ def test_adapter_flags_without_an_adapter_are_refused():
 
     with pytest.raises(ConfigError, match="--save_kohya_lora needs --lora_type lora, loha or lokr"):
         parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--save_kohya_lora"])
+    # an adapter's settings without an adapter would train the whole UNet, the settings dropped unsaid
+    for flags in (["--lora_rank", "4"], ["--lora_alpha", "8"], ["--lora_dropout", "0.1"], ["--lora_targets", "conv"],
+                  ["--lora_modules", "attn2.to_k"], ["--lora_weights", "x.safetensors"]):
+        name = flags[0]
+        with pytest.raises(ConfigError, match=f"{name} needs --lora_type lora, loha or lokr"):
+            parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", *flags])
+    # the defaults, given again, change nothing: not refused
+    parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--lora_rank", "16"])
     with pytest.raises(ConfigError, match="--save_single_file writes a whole model"):
         parse_train_args(["--pretrained_model", "m", "--train_data_dir", "d", "--lora_type", "lora",
                           "--save_single_file"])
