@@ -106,6 +106,11 @@ class TrainingState:
                     f"Resume with the same settings and data.")
         changed = describe_changes(self.optimizer_identity, optimizer)
         if changed:
+            adapter = saved_adapter_flags(self.config)
+            if adapter:  # its unet/ is the untrained base: --pretrained_model of it would drop the adapter
+                return (f"--resume {checkpoint}: {changed}; its optimizer state cannot continue. It was saved by an "
+                        f"adapter run ({adapter}): resume with those flags, or start a new adapter from its "
+                        f"weights with --lora_weights {checkpoint} (fresh optimizer and schedule).")
             return (f"--resume {checkpoint}: {changed}; its optimizer state cannot continue. Resume with the same "
                     f"--optimizer and layer selection, or start a new run from its weights with --pretrained_model "
                     f"{checkpoint} (fresh optimizer and schedule).")
@@ -141,6 +146,27 @@ def optimizer_identity(optimizer: str, unet: torch.nn.Module, trainable: list[to
     return {"optimizer": optimizer, "trainable_tensors": len(trainable),
             "trainable_parameters": sum(p.numel() for p in trainable),
             "trainable_names_sha256": hashlib.sha256(names.encode("utf-8")).hexdigest()[:16]}
+
+
+def saved_adapter_flags(config_json: str) -> str:
+    """The adapter flags of the run that saved a state ('' for a run without an adapter), as a user types them."""
+    try:
+        saved = json.loads(config_json or "{}")
+    except ValueError:
+        return ""
+    if not isinstance(saved, dict) or not saved.get("lora_type"):
+        return ""
+    flags = [f"--lora_type {saved['lora_type']}"]
+    if saved.get("lora_weights"):  # its layers, rank and alpha came from that file
+        flags.append(f"--lora_weights {saved['lora_weights']}")
+    else:
+        flags.append(f"--lora_rank {saved.get('lora_rank')}")
+        if saved.get("lora_alpha") is not None:
+            flags.append(f"--lora_alpha {saved['lora_alpha']:g}")
+        flags.append(f"--lora_targets {' '.join(saved.get('lora_targets') or [])}")
+        if saved.get("lora_modules"):
+            flags.append(f"--lora_modules {' '.join(saved['lora_modules'])}")
+    return " ".join(flags)
 
 
 def describe_changes(saved: dict, now: dict) -> str:

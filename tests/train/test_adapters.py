@@ -170,6 +170,26 @@ def test_an_adapter_run_stopped_and_resumed_ends_with_the_same_adapter(sd15_mode
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
 
 
+def test_a_resume_with_other_adapter_settings_names_the_flags_that_resume_it_and_the_start_that_works(
+        lora_run, sd15_model, sd15_cached, tmp_path, capsys):
+    output = tmp_path / "run"
+    shutil.copytree(lora_run, output)
+    checkpoint = output / "checkpoint-00003"
+    for other in (["--lora_type", "lora", "--lora_rank", "8"], []):  # another rank; no adapter at all
+        capsys.readouterr()
+        assert main(train_args(sd15_model, sd15_cached, output, *other, "--batch_size", "4", "--max_steps", "4",
+                               "--resume", str(checkpoint))) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, errors
+        assert ("It was saved by an adapter run (--lora_type lora --lora_rank 4 --lora_alpha 2 --lora_targets "
+                f"attention conv): resume with those flags, or start a new adapter from its weights with "
+                f"--lora_weights {checkpoint}") in errors[0]
+        assert "--pretrained_model" not in errors[0]  # its unet/ is the base: that start would drop the adapter
+    # the start it names works, from the adapter's own rank
+    assert main(train_args(sd15_model, sd15_cached, tmp_path / "new", "--lora_type", "lora", "--lora_weights",
+                           str(checkpoint), "--batch_size", "4", "--max_steps", "1")) == 0
+
+
 def test_a_run_starts_from_an_existing_lora_with_its_rank_and_alpha(lora_run, sd15_model, sd15_cached, tmp_path):
     start = lora_run / "checkpoint-00003" / KOHYA_LORA_FILE
     output = tmp_path / "run"
