@@ -24,6 +24,24 @@ def prove_writable(folder: os.PathLike | str) -> None:
     hold a file, before any long work whose result would have nowhere to go."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _write_probe(folder)
+
+
+def writable_problem(folder: os.PathLike | str) -> str | None:
+    """Why no file could be written into ``folder``, or None; it need not exist yet (the nearest folder
+    above it that exists is tried) and nothing is made, so a refusal leaves nothing behind."""
+    folder = Path(folder).absolute()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        _write_probe(existing)
+    except OSError as error:
+        return f"cannot be written in {existing} ({error.strerror or error})"
+    return None
+
+
+def _write_probe(folder: Path) -> None:
     probe = folder / f".write-test-{os.getpid()}"
     write_atomically(probe, b"ok")  # flushed: a full disk fails here, not at the real write
     probe.unlink()

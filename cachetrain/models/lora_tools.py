@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import prove_writable
+from ..atomic import writable_problem
 from ..checkpoint_layout import TRAINING_STATE_FILE, latest_checkpoint
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
@@ -161,11 +161,9 @@ def check_out(out: str, sources: dict[str, str], replaces_folder: bool) -> Path:
         if problem:
             raise LoraToolError(f"--out {out}: {problem}, and the merged model would replace the whole folder; "
                                 "choose another --out")
-    writes_into = out_path if (out_path.is_dir() and not replaces_folder) else out_path.parent
-    try:
-        prove_writable(writes_into)
-    except OSError as error:
-        raise LoraToolError(f"--out {out}: cannot be written in {writes_into} ({error.strerror or error})") from None
+    problem = writable_problem(out_path if (out_path.is_dir() and not replaces_folder) else out_path.parent)
+    if problem:
+        raise LoraToolError(f"--out {out}: {problem}")
     return out_path
 
 
@@ -217,6 +215,7 @@ def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool =
     for changed in (changes, text_changes):
         _check_finite(changed, lora)
     merge_changes(unet, changes, scale)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".safetensors":
         with tempfile.TemporaryDirectory(dir=out_path.parent) as staging:
             folder = Path(staging) / "model"
@@ -324,6 +323,7 @@ def extract(base: str, tuned: str, rank: int, out: str, targets: list[str]) -> E
     base_unet, tuned_unet = _load_unet(base), _load_unet(tuned)
     result = extract_pairs(base_unet, tuned_unet, rank, targets)
     out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".safetensors":
         write_kohya_lora(out_path, result.pairs, kohya_metadata(result.pairs, title=out_path.stem,
                                                                 resolution=base_unet.config.sample_size * 8),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import writable_problem
 from ..train import checkpoint as ckpt
 from ..train.run_dir import ARGS_FILE
 from ..models.sampling import SampleMetadata, draw_samples, sample_plan, scheduler_choice_problem
@@ -71,6 +72,16 @@ def check_model(model: str) -> None:
         if path.is_dir() and ckpt.list_checkpoints(path):
             hint = " (a training run's folder: sample its checkpoints with --watch, or name one checkpoint)"
         raise SamplerInputError(f"{model}: not a pipeline folder (no model_index.json){hint}")
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """SamplerInputError unless the PNGs can be written into the folder ``out`` (made when they are, if
+    missing); nothing is made here, so a refusal, or a model that then fails to load, leaves nothing behind."""
+    if out.exists() and not out.is_dir():
+        raise SamplerInputError(f"{flag} {out}: an existing file, not a folder; name a folder for the PNGs")
+    problem = writable_problem(out)
+    if problem:
+        raise SamplerInputError(f"{flag} {out}: {problem}")
 
 
 def _read_config(model: str, file_name: str, subfolder: str = "") -> dict:

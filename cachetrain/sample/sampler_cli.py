@@ -28,7 +28,8 @@ from ..train import checkpoint as ckpt
 from ..cli import ArgumentParser, first_line, print_error
 from ..models.schedulers import SAMPLE_SCHEDULERS
 from ..train.config import TRUST_HELP
-from .folder_sampler import SamplerInputError, SampleSettings, check_model, plan_for, sample_model, step_of
+from .folder_sampler import (SamplerInputError, SampleSettings, check_model, check_out_folder, plan_for, sample_model,
+                             step_of)
 from ..models.prompts import PromptsFileError, SamplePrompt, read_prompts_file
 from ..models.sampling import SampleMetadata, read_sample_metadata
 from ..train.run_dir import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
@@ -273,12 +274,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         if args.watch:
             run_dir = Path(args.watch)
+            if run_dir.exists() and not run_dir.is_dir():
+                raise SamplerInputError(f"--watch {run_dir}: a file, not a folder (name the training's --output_dir)")
             if not run_dir.is_dir():
                 raise SamplerInputError(f"--watch {run_dir}: no such folder (start the training first)")
+            if args.out:
+                check_out_folder(Path(args.out))
             result = watch(run_dir, settings, Path(args.out) if args.out else None, args.poll, args.once)
             print(result.summary(), file=sys.stderr)
             return 1 if result.failed else 0
         check_model(args.model)
+        out = Path(args.out) if args.out else default_out(args.model)
+        check_out_folder(out, "--out" if args.out else "--out (default)")  # before any weights load
         if not settings.custom and os.path.isfile(os.path.join(args.model, "pipeline.py")):
             print(f"[sample] {os.path.join(args.model, 'pipeline.py')} found: a custom pipeline; its code will run "
                   "(as with --custom)", file=sys.stderr)
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.offload and settings.device.type != "cuda":
             print("[sample] --offload: sampling on the CPU, where the weights already are; nothing to offload",
                   file=sys.stderr)
-        paths = sample_model(args.model, Path(args.out) if args.out else default_out(args.model), settings)
+        paths = sample_model(args.model, out, settings)
     except SamplerInputError as error:
         print_error(str(error))
         return 2

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..cli import ArgumentParser
+from ..atomic import writable_problem
+from ..cli import ArgumentParser, print_error
 from ..models.sampling import SampleMetadata
 from ..tree import walk_files
 
@@ -295,6 +296,7 @@ PNG_BACKGROUND = (255, 255, 255)
 PNG_TEXT = (20, 20, 20)
 PNG_GAP = (235, 235, 235)
 PNG_GAP_MARK = (210, 40, 40)
+TOP_FOLDER_PNG = "side-by-side.png"  # for the images directly in the folders given (sample_images.py --out)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -368,6 +370,12 @@ def _draw_gap(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], label: 
     draw.text(((left + right) / 2, (top + bottom) / 2), label, fill=PNG_GAP_MARK, font=font, anchor="mm")
 
 
+def side_by_side_png_name(folder: str) -> str:
+    """``checkpoint-00100`` -> ``checkpoint-00100.png``, ``sub/dir`` -> ``sub_dir.png``; the folders' own
+    images (folder ``.``) -> side-by-side.png."""
+    return TOP_FOLDER_PNG if folder == "." else folder.replace("/", "_") + ".png"
+
+
 def write_side_by_side_pngs(comparison: Comparison, out_dir: Path) -> list[Path]:
     """One labelled PNG per step that every run has, named after the step's folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +383,7 @@ def write_side_by_side_pngs(comparison: Comparison, out_dir: Path) -> list[Path]
     for step in comparison.steps:
         if not step.in_every_run:
             continue
-        path = out_dir / (step.folder.replace("/", "_") + ".png")
+        path = out_dir / side_by_side_png_name(step.folder)
         side_by_side_image(comparison.runs, step).save(path)
         written.append(path)
     return written
@@ -415,15 +423,32 @@ def summary_lines(comparison: Comparison) -> list[str]:
     return lines
 
 
+def output_path_problem(out: Path, png: Path | None) -> str | None:
+    """Why the page (a file) or the PNGs (a folder) could not be written where the flags say, or None."""
+    if out.is_dir():
+        return f"--out {out}: an existing folder; name the HTML file to write"
+    if png is not None and png.exists() and not png.is_dir():
+        return f"--png {png}: an existing file, not a folder; name a folder for the PNGs"
+    for flag, path, folder in (("--out", out, out.parent), ("--png", png, png)):
+        problem = writable_problem(folder) if path is not None else None
+        if problem:
+            return f"{flag} {path}: {problem}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.names is not None and len(args.names) != len(args.runs):
         parser.error(f"--names got {len(args.names)} names for {len(args.runs)} runs")
+    problem = output_path_problem(Path(args.out), Path(args.png) if args.png else None)
+    if problem:
+        print_error(problem)
+        return 2
     try:
         comparison = compare_runs([Path(run) for run in args.runs], args.names)
     except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 2
     if args.skip < 0:
         parser.error(f"--skip {args.skip}: must be >= 0")
@@ -432,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary_lines(comparison):
         print(line, file=sys.stderr)
     if not comparison.steps:
-        print("error: no images (.png, .jpg, .jpeg, .bmp) in any of these folders"
-              + (f" after --skip {args.skip}" if args.skip else ""), file=sys.stderr)
+        print_error("no images (.png, .jpg, .jpeg, .bmp) in any of these folders"
+                    + (f" after --skip {args.skip}" if args.skip else ""))
         return 1
     page = write_page(comparison, Path(args.out), link=args.link)
     print(f"[compare] wrote {page}", file=sys.stderr)

@@ -254,6 +254,13 @@ def test_merge_and_extract_refuse_an_out_that_would_replace_or_lose_files(sd15_m
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (argv, lines)
     assert {folder: _tree(folder) for folder in before} == before  # every input and every file left as it was
     assert a_file.read_text() == "keep me" and not (tmp_path / "m").exists()
+    # a missing folder on the way is made, for a single file and a folder alike
+    single, folder = tmp_path / "new" / "a" / "merged.safetensors", tmp_path / "new" / "b" / "extracted"
+    assert lora_command(merge + ["--out", str(single)]) == 0 and single.is_file()
+    tuned = tmp_path / "new" / "tuned"
+    assert lora_command(merge + ["--out", str(tuned)]) == 0
+    assert lora_command(["extract", "--base", str(sd15_model), "--tuned", str(tuned), "--rank", "2", "--out",
+                         str(folder)]) == 0 and (folder / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_merging_a_run_folder_writes_its_pipeline_and_nothing_else_of_the_run(sd15_model, lora_run, tmp_path):

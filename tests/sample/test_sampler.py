@@ -349,11 +349,15 @@ def test_the_trainer_refuses_a_missing_prompts_file_and_a_flow_sampler_for_a_ddp
 
 
 @pytest.mark.parametrize("case", ["no such folder", "not a pipeline", "a run folder", "empty prompts file",
-                                  "flow sampler for a DDPM model"])
+                                  "flow sampler for a DDPM model", "--watch a file"])
 def test_bad_inputs_are_refused_in_one_line_with_status_2(tiny_sd_model, tmp_path, case):
     prompt = ["--prompt", "a red circle"]
     if case == "no such folder":
         args, expected = [tmp_path / "nowhere", *prompt], f"{tmp_path / 'nowhere'}: no such folder"
+    elif case == "--watch a file":
+        (tmp_path / "train.log").write_text("not a run")
+        args, expected = ["--watch", tmp_path / "train.log", *prompt], \
+            f"--watch {tmp_path / 'train.log'}: a file, not a folder"
     elif case == "not a pipeline":
         (tmp_path / "stuff").mkdir()
         (tmp_path / "stuff" / "notes.txt").write_text("hello")
@@ -372,6 +376,28 @@ def test_bad_inputs_are_refused_in_one_line_with_status_2(tiny_sd_model, tmp_pat
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("case", ["an existing file", "inside a file", "an existing file, with --watch"])
+def test_an_out_that_cannot_hold_the_pngs_is_refused_in_one_line_before_the_model_loads(tiny_sd_model, tmp_path,
+                                                                                          monkeypatch, case):
+    from cachetrain.sample import folder_sampler
+
+    monkeypatch.setattr(folder_sampler, "load_sampling_pipeline",
+                        lambda *a: pytest.fail("the model was loaded before --out was checked"))
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "samples" if case == "inside a file" else tmp_path / "a-file"
+    model = ["--watch", tmp_path / "run", "--once"] if "--watch" in case else [tiny_sd_model]
+    if "--watch" in case:
+        shutil.copytree(tiny_sd_model, tmp_path / "run" / "checkpoint-00001")
+        (tmp_path / "run" / "checkpoint-00001" / "training_state.pt").write_bytes(b"")
+    result = _script(*model, "--prompt", "a red circle", "--steps", "1", "--device", "cpu", "--out", out)
+    assert result.returncode == 2, result.stderr
+    expected = (f"--out {out}: {tmp_path / 'a-file'} is a file, not a folder" if case == "inside a file"
+                else f"--out {out}: an existing file, not a folder")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert (tmp_path / "a-file").read_text() == "not a folder"
 
 
 def test_a_pipeline_folder_whose_weights_are_damaged_fails_in_one_line_with_status_1(tiny_sd_model, tmp_path):

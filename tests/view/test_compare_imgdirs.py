@@ -12,6 +12,7 @@ from PIL import Image
 from cachetrain.view import compare
 from cachetrain.models.sampling import SampleMetadata, save_sample_png
 from tests.headless_chromium import HeadlessChromium, chromium_missing_reason
+from tests.script_runs import run_script
 
 PROMPTS = ["a red circle on a blue background", "a yellow </script> square <!-- <b>on black</b>"]
 SAMPLE_NAMES = ["sample-00-a-red-circle-on-a-blue-background.png", "sample-01-a-yellow-script-square-b-on-black-b.png"]
@@ -22,15 +23,18 @@ def colour(run: int, step: int, prompt_index: int) -> tuple[int, int, int]:
     return (40 + 150 * run, step // 100 * 60, 60 + 120 * prompt_index)
 
 
+def write_samples(folder, run: int, step: int) -> None:
+    folder.mkdir(parents=True)
+    for index, (prompt, name) in enumerate(zip(PROMPTS, SAMPLE_NAMES)):
+        metadata = SampleMetadata(prompt=prompt, negative_prompt="", seed=1234 + index, step=step,
+                                  sampler_steps=20, guidance_scale=7.5)
+        save_sample_png(Image.new("RGB", (SAMPLE_SIDE, SAMPLE_SIDE), colour(run, step, index)),
+                        folder / name, metadata)
+
+
 def write_run(root, run: int, steps: list[int]) -> None:
     for step in steps:
-        folder = root / f"checkpoint-{step:05d}"
-        folder.mkdir(parents=True)
-        for index, (prompt, name) in enumerate(zip(PROMPTS, SAMPLE_NAMES)):
-            metadata = SampleMetadata(prompt=prompt, negative_prompt="", seed=1234 + index, step=step,
-                                      sampler_steps=20, guidance_scale=7.5)
-            save_sample_png(Image.new("RGB", (SAMPLE_SIDE, SAMPLE_SIDE), colour(run, step, index)),
-                            folder / name, metadata)
+        write_samples(root / f"checkpoint-{step:05d}", run, step)
 
 
 @pytest.fixture
@@ -136,6 +140,48 @@ def test_side_by_side_pngs_put_each_run_in_its_column_for_every_matched_step(two
     damaged = Image.open(png_dir / "checkpoint-00200.png").convert("RGB")
     assert tile_pixel(damaged, 1, 1, dx=192, dy=32) == compare.PNG_GAP  # a marked gap in its place
     assert tile_pixel(damaged, 1, 1, dx=0, dy=0) == compare.PNG_GAP_MARK
+
+
+def test_flat_folders_of_sampled_images_get_a_side_by_side_png_with_a_name(tmp_path):
+    # sample_images.py --out DIR writes its PNGs straight into DIR: the comparison's one step is "."
+    write_samples(tmp_path / "out_a", 0, 0)
+    write_samples(tmp_path / "out_b", 1, 0)
+    png_dir = tmp_path / "side-by-side"
+    result = run_script("compare_imgdirs.py", tmp_path / "out_a", tmp_path / "out_b", "--out", tmp_path / "c.html",
+                        "--png", png_dir)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in png_dir.iterdir()) == [compare.TOP_FOLDER_PNG]
+    image = Image.open(png_dir / compare.TOP_FOLDER_PNG).convert("RGB")
+    tile = 256  # 32 px samples enlarged 8x; first prompt row, centre of each run's tile
+    for run in (0, 1):
+        assert image.getpixel((8 + run * (tile + 8) + tile // 2, 8 + 24 + 20 + 20 + tile // 2)) == colour(run, 0, 0)
+
+
+@pytest.mark.parametrize("case", ["--out an existing folder", "--out inside a file", "--png an existing file",
+                                  "--png inside a file"])
+def test_output_paths_that_cannot_be_written_are_refused_in_one_line_before_the_page_is_built(two_runs, tmp_path,
+                                                                                              case, monkeypatch):
+    monkeypatch.setattr(compare, "compare_runs", lambda *a: pytest.fail("the runs were read before the check"))
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    out, png = tmp_path / "c.html", tmp_path / "pngs"
+    if case == "--out an existing folder":
+        out, expected = tmp_path / "a-folder", f"--out {tmp_path / 'a-folder'}: an existing folder"
+    elif case == "--out inside a file":
+        out = tmp_path / "a-file" / "c.html"
+        expected = f"--out {out}: {tmp_path / 'a-file'} is a file, not a folder"
+    elif case == "--png an existing file":
+        png, expected = tmp_path / "a-file", f"--png {tmp_path / 'a-file'}: an existing file, not a folder"
+    else:
+        png = tmp_path / "a-file" / "pngs"
+        expected = f"--png {png}: {tmp_path / 'a-file'} is a file, not a folder"
+    result = run_script("compare_imgdirs.py", *two_runs, "--out", out, "--png", png)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "demo_a", "demo_b"]  # nothing left
+    assert (tmp_path / "a-file").read_text() == "not a folder" and not any((tmp_path / "a-folder").iterdir())
 
 
 CELLS_OF_SHOWN_STEP = """
