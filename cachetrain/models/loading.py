@@ -8,13 +8,17 @@ only the component asked for. A single file holds weights only: its configs and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from typing import Any
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from . import ldm_layout, pipeline_code
+from ..cli import first_line
 from ..freshness import config_fingerprint
 
 # The hub repositories our defaults and examples name: kept here alone, so a moved repository is one edit.
@@ -47,8 +51,9 @@ def load_vae(model: str, subfolder: str | None = "vae", dtype: torch.dtype = tor
     from diffusers import AutoencoderKL
 
     if ldm_layout.is_single_file(model):
-        return AutoencoderKL.from_single_file(model, torch_dtype=dtype,
-                                              **_single_file_kwargs(model, single_file_config, subfolder or "vae"))
+        kwargs = _single_file_kwargs(AutoencoderKL, model, single_file_config, subfolder or "vae")
+        with _without_hub_deprecation_noise():
+            return AutoencoderKL.from_single_file(model, torch_dtype=dtype, **kwargs)
     return AutoencoderKL.from_pretrained(model, **_kwargs(subfolder=subfolder), torch_dtype=dtype)
 
 
@@ -78,8 +83,9 @@ def load_unet(model: str, dtype: torch.dtype = torch.float32, single_file_config
     from diffusers import UNet2DConditionModel
 
     if ldm_layout.is_single_file(model):
-        return UNet2DConditionModel.from_single_file(model, torch_dtype=dtype,
-                                                     **_single_file_kwargs(model, single_file_config, "unet"))
+        kwargs = _single_file_kwargs(UNet2DConditionModel, model, single_file_config, "unet")
+        with _without_hub_deprecation_noise():
+            return UNet2DConditionModel.from_single_file(model, torch_dtype=dtype, **kwargs)
     return UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
 
 
@@ -107,7 +113,9 @@ def load_training_scheduler(model: str, prediction_type: str | None = None, zero
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     if ldm_layout.is_single_file(model):  # the file's markers (v-prediction, zero terminal SNR) on the config's schedule
-        config = {**DDPMScheduler.load_config(single_file_config_source(single_file_config), subfolder="scheduler"),
+        source = single_file_config_source(single_file_config)
+        config = {**from_single_file_config(model, source, "scheduler",
+                                            lambda: DDPMScheduler.load_config(source, subfolder="scheduler")),
                   **single_file_schedule(model)}
         zero_terminal_snr = zero_terminal_snr or bool(config.get("rescale_betas_zero_snr"))
     else:
@@ -170,8 +178,12 @@ def read_vae_scaling_factor(model: str, single_file_config: str | None = None) -
     from diffusers import AutoencoderKL
 
     if ldm_layout.is_single_file(model):
-        model = single_file_config_source(single_file_config)
-    return float(AutoencoderKL.load_config(model, subfolder="vae").get("scaling_factor", 0.18215))
+        source = single_file_config_source(single_file_config)
+        config = from_single_file_config(model, source, "vae",
+                                         lambda: AutoencoderKL.load_config(source, subfolder="vae"))
+    else:
+        config = AutoencoderKL.load_config(model, subfolder="vae")
+    return float(config.get("scaling_factor", 0.18215))
 
 
 # -- single-file models (the original SD layout, as A1111 / ComfyUI save them) ---------------------
@@ -181,13 +193,57 @@ def single_file_config_source(single_file_config: str | None) -> str:
     return single_file_config or SD15_MODEL_ID
 
 
-def _single_file_kwargs(model: str, single_file_config: str | None, subfolder: str) -> dict[str, Any]:
+class SingleFileConfigError(FileNotFoundError):
+    """A single file's configs (or tokenizer) cannot be had: its config source is a hub id that cannot be
+    reached (offline, not cached, no such repository) or a folder that lacks them. Its message is one line:
+    the file, what is missing and the fix (the ``--single_file_config`` every such script takes)."""
+
+
+_Read = TypeVar("_Read")
+
+
+def from_single_file_config(model: str, source: str, part: str, read: Callable[[], _Read]) -> _Read:
+    """``read()``: a config (or the tokenizer) of ``part`` that the single file ``model`` lacks, from ``source``.
+
+    Every single-file load reads its configs through here, before any weights: what the source cannot give
+    is a SingleFileConfigError naming the file, not the library's traceback (diffusers' and transformers'
+    hub errors, e.g. "... does not appear to have a file named config.json" when offline)."""
+    try:
+        with _without_hub_deprecation_noise():
+            return read()
+    except OSError as error:
+        if os.path.isdir(source):
+            where = f"the folder {source}, which lacks it ({first_line(error)})"
+        else:
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            where = (f"{source}, which is no local folder and could not be fetched from the hub "
+                     f"({'HF_HUB_OFFLINE is set' if offline else first_line(error)})")
+        raise SingleFileConfigError(
+            f"{model}: a single file holds weights only; its {part} config comes from {where}; give the folder of "
+            f"its model's configs (a diffusers folder with {part}/) with --single_file_config FOLDER, or make the "
+            "hub reachable") from None
+
+
+@contextlib.contextmanager
+def _without_hub_deprecation_noise():
+    """diffusers' single-file loaders pass huggingface_hub an argument it has deprecated, and its warning (two
+    lines, naming neither our flags nor the user's files) would stand beside our one-line message."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+        yield
+
+
+def _single_file_kwargs(cls, model: str, single_file_config: str | None, subfolder: str) -> dict[str, Any]:
+    """from_single_file's arguments for the ``cls`` part of ``model``, its config found first (or refused)."""
     if not os.path.isfile(model):
         raise FileNotFoundError(f"{model}: no such single-file model")
     source = single_file_config_source(single_file_config)
     kwargs: dict[str, Any] = {"config": source, "subfolder": subfolder}
     if os.path.isdir(source):  # a local folder: nothing to fetch
         kwargs["local_files_only"] = True
+    from_single_file_config(model, source, subfolder,
+                            lambda: cls.load_config(source, subfolder=subfolder,
+                                                    **_kwargs(local_files_only=kwargs.get("local_files_only"))))
     return kwargs
 
 
@@ -202,18 +258,31 @@ def single_file_schedule(model: str) -> dict[str, Any]:
     return overrides
 
 
+def _clip_tokenizer(source: str):
+    """The CLIP tokenizer of ``source``; OSError when it has no vocabulary (transformers builds one of the
+    special tokens alone, silently, when the tokenizer's files are missing)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        raise FileNotFoundError("no tokenizer files (vocab.json, merges.txt) in its tokenizer/")
+    return tokenizer
+
+
 def _single_file_clip_text_encoder(model: str, dtype: torch.dtype, single_file_config: str | None):
     """The CLIP text encoder of a single file: the config's architecture, the file's weights (exactly)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     if not os.path.isfile(model):
         raise FileNotFoundError(f"{model}: no such single-file model")
     source = single_file_config_source(single_file_config)
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    tokenizer = from_single_file_config(model, source, "tokenizer", lambda: _clip_tokenizer(source))
+    text_config = from_single_file_config(model, source, "text_encoder",
+                                          lambda: CLIPTextConfig.from_pretrained(source, subfolder="text_encoder"))
     weights = ldm_layout.read_part(model, ldm_layout.TEXT_ENCODER_PREFIX)
     if not weights:
         raise ValueError(f"{model}: no CLIP text encoder in the file (no {ldm_layout.TEXT_ENCODER_PREFIX} keys)")
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(source, subfolder="text_encoder"))
+    text_encoder = CLIPTextModel(text_config)
     weights = ldm_layout.text_encoder_weights_for_model(weights, text_encoder.state_dict())
     missing, unexpected = text_encoder.load_state_dict(weights, strict=False)
     missing = [key for key in missing if not key.endswith("position_ids")]
@@ -228,8 +297,10 @@ def load_single_file_pipeline_around(model: str, unet: torch.nn.Module, single_f
 
     source = single_file_config_source(single_file_config)
     tokenizer, text_encoder = load_clip_text_encoder(model, single_file_config=single_file_config)
-    scheduler = _sampling_scheduler_class(source).from_pretrained(source, subfolder="scheduler",
-                                                                  **single_file_schedule(model))
+    markers = single_file_schedule(model)
+    scheduler = from_single_file_config(
+        model, source, "scheduler",
+        lambda: _sampling_scheduler_class(source).from_pretrained(source, subfolder="scheduler", **markers))
     return StableDiffusionPipeline(vae=load_vae(model, single_file_config=single_file_config), text_encoder=text_encoder,
                                    tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)

@@ -70,7 +70,10 @@ def load_run_model(config: TrainConfig, accelerator, data, resume_from: Path | N
         # the checkpoint holds the adapter in the start's own layout (and the weights that matter): a resume needs
         # no start file, which a save limit may have pruned if it was a checkpoint of this run
         adapter.start_weights = str(resume_from)
-    unet = models.load_unet(config.pretrained_model, dtype=weight_dtype, single_file_config=config.single_file_config)
+    try:
+        unet = models.load_unet(config.pretrained_model, dtype=weight_dtype, single_file_config=config.single_file_config)
+    except models.SingleFileConfigError as error:  # a single file whose configs neither folder nor hub can give
+        raise TrainingError(f"--pretrained_model {error}") from None
     try:
         if adapter is not None:  # the UNet frozen, the adapter's layers train
             trainable = attach_adapter(unet, adapter, config.seed)
