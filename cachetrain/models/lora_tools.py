@@ -43,6 +43,10 @@ from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_lay
                          write_kohya_lora)
 
 
+SINGLE_FILE_CONFIG_HELP = ("for a .safetensors model: the folder or hub id its configs and tokenizer come from "
+                           "(default: the SD1.5 hub id)")
+
+
 class LoraToolError(ValueError):
     """A merge or extract that cannot be done; one line naming the file or flag."""
 
@@ -115,16 +119,18 @@ def adapter_changes(unet: torch.nn.Module, source: Path | str) -> dict[str, torc
     return pair_changes(read_lora(source, adaptable_layers(unet)))
 
 
-def _load_unet(model: str):
-    from .loading import load_unet
+def _load_unet(model: str, single_file_config: str | None = None):
+    from .loading import SingleFileConfigError, load_unet
 
     try:
-        return load_unet(model)
+        return load_unet(model, single_file_config=single_file_config)
+    except SingleFileConfigError as error:  # one line already: the file, the part, the flag
+        raise LoraToolError(str(error)) from None
     except Exception as error:
         raise LoraToolError(f"{model}: no UNet loads from it ({type(error).__name__})") from None
 
 
-def _load_text_encoder(model: str):
+def _load_text_encoder(model: str, single_file_config: str | None = None):
     """The model's CLIP text encoder, for a LoRA's text-encoder part (LoraToolError for a model whose text
     encoder is another kind, as the T5 model's)."""
     from .loading import load_clip_text_encoder
@@ -135,7 +141,7 @@ def _load_text_encoder(model: str):
         raise LoraToolError(f"{model}: the LoRA has a part for SD1.5's CLIP text encoder, and this model's is "
                             f"{kind}; --unet_only merges the UNet's part alone")
     try:
-        return load_clip_text_encoder(model)[1]
+        return load_clip_text_encoder(model, single_file_config=single_file_config)[1]
     except Exception as error:
         raise LoraToolError(f"{model}: the LoRA has a text-encoder part, and no CLIP text encoder loads from "
                             f"this model ({type(error).__name__}); --unet_only merges the UNet's part alone") from None
@@ -182,7 +188,8 @@ class MergeReport:
     text_encoder_layers: int
 
 
-def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool = False) -> MergeReport:
+def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool = False,
+          single_file_config: str | None = None) -> MergeReport:
     """Merge ``lora`` into ``model`` (its UNet, and its text encoder where the LoRA has a part for it, as
     kohya files from sd-scripts often do, unless ``unet_only``) and write ``out``."""
     if not math.isfinite(scale):
@@ -198,12 +205,12 @@ def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool =
         # its unet/ is the untrained base: the result would hold the other LoRA and not this run's adapter
         raise LoraToolError(f"{model}: an adapter run's model, whose unet/ is the untrained base; merge its own "
                             f"adapter first (--lora {adapter_to_merge(model)}), then {lora} into the result")
-    unet = _load_unet(model)
+    unet = _load_unet(model, single_file_config)
     text_encoder, text_changes = None, {}
     if is_lycoris_file(lora):  # a LoHa/LoKr in LyCORIS' layout: ours (--save_kohya_lora) or another tool's
         changes = lycoris_changes(lora, adaptable_layers(unet), drop_text_encoder=unet_only)
     elif has_text_encoder_part(lora) and not unet_only:
-        text_encoder = _load_text_encoder(model)
+        text_encoder = _load_text_encoder(model, single_file_config)
         pairs, text_pairs = read_lora_parts(lora, adaptable_layers(unet), adaptable_layers(text_encoder))
         changes, text_changes = pair_changes(pairs), pair_changes(text_pairs)
         merge_changes(text_encoder, text_changes, scale)
@@ -219,12 +226,12 @@ def merge(model: str, lora: str, out: str, scale: float = 1.0, unet_only: bool =
     if out_path.suffix == ".safetensors":
         with tempfile.TemporaryDirectory(dir=out_path.parent) as staging:
             folder = Path(staging) / "model"
-            _write_pipeline(model, unet, folder, text_encoder)
+            _write_pipeline(model, unet, folder, text_encoder, single_file_config)
             from .export import export_single_file
 
             export_single_file(folder, out_path, dtype="fp32")
     else:
-        _write_pipeline(model, unet, out_path, text_encoder)
+        _write_pipeline(model, unet, out_path, text_encoder, single_file_config)
     return MergeReport(unet_layers=len(changes), text_encoder_layers=len(text_changes))
 
 
@@ -235,7 +242,7 @@ def _check_finite(changes: dict[str, torch.Tensor], source: str) -> None:
             raise LoraToolError(f"--lora {source}: its change to layer {name} holds NaN or infinite values")
 
 
-def _write_pipeline(model: str, unet, folder: Path, text_encoder=None) -> None:
+def _write_pipeline(model: str, unet, folder: Path, text_encoder=None, single_file_config: str | None = None) -> None:
     """The model's pipeline folder with ``unet`` (and ``text_encoder`` when given) in it (written to a staging
     name, then renamed)."""
     staging = folder.with_name(folder.name + ".partial")
@@ -244,7 +251,7 @@ def _write_pipeline(model: str, unet, folder: Path, text_encoder=None) -> None:
         if ldm_layout.is_single_file(model):
             from .loading import load_single_file_pipeline_around
 
-            pipeline = load_single_file_pipeline_around(model, unet)
+            pipeline = load_single_file_pipeline_around(model, unet, single_file_config=single_file_config)
             if text_encoder is not None:
                 pipeline.text_encoder = text_encoder
             pipeline.save_pretrained(staging)
@@ -318,9 +325,15 @@ def extract_pairs(base: torch.nn.Module, tuned: torch.nn.Module, rank: int, targ
                       worst_error=worst[1], unchanged=unchanged)
 
 
-def extract(base: str, tuned: str, rank: int, out: str, targets: list[str]) -> Extraction:
+def extract(base: str, tuned: str, rank: int, out: str, targets: list[str],
+            single_file_config: str | None = None) -> Extraction:
     check_out(out, {"--base": base, "--tuned": tuned}, replaces_folder=False)
-    base_unet, tuned_unet = _load_unet(base), _load_unet(tuned)
+    for flag, model in (("--base", base), ("--tuned", tuned)):
+        if holds_adapter(model):  # its unet/ is the untrained base: the difference would miss what it learned
+            raise LoraToolError(f"{flag} {model}: an adapter run's model, whose unet/ is the untrained base; take "
+                                f"its adapter as it is, or merge it first (cachetrain-lora merge --model {model} "
+                                f"--lora {adapter_to_merge(model)} --out MERGED) and extract from MERGED")
+    base_unet, tuned_unet = _load_unet(base, single_file_config), _load_unet(tuned, single_file_config)
     result = extract_pairs(base_unet, tuned_unet, rank, targets)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,6 +357,7 @@ def build_parser() -> ArgumentParser:
     merging.add_argument("--scale", type=float, default=1.0, help="strength of the adapter")
     merging.add_argument("--unet_only", action="store_true",
                          help="merge the UNet's part alone, leaving out a text-encoder part the LoRA has")
+    merging.add_argument("--single_file_config", default=None, help=SINGLE_FILE_CONFIG_HELP)
     extracting = commands.add_parser("extract", help="extract a LoRA from the difference of two models (SVD)")
     extracting.add_argument("--base", required=True, help="the model before training (folder or single file)")
     extracting.add_argument("--tuned", required=True, help="the model after training")
@@ -351,6 +365,7 @@ def build_parser() -> ArgumentParser:
     extracting.add_argument("--out", required=True, help="a .safetensors (kohya/A1111 layout) or a folder (diffusers)")
     extracting.add_argument("--targets", nargs="+", default=["attention", "feedforward"], choices=tuple(LAYER_GROUPS),
                             help="layer groups to extract")
+    extracting.add_argument("--single_file_config", default=None, help=SINGLE_FILE_CONFIG_HELP)
     return parser
 
 
@@ -361,14 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_loading()
     try:
         if args.command == "merge":
-            report = merge(args.model, args.lora, args.out, args.scale, args.unet_only)
+            report = merge(args.model, args.lora, args.out, args.scale, args.unet_only, args.single_file_config)
             text = f" and {report.text_encoder_layers} of the text encoder" if report.text_encoder_layers else ""
             print(f"[lora] merged {report.unet_layers} UNet layer(s){text} of {args.lora} (scale {args.scale:g}) "
                   f"into {args.out}")
             return 0
         if args.rank < 1:
             raise LoraToolError("--rank must be >= 1")
-        result = extract(args.base, args.tuned, args.rank, args.out, args.targets)
+        result = extract(args.base, args.tuned, args.rank, args.out, args.targets, args.single_file_config)
     except (LoraToolError, LoraFileError) as error:
         print_error(str(error))
         return 2

@@ -272,6 +272,44 @@ def test_merging_a_run_folder_writes_its_pipeline_and_nothing_else_of_the_run(sd
     assert any(not torch.equal(merged[name].weight, base[name].weight) for name in base)  # the adapter is in it
 
 
+def test_a_single_file_merges_offline_with_its_config_folder_and_is_refused_in_one_line_without(
+        sd15_model, random_lora, tmp_path, capsys):
+    from cachetrain.models import export
+
+    single = tmp_path / "sd15.safetensors"
+    assert export.main([str(sd15_model), str(single), "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    # offline (the suite's hub is unreachable): SD1.5's hub id, the default config source, cannot be had
+    assert lora_command(["merge", "--model", str(single), "--lora", str(random_lora), "--out",
+                         str(tmp_path / "refused.safetensors")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{single}: a single file holds weights only" in lines[0], lines
+    assert "--single_file_config FOLDER" in lines[0] and not (tmp_path / "refused.safetensors").exists()
+    merged = tmp_path / "merged.safetensors"
+    assert lora_command(["merge", "--model", str(single), "--lora", str(random_lora), "--out", str(merged),
+                         "--single_file_config", str(sd15_model)]) == 0
+    by_folder = tmp_path / "by-folder"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(random_lora), "--out", str(by_folder)]) == 0
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_single_file(str(merged), config=str(sd15_model), subfolder="unet",
+                                                 local_files_only=True)
+    expected = adaptable_layers(_unet(by_folder))
+    for name, layer in adaptable_layers(unet).items():  # the same merge as from the model's folder
+        assert torch.allclose(layer.weight, expected[name].weight, atol=1e-6, rtol=0), name
+    assert lora_command(["extract", "--base", str(single), "--tuned", str(merged), "--rank", "4", "--out",
+                         str(tmp_path / "extracted"), "--single_file_config", str(sd15_model)]) == 0
+
+
+def test_extract_from_an_adapter_runs_model_is_refused_naming_the_merge_that_gives_its_model(sd15_model, lora_run,
+                                                                                              tmp_path, capsys):
+    assert lora_command(["extract", "--base", str(sd15_model), "--tuned", str(lora_run), "--rank", "2", "--out",
+                         str(tmp_path / "e")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"--tuned {lora_run}: an adapter run's model, whose unet/ is the untrained base" in lines[0]
+    assert f"cachetrain-lora merge --model {lora_run} --lora {lora_run}" in lines[0] and not (tmp_path / "e").exists()
+
+
 def test_a_lora_with_non_finite_values_a_vector_alpha_or_unmatched_ranks_is_refused_naming_the_layer(
         sd15_model, random_lora, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
