@@ -20,7 +20,7 @@ import torch
 
 from .. import __version__
 from . import ldm_layout
-from ..atomic import write_tensors_atomically
+from ..atomic import writable_problem, write_tensors_atomically
 from ..checkpoint_layout import CHECKPOINT_PATTERN, EMA_COMPONENT, TRAINED_COMPONENT, TRAINING_STATE_FILE
 from ..cli import ArgumentParser, print_error
 from .loading import parse_dtype
@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.out.lower().endswith(".safetensors"):
         print_error(f"{args.out}: the output must be a .safetensors file")
+        return 2
+    problem = writable_problem(Path(args.out).parent)  # before the model loads
+    if problem:
+        print_error(f"{args.out}: {problem}")
         return 2
     torch.set_num_threads(min(4, torch.get_num_threads()))
     try:

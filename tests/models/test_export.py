@@ -256,6 +256,9 @@ def test_export_refuses_a_folder_that_is_no_pipeline_and_ema_without_ema_weights
     assert export.main([str(sd15_model), str(tmp_path / "x.ckpt")]) == 2
     assert "x.ckpt: the output must be a .safetensors file" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+    (tmp_path / "notes.txt").write_text("a file where a folder would go")
+    assert export.main([str(sd15_model), str(tmp_path / "notes.txt" / "x.safetensors")]) == 2
+    assert f"x.safetensors: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
 
 
 # -- import: a single file as the model to train on and to cache with ----------------------------
