@@ -150,7 +150,8 @@ def _load_text_encoder(model: str, single_file_config: str | None = None):
 def check_out(out: str, sources: dict[str, str], replaces_folder: bool) -> Path:
     """``--out``, checked before anything loads: it is not an input, nor inside one or around one; a
     .safetensors is not a folder and a folder not a file; a folder the output replaces holds a model and
-    nothing else of a run's; and a file can be written where the output goes (its parents are made)."""
+    nothing else of a run's; and a file can be written where the output goes (the missing folders on the
+    way are made when it is written, not here)."""
     out_path = Path(out)
     resolved = out_path.resolve()
     for flag, source in sources.items():
