@@ -60,6 +60,18 @@ def check_base_model(config: TrainConfig, adapter: AdapterSpec | None, is_main: 
               f"the base); --lora_type {kind} --lora_weights {source} starts from it", file=sys.stderr)
 
 
+def text_width_problem(config: TrainConfig, text_width: int | None, unet_config) -> str | None:
+    """Why the run's text sidecars cannot condition this UNet, if they cannot: their width is not the one its
+    cross-attention takes (sidecars of another text encoder: CLIP-L's for the T5 model, T5's for SD1.5).
+    Found at step 1 it would be a matrix-shape traceback."""
+    takes = unet_config.get("encoder_hid_dim") or unet_config.get("cross_attention_dim")
+    if text_width is None or config.force_txtcache or not isinstance(takes, int) or text_width == takes:
+        return None
+    return (f"--txtcache_suffix {config.txtcache_suffix}: the run's text sidecars are {text_width} wide, and "
+            f"{config.pretrained_model}'s UNet takes text {takes} wide: they were cached with another model's "
+            "text encoder; cache the captions with this model's, or name the sidecars made for it")
+
+
 def load_run_model(config: TrainConfig, accelerator, data, resume_from: Path | None = None) -> RunModel:
     """The UNet and everything that trains it, from ``config`` and the run's data (run_data.RunData)."""
     device, world = accelerator.device, accelerator.num_processes
@@ -74,6 +86,9 @@ def load_run_model(config: TrainConfig, accelerator, data, resume_from: Path | N
         unet = models.load_unet(config.pretrained_model, dtype=weight_dtype, single_file_config=config.single_file_config)
     except models.SingleFileConfigError as error:  # a single file whose configs neither folder nor hub can give
         raise TrainingError(f"--pretrained_model {error}") from None
+    problem = text_width_problem(config, data.checks.text_width, unet.config)
+    if problem:
+        raise TrainingError(problem)
     try:
         if adapter is not None:  # the UNet frozen, the adapter's layers train
             trainable = attach_adapter(unet, adapter, config.seed)

@@ -129,3 +129,30 @@ def test_a_run_with_force_toklen_saves_a_pipeline_that_conditions_on_that_many_t
     onward = _train_t5(output / "checkpoint-00001", t5_cached_template, tmp_path / "onward", "--max_steps", "1",
                        "--sample_prompt", "a red circle on a blue background", "--sampler_steps", "1")
     assert recorded(tmp_path / "onward") is None and onward.steps == 1
+
+
+def test_text_sidecars_of_another_text_encoder_are_refused_at_start_naming_both_widths(
+        tiny_sd_model, tiny_t5_model, t5_cached_template, cached_dataset, tmp_path, capsys):
+    """T5 sidecars for SD1.5's UNet, CLIP-L sidecars for the T5 model: one line and status 2 before step 1,
+    not a matrix-shape traceback at it."""
+    from cachetrain.train.trainer import main
+
+    def start(model, data, output, *suffixes):
+        capsys.readouterr()
+        status = main(["--pretrained_model", str(model), "--train_data_dir", str(data), "--output_dir", str(output),
+                       *suffixes, "--batch_size", "4", "--max_steps", "1", "--num_workers", "0", "--no_progress"])
+        return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+    t5_width = json.loads((tiny_t5_model / "unet" / "config.json").read_text())["cross_attention_dim"]
+    clip_width = json.loads((tiny_sd_model / "unet" / "config.json").read_text())["cross_attention_dim"]
+    assert t5_width != clip_width
+    cases = [(tiny_sd_model, t5_cached_template, ("--imgcache_suffix", sidecar.SDXL_VAE_SUFFIX, "--txtcache_suffix",
+                                                  sidecar.T5_SUFFIX), t5_width, clip_width),
+             (tiny_t5_model, cached_dataset, (), clip_width, t5_width)]
+    for number, (model, data, suffixes, sidecar_width, unet_width) in enumerate(cases):
+        output = tmp_path / f"run{number}"
+        status, errors = start(model, data, output, *suffixes)
+        assert status == 2 and len(errors) == 1, errors
+        assert (f"the run's text sidecars are {sidecar_width} wide, and {model}'s UNet takes text {unet_width} "
+                "wide") in errors[0]
+        assert not list(output.glob("checkpoint-*")) and not (output / "unet").exists()
