@@ -31,6 +31,9 @@ FORMAT_VERSION = "1"
 
 IMAGE_LATENT_KEY = "latent"
 TEXT_EMBEDDING_KEY = "emb"
+# the "tokens" metadata of a text sidecar stored trimmed to its caption's own tokens (T5): its token count
+# is its own, and batches pad it
+TRIMMED_TOKENS = "real tokens up to and including the end token"
 FLIPPED_LATENT_KEY = "latent_flipped"  # the horizontally mirrored image's latent (--flip)
 MASK_KEY = "mask"  # [1, h, w] loss weights at latent resolution (--mask)
 # An image's mask file: x.jpg -> x.mask.png (never a source image itself, see is_source_image)

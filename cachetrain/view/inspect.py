@@ -36,7 +36,7 @@ from ..cli import ArgumentParser
 from . import cache_tools
 from ..freshness import caption_source_identity, check_freshness, file_content_digest, image_source_identity
 from ..sidecar import (CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, IMAGE_LATENT_KEY, KNOWN_SUFFIXES,
-                      TEXT_EMBEDDING_KEY, SidecarError, FLIPPED_LATENT_KEY, MASK_KEY, is_orphan, read_caption,
+                      TEXT_EMBEDDING_KEY, TRIMMED_TOKENS, SidecarError, FLIPPED_LATENT_KEY, MASK_KEY, is_orphan, read_caption,
                       read_header, read_sidecar, sidecar_sources, text_variant_count)
 from ..tree import normalize_extensions, walk_files
 
@@ -105,7 +105,10 @@ class SuffixReport:
     kinds: Counter = field(default_factory=Counter)
     dtypes: Counter = field(default_factory=Counter)
     shapes: Counter = field(default_factory=Counter)
-    files_by_shape: dict[tuple[int, ...], list[str]] = field(default_factory=dict)
+    # what training holds each file to: its whole shape, but the width alone of a text embedding stored
+    # trimmed to its caption's own tokens (T5 sidecars: their token counts differ, and batches pad them)
+    trained_shapes: Counter = field(default_factory=Counter)
+    files_by_shape: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = field(default_factory=dict)
     # Latents cached with aspect buckets: shapes counted per bucket, whose usual shape each has its own
     bucket_shapes: dict[str, Counter] = field(default_factory=dict)
     files_by_bucket_shape: dict[tuple[str, tuple[int, ...]], list[str]] = field(default_factory=dict)
@@ -125,14 +128,15 @@ class SuffixReport:
         return self.shapes.most_common(1)[0][0] if self.shapes else None
 
     def odd_shape_files(self) -> list[dict]:
-        """Files whose shape differs from the usual one: of all files, or of their bucket's files."""
-        unbucketed = Counter({shape: n for shape, n in self.shapes.items()})
+        """Files whose shape differs from the usual one as training compares them (a trimmed text embedding:
+        its width): of all files, or of their bucket's files."""
+        unbucketed = Counter(self.trained_shapes)
         for counts in self.bucket_shapes.values():
             unbucketed.subtract(counts)
         unbucketed = +unbucketed
         usual = unbucketed.most_common(1)[0][0] if unbucketed else None
-        odd = [{"path": path, "shape": list(shape)} for shape, paths in self.files_by_shape.items()
-               if shape != usual for path in paths]
+        odd = [{"path": path, "shape": list(shape)} for trained, files in self.files_by_shape.items()
+               if trained != usual for path, shape in files]
         for (bucket, shape), paths in self.files_by_bucket_shape.items():
             if shape != self.bucket_shapes[bucket].most_common(1)[0][0]:
                 odd += [{"path": path, "shape": list(shape), "bucket": bucket} for path in paths]
@@ -143,19 +147,22 @@ class SuffixReport:
         if status != "fresh" and len(self.not_fresh) < FILES_KEPT:
             self.not_fresh.append({"path": path, "status": status, "reason": reason})
 
-    def add_tensor(self, path: str, key: str, tensor: torch.Tensor, bucket: str = "") -> None:
-        """``bucket``: the size a latent cached with aspect buckets was cropped to ("" for any other)."""
+    def add_tensor(self, path: str, key: str, tensor: torch.Tensor, bucket: str = "", trimmed: bool = False) -> None:
+        """``bucket``: the size a latent cached with aspect buckets was cropped to ("" for any other);
+        ``trimmed``: a text embedding of its caption's own tokens, whose count is its own."""
         shape = tuple(tensor.shape)
         self.kinds["image_latent" if key == IMAGE_LATENT_KEY else "text_embedding"] += 1
         self.dtypes[str(tensor.dtype).removeprefix("torch.")] += 1
         self.shapes[shape] += 1
+        trained = shape[-1:] if trimmed else shape
+        self.trained_shapes[trained] += 1
         if bucket:
             self.bucket_shapes.setdefault(bucket, Counter())[shape] += 1
-            kept = self.files_by_bucket_shape.setdefault((bucket, shape), [])
+            kept, entry = self.files_by_bucket_shape.setdefault((bucket, shape), []), path
         else:
-            kept = self.files_by_shape.setdefault(shape, [])
+            kept, entry = self.files_by_shape.setdefault(trained, []), (path, shape)
         if len(kept) < FILES_KEPT:
-            kept.append(path)
+            kept.append(entry)
         values = tensor.to(torch.float64)
         nan, inf = int(values.isnan().sum()), int(values.isinf().sum())
         if nan or inf:
@@ -240,7 +247,8 @@ def inspect_sidecar(path: str, suffix: str, report: SuffixReport, sources: dict[
         report.add_status(path, "unreadable", error.reason)
         return
     bucketed = "," in metadata.get("resolution", "")  # cached with aspect buckets: several sizes on purpose
-    report.add_tensor(path, key, tensor, metadata.get("size", "?") if bucketed else "")
+    report.add_tensor(path, key, tensor, metadata.get("size", "?") if bucketed else "",
+                      trimmed=metadata.get("tokens") == TRIMMED_TOKENS)
     count_extras(report, key, header.keys())
     if metadata:
         report.encoders[f"{metadata.get('encoder', '?')} ({metadata.get('encoder_class', '?')}, "

@@ -279,3 +279,28 @@ def test_one_orphan_rule_decides_for_the_builders_prune_and_the_inspector(tmp_pa
                 "nocaption.txt_clipl", "noimage.txt_clipl"}
     assert said_orphan == expected
     assert pruned == expected
+
+
+def test_a_t5_cache_of_captions_of_every_length_passes_and_a_sidecar_of_another_width_does_not(t5_cached_template,
+                                                                                               tmp_path, capsys):
+    """T5 sidecars hold each caption's own tokens (their counts differ, and batches pad them): only their width
+    is what training holds them to."""
+    import shutil
+
+    from cachetrain import sidecar
+
+    root = tmp_path / "data"
+    shutil.copytree(t5_cached_template, root)
+    texts = sorted(path for path in root.rglob(f"*{sidecar.T5_SUFFIX}") if not path.name.startswith("."))
+    lengths = {sidecar.read_sidecar(path, sidecar.TEXT_EMBEDDING_KEY).shape[0] for path in texts}
+    assert len(lengths) > 1  # the captions' token counts differ
+    assert cache_inspect.main([str(root), "--no_progress"]) == 0
+    capsys.readouterr()
+    tensor, metadata = sidecar.read_sidecar_file(texts[0])
+    tensor = tensor[sidecar.TEXT_EMBEDDING_KEY]
+    wider = torch.zeros(tensor.shape[0], tensor.shape[1] + 8)
+    write_sidecar(texts[0], {sidecar.TEXT_EMBEDDING_KEY: wider}, metadata)  # the same header, another width
+    result = cache_inspect.inspect_cache([str(root)], show_progress=False)
+    odd = result["suffixes"][sidecar.T5_SUFFIX]["odd_shape_files"]
+    assert odd == [{"path": str(texts[0]), "shape": list(wider.shape)}]
+    assert cache_inspect.main([str(root), "--no_progress"]) == 1
