@@ -38,6 +38,9 @@ class RunData:
     folders: list[DataFolder] | None = None  # --dataset_config's folders, in --train_data_dir's order
 
 
+MAX_EPOCH_DRAWS = 2**31 - 1
+
+
 def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
                   wait_for_main: Callable[[], None] | None = None, resumed: SavedLayout | None = None) -> RunData:
     """``wait_for_main``: a barrier of all processes; with it the main process refreshes the data index
@@ -97,6 +100,9 @@ def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, w
         sizes = torch.bincount(torch.as_tensor(train_index.root_ids(), dtype=torch.long),
                                minlength=len(folders)).tolist()
         draws = folder_draws(folders, sizes)
+        if sum(draws) > MAX_EPOCH_DRAWS:  # an epoch's order is held in memory: this many would not fit
+            raise TrainingError(f"--dataset_config {config.dataset_config}: its repeats make an epoch of "
+                                f"{sum(draws):,} draws, more than {MAX_EPOCH_DRAWS:,}; lower them")
         if is_main:
             print(f"[train] --dataset_config {config.dataset_config}: "
                   f"{describe_shares(folders, sizes, draws, config.caption_dropout)}", file=sys.stderr)

@@ -156,6 +156,18 @@ def test_a_folder_with_loss_weight_zero_teaches_nothing(tiny_sd_model, two_folde
     assert logged(first, "train/loss") != logged(first, "train/loss_raw")
 
 
+def test_repeats_that_make_an_epoch_too_large_to_hold_are_refused_at_start(tiny_sd_model, two_folders, tmp_path,
+                                                                          capsys):
+    from cachetrain.commands import train_from_cached
+
+    dataset_file = _dataset_file(tmp_path / "data.toml", {"path": "small", "repeats": 1e9}, {"path": "large"})
+    assert train_from_cached(_args(tiny_sd_model, tmp_path / "run", dataset_file, "--max_steps", "1")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --dataset_config {dataset_file}: its repeats make an epoch of 12,000,000,036 draws, "
+                      "more than 2,147,483,647; lower them"]
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_each_folder_drops_captions_at_its_own_rate(tiny_sd_model, two_folders, tmp_path, monkeypatch):
     from cachetrain.sidecar import TEXT_EMBEDDING_KEY, read_sidecar
     from cachetrain.train.objective import draw_sample_noise, sample_key
