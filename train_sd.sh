@@ -12,7 +12,7 @@ set -euo pipefail
 
 PRESET="${PRESET:-sd15}"
 MODEL="${MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}"        # diffusers folder or hub id
-DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated
+DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated ("|" if a path has a space)
 OUTPUT_DIR="${OUTPUT_DIR:-}"                              # empty: named from the settings, e.g. sd15_b16a4_1e-05_cosine10000g5
 IMG_SUFFIX="${IMG_SUFFIX:-}"                              # preset: .img_sdvae
 TXT_SUFFIX="${TXT_SUFFIX:-}"                              # preset: .txt_clipl

@@ -15,7 +15,7 @@ set -euo pipefail
 
 PRESET="${PRESET:-t5}"
 MODEL="${MODEL:-models/sd15-sdxlvae-t5}"                 # a T5 pipeline folder (or hub id)
-DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated
+DATA_DIRS="${DATA_DIRS:-/data/images}"                    # one or more folders, space-separated ("|" if a path has a space)
 OUTPUT_DIR="${OUTPUT_DIR:-}"                              # empty: named from the settings, e.g. t5_b64a1_1e-05_cosine10000g5
 IMG_SUFFIX="${IMG_SUFFIX:-}"                              # preset: .img_sdxl (SDXL VAE latents)
 TXT_SUFFIX="${TXT_SUFFIX:-}"                              # preset: .txt_t5cache (T5 + projection embeddings, real tokens only)

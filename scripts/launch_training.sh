@@ -39,7 +39,10 @@ case "${GRADIENT_CHECKPOINTING:-}" in
     1) ARGS+=(--gradient_checkpointing) ;;
     *) ARGS+=(--no-gradient_checkpointing) ;;
 esac
-for dir in ${DATA_DIRS:-}; do ARGS+=(--train_data_dir "$dir"); done
+# DATA_DIRS: folders separated by spaces, or by "|" when a folder's path holds a space (no glob expansion)
+if [[ "${DATA_DIRS:-}" == *"|"* ]]; then IFS='|' read -r -a DATA_DIR_LIST <<< "$DATA_DIRS"
+else read -r -a DATA_DIR_LIST <<< "${DATA_DIRS:-}"; fi
+for dir in "${DATA_DIR_LIST[@]}"; do [ -n "$dir" ] && ARGS+=(--train_data_dir "$dir"); done
 [ "${#PROMPTS[@]}" -gt 0 ] && ARGS+=(--sample_prompt "${PROMPTS[@]}")
 # shellcheck disable=SC2206
 [ -n "${EXTRA_ARGS:-}" ] && ARGS+=($EXTRA_ARGS)
@@ -58,8 +61,12 @@ ARGS+=(--output_dir "$OUTPUT_DIR")
 case "${1:-}" in
     "") ;;
     checkpoint)
-        echo "Queuing a checkpoint for $OUTPUT_DIR"
+        if [ ! -d "$OUTPUT_DIR" ]; then
+            echo "$0 checkpoint: no training folder $OUTPUT_DIR (is a run of these settings started?)" >&2
+            exit 2
+        fi
         touch "$OUTPUT_DIR/trigger.checkpoint" || exit 2
+        echo "Queuing a checkpoint for $OUTPUT_DIR"
         exit 0 ;;
     *)
         echo "$0: unknown argument '$1'; known: checkpoint" >&2

@@ -137,6 +137,10 @@ def test_the_wrappers_pass_their_preset_and_only_the_settings_a_user_filled_in(t
                         "--output_dir", "t5_b8a1_1e-05_cosine10000"]  # named from the settings: no gamma
     argv = _launch(settings, home, received, tmp_path / "elsewhere", SNR_GAMMA="3.5", GRADIENT_CHECKPOINTING="1")
     assert argv[0] == trainer and "--use_snr --noise_gamma 3.5 --gradient_checkpointing" in " ".join(argv)
+    # folders whose paths hold spaces (or a glob character): "|" between them, each passed whole
+    argv = _launch(settings, home, received, tmp_path / "hf", DATA_DIRS="/data/my photos|/data/b*")
+    assert argv[argv.index("--train_data_dir"):][:4] == ["--train_data_dir", "/data/my photos",
+                                                        "--train_data_dir", "/data/b*"]
 
 
 def test_wrapper_checkpoint_argument_touches_the_trigger_of_the_runs_named_output_folder(tmp_path):
@@ -159,6 +163,13 @@ def test_wrapper_checkpoint_argument_touches_the_trigger_of_the_runs_named_outpu
                            timeout=60, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path),
                                             "CACHETRAIN_HOME": str(home)})
     assert other.returncode == 2 and "unknown argument 'nonsense'; known: checkpoint" in other.stderr
+    # settings whose run has not started: one line, status 2, nothing queued
+    missing = subprocess.run([str(settings), "checkpoint"], cwd=settings.parent, capture_output=True, text=True,
+                             timeout=60, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+                                              "CACHETRAIN_HOME": str(home), "OUTPUT_DIR": str(tmp_path / "not-yet")})
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.strip().splitlines() == [f"{settings} checkpoint: no training folder {tmp_path / 'not-yet'} "
+                                                   "(is a run of these settings started?)"]
 
 
 def test_a_settings_file_from_before_presets_runs_as_it_always_did(tmp_path):
