@@ -21,6 +21,7 @@ The flags every cache script shares, and the settings made from them, are here t
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -39,7 +40,8 @@ from .shares import effective_shard, gather_from_processes, parse_shard, per_pro
 from ..bounded_read import DEFAULT_READ_TIMEOUT, set_read_timeout
 from ..data_index import refresh
 from ..fresh_digests import FreshnessRecord, record_fresh_digests
-from ..sidecar import CAPTION_EXTENSION, sidecar_path
+from ..sidecar import CAPTION_EXTENSION, DEFAULT_IMAGE_EXTENSIONS, sidecar_path
+from ..tree import normalize_extensions
 
 
 @dataclass
@@ -206,17 +208,63 @@ def update_data_indexes(settings: CacheSettings, written_folders: set[str],
             print(f"[cache] data index of {root} not written: {done.write_error}", file=sys.stderr)
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum``; anything else is refused at parse time in one line
+    ("argument --batch_size: 0: must be an integer >= 1"), before a model loads."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def out_suffix_problem(out_suffix: str, extensions, caption_suffix: str = CAPTION_EXTENSION) -> str | None:
+    """Why ``out_suffix`` cannot name sidecars (None when it can): the one rule for every cache script.
+
+    x.jpg's sidecar is x<out_suffix>, and the walk takes every name ending in it for a sidecar (an orphan
+    when no source is beside it, deleted by --prune). So the suffix must start with "." and be more than
+    that, and must not be an image extension (the script's, --extensions, or a common one) or the caption
+    suffix: such a sidecar would overwrite the user's images or captions, and --prune would delete them.
+    """
+    if not out_suffix.startswith(".") or out_suffix == ".":
+        return "must start with '.' and name the sidecars (such as .img_sdvae); x.jpg -> x<out_suffix>"
+    lowered = out_suffix.lower()
+    images = set(normalize_extensions([*DEFAULT_IMAGE_EXTENSIONS, *extensions]))
+    if lowered in images:
+        return "is an image extension: the sidecars would overwrite images (and --prune delete them)"
+    captions = {CAPTION_EXTENSION, caption_suffix.lower()}
+    if lowered in captions:
+        return "is the caption suffix: the sidecars would overwrite captions (and --prune delete them)"
+    return None
+
+
+def check_cache_flags(parser, args) -> None:
+    """The checks of the common flags that take several flags together, made right after parsing (before any
+    model loads): a bad --out_suffix ends the run with one line and exit status 2."""
+    problem = out_suffix_problem(args.out_suffix, getattr(args, "extensions", ()),
+                                 getattr(args, "caption_suffix", CAPTION_EXTENSION))
+    if problem:
+        parser.error(f"--out_suffix {args.out_suffix!r}: {problem}")
+
+
 def add_common_cache_flags(parser, default_batch: int, encoder_dtype_help: str | None = None) -> None:
     """Flags every cache script takes, with the seed's names."""
     parser.add_argument("--data_root", nargs="+", required=True, action="extend",
                         help="one or more folders to walk (repeatable)")
-    parser.add_argument("--batch_size", type=int, default=default_batch, help="items encoded at once")
+    parser.add_argument("--batch_size", type=int_at_least(1), default=default_batch, help="items encoded at once")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild every sidecar, fresh or legacy (by default fresh ones are skipped, "
                              "stale and unreadable ones rebuilt, legacy ones without metadata kept)")
     parser.add_argument("--prune", action="store_true",
                         help="remove sidecars whose source is gone and temporaries left by killed runs")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--num_workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1),
                         help="DataLoader worker processes that read and decode the inputs")
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:1 or cpu (default: this process's GPU when CUDA is available)")
@@ -292,6 +340,9 @@ def default_encoder_dtype(device: torch.device) -> torch.dtype:
 def settings_from_args(args, extensions: tuple[str, ...], num_workers: int) -> CacheSettings:
     """The engine's settings from the common flags (the same for every cache script)."""
     caption_suffix = getattr(args, "caption_suffix", CAPTION_EXTENSION)
+    problem = out_suffix_problem(args.out_suffix, extensions, caption_suffix)
+    if problem:
+        raise ValueError(f"--out_suffix {args.out_suffix!r}: {problem}")
     for extension in extensions:
         if extension in (CAPTION_EXTENSION, caption_suffix.lower(), args.out_suffix.lower()):
             raise ValueError(f"--extensions {extension}: captions and sidecars cannot be sources")

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..bounded_read import call_bounded
 from ..models import loading as models
 from ..cli import ArgumentParser
-from .build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, custom_model_source,
-                          requested_device, run_cache_build, settings_from_args)
+from .build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, check_cache_flags,
+                    custom_model_source, requested_device, run_cache_build, settings_from_args)
 from .previews import write_previews
 from .summary import CacheSummary
 from .writer import EncodedItem
@@ -375,7 +375,9 @@ def sizing_from_args(args: argparse.Namespace) -> Sizing:
 
 
 def main(argv: list[str] | None, defaults: ImageScriptDefaults) -> int:
-    args = build_parser(defaults).parse_args(argv)
+    parser = build_parser(defaults)
+    args = parser.parse_args(argv)
+    check_cache_flags(parser, args)  # before any model loads
     try:
         device = process_device(requested_device(args))
         dtype = models.parse_dtype(args.dtype) if args.dtype else torch.float32

@@ -22,6 +22,7 @@ from ..models import ldm_layout, loading as models
 from .summary import CacheSummary
 from .writer import EncodedItem
 from ..sidecar import T5_SUFFIX, CaptionRejected, read_caption
+from .build import check_cache_flags
 from .text_cache import TextEmbeddingBuilder, build_parser, encoder_device_and_dtype, run_text_cache
 from ..models.text_encoding import encode_t5_prompts, t5_overlong
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_length", type=int, default=None,
                         help="tokens kept per caption, end token included (default: the tokenizer's limit)")
     args = parser.parse_args(argv)
+    check_cache_flags(parser, args)  # before any model loads
     model = args.custom if isinstance(args.custom, str) else args.model
     if not model:
         parser.error("--model is required: a T5 pipeline folder or hub id (see assemble_t5_pipeline.py)")

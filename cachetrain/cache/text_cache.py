@@ -27,8 +27,8 @@ import torch
 
 from ..models import loading as models
 from ..cli import ArgumentParser
-from .build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, custom_model_source,
-                          default_encoder_dtype, requested_device, run_cache_build,
+from .build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, check_cache_flags,
+                          custom_model_source, default_encoder_dtype, requested_device, run_cache_build,
                           settings_from_args)
 from .summary import CacheSummary, write_problem
 from .writer import EncodedItem
@@ -179,6 +179,7 @@ def main_clip(argv: list[str] | None = None) -> int:
     add_custom_flag(parser, "tokenizer/ and text_encoder/ (standard CLIP parts, so none of the pipeline's code runs)")
     add_single_file_config_flag(parser)  # --model may be a single-file SD1.5 model
     args = parser.parse_args(argv)
+    check_cache_flags(parser, args)  # before any model loads
     device, dtype = encoder_device_and_dtype(args)
     try:
         model = custom_model_source(args, ("tokenizer", "text_encoder"))
