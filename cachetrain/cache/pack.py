@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import temporary_name, write_atomically
+from ..atomic import temporary_name, writable_problem, write_atomically
 from ..cli import ArgumentParser, print_error
 from ..sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY,
                        SidecarError, empty_prompt_path)
@@ -233,6 +233,49 @@ def copy_empty_prompts(roots: list[str], text_suffix: str, out: Path) -> list[st
     return names
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def out_problem(out: str, roots: list[str], image_suffix: str, text_suffix: str) -> str | None:
+    """Why --out cannot take this pack (one line), or None. Checked before any work: a file; a data root
+    or a folder inside one (its shards would be the tree's orphan sidecars to --prune, and the root a
+    shard set to --train_data_dir) or one that holds a data root; a shard set of other data roots or
+    suffixes (a repack of the same ones is the incremental update); a folder no file can be written in."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out}: is a file, not a folder; choose a folder for the shard set"
+    where = Path(os.path.realpath(out))
+    for root in roots:
+        real = Path(os.path.realpath(root))
+        if _inside(where, real):
+            return (f"--out {out}: is inside the data root {root} (a shard set there would be pruned as orphan "
+                    "sidecars and read by a run as the data root); choose a folder outside the data roots")
+        if _inside(real, where):
+            return f"--out {out}: holds the data root {root}; choose a folder outside the data roots"
+    manifest_path = where / MANIFEST_NAME
+    if manifest_path.exists():
+        try:
+            held = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            held = None
+        if not isinstance(held, dict) or held.get("format") != MANIFEST_FORMAT:
+            return (f"--out {out}: holds a {MANIFEST_NAME} that is not a readable cachetrain shard manifest; "
+                    "choose another --out or remove it")
+        names = [os.path.basename(os.path.normpath(r)) for r in roots]
+        if (held.get("roots"), held.get("image_suffix"), held.get("text_suffix")) != (names, image_suffix, text_suffix):
+            return (f"--out {out}: holds the shard set of data roots {_listed(held.get('roots'))} with "
+                    f"{held.get('image_suffix')} + {held.get('text_suffix')} sidecars, not of "
+                    f"{_listed(names)} with {image_suffix} + {text_suffix}; choose another --out or remove it")
+    problem = writable_problem(out)
+    if problem:
+        return f"--out {out}: {problem}"
+    return None
+
+
+def _listed(names) -> str:
+    return " ".join(map(str, names)) if isinstance(names, list) else repr(names)
+
+
 @dataclass
 class PackReport:
     shards: int
@@ -305,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.pairs_per_shard < 1:
             raise PackError(f"--pairs_per_shard must be at least 1, got {args.pairs_per_shard}")
+        problem = out_problem(args.out, args.data_root, args.imgcache_suffix, args.txtcache_suffix)
+        if problem:
+            raise PackError(problem)
         pairs = pairs_of_tree(args.data_root, args.imgcache_suffix, args.txtcache_suffix, args.caption_suffix)
         if not pairs:
             raise PackError(f"no sample has both a {args.imgcache_suffix} and a {args.txtcache_suffix} sidecar "
@@ -312,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         report = pack(pairs, args.out, args.data_root, args.imgcache_suffix, args.txtcache_suffix, args.pairs_per_shard)
     except (PackError, FileNotFoundError) as error:
         print_error(str(error))
+        return 2
+    except OSError as error:  # a write that failed midway (full disk, lost permission ...): the manifest is
+        # written last, so the previous shard set is still whole
+        print_error(f"--out {args.out}: could not write the shard set ({error.strerror or error}"
+                    f"{': ' + str(error.filename) if error.filename else ''}); the previous shard set there, "
+                    "if any, is unchanged")
         return 2
     print(f"[pack] {report.pairs} pairs in {report.shards} shards under {args.out}: {report.written} written, "
           f"{report.kept} unchanged, {report.removed} removed, {len(report.left_out)} bad pairs left out "

@@ -110,3 +110,98 @@ def test_a_tree_without_pairs_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert pack([str(tmp_path / "empty"), "--out", str(tmp_path / "shards")]) == 2
     assert capsys.readouterr().err.startswith("error: no sample has both")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["root", "inside", "holds_root"])
+def test_an_out_that_is_inside_or_holds_a_data_root_is_refused_and_nothing_is_written(tree, tmp_path, capsys, where):
+    out = {"root": tree, "inside": tree / "shards", "holds_root": tmp_path}[where]
+    before = _files(tmp_path)
+    assert pack([str(tree), "--out", str(out), "--pairs_per_shard", "16"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"--out {out}" in line and str(tree) in line and "data root" in line
+    assert _files(tmp_path) == before and not (tree / "shards").exists()
+
+
+def _second_tree(tmp_path: Path) -> Path:
+    other = tmp_path / "other"
+    write_random_pairs(other, 10, (4, 8, 8), (77, 32), torch.float16)
+    return other
+
+
+@pytest.mark.parametrize("change", ["other_root", "other_text_suffix"])
+def test_an_out_holding_a_shard_set_of_other_roots_or_suffixes_is_refused_and_left_as_it_was(tree, tmp_path, capsys,
+                                                                                              change):
+    out = tmp_path / "shards"
+    assert pack([str(tree), "--out", str(out), "--pairs_per_shard", "16"]) == 0
+    before = _files(out)
+    argv = ([str(_second_tree(tmp_path)), "--out", str(out)] if change == "other_root"
+            else [str(tree), "--out", str(out), "--txtcache_suffix", ".txt_t5cache"])
+    capsys.readouterr()
+    assert pack(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"--out {out}: holds the shard set of data roots tree with .img_sdvae + .txt_clipl" in line
+    assert "choose another --out or remove it" in line
+    assert _files(out) == before
+    # the same roots and suffixes again: the normal incremental update
+    assert pack([str(tree), "--out", str(out), "--pairs_per_shard", "16"]) == 0
+    assert "0 written" in capsys.readouterr().err and _files(out) == before
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(tree, tmp_path, capsys):
+    out = tmp_path / "shards"
+    out.write_text("not a folder")
+    assert pack([str(tree), "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"--out {out}: is a file, not a folder" in line
+    assert out.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_out_is_refused_in_one_line(tree, tmp_path, capsys):
+    out = tmp_path / "shards"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert pack([str(tree), "--out", str(out)]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"--out {out}: cannot be written" in line and list(out.iterdir()) == []
+    finally:
+        out.chmod(0o755)
+
+
+@pytest.mark.parametrize("failing", ["shard", "manifest"])
+def test_a_write_failing_midway_is_one_line_and_the_previous_shard_set_stays_whole(tree, tmp_path, capsys,
+                                                                                   monkeypatch, failing):
+    import errno
+
+    from cachetrain.cache import pack as pack_module
+
+    out = tmp_path / "shards"
+    assert pack([str(tree), "--out", str(out), "--pairs_per_shard", "16"]) == 0
+    before = _files(out)
+    for number in range(200, 230):  # new keys: new shards to write
+        write_sidecar(tree / f"n{number}.img_sdvae", {IMAGE_LATENT_KEY: torch.zeros(4, 8, 8, dtype=torch.float16)},
+                      {"kind": "image_latent"})
+        write_sidecar(tree / f"n{number}.txt_clipl", {"emb": torch.zeros(77, 32, dtype=torch.float16)}, {})
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pack_module, "write_shard" if failing == "shard" else "write_atomically", disk_full)
+    capsys.readouterr()
+    assert pack([str(tree), "--out", str(out), "--pairs_per_shard", "16"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"--out {out}: could not write the shard set (No space left on device" in line
+    after = _files(out)
+    assert {name: after.get(name) for name in before} == before  # the previous set, byte for byte

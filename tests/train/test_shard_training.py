@@ -111,3 +111,62 @@ def test_caption_dropout_from_shards_swaps_in_the_empty_prompt_the_pack_carried(
     assert main(_args(tiny_sd_model, bare, tmp_path / "refused", *flags)) == 2
     assert "--caption_dropout needs the empty prompt's embedding of data root cached; the shard set" in \
         capsys.readouterr().err
+
+
+def _damaged(manifest: dict, damage: str):
+    shard = manifest["shards"][0]
+    if damage == "a list":
+        return [manifest]
+    if damage == "no shards":
+        del manifest["shards"]
+    elif damage == "bytes not a number":
+        shard["bytes"] = "many"
+    elif damage == "empty text_widths":
+        shard["text_widths"] = {}
+    elif damage == "bad shape_ids":
+        shard["shape_ids"] = [99] * shard["rows"]
+    elif damage == "negative shape_ids":
+        shard["shape_ids"] = [-1] * shard["rows"]
+    elif damage == "roots null":
+        manifest["roots"] = None
+    return manifest
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("a list", "not a readable shard manifest (a JSON list, not an object)"),
+    ("no shards", "not a readable shard manifest (no 'shards' list)"),
+    ("bytes not a number", "not a readable shard manifest (shard 0 (shard-"),
+    ("empty text_widths", "'text_widths' is not a count of text widths"),
+    ("bad shape_ids", "'shape_ids' is not a list of"),
+    ("negative shape_ids", "'shape_ids' is not a list of"),
+    ("roots null", "not a readable shard manifest ('roots' is None, not a list of data root names)"),
+])
+def test_a_damaged_shard_manifest_is_refused_at_start_in_one_line(tiny_sd_model, cached_dataset, tmp_path, capsys,
+                                                                  damage, reason):
+    from cachetrain.train.trainer import main
+
+    shards = _pack(cached_dataset, tmp_path / "shards")
+    manifest_path = shards / "shards.json"
+    manifest_path.write_text(json.dumps(_damaged(json.loads(manifest_path.read_text()), damage)))
+    capsys.readouterr()
+    assert main(_args(tiny_sd_model, shards, tmp_path / "run", "--batch_size", "4", "--max_steps", "1")) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {manifest_path}: ") and reason in lines[0]
+    assert not (tmp_path / "run" / "unet").exists()
+
+
+def test_a_shard_manifest_of_a_newer_format_version_is_refused_naming_it(tiny_sd_model, cached_dataset, tmp_path,
+                                                                        capsys):
+    from cachetrain.train.trainer import main
+
+    shards = _pack(cached_dataset, tmp_path / "shards")
+    manifest_path = shards / "shards.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "version": 99}))
+    capsys.readouterr()
+    assert main(_args(tiny_sd_model, shards, tmp_path / "run", "--batch_size", "4", "--max_steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (f"error: {manifest_path}: shard manifest format version 99 is newer than this cachetrain reads (<= 1)"
+            in err)
