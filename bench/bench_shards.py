@@ -78,7 +78,9 @@ def start_up_seconds(shards: Path, pairs: int, batch_size: int, scratch: Path) -
         rows = min(source["rows"], pairs - made)
         shard_entries.append({**source, "name": name, "rows": rows,
                               "keys": [f"{len(names)}/{key}" for key in source["keys"][:rows]],
-                              "roots": source["roots"][:rows], "shape_ids": source["shape_ids"][:rows]})
+                              "roots": source["roots"][:rows], "shape_ids": source["shape_ids"][:rows],
+                              # the bench writes one text width, so a cut shard keeps it for all its rows
+                              "text_widths": {next(iter(source["text_widths"])): rows}})
         names.append(name)
         made += rows
     (big / "shards.json").write_text(json.dumps({**manifest, "shards": shard_entries}, separators=(",", ":")))
