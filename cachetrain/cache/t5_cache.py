@@ -21,9 +21,9 @@ import torch
 from ..models import ldm_layout, loading as models
 from .summary import CacheSummary
 from .writer import EncodedItem
-from ..sidecar import T5_SUFFIX, CaptionRejected, read_caption
+from ..sidecar import T5_SUFFIX, TRIMMED_TOKENS, CaptionRejected, read_caption
 from .build import check_cache_flags
-from .text_cache import TextEmbeddingBuilder, build_parser, encoder_device_and_dtype, run_text_cache
+from .text_cache import TextEmbeddingBuilder, build_parser, encoder_device_and_dtype, run_text_cache, text_cache_settings
 from ..models.text_encoding import encode_t5_prompts, t5_overlong
 
 # Captions are sorted by token length within windows of this many batches: batches of similar
@@ -53,7 +53,7 @@ class T5EmbeddingBuilder(TextEmbeddingBuilder):
             "max_length": str(self.max_length),
             "projection_class": self.projection_class,
             "projection_fingerprint": self.projection_fingerprint,
-            "tokens": "real tokens up to and including the end token",
+            "tokens": TRIMMED_TOKENS,
         }
 
     def embed(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model {model}: a T5 pipeline has no single-file form; give its folder or hub id")
     if args.max_length is not None and args.max_length < 2:
         parser.error("--max_length must be >= 2 (one word and the end token)")
+    settings = text_cache_settings(args)
     # bf16 on CUDA (T5 overflows in fp16), fp32 on CPU; each torchrun process on its own GPU
     device, dtype = encoder_device_and_dtype(args)
     if dtype == torch.float16:  # T5's activations overflow fp16: every caption would come out NaN
@@ -120,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
                                  device=device, dtype=dtype, save_dtype=models.parse_dtype(args.save_dtype),
                                  batch_size=args.batch_size, projection=projection, max_length=args.max_length or 0,
                                  caption_suffix=args.caption_suffix, variants_by_line=args.caption_variants)
-    return run_text_cache(builder, args)
+    return run_text_cache(builder, args, settings)

@@ -29,7 +29,7 @@ from ..models import loading as models
 from ..cli import ArgumentParser
 from .build import (add_common_cache_flags, add_custom_flag, add_single_file_config_flag, check_cache_flags,
                           custom_model_source, default_encoder_dtype, requested_device, run_cache_build,
-                          settings_from_args)
+                          settings_from_args, CacheSettings)
 from .summary import CacheSummary, write_problem
 from .writer import EncodedItem
 from .shares import agree_on_exit_status, process_device
@@ -180,6 +180,7 @@ def main_clip(argv: list[str] | None = None) -> int:
     add_single_file_config_flag(parser)  # --model may be a single-file SD1.5 model
     args = parser.parse_args(argv)
     check_cache_flags(parser, args)  # before any model loads
+    settings = text_cache_settings(args)
     device, dtype = encoder_device_and_dtype(args)
     try:
         model = custom_model_source(args, ("tokenizer", "text_encoder"))
@@ -196,17 +197,22 @@ def main_clip(argv: list[str] | None = None) -> int:
                                    model_name=models.model_name(model), device=device, dtype=dtype,
                                    save_dtype=models.parse_dtype(args.save_dtype), batch_size=args.batch_size,
                                    caption_suffix=args.caption_suffix, variants_by_line=args.caption_variants)
-    return run_text_cache(builder, args)
+    return run_text_cache(builder, args, settings)
 
 
-def run_text_cache(builder: TextEmbeddingBuilder, args: argparse.Namespace) -> int:
-    """Cache ``builder``'s embeddings of every caption under ``args.data_root`` (the common flags), the
-    empty prompt once per root, print the summary, and return the exit status."""
+def text_cache_settings(args: argparse.Namespace) -> CacheSettings:
+    """The engine's settings from the common flags, made before the encoder loads (minutes for T5-xxl):
+    a missing --data_root, an unwritable --report or a malformed --shard ends the run with one line, status 2."""
     try:
-        settings = settings_from_args(args, normalize_extensions(args.extensions), num_workers=0)
-    except ValueError as error:  # a malformed --shard
+        return settings_from_args(args, normalize_extensions(args.extensions), num_workers=0)
+    except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
+
+
+def run_text_cache(builder: TextEmbeddingBuilder, args: argparse.Namespace, settings: CacheSettings) -> int:
+    """Cache ``builder``'s embeddings of every caption under ``args.data_root``, the empty prompt once per
+    root, print the summary, and return the exit status."""
     summary = run_cache_build(builder, settings)
     if settings.shard_index == 0:
         for root in args.data_root:

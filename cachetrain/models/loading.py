@@ -64,9 +64,29 @@ def load_clip_text_encoder(model: str, dtype: torch.dtype = torch.float32, singl
 
     if ldm_layout.is_single_file(model):
         return _single_file_clip_text_encoder(model, dtype, single_file_config)
+    _expect_clip_text_encoder(model)
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
     return tokenizer, text_encoder
+
+
+class NotClipTextEncoderError(ValueError):
+    """A model whose text encoder is another kind than CLIP's (the T5 model's)."""
+
+    def __init__(self, model_type: str):
+        hint = " (a T5 pipeline: create_t5cache_768.py caches its captions)" if model_type == "t5" else ""
+        super().__init__(f"its text_encoder is a {model_type} model, not CLIP's text model{hint}")
+        self.model_type = model_type
+
+
+def _expect_clip_text_encoder(model: str) -> None:
+    """transformers builds a CLIPTextModel from any text encoder's config (a T5 one too) and fails only
+    at the first caption, with an IndexError; so the config's model type is read first."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(model, subfolder="text_encoder").model_type
+    if model_type not in ("clip_text_model", "clip"):
+        raise NotClipTextEncoderError(model_type)
 
 
 def quiet_loading() -> None:

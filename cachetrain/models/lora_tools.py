@@ -133,15 +133,13 @@ def _load_unet(model: str, single_file_config: str | None = None):
 def _load_text_encoder(model: str, single_file_config: str | None = None):
     """The model's CLIP text encoder, for a LoRA's text-encoder part (LoraToolError for a model whose text
     encoder is another kind, as the T5 model's)."""
-    from .loading import load_clip_text_encoder
+    from .loading import NotClipTextEncoderError, load_clip_text_encoder
 
-    config = Path(model) / "text_encoder" / "config.json"
-    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else "clip_text_model"
-    if kind != "clip_text_model":
-        raise LoraToolError(f"{model}: the LoRA has a part for SD1.5's CLIP text encoder, and this model's is "
-                            f"{kind}; --unet_only merges the UNet's part alone")
     try:
         return load_clip_text_encoder(model, single_file_config=single_file_config)[1]
+    except NotClipTextEncoderError as error:
+        raise LoraToolError(f"{model}: the LoRA has a part for SD1.5's CLIP text encoder, and this model's is "
+                            f"{error.model_type}; --unet_only merges the UNet's part alone") from None
     except Exception as error:
         raise LoraToolError(f"{model}: the LoRA has a text-encoder part, and no CLIP text encoder loads from "
                             f"this model ({type(error).__name__}); --unet_only merges the UNet's part alone") from None

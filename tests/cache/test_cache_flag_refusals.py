@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.script_runs import run_script
+from tests.t5_support import tiny_t5_model  # noqa: F401  (fixture)
 
 IMAGE_SCRIPTS = ("create_img_sdvae.py", "create_img_sdxl.py")
 TEXT_SCRIPTS = ("create_clipl.py", "create_t5cache_768.py")
@@ -97,3 +98,26 @@ def test_a_dotted_suffix_of_its_own_still_runs(tiny_sd_model, data_root):
                       "--resolution", "32", "--num_workers", "0", "--no_progress", "--out_suffix", ".lat32")
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in data_root.glob("*.lat32")) == ["a.lat32", "b.lat32"]
+
+
+@pytest.mark.parametrize("script", IMAGE_SCRIPTS + TEXT_SCRIPTS)
+@pytest.mark.parametrize("problem", ["data_root", "report"])
+def test_a_missing_data_root_or_unwritable_report_is_named_before_the_encoder_loads(tmp_path, data_root, script,
+                                                                                   problem):
+    # --model names nothing that loads: a line about the folder or the report proves it was checked first
+    # (a T5-xxl encoder takes minutes to load before a typo in --data_root would be seen)
+    root = tmp_path / "no-such-data" if problem == "data_root" else data_root
+    flags = ["--report", str(tmp_path / "no-such-folder" / "report.jsonl")] if problem == "report" else []
+    done = run_script(script, "--model", str(tmp_path / "no-such-model"), "--data_root", str(root), "--cpu",
+                      "--num_workers", "0", "--no_progress", *flags)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: --data_root {root}: no such folder" if problem == "data_root" else
+        f"error: --report {tmp_path / 'no-such-folder' / 'report.jsonl'}: cannot write it (No such file or directory)"]
+
+
+def test_the_clip_cache_given_a_t5_pipeline_says_so_in_one_line(tiny_t5_model, data_root):
+    # transformers would build a CLIP text model from the T5 config and fail at the first caption
+    line = run_refused("create_clipl.py", tiny_t5_model, data_root)
+    assert line == (f"error: could not load the CLIP tokenizer and text encoder of {tiny_t5_model}: its text_encoder "
+                    "is a t5 model, not CLIP's text model (a T5 pipeline: create_t5cache_768.py caches its captions)")
