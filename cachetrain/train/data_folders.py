@@ -85,10 +85,26 @@ def read_dataset_file(path: os.PathLike | str) -> list[DataFolder]:
         resolved = folder if os.path.isabs(folder) else str(base / folder)
         folders.append(DataFolder(resolved, 1.0 if repeats is None else repeats, weight,
                                   1.0 if loss_weight is None else loss_weight, dropout))
+    _check_no_folder_is_taken_first(path, folders)
     weighted = [f.weight is not None for f in folders]
     if any(weighted) and not all(weighted):
         raise DatasetFileError(f"{path}: give weight in every [[folder]] table or in none")
     return folders
+
+
+def _check_no_folder_is_taken_first(path, folders: list[DataFolder]) -> None:
+    """The folders are walked in order and a pair belongs to the first folder holding it: a folder listed
+    twice, or inside one listed before it, would get no pairs and its table would say nothing."""
+    real = [Path(os.path.realpath(folder.path)) for folder in folders]
+    for later in range(len(real)):
+        for earlier in range(later):
+            if real[later] == real[earlier]:
+                raise DatasetFileError(f"{path}: folders {earlier + 1} and {later + 1} are the same folder "
+                                       f"({folders[later].path}); give each folder one table")
+            if real[later].is_relative_to(real[earlier]):
+                raise DatasetFileError(f"{path}: folder {later + 1} ({folders[later].path}) lies inside folder "
+                                       f"{earlier + 1} ({folders[earlier].path}), which takes its pairs first; "
+                                       f"list it before folder {earlier + 1} to give it a table of its own")
 
 
 def folder_draws(folders: list[DataFolder], sizes: list[int]) -> list[int]:

@@ -62,12 +62,32 @@ def _args(model, output, dataset_file, *extra) -> list[str]:
     ("[[folder]]\nrepeats = 1\n", "folder 1: needs path"),
     ("path = 'a'\n", "wants one \\[\\[folder\\]\\] table per data folder"),
     ("[[folder]\n", "not a TOML file"),
+    ("[[folder]]\npath = 'a'\n[[folder]]\npath = './a/'\nrepeats = 3\n", "folders 1 and 2 are the same folder"),
+    ("[[folder]]\npath = 'a'\n[[folder]]\npath = 'a/faces'\nrepeats = 3\n",
+     "folder 2 \\(.*faces\\) lies inside folder 1 \\(.*\\), which takes its pairs first; list it before folder 1"),
 ])
 def test_a_bad_dataset_file_is_refused_naming_the_file_and_the_folder(tmp_path, content, message):
     dataset_file = tmp_path / "data.toml"
     dataset_file.write_text(content, encoding="utf-8")
     with pytest.raises(ConfigError, match=f"--dataset_config {dataset_file}: .*{message}"):
         parse_train_args(["--pretrained_model", "m", "--dataset_config", str(dataset_file)])
+
+
+def test_a_folder_listed_before_the_folder_around_it_keeps_its_own_pairs(tmp_path):
+    # a pair belongs to the first listed folder holding it: faces first gives its table the faces,
+    # and the folder around it the rest
+    from cachetrain.sidecar import CLIP_L_SUFFIX, SD_VAE_SUFFIX
+    from cachetrain.train.data_folders import read_dataset_file
+    from cachetrain.tree import index_training_pairs
+
+    for stem in ("all/a", "all/b", "all/faces/c"):
+        (tmp_path / stem).parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (SD_VAE_SUFFIX, CLIP_L_SUFFIX):
+            (tmp_path / f"{stem}{suffix}").write_bytes(b"")
+    folders = read_dataset_file(_dataset_file(tmp_path / "data.toml", {"path": "all/faces", "repeats": 3},
+                                              {"path": "all"}))
+    index, _ = index_training_pairs([folder.path for folder in folders], SD_VAE_SUFFIX, CLIP_L_SUFFIX)
+    assert Counter(index.root_ids()) == {0: 1, 1: 2}
 
 
 def test_dataset_file_folders_are_relative_to_it_and_exclude_train_data_dir_and_data_balance(tmp_path):
