@@ -106,7 +106,6 @@ class TrainingRun:
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         speak(elastic_note, self.is_main)
         if self.is_main:
-            run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
             ckpt.remove_partial_saves(self.output_dir)
         self.data = load_run_data(config, self.rank, self.world, self.is_main,
                                    self.accelerator.wait_for_everyone if self.world > 1 else None, self.saved_layout)
@@ -121,6 +120,8 @@ class TrainingRun:
         self.drawer = SampleDrawer(config, self.device, parts=parts) if self.is_main else None
         self.writer = CheckpointWriter(config, parts, self.adapter) if self.is_main else None
         self._prepare_saves()
+        if self.is_main:  # a start refused above is no start of the run's record
+            run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
         self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
         if self.drawer is not None:
             self.drawer.telemetry = self.telemetry

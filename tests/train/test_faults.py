@@ -46,6 +46,7 @@ def _error_line(done: subprocess.CompletedProcess) -> str:
 def _nothing_trained(output: Path) -> None:
     assert not list(output.glob("checkpoint-*")) and not (output / "tensorboard").exists()
     assert not (output / "train_summary.json").exists()
+    assert not (output / "train_args.json").exists()  # the record of the run's starts holds no refused one
 
 
 def _copy_model(tiny_sd_model: Path, tmp_path: Path) -> Path:
