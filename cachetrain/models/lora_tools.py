@@ -289,12 +289,13 @@ class Extraction:
     worst_layer: str
     worst_error: float
     unchanged: int  # targeted layers whose weight did not change (left out)
+    whole: int  # layers whose own rank is below --rank: their pair holds the whole difference
 
 
 def extract_pairs(base: torch.nn.Module, tuned: torch.nn.Module, rank: int, targets: list[str]) -> Extraction:
     """A LoRA of at most ``rank`` per layer approximating tuned - base on the targeted layers."""
     base_layers, tuned_layers = adaptable_layers(base), adaptable_layers(tuned)
-    pairs, residual_sq, total_sq, worst, unchanged = {}, 0.0, 0.0, ("", 0.0), 0
+    pairs, residual_sq, total_sq, worst, unchanged, whole = {}, 0.0, 0.0, ("", 0.0), 0, 0
     for name, layer in base_layers.items():
         if not any(LAYER_GROUPS[group].search(name) for group in targets):
             continue
@@ -308,6 +309,7 @@ def extract_pairs(base: torch.nn.Module, tuned: torch.nn.Module, rank: int, targ
             continue
         left, singular, right = torch.linalg.svd(matrix, full_matrices=False)
         kept = min(rank, singular.shape[0])
+        whole += kept < rank
         up, down = left[:, :kept] * singular[:kept], right[:kept]
         layer_residual = float((matrix - up @ down).square().sum())
         residual_sq, total_sq = residual_sq + layer_residual, total_sq + norm_sq
@@ -321,7 +323,7 @@ def extract_pairs(base: torch.nn.Module, tuned: torch.nn.Module, rank: int, targ
     if not pairs:
         raise LoraToolError(f"--base and --tuned do not differ in any layer of {' '.join(targets)}")
     return Extraction(pairs=pairs, relative_error=(residual_sq / total_sq) ** 0.5, worst_layer=worst[0],
-                      worst_error=worst[1], unchanged=unchanged)
+                      worst_error=worst[1], unchanged=unchanged, whole=whole)
 
 
 def extract(base: str, tuned: str, rank: int, out: str, targets: list[str],
@@ -388,5 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[lora] extracted {len(result.pairs)} layer(s) at rank <= {args.rank} into {args.out}; relative error "
           f"left by the rank {result.relative_error:.4g} (worst {result.worst_layer}: {result.worst_error:.4g}); "
-          f"{result.unchanged} targeted layer(s) unchanged", file=sys.stderr)
+          f"{result.unchanged} targeted layer(s) unchanged"
+          + (f"; {result.whole} layer(s) of a rank below {args.rank} kept whole at their own" if result.whole else ""),
+          file=sys.stderr)
     return 0

@@ -105,6 +105,14 @@ def test_extract_recovers_the_difference_and_reports_what_the_rank_leaves(sd15_m
     smaller = float(capsys.readouterr().err.split("relative error left by the rank ")[1].split()[0])
     assert 0.1 < smaller < 1.0
     assert len(read_lora(tmp_path / "rank1", layers)) == len(original)  # a diffusers folder, read back
+    assert "kept whole" not in report
+    # a rank above a layer's own keeps that layer's whole difference, and the report says how many
+    assert lora_command(["extract", "--base", str(sd15_model), "--tuned", str(tuned), "--rank", "4096", "--out",
+                         str(tmp_path / "whole"), "--targets", "attention"]) == 0
+    report = capsys.readouterr().err
+    whole = read_lora(tmp_path / "whole", layers)
+    assert f"; {len(whole)} layer(s) of a rank below 4096 kept whole at their own" in report
+    assert all(pair.down.shape[0] == min(pair.delta().flatten(1).shape) for pair in whole.values())
 
 
 def test_a_model_with_a_lora_merged_in_trains_as_pretrained_model(sd15_model, random_lora, tmp_path):
