@@ -33,6 +33,7 @@ from .folder_sampler import (SamplerInputError, SampleSettings, check_model, che
 from ..models.prompts import PromptsFileError, SamplePrompt, read_prompts_file
 from ..models.sampling import SampleMetadata, read_sample_metadata
 from ..train.run_dir import ARGS_FILE, SUMMARY_FILE  # the run's settings (one entry per start), its end-of-start summary
+from ..train.run_lock import LOCK_FILE  # held by a training while it runs
 
 STAGING_SUFFIX = ".sampling"  # hidden folders beside the checkpoints, where a checkpoint's samples are drawn
 
@@ -117,6 +118,23 @@ def _gone_or_failed(checkpoint: Path, error: Exception) -> str:
     print(f"[sample] {checkpoint.name}: failed ({type(error).__name__}: {first_line(error)}); skipped",
           file=sys.stderr)
     return "failed"
+
+
+def watch_problem(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot be a training run's folder, or None. An empty folder may be one the training
+    has yet to start in; a folder of other things (a model, a checkpoint, data) would be watched forever."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return "a file, not a folder (name the training's --output_dir)"
+    if not run_dir.is_dir():
+        return "no such folder (start the training first)"
+    if ((run_dir / ckpt.TRAINING_STATE_FILE).exists() or
+            (run_dir / "model_index.json").exists() and not (run_dir / ARGS_FILE).exists()):
+        return "a model folder, not a training run's (sample it as MODEL, without --watch)"
+    run_marks = (ARGS_FILE, LOCK_FILE, SUMMARY_FILE)
+    if (any(run_dir.iterdir()) and not any((run_dir / name).exists() for name in run_marks)
+            and not ckpt.list_checkpoints(run_dir)):
+        return f"not a training run's folder (no {ARGS_FILE}, no checkpoint-*): name the training's --output_dir"
+    return None
 
 
 def watch(run_dir: Path, settings: SampleSettings, out_root: Path | None = None, poll_seconds: float = 10.0,
@@ -274,10 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         if args.watch:
             run_dir = Path(args.watch)
-            if run_dir.exists() and not run_dir.is_dir():
-                raise SamplerInputError(f"--watch {run_dir}: a file, not a folder (name the training's --output_dir)")
-            if not run_dir.is_dir():
-                raise SamplerInputError(f"--watch {run_dir}: no such folder (start the training first)")
+            problem = watch_problem(run_dir)
+            if problem:
+                raise SamplerInputError(f"--watch {run_dir}: {problem}")
             if args.out:
                 check_out_folder(Path(args.out))
             result = watch(run_dir, settings, Path(args.out) if args.out else None, args.poll, args.once)

@@ -349,7 +349,8 @@ def test_the_trainer_refuses_a_missing_prompts_file_and_a_flow_sampler_for_a_ddp
 
 
 @pytest.mark.parametrize("case", ["no such folder", "not a pipeline", "a run folder", "empty prompts file",
-                                  "flow sampler for a DDPM model", "--watch a file"])
+                                  "flow sampler for a DDPM model", "--watch a file", "--watch a model",
+                                  "--watch a checkpoint", "--watch a data folder"])
 def test_bad_inputs_are_refused_in_one_line_with_status_2(tiny_sd_model, tmp_path, case):
     prompt = ["--prompt", "a red circle"]
     if case == "no such folder":
@@ -358,6 +359,17 @@ def test_bad_inputs_are_refused_in_one_line_with_status_2(tiny_sd_model, tmp_pat
         (tmp_path / "train.log").write_text("not a run")
         args, expected = ["--watch", tmp_path / "train.log", *prompt], \
             f"--watch {tmp_path / 'train.log'}: a file, not a folder"
+    elif case in ("--watch a model", "--watch a checkpoint"):  # it would be watched for checkpoints forever
+        shutil.copytree(tiny_sd_model, tmp_path / "checkpoint-00002")
+        if case == "--watch a checkpoint":
+            (tmp_path / "checkpoint-00002" / "training_state.pt").write_bytes(b"")
+        args, expected = ["--watch", tmp_path / "checkpoint-00002", *prompt], \
+            "a model folder, not a training run's (sample it as MODEL, without --watch)"
+    elif case == "--watch a data folder":
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "a.img_sdvae").write_bytes(b"")
+        args, expected = ["--watch", tmp_path / "data", *prompt], \
+            "not a training run's folder (no train_args.json, no checkpoint-*)"
     elif case == "not a pipeline":
         (tmp_path / "stuff").mkdir()
         (tmp_path / "stuff" / "notes.txt").write_text("hello")
