@@ -12,8 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-_HF_HOME = tempfile.mkdtemp(prefix="cachetrain-hf-")
-atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # each process that imports this removes its own
+_SESSION_DIR = tempfile.mkdtemp(prefix="cachetrain-tests-")
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # each process that imports this removes its own
+_HF_HOME = os.path.join(_SESSION_DIR, "hf")
+# the processes the tests start put their temporaries here (torchrun's torchelastic_* folders, which it
+# leaves behind), so none outlive the session; this process's own tempfile folder is already chosen
+os.environ["TMPDIR"] = os.path.join(_SESSION_DIR, "tmp")
+os.makedirs(os.environ["TMPDIR"])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")
