@@ -6,7 +6,8 @@ The folders are the stages, in the order data flows (a stage imports only stages
            its source (``freshness``, ``fresh_digests``), walking a data tree (``tree``),
            the names inside a run folder (``checkpoint_layout``), atomic writes, the CLI helpers (``cli``),
            reads with a time bound (``bounded_read``), copies by reflink (``reflink``), the data index of a
-           tree (``data_index`` keeps it current, ``index_table`` its arrays and file, ``indexed_pairs``)
+           tree (``data_index`` keeps it current, ``index_table`` its arrays and file, ``indexed_pairs``),
+           the shard manifest that cachetrain-pack writes and a run reads (``shard_manifest``)
   models/  loading and building pipelines, model file formats and export, drawing a sample
   cache/   images and captions -> sidecars                       (create_img_*.py, create_*cache*.py)
   train/   sidecar pairs -> a trained UNet and its checkpoints   (train_from_cached.py)

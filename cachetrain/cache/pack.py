@@ -33,12 +33,10 @@ from ..atomic import temporary_name, writable_problem, write_atomically
 from ..cli import ArgumentParser, print_error
 from ..sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY,
                        SidecarError, empty_prompt_path)
+from ..shard_manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from ..tree import index_training_pairs
 
-MANIFEST_NAME = "shards.json"  # what a run reads: the shards and their rows
 SOURCES_NAME = "sources.json"  # what a repack reads: each shard's sidecars by size and mtime
-MANIFEST_FORMAT = "cachetrain-shards"
-MANIFEST_VERSION = 1
 SHARD_SUFFIX = ".arrow"
 DEFAULT_PAIRS_PER_SHARD = 512  # ~77 MB of SD1.5 pairs (see docs/BENCHMARKS.md, "Shards")
 
