@@ -127,8 +127,9 @@ def watch_problem(run_dir: Path) -> str | None:
         return "a file, not a folder (name the training's --output_dir)"
     if not run_dir.is_dir():
         return "no such folder (start the training first)"
+    # a checkpoint, or a model folder that is no finished run's (a run's final model sits beside its train_args)
     if ((run_dir / ckpt.TRAINING_STATE_FILE).exists() or
-            (run_dir / "model_index.json").exists() and not (run_dir / ARGS_FILE).exists()):
+            ((run_dir / "model_index.json").exists() and not (run_dir / ARGS_FILE).exists())):
         return "a model folder, not a training run's (sample it as MODEL, without --watch)"
     run_marks = (ARGS_FILE, LOCK_FILE, SUMMARY_FILE)
     if (any(run_dir.iterdir()) and not any((run_dir / name).exists() for name in run_marks)
