@@ -12,13 +12,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-_SESSION_DIR = tempfile.mkdtemp(prefix="cachetrain-tests-")
-atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # each process that imports this removes its own
-_HF_HOME = os.path.join(_SESSION_DIR, "hf")
-# the processes the tests start put their temporaries here (torchrun's torchelastic_* folders, which it
-# leaves behind), so none outlive the session; this process's own tempfile folder is already chosen
-os.environ["TMPDIR"] = os.path.join(_SESSION_DIR, "tmp")
-os.makedirs(os.environ["TMPDIR"])
+# The processes the tests start put their temporaries in one folder of the run, removed at its end
+# (torchrun leaves torchelastic_* folders behind). The first process (pytest, or xdist's controller)
+# makes it; its workers inherit it, and a path under it stays short (chromium's socket path has a limit).
+if "CACHETRAIN_TESTS_TMPDIR" not in os.environ:
+    os.environ["CACHETRAIN_TESTS_TMPDIR"] = tempfile.mkdtemp(prefix="cachetrain-tests-")
+    atexit.register(shutil.rmtree, os.environ["CACHETRAIN_TESTS_TMPDIR"], ignore_errors=True)
+os.environ["TMPDIR"] = os.environ["CACHETRAIN_TESTS_TMPDIR"]
+_HF_HOME = tempfile.mkdtemp(prefix="cachetrain-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # each process that imports this removes its own
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_MODULES_CACHE"] = os.path.join(_HF_HOME, "modules")

@@ -12,7 +12,7 @@ The empty prompt's embedding (for caption dropout) is written once per data root
 ``<root>/.empty_prompt<suffix>`` (``empty_prompt_path``): hidden, so no walk takes it for a sample.
 
 A builder for another text encoder plugs in by overriding ``embed`` (and ``overlong`` and
-``settings_metadata`` if its rules differ) and is run by ``run_text_cache(builder, args)``.
+``settings_metadata`` if its rules differ) and is run by ``run_text_cache(builder, args, text_cache_settings(args))``.
 ``embed`` may return one [B, T, D] tensor or a list of [T_i, D] tensors (trimmed embeddings).
 """
 

@@ -392,7 +392,7 @@ def test_the_summary_shows_the_first_few_failures_and_counts_the_rest(tmp_path, 
 def test_another_text_encoder_plugs_in_by_overriding_embed_and_may_store_trimmed_embeddings(capsys, tiny_sd_model,
                                                                                          shapes_dataset):
     from cachetrain.models.loading import load_clip_text_encoder
-    from cachetrain.cache.text_cache import TextEmbeddingBuilder, build_parser, run_text_cache
+    from cachetrain.cache.text_cache import TextEmbeddingBuilder, build_parser, run_text_cache, text_cache_settings
     from cachetrain.models.text_encoding import encode_clip_prompts
 
     class TrimmedBuilder(TextEmbeddingBuilder):
@@ -411,7 +411,7 @@ def test_another_text_encoder_plugs_in_by_overriding_embed_and_may_store_trimmed
     tokenizer, encoder = load_clip_text_encoder(str(tiny_sd_model))
     builder = TrimmedBuilder(tokenizer=tokenizer, text_encoder=encoder, model_name="tiny", device=torch.device("cpu"),
                              dtype=torch.float32, save_dtype=torch.float32, batch_size=7)
-    assert run_text_cache(builder, args) == 0
+    assert run_text_cache(builder, args, text_cache_settings(args)) == 0
     caption = (shapes_dataset / "part0" / "img00000.txt").read_text().strip()
     emb = sidecar.read_sidecar(shapes_dataset / "part0" / "img00000.txt_trimmed", "emb", ndim=2)
     assert emb.shape == (len(tokenizer(caption).input_ids), 32)
@@ -419,7 +419,7 @@ def test_another_text_encoder_plugs_in_by_overriding_embed_and_may_store_trimmed
     assert sidecar.read_sidecar(shapes_dataset / ".empty_prompt.txt_trimmed", "emb").shape == (2, 32)
     assert len(sidecars(shapes_dataset, ".txt_trimmed")) == IMAGES_IN_DATASET
     capsys.readouterr()
-    assert run_text_cache(builder, args) == 0
+    assert run_text_cache(builder, args, text_cache_settings(args)) == 0
     assert summary_counts(capsys.readouterr().err)["fresh"] == IMAGES_IN_DATASET
 
 
