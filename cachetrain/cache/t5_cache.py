@@ -23,7 +23,8 @@ from .summary import CacheSummary
 from .writer import EncodedItem
 from ..sidecar import T5_SUFFIX, TRIMMED_TOKENS, CaptionRejected, read_caption
 from .build import check_cache_flags
-from .text_cache import TextEmbeddingBuilder, build_parser, encoder_device_and_dtype, run_text_cache, text_cache_settings
+from .text_cache import (TextEmbeddingBuilder, build_parser, encoder_device_and_dtype, run_text_cache,
+                         text_cache_settings)
 from ..models.text_encoding import encode_t5_prompts, t5_overlong
 
 # Captions are sorted by token length within windows of this many batches: batches of similar
