@@ -133,10 +133,12 @@ def profile_steps(one_step, steps: int, cuda: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as profiler:
+        started = time.perf_counter()
         for _ in range(steps):
             one_step()
         if cuda:
             torch.cuda.synchronize()
+        wall = time.perf_counter() - started  # the profiled steps' own: the kernels' sum cannot exceed it
     if cuda:  # kernels only: the operators that launch them carry their kernels' time too, which would count it twice;
         # CUPTI's "Command Buffer Full" marks a full launch queue (the host ahead of the GPU), not a kernel's time
         events = [(event.key, event.self_device_time_total) for event in profiler.key_averages()
@@ -149,7 +151,7 @@ def profile_steps(one_step, steps: int, cuda: bool) -> dict:
         kind = next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "elementwise and other")
         kinds[kind] = kinds.get(kind, 0) + us
     top = sorted(events, key=lambda event: -event[1])[:10]
-    return {"ms_per_step": round(total / 1000 / steps, 2),
+    return {"ms_per_step": round(total / 1000 / steps, 2), "wall_ms_per_step": round(1000 * wall / steps, 2),
             "share_by_kind": {kind: round(us / total, 3) for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [[name[:90], round(us / total, 3)] for name, us in top]}
 

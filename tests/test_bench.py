@@ -47,10 +47,10 @@ def test_gpu_train_bench_profiles_where_a_full_and_a_lora_step_spend_their_time(
     for result in (full, lora):
         shares = result["profile"]["share_by_kind"]
         assert shares["attention"] > 0 and shares["convolution"] > 0 and shares["matmul"] > 0
-        # the profiled time is the step's, each operator counted once (an operator's time counted with the
-        # operators it calls would be twice the step or more)
-        timed_ms = 1000 * 2 / result["images_per_sec"]  # batch 2 (the "b2" of its name)
-        assert 0.5 < result["profile"]["ms_per_step"] / timed_ms < 1.5
+        # each operator counted once: on one CPU thread the operators' own times add up to at most the
+        # profiled steps' wall time (an operator counted with the operators it calls would exceed it)
+        profiled = result["profile"]
+        assert 0 < profiled["ms_per_step"] <= 1.02 * profiled["wall_ms_per_step"]
         # the optimizer's kernels are found and named as such (how their share compares between the modes is
         # the bench's to measure: on one noisy CPU step it is not stable enough to assert)
         assert shares["optimizer and clipping"] > 0
