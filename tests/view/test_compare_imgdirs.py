@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from cachetrain.view import compare
+from cachetrain.view import compare, compare_page, sample_runs, side_by_side
 from cachetrain.models.sampling import SampleMetadata, save_sample_png
 from tests.headless_chromium import HeadlessChromium, chromium_missing_reason
 from tests.script_runs import run_script
@@ -50,13 +50,13 @@ def two_runs(tmp_path):
 
 
 def test_runs_are_named_by_the_fewest_path_parts_that_tell_them_apart(tmp_path):
-    assert compare.run_names([tmp_path / "demo_a" / "run", tmp_path / "demo_b" / "run"]) == ["demo_a/run", "demo_b/run"]
-    assert compare.run_names([tmp_path / "x" / "lr1e-4", tmp_path / "x" / "lr3e-4"]) == ["lr1e-4", "lr3e-4"]
-    assert compare.run_names([tmp_path / "same", tmp_path / "same"]) == ["same", "same #2"]
+    assert sample_runs.run_names([tmp_path / "demo_a" / "run", tmp_path / "demo_b" / "run"]) == ["demo_a/run", "demo_b/run"]
+    assert sample_runs.run_names([tmp_path / "x" / "lr1e-4", tmp_path / "x" / "lr3e-4"]) == ["lr1e-4", "lr3e-4"]
+    assert sample_runs.run_names([tmp_path / "same", tmp_path / "same"]) == ["same", "same #2"]
 
 
 def test_images_are_paired_by_their_path_relative_to_each_run(two_runs):
-    comparison = compare.compare_runs(list(two_runs))
+    comparison = sample_runs.compare_runs(list(two_runs))
 
     assert [(s.folder, s.step, s.present) for s in comparison.steps] == [
         ("checkpoint-00100", 100, [True, True]), ("checkpoint-00200", 200, [True, True]),
@@ -73,7 +73,7 @@ def test_images_are_paired_by_their_path_relative_to_each_run(two_runs):
 def test_an_image_one_run_lacks_in_a_step_both_have_is_reported(two_runs):
     run_a, _run_b = two_runs
     (run_a / "checkpoint-00100" / SAMPLE_NAMES[0]).unlink()
-    comparison = compare.compare_runs(list(two_runs))
+    comparison = sample_runs.compare_runs(list(two_runs))
     assert comparison.mismatches == [f"checkpoint-00100/{SAMPLE_NAMES[0]}: not in demo_a/run",
                                      "checkpoint-00300: only in demo_b/run (not in demo_a/run)"]
     assert comparison.steps[0].prompt(SAMPLE_NAMES[0]) == PROMPTS[0]  # read from the run that has it
@@ -138,8 +138,8 @@ def test_side_by_side_pngs_put_each_run_in_its_column_for_every_matched_step(two
                 assert tile_pixel(image, run, row, dx=0, dy=0) == colour(run, step, row)  # the whole tile
                 assert tile_pixel(image, run, row, dx=tile - 1, dy=tile - 1) == colour(run, step, row)
     damaged = Image.open(png_dir / "checkpoint-00200.png").convert("RGB")
-    assert tile_pixel(damaged, 1, 1, dx=192, dy=32) == compare.PNG_GAP  # a marked gap in its place
-    assert tile_pixel(damaged, 1, 1, dx=0, dy=0) == compare.PNG_GAP_MARK
+    assert tile_pixel(damaged, 1, 1, dx=192, dy=32) == side_by_side.PNG_GAP  # a marked gap in its place
+    assert tile_pixel(damaged, 1, 1, dx=0, dy=0) == side_by_side.PNG_GAP_MARK
 
 
 def test_flat_folders_of_sampled_images_get_a_side_by_side_png_with_a_name(tmp_path):
@@ -151,8 +151,8 @@ def test_flat_folders_of_sampled_images_get_a_side_by_side_png_with_a_name(tmp_p
                         "--png", png_dir)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in png_dir.iterdir()) == [compare.TOP_FOLDER_PNG]
-    image = Image.open(png_dir / compare.TOP_FOLDER_PNG).convert("RGB")
+    assert sorted(p.name for p in png_dir.iterdir()) == [side_by_side.TOP_FOLDER_PNG]
+    image = Image.open(png_dir / side_by_side.TOP_FOLDER_PNG).convert("RGB")
     tile = 256  # 32 px samples enlarged 8x; first prompt row, centre of each run's tile
     for run in (0, 1):
         assert image.getpixel((8 + run * (tile + 8) + tile // 2, 8 + 24 + 20 + 20 + tile // 2)) == colour(run, 0, 0)
@@ -183,6 +183,14 @@ def test_output_paths_that_cannot_be_written_are_refused_in_one_line_before_the_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "demo_a", "demo_b"]  # nothing left
     assert (tmp_path / "a-file").read_text() == "not a folder" and not any((tmp_path / "a-folder").iterdir())
 
+
+
+def test_a_negative_skip_is_refused_before_the_runs_are_read(two_runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "compare_runs", lambda *a: pytest.fail("the runs were read before the check"))
+    with pytest.raises(SystemExit) as stopped:
+        compare.main([*map(str, two_runs), "--skip", "-1", "--out", str(tmp_path / "c.html")])
+    assert stopped.value.code == 2 and "--skip -1: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "c.html").exists()
 
 CELLS_OF_SHOWN_STEP = """
 Promise.all([...document.querySelectorAll("#step-view img")].map(img => img.decode())).then(() =>
@@ -293,7 +301,7 @@ def test_the_facts_under_an_image_name_a_forced_token_length(tmp_path):
     save_sample_png(Image.new("RGB", (SAMPLE_SIDE, SAMPLE_SIDE)), folder / SAMPLE_NAMES[0],
                     SampleMetadata(prompt="p", negative_prompt="", seed=1, step=100, sampler_steps=20,
                                    guidance_scale=7.5, token_length=60))
-    [cell] = compare.page_data(compare.compare_runs([tmp_path / "run"]))["steps"][0]["rows"][0]["cells"]
+    [cell] = compare_page.page_data(sample_runs.compare_runs([tmp_path / "run"]))["steps"][0]["rows"][0]["cells"]
     assert cell["facts"] == ("step 100 \u00b7 seed 1 \u00b7 20 sampler steps \u00b7 guidance 7.5 "
                              "\u00b7 conditioned on 60 tokens")
 
@@ -309,12 +317,12 @@ def test_the_original_samplers_images_of_any_type_pair_by_relative_path_and_skip
     assert compare.main([str(tmp_path / "model_a"), str(tmp_path / "model_b"), "--out", str(out)]) == 0
     page = out.read_text()
     assert "data:image/jpeg;base64," in page and "data:image/bmp;base64," in page
-    comparison = compare.compare_runs([tmp_path / "model_a", tmp_path / "model_b"])
+    comparison = sample_runs.compare_runs([tmp_path / "model_a", tmp_path / "model_b"])
     assert [(step.folder, step.names) for step in comparison.steps] == [
         (".", ["sample0_s90.png", "sample1_s90.png"]), ("sub", ["photo.jpg", "scan.bmp"])]
     assert not comparison.mismatches
 
-    skipped = compare.skip_matches(comparison, 3)
+    skipped = sample_runs.skip_matches(comparison, 3)
     assert [(step.folder, step.names) for step in skipped.steps] == [("sub", ["scan.bmp"])]
     assert [sorted(images) for images in skipped.steps[0].images] == [["scan.bmp"], ["scan.bmp"]]
     assert compare.main([str(tmp_path / "model_a"), str(tmp_path / "model_b"), "--skip", "3", "--out", str(out)]) == 0
