@@ -7,16 +7,11 @@ need root (and a kernel that lets this process mount); elsewhere these tests are
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 import re
 import shutil
 import subprocess
-import uuid
-from pathlib import Path
 
-import pytest
 import torch
 
 from cachetrain import sidecar
@@ -24,6 +19,7 @@ from cachetrain.cache.summary import CacheSummary
 from cachetrain.cache.writer import BackgroundWriter, EncodedItem
 
 from tests.script_runs import run_script
+from tests.small_disks import fill, make_read_only, tmpfs
 from .test_cache_builders import summary_counts
 
 IMAGES = 48
@@ -31,47 +27,6 @@ IMAGES = 48
 
 def run_cache_script(script: str, *args: str) -> subprocess.CompletedProcess:
     return run_script(script, *args, "--no_progress")
-
-
-def can_mount(folder: Path) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    probe = folder / f"probe-{uuid.uuid4().hex[:6]}"
-    probe.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True)
-    if mounted.returncode == 0:
-        subprocess.run(["umount", str(probe)], check=True)
-    probe.rmdir()
-    return mounted.returncode == 0
-
-
-@contextlib.contextmanager
-def tmpfs(folder: Path, size: str):
-    if not can_mount(folder.parent):
-        pytest.skip("needs root and a kernel that allows mounting a tmpfs")
-    folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
-
-
-def fill(disk: Path, leave_pages: int) -> None:
-    """Fill a tmpfs to its last page, then free ``leave_pages`` pages."""
-    filler = disk / "filler"
-    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    with contextlib.suppress(OSError):
-        while True:
-            os.write(descriptor, b"\0" * 4096)
-    os.close(descriptor)
-    os.truncate(filler, filler.stat().st_size - leave_pages * 4096)
-
-
-def make_read_only(folder: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
-    with pytest.raises(OSError):  # the kernel, not file modes, refuses the write (chmod does not stop root)
-        (folder / "probe").write_text("x")
 
 
 def not_attempted(stderr: str) -> int:

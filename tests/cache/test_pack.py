@@ -14,6 +14,7 @@ import torch
 from cachetrain.commands import pack
 from cachetrain.sidecar import IMAGE_LATENT_KEY, write_sidecar
 from cachetrain.tiny.models import write_random_pairs
+from tests.small_disks import read_only_folder
 
 
 @pytest.fixture
@@ -167,17 +168,11 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(tree, tmp_path, capsys):
     assert out.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
 def test_a_read_only_out_is_refused_in_one_line(tree, tmp_path, capsys):
-    out = tmp_path / "shards"
-    out.mkdir()
-    out.chmod(0o555)
-    try:
+    with read_only_folder(tmp_path / "shards") as out:
         assert pack([str(tree), "--out", str(out)]) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert f"--out {out}: cannot be written" in line and list(out.iterdir()) == []
-    finally:
-        out.chmod(0o755)
 
 
 @pytest.mark.parametrize("failing", ["shard", "manifest"])
