@@ -374,9 +374,20 @@ def write_diffusers_lora(folder: Path | str, pairs: dict[str, LowRankPair], dtyp
     return path
 
 
+def with_one_alpha(pairs: dict[str, LowRankPair]) -> dict[str, LowRankPair]:
+    """The same changes with every layer at the most common alpha, each other layer's alpha baked into its
+    up matrix. diffusers' conversion of the kohya layout applies one alpha to every attention layer (the
+    per-layer alphas it makes name no PEFT module), so layers of other alphas would load changed."""
+    alphas = [pair.alpha for pair in pairs.values()]
+    alpha = max(set(alphas), key=alphas.count) if alphas else 0.0
+    return {name: pair if pair.alpha == alpha else LowRankPair(pair.down, pair.up * (pair.alpha / alpha), alpha)
+            for name, pair in pairs.items()}
+
+
 def kohya_metadata(pairs: dict[str, LowRankPair], *, title: str, resolution: int | None = None,
                    steps: int | None = None, prediction_type: str = "epsilon") -> dict[str, str]:
     """The ss_* keys kohya's tools and A1111 show, and the ModelSpec keys ComfyUI and A1111 read."""
+    pairs = with_one_alpha(pairs)  # as write_kohya_lora writes them
     values = lora_config_values(pairs)
     convolutions = [pair for pair in pairs.values() if pair.down.dim() == 4 and pair.down.shape[-1] > 1]
     network_args = {"conv_dim": str(convolutions[0].rank), "conv_alpha": str(convolutions[0].alpha)} if convolutions else {}
@@ -415,9 +426,9 @@ def network_metadata(network_module: str, rank: int, alpha: float, network_args:
 
 def write_kohya_lora(path: Path | str, pairs: dict[str, LowRankPair], metadata: dict[str, str],
                      dtype: torch.dtype = torch.float16) -> Path:
-    """One ``.safetensors`` in the kohya/A1111 layout (alpha per layer as a scalar tensor)."""
+    """One ``.safetensors`` in the kohya/A1111 layout (alpha per layer as a scalar tensor, one value in all)."""
     tensors = {}
-    for name, pair in pairs.items():
+    for name, pair in with_one_alpha(pairs).items():
         key = kohya_name(name)
         tensors[f"{key}.lora_down.weight"] = pair.down.to(dtype)
         tensors[f"{key}.lora_up.weight"] = pair.up.to(dtype)

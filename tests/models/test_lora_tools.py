@@ -73,6 +73,26 @@ def test_merge_into_a_folder_equals_diffusers_fuse_lora(sd15_model, random_lora,
     assert (out / "vae").is_dir() and (out / "text_encoder").is_dir()  # a whole pipeline folder
 
 
+
+def test_a_kohya_file_of_layers_with_different_alphas_loads_in_diffusers_with_each_layers_change(sd15_model, random_lora,
+                                                                                                  tmp_path):
+    """A run started from a file whose cross-attention layers have their own alpha: diffusers' kohya conversion
+    keeps one alpha for every attention layer, so the file we write holds one, each layer's own baked in."""
+    from cachetrain.models.lora_files import LowRankPair
+
+    base = adaptable_layers(_unet(sd15_model))
+    mixed = {name: LowRankPair(pair.down, pair.up, 3.0 if ".attn2." in name else pair.alpha)
+             for name, pair in read_lora(random_lora, base).items()}
+    assert len({pair.alpha for pair in mixed.values()}) == 2
+    path = write_kohya_lora(tmp_path / "mixed.safetensors", mixed, kohya_metadata(mixed, title="mixed"))
+    with safe_open(str(path), framework="pt") as handle:
+        assert {handle.get_tensor(key).item() for key in handle.keys() if key.endswith(".alpha")} == {2.0}
+        assert handle.metadata()["ss_network_alpha"] == "2.0"
+    theirs = _fused_by_diffusers(sd15_model, path, 1.0)
+    for name, pair in mixed.items():
+        intended = base[name].weight + pair.delta()
+        assert torch.allclose(theirs[name].weight, intended, atol=2e-4, rtol=0), name  # the file is fp16
+
 def test_merge_into_a_single_file_loads_with_diffusers_single_file_loader(sd15_model, random_lora, tmp_path):
     from diffusers import UNet2DConditionModel
 
