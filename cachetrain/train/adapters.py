@@ -14,6 +14,7 @@ once per start and hard-linked into every checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -323,6 +324,24 @@ def load_adapter(unet: torch.nn.Module, spec: AdapterSpec, folder: Path) -> None
         set_peft_model_state_dict(unet, load_file(weights))
     except Exception as error:
         raise LoraFileError(f"{weights}: {state_load_problem(error)}") from None
+
+
+def adapter_identity(unet: torch.nn.Module) -> dict[str, float | str]:
+    """The attached adapter's alpha, which a resume must keep: the same weights under another alpha are
+    another adapter. One number, or a fingerprint where the layers' alphas differ ({} without one)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    alphas = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):  # LoRA keeps lora_alpha, LoHa/LoKr alpha: per adapter name
+            for alpha in (getattr(module, "lora_alpha", None) or getattr(module, "alpha", {})).values():
+                alphas[name] = float(alpha)
+    if not alphas:
+        return {}
+    if len(set(alphas.values())) == 1:
+        return {"adapter_alpha": next(iter(alphas.values()))}
+    listed = "\n".join(f"{name} {alpha!r}" for name, alpha in sorted(alphas.items()))
+    return {"adapter_alpha": f"per layer, sha256 {hashlib.sha256(listed.encode()).hexdigest()[:16]}"}
 
 
 def describe(unet: torch.nn.Module, spec: AdapterSpec | None) -> str:

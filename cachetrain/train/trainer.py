@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .adapters import load_adapter
+from .adapters import adapter_identity, load_adapter
 from ..models import loading as models
 from . import run_dir
 from .bad_data import BadPairLedger, TrainingError
@@ -164,7 +164,8 @@ class TrainingRun:
                               self.data.pairs_fingerprint, aspect_buckets=self.config.aspect_buckets,
                               data_balance=self.config.data_balance, epoch_rows=self.data.rows_per_epoch,
                               **folder_identity(self.data.order)),
-                optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable))
+                {**optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable),
+                 **adapter_identity(self.bare_unet)})
 
     def _read_training_state(self) -> TrainingState:
         try:

@@ -108,8 +108,8 @@ class TrainingState:
         if changed:
             adapter = saved_adapter_flags(self.config)
             if adapter:  # its unet/ is the untrained base: --pretrained_model of it would drop the adapter
-                return (f"--resume {checkpoint}: {changed}; its optimizer state cannot continue. It was saved by an "
-                        f"adapter run ({adapter}): resume with those flags, or start a new adapter from its "
+                return (f"--resume {checkpoint}: {changed}; this run's adapter is not the one it saved. It was saved "
+                        f"by an adapter run ({adapter}): resume with those flags, or start a new adapter from its "
                         f"weights with --lora_weights {checkpoint} (fresh optimizer and schedule).")
             return (f"--resume {checkpoint}: {changed}; its optimizer state cannot continue. Resume with the same "
                     f"--optimizer and layer selection, or start a new run from its weights with --pretrained_model "

@@ -175,7 +175,9 @@ def test_a_resume_with_other_adapter_settings_names_the_flags_that_resume_it_and
     output = tmp_path / "run"
     shutil.copytree(lora_run, output)
     checkpoint = output / "checkpoint-00003"
-    for other in (["--lora_type", "lora", "--lora_rank", "8"], []):  # another rank; no adapter at all
+    same_layers = ["--lora_type", "lora", "--lora_rank", "4", "--lora_targets", "attention", "conv"]
+    # another rank; another alpha (the same weights would make another change); no adapter at all
+    for other in (["--lora_type", "lora", "--lora_rank", "8"], [*same_layers, "--lora_alpha", "16"], []):
         capsys.readouterr()
         assert main(train_args(sd15_model, sd15_cached, output, *other, "--batch_size", "4", "--max_steps", "4",
                                "--resume", str(checkpoint))) == 2
@@ -185,6 +187,8 @@ def test_a_resume_with_other_adapter_settings_names_the_flags_that_resume_it_and
                 f"attention conv): resume with those flags, or start a new adapter from its weights with "
                 f"--lora_weights {checkpoint}") in errors[0]
         assert "--pretrained_model" not in errors[0]  # its unet/ is the base: that start would drop the adapter
+        if "--lora_alpha" in other:
+            assert "adapter_alpha was 2.0, now 16.0; this run's adapter is not the one it saved" in errors[0]
     # the start it names works, from the adapter's own rank
     assert main(train_args(sd15_model, sd15_cached, tmp_path / "new", "--lora_type", "lora", "--lora_weights",
                            str(checkpoint), "--batch_size", "4", "--max_steps", "1")) == 0
