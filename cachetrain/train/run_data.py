@@ -3,6 +3,7 @@ have, the held-out pairs, and the order the processes read them in - all decided
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +49,8 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
     checkpoint's layout, whose rows per epoch the run keeps."""
     if len(config.train_data_dir) == 1 and is_shard_location(config.train_data_dir[0]):
         return _load_shard_data(config, rank, world, is_main, resumed)
+    if config.dataset_config:
+        _check_dataset_folders(config.dataset_config)
     text_suffix = None if config.force_txtcache else config.txtcache_suffix  # forced: image-only data trains
     index, unpaired, validation = _find_pairs(config, text_suffix, is_main, wait_for_main)
     if len(index) == 0:
@@ -67,6 +70,14 @@ def load_run_data(config: TrainConfig, rank: int, world: int, is_main: bool,
     if validation is not None and not config.aspect_buckets and validation.shape_ids is not None:
         validation.shapes, validation.shape_ids = [], None
     return _order_run_data(config, index, checks, rank, world, is_main, left_out, validation, resumed)
+
+
+def _check_dataset_folders(dataset_file: str) -> None:
+    """A --dataset_config folder that is not there, named with its file and table."""
+    for position, folder in enumerate(read_dataset_file(dataset_file), start=1):
+        if not os.path.isdir(folder.path):
+            what = "is a file, not a folder" if os.path.exists(folder.path) else "no such folder"
+            raise TrainingError(f"--dataset_config {dataset_file}: folder {position}: {folder.path}: {what}")
 
 
 def _load_shard_data(config: TrainConfig, rank: int, world: int, is_main: bool,
@@ -125,10 +136,22 @@ def _order_run_data(config: TrainConfig, index, checks: PairChecks, rank: int, w
         order.set_rows_per_epoch(min(resumed.epoch_rows_for(order.whole_rows()), order.whole_rows()))
     rows = order.rows_per_epoch()
     if rows < world or rows == 0:
-        raise TrainingError(f"{len(train_index)} samples are fewer than one batch of "
-                            f"{config.batch_size} per process")
+        raise TrainingError(_no_whole_batch(order, config, world))
     return RunData(train_index, validation_index, checks, order, rows,
                    config.max_optimizer_steps(rows, world), left_out, train_index.fingerprint(), folders)
+
+
+def _no_whole_batch(order: EpochOrder, config: TrainConfig, world: int) -> str:
+    """Why an epoch holds no batch for every process, in the terms the user set it by."""
+    wanted = f"one batch of {config.batch_size}" + (f" for each of {world} processes" if world > 1 else "")
+    draws = order.draws_per_epoch()
+    if config.dataset_config and draws < config.batch_size * world:
+        return (f"--dataset_config {config.dataset_config}: its folders give {draws} draws an epoch, fewer than "
+                f"{wanted}; raise their repeats")
+    if config.aspect_buckets:
+        return (f"{draws} samples an epoch in {order.num_buckets} aspect buckets make fewer than {wanted} (a batch "
+                "is one bucket's, and each bucket's remainder sits the epoch out)")
+    return f"{draws} samples an epoch are fewer than {wanted}"
 
 
 def trained_latent_shape(data: RunData, config: TrainConfig) -> tuple[int, ...] | None:

@@ -188,6 +188,28 @@ def test_repeats_that_make_an_epoch_too_large_to_hold_are_refused_at_start(tiny_
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
+
+@pytest.mark.parametrize("case", ["a missing folder", "a file for a folder", "repeats too few for a batch"])
+def test_a_dataset_file_the_data_cannot_follow_is_refused_at_start_naming_the_file_and_the_folder(
+        tiny_sd_model, two_folders, tmp_path, capsys, case):
+    from cachetrain.commands import train_from_cached
+
+    (tmp_path / "notes.txt").write_text("not a folder")
+    tables = {"a missing folder": [{"path": "small"}, {"path": "gone"}],
+              "a file for a folder": [{"path": "small"}, {"path": "notes.txt"}],
+              "repeats too few for a batch": [{"path": "small", "repeats": 0.1}]}[case]
+    dataset_file = _dataset_file(tmp_path / "data.toml", *tables)
+    # batch 1: 12 pairs x 0.1 repeats = 1 draw, one batch; batch 2 is more than the draws, not the pairs
+    assert train_from_cached(_args(tiny_sd_model, tmp_path / "run", dataset_file, "--max_steps", "1",
+                                   "--batch_size", "2")) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    expected = {"a missing folder": f"folder 2: {tmp_path / 'gone'}: no such folder",
+                "a file for a folder": f"folder 2: {tmp_path / 'notes.txt'}: is a file, not a folder",
+                "repeats too few for a batch": "its folders give 1 draws an epoch, fewer than one batch of 2; "
+                                               "raise their repeats"}[case]
+    assert errors == [f"error: --dataset_config {dataset_file}: {expected}"]
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
 def test_each_folder_drops_captions_at_its_own_rate(tiny_sd_model, two_folders, tmp_path, monkeypatch):
     from cachetrain.sidecar import TEXT_EMBEDDING_KEY, read_sidecar
     from cachetrain.train.objective import draw_sample_noise, sample_key
