@@ -138,8 +138,15 @@ def load_index_file(path: str, root: str) -> IndexTable:
     try:
         stored = _mapped_npz(path)
         meta = json.loads(np.asarray(stored["meta"]).tobytes())
+        if not isinstance(meta, dict):
+            raise IndexError_("its meta is not a JSON object")
         if meta.get("format") != INDEX_FORMAT:
             raise IndexError_(f"format {meta.get('format')!r}, this version reads {INDEX_FORMAT}")
+        suffixes = meta.get("suffixes")
+        # the suffixes name the columns: anything else would fail later, in the walk or the pairing
+        if (not isinstance(suffixes, list) or not all(isinstance(suffix, str) and suffix for suffix in suffixes)
+                or len(set(suffixes)) != len(suffixes)):
+            raise IndexError_("its meta names no list of distinct suffixes")
         arrays = {name: stored[name] for name in TABLE_ARRAYS}
     except IndexError_:
         raise
@@ -147,7 +154,7 @@ def load_index_file(path: str, root: str) -> IndexTable:
         raise IndexError_(f"unreadable ({error})") from None
     # the root it names may differ (a tree moved or mounted elsewhere): names are relative, and the
     # staleness rule (mtime and inode of every folder) tells a moved copy from the original
-    table = IndexTable(os.path.abspath(root), tuple(meta["suffixes"]), **arrays)
+    table = IndexTable(os.path.abspath(root), tuple(suffixes), **arrays)
     folders, rows, width = len(table.folder_name_ends), len(table.stem_name_ends), len(table.suffixes)
     consistent = (len(table.folder_parents) == len(table.folder_mtime_ns) == len(table.folder_inodes)
                   == len(table.folder_row_ends) == folders

@@ -178,7 +178,22 @@ def test_the_index_read_in_place_holds_what_numpy_reads_from_the_file(tree):
             np.testing.assert_array_equal(getattr(table, name), stored[name], err_msg=name)
 
 
-@pytest.mark.parametrize("spoil", ["truncated", "garbage", "other_format", "compressed", "killed_writer"])
+def replace_meta(stored: Path, meta: bytes) -> None:
+    with np.load(stored) as kept:
+        arrays = dict(kept)
+    arrays["meta"] = np.frombuffer(meta, np.uint8)
+    np.savez(stored, **arrays)
+
+
+SPOILED_METAS = {  # meta JSON that is not what a writer of this format writes
+    "meta_not_an_object": b"[1, 2]",
+    "meta_without_suffixes": b'{"format": 2, "root": "/"}',
+    "meta_with_other_suffixes": b'{"format": 2, "root": "/", "suffixes": [1, 2, 3, 4]}',
+}
+
+
+@pytest.mark.parametrize("spoil", ["truncated", "garbage", "other_format", "compressed", "killed_writer",
+                                   *SPOILED_METAS])
 def test_an_index_that_cannot_be_believed_is_ignored_and_rebuilt(tree, spoil):
     refresh(str(tree))
     stored = index_file(tree)
@@ -187,10 +202,9 @@ def test_an_index_that_cannot_be_believed_is_ignored_and_rebuilt(tree, spoil):
     elif spoil == "garbage":
         stored.write_bytes(b"\0" * 100)
     elif spoil == "other_format":
-        with np.load(stored) as kept:
-            arrays = dict(kept)
-        arrays["meta"] = np.frombuffer(b'{"format": 99, "root": "/", "suffixes": []}', np.uint8)
-        np.savez(stored, **arrays)
+        replace_meta(stored, b'{"format": 99, "root": "/", "suffixes": []}')
+    elif spoil in SPOILED_METAS:
+        replace_meta(stored, SPOILED_METAS[spoil])
     elif spoil == "compressed":  # the same arrays, as another tool might rewrite them
         with np.load(stored) as kept:
             arrays = dict(kept)
@@ -230,6 +244,21 @@ def test_the_index_command_indexes_an_old_tree_and_then_walks_nothing(tree, caps
     assert f"{tree}: 9 folders, 0 walked" in capsys.readouterr().out
     assert index_command([str(tree / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("meta, why", [(b"[1, 2]", "its meta is not a JSON object"),
+                                       (b'{"format": 2, "root": "/"}', "its meta names no list of distinct suffixes")])
+def test_the_index_command_names_a_damaged_meta_in_one_line_and_rebuilds_the_index(tree, capsys, meta, why):
+    refresh(str(tree))
+    capsys.readouterr()
+    replace_meta(index_file(tree), meta)
+    assert index_command([str(tree), "--no_progress"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    [line] = out.splitlines()
+    assert line.startswith(f"{tree}: 9 folders, 9 walked (stored index ignored: {why}); 39 .img_sdvae")
+    assert index_command([str(tree), "--no_progress"]) == 0
+    assert f"{tree}: 9 folders, 0 walked;" in capsys.readouterr().out  # the rebuilt index is believed
 
 
 def test_a_read_only_root_keeps_its_index_in_the_index_folder(tree, tmp_path):
