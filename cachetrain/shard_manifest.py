@@ -5,9 +5,18 @@ run trusts it: a damaged manifest is refused in one line instead of failing mid-
 
 from __future__ import annotations
 
+import hashlib
+
 MANIFEST_NAME = "shards.json"  # what a run reads: the shards and their rows
 MANIFEST_FORMAT = "cachetrain-shards"
 MANIFEST_VERSION = 1  # the newest format version this code writes and reads
+
+
+def shard_sha256(path: str) -> str:
+    """The digest the manifest records of a shard's bytes: a copy fetched or cached under its name is
+    checked against it, since a repack rewrites a changed shard under the same name."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _is_int(value) -> bool:
@@ -35,6 +44,7 @@ def manifest_problem(manifest: dict) -> str | None:
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         return "no 'shards' list" if shards is None else f"'shards' is {_short(shards)}, not a list"
+    first_listed: dict[str, int] = {}
     for number, shard in enumerate(shards):
         if not isinstance(shard, dict):
             return f"shard {number} is {_short(shard)}, not an object"
@@ -42,6 +52,13 @@ def manifest_problem(manifest: dict) -> str | None:
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
             return f"shard {number} has no valid 'name' ({_short(name)})"
         what = f"shard {number} ({name})"
+        if name in first_listed:  # its pairs would be trained twice an epoch
+            return f"{what} is listed twice (also shard {first_listed[name]})"
+        first_listed[name] = number
+        digest = shard.get("sha256")  # sets packed before it was recorded have none
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                       and all(c in "0123456789abcdef" for c in digest)):
+            return f"{what}: 'sha256' is {_short(digest)}, not a SHA-256 digest"
         if not _is_int(shard.get("bytes")) or shard["bytes"] < 0:
             return f"{what}: 'bytes' is {_short(shard.get('bytes'))}, not a byte count"
         if not _is_int(rows) or rows < 0:

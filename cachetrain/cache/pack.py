@@ -33,7 +33,7 @@ from ..atomic import temporary_name, writable_problem, write_atomically
 from ..cli import ArgumentParser, print_error
 from ..sidecar import (CAPTION_EXTENSION, CLIP_L_SUFFIX, IMAGE_LATENT_KEY, SD_VAE_SUFFIX, TEXT_EMBEDDING_KEY,
                        SidecarError, empty_prompt_path)
-from ..shard_manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
+from ..shard_manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, shard_sha256
 from ..tree import index_training_pairs
 
 SOURCES_NAME = "sources.json"  # what a repack reads: each shard's sidecars by size and mtime
@@ -303,6 +303,8 @@ def pack(pairs: Iterable[PackPair], out_dir: os.PathLike | str, roots: list[str]
         path = out / name
         if (before is not None and before["members"] == identities and path.exists()
                 and path.stat().st_size == before["shard"]["bytes"]):
+            if "sha256" not in before["shard"]:  # packed before the digest was recorded
+                before["shard"]["sha256"] = shard_sha256(str(path))
             shards.append(before)
             left_out += [tuple(entry) for entry in before["shard"]["left_out"]]
             kept += 1
@@ -311,8 +313,8 @@ def pack(pairs: Iterable[PackPair], out_dir: os.PathLike | str, roots: list[str]
         left_out += bad
         written += 1
         shards.append({"name": name, "members": identities,
-                       "shard": {"name": name, "bytes": path.stat().st_size, **rows,
-                                 "left_out": [list(entry) for entry in bad]}})
+                       "shard": {"name": name, "bytes": path.stat().st_size, "sha256": shard_sha256(str(path)),
+                                 **rows, "left_out": [list(entry) for entry in bad]}})
     for path, reason in left_out:
         print(f"[pack] left out {path}: {reason}", file=sys.stderr)
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "image_suffix": image_suffix,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..shard_manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, manifest_problem
+from ..shard_manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, manifest_problem, shard_sha256
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 OPEN_SHARDS = 128  # memory-mapped shard tables each worker keeps open (a re-open costs ~5 ms)
@@ -37,6 +37,20 @@ OPEN_SHARDS = 128  # memory-mapped shard tables each worker keeps open (a re-ope
 
 class ShardStoreUnreachable(RuntimeError):
     """The shard storage did not answer after the retries (one line: the URL and the last error)."""
+
+
+class ShardMismatch(ValueError):
+    """The store's file is not the one the manifest lists (another size or digest)."""
+
+
+def _check_download(path: str, size: int | None, sha256: str | None) -> None:
+    found = os.path.getsize(path)
+    if size is not None and found != size:
+        raise ShardMismatch(f"the store's file is {found} bytes, its manifest says {size} (cut short, or "
+                            "rewritten since the manifest was read?)")
+    if sha256 is not None and shard_sha256(path) != sha256:
+        raise ShardMismatch("the store's file is not the one its manifest lists (another sha256: rewritten "
+                            "since the manifest was read?)")
 
 
 class ShardSetError(ValueError):
@@ -104,8 +118,15 @@ class ShardStore:
             while chunk := source.read(1 << 20):
                 out.write(chunk)
 
-    def fetch(self, name: str) -> str:
-        """A local path of file ``name`` of the location (downloaded into the cache when remote).
+    def cached_path(self, name: str, sha256: str | None = None) -> str:
+        """Where a remote file's copy lives in the cache: under its digest too, when the manifest gives
+        one, so a shard a repack rewrote under the same name is fetched again, not taken from the cache."""
+        return os.path.join(self.cache_dir, name if sha256 is None else f"{sha256[:16]}-{name}")
+
+    def fetch(self, name: str, size: int | None = None, sha256: str | None = None) -> str:
+        """A local path of file ``name`` of the location (downloaded into the cache when remote). A cached
+        copy of another ``size`` (cut short) is fetched again; a download of another size or digest
+        is a ShardMismatch.
 
         FileNotFoundError when it is not there; ShardStoreUnreachable when the store keeps failing."""
         if not self.remote:
@@ -113,24 +134,33 @@ class ShardStore:
             if not os.path.exists(path):
                 raise FileNotFoundError(path)
             return path
-        local = os.path.join(self.cache_dir, name)
-        if os.path.exists(local):
+        local = self.cached_path(name, sha256)
+        if self._usable_copy(local, size):
             os.utime(local)  # most recently used
             return local
         os.makedirs(self.cache_dir, exist_ok=True)
         # one fetch per shard per node: the workers and processes sharing the cache wait for it
         with open(os.path.join(self.cache_dir, f".{name}.lock"), "wb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if os.path.exists(local):
+            if self._usable_copy(local, size):
                 return local
-            return self._fetch_into_cache(name, local)
+            Path(local).unlink(missing_ok=True)
+            return self._fetch_into_cache(name, local, size, sha256)
 
-    def _fetch_into_cache(self, name: str, local: str) -> str:
+    @staticmethod
+    def _usable_copy(local: str, size: int | None) -> bool:
+        try:
+            return size is None or os.path.getsize(local) == size
+        except FileNotFoundError:
+            return False
+
+    def _fetch_into_cache(self, name: str, local: str, size: int | None, sha256: str | None) -> str:
         url, last_error = _join(self.location, name), None
         for attempt in range(self.retries):
             temporary = f"{local}.partial-{os.getpid()}-{attempt}"
             try:
                 self._download(url, temporary)
+                _check_download(temporary, size, sha256)
                 os.replace(temporary, local)
                 self._evict(keep=local)
                 return local
@@ -255,6 +285,8 @@ class ShardIndex:
         self.shard_of, self.row_of, self.root_of, self.shape_ids = array("I"), array("I"), array("I"), array("H")
         self.sample_numbers = array("I")  # per sample: its row number in the whole set (the fingerprint)
         self.keys_digest = ""  # every shard's keys, in order
+        self.shard_sha256: list[str | None] = []  # per shard, as the manifest records it (None: packed before)
+        self.shard_keys: list[bytes] = []  # per shard, a digest of its keys: an opened shard must hold them
         self._open: OrderedDict[int, object] = OrderedDict()  # this worker's memory-mapped shard tables
         self._bad_shards: dict[int, str] = {}
 
@@ -292,7 +324,10 @@ class ShardIndex:
             index.shape_ids.extend(array("H", [numbers[k] for k in shard["shape_ids"]]))
             for width, count in shard["text_widths"].items():
                 widths[int(width)] = widths.get(int(width), 0) + count
-            shard_digests.update("\0".join(shard["keys"]).encode("utf-8", "surrogateescape") + b"\1")
+            keys = "\0".join(shard["keys"]).encode("utf-8", "surrogateescape") + b"\1"
+            shard_digests.update(keys)
+            index.shard_keys.append(hashlib.blake2b(keys, digest_size=8).digest())
+            index.shard_sha256.append(shard.get("sha256"))
         index.sample_numbers = array("I", range(len(index.shard_of)))
         index.keys_digest = shard_digests.hexdigest()
         index.shapes = list(shapes)
@@ -323,7 +358,7 @@ class ShardIndex:
             part.root_of.append(self.root_of[i])
             part.shape_ids.append(self.shape_ids[i])
             part.sample_numbers.append(self.sample_numbers[i])
-        part.keys_digest = self.keys_digest
+        part.keys_digest, part.shard_sha256, part.shard_keys = self.keys_digest, self.shard_sha256, self.shard_keys
         part.empty_prompts = self.empty_prompts
         return part
 
@@ -344,20 +379,23 @@ class ShardIndex:
             return table
         import pyarrow as pa
 
-        name = self.shard_names[shard]
+        name, sha256 = self.shard_names[shard], self.shard_sha256[shard]
         try:
-            path = self.store.fetch(name)
+            path = self.store.fetch(name, self.shard_bytes[shard], sha256)
             size = os.path.getsize(path)
             if size != self.shard_bytes[shard]:
                 raise ValueError(f"shard is {size} bytes, its manifest says {self.shard_bytes[shard]} (cut short?)")
             table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()  # zero-copy
+            keys = "\0".join(table.column("key").to_pylist()).encode("utf-8", "surrogateescape") + b"\1"
+            if hashlib.blake2b(keys, digest_size=8).digest() != self.shard_keys[shard]:
+                raise ShardMismatch("its rows are not the pairs its manifest lists (another shard's file?)")
         except FileNotFoundError:
             self._bad_shards[shard] = "shard is missing"
             return self._bad_shards[shard]
-        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        except (OSError, ValueError, KeyError) as error:  # pyarrow's ArrowInvalid is a ValueError
             self._bad_shards[shard] = f"shard cannot be read ({_one_line(error)})"
             if self.store.remote:  # a bad copy is not kept in the cache
-                Path(self.store.cache_dir, name).unlink(missing_ok=True)
+                Path(self.store.cached_path(name, sha256)).unlink(missing_ok=True)
             return self._bad_shards[shard]
         self._open[shard] = table
         if len(self._open) > OPEN_SHARDS:

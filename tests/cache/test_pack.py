@@ -3,6 +3,7 @@ repack that rewrites only the shards whose sidecars changed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -71,6 +72,10 @@ def test_a_repack_after_a_re_cache_rewrites_only_the_shard_holding_the_changed_s
     assert set(after) == set(before)
     rewritten = [name for name in after if after[name] != before[name]]
     assert len(rewritten) == 1
+    # the manifest's digest of each shard is its file's: the rewritten one's changed with it (a reader's
+    # cached copy, under the same name, is told from it by this)
+    for shard in _manifest(out)["shards"]:
+        assert shard["sha256"] == hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest(), shard["name"]
     row = _row(out, "part2/s000002")
     assert torch.equal(torch.frombuffer(bytearray(row["latent"]), dtype=torch.float16).view(4, 8, 8), changed)
 

@@ -90,6 +90,41 @@ def test_a_run_from_s3_stopped_and_resumed_ends_with_the_weights_of_a_local_run_
         server.stop()
 
 
+
+def test_a_shard_repacked_after_a_re_cache_is_fetched_again_and_a_cut_short_cached_copy_is_refetched(
+        tiny_sd_model, cached_dataset, tmp_path, s3_env, capsys):
+    """A repack rewrites a changed shard under its old name (its pairs are the same); the run's cache must not
+    answer with the old bytes. A copy in the cache cut short (a full disk, a killed copy) is fetched again,
+    not blamed on the store."""
+    from cachetrain.sidecar import read_sidecar_file, write_sidecar
+
+    common = ("--batch_size", "4", "--max_steps", "4", "--shard_cache_dir", str(tmp_path / "cache"))
+    shards = _shards(cached_dataset, tmp_path)
+    server, endpoint = _start_server(s3_env)
+    try:
+        url = _upload(shards, endpoint)
+        assert train(parse_train_args(_args(tiny_sd_model, url, tmp_path / "first", *common))).exit_status == 0
+        for latent_path in sorted(cached_dataset.rglob("*.img_sdvae"))[:6]:  # re-cached: other latents
+            tensors, metadata = read_sidecar_file(latent_path)
+            write_sidecar(latent_path, {name: -tensor for name, tensor in tensors.items()}, metadata)
+        before = {shard["name"] for shard in json.loads((shards / "shards.json").read_text())["shards"]}
+        assert pack([str(cached_dataset), "--out", str(shards), "--pairs_per_shard", "4"]) == 0
+        assert before == {shard["name"] for shard in json.loads((shards / "shards.json").read_text())["shards"]}
+        _upload(shards, endpoint)
+        train(parse_train_args(_args(tiny_sd_model, shards, tmp_path / "local", *common)))
+        assert train(parse_train_args(_args(tiny_sd_model, url, tmp_path / "again", *common))).exit_status == 0
+        assert _same_weights(tmp_path / "local", tmp_path / "again")
+        assert not _same_weights(tmp_path / "first", tmp_path / "again")
+
+        for cached in (tmp_path / "cache").glob("*.arrow"):
+            cached.write_bytes(cached.read_bytes()[:1000])
+        capsys.readouterr()
+        assert train(parse_train_args(_args(tiny_sd_model, url, tmp_path / "cut", *common))).exit_status == 0
+        assert "skipped" not in capsys.readouterr().err
+        assert _same_weights(tmp_path / "local", tmp_path / "cut")
+    finally:
+        server.stop()
+
 @pytest.mark.slow
 def test_a_server_gone_mid_run_stops_with_the_halted_status_naming_it_and_a_resume_finishes_the_same_run(
         tiny_sd_model, cached_dataset, tmp_path, s3_env, capsys):

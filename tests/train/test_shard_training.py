@@ -72,6 +72,26 @@ def test_a_missing_and_a_cut_short_shard_are_named_and_their_pairs_passed_over(
     assert _logged(result, "train/skipped_samples")[-1][1] > 0
 
 
+
+def test_a_shard_file_that_holds_other_pairs_than_its_manifest_lists_is_named_and_passed_over(
+        tiny_sd_model, cached_dataset, tmp_path, capsys):
+    """A shard file replaced by another (of any size): its rows are not trained as the pairs the manifest
+    names; here the manifest's keys of one shard are changed, which is the same mismatch seen from the
+    other side."""
+    shards = _pack(cached_dataset, tmp_path / "shards")
+    manifest_path = shards / "shards.json"
+    manifest = json.loads(manifest_path.read_text())
+    changed = manifest["shards"][1]
+    changed["keys"] = [f"elsewhere/{key}" for key in changed["keys"]]
+    manifest_path.write_text(json.dumps(manifest))
+    result = train(parse_train_args(_args(tiny_sd_model, shards, tmp_path / "run", "--batch_size", "4",
+                                          "--max_steps", "6", "--log_every", "1", "--max_bad_fraction", "0.9")))
+    assert result.steps == 6
+    err = capsys.readouterr().err
+    assert f"{changed['name']}#row" in err and "its rows are not the pairs its manifest lists" in err
+    skipped = _logged(result, "train/skipped_samples")[-1][1]
+    assert 0 < skipped <= changed["rows"]
+
 def test_aspect_buckets_and_equal_balance_come_from_the_manifest(tiny_sd_model, cached_dataset, tmp_path, capsys):
     second = tmp_path / "second"
     second.mkdir()
@@ -129,6 +149,10 @@ def _damaged(manifest: dict, damage: str):
         shard["shape_ids"] = [-1] * shard["rows"]
     elif damage == "roots null":
         manifest["roots"] = None
+    elif damage == "a shard listed twice":
+        manifest["shards"].append(shard)
+    elif damage == "sha256 not a digest":
+        shard["sha256"] = "abc"
     return manifest
 
 
@@ -140,6 +164,8 @@ def _damaged(manifest: dict, damage: str):
     ("bad shape_ids", "'shape_ids' is not a list of"),
     ("negative shape_ids", "'shape_ids' is not a list of"),
     ("roots null", "not a readable shard manifest ('roots' is None, not a list of data root names)"),
+    ("a shard listed twice", "is listed twice (also shard 0)"),
+    ("sha256 not a digest", "'sha256' is 'abc', not a SHA-256 digest"),
 ])
 def test_a_damaged_shard_manifest_is_refused_at_start_in_one_line(tiny_sd_model, cached_dataset, tmp_path, capsys,
                                                                   damage, reason):
