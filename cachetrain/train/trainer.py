@@ -30,12 +30,12 @@ from ..models import loading as models
 from . import run_dir
 from .bad_data import BadPairLedger, TrainingError
 from .checkpoint_writer import CheckpointWriter
-from ..cli import print_error
+from ..cli import first_line, print_error
 from .config import TrainConfig, config_to_dict
 from .elastic import SavedLayout, TrainedSampleLog, launched_processes, resumed_accumulation, speak
 from .ema import ema_weights, make_ema
 from .frozen_parts import FrozenParts
-from .epoch_order import RunBatches, folder_identity
+from .epoch_order import RunBatches, order_identity
 from .loader import CachedPairDataset, RefillingBatchReader, make_training_loader
 from .packaged_optimizers import evaluation_weights, training_mode
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
@@ -163,7 +163,7 @@ class TrainingRun:
         return (data_identity(len(self.data.train_index), self.world, self.config.batch_size, self.config.seed,
                               self.data.pairs_fingerprint, aspect_buckets=self.config.aspect_buckets,
                               data_balance=self.config.data_balance, epoch_rows=self.data.rows_per_epoch,
-                              **folder_identity(self.data.order)),
+                              **order_identity(self.data.order)),
                 {**optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable),
                  **adapter_identity(self.bare_unet)})
 
@@ -185,8 +185,12 @@ class TrainingRun:
             except (ValueError, OSError) as error:
                 raise TrainingError(f"--resume {self.resume_from}: its adapter does not load ({error})") from None
         else:
-            trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
-            self.bare_unet.load_state_dict(trained.state_dict())
+            try:  # checked before it was picked (checkpoint_check); this is the net for what a check cannot see
+                trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
+                self.bare_unet.load_state_dict(trained.state_dict())
+            except Exception as error:  # diffusers' ValueError, safetensors' own error, a shape mismatch
+                raise TrainingError(f"--resume {self.resume_from}: its UNet does not load ({type(error).__name__}: "
+                                    f"{first_line(error)}); name another checkpoint") from None
             del trained
         restored = state.apply(self.optimizer, self.lr_schedule)
         restored.batch_in_epoch = self.saved_layout.rows_done(restored)  # rows of all processes, as now counted

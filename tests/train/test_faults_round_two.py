@@ -99,6 +99,57 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_resume_and_refused_when_named
             torch.testing.assert_close(_unet(output)[name], tensor, rtol=0, atol=0)
 
 
+def _rewrite(path: Path, data: bytes) -> None:
+    """Other bytes under the name, as a new file: the final model's hard link keeps the old ones."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("edit", ["emptied", "a key deleted"])
+def test_a_unet_config_that_parses_but_does_not_match_its_weights_is_damage_resume_passes_over(
+        tiny_sd_model, cached_dataset, tmp_path, edit):
+    output = tmp_path / "run"
+    assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--save_steps", "2").returncode == 0
+    whole_final = _unet(output)
+    newest = output / "checkpoint-00004"
+    config_file = newest / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["cross_attention_dim"]  # diffusers then builds its default width, not the weights'
+    _rewrite(config_file, b"{}" if edit == "emptied" else json.dumps(config).encode())
+
+    named = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--resume", str(newest))
+    assert named.returncode == ExitStatus.REFUSED, named.stderr[-3000:]
+    assert (f"--resume {newest}: damaged checkpoint: unet/config.json does not match the weights beside it"
+            in _error_line(named))
+
+    done = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--resume", "auto")
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == ExitStatus.FINISHED, done.stderr[-3000:]
+    assert ("--resume auto: skipped checkpoint-00004, damaged: unet/config.json does not match the weights "
+            "beside it") in done.stderr
+    assert f"resumed from {output / 'checkpoint-00002'} at step 2" in done.stderr
+    for name, tensor in whole_final.items():
+        torch.testing.assert_close(_unet(output)[name], tensor, rtol=0, atol=0)
+
+
+def test_unet_weights_that_pass_the_check_but_do_not_load_are_refused_in_one_line(tiny_sd_model, cached_dataset,
+                                                                                  tmp_path):
+    """The check reads headers and lengths, not every field: a header whose tensor types were garbled keeps
+    its length and names, and only the load finds it. That load is turned into one line too."""
+    output = tmp_path / "run"
+    assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "2").returncode == 0
+    newest = output / "checkpoint-00002"
+    weights = newest / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    assert b'"F32"' in data[:header_end]
+    _rewrite(weights, data[:header_end].replace(b'"F32"', b'"F3X"') + data[header_end:])
+    done = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--resume", str(newest))
+    assert done.returncode == ExitStatus.REFUSED, done.stderr[-3000:]
+    assert f"--resume {newest}: its UNet does not load (" in _error_line(done)
+    assert not (output / "checkpoint-00004").exists()
+
+
 @pytest.mark.parametrize("kind, damaged", [("lora", "pytorch_lora_weights.safetensors"),
                                            ("loha", "unet_adapter/adapter_model.safetensors")])
 def test_a_damaged_adapter_in_the_newest_checkpoint_is_skipped_by_resume_and_refused_when_named(
