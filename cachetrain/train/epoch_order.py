@@ -9,6 +9,8 @@ what the processes of all starts together trained is the stream's rows, each onc
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .objective import sample_key
@@ -188,9 +190,14 @@ class EpochOrder:
         return mine, rows[mine], row_draws[mine], [row_buckets[i] for i in mine]
 
 
-def folder_identity(order: EpochOrder) -> dict[str, str]:
-    """What a weighted order adds to a checkpoint's data identity: each folder's draws per epoch."""
-    return {"folder_draws": ",".join(map(str, order.group_draws))} if order.balance == "weighted" else {}
+def order_identity(order: EpochOrder) -> dict[str, str]:
+    """What the order adds to a checkpoint's data identity beyond the pairs' names: which samples share a
+    bucket (a latent re-cached at another shape under its old name moves to another aspect bucket, and
+    the order with it), and a weighted order's draws per folder."""
+    identity = {"buckets_sha256": hashlib.sha256(order.bucket_of.numpy().tobytes()).hexdigest()[:16]}
+    if order.balance == "weighted":
+        identity["folder_draws"] = ",".join(map(str, order.group_draws))
+    return identity
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,

@@ -163,6 +163,29 @@ def test_buckets_with_equal_folders_and_a_bad_file_resume_exactly(tiny_sd_model,
                                      "pooled")))
 
 
+
+def test_a_resume_after_latents_were_re_cached_at_other_shapes_under_their_names_is_refused(tiny_sd_model, two_shapes,
+                                                                                            tmp_path):
+    """A wide latent and a narrow one swap shapes: the names and the bucket sizes stay, the buckets'
+    members do not, so the stopped epoch's order would not continue (samples twice, others never)."""
+    from cachetrain.sidecar import read_metadata, write_sidecar
+    from cachetrain.train.trainer import TrainingError
+
+    common = ("--train_data_dir", str(two_shapes), "--aspect_buckets", "--max_steps", "4")
+    stopped = train(parse_train_args(_args(tiny_sd_model, tmp_path / "run", *common)), interrupt_after_batches=2)
+    assert stopped.interrupted
+    wide, narrow = sorted((two_shapes / "part1").glob("*.img_sdvae"))[0], sorted((two_shapes / "part2").glob(
+        "*.img_sdvae"))[0]
+    write_sidecar(wide, {"latent": torch.zeros(CACHED_LATENT_SHAPE)}, read_metadata(wide))
+    write_sidecar(narrow, {"latent": torch.zeros(WIDE)}, read_metadata(narrow))
+    with pytest.raises(TrainingError, match="buckets_sha256 was [0-9a-f]+, now [0-9a-f]+; the data order would not "
+                                            "continue where it stopped"):
+        train(parse_train_args(_args(tiny_sd_model, tmp_path / "run", *common, "--resume")))
+    # the same shapes again: the run goes on
+    write_sidecar(wide, {"latent": torch.zeros(WIDE)}, read_metadata(wide))
+    write_sidecar(narrow, {"latent": torch.zeros(CACHED_LATENT_SHAPE)}, read_metadata(narrow))
+    assert train(parse_train_args(_args(tiny_sd_model, tmp_path / "run", *common, "--resume"))).steps == 4
+
 def test_two_processes_share_bucketed_batches_and_count_bad_pairs_together(tiny_sd_model, two_shapes, tmp_path):
     """Also the data index under two processes: with none yet, only the main process walks (and reads the
     headers), the other takes the main's index without walking."""
