@@ -21,13 +21,16 @@ from ..cli import first_line
 from .config import TrainConfig
 from .ema import ema_weights
 from .frozen_parts import FrozenParts
+from .run_dir import KnownCheckpoints
 from .start_checks import SetupError
 from .training_state import TrainingState
 
 
 class CheckpointWriter:
-    def __init__(self, config: TrainConfig, parts: FrozenParts, adapter: AdapterSpec | None = None):
+    def __init__(self, config: TrainConfig, parts: FrozenParts, adapter: AdapterSpec | None = None,
+                 known: KnownCheckpoints | None = None):
         self.config = config
+        self.known = known or KnownCheckpoints(config.output_dir)  # names the newest whole one when a save fails
         self.parts = parts
         self.adapter = adapter
         self.output_dir = Path(config.output_dir)
@@ -58,12 +61,13 @@ class CheckpointWriter:
                                      ema_weights=self._adapter_ema_writer(ema, trainable, unet),
                                      write_trained=lambda folder: self._write_adapter(unet, folder, step))
         except Exception as error:  # a full disk shows as OSError, RuntimeError or safetensors' own error
-            newest = ckpt.latest_checkpoint(self.output_dir)
+            newest = self.known.newest_whole()
             kept = (f"the newest saved checkpoint, {newest.name}, is intact" if newest is not None
                     else "no checkpoint of this run is saved yet")
             tqdm.write(f"[train] could not save checkpoint at step {step} "
                        f"({type(error).__name__}: {first_line(error)}); {kept}")
             return None
+        self.known.saved(destination)
         self._write_single_file(destination, step, ema is not None)
         return destination
 

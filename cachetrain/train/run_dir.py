@@ -53,11 +53,40 @@ def check_output_dir(output_dir: Path) -> None:
                           "checkpoints and the final model could not be saved there") from None
 
 
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+class KnownCheckpoints:
+    """Which checkpoints this run knows to be whole or damaged, so that a line about a failed save or a stop
+    names the newest whole one. Checking every checkpoint again there would read each training state (gigabytes
+    on a real model) at every failed save; what the start checked and what this run saved is known already, and
+    any other checkpoint (newer than one a ``--resume DIR`` named) is checked once, when it would be named."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
+        self._damage: dict[Path, str | None] = {}  # checkpoint -> what is wrong with it (None: whole)
+
+    def damage(self, checkpoint: Path) -> str | None:
+        key = Path(checkpoint).resolve()
+        if key not in self._damage:
+            self._damage[key] = checkpoint_damage(checkpoint)
+        return self._damage[key]
+
+    def saved(self, checkpoint: Path) -> None:
+        """Written whole by this run (replacing a damaged one of the same step, if there was one)."""
+        self._damage[Path(checkpoint).resolve()] = None
+
+    def newest_whole(self) -> Path | None:
+        for _step, path in reversed(ckpt.list_checkpoints(self.output_dir)):
+            if self.damage(path) is None:
+                return path
+        return None
+
+
+def resolve_resume(resume: str | None, output_dir: Path, known: KnownCheckpoints | None = None) -> Path | None:
     """The checkpoint this start continues from, or None for a new run; refuses what cannot be meant.
 
     Every file the resume will read is checked first (checkpoint_check): ``latest``/``auto`` pass over
-    damaged checkpoints to the newest whole one, saying which and why; a damaged one named is refused."""
+    damaged checkpoints to the newest whole one, saying which and why; a damaged one named is refused.
+    ``known`` keeps each verdict."""
+    known = known or KnownCheckpoints(output_dir)
     existing = ckpt.latest_checkpoint(output_dir)
     if not resume:
         if existing is not None:
@@ -72,21 +101,21 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
             print(f"[train] --resume {RESUME_AUTO}: no checkpoint in {output_dir} yet, starting a new run",
                   file=sys.stderr)
             return None
-        return newest_whole_checkpoint(output_dir, resume)
+        return newest_whole_checkpoint(output_dir, resume, known)
     path = Path(resume)
     if not (path / ckpt.TRAINING_STATE_FILE).exists():
         raise RunDirError(f"--resume {path}: not a resumable checkpoint folder (no {ckpt.TRAINING_STATE_FILE})")
-    problem = checkpoint_damage(path)
+    problem = known.damage(path)
     if problem:
         raise RunDirError(f"--resume {path}: damaged checkpoint: {problem}; name another, or pass "
                           "--resume latest to take the newest whole one")
     return path
 
 
-def newest_whole_checkpoint(output_dir: Path, resume: str) -> Path:
+def newest_whole_checkpoint(output_dir: Path, resume: str, known: KnownCheckpoints) -> Path:
     """The newest checkpoint of output_dir that is whole; each damaged one passed over is named."""
     for _step, path in reversed(ckpt.list_checkpoints(output_dir)):
-        problem = checkpoint_damage(path)
+        problem = known.damage(path)
         if problem is None:
             return path
         print(f"[train] --resume {resume}: skipped {path.name}, damaged: {problem}", file=sys.stderr)
@@ -187,9 +216,10 @@ def finish_finished_run(output_dir: Path, checkpoint: Path, step: int) -> None:
           f"model is in {output_dir}", file=sys.stderr)
 
 
-def stop_now(output_dir: Path, signal_name: str, steps: int, checkpoints: list[Path], failed_saves: list[int]) -> None:
+def stop_now(output_dir: Path, signal_name: str, steps: int, checkpoints: list[Path], failed_saves: list[int],
+             known: KnownCheckpoints) -> None:
     """A second signal: say so in one line and write the summary (if the disk lets it), nothing else."""
-    newest = ckpt.latest_checkpoint(output_dir)
+    newest = known.newest_whole()
     print(f"[train] {signal_name} again: stopping now without a checkpoint; the newest is "
           f"{newest if newest is not None else 'none (no checkpoint of this run was saved)'}"
           f"{' (continue with --resume)' if newest is not None else ''}", file=sys.stderr)
@@ -212,18 +242,18 @@ def exit_status(*, stopped: bool, failed_saves: int, final_saved: bool, stop_sav
     return ExitStatus.FINISHED if final_saved else ExitStatus.SAVE_FAILED
 
 
-def newest_checkpoint_note(output_dir: Path) -> str:
-    """A sentence naming the newest checkpoint on disk, for messages about saves that failed."""
-    newest = ckpt.latest_checkpoint(output_dir)
+def newest_checkpoint_note(known: KnownCheckpoints) -> str:
+    """A sentence naming the newest whole checkpoint on disk, for messages about saves that failed."""
+    newest = known.newest_whole()
     return (f"The newest checkpoint on disk is {newest} (continue with --resume once there is room)."
             if newest is not None else "No checkpoint of this run was saved.")
 
 
-def publish_final_model(output_dir: Path, step: int, saved: bool = True) -> bool:
+def publish_final_model(output_dir: Path, step: int, saved: bool, known: KnownCheckpoints) -> bool:
     """The final model at the top of ``output_dir``, from the checkpoint of ``step``; False when that
     checkpoint was not ``saved`` or the model could not be written (each said in one line)."""
     if not saved:
-        print(f"[train] the final checkpoint could not be saved (see above). {newest_checkpoint_note(output_dir)}",
+        print(f"[train] the final checkpoint could not be saved (see above). {newest_checkpoint_note(known)}",
               file=sys.stderr)
         return False
     final = ckpt.checkpoint_dir(output_dir, step)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..stop_signals import SignalCatcher
 from .config import TrainConfig
-from .run_dir import newest_checkpoint_note
+from .run_dir import KnownCheckpoints, newest_checkpoint_note
 
 REPEATED_SIGNAL_SECONDS = 2.0  # a launcher (torchrun) forwards a Ctrl-C the terminal already delivered
 ENDING_SAVES = ("final", "interrupted")  # the run ends after them whatever happens
@@ -79,11 +79,13 @@ def agreed_requests(stop: StopSignal, trigger: Path, accelerator) -> tuple[bool,
 class SavePolicy:
     """Which save is due after an optimizer step, and the record of the saves made and failed."""
 
-    def __init__(self, config: TrainConfig, total_steps: int, output_dir: Path, speaks: bool = True):
+    def __init__(self, config: TrainConfig, total_steps: int, output_dir: Path, speaks: bool = True,
+                 known: KnownCheckpoints | None = None):
         self.save_steps, self.save_start = config.save_steps, config.save_start
         self.save_on_epoch, self.max_failed_saves = config.save_on_epoch, config.max_failed_saves
         self.total_steps = total_steps
         self.output_dir = output_dir
+        self.known = known or KnownCheckpoints(output_dir)
         self.speaks = speaks  # the main process says what happened; the others keep the same record
         self.saved_step: int | None = None  # the step of the last checkpoint this start saved
         self.failed_steps: list[int] = []  # steps whose due checkpoint could not be saved
@@ -123,7 +125,7 @@ class SavePolicy:
             if self.speaks:
                 print(f"[train] {self.failed_in_a_row} checkpoint saves in a row failed (limit "
                       f"--max_failed_saves {limit}); stopping at step {step} rather than training on with "
-                      f"nothing to show. {newest_checkpoint_note(self.output_dir)}", file=sys.stderr)
+                      f"nothing to show. {newest_checkpoint_note(self.known)}", file=sys.stderr)
         elif self.speaks:
             tqdm.write(f"[train] training goes on ({self.failed_in_a_row} of --max_failed_saves {limit} "
                        "failed saves in a row)")

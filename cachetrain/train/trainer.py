@@ -86,7 +86,8 @@ class TrainingRun:
             raise
 
     def _set_up(self) -> None:
-        self.resume_from = run_dir.resolve_resume(self.config.resume, self.output_dir)
+        self.known = run_dir.KnownCheckpoints(self.output_dir)  # the verdicts of the checks, for later lines
+        self.resume_from = run_dir.resolve_resume(self.config.resume, self.output_dir, self.known)
         self.saved_state, self.saved_layout, elastic_note = None, None, None
         if self.resume_from is not None:  # read first: its layout decides the accumulation and the epochs
             self.saved_state = self._read_training_state()
@@ -118,14 +119,14 @@ class TrainingRun:
         # the main process alone saves and samples, at the size trained (with buckets: the commonest)
         parts = FrozenParts(config, trained_latent_shape(self.data, config)) if self.is_main else None
         self.drawer = SampleDrawer(config, self.device, parts=parts) if self.is_main else None
-        self.writer = CheckpointWriter(config, parts, self.adapter) if self.is_main else None
+        self.writer = CheckpointWriter(config, parts, self.adapter, self.known) if self.is_main else None
         self._prepare_saves()
         if self.is_main:  # a start refused above is no start of the run's record
             run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
         self.telemetry = Telemetry(self.output_dir / "tensorboard" if self.is_main else None, self.device)
         if self.drawer is not None:
             self.drawer.telemetry = self.telemetry
-        self.saves = SavePolicy(config, self.total_steps, self.output_dir, speaks=self.is_main)
+        self.saves = SavePolicy(config, self.total_steps, self.output_dir, speaks=self.is_main, known=self.known)
         self.result = TrainResult(output_dir=self.output_dir, steps=self.progress.step,
                                   failed_saves=self.saves.failed_steps)
         self.stopping = False
@@ -209,7 +210,7 @@ class TrainingRun:
             if self.is_main:
                 self.telemetry.close()
                 run_dir.stop_now(self.output_dir, stop.signal_name, self.progress.step, self.result.checkpoints,
-                                 self.result.failed_saves)
+                                 self.result.failed_saves, self.known)
             return self.result
         finally:
             self.lock.release()
@@ -247,7 +248,7 @@ class TrainingRun:
                     print(f"[train] stopped at step {self.progress.step}; continue with --resume", file=sys.stderr)
                 elif self.is_main:
                     print(f"[train] stopped at step {self.progress.step}, but its checkpoint could not be saved; "
-                          f"{newest_checkpoint_note(self.output_dir)}", file=sys.stderr)
+                          f"{newest_checkpoint_note(self.known)}", file=sys.stderr)
             else:
                 self._save("final")
         self._finish(bar)
@@ -423,7 +424,7 @@ class TrainingRun:
         self.result.gave_up_saving = self.saves.gave_up
         if self.is_main and not (self.result.interrupted or self.saves.gave_up):  # reached its end
             self.result.final_saved = run_dir.publish_final_model(self.output_dir, self.progress.step,
-                                                                  self.saves.is_saved(self.progress.step))
+                                                                  self.saves.is_saved(self.progress.step), self.known)
         self.result.final_saved = any_process(self.accelerator, self.result.final_saved)  # one exit status
         checksums, shares = gather_shares(self.accelerator, self.bare_unet, self.sample_id_sum, self.sample_count,
                                           self.bad_pairs.skipped)

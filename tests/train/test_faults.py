@@ -265,6 +265,30 @@ def test_after_a_failed_save_a_resume_gives_the_weights_of_a_run_that_never_fail
     assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
 
 
+@pytest.mark.parametrize("resume", ["auto", "checkpoint-00002"])
+def test_after_a_failed_save_the_log_names_the_newest_whole_checkpoint_not_a_damaged_newer_one(
+        tiny_sd_model, cached_dataset, small_disk, resume):
+    output = small_disk("48m")
+    assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--save_steps", "2").returncode == 0
+    damaged = output / "checkpoint-00004" / "training_state.pt"
+    data = damaged.read_bytes()
+    damaged.unlink()
+    damaged.write_bytes(data[: len(data) // 2])  # a partial copy
+    filler = output / "filler"
+    _fill(filler)
+    os.truncate(filler, filler.stat().st_size - (1 << 20))  # room for the start's small files, not a checkpoint
+    resumed = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--resume",
+                     resume if resume == "auto" else str(output / resume))
+    assert resumed.returncode == ExitStatus.SAVE_FAILED, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
+    assert f"resumed from {output / 'checkpoint-00002'} at step 2" in resumed.stderr
+    assert ("could not save checkpoint at step 4" in resumed.stdout
+            and "the newest saved checkpoint, checkpoint-00002, is intact" in resumed.stdout), resumed.stdout[-3000:]
+    assert f"The newest checkpoint on disk is {output / 'checkpoint-00002'} (continue" in resumed.stderr
+    assert "checkpoint-00004, is intact" not in resumed.stdout and f"is {output / 'checkpoint-00004'}" not in \
+        resumed.stderr
+
+
 def test_a_stop_whose_checkpoint_cannot_be_saved_is_a_failed_save_not_a_clean_stop(tiny_sd_model, cached_dataset,
                                                                                    small_disk):
     output = small_disk("12m")  # the frozen parts fit, a checkpoint does not
