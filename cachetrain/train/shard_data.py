@@ -324,7 +324,7 @@ class ShardIndex:
             index.shape_ids.extend(array("H", [numbers[k] for k in shard["shape_ids"]]))
             for width, count in shard["text_widths"].items():
                 widths[int(width)] = widths.get(int(width), 0) + count
-            keys = "\0".join(shard["keys"]).encode("utf-8", "surrogateescape") + b"\1"
+            keys = _joined_keys(shard["keys"])
             shard_digests.update(keys)
             index.shard_keys.append(hashlib.blake2b(keys, digest_size=8).digest())
             index.shard_sha256.append(shard.get("sha256"))
@@ -386,7 +386,7 @@ class ShardIndex:
             if size != self.shard_bytes[shard]:
                 raise ValueError(f"shard is {size} bytes, its manifest says {self.shard_bytes[shard]} (cut short?)")
             table = pa.ipc.open_file(pa.memory_map(path, "r")).read_all()  # zero-copy
-            keys = "\0".join(table.column("key").to_pylist()).encode("utf-8", "surrogateescape") + b"\1"
+            keys = _joined_keys(table.column("key").to_pylist())
             if hashlib.blake2b(keys, digest_size=8).digest() != self.shard_keys[shard]:
                 raise ShardMismatch("its rows are not the pairs its manifest lists (another shard's file?)")
         except FileNotFoundError:
@@ -414,6 +414,11 @@ class ShardIndex:
         except (ValueError, TypeError, RuntimeError) as error:
             return self.where(i), f"row cannot be read ({_one_line(error)})"
         return latent, emb
+
+
+def _joined_keys(keys: list[str]) -> bytes:
+    """A shard's keys as the digests take them (the set's fingerprint, and the check of an opened shard)."""
+    return "\0".join(keys).encode("utf-8", "surrogateescape") + b"\1"
 
 
 def _tensor(table, column: str, row: int) -> torch.Tensor:
