@@ -17,7 +17,7 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from .checkpoint_check import checkpoint_damage
-from ..atomic import prove_writable, write_atomically
+from ..atomic import TEMP_MARKER, prove_writable, write_atomically
 
 TRIGGER_FILE = "trigger.checkpoint"
 SUMMARY_FILE = "train_summary.json"
@@ -121,6 +121,24 @@ def newest_whole_checkpoint(output_dir: Path, resume: str, known: KnownCheckpoin
         print(f"[train] --resume {resume}: skipped {path.name}, damaged: {problem}", file=sys.stderr)
     raise RunDirError(f"--resume {resume}: every checkpoint in {output_dir} is damaged (named above); "
                       "nothing whole to continue from")
+
+
+def remove_start_leftovers(output_dir: Path) -> None:
+    """What a start stopped in set-up may have left half-written: a save's ``*.partial`` folder, an atomic
+    write's temporary (``.NAME.partial-XXXXXXXX``), the folder's write probe. Each cleans up after itself
+    when stopped; this is for a second signal that stopped the cleaning. Called by the lock's holder only."""
+    output_dir = Path(output_dir)
+    for path in [*output_dir.glob(f".*{TEMP_MARKER}*"), output_dir / f".write-test-{os.getpid()}"]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    ckpt.remove_partial_saves(output_dir)
+
+
+def stopped_before_start_line(signal_name: str) -> str:
+    return (f"[train] {signal_name} received before step 1: stopped during set-up; nothing was trained or saved, "
+            "so the same command starts it again")
 
 
 def _set_aside(path: Path) -> Path:

@@ -33,23 +33,37 @@ class StopNow(BaseException):
         self.signal_name = signal_name
 
 
+class StoppedBeforeStart(BaseException):
+    """A SIGINT/SIGTERM during set-up, before step 1: the start ends at once, as nothing is trained yet to
+    save (set-up of a real model takes minutes: a scheduler's stop lands there). A BaseException, as StopNow."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
 class StopSignal(SignalCatcher):
     """Turns Ctrl-C / SIGTERM into 'save a checkpoint at the next optimizer step and exit'; a second
-    one into 'out now' (StopNow, raised where the main thread is).
+    one into 'out now' (StopNow, raised where the main thread is). While ``setting_up`` any one ends
+    the start at once (StoppedBeforeStart).
 
     Under a launcher, the same signal again within REPEATED_SIGNAL_SECONDS is the launcher forwarding
     the first (said in one line), not the user asking twice.
     """
 
-    def __init__(self, launched: bool | None = None):
+    def __init__(self, launched: bool | None = None, setting_up: bool = False):
         super().__init__()
         self.requested = False
+        self.setting_up = setting_up
         self._first_at = 0.0
         self.launched = any(name in os.environ for name in LAUNCHER_ENV) if launched is None else launched
 
     def on_signal(self, signum: int) -> None:
         now = time.monotonic()
         name = signal.Signals(signum).name
+        if self.setting_up:
+            self.requested = True  # should set-up swallow the exception, the run still stops at its first step
+            raise StoppedBeforeStart(name)
         if self.requested:
             if self.launched and now - self._first_at < REPEATED_SIGNAL_SECONDS:
                 tqdm.write(f"[train] {name} again within {REPEATED_SIGNAL_SECONDS:g} s: taken as the launcher "

@@ -45,7 +45,7 @@ from ..bounded_read import set_read_timeout
 from .run_lock import RunLock, RunLockedError, is_main_launch_process
 from .run_model import load_run_model
 from .sample_drawer import SampleDrawer
-from .save_policy import SavePolicy, StopNow, StopSignal, agreed_requests
+from .save_policy import SavePolicy, StopNow, StoppedBeforeStart, StopSignal, agreed_requests
 from .shard_data import ShardStoreUnreachable, unreachable_stop_message
 from .start_checks import SetupError, start_problem
 from .step import UpdateCheck
@@ -75,15 +75,24 @@ class TrainingRun:
         self.config = config
         self.interrupt_after_batches = interrupt_after_batches
         self.output_dir = Path(config.output_dir)
-        # refused before anything heavy loads, by every process, so that all of them stop together
-        run_dir.check_output_dir(self.output_dir)
-        # held until the run ends (the OS drops it if the process dies): a second run here is refused
-        self.lock = RunLock.take(self.output_dir) if is_main_launch_process() else RunLock(None)
+        # caught from here until run() ends (restored there, as the lock is released); during set-up a signal
+        # ends the start at once: nothing is trained yet, and loading a real model takes minutes
+        self.stop = StopSignal(setting_up=True).__enter__()
+        self.lock = None
         try:
+            # refused before anything heavy loads, by every process, so that all of them stop together
+            run_dir.check_output_dir(self.output_dir)
+            # held until the run ends (the OS drops it if the process dies): a second run here is refused
+            self.lock = RunLock.take(self.output_dir) if is_main_launch_process() else RunLock(None)
             self._set_up()
         except BaseException:
-            self.lock.release()
+            if self.lock is not None:  # this start's folder: the main process clears what a stop cut short
+                if is_main_launch_process():
+                    run_dir.remove_start_leftovers(self.output_dir)
+                self.lock.release()
+            self.stop.__exit__(None, None, None)
             raise
+        self.stop.setting_up = False  # from step 1 on, a first signal asks for a checkpoint
 
     def _set_up(self) -> None:
         self.known = run_dir.KnownCheckpoints(self.output_dir)  # the verdicts of the checks, for later lines
@@ -213,6 +222,7 @@ class TrainingRun:
                                  self.result.failed_saves, self.known)
             return self.result
         finally:
+            self.stop.__exit__(None, None, None)
             self.lock.release()
 
     def _run_and_report(self) -> TrainResult:
@@ -234,23 +244,23 @@ class TrainingRun:
             return self.result
         bar = tqdm(total=self.total_steps, initial=self.progress.step, unit="step",
                    disable=not self.is_main or self.config.no_progress, dynamic_ncols=True)
-        with StopSignal() as stop:
-            if self.data.validation_index is not None and self.progress.step == 0:
-                self._validate(0)
-            if self.progress.step < self.total_steps:
-                self._train(stop, bar)
-            self.result.interrupted = self.stopping and self.progress.step < self.total_steps
-            if self.saves.gave_up:
-                pass  # said when it happened; a final save would fail like the others
-            elif self.result.interrupted:
-                self.result.stop_saved = self._save("interrupted")
-                if self.is_main and self.result.stop_saved:
-                    print(f"[train] stopped at step {self.progress.step}; continue with --resume", file=sys.stderr)
-                elif self.is_main:
-                    print(f"[train] stopped at step {self.progress.step}, but its checkpoint could not be saved; "
-                          f"{newest_checkpoint_note(self.known)}", file=sys.stderr)
-            else:
-                self._save("final")
+        stop = self.stop
+        if self.data.validation_index is not None and self.progress.step == 0:
+            self._validate(0)
+        if self.progress.step < self.total_steps:
+            self._train(stop, bar)
+        self.result.interrupted = self.stopping and self.progress.step < self.total_steps
+        if self.saves.gave_up:
+            pass  # said when it happened; a final save would fail like the others
+        elif self.result.interrupted:
+            self.result.stop_saved = self._save("interrupted")
+            if self.is_main and self.result.stop_saved:
+                print(f"[train] stopped at step {self.progress.step}; continue with --resume", file=sys.stderr)
+            elif self.is_main:
+                print(f"[train] stopped at step {self.progress.step}, but its checkpoint could not be saved; "
+                      f"{newest_checkpoint_note(self.known)}", file=sys.stderr)
+        else:
+            self._save("final")
         self._finish(bar)
         return self.result
 
@@ -469,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_train_args(argv)
         run = TrainingRun(config)
+    except StoppedBeforeStart as stop:
+        print(run_dir.stopped_before_start_line(stop.signal_name), file=sys.stderr)
+        return ExitStatus.STOPPED
     except (ConfigError, TrainingError, SetupError, RunDirError, RunLockedError, FileNotFoundError) as error:
         print_error(str(error))
         return ExitStatus.REFUSED

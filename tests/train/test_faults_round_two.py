@@ -257,6 +257,24 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint_naming_the_newest_wi
     assert not list(output.glob("*.partial")) and not (output / "model_index.json").exists()
 
 
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_set_up_stops_the_start_in_one_line_with_the_stopped_status_leaving_nothing_half_written(
+        tiny_sd_model, cached_dataset, tmp_path, sent):
+    output = tmp_path / "run"
+    process = _start(tiny_sd_model, cached_dataset, output, "--max_steps", "100000", "--save_steps", "2")
+    _wait_for(output / ".run.lock", process, seconds=120)  # taken as set-up begins: the model is not loaded yet
+    process.send_signal(sent)
+    out, _ = process.communicate(timeout=120)
+    assert "Traceback" not in out, out[-3000:]
+    assert process.returncode == ExitStatus.STOPPED, out[-3000:]
+    assert (f"{sent.name} received before step 1: stopped during set-up; nothing was trained or saved, so the same "
+            "command starts it again") in out
+    assert not list(output.glob("checkpoint-*")) and not (output / "train_summary.json").exists()
+    assert not list(output.glob("*.partial")) and not list(output.glob(".*.partial-*"))
+    again = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "2")  # the same command, as said
+    assert again.returncode == ExitStatus.FINISHED, again.stderr[-3000:]
+
+
 # -- a resume of a finished run -----------------------------------------------------------------------------------
 
 def test_resume_auto_of_a_finished_run_trains_and_saves_nothing_and_keeps_its_summary(tiny_sd_model, cached_dataset,
