@@ -228,22 +228,37 @@ def write_halted_summary(output_dir: Path, steps: int, reason: str, checkpoints:
 def finish_finished_run(output_dir: Path, checkpoint: Path, step: int) -> None:
     """A resume of a run that reached its end (``--resume auto`` of a requeued job that had finished):
     nothing is trained or saved again and the summary is kept; the final model is published if missing."""
-    if not (Path(output_dir) / "model_index.json").exists():
-        ckpt.publish_final(checkpoint, output_dir)
+    if not (Path(output_dir) / "model_index.json").exists():  # never written, or taken back when cut short
+        publish_whole(checkpoint, output_dir)
+        summary = output_dir / SUMMARY_FILE  # a stop during the first publishing left it saying so
+        try:
+            recorded = json.loads(summary.read_text(encoding="utf-8")) if summary.exists() else {"steps": step}
+            recorded = recorded if isinstance(recorded, dict) else {"steps": step}
+            recorded.pop("stopped_now_by", None)
+            write_summary(output_dir, {**recorded, "interrupted": False, "final_model_saved": True,
+                                       "exit_status": ExitStatus.FINISHED})
+        except (OSError, ValueError) as error:
+            print(f"[train] could not update {SUMMARY_FILE} ({error})", file=sys.stderr)
     print(f"[train] {checkpoint.name} is at step {step}, the end of this run: nothing to train; the final "
           f"model is in {output_dir}", file=sys.stderr)
 
 
 def stop_now(output_dir: Path, signal_name: str, steps: int, checkpoints: list[Path], failed_saves: list[int],
-             known: KnownCheckpoints) -> None:
-    """A second signal: say so in one line and write the summary (if the disk lets it), nothing else."""
+             known: KnownCheckpoints, final_saved: bool = False, step_saved: bool = False) -> None:
+    """A second signal: say so in one line and write the summary (if the disk lets it), nothing else.
+    ``step_saved``: the checkpoint of this step is saved (the final one: the signal came while the final
+    model was written)."""
     newest = known.newest_whole()
-    print(f"[train] {signal_name} again: stopping now without a checkpoint; the newest is "
-          f"{newest if newest is not None else 'none (no checkpoint of this run was saved)'}"
-          f"{' (continue with --resume)' if newest is not None else ''}", file=sys.stderr)
+    if step_saved and not final_saved:
+        print(f"[train] {signal_name} again: stopping now without the final model; its checkpoint is {newest} "
+              "(--resume auto writes the final model from it)", file=sys.stderr)
+    else:
+        print(f"[train] {signal_name} again: stopping now without a checkpoint; the newest is "
+              f"{newest if newest is not None else 'none (no checkpoint of this run was saved)'}"
+              f"{' (continue with --resume)' if newest is not None else ''}", file=sys.stderr)
     summary = {"steps": steps, "interrupted": True, "stopped_now_by": signal_name,
                "checkpoints": [str(path) for path in checkpoints], "failed_saves": failed_saves,
-               "final_model_saved": False, "exit_status": ExitStatus.STOPPED_NOW}
+               "final_model_saved": final_saved, "exit_status": ExitStatus.STOPPED_NOW}
     try:
         write_summary(output_dir, summary)
     except OSError:
@@ -276,13 +291,32 @@ def publish_final_model(output_dir: Path, step: int, saved: bool, known: KnownCh
         return False
     final = ckpt.checkpoint_dir(output_dir, step)
     try:
-        made = ckpt.publish_final(final, output_dir)
+        made = publish_whole(final, output_dir)
     except OSError as error:
         print(f"[train] could not write the final model into {output_dir} ({error.strerror or error}); "
               f"its checkpoint {final.name} is whole", file=sys.stderr)
         return False
     print(f"[train] final model in {output_dir} ({final_model_files_note(made, final.name)})", file=sys.stderr)
     return True
+
+
+def publish_whole(checkpoint: Path, output_dir: Path) -> set[str]:
+    """``ckpt.publish_final``, or when it is cut short (a second signal, a full disk) no final model at all: a
+    half one (a vae/ without its unet/) would look finished. Its files are links or copies of the checkpoint's,
+    so nothing is lost, and ``--resume auto`` publishes it again (it looks for model_index.json, removed first)."""
+    try:
+        return ckpt.publish_final(checkpoint, output_dir)
+    except BaseException:
+        parts = sorted((entry.name for entry in checkpoint.iterdir()), key=lambda name: name != "model_index.json")
+        for name in parts:
+            target = Path(output_dir) / name
+            if name == ckpt.TRAINING_STATE_FILE or name.endswith(".png"):
+                continue  # never published
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+        raise
 
 
 def final_model_files_note(made: set[str], checkpoint: str) -> str:

@@ -45,7 +45,7 @@ class StoppedBeforeStart(BaseException):
 class StopSignal(SignalCatcher):
     """Turns Ctrl-C / SIGTERM into 'save a checkpoint at the next optimizer step and exit'; a second
     one into 'out now' (StopNow, raised where the main thread is). While ``setting_up`` any one ends
-    the start at once (StoppedBeforeStart).
+    the start at once (StoppedBeforeStart); while ``ending`` (the final model written) the first lets it finish.
 
     Under a launcher, the same signal again within REPEATED_SIGNAL_SECONDS is the launcher forwarding
     the first (said in one line), not the user asking twice.
@@ -55,6 +55,7 @@ class StopSignal(SignalCatcher):
         super().__init__()
         self.requested = False
         self.setting_up = setting_up
+        self.ending = False  # the final checkpoint and model are being written: a first signal lets them finish
         self._first_at = 0.0
         self.launched = any(name in os.environ for name in LAUNCHER_ENV) if launched is None else launched
 
@@ -71,6 +72,10 @@ class StopSignal(SignalCatcher):
                 return
             raise StopNow(name)
         self.requested, self._first_at = True, now
+        if self.ending:
+            tqdm.write(f"[train] {name} received while the final model is written: finishing it, then the run "
+                       "ends (send it again to stop now, without the final model)")
+            return
         tqdm.write(f"[train] {name} received: saving a checkpoint at the next step "
                    "(send it again to stop now without one)")
 

@@ -219,7 +219,8 @@ class TrainingRun:
             if self.is_main:
                 self.telemetry.close()
                 run_dir.stop_now(self.output_dir, stop.signal_name, self.progress.step, self.result.checkpoints,
-                                 self.result.failed_saves, self.known)
+                                 self.result.failed_saves, self.known, final_saved=self.result.final_saved,
+                                 step_saved=self.saves.is_saved(self.progress.step))
             return self.result
         finally:
             self.stop.__exit__(None, None, None)
@@ -237,6 +238,7 @@ class TrainingRun:
 
     def _run(self) -> TrainResult:
         if self.resume_from is not None and self.progress.step >= self.total_steps:  # finished already
+            self.stop.ending = True  # it may publish the final model
             if self.is_main:
                 run_dir.finish_finished_run(self.output_dir, self.resume_from, self.progress.step)
             self.result.final_saved = True
@@ -260,6 +262,9 @@ class TrainingRun:
                 print(f"[train] stopped at step {self.progress.step}, but its checkpoint could not be saved; "
                       f"{newest_checkpoint_note(self.known)}", file=sys.stderr)
         else:
+            # the first signal from here lets the final model be finished: once written it is status 0, and a
+            # requeue (status 3) would have nothing to do
+            self.stop.ending = True
             self._save("final")
         self._finish(bar)
         return self.result

@@ -275,6 +275,63 @@ def test_a_signal_during_set_up_stops_the_start_in_one_line_with_the_stopped_sta
     assert again.returncode == ExitStatus.FINISHED, again.stderr[-3000:]
 
 
+# The signals are sent from inside the publishing of the final model (the wrapper below, around the step that
+# links each of its parts), the one way to land them there every time: a tiny model publishes in a millisecond.
+# Everything else is train_from_cached.py's own code, in a process of its own.
+_SIGNALS_WHILE_PUBLISHING = """
+import os, signal, sys
+from cachetrain import commands
+from cachetrain.train import checkpoint
+
+signals, real_link_tree, calls = sys.argv[1].split(","), checkpoint.link_tree, []
+
+def link_tree(source, destination, own_copies=False):
+    if own_copies:  # a part of the final model: send the next signal, then publish the part
+        calls.append(destination)
+        if len(calls) <= len(signals):
+            os.kill(os.getpid(), getattr(signal, signals[len(calls) - 1]))
+    return real_link_tree(source, destination, own_copies)
+
+checkpoint.link_tree = link_tree
+sys.exit(commands.train_from_cached(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("signals", ["SIGTERM", "SIGINT", "SIGINT,SIGTERM"])
+def test_a_signal_while_the_final_model_is_published_never_leaves_half_of_one(tiny_sd_model, cached_dataset,
+                                                                              tmp_path, signals):
+    output = tmp_path / "run"
+    flags = ("--max_steps", "2")
+    done = subprocess.run([sys.executable, "-c", _SIGNALS_WHILE_PUBLISHING, signals,
+                           *_command(tiny_sd_model, cached_dataset, output, *flags)[2:]],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out, out[-3000:]
+    assert f"saved {output / 'checkpoint-00002'} (final)" in out
+    summary = json.loads((output / "train_summary.json").read_text())
+    first = signals.split(",")[0]
+    assert f"{first} received while the final model is written: finishing it, then the run ends" in out
+    if signals.count(",") == 0:  # one signal: the final model is finished, and written it is the run's success
+        assert done.returncode == ExitStatus.FINISHED, out[-3000:]
+        assert summary["exit_status"] == ExitStatus.FINISHED and summary["final_model_saved"]
+        assert (output / "model_index.json").exists()
+        assert torch.equal(_unet(output)["conv_in.weight"], _unet(output / "checkpoint-00002")["conv_in.weight"])
+        return
+    # a second: out at once, no final model rather than half of one, and --resume auto writes it
+    assert done.returncode == ExitStatus.STOPPED_NOW, out[-3000:]
+    assert (f"SIGTERM again: stopping now without the final model; its checkpoint is {output / 'checkpoint-00002'} "
+            "(--resume auto writes the final model from it)") in out
+    assert summary["exit_status"] == ExitStatus.STOPPED_NOW and not summary["final_model_saved"]
+    published = {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert not published & {path.name for path in output.iterdir()}, sorted(path.name for path in output.iterdir())
+    again = _train(tiny_sd_model, cached_dataset, output, *flags, "--resume", "auto")
+    assert again.returncode == ExitStatus.FINISHED, again.stderr[-3000:]
+    assert "checkpoint-00002 is at step 2, the end of this run: nothing to train" in again.stderr
+    assert published <= {path.name for path in output.iterdir()}
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["exit_status"] == ExitStatus.FINISHED and summary["final_model_saved"]
+
+
 # -- a resume of a finished run -----------------------------------------------------------------------------------
 
 def test_resume_auto_of_a_finished_run_trains_and_saves_nothing_and_keeps_its_summary(tiny_sd_model, cached_dataset,
