@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cachetrain import data_index
+from cachetrain import data_index, index_table
 from cachetrain.commands import data_index as index_command
 from cachetrain.data_index import INDEX_FOLDER_NAME, INDEX_FILE_NAME, IndexError_, read_index, refresh
 from cachetrain.indexed_pairs import indexed_training_pairs
@@ -192,12 +192,48 @@ SPOILED_METAS = {  # meta JSON that is not what a writer of this format writes
 }
 
 
+def damage_in_place(root: Path, spoil: str) -> None:
+    """Change a few bytes of one stored array where they lie, as a bad disk or a stray write would: the zip's
+    CRC no longer matches, but a start maps the arrays and never reads the whole file to check it."""
+    table = read_index(str(root))
+    part0 = table.folders().index("part0")
+    start, end = table.folder_rows(part0)
+    if spoil == "stem_renamed_in_place":  # s000003 becomes s000006, the name after it: one pair twice, one lost
+        names = data_index.folder_stems(table, start, end)
+        assert names["s000003"] == start + 1 and names["s000006"] == start + 2
+        array, at, value = table.stem_names, int(table.stem_name_ends[start + 1]) - 1, ord("6")
+    elif spoil == "stem_name_ends_typed_as_floats":  # one byte of the .npy header that describes the array
+        stored = index_file(root).read_bytes()
+        at = stored.index(b"'descr': '<i8'", stored.index(b"stem_name_ends.npy")) + len(b"'descr': '<")
+        with open(index_file(root), "r+b") as handle:
+            handle.seek(at)
+            handle.write(b"f")
+        return
+    elif spoil == "stem_name_ends_run_backwards":
+        array, at, value = table.stem_name_ends, start + 2, table.stem_name_ends[start]
+    else:  # part0's rows end before those of the folder before it
+        array, at, value = table.folder_row_ends, part0, table.folder_row_ends[part0 - 1] - 1
+    with open(index_file(root), "r+b") as handle:
+        handle.seek(array.offset + at * array.itemsize)
+        handle.write(np.asarray(value, array.dtype).tobytes())
+
+
+DAMAGED_IN_PLACE = {  # what a start says of each
+    "stem_renamed_in_place": "its names are out of order within a folder",
+    "stem_name_ends_typed_as_floats": "stem_name_ends is not of the type written",
+    "stem_name_ends_run_backwards": "its name offsets run backwards or past the names",
+    "folder_row_ends_run_backwards": "its folders' rows run backwards",
+}
+
+
 @pytest.mark.parametrize("spoil", ["truncated", "garbage", "other_format", "compressed", "killed_writer",
-                                   *SPOILED_METAS])
+                                   *SPOILED_METAS, *DAMAGED_IN_PLACE])
 def test_an_index_that_cannot_be_believed_is_ignored_and_rebuilt(tree, spoil):
     refresh(str(tree))
     stored = index_file(tree)
-    if spoil == "truncated":  # what a writer without a rename would leave when killed
+    if spoil in DAMAGED_IN_PLACE:
+        damage_in_place(tree, spoil)
+    elif spoil == "truncated":  # what a writer without a rename would leave when killed
         stored.write_bytes(stored.read_bytes()[:500])
     elif spoil == "garbage":
         stored.write_bytes(b"\0" * 100)
@@ -217,7 +253,46 @@ def test_an_index_that_cannot_be_believed_is_ignored_and_rebuilt(tree, spoil):
     found = indexed_training_pairs([str(tree)], *SUFFIXES)
     _same_pairs(_walked([str(tree)])[0], found.index)
     assert (found.refreshes[0].ignored is None) == (spoil == "killed_writer")
+    if spoil in DAMAGED_IN_PLACE:
+        assert found.refreshes[0].ignored == DAMAGED_IN_PLACE[spoil]
     assert read_index(str(tree)) is not None  # rewritten
+
+
+@pytest.mark.parametrize("rows_at_once", [3, 1 << 16])
+def test_the_name_order_check_agrees_with_the_order_names_are_written_in(monkeypatch, rows_at_once):
+    """Names of any length and bytes (shared prefixes longer than 8 bytes, bytes that are not UTF-8, a NUL
+    that a damaged byte may leave), folders of any size, sorted as written or not: a table passes exactly
+    when each folder's names strictly increase as Python sorts them, the order the writer uses."""
+    monkeypatch.setattr(index_table, "_ROWS_AT_ONCE", rows_at_once)  # also blocks that split a folder
+    rng = np.random.default_rng(0)
+    pieces = ["a", "b", "\u00e9", "\u4e2d", "\udc80", "\udcff", "\x00", "s0000", "photo_2023-05-17_"]
+    passed = 0
+    for case in range(600):
+        folders = [["".join(rng.choice(pieces, rng.integers(0, 5))) for _ in range(rng.integers(0, 9))]
+                   for _ in range(rng.integers(1, 5))]
+        if case % 3 == 0:  # as the writer leaves them
+            folders = [sorted(set(names)) for names in folders]
+        names = [name for names in folders for name in names]
+        blob, ends = index_table.encode_names(names)
+        row_ends = np.cumsum([len(names) for names in folders], dtype=np.int64)
+        expected = all(a < b for names in folders for a, b in zip(names, names[1:]))
+        assert index_table._names_increase(blob, ends, row_ends) == expected, folders
+        passed += expected
+    assert 200 <= passed < 600  # both answers were asked for
+
+
+def test_names_whose_bytes_sort_otherwise_than_their_text_are_believed_as_written(tmp_path):
+    """"a\\x80" (not UTF-8: kept as a surrogate) sorts after "aé" as text, before it as bytes."""
+    root = tmp_path / "data"
+    (root / INDEX_FOLDER_NAME).mkdir(parents=True)
+    for stem in ("a\u00e9", os.fsdecode(b"a\x80"), "b"):
+        for suffix, key in zip(SUFFIXES, ("latent", "emb")):
+            write_sidecar(root / f"{stem}{suffix}", {key: torch.zeros(4, 4, 4)}, {})
+    age_folders(root)
+    first = refresh(str(root))
+    assert data_index.folder_stems(first.table, 0, 3) == {"a\u00e9": 0, os.fsdecode(b"a\x80"): 1, "b": 2}
+    again = refresh(str(root))
+    assert again.had_index and again.ignored is None and again.scanned == []
 
 
 def test_an_index_copied_with_its_tree_is_not_believed_for_the_copy(tree, tmp_path):
