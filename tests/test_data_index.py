@@ -319,6 +319,9 @@ def test_the_index_command_indexes_an_old_tree_and_then_walks_nothing(tree, caps
     assert f"{tree}: 9 folders, 0 walked" in capsys.readouterr().out
     assert index_command([str(tree / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+    a_file = next(tree.rglob("*.txt_clipl"))
+    assert index_command([str(a_file)]) == 2
+    assert f"{a_file}: not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("meta, why", [(b"[1, 2]", "its meta is not a JSON object"),
