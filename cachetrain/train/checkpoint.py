@@ -194,9 +194,11 @@ def save_checkpoint(destination: Path, unet, frozen_dir: Path, training_state: T
 def publish_final(final_checkpoint: Path, output_dir: Path) -> set[str]:
     """The final model at the top of output_dir, as a pipeline folder: its files reflinks of the last
     checkpoint's where the file system has them (files of their own), hard links where not. Returns how
-    its files were made (link_tree's words)."""
+    its files were made (link_tree's words). model_index.json is taken away first and written last: a folder
+    that has one is whole, even after a SIGKILL in the middle (``--resume auto`` publishes again without it)."""
     made = set()
-    for entry in final_checkpoint.iterdir():
+    (Path(output_dir) / "model_index.json").unlink(missing_ok=True)
+    for entry in sorted(final_checkpoint.iterdir(), key=lambda entry: entry.name == "model_index.json"):
         if entry.name == TRAINING_STATE_FILE or entry.suffix == ".png":
             continue
         target = Path(output_dir) / entry.name

@@ -332,6 +332,45 @@ def test_a_signal_while_the_final_model_is_published_never_leaves_half_of_one(ti
     assert summary["exit_status"] == ExitStatus.FINISHED and summary["final_model_saved"]
 
 
+# A SIGKILL cannot be caught: it is sent from inside the publishing of the final model's first part, over the
+# final model of an earlier run of the same folder (the run is taken on from step 2 to 4).
+_KILLED_WHILE_PUBLISHING = """
+import os, signal, sys
+from cachetrain import commands
+from cachetrain.train import checkpoint
+
+real_link_tree = checkpoint.link_tree
+
+def link_tree(source, destination, own_copies=False):
+    if own_copies:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_link_tree(source, destination, own_copies)
+
+checkpoint.link_tree = link_tree
+sys.exit(commands.train_from_cached(sys.argv[1:]))
+"""
+
+
+def test_a_sigkill_while_the_final_model_is_published_leaves_no_model_index_and_resume_auto_publishes_it(
+        tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "2").returncode == ExitStatus.FINISHED
+    assert (output / "model_index.json").exists()
+    flags = ("--max_steps", "4", "--resume", "auto")
+    done = subprocess.run([sys.executable, "-c", _KILLED_WHILE_PUBLISHING,
+                           *_command(tiny_sd_model, cached_dataset, output, *flags)[2:]],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, (done.stdout + done.stderr)[-3000:]
+    assert (output / "checkpoint-00004" / "model_index.json").exists()
+    # the step-2 model is partly replaced: the file every loader starts from is gone, so nothing looks whole
+    assert not (output / "model_index.json").exists()
+    again = _train(tiny_sd_model, cached_dataset, output, *flags)
+    assert again.returncode == ExitStatus.FINISHED, again.stderr[-3000:]
+    assert "checkpoint-00004 is at step 4, the end of this run: nothing to train" in again.stderr
+    assert (output / "model_index.json").exists()
+    assert torch.equal(_unet(output)["conv_in.weight"], _unet(output / "checkpoint-00004")["conv_in.weight"])
+
+
 # -- a resume of a finished run -----------------------------------------------------------------------------------
 
 def test_resume_auto_of_a_finished_run_trains_and_saves_nothing_and_keeps_its_summary(tiny_sd_model, cached_dataset,
