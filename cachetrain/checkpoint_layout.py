@@ -26,15 +26,21 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step:05d}"
 
 
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of output_dir, oldest first."""
+def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
+    """Every checkpoint-NNNNN folder of output_dir, oldest first, whatever it holds (a resume names the ones
+    it passes over)."""
     found = []
     if Path(output_dir).is_dir():
         for entry in Path(output_dir).iterdir():
             match = CHECKPOINT_PATTERN.match(entry.name)
-            if match and entry.is_dir() and (entry / TRAINING_STATE_FILE).exists():
+            if match and entry.is_dir():
                 found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints of output_dir that hold a training state, oldest first."""
+    return [(step, path) for step, path in checkpoint_folders(output_dir) if (path / TRAINING_STATE_FILE).exists()]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -23,7 +23,8 @@ import torch
 from ..atomic import write_atomically
 from ..reflink import reflink
 from ..checkpoint_layout import (CHECKPOINT_PATTERN, EMA_COMPONENT, FROZEN_DIR_NAME, TRAINED_COMPONENT,  # noqa: F401
-                                 TRAINING_STATE_FILE, checkpoint_dir, latest_checkpoint, list_checkpoints)
+                                 TRAINING_STATE_FILE, checkpoint_dir, checkpoint_folders, latest_checkpoint,
+                                 list_checkpoints)
 from .training_state import TrainingState
 
 def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:

@@ -87,7 +87,8 @@ def resolve_resume(resume: str | None, output_dir: Path, known: KnownCheckpoints
     damaged checkpoints to the newest whole one, saying which and why; a damaged one named is refused.
     ``known`` keeps each verdict."""
     known = known or KnownCheckpoints(output_dir)
-    existing = ckpt.latest_checkpoint(output_dir)
+    folders = ckpt.checkpoint_folders(output_dir)
+    existing = folders[-1][1] if folders else None
     if not resume:
         if existing is not None:
             raise RunDirError(f"{output_dir} already holds checkpoints of a run (newest: {existing.name}); "
@@ -113,8 +114,9 @@ def resolve_resume(resume: str | None, output_dir: Path, known: KnownCheckpoints
 
 
 def newest_whole_checkpoint(output_dir: Path, resume: str, known: KnownCheckpoints) -> Path:
-    """The newest checkpoint of output_dir that is whole; each damaged one passed over is named."""
-    for _step, path in reversed(ckpt.list_checkpoints(output_dir)):
+    """The newest checkpoint of output_dir that is whole; each damaged one passed over is named (a folder
+    without its training state too: a copy cut short, a file deleted by hand)."""
+    for _step, path in reversed(ckpt.checkpoint_folders(output_dir)):
         problem = known.damage(path)
         if problem is None:
             return path

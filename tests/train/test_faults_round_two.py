@@ -99,6 +99,18 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_resume_and_refused_when_named
             torch.testing.assert_close(_unet(output)[name], tensor, rtol=0, atol=0)
 
 
+def test_a_newest_checkpoint_without_its_training_state_is_named_when_resume_passes_over_it(tiny_sd_model,
+                                                                                          cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    assert _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--save_steps", "2").returncode == 0
+    (output / "checkpoint-00004" / "training_state.pt").unlink()  # a copy cut short, a file deleted by hand
+    done = _train(tiny_sd_model, cached_dataset, output, "--max_steps", "4", "--resume", "auto")
+    assert done.returncode == ExitStatus.FINISHED, done.stderr[-3000:]
+    assert "--resume auto: skipped checkpoint-00004, damaged: no training_state.pt" in done.stderr
+    assert f"resumed from {output / 'checkpoint-00002'} at step 2" in done.stderr
+    assert (output / "checkpoint-00004" / "training_state.pt").exists()  # saved again, whole
+
+
 def _rewrite(path: Path, data: bytes) -> None:
     """Other bytes under the name, as a new file: the final model's hard link keeps the old ones."""
     path.unlink()
