@@ -50,6 +50,8 @@ TEXT_ENCODER_NOTE = (" (a text-encoder LoRA: only its UNet part is read here, th
 DIFFUSERS_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
                       ".lora.up.weight": "up"}
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key of the LoraConfig
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"  # PEFT's folder
+PEFT_MODEL_PREFIX = "base_model.model."  # PeftModel.save_pretrained's keys of the wrapped model's layers
 SD1_LORA_ARCHITECTURE = "stable-diffusion-v1/lora"
 # the layer groups an adapter may cover (the trainer's --lora_targets, cachetrain-lora extract --targets)
 LAYER_GROUPS = {
@@ -125,11 +127,22 @@ def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module]
 
 def peft_adapter_folder(source: Path) -> Path | None:
     """The PEFT folder (adapter_config.json + adapter_model.safetensors) of a LoHa/LoKr checkpoint given as
-    the checkpoint or as the folder itself; None for anything else (a LoRA)."""
+    the checkpoint or as the folder itself; None for anything else: a LoRA, also one in PEFT's own folder
+    (``PeftModel.save_pretrained``), which read_lora reads."""
     for folder in (source / PEFT_ADAPTER_COMPONENT, source):
-        if (folder / "adapter_config.json").is_file():
-            return folder
+        if (folder / PEFT_CONFIG_FILE).is_file():
+            return None if _peft_folder_config(folder).get("peft_type") == "LORA" else folder
     return None
+
+
+def _peft_folder_config(folder: Path) -> dict:
+    """adapter_config.json of a PEFT folder as a dict ({} when it does not parse: read_peft_adapter_config
+    says why, where it is read)."""
+    try:
+        config = json.loads((folder / PEFT_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def state_load_problem(error: Exception) -> str:
@@ -183,8 +196,10 @@ def adapter_to_merge(folder: Path | str) -> Path:
 def lora_file_in(path: Path | str) -> Path:
     """The safetensors file of a LoRA given as a file or as a folder holding pytorch_lora_weights.safetensors."""
     path = Path(path)
-    if path.is_dir():
-        path = path / DIFFUSERS_LORA_FILE
+    if path.is_dir():  # a run's checkpoint or diffusers' save_lora_weights; else a PEFT LoRA folder
+        peft_weights = path / PEFT_WEIGHTS_FILE
+        path = peft_weights if not (path / DIFFUSERS_LORA_FILE).exists() and peft_weights.exists() else \
+            path / DIFFUSERS_LORA_FILE
     if not path.is_file():
         raise LoraFileError(f"{path}: no such LoRA file")
     return path
@@ -203,7 +218,7 @@ def read_lora_parts(path: Path | str, layers: dict[str, torch.nn.Module],
     """(the UNet's pairs, the text encoder's pairs) of the LoRA in ``path``, each checked against its model's
     layers; without ``text_encoder_layers`` a text-encoder part is refused, naming it, unless dropped."""
     file = lora_file_in(path)
-    tensors, metadata = read_safetensors(file)
+    tensors, metadata = _in_diffusers_layout(*read_safetensors(file), file)
     if drop_text_encoder:
         tensors = {key: value for key, value in tensors.items() if not key.startswith(TEXT_ENCODER_KEY_STARTS)}
     models = {UNET_PART: layers}
@@ -239,6 +254,29 @@ def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
     except Exception as error:
         raise LoraFileError(f"{file}: not a readable safetensors file ({type(error).__name__})") from None
+
+
+def _in_diffusers_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str], file: Path
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A UNet LoRA saved by PEFT itself (``PeftModel.save_pretrained``: keys ``base_model.model.<module>``, its
+    LoraConfig in adapter_config.json) or by diffusers for the UNet alone (``unet.save_lora_adapter``: keys
+    ``<module>``, the config unprefixed in the header), as diffusers' pipeline layout names it: keys and config
+    under ``unet.``. Any other file is returned as it is."""
+    config_file = file.parent / PEFT_CONFIG_FILE
+    if file.name == PEFT_WEIGHTS_FILE and config_file.is_file():
+        config = _peft_folder_config(file.parent)
+        keys = {key: DIFFUSERS_PREFIX + key.removeprefix(PEFT_MODEL_PREFIX) for key in tensors}
+    elif tensors and not any(key.startswith((DIFFUSERS_PREFIX, DIFFUSERS_TEXT_ENCODER_PREFIX, "text_encoder_2.",
+                                                "lora_")) for key in tensors):
+        try:
+            config = json.loads(metadata.get(METADATA_KEY, "{}"))
+        except ValueError:
+            config = {}
+        keys = {key: DIFFUSERS_PREFIX + key for key in tensors}
+    else:
+        return tensors, metadata
+    packed = {DIFFUSERS_PREFIX + key: value for key, value in (config if isinstance(config, dict) else {}).items()}
+    return {keys[key]: tensor for key, tensor in tensors.items()}, {**metadata, METADATA_KEY: json.dumps(packed)}
 
 
 def _pairs_from_kohya(tensors: dict[str, torch.Tensor], models: dict[str, dict[str, torch.nn.Module]],
@@ -297,6 +335,8 @@ def _unread_kind(key: str, models: dict) -> str:
         return "" if TEXT_ENCODER_PART in models else TEXT_ENCODER_NOTE
     if ".hada_" in key or ".lokr_" in key:
         return " (a LyCORIS LoHa/LoKr: cachetrain-lora merge and a --lora_type loha|lokr run read these)"
+    if key.endswith(".lora_mid.weight"):
+        return " (a LoCon with Tucker factors, lora_mid: not read here; save it without use_tucker)"
     if key.endswith(".dora_scale") or "lora_magnitude_vector" in key:
         return " (DoRA: its magnitude vectors are not read, only LoRA and LoCon)"
     return ""
@@ -325,9 +365,19 @@ def _pairs_from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, 
         if set(found) != {"down", "up"}:
             raise LoraFileError(f"{file}: {in_file} lacks its down (lora_A) or up (lora_B) weight")
         rank, config = found["down"].shape[0], configs[part]
-        alpha = float(config.get("alpha_pattern", {}).get(in_file, config.get("lora_alpha", rank)))
-        parts[part][module] = LowRankPair(down=found["down"], up=found["up"], alpha=alpha)
+        parts[part][module] = LowRankPair(down=found["down"], up=found["up"], alpha=_file_alpha(config, in_file, rank))
     return parts
+
+
+def _file_alpha(config: dict, name: str, rank: int) -> float:
+    """The alpha of layer ``name`` (of rank ``rank``) as PEFT applies a LoraConfig: alpha_pattern's keys match a
+    name's ending or as a regex, and rank-stabilized LoRA (use_rslora) scales by alpha / sqrt(rank), which is
+    alpha * sqrt(rank) over the rank."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = config.get("alpha_pattern") or {}
+    alpha = float(patterns.get(get_pattern_key(list(patterns), name), config.get("lora_alpha", rank)))
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
 def _part_config(metadata: dict[str, str], prefix: str) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch
 
 from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
 from ..models.lora_files import (DIFFUSERS_LORA_FILE, LAYER_GROUPS, KOHYA_LORA_FILE, LoraFileError, LowRankPair,
-                                 adaptable_layers, kohya_metadata, peft_adapter_folder, peft_load_problem, read_lora,
-                                 read_peft_adapter_config, state_load_problem, write_diffusers_lora, write_kohya_lora)
+                                 adaptable_layers, has_text_encoder_part, kohya_metadata, peft_adapter_folder,
+                                 peft_load_problem, read_lora, read_lora_parts, read_peft_adapter_config,
+                                 state_load_problem, write_diffusers_lora, write_kohya_lora)
 from ..models.lycoris_files import (is_lycoris_file, lycoris_metadata, lycoris_tensors, read_lycoris_start,
                                     write_lycoris_file)
 
@@ -123,7 +125,7 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
         if is_lycoris_file(spec.start_weights):
             return _attach_from_lycoris_file(unet, spec, Path(spec.start_weights))
         try:
-            start = read_lora(spec.start_weights, adaptable_layers(unet))
+            start = _read_lora_start(spec.start_weights, adaptable_layers(unet))
         except LoraFileError as error:
             raise AdapterError(f"--lora_weights {error}") from None
         if spec.kind != "lora":
@@ -132,7 +134,8 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
     if start is not None:
         every_layer = adaptable_layers(unet)
         layers = {name: every_layer[name] for name in start}  # the file's layers, whatever the flags name
-    check_rank(layers, spec.rank if start is None else min(pair.rank for pair in start.values()))
+    if start is None:  # a file's ranks are what it holds: above a layer's limit (conv_out's 4 outputs in a
+        check_rank(layers, spec.rank)  # LyCORIS LoCon) the pair is only larger than it needs to be
     unet.requires_grad_(False)
     rank_pattern = alpha_pattern = None
     if start is not None:  # the file decides rank and alpha of each layer
@@ -147,6 +150,17 @@ def attach_adapter(unet: torch.nn.Module, spec: AdapterSpec, seed: int) -> list[
     if start is not None:
         load_lora_pairs(unet, start)
     return trainable
+
+
+def _read_lora_start(path: str, layers: dict[str, torch.nn.Module]) -> dict[str, LowRankPair]:
+    """The UNet part of a LoRA file to start from; a text-encoder part is left out, said in one line: the
+    captions are cached, so nothing here would train or use it."""
+    dropped = has_text_encoder_part(path)
+    pairs, _ = read_lora_parts(path, layers, drop_text_encoder=dropped)
+    if dropped:
+        print(f"[train] --lora_weights {path}: its text-encoder layers are left out (the captions are cached); "
+              f"its {len(pairs)} UNet layers start the adapter", file=sys.stderr)
+    return pairs
 
 
 def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: Path) -> list[torch.nn.Parameter]:

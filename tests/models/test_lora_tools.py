@@ -669,6 +669,10 @@ def lora_with_text_encoder(sd15_model, tmp_path_factory) -> Path:
                and key.startswith("text_encoder.") else key: tensor
                for key, tensor in load_file(folder / "pytorch_lora_weights.safetensors").items()}
     save_file(renamed, older / "pytorch_lora_weights.safetensors", metadata=header)
+    # its UNet part alone, as diffusers writes a UNet LoRA
+    StableDiffusionPipeline.save_lora_weights(folder.parent / "diffusers-unet-only",
+                                              unet_lora_layers=get_peft_model_state_dict(pipeline.unet),
+                                              unet_lora_adapter_metadata=unet_config.to_dict())
     return folder
 
 
@@ -698,14 +702,23 @@ def test_merge_applies_a_loras_text_encoder_part_as_diffusers_fuse_lora_does(sd1
         assert changed == {"unet": 128, "text_encoder": 10}[part], part
 
 
-def test_a_loras_text_encoder_part_is_refused_as_a_training_start(sd15_model, lora_with_text_encoder):
-    """The captions' embeddings are cached: a text-encoder part could not apply to them."""
-    from cachetrain.train.adapters import AdapterError, AdapterSpec, attach_adapter
+@pytest.mark.parametrize("layout", ["diffusers folder", "kohya file"])
+def test_a_loras_text_encoder_part_is_left_out_of_a_training_start_in_one_line(sd15_model, lora_with_text_encoder,
+                                                                                capsys, layout):
+    """The captions' embeddings are cached: a text-encoder part could not apply to them, so a start from a LoRA
+    that has one (as sd-scripts trains them by default) takes its UNet part and says so."""
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter, lora_pairs
 
-    spec = AdapterSpec(kind="lora", rank=4, alpha=4, start_weights=str(lora_with_text_encoder))
-    with pytest.raises(AdapterError, match=r"key text_encoder\.\S+ is not a UNet LoRA weight we know \(a text-encoder "
-                                           r"LoRA: only its UNet part is read here"):
-        attach_adapter(_unet(sd15_model), spec, seed=0)
+    source = lora_with_text_encoder if layout == "diffusers folder" else lora_with_text_encoder.parent / "kohya.safetensors"
+    unet = _unet(sd15_model)
+    attach_adapter(unet, AdapterSpec(kind="lora", rank=16, alpha=16, start_weights=str(source)), seed=0)
+    unet_part = read_lora(lora_with_text_encoder.parent / "diffusers-unet-only", adaptable_layers(_unet(sd15_model)))
+    started = lora_pairs(unet)
+    assert len(started) == 128 and started.keys() == unet_part.keys()  # every attention projection of the UNet
+    for name, pair in unet_part.items():
+        torch.testing.assert_close(started[name].delta(), pair.delta(), msg=name)
+    assert (f"--lora_weights {source}: its text-encoder layers are left out (the captions are cached); its 128 UNet "
+            "layers start the adapter") in capsys.readouterr().err
 
 
 def test_a_text_encoder_part_meets_a_model_without_clip_in_one_line_and_unet_only_leaves_it_out(
@@ -741,3 +754,89 @@ def test_merging_another_lora_into_an_adapter_runs_model_is_refused(sd15_model, 
     assert f"{run_model}: an adapter run's model" in line and f"merge its own adapter first (--lora {run_model})" in line
     assert not (tmp_path / "out").exists()
     assert lora_command(["merge", "--model", str(run_model), "--lora", str(run_model), "--out", str(tmp_path / "own")]) == 0
+
+
+# -- LoRAs as PEFT and diffusers write them from a user's own LoraConfig ------------------------------------------
+
+def _peft_deltas(unet) -> dict[str, torch.Tensor]:
+    """Each adapted layer's change as PEFT itself computes it (its LoraLayer.get_delta_weight)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module.get_delta_weight("default").detach().clone() for name, module in unet.named_modules()
+            if isinstance(module, LoraLayer)}
+
+
+@pytest.fixture(scope="module", params=["alpha_pattern by a name's ending", "use_rslora"])
+def users_lora_config(request):
+    from peft import LoraConfig
+
+    extra = {"alpha_pattern": {"attn2.to_k": 16}} if request.param.startswith("alpha") else {"use_rslora": True}
+    return LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False,
+                      **extra)
+
+
+@pytest.mark.parametrize("writer", ["pipeline save_lora_weights", "unet save_lora_adapter",
+                                    "PeftModel save_pretrained"])
+def test_a_lora_saved_by_peft_or_diffusers_merges_and_starts_a_run_with_the_change_peft_applies(
+        sd15_model, users_lora_config, writer, tmp_path):
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter
+
+    torch.manual_seed(5)
+    unet, folder = _unet(sd15_model), tmp_path / "lora"
+    if writer == "PeftModel save_pretrained":
+        model = get_peft_model(unet, copy.deepcopy(users_lora_config))
+        model.save_pretrained(folder)
+        expected = _peft_deltas(model.base_model.model)
+    else:
+        unet.add_adapter(copy.deepcopy(users_lora_config))
+        expected = _peft_deltas(unet)
+        if writer == "unet save_lora_adapter":
+            unet.save_lora_adapter(folder)
+        else:
+            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                      unet_lora_adapter_metadata=users_lora_config.to_dict())
+    out = tmp_path / "merged"
+    assert lora_command(["merge", "--model", str(sd15_model), "--lora", str(folder), "--out", str(out)]) == 0
+    merged, base = adaptable_layers(_unet(out)), adaptable_layers(_unet(sd15_model))
+    strong = {name for name in expected if name.endswith("attn2.to_k")}
+    assert expected and strong
+    for name, delta in expected.items():
+        torch.testing.assert_close(merged[name].weight - base[name].weight, delta, atol=1e-6, rtol=1e-4, msg=name)
+    started = _unet(sd15_model)
+    attach_adapter(started, AdapterSpec(kind="lora", rank=16, alpha=16, start_weights=str(folder)), seed=0)
+    ours = _peft_deltas(started)
+    assert ours.keys() == expected.keys()
+    for name, delta in expected.items():
+        torch.testing.assert_close(ours[name], delta, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_file_of_a_rank_above_its_layers_width_starts_a_run_as_it_is(sd15_model, tmp_path, capsys):
+    """sd-scripts and LyCORIS write such files (a LoCon's conv_out has 4 outputs; a dim above a narrow layer's
+    width): the pair is only larger than it needs to be. --lora_rank's own check concerns a new adapter."""
+    from cachetrain.models.lora_files import LowRankPair
+    from cachetrain.train.adapters import AdapterSpec, attach_adapter, lora_pairs
+
+    layers = adaptable_layers(_unet(sd15_model))
+    generator = torch.Generator().manual_seed(8)
+    chosen = [name for name in layers if name.endswith("attn1.to_q") and layers[name].weight.shape[0] < 40] + ["conv_out"]
+    pairs = {}
+    for name in chosen:
+        out_features, *inputs = layers[name].weight.shape
+        assert min(out_features, torch.Size(inputs).numel()) < 40, name  # rank 40 is above each layer's limit
+        down_shape = (40, *inputs) if len(inputs) == 1 else (40, inputs[0], *inputs[1:])
+        up_shape = (out_features, 40) if len(inputs) == 1 else (out_features, 40, 1, 1)
+        pairs[name] = LowRankPair(down=torch.randn(down_shape, generator=generator) * 0.1,
+                                  up=torch.randn(up_shape, generator=generator) * 0.1, alpha=20.0)
+    file = write_kohya_lora(tmp_path / "wide.safetensors", pairs, {"ss_network_module": "networks.lora"})
+    unet = _unet(sd15_model)
+    attach_adapter(unet, AdapterSpec(kind="lora", rank=16, alpha=16, start_weights=str(file)), seed=0)
+    started, in_file = lora_pairs(unet), read_lora(file, layers)
+    assert started.keys() == set(chosen)
+    for name, pair in in_file.items():
+        torch.testing.assert_close(started[name].delta(), pair.delta(), msg=name)
