@@ -214,6 +214,11 @@ def _attach_and_load(unet: torch.nn.Module, config, state: dict[str, torch.Tenso
     """The frozen UNet with a LoHa/LoKr of ``config`` attached and ``state`` (PEFT's names) loaded into it."""
     from peft.utils import set_peft_model_state_dict
 
+    # a NaN in the start would train on loss=nan from step 1 and save it in every checkpoint
+    broken = next((key for key, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()),
+                  None)
+    if broken is not None:
+        raise AdapterError(f"--lora_weights {source}: {broken} holds NaN or infinite values")
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # the start values are overwritten: the run's random stream is left alone
         unet.add_adapter(config)

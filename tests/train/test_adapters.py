@@ -513,3 +513,27 @@ def test_with_bf16_weights_the_base_stays_bf16_and_the_adapter_trains_in_fp32(ti
     assert {value.dtype for value in adapter.values()} == {torch.float32}
     base = load_file(output / "unet" / "diffusion_pytorch_model.safetensors")
     assert {value.dtype for value in base.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_a_peft_adapter_folder_with_a_nan_is_refused_as_a_start_naming_the_tensor(sd15_model, tmp_path, kind):
+    """A start of NaN trains on loss=nan from step 1 and saves it into every checkpoint."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoHaConfig, LoKrConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from cachetrain.train.adapters import AdapterError, AdapterSpec, attach_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(sd15_model, subfolder="unet")
+    config = (LoHaConfig if kind == "loha" else LoKrConfig)(r=4, alpha=4, target_modules=["to_q", "to_v"])
+    unet.add_adapter(config)
+    state = get_peft_model_state_dict(unet)
+    broken = sorted(state)[3]
+    state[broken] = state[broken].clone()
+    state[broken].view(-1)[0] = float("nan")
+    folder = tmp_path / "unet_adapter"
+    config.save_pretrained(folder)
+    save_file(state, folder / "adapter_model.safetensors")
+    fresh = UNet2DConditionModel.from_pretrained(sd15_model, subfolder="unet")
+    with pytest.raises(AdapterError, match=rf"^--lora_weights {folder}: {broken} holds NaN or infinite values$"):
+        attach_adapter(fresh, AdapterSpec(kind=kind, rank=4, alpha=4, start_weights=str(folder)), seed=0)
