@@ -117,6 +117,8 @@ def _layer_parts(path: Path | str, layers: dict[str, torch.nn.Module], text_enco
             raise LoraFileError(f"{file}: key {key} names no layer of this UNet (an adapter of another model?)")
         if part not in LOHA_PARTS + LOKR_PARTS + LORA_PARTS + ("alpha",):
             raise LoraFileError(f"{file}: key {key} is not a LoRA, LoHa or LoKr tensor read here")
+        if part == "alpha" and tensor.numel() != 1:  # float() of it would fail later, naming no file
+            raise LoraFileError(f"{file}: {key} holds {tensor.numel()} values, not one (an alpha is one number)")
         grouped.setdefault(by_kohya_name[stem], {})[part] = tensor.float()
     return file, grouped
 
@@ -131,16 +133,24 @@ def lycoris_changes(path: Path | str, layers: dict[str, torch.nn.Module],
     changes = {}
     for name, parts in grouped.items():
         stem, shape = kohya_name(name), tuple(layers[name].weight.shape)
-        try:  # the change as [out, in * k * k]; a file may mix LoRA (LoCon) layers in
-            change = _loha_change(parts) if _kind_of(parts) == "loha" else \
-                _lokr_change(parts) if _kind_of(parts) == "lokr" else _lora_change(parts)
-        except (KeyError, RuntimeError) as error:
-            raise LoraFileError(f"{file}: {stem} is not a LoHa/LoKr read here ({type(error).__name__}: {error})") from None
+        change = _layer_change(file, stem, _kind_of(parts), parts)  # a file may mix LoRA (LoCon) layers in
         if change.shape[0] != shape[0] or change.numel() != layers[name].weight.numel():
             raise LoraFileError(f"{file}: {stem} changes a weight of shape {list(change.shape)}, this UNet's is "
                                 f"{list(shape)} (an adapter of another base model)")
         changes[name] = change.reshape(shape)
     return changes
+
+
+def _layer_change(file: Path, stem: str, kind: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A layer's change as [out, in * k * k]; LoraFileError naming the file and layer where its factors do not
+    multiply (their ranks differ, a factor lacks a dimension) or a part is missing."""
+    try:
+        return _loha_change(parts) if kind == "loha" else _lokr_change(parts) if kind == "lokr" else \
+            _lora_change(parts)
+    except (KeyError, RuntimeError, IndexError) as error:
+        problem = str(error).strip().splitlines()[0] if str(error).strip() else ""  # torch's may run to lines
+        raise LoraFileError(f"{file}: {stem} is not a LoHa/LoKr read here ({type(error).__name__}: {problem})") \
+            from None
 
 
 def _kind_of(parts: dict[str, torch.Tensor]) -> str:
@@ -166,8 +176,8 @@ class LycorisStart:
 def read_lycoris_start(path: Path | str, layers: dict[str, torch.nn.Module]) -> LycorisStart:
     """A LoHa/LoKr file in LyCORIS' layout (ours or another tool's) as the start of a PEFT adapter on ``layers``;
     LoraFileError naming the file and layer for what PEFT's LoHa/LoKr cannot hold as the file computes it: LoCon
-    layers or both kinds in one file, a LoKr split PEFT does not make, a layer without all its factors, a
-    text-encoder part."""
+    layers or both kinds in one file, a LoKr split PEFT does not make, a layer without all its factors or with
+    factors that do not multiply, NaN or infinite values, an alpha of more than one value, a text-encoder part."""
     file, grouped = _layer_parts(path, layers, "which a run does not start from (the captions' embeddings are "
                                                "cached without it)")
     kinds = {name: _kind_of(parts) for name, parts in grouped.items()}
@@ -186,7 +196,10 @@ def read_lycoris_start(path: Path | str, layers: dict[str, torch.nn.Module]) -> 
         needed = _missing_factor(kind, parts)
         if needed:
             raise LoraFileError(f"{file}: {stem} lacks {needed}")
-        change = _loha_change(parts) if kind == "loha" else _lokr_change(parts)
+        broken = next((part for part, tensor in parts.items() if not tensor.isfinite().all()), None)
+        if broken is not None:  # the run would train on loss=nan; the alpha is no tensor of PEFT's state
+            raise LoraFileError(f"{file}: {stem}.{broken} holds NaN or infinite values")
+        change = _layer_change(file, stem, kind, parts)
         if change.shape[0] != weight.shape[0] or change.numel() != weight.numel():
             raise LoraFileError(f"{file}: {stem} changes a weight of shape {list(change.shape)}, this UNet's is "
                                 f"{list(weight.shape)} (an adapter of another base model)")
