@@ -266,8 +266,8 @@ def _in_diffusers_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     if file.name == PEFT_WEIGHTS_FILE and config_file.is_file():
         config = _peft_folder_config(file.parent)
         keys = {key: DIFFUSERS_PREFIX + key.removeprefix(PEFT_MODEL_PREFIX) for key in tensors}
-    elif tensors and not any(key.startswith((DIFFUSERS_PREFIX, DIFFUSERS_TEXT_ENCODER_PREFIX, "text_encoder_2.",
-                                                "lora_")) for key in tensors):
+    elif tensors and all(key.endswith(tuple(DIFFUSERS_SUFFIXES)) and not key.startswith(
+            (DIFFUSERS_PREFIX, DIFFUSERS_TEXT_ENCODER_PREFIX, "text_encoder_2.", "lora_")) for key in tensors):
         try:
             config = json.loads(metadata.get(METADATA_KEY, "{}"))
         except ValueError:
