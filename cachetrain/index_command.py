@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for root in args.roots:
         if not os.path.isdir(root):
-            print_error(f"{root}: {'not a folder (give the folder the pairs are in)' if os.path.exists(root) else 'no such folder'}")
+            problem = "not a folder (give the folder the pairs are in)" if os.path.exists(root) else "no such folder"
+            print_error(f"{root}: {problem}")
             return 2
     status = 0
     for root in args.roots:

@@ -5,5 +5,7 @@ hub-style folder carries (``pipeline_code``); the SD1.5 + T5 pipeline and projec
 pipeline (``flow``); what kind of schedule a model has (``schedulers``); prompts -> conditioning
 (``text_encoding``); assembling a T5 pipeline from parts (``assemble``); the original single-file layout
 (``ldm_layout``) and export to it (``export``); drawing a sample and recording how (``sampling``,
-``prompts``). Imports only the package root: every later stage (cache, train, sample, view) uses it.
+``prompts``); adapters: the LoRA files' layouts (``lora_files``), LyCORIS' LoHa/LoKr files
+(``lycoris_files``), which adapter a run's folder holds (``adapter_folders``), merge and extract
+(``lora_tools``). Imports only the package root: every later stage (cache, train, sample, view) uses it.
 """

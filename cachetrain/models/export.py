@@ -24,7 +24,7 @@ from ..atomic import writable_problem, write_tensors_atomically
 from ..checkpoint_layout import CHECKPOINT_PATTERN, EMA_COMPONENT, TRAINED_COMPONENT, TRAINING_STATE_FILE
 from ..cli import ArgumentParser, print_error
 from .loading import parse_dtype
-from .lora_files import adapter_to_merge, holds_adapter
+from .adapter_folders import adapter_to_merge, holds_adapter
 from .schedulers import is_flow_config
 
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")

@@ -12,8 +12,8 @@ and an alpha; the layer's change is ``alpha / rank * up @ down``. In memory a Lo
   ``lora_unet_NAME_WITH_UNDERSCORES.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and the
   ``ss_*`` (kohya) and ``modelspec.*`` metadata keys those tools show.
 
-An adapter run's folder (checkpoint or final model) holds the first of these, or for LoHa/LoKr PEFT's
-folder ``unet_adapter/``, beside a ``unet/`` that is the frozen base (``holds_adapter``).
+LoRAs saved by PEFT itself (``PeftModel.save_pretrained``) or by diffusers for the UNet alone
+(``unet.save_lora_adapter``) are read as the first. Which adapter a run's folder holds: adapter_folders.
 
 Reading either checks every key against the UNet the LoRA is for: a key we do not know, a layer the
 UNet lacks or a shape it does not have raise LoraFileError naming the file and the first such key.
@@ -32,7 +32,6 @@ import torch
 
 from .. import __version__
 from ..atomic import write_atomically
-from ..checkpoint_layout import ADAPTER_EMA_COMPONENT, PEFT_ADAPTER_COMPONENT
 from .ldm_layout import CLIP_TEXT_MODEL_LEVEL
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -105,6 +104,13 @@ def layer_weight_shape(layer: torch.nn.Module) -> tuple[int, ...]:
     return tuple(layer.weight.shape)
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The key of the first floating-point tensor holding a NaN or an infinity (None when there is none): such a
+    start trains on loss=nan from step 1, such a merge draws black."""
+    return next((key for key, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()),
+                None)
+
+
 def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module], source: str,
                model: str = "UNet") -> None:
     """Every pair names a layer of this model and fits its shape, else LoraFileError (another base)."""
@@ -125,17 +131,7 @@ def check_fits(pairs: dict[str, LowRankPair], layers: dict[str, torch.nn.Module]
 
 # -- reading ----------------------------------------------------------------------------------
 
-def peft_adapter_folder(source: Path) -> Path | None:
-    """The PEFT folder (adapter_config.json + adapter_model.safetensors) of a LoHa/LoKr checkpoint given as
-    the checkpoint or as the folder itself; None for anything else: a LoRA, also one in PEFT's own folder
-    (``PeftModel.save_pretrained``), which read_lora reads."""
-    for folder in (source / PEFT_ADAPTER_COMPONENT, source):
-        if (folder / PEFT_CONFIG_FILE).is_file():
-            return None if _peft_folder_config(folder).get("peft_type") == "LORA" else folder
-    return None
-
-
-def _peft_folder_config(folder: Path) -> dict:
+def peft_folder_config(folder: Path) -> dict:
     """adapter_config.json of a PEFT folder as a dict ({} when it does not parse: read_peft_adapter_config
     says why, where it is read)."""
     try:
@@ -145,61 +141,13 @@ def _peft_folder_config(folder: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def state_load_problem(error: Exception) -> str:
-    """The line of a failed load_state_dict (or file read) that says what is wrong: torch's first
-    'size mismatch for KEY: ...' line when there is one, else the error's first line, for a one-line message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return next((line for line in lines if line.startswith("size mismatch")), lines[0])[:300]
-
-
-def read_peft_adapter_config(folder: Path):
-    """The PeftConfig of a LoHa/LoKr folder as the trainer writes it (LoraFileError for an unreadable one, or
-    one of another PEFT type: a LoRA lies in pytorch_lora_weights.safetensors, DoRA and others are not read)."""
-    from peft import PeftConfig
-
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-    except Exception as error:
-        raise LoraFileError(f"{folder}: not a readable PEFT adapter folder ({state_load_problem(error)})") from None
-    kind = str(getattr(config.peft_type, "value", config.peft_type))
-    if kind not in ("LOHA", "LOKR"):
-        raise LoraFileError(f"{folder}: a PEFT {kind} adapter; the adapter folders read here are LoHa and LoKr")
-    return config
-
-
-def peft_load_problem(result, adapter_name: str) -> str | None:
-    """What set_peft_model_state_dict's result says is wrong with a LoHa/LoKr folder's weights, if anything:
-    tensors of layers the UNet lacks (a model with fewer blocks), or layers left without their tensors."""
-    unread = [key for key in result.unexpected_keys if re.search(r"(hada|lokr)_", key)]
-    if unread:
-        return f"{len(unread)} key(s) this UNet has no place for, e.g. {unread[0]}"
-    missing = [key for key in result.missing_keys if re.search(rf"(hada|lokr)_\w+\.{re.escape(adapter_name)}$", key)]
-    if missing:
-        return f"no weights for {len(missing)} of its layers' tensors, e.g. {missing[0]}"
-    return None
-
-
-def holds_adapter(folder: Path | str) -> bool:
-    """Whether a model folder is an adapter run's (a checkpoint or final model): a LoRA file, or a LoHa/LoKr
-    PEFT folder, beside a unet/ that is the frozen base."""
-    folder = Path(folder)
-    return folder.is_dir() and ((folder / DIFFUSERS_LORA_FILE).is_file() or peft_adapter_folder(folder) is not None)
-
-
-def adapter_to_merge(folder: Path | str) -> Path:
-    """What of an adapter run's folder to merge for the model its samples show: the adapter's EMA
-    (``adapter_ema/``) when the run kept one, else the adapter itself."""
-    ema = Path(folder) / ADAPTER_EMA_COMPONENT
-    return ema if holds_adapter(ema) else Path(folder)
-
-
 def lora_file_in(path: Path | str) -> Path:
     """The safetensors file of a LoRA given as a file or as a folder holding pytorch_lora_weights.safetensors."""
     path = Path(path)
     if path.is_dir():  # a run's checkpoint or diffusers' save_lora_weights; else a PEFT LoRA folder
-        peft_weights = path / PEFT_WEIGHTS_FILE
-        path = peft_weights if not (path / DIFFUSERS_LORA_FILE).exists() and peft_weights.exists() else \
-            path / DIFFUSERS_LORA_FILE
+        folder, path = path, path / DIFFUSERS_LORA_FILE
+        if not path.exists() and (folder / PEFT_WEIGHTS_FILE).exists():
+            path = folder / PEFT_WEIGHTS_FILE
     if not path.is_file():
         raise LoraFileError(f"{path}: no such LoRA file")
     return path
@@ -264,7 +212,7 @@ def _in_diffusers_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     under ``unet.``. Any other file is returned as it is."""
     config_file = file.parent / PEFT_CONFIG_FILE
     if file.name == PEFT_WEIGHTS_FILE and config_file.is_file():
-        config = _peft_folder_config(file.parent)
+        config = peft_folder_config(file.parent)
         keys = {key: DIFFUSERS_PREFIX + key.removeprefix(PEFT_MODEL_PREFIX) for key in tensors}
     elif tensors and all(key.endswith(tuple(DIFFUSERS_SUFFIXES)) and not key.startswith(
             (DIFFUSERS_PREFIX, DIFFUSERS_TEXT_ENCODER_PREFIX, "text_encoder_2.", "lora_")) for key in tensors):

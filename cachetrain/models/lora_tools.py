@@ -37,10 +37,10 @@ from ..checkpoint_layout import TRAINING_STATE_FILE, latest_checkpoint
 from ..cli import ArgumentParser, print_error
 from . import ldm_layout
 from .lycoris_files import is_lycoris_file, lycoris_changes
-from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_layers, adapter_to_merge,
-                         has_text_encoder_part, holds_adapter, kohya_metadata, peft_adapter_folder, peft_load_problem,
-                         read_lora, read_lora_parts, read_peft_adapter_config, state_load_problem, write_diffusers_lora,
-                         write_kohya_lora)
+from .adapter_folders import (adapter_to_merge, holds_adapter, peft_adapter_folder, peft_load_problem,
+                              read_peft_adapter_config, state_load_problem)
+from .lora_files import (LAYER_GROUPS, LoraFileError, LowRankPair, adaptable_layers, has_text_encoder_part,
+                         kohya_metadata, read_lora, read_lora_parts, write_diffusers_lora, write_kohya_lora)
 
 
 SINGLE_FILE_CONFIG_HELP = ("for a .safetensors model: the folder or hub id its configs and tokenizer come from "

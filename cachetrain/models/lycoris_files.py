@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_atomically
-from .lora_files import KOHYA_PREFIX, LoraFileError, kohya_name, lora_file_in, network_metadata, read_safetensors
+from .lora_files import (KOHYA_PREFIX, LoraFileError, first_non_finite, kohya_name, lora_file_in, network_metadata,
+                         read_safetensors)
 
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -196,7 +197,7 @@ def read_lycoris_start(path: Path | str, layers: dict[str, torch.nn.Module]) -> 
         needed = _missing_factor(kind, parts)
         if needed:
             raise LoraFileError(f"{file}: {stem} lacks {needed}")
-        broken = next((part for part, tensor in parts.items() if not tensor.isfinite().all()), None)
+        broken = first_non_finite(parts)
         if broken is not None:  # the run would train on loss=nan; the alpha is no tensor of PEFT's state
             raise LoraFileError(f"{file}: {stem}.{broken} holds NaN or infinite values")
         change = _layer_change(file, stem, kind, parts)

@@ -203,7 +203,7 @@ def merge_checkpoint_adapter(unet, folder: Path, use_ema: bool) -> None:
     """An adapter run's checkpoint (a LoRA, LoHa or LoKr beside its base UNet): the adapter (its EMA when
     it has one, unless --no_ema) merged into ``unet``, so samples show what the run's own samples showed."""
     from ..checkpoint_layout import ADAPTER_EMA_COMPONENT
-    from ..models.lora_files import holds_adapter
+    from ..models.adapter_folders import holds_adapter
     from ..models.lora_tools import adapter_changes, merge_changes
 
     ema = folder / ADAPTER_EMA_COMPONENT

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint_layout import PEFT_ADAPTER_COMPONENT
+from ..models.adapter_folders import peft_adapter_folder, peft_load_problem, read_peft_adapter_config, state_load_problem
 from ..models.lora_files import (DIFFUSERS_LORA_FILE, LAYER_GROUPS, KOHYA_LORA_FILE, LoraFileError, LowRankPair,
-                                 adaptable_layers, has_text_encoder_part, kohya_metadata, peft_adapter_folder,
-                                 peft_load_problem, read_lora, read_lora_parts, read_peft_adapter_config,
-                                 state_load_problem, write_diffusers_lora, write_kohya_lora)
+                                 adaptable_layers, first_non_finite, has_text_encoder_part, kohya_metadata, read_lora,
+                                 read_lora_parts, write_diffusers_lora, write_kohya_lora)
 from ..models.lycoris_files import (is_lycoris_file, lycoris_metadata, lycoris_tensors, read_lycoris_start,
                                     write_lycoris_file)
 
@@ -187,6 +187,9 @@ def _attach_from_peft_folder(unet: torch.nn.Module, spec: AdapterSpec, folder: P
     except Exception as error:  # a damaged file
         raise AdapterError(f"--lora_weights {folder}: not an adapter for this UNet "
                            f"({state_load_problem(error)})") from None
+    broken = first_non_finite(state)  # a LyCORIS file's reader checks its own
+    if broken is not None:
+        raise AdapterError(f"--lora_weights {folder}: {broken} holds NaN or infinite values")
     spec.rank, spec.alpha = config.r, config.alpha
     return _attach_and_load(unet, config, state, folder)
 
@@ -214,11 +217,6 @@ def _attach_and_load(unet: torch.nn.Module, config, state: dict[str, torch.Tenso
     """The frozen UNet with a LoHa/LoKr of ``config`` attached and ``state`` (PEFT's names) loaded into it."""
     from peft.utils import set_peft_model_state_dict
 
-    # a NaN in the start would train on loss=nan from step 1 and save it in every checkpoint
-    broken = next((key for key, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()),
-                  None)
-    if broken is not None:
-        raise AdapterError(f"--lora_weights {source}: {broken} holds NaN or infinite values")
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):  # the start values are overwritten: the run's random stream is left alone
         unet.add_adapter(config)

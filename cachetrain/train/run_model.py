@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..models import loading as models
-from ..models.lora_files import DIFFUSERS_LORA_FILE, adapter_to_merge, holds_adapter
+from ..models.adapter_folders import adapter_to_merge, holds_adapter
+from ..models.lora_files import DIFFUSERS_LORA_FILE
 from .adapters import AdapterSpec, attach_adapter, describe as describe_adapter
 from .bad_data import TrainingError
 from .config import TrainConfig

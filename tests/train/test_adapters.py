@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cachetrain.commands import lora as lora_command
-from cachetrain.models.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, adaptable_layers, holds_adapter, read_lora
+from cachetrain.models.adapter_folders import holds_adapter
+from cachetrain.models.lora_files import DIFFUSERS_LORA_FILE, KOHYA_LORA_FILE, adaptable_layers, read_lora
 from cachetrain.models.lora_tools import merge_changes, pair_changes
 from cachetrain.train.config import parse_train_args
 from cachetrain.train.trainer import main, train
