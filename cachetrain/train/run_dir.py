@@ -246,12 +246,12 @@ def finish_finished_run(output_dir: Path, checkpoint: Path, step: int) -> None:
 
 
 def stop_now(output_dir: Path, signal_name: str, steps: int, checkpoints: list[Path], failed_saves: list[int],
-             known: KnownCheckpoints, final_saved: bool = False, step_saved: bool = False) -> None:
+             known: KnownCheckpoints, final_saved: bool = False, final_checkpoint_saved: bool = False) -> None:
     """A second signal: say so in one line and write the summary (if the disk lets it), nothing else.
-    ``step_saved``: the checkpoint of this step is saved (the final one: the signal came while the final
-    model was written)."""
+    ``final_checkpoint_saved``: the signal came while the final model was written from the last step's
+    checkpoint, which is whole."""
     newest = known.newest_whole()
-    if step_saved and not final_saved:
+    if final_checkpoint_saved and not final_saved:
         print(f"[train] {signal_name} again: stopping now without the final model; its checkpoint is {newest} "
               "(--resume auto writes the final model from it)", file=sys.stderr)
     else:

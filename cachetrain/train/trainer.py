@@ -218,9 +218,11 @@ class TrainingRun:
             self.result.interrupted, self.result.exit_status = True, ExitStatus.STOPPED_NOW
             if self.is_main:
                 self.telemetry.close()
+                # a mid-run step's checkpoint (both signals came while it was sampled) is not the final one
+                final_checkpoint_saved = self.stop.ending and self.saves.is_saved(self.progress.step)
                 run_dir.stop_now(self.output_dir, stop.signal_name, self.progress.step, self.result.checkpoints,
                                  self.result.failed_saves, self.known, final_saved=self.result.final_saved,
-                                 step_saved=self.saves.is_saved(self.progress.step))
+                                 final_checkpoint_saved=final_checkpoint_saved)
             return self.result
         finally:
             self.stop.__exit__(None, None, None)

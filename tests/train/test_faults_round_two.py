@@ -269,6 +269,43 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint_naming_the_newest_wi
     assert not list(output.glob("*.partial")) and not (output / "model_index.json").exists()
 
 
+# Both signals sent once a mid-run checkpoint is recorded as saved (the wrapper below, around that record), while
+# the run goes on to its next step: where a user's Ctrl-C and a second signal land in most of a run's time.
+_SIGNALS_AFTER_A_MID_RUN_SAVE = """
+import os, signal, sys
+from cachetrain import commands
+from cachetrain.train.save_policy import SavePolicy
+
+real_record = SavePolicy.record
+
+def record(self, step, reason, failed):
+    real_record(self, step, reason, failed)
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+SavePolicy.record = record
+sys.exit(commands.train_from_cached(sys.argv[1:]))
+"""
+
+
+def test_a_second_signal_just_after_a_mid_run_checkpoint_names_it_as_the_newest_not_as_the_final_models(
+        tiny_sd_model, cached_dataset, tmp_path):
+    output = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", _SIGNALS_AFTER_A_MID_RUN_SAVE,
+                           *_command(tiny_sd_model, cached_dataset, output, "--max_steps", "100000",
+                                     "--save_steps", "2")[2:]],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out, out[-3000:]
+    assert done.returncode == ExitStatus.STOPPED_NOW, out[-3000:]
+    assert (f"SIGTERM again: stopping now without a checkpoint; the newest is {output / 'checkpoint-00002'} "
+            "(continue with --resume)") in out
+    assert "final model" not in out, out[-3000:]
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["exit_status"] == ExitStatus.STOPPED_NOW
+    assert not (output / "model_index.json").exists()
+
+
 @pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_set_up_stops_the_start_in_one_line_with_the_stopped_status_leaving_nothing_half_written(
         tiny_sd_model, cached_dataset, tmp_path, sent):
