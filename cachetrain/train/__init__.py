@@ -5,8 +5,8 @@ data (``run_data``, ``epoch_order``, ``loader``, ``shard_data`` for packed shard
 ``fixed_embeddings``), the model and what trains it (``run_model``), the numerics of a step
 (``objective``, ``optim``, ``step``, ``telemetry``, ``ema``), the processes (``processes``), what is
 refused before step 1 (``start_checks``), the parts that do not train (``frozen_parts``), when and how to
-save (``save_policy``, ``checkpoint``, ``checkpoint_writer``, ``training_state``, ``elastic`` for a resume on
-another process count, ``run_dir``), samples at
-checkpoints (``sample_drawer``) and the loop (``trainer``). Imports the package root and ``models``;
+save (``save_policy``, ``checkpoint``, ``checkpoint_writer``, ``training_state``, ``run_dir``), a resume
+(``resume``, and ``elastic`` for one on another process count), samples at checkpoints (``sample_drawer``)
+and the loop (``trainer``). Imports the package root and ``models``;
 never ``cache``, ``sample``, ``view`` or ``tiny``.
 """

@@ -6,17 +6,16 @@ device and are read back once per ``log_every`` steps; NaN/Inf gradients make th
 step on the device, with no host sync.
 
 Set-up and the loop live here; what they use has its own home: the run's data (run_data), the model and
-what trains it (run_model), validation, when to save (save_policy), writing checkpoints (checkpoint_writer)
-and their training state (training_state), samples (sample_drawer), the checks before step 1
-(start_checks), the run folder (run_dir), the processes and what they agree on (processes), the LR
-schedule's length (optim). What is left is the order of things: set-up, the micro-batch loop, what
+what trains it (run_model), where a resume starts and what it puts back (resume), validation, when to save
+(save_policy), writing checkpoints (checkpoint_writer) and their training state (training_state), samples
+(sample_drawer), the checks before step 1 (start_checks), the run folder (run_dir), the processes and what
+they agree on (processes), the LR schedule's length (optim). What is left is the order of things: set-up, the micro-batch loop, what
 follows an optimizer step and an epoch, the save sequence, and the end of a run that every process must
 reach together.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,32 +24,32 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .adapters import adapter_identity, load_adapter
-from ..models import loading as models
+from .adapters import adapter_identity
 from . import run_dir
 from .bad_data import BadPairLedger, TrainingError
 from .checkpoint_writer import CheckpointWriter
-from ..cli import first_line, print_error
+from ..cli import print_error
 from .config import TrainConfig, config_to_dict
-from .elastic import SavedLayout, TrainedSampleLog, launched_processes, resumed_accumulation, speak
+from .elastic import TrainedSampleLog, speak
 from .ema import ema_weights, make_ema
 from .frozen_parts import FrozenParts
 from .epoch_order import RunBatches, order_identity
 from .loader import CachedPairDataset, RefillingBatchReader, make_training_loader
-from .packaged_optimizers import evaluation_weights, training_mode
+from .packaged_optimizers import evaluation_weights
 from .processes import any_process, end_processes, gather_shares, make_accelerator, sum_over_processes
 from .run_data import load_run_data, trained_latent_shape
 from .run_dir import TRIGGER_FILE, ExitStatus, RunDirError, newest_checkpoint_note
 from ..bounded_read import set_read_timeout
 from .run_lock import RunLock, RunLockedError, is_main_launch_process
-from .run_model import load_run_model
+from .resume import find_resume_point, restore
+from .run_model import RunModel, load_run_model
 from .sample_drawer import SampleDrawer
 from .save_policy import SavePolicy, StopNow, StoppedBeforeStart, StopSignal, agreed_requests
 from .shard_data import ShardStoreUnreachable, unreachable_stop_message
 from .start_checks import SetupError, start_problem
 from .step import UpdateCheck
 from .telemetry import StepHealth, Telemetry
-from .training_state import Progress, TrainingState, TrainingStateError, data_identity, optimizer_identity
+from .training_state import Progress, TrainingState, data_identity, optimizer_identity
 from .validation import validation_loss
 
 
@@ -96,15 +95,9 @@ class TrainingRun:
 
     def _set_up(self) -> None:
         self.known = run_dir.KnownCheckpoints(self.output_dir)  # the verdicts of the checks, for later lines
-        self.resume_from = run_dir.resolve_resume(self.config.resume, self.output_dir, self.known)
-        self.saved_state, self.saved_layout, elastic_note = None, None, None
-        if self.resume_from is not None:  # read first: its layout decides the accumulation and the epochs
-            self.saved_state = self._read_training_state()
-            self.saved_layout = SavedLayout.of(self.saved_state)
-            accumulation, elastic_note = resumed_accumulation(
-                self.saved_layout, launched_processes(), self.config.gradient_accum,
-                self.config.scale_loss_with_accum, self.resume_from)
-            self.config = dataclasses.replace(self.config, gradient_accum=accumulation)
+        # read first: the checkpoint's layout decides the accumulation and the epochs
+        resume_point, self.config, elastic_note = find_resume_point(self.config, self.output_dir, self.known)
+        self.resume_from = resume_point.checkpoint if resume_point is not None else None
         config = self.config
         problem = start_problem(config)
         if problem:
@@ -118,10 +111,12 @@ class TrainingRun:
         if self.is_main:
             ckpt.remove_partial_saves(self.output_dir)
         self.data = load_run_data(config, self.rank, self.world, self.is_main,
-                                   self.accelerator.wait_for_everyone if self.world > 1 else None, self.saved_layout)
+                                   self.accelerator.wait_for_everyone if self.world > 1 else None,
+                                   resume_point.layout if resume_point is not None else None)
         self.total_steps = self.data.total_steps
-        self._load_model()
-        self.progress, ema_state = self._restore() if self.resume_from is not None else (Progress(), None)
+        model = self._load_model()
+        self.progress, ema_state = (restore(resume_point, self._identities(), model, self.is_main)
+                                    if resume_point is not None else (Progress(), None))
         # from the resumed weights (or the checkpoint's EMA state), after the restore
         self.ema = make_ema(self.trainable, config.ema_decay, self.device, ema_state)
         self.health = StepHealth(self.device, self.progress.skipped_steps)
@@ -147,11 +142,12 @@ class TrainingRun:
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def _load_model(self) -> None:
+    def _load_model(self) -> RunModel:
         model = load_run_model(self.config, self.accelerator, self.data, self.resume_from)
         self.adapter, self.trainable, self.plan = model.adapter, model.trainable, model.plan
         self.optimizer, self.lr_schedule = model.optimizer, model.lr_schedule
         self.unet, self.bare_unet, self.step = model.unet, model.bare_unet, model.step
+        return model
 
     def _prepare_saves(self) -> None:
         """Refuse now what would make a save or a sample fail later (the main process checks: it alone
@@ -176,38 +172,6 @@ class TrainingRun:
                               **order_identity(self.data.order)),
                 {**optimizer_identity(self.config.optimizer, self.bare_unet, self.trainable),
                  **adapter_identity(self.bare_unet)})
-
-    def _read_training_state(self) -> TrainingState:
-        try:
-            return ckpt.load_training_state(self.resume_from)
-        except TrainingStateError as error:
-            raise TrainingError(str(error)) from None
-
-    def _restore(self) -> tuple[Progress, dict | None]:
-        """The checkpoint's weights, optimizer, schedule and RNGs put back; (its progress, its EMA state)."""
-        state, self.saved_state = self.saved_state, None  # held no longer than needed
-        problem = state.resume_problem(*self._identities(), self.resume_from)
-        if problem:
-            raise TrainingError(problem)
-        if self.adapter is not None:  # the base is the --pretrained_model's; the adapter is the checkpoint's
-            try:
-                load_adapter(self.bare_unet, self.adapter, self.resume_from)
-            except (ValueError, OSError) as error:
-                raise TrainingError(f"--resume {self.resume_from}: its adapter does not load ({error})") from None
-        else:
-            try:  # checked before it was picked (checkpoint_check); this is the net for what a check cannot see
-                trained = models.load_unet(str(self.resume_from), dtype=self.bare_unet.dtype)
-                self.bare_unet.load_state_dict(trained.state_dict())
-            except Exception as error:  # diffusers' ValueError, safetensors' own error, a shape mismatch
-                raise TrainingError(f"--resume {self.resume_from}: its UNet does not load ({type(error).__name__}: "
-                                    f"{first_line(error)}); name another checkpoint") from None
-            del trained
-        restored = state.apply(self.optimizer, self.lr_schedule)
-        restored.batch_in_epoch = self.saved_layout.rows_done(restored)  # rows of all processes, as now counted
-        training_mode(self.optimizer)  # schedule-free: the saved evaluation weights back to the stepped ones
-        if self.is_main:
-            print(f"[train] resumed from {self.resume_from} at step {restored.step}", file=sys.stderr)
-        return restored, state.ema
 
     # -- the loop ---------------------------------------------------------------------------
 
