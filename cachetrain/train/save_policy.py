@@ -57,13 +57,21 @@ class StopSignal(SignalCatcher):
         self.setting_up = setting_up
         self.ending = False  # the final checkpoint and model are being written: a first signal lets them finish
         self._first_at = 0.0
+        self.set_up_stopped_by: str | None = None
         self.launched = any(name in os.environ for name in LAUNCHER_ENV) if launched is None else launched
+
+    def stop_if_set_up_was_stopped(self) -> None:
+        """Raise StoppedBeforeStart again for a signal whose exception something in set-up swallowed: raised
+        inside an import (diffusers imports its modules as they are first used), Python only prints it, and
+        the process went on alone into its peers' next rendezvous, where it waited until it was killed."""
+        if self.set_up_stopped_by is not None:
+            raise StoppedBeforeStart(self.set_up_stopped_by)
 
     def on_signal(self, signum: int) -> None:
         now = time.monotonic()
         name = signal.Signals(signum).name
         if self.setting_up:
-            self.requested = True  # should set-up swallow the exception, the run still stops at its first step
+            self.requested, self.set_up_stopped_by = True, name  # kept, should an import swallow the exception
             raise StoppedBeforeStart(name)
         if self.requested:
             if self.launched and now - self._first_at < REPEATED_SIGNAL_SECONDS:

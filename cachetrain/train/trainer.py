@@ -103,6 +103,8 @@ class TrainingRun:
         if problem:
             raise TrainingError(problem)
         set_read_timeout(config.read_timeout)  # every sidecar read of this process and its loader workers
+        # before each rendezvous of the processes: one whose stop an import swallowed would wait there alone
+        self.stop.stop_if_set_up_was_stopped()
         self.accelerator = make_accelerator(config)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -110,6 +112,7 @@ class TrainingRun:
         speak(elastic_note, self.is_main)
         if self.is_main:
             ckpt.remove_partial_saves(self.output_dir)
+        self.stop.stop_if_set_up_was_stopped()
         self.data = load_run_data(config, self.rank, self.world, self.is_main,
                                    self.accelerator.wait_for_everyone if self.world > 1 else None,
                                    resume_point.layout if resume_point is not None else None)
@@ -124,6 +127,7 @@ class TrainingRun:
         parts = FrozenParts(config, trained_latent_shape(self.data, config)) if self.is_main else None
         self.drawer = SampleDrawer(config, self.device, parts=parts) if self.is_main else None
         self.writer = CheckpointWriter(config, parts, self.adapter, self.known) if self.is_main else None
+        self.stop.stop_if_set_up_was_stopped()
         self._prepare_saves()
         if self.is_main:  # a start refused above is no start of the run's record
             run_dir.archive_settings(self.output_dir, config_to_dict(config), config.copy_config)
@@ -139,6 +143,7 @@ class TrainingRun:
         self.skipped_before = self.progress.skipped_samples  # bad pairs passed over by earlier starts
         self.bad_pairs = BadPairLedger(config.max_bad_fraction, config.aspect_buckets)  # ... and by this start
         self.sample_log = TrainedSampleLog(self.output_dir, self.rank, config.log_sample_ids)
+        self.stop.stop_if_set_up_was_stopped()
 
     # -- set-up -----------------------------------------------------------------------------
 

@@ -324,6 +324,46 @@ def test_a_signal_during_set_up_stops_the_start_in_one_line_with_the_stopped_sta
     assert again.returncode == ExitStatus.FINISHED, again.stderr[-3000:]
 
 
+# A stop raised where Python can only print it: in a weakref callback, as in the import lock's (diffusers imports
+# its modules as they are first used). Sent as the run's data is loaded, from inside such a callback.
+_SIGNAL_SWALLOWED_IN_SET_UP = """
+import os, signal, sys, weakref
+from cachetrain import commands
+from cachetrain.train import trainer
+
+real_load_run_data = trainer.load_run_data
+
+class Held:
+    pass
+
+def load_run_data(*args, **kwargs):
+    held = Held()
+    reference = weakref.ref(held, lambda gone: os.kill(os.getpid(), signal.SIGTERM))
+    del held  # the callback runs, the handler raises in it, and Python prints "Exception ignored in"
+    return real_load_run_data(*args, **kwargs)
+
+trainer.load_run_data = load_run_data
+sys.exit(commands.train_from_cached(sys.argv[1:]))
+"""
+
+
+def test_a_set_up_stop_that_python_swallows_still_ends_the_start_before_the_processes_meet_again(
+        tiny_sd_model, cached_dataset, tmp_path):
+    """Under torchrun one process went on alone into the next rendezvous and waited there until the
+    launcher killed it, 30 s later; alone, it trained a step and saved a checkpoint."""
+    output = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_SWALLOWED_IN_SET_UP,
+                           *_command(tiny_sd_model, cached_dataset, output, "--max_steps", "100000",
+                                     "--save_steps", "2")[2:]],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert "Exception ignored in" in done.stderr  # the swallowing is real
+    assert done.returncode == ExitStatus.STOPPED, done.stderr[-3000:]
+    assert ("SIGTERM received before step 1: stopped during set-up; nothing was trained or saved, so the same "
+            "command starts it again") in done.stderr
+    assert not list(output.glob("checkpoint-*")) and not (output / "train_summary.json").exists()
+    assert not list(output.glob("*.partial")) and not list(output.glob(".*.partial-*"))
+
+
 # The signals are sent from inside the publishing of the final model (the wrapper below, around the step that
 # links each of its parts), the one way to land them there every time: a tiny model publishes in a millisecond.
 # Everything else is train_from_cached.py's own code, in a process of its own.
