@@ -71,7 +71,7 @@ class StopSignal(SignalCatcher):
         now = time.monotonic()
         name = signal.Signals(signum).name
         if self.setting_up:
-            self.requested, self.set_up_stopped_by = True, name  # kept, should an import swallow the exception
+            self.set_up_stopped_by = name  # kept, should an import swallow the exception
             raise StoppedBeforeStart(name)
         if self.requested:
             if self.launched and now - self._first_at < REPEATED_SIGNAL_SECONDS:

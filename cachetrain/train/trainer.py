@@ -9,9 +9,9 @@ Set-up and the loop live here; what they use has its own home: the run's data (r
 what trains it (run_model), where a resume starts and what it puts back (resume), validation, when to save
 (save_policy), writing checkpoints (checkpoint_writer) and their training state (training_state), samples
 (sample_drawer), the checks before step 1 (start_checks), the run folder (run_dir), the processes and what
-they agree on (processes), the LR schedule's length (optim). What is left is the order of things: set-up, the micro-batch loop, what
-follows an optimizer step and an epoch, the save sequence, and the end of a run that every process must
-reach together.
+they agree on (processes), the LR schedule's length (optim). What is left is the order of things: set-up,
+the micro-batch loop, what follows an optimizer step and an epoch, the save sequence, and the end of a run
+that every process must reach together.
 """
 
 from __future__ import annotations
