@@ -73,8 +73,11 @@ def text_width_problem(config: TrainConfig, text_width: int | None, unet_config)
             "text encoder; cache the captions with this model's, or name the sidecars made for it")
 
 
-def load_run_model(config: TrainConfig, accelerator, data, resume_from: Path | None = None) -> RunModel:
-    """The UNet and everything that trains it, from ``config`` and the run's data (run_data.RunData)."""
+def load_run_model(config: TrainConfig, accelerator, data, resume_from: Path | None = None,
+                   before_processes_meet=lambda: None) -> RunModel:
+    """The UNet and everything that trains it, from ``config`` and the run's data (run_data.RunData).
+    ``before_processes_meet`` is called before accelerate's prepare, where the processes first meet after
+    loading (the trainer raises there a set-up stop that an import during the load swallowed)."""
     device, world = accelerator.device, accelerator.num_processes
     weight_dtype = torch.bfloat16 if config.bf16_weights else torch.float32
     adapter = AdapterSpec.of(config)
@@ -123,6 +126,7 @@ def load_run_model(config: TrainConfig, accelerator, data, resume_from: Path | N
     # per epoch with --scheduler_at_epoch
     rows = data.rows_per_epoch
     lr_schedule = run_lr_schedule(config, optimizer, rows, data.total_steps, accelerator.is_main_process, world)
+    before_processes_meet()
     unet, optimizer = accelerator.prepare(unet, optimizer)
     bare_unet = accelerator.unwrap_model(unet)
     step = TrainStep(accelerator, unet, optimizer, objective, trainable, qk_weight_parameters(bare_unet),

@@ -148,7 +148,8 @@ class TrainingRun:
     # -- set-up -----------------------------------------------------------------------------
 
     def _load_model(self) -> RunModel:
-        model = load_run_model(self.config, self.accelerator, self.data, self.resume_from)
+        model = load_run_model(self.config, self.accelerator, self.data, self.resume_from,
+                               before_processes_meet=self.stop.stop_if_set_up_was_stopped)
         self.adapter, self.trainable, self.plan = model.adapter, model.trainable, model.plan
         self.optimizer, self.lr_schedule = model.optimizer, model.lr_schedule
         self.unet, self.bare_unet, self.step = model.unet, model.bare_unet, model.step

@@ -325,38 +325,53 @@ def test_a_signal_during_set_up_stops_the_start_in_one_line_with_the_stopped_sta
 
 
 # A stop raised where Python can only print it: in a weakref callback, as in the import lock's (diffusers imports
-# its modules as they are first used). Sent as the run's data is loaded, from inside such a callback.
+# its modules as they are first used). Sent from inside such a callback as the run's data or its UNet is loaded;
+# accelerate's prepare, where the processes meet after the load, says when it is reached.
 _SIGNAL_SWALLOWED_IN_SET_UP = """
 import os, signal, sys, weakref
+import accelerate
 from cachetrain import commands
+from cachetrain.models import loading
 from cachetrain.train import trainer
-
-real_load_run_data = trainer.load_run_data
 
 class Held:
     pass
 
-def load_run_data(*args, **kwargs):
-    held = Held()
-    reference = weakref.ref(held, lambda gone: os.kill(os.getpid(), signal.SIGTERM))
-    del held  # the callback runs, the handler raises in it, and Python prints "Exception ignored in"
-    return real_load_run_data(*args, **kwargs)
+def swallowing_a_signal(load):
+    def swallowing(*args, **kwargs):
+        held = Held()
+        reference = weakref.ref(held, lambda gone: os.kill(os.getpid(), signal.SIGTERM))
+        del held  # the callback runs, the handler raises in it, and Python prints "Exception ignored in"
+        return load(*args, **kwargs)
+    return swallowing
 
-trainer.load_run_data = load_run_data
-sys.exit(commands.train_from_cached(sys.argv[1:]))
+if sys.argv[1] == "data":
+    trainer.load_run_data = swallowing_a_signal(trainer.load_run_data)
+else:
+    loading.load_unet = swallowing_a_signal(loading.load_unet)
+real_prepare = accelerate.Accelerator.prepare
+
+def prepare(self, *args, **kwargs):
+    print("[test] the processes meet in prepare", file=sys.stderr)
+    return real_prepare(self, *args, **kwargs)
+
+accelerate.Accelerator.prepare = prepare
+sys.exit(commands.train_from_cached(sys.argv[2:]))
 """
 
 
+@pytest.mark.parametrize("swallowed_in", ["data", "unet"])
 def test_a_set_up_stop_that_python_swallows_still_ends_the_start_before_the_processes_meet_again(
-        tiny_sd_model, cached_dataset, tmp_path):
+        tiny_sd_model, cached_dataset, tmp_path, swallowed_in):
     """Under torchrun one process went on alone into the next rendezvous and waited there until the
     launcher killed it, 30 s later; alone, it trained a step and saved a checkpoint."""
     output = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-c", _SIGNAL_SWALLOWED_IN_SET_UP,
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_SWALLOWED_IN_SET_UP, swallowed_in,
                            *_command(tiny_sd_model, cached_dataset, output, "--max_steps", "100000",
                                      "--save_steps", "2")[2:]],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert "Exception ignored in" in done.stderr  # the swallowing is real
+    assert "the processes meet in prepare" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == ExitStatus.STOPPED, done.stderr[-3000:]
     assert ("SIGTERM received before step 1: stopped during set-up; nothing was trained or saved, so the same "
             "command starts it again") in done.stderr
